@@ -1,0 +1,19 @@
+# pq_simd_source(FILE FLAGS...): compile one source with ISA flags. Only code reached through a
+# run-time CPUID check may live in such a file.
+function(pq_simd_source file)
+  set_source_files_properties(${file} PROPERTIES COMPILE_OPTIONS "${ARGN}")
+endfunction()
+
+# pq_add_test(NAME SOURCES...): one GoogleTest executable registered with CTest.
+function(pq_add_test name)
+  add_executable(${name} ${ARGN})
+  target_link_libraries(${name} PRIVATE pq pq_test_support GTest::gtest_main GTest::gmock)
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES
+                       ENVIRONMENT "PQ_SHARED_DIR=${PQ_SHARED_DIR};OMP_NUM_THREADS=2")
+endfunction()
+
+# pq_add_bench(NAME SOURCES...): one Google Benchmark executable.
+function(pq_add_bench name)
+  add_executable(${name} ${ARGN})
+  target_link_libraries(${name} PRIVATE pq benchmark::benchmark)
+endfunction()

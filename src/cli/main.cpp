@@ -1,0 +1,26 @@
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+#include "common/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"prismaquant: mixed-precision quantization of LLM checkpoints, chosen by "
+               "measurement"};
+  app.set_version_flag("--version", PQ_VERSION);
+  app.require_subcommand(1);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const pq::Error& e) {
+    std::fprintf(stderr, "prismaquant: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "prismaquant: internal error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

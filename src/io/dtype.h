@@ -1,0 +1,30 @@
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string_view>
+
+namespace pq::io {
+
+// The element types a safetensors file may hold, named as the format names them
+// (safetensors README, "dtype" field).
+enum class DType : std::uint8_t { F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U8, BOOL };
+
+std::string_view dtype_name(DType dtype);
+std::optional<DType> parse_dtype(std::string_view name);
+std::size_t dtype_size(DType dtype);
+bool dtype_is_float(DType dtype);
+
+// Exact widening of stored floating-point elements to float32. F64 is narrowed with round to
+// nearest even. Throws pq::Error for non-float dtypes.
+void decode_to_f32(DType dtype, std::span<const std::uint8_t> bytes, std::span<float> out);
+
+// Scalar conversions used by decode_to_f32; exact (every input value is representable in f32).
+float bf16_bits_to_f32(std::uint16_t bits);
+float f16_bits_to_f32(std::uint16_t bits);
+float f8e4m3_bits_to_f32(std::uint8_t bits);  // OCP E4M3 "fn": no infinities, S.1111.111 = NaN
+float f8e5m2_bits_to_f32(std::uint8_t bits);  // IEEE-like: infinities and NaNs
+
+}  // namespace pq::io

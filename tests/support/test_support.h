@@ -1,0 +1,37 @@
+#pragma once
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace pq::test {
+
+// ../shared (models, fixtures, data). Tests needing it call GTEST_SKIP when it is absent outside
+// CI; under CI=true its absence is a failure.
+std::filesystem::path shared_dir();
+bool have_shared();
+
+// A fresh directory under the system temp dir, removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+}  // namespace pq::test
+
+// Skips the current test when ../shared is missing (fails instead under CI=true).
+#define PQ_REQUIRE_SHARED()                                                       \
+  do {                                                                            \
+    if (!::pq::test::have_shared()) {                                             \
+      if (std::getenv("CI") != nullptr) FAIL() << "../shared is missing under CI"; \
+      GTEST_SKIP() << "../shared not found";                                      \
+    }                                                                             \
+  } while (0)
