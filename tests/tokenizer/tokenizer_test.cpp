@@ -92,6 +92,26 @@ TEST(SentencePieceReference, MatchesLogitsFixtureIds) {
   }
 }
 
+// Ids from an independent implementation (tests/data/make_llama2_reference_ids.js): fixture test
+// strings, wikitext lines, special tokens inside text, byte-fallback characters.
+TEST(SentencePieceReference, MatchesEveryGeneratedCase) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer("llama2");
+  const Json fixture = Json::parse(
+      read_text_file(std::filesystem::path(PQ_TEST_DATA_DIR) / "llama2-reference-ids.json"));
+  const Json& cases = fixture.at("cases");
+  ASSERT_GE(cases.size(), 80u);
+  std::size_t matched = 0;
+  for (const Json& entry : cases) {
+    const auto text = entry.at("text").get<std::string>();
+    const auto expected = entry.at("ids").get<std::vector<std::int32_t>>();
+    const auto ids = tokenizer.encode(text, /*add_special_tokens=*/false);
+    EXPECT_EQ(ids, expected) << "text: " << Json(text).dump();
+    matched += ids == expected;
+  }
+  EXPECT_EQ(matched, cases.size());
+}
+
 class RoundTrip : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
