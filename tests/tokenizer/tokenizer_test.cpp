@@ -112,6 +112,61 @@ TEST(SentencePieceReference, MatchesEveryGeneratedCase) {
   EXPECT_EQ(matched, cases.size());
 }
 
+// A tokenizer.json in the newer SentencePiece form: no normalizer, a Metaspace pre-tokenizer and
+// decoder, written from the Llama-2 file.
+Tokenizer load_metaspace_variant(const test::TempDir& dir, const std::string& scheme, bool split) {
+  Json file =
+      Json::parse(read_text_file(test::shared_dir() / "models/qwen3-dense-tiny/tokenizer.json"));
+  const Json metaspace = {{"type", "Metaspace"},
+                          {"replacement", "\u2581"},
+                          {"prepend_scheme", scheme},
+                          {"split", split}};
+  file["normalizer"] = nullptr;
+  file["pre_tokenizer"] = metaspace;
+  file["decoder"] = metaspace;
+  const auto path = dir / ("metaspace-" + scheme + (split ? "-split" : "") + ".json");
+  write_text_file_atomic(path, file.dump());
+  return Tokenizer::load(path);
+}
+
+TEST(SentencePieceReference, MetaspaceVariantsMatchEveryGeneratedCase) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const Json fixture = Json::parse(
+      read_text_file(std::filesystem::path(PQ_TEST_DATA_DIR) / "llama2-reference-ids.json"));
+  for (const std::string scheme : {"first", "always"}) {
+    const Tokenizer tokenizer = load_metaspace_variant(dir, scheme, /*split=*/false);
+    std::size_t matched = 0;
+    for (const Json& entry : fixture.at("cases")) {
+      const auto text = entry.at("text").get<std::string>();
+      const auto expected =
+          entry.at("metaspace_" + scheme + "_ids").get<std::vector<std::int32_t>>();
+      const auto ids = tokenizer.encode(text, false);
+      EXPECT_EQ(ids, expected) << scheme << " text: " << Json(text).dump();
+      matched += ids == expected;
+    }
+    EXPECT_EQ(matched, fixture.at("cases").size()) << scheme;
+  }
+}
+
+TEST(SentencePiece, MetaspaceSplitAndDecoderFollowTheReferenceRules) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const Tokenizer whole = load_metaspace_variant(dir, "always", /*split=*/false);
+  const Tokenizer split = load_metaspace_variant(dir, "always", /*split=*/true);
+  const auto id = [&](const char* token) { return *whole.token_to_id(token); };
+  // Without split, "▁▁" merges across the run of spaces; with split every "▁" starts a new word
+  // (pieces "▁Hey", "▁", "▁", "▁friend"), as in tokenizers' metaspace.rs tests.
+  const std::string text = "Hey   friend";
+  EXPECT_THAT(whole.encode(text, false), ::testing::Contains(id("\u2581\u2581")));
+  EXPECT_EQ(
+      split.encode(text, false),
+      (std::vector<std::int32_t>{id("\u2581Hey"), id("\u2581"), id("\u2581"), id("\u2581friend")}));
+  // The decoder drops "▁" in the first token and turns it into a space elsewhere.
+  EXPECT_EQ(split.decode(split.encode(text, false)), text);
+  EXPECT_EQ(split.decode(std::vector<std::int32_t>{id("\u2581\u2581"), id("\u2581a")}), " a");
+}
+
 class RoundTrip : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
