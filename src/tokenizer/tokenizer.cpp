@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cctype>
 #include <nlohmann/json.hpp>
 #include <variant>
 
@@ -405,16 +407,18 @@ std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::
     const ByteLevelAlphabet& alphabet = ByteLevelAlphabet::instance();
     std::string bytes;
     for (const std::string& token : tokens) {
-      std::string token_bytes;
-      bool all_mapped = true;
-      for (std::size_t pos = 0; pos < token.size() && all_mapped;) {
+      const std::size_t token_start = bytes.size();
+      for (std::size_t pos = 0; pos < token.size();) {
         const Utf8Step step = decode_utf8(token, pos);
         const int byte = step.valid ? alphabet.decode(step.code_point) : -1;
-        all_mapped = byte >= 0;
-        token_bytes.push_back(static_cast<char>(byte));
+        if (byte < 0) {
+          bytes.resize(token_start);
+          bytes.append(token);
+          break;
+        }
+        bytes.push_back(static_cast<char>(byte));
         pos += step.length;
       }
-      bytes.append(all_mapped ? token_bytes : token);
     }
     return {to_valid_utf8(bytes)};
   }

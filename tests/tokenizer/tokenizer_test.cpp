@@ -5,6 +5,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -185,6 +186,36 @@ TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, RoundTrip, ::testing::Values("qwen3", "llama3", "llama2"));
+
+// encode() shares the word cache between threads; results must not depend on interleaving.
+TEST(Concurrency, ParallelEncodesEqualSequentialOnes) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer("qwen3");
+  const std::string text = wikitext_lf();
+  std::vector<std::string> lines;
+  for (std::size_t begin = 0; begin < text.size() && lines.size() < 800;) {
+    const std::size_t end = std::min(text.find('\n', begin), text.size());
+    lines.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  std::vector<std::vector<std::vector<std::int32_t>>> results(4);
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < results.size(); ++t) {
+    threads.emplace_back([&, t] {
+      // Each thread walks the lines from a different start so cache fills interleave.
+      results[t].resize(lines.size());
+      for (std::size_t k = 0; k < lines.size(); ++k) {
+        const std::size_t i = (k + t * lines.size() / 4) % lines.size();
+        results[t][i] = tokenizer.encode(lines[i], false);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const auto expected = tokenizer.encode(lines[i], false);
+    for (const auto& result : results) EXPECT_EQ(result[i], expected) << "line " << i;
+  }
+}
 
 TEST(SpecialTokens, AreSplitOutBeforeBpeAndSkippableInDecode) {
   PQ_REQUIRE_SHARED();
