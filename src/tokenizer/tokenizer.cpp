@@ -808,7 +808,8 @@ Tokenizer Tokenizer::load(const std::filesystem::path& tokenizer_json) {
 }
 
 std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
-  PQ_CHECK(is_valid_utf8(text), "text to tokenize is not valid UTF-8");
+  const std::size_t valid = valid_utf8_prefix(text);
+  PQ_CHECK(valid == text.size(), "text to tokenize is not valid UTF-8 (byte offset {})", valid);
   std::vector<std::int32_t> ids;
   if (add_special_tokens) ids = impl_->prefix_ids;
   for (const Segment& segment : split_added_tokens(text, impl_->raw_matcher, impl_->added)) {

@@ -289,7 +289,12 @@ TEST(Normalization, NfcMakesComposedAndDecomposedTextEqualForQwen) {
 TEST(Errors, InvalidInputIsAOneLineError) {
   PQ_REQUIRE_SHARED();
   const Tokenizer& qwen = shared_tokenizer("qwen3");
-  EXPECT_THROW(qwen.encode("bad \xC3\x28 utf8", false), Error);
+  try {
+    qwen.encode("bad \xC3\x28 utf8", false);
+    ADD_FAILURE() << "invalid UTF-8 accepted";
+  } catch (const Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("byte offset 4"));
+  }
   EXPECT_THROW(qwen.id_to_token(-1), Error);
   EXPECT_THROW(qwen.decode(std::vector<std::int32_t>{qwen.vocab_size()}), Error);
   EXPECT_EQ(qwen.token_to_id("definitely not a token"), std::nullopt);
