@@ -340,5 +340,30 @@ TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {
   EXPECT_EQ(tokenizer.encode("axb", false), (std::vector<std::int32_t>{3}));
 }
 
+TEST(AddedTokens, NormalizedFlagAndWhitespaceStrippingFollowTheReference) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  // "<x>" (lstrip) and "<y>" (rstrip) are matched on the raw text; "ba" (normalized=true) on the
+  // text after the normalizer has turned "c" into "ba" (added_vocabulary.rs).
+  write_text_file_atomic(path, R"({
+      "normalizer": {"type": "Replace", "pattern": {"String": "c"}, "content": "ba"},
+      "added_tokens": [
+        {"id": 5, "content": "<x>", "lstrip": true, "normalized": false, "special": true},
+        {"id": 6, "content": "ba", "normalized": true, "special": false},
+        {"id": 7, "content": "<y>", "rstrip": true, "normalized": false, "special": true}],
+      "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, " ": 3, "ab": 4},
+                "merges": [["a", "b"]]}})");
+  const Tokenizer tokenizer = Tokenizer::load(path);
+  EXPECT_EQ(tokenizer.encode("a  <x>", false), (std::vector<std::int32_t>{0, 5}));
+  EXPECT_EQ(tokenizer.encode("<y>  b", false), (std::vector<std::int32_t>{7, 1}));
+  EXPECT_EQ(tokenizer.encode("ac", false), (std::vector<std::int32_t>{0, 6}));
+  EXPECT_EQ(tokenizer.encode("aba", false), (std::vector<std::int32_t>{0, 6}));
+  EXPECT_EQ(tokenizer.encode("ab", false), (std::vector<std::int32_t>{4}));
+  EXPECT_EQ(tokenizer.decode(std::vector<std::int32_t>{0, 5, 6}, /*skip_special_tokens=*/true),
+            "a ba");
+  EXPECT_EQ(tokenizer.vocab_size(), 8);
+  EXPECT_EQ(tokenizer.token_to_id("<y>"), 7);
+}
+
 }  // namespace
 }  // namespace pq::tokenizer
