@@ -24,9 +24,10 @@ namespace pq::tokenizer {
 // Thread-safe for concurrent encode/decode calls (the word cache is internally locked).
 class Tokenizer {
  public:
-  // Reads tokenizer.json; bos/eos come from tokenizer_config.json in the same directory when it
-  // exists. Throws pq::Error naming the file and the offending entry.
-  static Tokenizer load(const std::filesystem::path& tokenizer_json);
+  // Reads a tokenizer.json file, or the tokenizer.json of a model directory; bos/eos come from
+  // tokenizer_config.json next to it when that exists, else BOS is the first token the
+  // post-processor puts before the text. Throws pq::Error naming the file and the offending entry.
+  static Tokenizer load(const std::filesystem::path& file_or_directory);
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

@@ -253,6 +253,9 @@ TEST(SpecialTokens, BosEosFollowTokenizerConfigAndPostProcessor) {
 
   const Tokenizer& llama2 = shared_tokenizer("llama2");
   EXPECT_EQ(llama2.bos_id(), 1);
+  // A model directory stands for its tokenizer.json.
+  EXPECT_EQ(Tokenizer::load(test::shared_dir() / "models/qwen3-dense-tiny").encode("Hello", true),
+            llama2.encode("Hello", true));
   EXPECT_EQ(llama2.eos_id(), 2);
   const auto with_bos = llama2.encode("Hello", true);
   const auto without = llama2.encode("Hello", false);
@@ -340,7 +343,7 @@ TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {
   EXPECT_EQ(tokenizer.encode("axb", false), (std::vector<std::int32_t>{3}));
 }
 
-TEST(AddedTokens, NormalizedFlagAndWhitespaceStrippingFollowTheReference) {
+TEST(AddedTokens, NormalizedFlagStrippingAndTemplateFollowTheReference) {
   test::TempDir dir;
   const auto path = dir / "tokenizer.json";
   // "<x>" (lstrip) and "<y>" (rstrip) are matched on the raw text; "ba" (normalized=true) on the
@@ -351,6 +354,11 @@ TEST(AddedTokens, NormalizedFlagAndWhitespaceStrippingFollowTheReference) {
         {"id": 5, "content": "<x>", "lstrip": true, "normalized": false, "special": true},
         {"id": 6, "content": "ba", "normalized": true, "special": false},
         {"id": 7, "content": "<y>", "rstrip": true, "normalized": false, "special": true}],
+      "post_processor": {"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<x>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "<y>", "type_id": 0}}],
+        "special_tokens": {"<x>": {"id": "<x>", "ids": [5], "tokens": ["<x>"]},
+                           "<y>": {"id": "<y>", "ids": [7], "tokens": ["<y>"]}}},
       "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, " ": 3, "ab": 4},
                 "merges": [["a", "b"]]}})");
   const Tokenizer tokenizer = Tokenizer::load(path);
@@ -363,6 +371,11 @@ TEST(AddedTokens, NormalizedFlagAndWhitespaceStrippingFollowTheReference) {
             "a ba");
   EXPECT_EQ(tokenizer.vocab_size(), 8);
   EXPECT_EQ(tokenizer.token_to_id("<y>"), 7);
+  // TemplateProcessing adds its tokens around the text; without tokenizer_config.json the first
+  // of them is taken as BOS.
+  EXPECT_EQ(tokenizer.encode("ab", true), (std::vector<std::int32_t>{5, 4, 7}));
+  EXPECT_EQ(tokenizer.bos_id(), 5);
+  EXPECT_EQ(tokenizer.eos_id(), std::nullopt);
 }
 
 }  // namespace
