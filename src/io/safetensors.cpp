@@ -49,7 +49,21 @@ json parse_json_rejecting_duplicates(std::string_view text, std::string_view lab
   } catch (const json::parse_error& e) {
     // e.byte is 1-based; the parser's own message may quote raw input bytes, so it stays out.
     fail("{}: {} is not valid JSON (syntax error at byte {})", label, what, e.byte);
+  } catch (const json::out_of_range&) {
+    // Thrown for numbers beyond double range such as 1e400 (found by fuzz_safetensors_header).
+    fail("{}: {} is not valid JSON (a number is out of range)", label, what);
   }
+}
+
+// Error messages are one line, so names that reach them must not carry line breaks.
+bool has_control_character(std::string_view text) {
+  return std::any_of(text.begin(), text.end(),
+                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+// `text` as a quoted JSON string, control characters escaped.
+std::string escaped(std::string_view text) {
+  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 // Element and byte counts stay below 2^63 so TensorInfo::numel() (signed) cannot overflow.
@@ -133,12 +147,15 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
     if (name == "__metadata__") {
       PQ_CHECK(entry.is_object(), "{}: __metadata__ is not an object", label);
       for (const auto& [key, value] : entry.items()) {
-        PQ_CHECK(value.is_string(), "{}: __metadata__ value of \"{}\" is not a string", label, key);
+        PQ_CHECK(value.is_string(), "{}: __metadata__ value of {} is not a string", label,
+                 escaped(key));
         header.metadata[key] = value.get<std::string>();
       }
       continue;
     }
     PQ_CHECK(!name.empty(), "{}: a tensor has an empty name", label);
+    PQ_CHECK(!has_control_character(name), "{}: tensor name {} contains a control character", label,
+             escaped(name));
     header.tensors.push_back(parse_entry(name, entry, label));
   }
   std::sort(header.tensors.begin(), header.tensors.end(), [](const auto& a, const auto& b) {
@@ -200,8 +217,8 @@ void SafetensorsFile::release(std::string_view name) const {
 namespace {
 
 bool is_plain_file_name(std::string_view name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find_first_of(std::string_view("/\0", 2)) == std::string_view::npos;
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string_view::npos &&
+         !has_control_character(name);
 }
 
 }  // namespace
@@ -214,10 +231,12 @@ SafetensorsIndex parse_safetensors_index(std::string_view text, std::string_view
            "{}: index has no weight_map object", label);
   SafetensorsIndex index;
   for (const auto& [tensor, file] : weight_map->items()) {
+    PQ_CHECK(!has_control_character(tensor),
+             "{}: weight_map tensor name {} contains a control character", label, escaped(tensor));
     PQ_CHECK(file.is_string(), "{}: weight_map entry \"{}\" is not a file name", label, tensor);
     const auto& shard = file.get_ref<const std::string&>();
-    PQ_CHECK(is_plain_file_name(shard), "{}: weight_map entry \"{}\" names an invalid shard \"{}\"",
-             label, tensor, shard);
+    PQ_CHECK(is_plain_file_name(shard), "{}: weight_map entry \"{}\" names an invalid shard {}",
+             label, tensor, escaped(shard));
     index.weight_map.emplace(tensor, shard);
   }
   PQ_CHECK(!index.weight_map.empty(), "{}: weight_map is empty", label);

@@ -78,6 +78,9 @@ TEST_F(MalformedFile, InvalidJson) {
   expect_file_rejected(file_with(R"({"a": {"dtype": "F32",)", 0),
                        {"header is not valid JSON", "byte"});
   expect_file_rejected(file_with("{\"\xff\": 1}", 0), {"header is not valid JSON"});
+  expect_file_rejected(
+      file_with(R"({"w": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}})", 4),
+      {"header is not valid JSON", "out of range"});
 }
 
 TEST_F(MalformedFile, HeaderNotAnObject) {
@@ -169,6 +172,12 @@ TEST_F(MalformedFile, UnknownFieldAndBadOffsets) {
                        {"tensor \"w\"", "data_offsets must be [begin, end]"});
 }
 
+TEST_F(MalformedFile, ControlCharacterInName) {
+  expect_file_rejected(
+      file_with(R"({"a\nb": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})", 1),
+      {R"(tensor name "a\nb" contains a control character)"});
+}
+
 TEST_F(MalformedFile, NestingTooDeep) {
   expect_file_rejected(file_with(std::string(40, '[') + std::string(40, ']'), 0),
                        {"nests deeper than"});
@@ -245,7 +254,9 @@ TEST_F(MalformedIndex, StructuralDefects) {
   write_index(R"({"weight_map": {}})");
   expect_rejected(dir_.path(), {index.string(), "weight_map is empty"});
   write_index(R"({"weight_map": {"a": "../s1.safetensors"}})");
-  expect_rejected(dir_.path(), {index.string(), "entry \"a\" names an invalid shard"});
+  expect_rejected(dir_.path(), {index.string(), "entry \"a\" names an invalid shard \"../s1"});
+  write_index(R"({"weight_map": {"a": "s1\nsafetensors"}})");
+  expect_rejected(dir_.path(), {index.string(), R"(invalid shard "s1\nsafetensors")"});
   write_index(R"({"weight_map": {"a": 1}})");
   expect_rejected(dir_.path(), {index.string(), "entry \"a\" is not a file name"});
   write_index(R"({"metadata": {"total_size": -3}, "weight_map": {"a": "s1.safetensors"}})");
