@@ -298,6 +298,9 @@ ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& chec
 }
 
 ModelSpec load_model_spec(const std::filesystem::path& model_dir, const SpecOptions& options) {
+  std::error_code ec;
+  PQ_CHECK(std::filesystem::is_directory(model_dir, ec), "{}: no such model directory",
+           model_dir.string());
   const ModelConfig config = ModelConfig::load(model_dir);
   const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
   return build_model_spec(config, checkpoint, options);
