@@ -78,6 +78,7 @@ nlohmann::ordered_json inspect_json(const ModelSpec& spec) {
                            {"role", linear.role}});
   }
   return {
+      {"schema_version", kInspectSchemaVersion},
       {"architecture", spec.architecture},
       {"family", spec.family},
       {"tie_word_embeddings", spec.tie_word_embeddings},
