@@ -8,4 +8,6 @@ namespace pq::cli {
 // throws pq::Error for anything the user got wrong; main() turns that into one line and exit 1.
 // Add one line here and one in main.cpp per subcommand.
 
+void register_inspect(CLI::App& app);
+
 }  // namespace pq::cli
