@@ -14,8 +14,10 @@ std::optional<std::size_t> kneedle(std::span<const double> x, std::span<const do
   const double x_span = *x_max - *x_min;
   const double y_span = *y_max - *y_min;
   if (!(x_span > 0.0) || !(y_span > 0.0)) return std::nullopt;
+  // Points within rounding error of the chord lie on it: a straight line has no knee.
+  constexpr double kOnChord = 1e-9;
   std::optional<std::size_t> knee;
-  double best = 0.0;
+  double best = kOnChord;
   for (std::size_t i = 0; i < x.size(); ++i) {
     const double xn = (x[i] - *x_min) / x_span;
     const double yn = (y[i] - *y_min) / y_span;
