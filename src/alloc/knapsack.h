@@ -52,9 +52,10 @@ struct Allocation {
 };
 
 // Multiple-choice knapsack: one format per item, minimising the summed predicted dL subject to
-// the summed bytes fitting a byte budget. See solve_many() for the method and its guarantees.
+// the summed bytes fitting a byte budget. knapsack.cpp explains the method and its guarantees.
 class KnapsackAllocator {
  public:
+  // `table` must outlive the allocator.
   explicit KnapsackAllocator(const CostTable& table, const AllocatorOptions& options = {});
 
   const CostTable& table() const { return *table_; }
@@ -66,13 +67,27 @@ class KnapsackAllocator {
 
   // pq::Error naming the minimum achievable bits per parameter when the budget is infeasible.
   Allocation solve(std::uint64_t budget_bytes) const;
-  // Solves every budget with one DP on one byte axis, so a larger budget never gets a higher
-  // predicted dL. nullopt for budgets below min_bytes().
+  // Solves every budget; nullopt for budgets below min_bytes(). A larger budget never gets a
+  // higher predicted dL (it would take the smaller budget's assignment, which also fits).
   std::vector<std::optional<Allocation>> solve_many(std::span<const std::uint64_t> budgets) const;
 
  private:
+  // A step along an item's lower convex hull of (bytes, dL): from one option to the next,
+  // buying `saved_dloss` for `extra_bytes`. Sorted by efficiency, the steps give the LP
+  // relaxation's solution and its Lagrange multiplier.
+  struct HullStep {
+    std::size_t item = 0;
+    std::size_t from = 0;  // option indices
+    std::size_t to = 0;
+    std::uint64_t extra_bytes = 0;
+    double efficiency = 0.0;  // dL saved per byte
+  };
+
+  std::vector<std::size_t> solve_one(std::uint64_t budget_bytes, SolveResolution& resolution) const;
+
   const CostTable* table_;
   std::vector<AllocationItem> items_;
+  std::vector<HullStep> hull_steps_;
   std::uint64_t min_bytes_ = 0;
   std::uint64_t saturation_bytes_ = 0;
   std::uint64_t max_units_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <stdexcept>
 
 #include "common/error.h"
 
@@ -58,20 +59,13 @@ ParetoSweep make_pareto_sweep(const CostTable& table, std::vector<BitsTarget> ta
     sweep.points.push_back(std::move(point));
   }
 
-  // One DP makes the optimum monotone in the budget, but predicted dL is re-summed per Linear
-  // for the report, and assignments tying in the DP may differ in the last bits of that sum. A
-  // point must never look worse than a smaller budget's, so it then takes that assignment, which
-  // fits its larger budget as well.
   std::vector<std::size_t> feasible;
   std::vector<double> bits, dloss;
   for (std::size_t i = 0; i < sweep.points.size(); ++i) {
-    ParetoPoint& point = sweep.points[i];
+    const ParetoPoint& point = sweep.points[i];
     if (!point.totals) continue;
-    if (!feasible.empty() && point.totals->predicted_dloss > dloss.back()) {
-      const ParetoPoint& previous = sweep.points[feasible.back()];
-      point.allocation = previous.allocation;
-      point.allocation->budget_bytes = point.budget_bytes;
-      point.totals = previous.totals;
+    if (!dloss.empty() && point.totals->predicted_dloss > dloss.back()) {
+      throw std::logic_error("pareto sweep: a larger budget got a higher predicted dL");
     }
     feasible.push_back(i);
     bits.push_back(point.totals->bits_per_quantizable_param);

@@ -26,12 +26,12 @@ struct ParetoSweep {
   std::optional<std::size_t> knee;  // index into points
 };
 
-// Builds the sweep from allocations solved for `targets` (same order): sorts by target, rejects
-// targets with the same byte budget, and guarantees a larger target never has a higher predicted
-// dL (a point that would is given the smaller target's assignment, which also fits).
+// Builds the sweep from KnapsackAllocator::solve_many's allocations for `targets` (same order,
+// so predicted dL never rises with the target): sorts by target, rejects targets with the same
+// byte budget, and finds the knee.
 ParetoSweep make_pareto_sweep(const CostTable& table, std::vector<BitsTarget> targets,
                               std::vector<std::optional<Allocation>> allocations);
-// Solves every target with one DP and builds the sweep.
+// Solves every target and builds the sweep.
 ParetoSweep sweep_pareto(const KnapsackAllocator& allocator, std::vector<BitsTarget> targets);
 
 // Kneedle (V. Satopaa, J. Albrecht, D. Irwin, B. Raghavan, "Finding a 'Kneedle' in a Haystack:
