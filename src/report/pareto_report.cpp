@@ -103,7 +103,7 @@ std::string pareto_csv(const alloc::ParetoSweep& sweep) {
 
 std::string pareto_svg(const alloc::ParetoSweep& sweep) {
   constexpr double kWidth = 960, kLeft = 100, kRight = 920, kTop = 70, kBottom = 400;
-  constexpr double kRowHeight = 22, kTableTop = 470;
+  constexpr double kRowHeight = 22, kTableTop = 494;
   const double height = kTableTop + kRowHeight * static_cast<double>(sweep.points.size() + 1) + 20;
 
   double x_low = INFINITY, x_high = -INFINITY, y_high = 0.0;
@@ -192,7 +192,10 @@ std::string pareto_svg(const alloc::ParetoSweep& sweep) {
     return fmt::format("<text x=\"{:.2f}\" y=\"{:.2f}\"{}>{}</text>", kLeft + column * col, y,
                        bold ? " font-weight=\"bold\"" : "", xml_escape(text));
   };
-  svg += "<g>\n";
+  svg += fmt::format(
+      "<g>\n<text x=\"{}\" y=\"{}\" fill=\"#555\">Number of Linears in each format at every "
+      "target:</text>\n",
+      kLeft, kTableTop - 24);
   svg += cell(0, kTableTop, "target bits", true) + cell(1, kTableTop, "achieved bits", true) +
          cell(2, kTableTop, "predicted dL", true);
   for (std::size_t f = 0; f < sweep.formats.size(); ++f) {
