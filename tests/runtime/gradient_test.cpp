@@ -9,8 +9,8 @@
 namespace pq::runtime {
 namespace {
 
-using test::make_tiny_model;
-using test::tiny_config;
+using synthetic::make_tiny_model;
+using synthetic::tiny_config;
 
 struct GradientCase {
   std::string label;
@@ -61,7 +61,7 @@ std::vector<Sequence> test_batch(std::int64_t vocab) {
 
 // Directional derivative of the loss along `direction` for the tensor `name`, by central
 // differences: (L(W + hD) - L(W - hD)) / 2h.
-double finite_difference(test::TinyModel& tiny, const std::string& name,
+double finite_difference(synthetic::TinyModel& tiny, const std::string& name,
                          const std::vector<float>& direction, double step,
                          std::span<const Sequence> batch) {
   std::span<float> w = tiny.weights.mutable_values(name);
@@ -93,7 +93,7 @@ class Gradients : public ::testing::TestWithParam<GradientCase> {};
 TEST_P(Gradients, MatchCentralFiniteDifferences) {
   const GradientCase& gc = GetParam();
   {
-    test::TinyModel tiny = make_tiny_model(tiny_config(gc.architecture, gc.overrides), 1234);
+    synthetic::TinyModel tiny = make_tiny_model(tiny_config(gc.architecture, gc.overrides), 1234);
     const std::vector<Sequence> batch = test_batch(tiny.config.vocab_size);
     WeightGradientCollector collector;
     double loss = 0.0;

@@ -76,8 +76,8 @@ class ObserverContract : public ::testing::TestWithParam<std::string> {};
 // their routed rows; and the rows attributed to sequence s carry s's own gradient, i.e.
 // dY_s^T X_s equals dL/dW of a batch holding only sequence s.
 TEST_P(ObserverContract, RowsSequencesAndPerSequenceGradients) {
-  test::TinyModel tiny =
-      test::make_tiny_model(test::tiny_config(GetParam(), {{"num_hidden_layers", 2}}), 42);
+  synthetic::TinyModel tiny = synthetic::make_tiny_model(
+      synthetic::tiny_config(GetParam(), {{"num_hidden_layers", 2}}), 42);
   const std::vector<Sequence> batch = random_batch(tiny.config.vocab_size, {7, 1, 5});
   const std::int64_t total_rows = 13;
   Model model(tiny.config, tiny.weights);

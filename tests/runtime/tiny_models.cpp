@@ -4,7 +4,7 @@
 
 #include <random>
 
-namespace pq::runtime::test {
+namespace pq::runtime::synthetic {
 
 nlohmann::json tiny_config(const std::string& architecture, const nlohmann::json& overrides) {
   nlohmann::json c = {
@@ -87,4 +87,4 @@ TinyModel make_tiny_model(const nlohmann::json& config_json, std::uint32_t seed,
   return m;
 }
 
-}  // namespace pq::runtime::test
+}  // namespace pq::runtime::synthetic

@@ -7,7 +7,7 @@
 #include "model/config.h"
 #include "runtime/weights.h"
 
-namespace pq::runtime::test {
+namespace pq::runtime::synthetic {
 
 // A randomly initialized model small enough for finite differences: its config.json as JSON,
 // the parsed config, and every tensor the architecture needs (named as in Hugging Face).
@@ -25,4 +25,4 @@ nlohmann::json tiny_config(const std::string& architecture, const nlohmann::json
 TinyModel make_tiny_model(const nlohmann::json& config_json, std::uint32_t seed,
                           float weight_std = 0.3f);
 
-}  // namespace pq::runtime::test
+}  // namespace pq::runtime::synthetic
