@@ -34,10 +34,9 @@ struct Model::Layer {
   struct Mlp {
     Linear gate_proj, up_proj, down_proj;
   };
-  Mlp mlp;                                // dense layers
-  Linear router;                          // MoE: mlp.gate
-  std::vector<Mlp> experts;               // MoE: mlp.experts.N
-  std::vector<std::string> tensor_names;  // everything loaded, for release()
+  Mlp mlp;                   // dense layers
+  Linear router;             // MoE: mlp.gate
+  std::vector<Mlp> experts;  // MoE: mlp.experts.N
 };
 
 // Where each sequence's rows sit in the concatenated [rows, hidden] activations.
@@ -140,7 +139,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
            "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
            config_.vocab_size, hidden);
-  embed_tokens_ = weights_.load_f32(embed_name);
+  embed_tokens_ = fetch(embed_name);
   final_norm_ = load_vector("model.norm.weight", hidden);
 
   lm_head_ = std::make_unique<Linear>();
@@ -172,7 +171,7 @@ std::vector<float> Model::load_vector(const std::string& name, std::int64_t size
   const auto shape = weights_.shape(name);
   PQ_CHECK(shape == std::vector<std::int64_t>({size}), "{}: shape [{}], expected [{}]", name,
            fmt::join(shape, ", "), size);
-  return weights_.load_f32(name);
+  return fetch(name);
 }
 
 void Model::load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
@@ -186,7 +185,7 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.name = name;
   linear.out_features = out_features;
   linear.in_features = in_features;
-  linear.weight = weights_.load_f32(weight_name);
+  linear.weight = fetch(weight_name);
   if (options_.weight_transform != nullptr) {
     options_.weight_transform->apply(name, out_features, in_features, linear.weight);
   }
@@ -257,37 +256,15 @@ const Model::Layer& Model::acquire_layer(std::int64_t index) {
 }
 
 void Model::release_layer(std::int64_t index) {
-  if (options_.keep_layers_resident) return;
-  resident_[index].reset();
-  // Drop the mapped pages of every tensor of this layer (streaming keeps one layer resident).
-  const std::string prefix = fmt::format("model.layers.{}.", index);
-  const auto* in_memory = dynamic_cast<const InMemoryWeightSource*>(&weights_);
-  if (in_memory != nullptr) return;
-  for (const auto& suffix : {"input_layernorm.weight", "post_attention_layernorm.weight",
-                             "self_attn.q_norm.weight", "self_attn.k_norm.weight"}) {
-    if (weights_.contains(prefix + suffix)) weights_.release(prefix + suffix);
-  }
-  const auto release_linear = [&](const std::string& name) {
-    for (const char* part : {".weight", ".bias"}) {
-      if (weights_.contains(name + part)) weights_.release(name + part);
-    }
-  };
-  for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
-    release_linear(prefix + "self_attn." + proj);
-  }
-  const auto release_mlp = [&](const std::string& mlp_prefix) {
-    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
-      release_linear(mlp_prefix + proj);
-    }
-  };
-  if (config_.is_moe_layer(index)) {
-    release_linear(prefix + "mlp.gate");
-    for (std::int64_t e = 0; e < config_.num_experts; ++e) {
-      release_mlp(fmt::format("{}mlp.experts.{}.", prefix, e));
-    }
-  } else {
-    release_mlp(prefix + "mlp.");
-  }
+  if (!options_.keep_layers_resident) resident_[index].reset();
+}
+
+std::vector<float> Model::fetch(const std::string& name) const {
+  std::vector<float> values = weights_.load_f32(name);
+  // The decoded copy is all the runtime reads, so the stored bytes can leave memory now
+  // (madvise on a mapped checkpoint): resident memory stays near one decoded layer.
+  weights_.release(name);
+  return values;
 }
 
 // ---- Linear -------------------------------------------------------------------------------
