@@ -4,6 +4,8 @@
 // quantization/quant_scheme.py presets (NVFP4, NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16,
 // FP8_DYNAMIC, FP8_BLOCK, W4A16, W8A16).
 
+#include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 
@@ -782,6 +784,20 @@ class Bf16Format final : public WeightFormat {
     std::vector<float> out(codes.size());
     decode_elements16(ElementType::BF16, codes, out);
     return out;
+  }
+
+  void fake_quantize(std::span<const float> w, Shape2D s, std::span<float> out,
+                     const QuantizeOptions&) const override {
+    check_input(*this, w, s);
+    PQ_CHECK(out.size() == w.size(), "BF16: {} outputs for {} weights", out.size(), w.size());
+    // Through a small buffer: no tensor-sized allocation, same bits as quantize + dequantize.
+    constexpr std::size_t kChunk = 4096;
+    std::array<std::uint16_t, kChunk> codes;
+    for (std::size_t i = 0; i < w.size(); i += kChunk) {
+      const std::size_t n = std::min(kChunk, w.size() - i);
+      encode_elements16(ElementType::BF16, w.subspan(i, n), std::span(codes).first(n));
+      decode_elements16(ElementType::BF16, std::span(codes).first(n), out.subspan(i, n));
+    }
   }
 
   json config_group() const override { return nullptr; }
