@@ -173,11 +173,11 @@ class NvFp4Format final : public WeightFormat {
 
   EncodedWeight quantize(std::span<const float> w, Shape2D s,
                          const QuantizeOptions& options) const override {
-    const Prepared p = prepare(w, s, options);
+    const GroupCodec codec = prepare(w, s, options);
     std::vector<std::uint8_t> codes(w.size());
     std::vector<GroupScale> scales(w.size() / kGroup);
     quantize_rows(
-        p.codec,
+        codec,
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .codes = codes});
     const auto specs = tensors(s);
     EncodedWeight out{std::string(name()), s, {}};
@@ -185,7 +185,7 @@ class NvFp4Format final : public WeightFormat {
     pack_fp4(codes, packed);
     out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
     out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
-    out.tensors.push_back(make_tensor(specs[2], f32_bytes(p.codec.scale_spec().global_scale)));
+    out.tensors.push_back(make_tensor(specs[2], f32_bytes(codec.scale_spec().global_scale)));
     if (w4a4_) out.tensors.push_back(make_tensor(specs[3], f32_bytes(*options.input_global_scale)));
     return out;
   }
@@ -204,11 +204,11 @@ class NvFp4Format final : public WeightFormat {
 
   void fake_quantize(std::span<const float> w, Shape2D s, std::span<float> out,
                      const QuantizeOptions& options) const override {
-    const Prepared p = prepare(w, s, options);
+    const GroupCodec codec = prepare(w, s, options);
     PQ_CHECK(out.size() == w.size(), "{}: {} outputs for {} weights", name(), out.size(), w.size());
     std::vector<GroupScale> scales(w.size() / kGroup);
     quantize_rows(
-        p.codec,
+        codec,
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .dequantized = out});
   }
 
@@ -242,10 +242,6 @@ class NvFp4Format final : public WeightFormat {
   }
 
  private:
-  struct Prepared {
-    GroupCodec codec;
-  };
-
   static GroupCodec make_codec(float global, std::string_view what) {
     PQ_CHECK(std::isfinite(global) && global > 0.0f, "NVFP4 {} {} is not positive and finite", what,
              global);
@@ -253,7 +249,9 @@ class NvFp4Format final : public WeightFormat {
                       {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global});
   }
 
-  Prepared prepare(std::span<const float> w, Shape2D s, const QuantizeOptions& options) const {
+  // Checks the input and options; returns the codec under the tensor's (or the given) global
+  // scale.
+  GroupCodec prepare(std::span<const float> w, Shape2D s, const QuantizeOptions& options) const {
     check_input(*this, w, s);
     if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name(), s.out, s.in, *why);
     const float amax = finite_amax(*this, w);
@@ -263,7 +261,7 @@ class NvFp4Format final : public WeightFormat {
       make_codec(*options.input_global_scale, "input_global_scale");
     }
     const float global = options.weight_global_scale.value_or(nvfp4_global_scale(amax));
-    return {make_codec(global, "weight_global_scale")};
+    return make_codec(global, "weight_global_scale");
   }
 
   bool w4a4_;
