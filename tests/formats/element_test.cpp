@@ -62,6 +62,32 @@ TEST(Element, E2M1DecodesToTheOcpTable) {
   }
 }
 
+TEST(Element, E2M1RoundingMatchesCompressedTensorsCastToFp4) {
+  // compressed-tensors quantization/utils/fp4_utils.py cast_to_fp4 (format-facts.md A.2):
+  // |x| <= 0.25 -> 0; (0.25, 0.75) -> 0.5; [0.75, 1.25] -> 1; (1.25, 1.75) -> 1.5;
+  // [1.75, 2.5] -> 2; (2.5, 3.5) -> 3; [3.5, 5] -> 4; > 5 -> 6.
+  const struct {
+    float lo, hi;
+    bool lo_closed, hi_closed;
+    float value;
+  } kBands[] = {{0.0f, 0.25f, true, true, 0.0f},  {0.25f, 0.75f, false, false, 0.5f},
+                {0.75f, 1.25f, true, true, 1.0f}, {1.25f, 1.75f, false, false, 1.5f},
+                {1.75f, 2.5f, true, true, 2.0f},  {2.5f, 3.5f, false, false, 3.0f},
+                {3.5f, 5.0f, true, true, 4.0f},   {5.0f, 1e30f, false, true, 6.0f}};
+  for (const auto& band : kBands) {
+    const float inside[] = {band.lo_closed ? band.lo : std::nextafter(band.lo, band.hi),
+                            (band.lo + std::min(band.hi, 8.0f)) / 2,
+                            band.hi_closed ? band.hi : std::nextafter(band.hi, band.lo)};
+    for (float x : inside) {
+      EXPECT_EQ(decode_element(ElementType::E2M1, encode_element(ElementType::E2M1, x)), band.value)
+          << x;
+      EXPECT_EQ(decode_element(ElementType::E2M1, encode_element(ElementType::E2M1, -x)),
+                -band.value)
+          << x;
+    }
+  }
+}
+
 TEST(Element, KnownValuesOfEachFormat) {
   // Extremes from the OCP MX v1.0 / OFP8 tables (format-facts.md Part B).
   EXPECT_EQ(decode_element(ElementType::E2M3, 0x1F), 7.5f);

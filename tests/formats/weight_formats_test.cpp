@@ -241,6 +241,18 @@ TEST(WeightFormatsGolden, Fp8PerChannel) {
   EXPECT_EQ(f.dequantize(e), w);
 }
 
+TEST(WeightFormatsGolden, Fp8PerTensor) {
+  // amax 896 -> one scale 896/448 = 2. 2/2 = 1 (0x38), -1/2 = -0.5 (0xB0), 0.5/2 = 0.25 (0x28),
+  // 896/2 = 448 (0x7E).
+  const std::vector<float> w = {2, -1, 0.5f, 896};
+  const WeightFormat& f = format_by_name("FP8_E4M3_TENSOR");
+  const EncodedWeight e = f.quantize(w, {2, 2});
+  EXPECT_EQ(e.tensor("weight").bytes, (std::vector<std::uint8_t>{0x38, 0xB0, 0x28, 0x7E}));
+  EXPECT_EQ(e.tensor("weight_scale").bytes, f32_le(2.0f));
+  EXPECT_EQ(e.tensor("weight_scale").spec.shape, (std::vector<std::int64_t>{1}));
+  EXPECT_EQ(f.dequantize(e), w);
+}
+
 TEST(WeightFormatsGolden, Int4PackQuantized) {
   // amax 7.5 -> scale 7.5/7.5 = 1 (BF16 0x3F80). 7.5 -> 7 (clamped), -7.5 -> -8 (ties to even),
   // 2.5 -> 2, -0.4 -> 0; stored offset-binary (+8), eight per int32, element 0 in bits 0-3.
