@@ -101,6 +101,7 @@ std::vector<std::size_t> solve_free_items(const std::vector<AllocationItem>& ite
   }
   std::vector<std::size_t> picks(n, 0);
   resolution = SolveResolution{};
+  resolution.free_items = n;
   if (spread <= room) {  // every free item affords its best option
     for (std::size_t i = 0; i < n; ++i) picks[i] = free_items[i].options.size() - 1;
     return picks;

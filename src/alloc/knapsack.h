@@ -41,6 +41,8 @@ struct SolveResolution {
   // Otherwise the solution's predicted dL is at most that of the best assignment fitting in
   // budget - max_shortfall_bytes.
   std::uint64_t max_shortfall_bytes = 0;
+  // Items the Lagrangian reduction left to the DP (the others were fixed exactly).
+  std::uint64_t free_items = 0;
 };
 
 struct Allocation {
