@@ -105,6 +105,8 @@ void solve_at_target(benchmark::State& state, const CostTable& costs) {
   state.counters["unit_bytes"] = static_cast<double>(allocation.resolution.unit_bytes);
   state.counters["shortfall_bits"] =
       8.0 * static_cast<double>(allocation.resolution.max_shortfall_bytes) / params;
+  state.counters["excess_dloss_rel"] =
+      allocation.resolution.max_excess_dloss / allocation.predicted_dloss;
   state.counters["achieved_bits"] = 8.0 * static_cast<double>(allocation.bytes) / params;
 }
 
