@@ -1,7 +1,10 @@
 # pq_simd_source(FILE FLAGS...): compile one source with ISA flags. Only code reached through a
 # run-time CPUID check may live in such a file.
+# The property is set in the scope of target pq (created in src/), which otherwise would not see
+# properties set from a stage's subdirectory.
 function(pq_simd_source file)
-  set_source_files_properties(${file} PROPERTIES COMPILE_OPTIONS "${ARGN}")
+  get_filename_component(path ${file} ABSOLUTE)
+  set_source_files_properties(${path} TARGET_DIRECTORY pq PROPERTIES COMPILE_OPTIONS "${ARGN}")
 endfunction()
 
 # pq_add_test(NAME SOURCES...): one GoogleTest executable registered with CTest.

@@ -9,4 +9,6 @@ namespace pq::cli {
 // Add one line here and one in main.cpp per subcommand.
 void register_allocate(CLI::App& app);
 
+void register_inspect(CLI::App& app);
+
 }  // namespace pq::cli

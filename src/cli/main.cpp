@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
                "measurement"};
   app.set_version_flag("--version", PQ_VERSION);
   app.require_subcommand(1);
+  pq::cli::register_inspect(app);
   pq::cli::register_allocate(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,129 @@
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "model/config.h"
+#include "runtime/observer.h"
+#include "runtime/weights.h"
+
+namespace pq::runtime {
+
+// What the GEMMs multiply: float32, or bfloat16 inputs (weights and activations rounded to
+// nearest even) with float32 accumulation and output. Norms, softmax, RoPE and attention always
+// run in float32.
+enum class ComputeType { kF32, kBF16 };
+
+struct RuntimeOptions {
+  ComputeType compute = ComputeType::kF32;
+  const WeightTransform* weight_transform = nullptr;          // optional, not owned
+  const ActivationQuantizer* activation_quantizer = nullptr;  // optional, not owned
+  // Keep decoded layers between passes instead of reloading them (small models, generation).
+  // Off by default: each pass streams layers from the weight source one at a time.
+  bool keep_layers_resident = false;
+  // Rows of logits materialized at once when scoring (a block always holds whole sequences,
+  // so a single longer sequence still gets a block of its own).
+  std::int64_t logits_block_rows = 1024;
+};
+
+// One token sequence of a batch. Position ids restart at 0 for every sequence.
+struct Sequence {
+  std::vector<std::int32_t> tokens;
+  // Weight of each next-token prediction (tokens.size() - 1 of them: position t predicts t+1);
+  // empty means every prediction has weight 1.
+  std::vector<float> loss_weights;
+};
+
+// A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
+// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers are loaded from the
+// weight source when a pass reaches them and dropped afterwards (unless keep_layers_resident);
+// embeddings, the final norm and lm_head stay loaded. Passes are single-threaded at this level;
+// GEMMs and row loops use OpenMP inside.
+class Model {
+ public:
+  // Throws pq::Error for an unsupported architecture or a missing/misshapen tensor.
+  Model(model::ModelConfig config, const WeightSource& weights, RuntimeOptions options = {});
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const model::ModelConfig& config() const { return config_; }
+  const RuntimeOptions& options() const { return options_; }
+
+  // Called with each sequence's logits [rows = its length, vocab]; the pointer is valid only
+  // during the call.
+  using LogitsConsumer =
+      std::function<void(std::int64_t sequence, const float* logits, std::int64_t rows)>;
+
+  // Forward pass over the batch. The observer (optional) sees every Linear's input rows, with
+  // output_grad == nullptr, and every MoE routing decision.
+  void forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
+               LinearObserver* observer = nullptr);
+
+  // Logits [tokens.size(), vocab] of one sequence.
+  std::vector<float> logits(std::span<const std::int32_t> tokens);
+
+  // Summed (weighted) next-token cross-entropy of the batch, forward only.
+  double loss(std::span<const Sequence> batch);
+
+  // Forward and backward of the summed next-token cross-entropy; returns the loss. The observer
+  // receives, for every Linear (router and lm_head included), its inputs X and output gradients
+  // dY, and every routing decision. Layers are recomputed from their saved inputs in reverse
+  // order, so only layer-boundary hidden states are kept across the pass.
+  double backward(std::span<const Sequence> batch, LinearObserver& observer);
+
+ private:
+  struct Layer;
+  struct Linear;
+  struct Layout;
+  struct LayerTape;
+
+  Layout make_layout(std::span<const Sequence> batch) const;
+  std::vector<float> embed(std::span<const Sequence> batch, const Layout& layout) const;
+  std::unique_ptr<Layer> load_layer(std::int64_t index) const;
+  const Layer& acquire_layer(std::int64_t index);
+  void release_layer(std::int64_t index);
+  void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
+                   std::int64_t in_features, bool bias_allowed) const;
+  std::vector<float> fetch(const std::string& name) const;
+  std::vector<float> load_vector(const std::string& name, std::int64_t size) const;
+
+  void linear_forward(const Linear& linear, const float* x, std::int64_t rows, float* y,
+                      LayerTape* tape) const;
+  void linear_backward_input(const Linear& linear, const float* dy, std::int64_t rows, float* dx,
+                             bool accumulate) const;
+  const float* linear_input(const Linear& linear, const float* x, const LayerTape& tape) const;
+
+  void layer_forward(const Layer& layer, const Layout& layout, const float* x, float* out,
+                     LayerTape& tape, LinearObserver* observer, bool report_linears) const;
+  void layer_backward(const Layer& layer, const Layout& layout, LayerTape& tape, float* dx,
+                      LinearObserver& observer) const;
+  void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape) const;
+  void attention_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                          const float* dattn_out, float* dh1, LinearObserver& observer) const;
+  void mlp_forward(const Layer& layer, const Layout& layout, LayerTape& tape, float* out,
+                   LinearObserver* observer, bool report_linears) const;
+  void mlp_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dout,
+                    float* dh2, LinearObserver& observer) const;
+  // Summed cross-entropy from the final normed hidden states h; with dh, also dLoss/dh and
+  // lm_head reports to the observer.
+  double score(std::span<const Sequence> batch, const Layout& layout, const float* h, float* dh,
+               LinearObserver* observer) const;
+  std::vector<float> final_hidden(std::span<const Sequence> batch, const Layout& layout,
+                                  LinearObserver* observer,
+                                  std::vector<std::vector<float>>* layer_inputs);
+
+  model::ModelConfig config_;
+  const WeightSource& weights_;
+  RuntimeOptions options_;
+  bool qk_norm_ = false;
+  std::vector<float> embed_tokens_;  // [vocab, hidden]
+  std::vector<float> final_norm_;
+  std::unique_ptr<Linear> lm_head_;
+  std::vector<std::unique_ptr<Layer>> resident_;
+};
+
+}  // namespace pq::runtime

@@ -1,0 +1,46 @@
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+
+namespace pq::runtime {
+
+// Rotary position embedding in the Hugging Face "rotate_half" layout: dimension i of a head is
+// paired with dimension i + head_dim/2 (transformers modeling_llama.py, rotate_half and
+// apply_rotary_pos_emb). Frequencies follow transformers modeling_rope_utils.py for the
+// rope_scaling types ModelConfig accepts.
+struct RopeFrequencies {
+  std::vector<double> inv_freq;   // [head_dim / 2]
+  double attention_factor = 1.0;  // multiplies cos and sin (yarn)
+};
+
+// `seq_len` matters only for "dynamic" scaling, which rescales the base once a sequence is longer
+// than max_position_embeddings (modeling_rope_utils.py _compute_dynamic_ntk_parameters).
+RopeFrequencies rope_frequencies(const model::ModelConfig& config, std::int64_t seq_len);
+
+// cos and sin of position x frequency for positions 0..positions-1.
+class RopeTable {
+ public:
+  RopeTable(const model::ModelConfig& config, std::int64_t positions);
+
+  std::int64_t positions() const { return positions_; }
+  std::int64_t head_dim() const { return head_dim_; }
+  // Rotates rows [first_position, first_position + rows) of x [rows, heads * head_dim] in place.
+  void apply(float* x, std::int64_t rows, std::int64_t heads, std::int64_t first_position) const;
+  // The transpose of apply (its gradient): rotates by the negative angle.
+  void apply_backward(float* dx, std::int64_t rows, std::int64_t heads,
+                      std::int64_t first_position) const;
+
+ private:
+  void rotate(float* x, std::int64_t rows, std::int64_t heads, std::int64_t first_position,
+              float sin_sign) const;
+
+  std::int64_t positions_ = 0;
+  std::int64_t head_dim_ = 0;
+  std::vector<float> cos_;  // [positions, head_dim / 2]
+  std::vector<float> sin_;
+};
+
+}  // namespace pq::runtime
