@@ -10,5 +10,6 @@ namespace pq::cli {
 void register_allocate(CLI::App& app);
 
 void register_inspect(CLI::App& app);
+void register_formats(CLI::App& app);
 
 }  // namespace pq::cli
