@@ -156,6 +156,41 @@ TEST(SafetensorsWriter, FloatValuesDecodeAfterRoundTrip) {
   EXPECT_EQ(ckpt.to_f32("bf16"), (std::vector<float>{1.0f, -3.0f}));
 }
 
+TEST(SafetensorsWriter, ScalarsEmptyTensorsAndCustomMetadata) {
+  test::TempDir dir;
+  const auto path = dir / "s.safetensors";
+  {
+    SafetensorsWriter writer(path, {{"format", "pt"}, {"quantization", "prismaquant"}});
+    writer.add("scalar", DType::F32, {}, f32_bytes({2.5f}));
+    const std::int64_t empty_shape[] = {0, 4};
+    writer.add("empty", DType::BF16, empty_shape, {});
+    writer.add("after", DType::F32, std::vector<std::int64_t>{1}, f32_bytes({-1}));
+    writer.commit();
+  }
+  const SafetensorsFile file(path);
+  EXPECT_EQ(file.metadata(),
+            (SafetensorsMetadata{{"format", "pt"}, {"quantization", "prismaquant"}}));
+  EXPECT_TRUE(file.find("scalar")->shape.empty());
+  EXPECT_EQ(file.view("scalar").to_f32(), (std::vector<float>{2.5f}));
+  EXPECT_EQ(file.find("empty")->nbytes(), 0u);
+  EXPECT_EQ(file.find("empty")->shape, (std::vector<std::int64_t>{0, 4}));
+  EXPECT_TRUE(file.view("empty").to_f32().empty());
+  EXPECT_EQ(file.view("after").to_f32(), (std::vector<float>{-1}));
+}
+
+TEST(SafetensorsWriter, MissingDirectoryIsAnError) {
+  test::TempDir dir;
+  try {
+    SafetensorsWriter writer(dir / "no/such/dir/x.safetensors");
+    writer.add("a", DType::U8, std::vector<std::int64_t>{1}, std::vector<std::uint8_t>{1});
+    writer.commit();
+    ADD_FAILURE() << "writing into a missing directory succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no/such/dir/x.safetensors"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(SafetensorsWriter, RejectsBadTensors) {
   test::TempDir dir;
   SafetensorsWriter writer(dir / "x.safetensors");
@@ -301,6 +336,15 @@ TEST(ShardedCheckpointWriter, WritesOneModelSafetensorsWhenItFits) {
   EXPECT_EQ(writer.commit(), (std::vector<std::string>{"model.safetensors"}));
   EXPECT_EQ(directory_listing(dir.path()), (std::vector<std::string>{"model.safetensors"}));
   EXPECT_EQ(Checkpoint::open(dir.path()).to_f32("x"), (std::vector<float>{1.5f, -2}));
+}
+
+TEST(ShardedCheckpointWriter, EmptyCheckpointIsOneEmptyFile) {
+  test::TempDir dir;
+  ShardedCheckpointWriter writer(dir.path());
+  EXPECT_EQ(writer.commit(), (std::vector<std::string>{"model.safetensors"}));
+  const auto ckpt = Checkpoint::open(dir.path());
+  EXPECT_TRUE(ckpt.tensor_names().empty());
+  EXPECT_EQ(ckpt.files().front()->metadata(), default_safetensors_metadata());
 }
 
 TEST(ShardedCheckpointWriter, RefusesDirectoryWithACheckpointAndDuplicateNames) {
