@@ -225,28 +225,30 @@ TEST(SafetensorsWriter, WithoutCommitLeavesNothing) {
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
 }
 
+enum class Outcome { kReturned, kThrewError, kCrashedOrOther };
+
 // Runs `body` in a child process whose files may not grow past `max_file_bytes` (writes past it
-// fail with EFBIG, standing in for a full disk); returns true if body threw pq::Error.
-bool fails_with_error_under_file_size_limit(std::uint64_t max_file_bytes,
-                                            const std::function<void()>& body) {
+// fail with EFBIG, standing in for a full disk).
+Outcome run_under_file_size_limit(std::uint64_t max_file_bytes, const std::function<void()>& body) {
   const pid_t pid = ::fork();
   if (pid == 0) {
     std::signal(SIGXFSZ, SIG_IGN);
     const rlimit limit{max_file_bytes, max_file_bytes};
     ::setrlimit(RLIMIT_FSIZE, &limit);
-    int code = 1;
+    int code = 2;
     try {
       body();
-    } catch (const Error&) {
       code = 0;
+    } catch (const Error&) {
+      code = 1;
     } catch (...) {
-      code = 2;
     }
     ::_exit(code);
   }
   int status = 0;
   ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  if (!WIFEXITED(status) || WEXITSTATUS(status) > 1) return Outcome::kCrashedOrOther;
+  return WEXITSTATUS(status) == 0 ? Outcome::kReturned : Outcome::kThrewError;
 }
 
 TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
@@ -271,16 +273,47 @@ TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
     writer.add("c", DType::BF16, s_c, std::span(bf16).first(30'000));
     writer.commit();
   };
-  EXPECT_TRUE(fails_with_error_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
-  EXPECT_TRUE(fails_with_error_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
+  EXPECT_EQ(Outcome::kThrewError,
+            run_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
+  EXPECT_EQ(Outcome::kThrewError,
+            run_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
   EXPECT_EQ(directory_listing(dir.path()), (std::vector<std::string>{"ckpt"}));
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
   // Control: with room to spare the same writes succeed.
-  EXPECT_FALSE(
-      fails_with_error_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
-  EXPECT_FALSE(fails_with_error_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
+  EXPECT_EQ(Outcome::kReturned,
+            run_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
+  EXPECT_EQ(Outcome::kReturned,
+            run_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
   EXPECT_EQ(SafetensorsFile(dir / "y.st").tensors().size(), 2u);
   EXPECT_EQ(Checkpoint::open(dir / "ok").files().size(), 2u);
+}
+
+// A tensor whose staging write fails part-way must not shift the data of tensors added after it.
+TEST(SafetensorsWriter, FailedAddLeavesLaterTensorsIntact) {
+  test::TempDir dir;
+  const auto a = random_bytes(40'000, 1);
+  const auto b = random_bytes(40'000, 2);
+  const auto c = random_bytes(4'000, 3);
+  const std::int64_t s10k[] = {10'000}, s1k[] = {1'000};
+  EXPECT_EQ(Outcome::kReturned, run_under_file_size_limit(64'000, [&] {
+              SafetensorsWriter writer(dir / "x.safetensors");
+              writer.add("a", DType::F32, s10k, a);
+              bool rejected = false;
+              try {
+                writer.add("b", DType::F32, s10k, b);  // its spool would pass 64,000 bytes
+              } catch (const Error&) {
+                rejected = true;
+              }
+              if (!rejected) throw std::logic_error("b was staged past the file size limit");
+              writer.add("c", DType::F32, s1k, c);
+              writer.commit();
+            }));
+  const SafetensorsFile file(dir / "x.safetensors");
+  ASSERT_EQ(file.tensors().size(), 2u);
+  const auto va = file.view("a").bytes;
+  const auto vc = file.view("c").bytes;
+  EXPECT_TRUE(std::equal(va.begin(), va.end(), a.begin(), a.end()));
+  EXPECT_TRUE(std::equal(vc.begin(), vc.end(), c.begin(), c.end()));
 }
 
 TEST(ShardedCheckpointWriter, SplitsLikeHuggingFaceAndReadsBack) {
