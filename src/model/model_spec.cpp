@@ -106,8 +106,9 @@ class SpecBuilder {
       } else if (!experts_done) {
         experts_done = true;
         for (std::int64_t expert = 0; expert < config_.num_experts; ++expert) {
-          for (const LinearRule* expert_rule : expert_rules)
+          for (const LinearRule* expert_rule : expert_rules) {
             add_linear(*expert_rule, layer, expert);
+          }
         }
       }
     }

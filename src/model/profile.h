@@ -39,7 +39,8 @@ enum class Candidacy {
 
 // Which part of the model a tensor belongs to. Text-only families use kText throughout; the
 // multimodal and speculative parts of Qwen3.5/3.6 checkpoints are kVision ("model.visual.*") and
-// kMtp ("mtp.*"), which the allocator and exporter treat separately (both stay BF16 by default).
+// kMtp ("mtp.*"), which later stages may handle apart from the body (the upstream method keeps
+// the vision tower BF16 by default: qwen3_5-architecture-facts.md §8).
 enum class Component { kText, kMtp, kVision };
 
 std::string_view component_name(Component component);
