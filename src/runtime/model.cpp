@@ -462,7 +462,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
          linear_input(layer.router, t.h2.data(), t), nullptr, layout.ranges);
   t.chosen.resize(n * top_k);
   t.routing_weights.resize(n * top_k);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     float* p = t.router_probs.data() + r * experts;
     const float max_logit = *std::max_element(p, p + experts);
@@ -591,7 +591,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   // dL/dp_j = (g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise; then
   // dL/dlogit = p * (dL/dp - sum(p * dL/dp)).
   std::vector<float> dlogits(n * experts);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     const float* p = t.router_probs.data() + r * experts;
     std::vector<double> dp(experts, 0.0);

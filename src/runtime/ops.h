@@ -7,6 +7,10 @@ namespace pq::runtime {
 // Elementwise and row-wise operations of the decoder with their hand-written gradients. All
 // tensors are row-major float32; loops over rows run in parallel with OpenMP.
 
+// Loops touching fewer elements than this run on one thread: below it, waking the OpenMP team
+// costs more than the work (and far more on an oversubscribed machine).
+inline constexpr std::int64_t kParallelElements = 1 << 16;
+
 // RMSNorm as Hugging Face computes it (LlamaRMSNorm): y = x * rsqrt(mean(x^2) + eps) * weight,
 // in float32. Normalizes each `width`-wide row of x [rows, width]; saves 1/rms per row in rstd.
 void rms_norm_forward(const float* x, const float* weight, std::int64_t rows, std::int64_t width,
