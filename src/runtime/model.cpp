@@ -20,8 +20,10 @@ struct Model::Linear {
   std::string name;  // tensor name without ".weight"
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
-  std::vector<float> weight;               // float32 values after the weight transform
-  std::vector<std::uint16_t> weight_bf16;  // the same, rounded, in bf16 compute mode
+  // float32 values after the weight transform; in bf16 compute mode only their rounded copy
+  // weight_bf16 is kept.
+  std::vector<float> weight;
+  std::vector<std::uint16_t> weight_bf16;
   std::vector<float> bias;                 // empty when the Linear has none
 };
 
@@ -135,6 +137,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
 
   const std::int64_t hidden = config_.hidden_size;
   const std::string embed_name = "model.embed_tokens.weight";
+  PQ_CHECK(weights_.contains(embed_name), "checkpoint has no tensor {}", embed_name);
   const auto embed_shape = weights_.shape(embed_name);
   PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
            "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
@@ -150,14 +153,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = hidden;
     lm_head_->weight = embed_tokens_;
-    if (options_.weight_transform != nullptr) {
-      options_.weight_transform->apply(lm_head_->name, config_.vocab_size, hidden,
-                                       lm_head_->weight);
-    }
-    if (options_.compute == ComputeType::kBF16) {
-      lm_head_->weight_bf16.resize(lm_head_->weight.size());
-      convert_f32_to_bf16(lm_head_->weight, lm_head_->weight_bf16);
-    }
+    prepare_linear(*lm_head_);
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, hidden, /*bias_allowed=*/false);
   }
@@ -186,19 +182,25 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.out_features = out_features;
   linear.in_features = in_features;
   linear.weight = fetch(weight_name);
-  if (options_.weight_transform != nullptr) {
-    options_.weight_transform->apply(name, out_features, in_features, linear.weight);
-  }
-  if (options_.compute == ComputeType::kBF16) {
-    linear.weight_bf16.resize(linear.weight.size());
-    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
-  }
+  prepare_linear(linear);
   // Biases are used exactly when the checkpoint has them: Qwen2 always has q/k/v biases,
   // Llama/Qwen3 have them when attention_bias / mlp_bias are set (transformers modeling_*.py).
   const std::string bias_name = name + ".bias";
   if (weights_.contains(bias_name)) {
     PQ_CHECK(bias_allowed, "{}: unexpected bias tensor", bias_name);
     linear.bias = load_vector(bias_name, out_features);
+  }
+}
+
+void Model::prepare_linear(Linear& linear) const {
+  if (options_.weight_transform != nullptr) {
+    options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
+                                     linear.weight);
+  }
+  if (options_.compute == ComputeType::kBF16) {
+    linear.weight_bf16.resize(linear.weight.size());
+    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
+    linear.weight = {};
   }
 }
 
