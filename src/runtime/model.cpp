@@ -24,7 +24,7 @@ struct Model::Linear {
   // weight_bf16 is kept.
   std::vector<float> weight;
   std::vector<std::uint16_t> weight_bf16;
-  std::vector<float> bias;                 // empty when the Linear has none
+  std::vector<float> bias;  // empty when the Linear has none
 };
 
 struct Model::Layer {
@@ -401,9 +401,9 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     // dq, dk now hold gradients of the normalized values; take them back through the norms.
     std::vector<float> dq_proj(dq.size()), dk_proj(dk.size());
     rms_norm_backward(t.q_proj.data(), layer.q_norm.data(), t.q_rstd.data(), dq.data(), n * heads,
-                      d, dq_proj.data(), false, nullptr);
+                      d, dq_proj.data(), false);
     rms_norm_backward(t.k_proj.data(), layer.k_norm.data(), t.k_rstd.data(), dk.data(),
-                      n * kv_heads, d, dk_proj.data(), false, nullptr);
+                      n * kv_heads, d, dk_proj.data(), false);
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
@@ -659,11 +659,11 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   std::vector<float> dh(n * hidden);
   mlp_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x2.data(), layer.post_attention_norm.data(), t.rstd2.data(), dh.data(), n,
-                    hidden, dx, /*accumulate=*/true, nullptr);
+                    hidden, dx, /*accumulate=*/true);
   // x2 = x + o_proj(attn(norm(x))): dx = dx2 + norm_backward(attention_backward(dx2)).
   attention_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx,
-                    /*accumulate=*/true, nullptr);
+                    /*accumulate=*/true);
 }
 
 // ---- Passes -------------------------------------------------------------------------------
@@ -850,7 +850,7 @@ double Model::backward(std::span<const Sequence> batch, LinearObserver& observer
   const double loss = score(batch, layout, h.data(), dh.data(), &observer);
   std::vector<float> dx(n * hidden);
   rms_norm_backward(x.data(), final_norm_.data(), rstd.data(), dh.data(), n, hidden, dx.data(),
-                    /*accumulate=*/false, nullptr);
+                    /*accumulate=*/false);
   std::vector<float> out(n * hidden);
   for (std::int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
     const Layer& layer = acquire_layer(l);

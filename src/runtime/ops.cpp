@@ -1,5 +1,6 @@
 #include "runtime/ops.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace pq::runtime {
@@ -26,8 +27,7 @@ void rms_norm_forward(const float* x, const float* weight, std::int64_t rows, st
 }
 
 void rms_norm_backward(const float* x, const float* weight, const float* rstd, const float* dy,
-                       std::int64_t rows, std::int64_t width, float* dx, bool accumulate,
-                       float* dweight) {
+                       std::int64_t rows, std::int64_t width, float* dx, bool accumulate) {
 #pragma omp parallel for if (rows * width > kParallelElements)
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * width;
@@ -43,13 +43,6 @@ void rms_norm_backward(const float* x, const float* weight, const float* rstd, c
       const float x_hat = xr[i] * inv;
       const float g = inv * (weight[i] * dyr[i] - x_hat * mean_dot);
       dxr[i] = accumulate ? dxr[i] + g : g;
-    }
-  }
-  if (dweight != nullptr) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t i = 0; i < width; ++i) {
-        dweight[i] += dy[r * width + i] * x[r * width + i] * rstd[r];
-      }
     }
   }
 }
@@ -95,14 +88,17 @@ double cross_entropy_forward_backward(float* logits, const std::int32_t* targets
     }
     float max_logit = z[0];
     for (std::int64_t i = 1; i < vocab; ++i) max_logit = std::max(max_logit, z[i]);
+    const float target_logit = z[targets[r]];
+    // One exp per logit: z becomes exp(z - max), summed in double, then scaled to w * softmax.
     double sum = 0.0;
-    for (std::int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(z[i] - max_logit));
-    const double log_sum = std::log(sum) + max_logit;
-    const float w = weights[r];
-    loss += w * (log_sum - z[targets[r]]);
     for (std::int64_t i = 0; i < vocab; ++i) {
-      z[i] = w * static_cast<float>(std::exp(static_cast<double>(z[i]) - log_sum));
+      z[i] = std::exp(z[i] - max_logit);
+      sum += z[i];
     }
+    const float w = weights[r];
+    loss += w * (std::log(sum) + max_logit - target_logit);
+    const float scale = static_cast<float>(w / sum);
+    for (std::int64_t i = 0; i < vocab; ++i) z[i] *= scale;
     z[targets[r]] -= w;
   }
   return loss;
