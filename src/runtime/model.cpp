@@ -323,7 +323,8 @@ void Model::linear_backward_input(const Linear& linear, const float* dy, std::in
 
 // ---- Attention ----------------------------------------------------------------------------
 
-void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
+                        std::int64_t first_position) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
@@ -350,20 +351,84 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
     linear_forward(layer.k_proj, t.h1.data(), n, t.k.data(), &t);
   }
   linear_forward(layer.v_proj, t.h1.data(), n, t.v.data(), &t);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    layout.rope->apply(t.q.data() + off * heads * d, len, heads, first_position);
+    layout.rope->apply(t.k.data() + off * kv_heads * d, len, kv_heads, first_position);
+  }
+}
 
+void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = c.num_key_value_heads;
+  const std::int64_t d = c.head_dim;
+  project_qkv(layer, layout, t, 0);
   t.attn.resize(n * heads * d);
   t.lse.resize(n * heads);
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
     const std::int64_t off = layout.offsets[s];
     const std::int64_t len = layout.length(s);
     if (len == 0) continue;
-    layout.rope->apply(t.q.data() + off * heads * d, len, heads, 0);
-    layout.rope->apply(t.k.data() + off * kv_heads * d, len, kv_heads, 0);
     const AttentionShape shape{
         len, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)), layer.sliding_window};
     causal_attention_forward(shape, t.q.data() + off * heads * d, t.k.data() + off * kv_heads * d,
                              t.v.data() + off * kv_heads * d, t.attn.data() + off * heads * d,
                              t.lse.data() + off * heads);
+  }
+}
+
+void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
+                                     DecodeState& state) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;  // new tokens, one sequence
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = c.num_key_value_heads;
+  const std::int64_t d = c.head_dim;
+  const std::int64_t group = heads / kv_heads;
+  const std::int64_t past = state.length;
+  project_qkv(layer, layout, t, past);
+  std::vector<float>& keys = state.keys[layer.index];
+  std::vector<float>& values = state.values[layer.index];
+  keys.insert(keys.end(), t.k.begin(), t.k.end());
+  values.insert(values.end(), t.v.begin(), t.v.end());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  t.attn.resize(n * heads * d);
+  // New token i (position past + i) attends cached positions j <= past + i, inside the sliding
+  // window if the layer has one (the convention of causal_attention_forward).
+#pragma omp parallel for collapse(2) if (n * heads * (past + n) * d > kParallelElements)
+  for (std::int64_t i = 0; i < n; ++i) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const std::int64_t position = past + i;
+      const std::int64_t first =
+          layer.sliding_window > 0 ? std::max<std::int64_t>(0, position - layer.sliding_window + 1)
+                                   : 0;
+      const float* q = t.q.data() + (i * heads + h) * d;
+      const std::int64_t kv = h / group;
+      std::vector<float> scores(position + 1 - first);
+      float max_score = -INFINITY;
+      for (std::int64_t j = first; j <= position; ++j) {
+        const float* k = keys.data() + (j * kv_heads + kv) * d;
+        float dot = 0.0f;
+        for (std::int64_t e = 0; e < d; ++e) dot += q[e] * k[e];
+        scores[j - first] = dot * scale;
+        max_score = std::max(max_score, scores[j - first]);
+      }
+      double sum = 0.0;
+      for (float& score : scores) {
+        score = std::exp(score - max_score);
+        sum += score;
+      }
+      float* out = t.attn.data() + (i * heads + h) * d;
+      std::fill(out, out + d, 0.0f);
+      for (std::int64_t j = first; j <= position; ++j) {
+        const float p = static_cast<float>(scores[j - first] / sum);
+        const float* v = values.data() + (j * kv_heads + kv) * d;
+        for (std::int64_t e = 0; e < d; ++e) out[e] += p * v[e];
+      }
+    }
   }
 }
 
@@ -620,7 +685,8 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
 // ---- Layer --------------------------------------------------------------------------------
 
 void Model::layer_forward(const Layer& layer, const Layout& layout, const float* x, float* out,
-                          LayerTape& t, LinearObserver* observer, bool report_linears) const {
+                          LayerTape& t, LinearObserver* observer, bool report_linears,
+                          DecodeState* cache) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t hidden = c.hidden_size;
@@ -631,7 +697,11 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   t.h1.resize(n * hidden);
   t.rstd1.resize(n);
   rms_norm_forward(x, layer.input_norm.data(), n, hidden, eps, t.h1.data(), t.rstd1.data());
-  attention_forward(layer, layout, t);
+  if (cache != nullptr) {
+    attention_forward_cached(layer, layout, t, *cache);
+  } else {
+    attention_forward(layer, layout, t);
+  }
   for (const Linear* p : {&layer.q_proj, &layer.k_proj, &layer.v_proj}) {
     report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
            linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
@@ -792,6 +862,39 @@ std::vector<float> Model::logits(std::span<const std::int32_t> tokens) {
     result.assign(logits, logits + rows * config_.vocab_size);
   });
   return result;
+}
+
+std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_t> tokens) {
+  PQ_CHECK(!tokens.empty(), "extend: no tokens given");
+  const std::int64_t layers = config_.num_hidden_layers;
+  if (state.keys.empty()) {
+    state.keys.resize(layers);
+    state.values.resize(layers);
+  }
+  PQ_CHECK(static_cast<std::int64_t>(state.keys.size()) == layers,
+           "extend: the decode state belongs to a model with {} layers, not {}", state.keys.size(),
+           layers);
+  const Sequence sequence{{tokens.begin(), tokens.end()}, {}};
+  Layout layout = make_layout({&sequence, 1});
+  const std::int64_t n = layout.rows;
+  layout.rope = std::make_unique<RopeTable>(config_, state.length + n);
+  const std::int64_t hidden = config_.hidden_size;
+  std::vector<float> x = embed({&sequence, 1}, layout);
+  std::vector<float> next(n * hidden);
+  for (std::int64_t l = 0; l < layers; ++l) {
+    const Layer& layer = acquire_layer(l);
+    LayerTape tape;
+    layer_forward(layer, layout, x.data(), next.data(), tape, nullptr, false, &state);
+    release_layer(l);
+    x.swap(next);
+  }
+  state.length += n;
+  std::vector<float> h(n * hidden), rstd(n);
+  rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
+                   static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
+  std::vector<float> logits(n * config_.vocab_size);
+  linear_forward(*lm_head_, h.data(), n, logits.data(), nullptr);
+  return logits;
 }
 
 double Model::score(std::span<const Sequence> batch, const Layout& layout, const float* h,
