@@ -64,7 +64,7 @@ void run_generate(const GenerateArgs& args) {
   }
   runtime::RuntimeOptions options;
   options.compute = args.bf16 ? runtime::ComputeType::kBF16 : runtime::ComputeType::kF32;
-  // Every step runs the whole sequence again, so the decoded layers stay in memory.
+  // Every step runs every layer (for one token), so the decoded layers stay in memory.
   options.keep_layers_resident = true;
   runtime::CheckpointModel model(args.model, options);
   const auto generated = runtime::greedy_generate(model.model(), prompt, args.new_tokens,
