@@ -41,11 +41,18 @@ constexpr LayerShape kLayer[] = {{"self_attn.q_proj", 4096, 4096}, {"self_attn.k
 void write_checkpoint(std::uint64_t target_bytes) {
   g_checkpoint_dir = fs::temp_directory_path() / fmt::format("pq-bench-read-{}", ::getpid());
   std::uint64_t layer_bytes = 0;
-  for (const auto& t : kLayer) layer_bytes += static_cast<std::uint64_t>(t.rows * t.cols * 2);
-  const std::uint64_t layers = std::max<std::uint64_t>(1, target_bytes / layer_bytes);
-  // Three shards of roughly equal size.
-  pq::io::ShardedCheckpointWriter writer(g_checkpoint_dir,
-                                         {.max_shard_bytes = (layers * layer_bytes) / 3 + 1});
+  std::uint64_t largest_tensor = 0;
+  for (const auto& t : kLayer) {
+    const auto nbytes = static_cast<std::uint64_t>(t.rows * t.cols * 2);
+    layer_bytes += nbytes;
+    largest_tensor = std::max(largest_tensor, nbytes);
+  }
+  const std::uint64_t layers =
+      std::max<std::uint64_t>(1, (target_bytes + layer_bytes / 2) / layer_bytes);
+  // Greedy filling closes a shard only once it holds more than total/3 bytes, so this limit
+  // gives three shards.
+  pq::io::ShardedCheckpointWriter writer(
+      g_checkpoint_dir, {.max_shard_bytes = layers * layer_bytes / 3 + largest_tensor});
   std::vector<std::uint16_t> values(11008 * 4096);
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 0.02f);

@@ -37,12 +37,9 @@ std::size_t line_of(std::string_view text, std::size_t offset) {
 }
 
 void check_utf8(std::string_view text, const std::filesystem::path& path) {
-  for (std::size_t pos = 0; pos < text.size();) {
-    const tokenizer::Utf8Step step = tokenizer::decode_utf8(text, pos);
-    PQ_CHECK(step.valid, "{}:{}: text is not valid UTF-8 (byte offset {})", path.string(),
-             line_of(text, pos), pos);
-    pos += step.length;
-  }
+  const std::size_t valid = tokenizer::valid_utf8_prefix(text);
+  PQ_CHECK(valid == text.size(), "{}:{}: text is not valid UTF-8 (byte offset {})", path.string(),
+           line_of(text, valid), valid);
 }
 
 // A chat as plain text: one "role: content" line per message.

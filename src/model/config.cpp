@@ -52,8 +52,7 @@ RopeScaling parse_rope_scaling(const json& j, const std::string& label) {
   r.beta_fast = optional_field<double>(s, "beta_fast", label).value_or(32.0);
   r.beta_slow = optional_field<double>(s, "beta_slow", label).value_or(1.0);
   r.attention_factor = optional_field<double>(s, "attention_factor", label);
-  static const std::vector<std::string> kKnown = {"default", "linear", "dynamic", "llama3",
-                                                  "yarn"};
+  static const std::vector<std::string> kKnown = {"default", "linear", "dynamic", "llama3", "yarn"};
   PQ_CHECK(std::find(kKnown.begin(), kKnown.end(), r.type) != kKnown.end(),
            "{}: unsupported rope_scaling type \"{}\"", label, r.type);
   return r;
@@ -77,8 +76,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   PQ_CHECK(archs.has_value() && !archs->empty(), "{}: missing \"architectures\"", label);
   c.architecture = archs->front();
   c.model_type = optional_field<std::string>(j, "model_type", label).value_or("");
-  c.hidden_size = positive(required_field<std::int64_t>(j, "hidden_size", label), "hidden_size",
-                           label);
+  c.hidden_size =
+      positive(required_field<std::int64_t>(j, "hidden_size", label), "hidden_size", label);
   c.intermediate_size = optional_field<std::int64_t>(j, "intermediate_size", label).value_or(0);
   c.num_hidden_layers = positive(required_field<std::int64_t>(j, "num_hidden_layers", label),
                                  "num_hidden_layers", label);
@@ -93,8 +92,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   c.head_dim = optional_field<std::int64_t>(j, "head_dim", label)
                    .value_or(c.hidden_size / c.num_attention_heads);
   positive(c.head_dim, "head_dim", label);
-  c.vocab_size = positive(required_field<std::int64_t>(j, "vocab_size", label), "vocab_size",
-                          label);
+  c.vocab_size =
+      positive(required_field<std::int64_t>(j, "vocab_size", label), "vocab_size", label);
   c.max_position_embeddings =
       optional_field<std::int64_t>(j, "max_position_embeddings", label).value_or(0);
   c.rms_norm_eps = optional_field<double>(j, "rms_norm_eps", label).value_or(1e-6);
@@ -114,22 +113,20 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   }
   c.num_experts = optional_field<std::int64_t>(j, "num_experts", label).value_or(0);
   if (c.num_experts > 0) {
-    c.num_experts_per_tok = positive(
-        required_field<std::int64_t>(j, "num_experts_per_tok", label), "num_experts_per_tok",
-        label);
+    c.num_experts_per_tok = positive(required_field<std::int64_t>(j, "num_experts_per_tok", label),
+                                     "num_experts_per_tok", label);
     PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
              "{}: num_experts_per_tok {} exceeds num_experts {}", label, c.num_experts_per_tok,
              c.num_experts);
-    c.moe_intermediate_size = positive(
-        required_field<std::int64_t>(j, "moe_intermediate_size", label), "moe_intermediate_size",
-        label);
+    c.moe_intermediate_size =
+        positive(required_field<std::int64_t>(j, "moe_intermediate_size", label),
+                 "moe_intermediate_size", label);
     c.norm_topk_prob = optional_field<bool>(j, "norm_topk_prob", label).value_or(false);
-    c.decoder_sparse_step = positive(
-        optional_field<std::int64_t>(j, "decoder_sparse_step", label).value_or(1),
-        "decoder_sparse_step", label);
-    c.mlp_only_layers =
-        optional_field<std::vector<std::int64_t>>(j, "mlp_only_layers", label).value_or(
-            std::vector<std::int64_t>{});
+    c.decoder_sparse_step =
+        positive(optional_field<std::int64_t>(j, "decoder_sparse_step", label).value_or(1),
+                 "decoder_sparse_step", label);
+    c.mlp_only_layers = optional_field<std::vector<std::int64_t>>(j, "mlp_only_layers", label)
+                            .value_or(std::vector<std::int64_t>{});
   }
   return c;
 }

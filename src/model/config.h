@@ -2,11 +2,10 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace pq::model {
 
@@ -15,12 +14,12 @@ namespace pq::model {
 struct RopeScaling {
   std::string type = "default";  // default, linear, dynamic, llama3, yarn
   double factor = 1.0;
-  double low_freq_factor = 1.0;                    // llama3
-  double high_freq_factor = 4.0;                   // llama3
+  double low_freq_factor = 1.0;                       // llama3
+  double high_freq_factor = 4.0;                      // llama3
   std::int64_t original_max_position_embeddings = 0;  // llama3, yarn
-  double beta_fast = 32.0;                         // yarn
-  double beta_slow = 1.0;                          // yarn
-  std::optional<double> attention_factor;          // yarn (mscale)
+  double beta_fast = 32.0;                            // yarn
+  double beta_slow = 1.0;                             // yarn
+  std::optional<double> attention_factor;             // yarn (mscale)
 };
 
 // The fields of a Hugging Face config.json that the inventory and the runtime use. Parsed once,

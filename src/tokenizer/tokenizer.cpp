@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cctype>
 #include <nlohmann/json.hpp>
 #include <variant>
 
@@ -123,7 +125,43 @@ struct ByteLevelPreTokenizer {
   bool add_prefix_space;
   std::optional<Regex> gpt2_pattern;
 };
-using PreTokenizer = std::variant<SplitPreTokenizer, ByteLevelPreTokenizer>;
+// pre_tokenizers/metaspace.rs: spaces become the replacement character ("▁"), which is
+// prepended to a piece (always, never, or only to the piece at offset 0 of the input: "first")
+// and, with split, starts a new piece.
+enum class PrependScheme { kAlways, kFirst, kNever };
+struct MetaspacePreTokenizer {
+  std::string replacement;
+  PrependScheme prepend_scheme;
+  bool split;
+};
+using PreTokenizer = std::variant<SplitPreTokenizer, ByteLevelPreTokenizer, MetaspacePreTokenizer>;
+
+// A piece of text during pre-tokenization. at_origin: it starts at offset 0 of the text given to
+// encode(), which Metaspace's "first" prepend scheme needs.
+struct Piece {
+  std::string text;
+  bool at_origin;
+};
+
+// Metaspace's replacement character, and its prepend scheme from "prepend_scheme" or, in files
+// older than tokenizers 0.19, from "add_prefix_space".
+std::string metaspace_replacement(const Json& node, const std::string& where) {
+  const auto replacement = node.at("replacement").get<std::string>();
+  PQ_CHECK(!replacement.empty() && decode_utf8(replacement, 0).length == replacement.size(),
+           "{}: Metaspace replacement '{}' is not one character", where, replacement);
+  return replacement;
+}
+
+PrependScheme metaspace_prepend_scheme(const Json& node, const std::string& where) {
+  if (!node.contains("prepend_scheme")) {
+    return node.value("add_prefix_space", true) ? PrependScheme::kAlways : PrependScheme::kNever;
+  }
+  const auto scheme = node.at("prepend_scheme").get<std::string>();
+  if (scheme == "always") return PrependScheme::kAlways;
+  if (scheme == "first") return PrependScheme::kFirst;
+  if (scheme == "never") return PrependScheme::kNever;
+  fail("{}: unknown Metaspace prepend_scheme '{}'", where, scheme);
+}
 
 // The pattern ByteLevel applies when use_regex is true (pre_tokenizers/byte_level.rs, from
 // openai/gpt-2 src/encoder.py).
@@ -158,6 +196,10 @@ void parse_pre_tokenizer(const Json& node, const std::string& where,
     std::optional<Regex> pattern;
     if (node.value("use_regex", true)) pattern.emplace(kGpt2Pattern);
     out.push_back(ByteLevelPreTokenizer{node.value("add_prefix_space", false), std::move(pattern)});
+  } else if (type == "Metaspace") {
+    out.push_back(MetaspacePreTokenizer{metaspace_replacement(node, where),
+                                        metaspace_prepend_scheme(node, where),
+                                        node.value("split", true)});
   } else {
     fail("{}: unsupported pre_tokenizer type '{}'", where, type);
   }
@@ -165,8 +207,8 @@ void parse_pre_tokenizer(const Json& node, const std::string& where,
 
 // Splits `piece` around the matches of `split.pattern` and appends the resulting non-empty
 // pieces according to the behavior (tokenizer/normalizer.rs NormalizedString::split).
-void apply_split(const Regex& pattern, SplitBehavior behavior, bool invert,
-                 const std::string& piece, std::vector<std::string>& out) {
+void apply_split(const Regex& pattern, SplitBehavior behavior, bool invert, const Piece& piece,
+                 std::vector<Piece>& out) {
   // (begin, end, is_delimiter) covering the whole piece in order.
   struct Part {
     std::size_t begin, end;
@@ -174,12 +216,12 @@ void apply_split(const Regex& pattern, SplitBehavior behavior, bool invert,
   };
   std::vector<Part> parts;
   std::size_t cursor = 0;
-  for (const auto& [begin, end] : pattern.find_all(piece)) {
+  for (const auto& [begin, end] : pattern.find_all(piece.text)) {
     if (begin > cursor) parts.push_back({cursor, begin, invert});
     parts.push_back({begin, end, !invert});
     cursor = end;
   }
-  if (cursor < piece.size()) parts.push_back({cursor, piece.size(), invert});
+  if (cursor < piece.text.size()) parts.push_back({cursor, piece.text.size(), invert});
 
   std::vector<std::pair<std::size_t, std::size_t>> ranges;
   bool pending_merge_with_next = false;
@@ -217,45 +259,80 @@ void apply_split(const Regex& pattern, SplitBehavior behavior, bool invert,
     }
   }
   for (const auto& [begin, end] : ranges) {
-    if (end > begin) out.emplace_back(piece.substr(begin, end - begin));
+    if (end > begin) {
+      out.push_back({piece.text.substr(begin, end - begin), piece.at_origin && begin == 0});
+    }
   }
 }
 
 // Runs the pre-tokenizers over one normalized text segment; the result are the words the model
 // encodes one by one.
 std::vector<std::string> apply_pre_tokenizers(const std::vector<PreTokenizer>& pre_tokenizers,
-                                              std::string text) {
-  std::vector<std::string> pieces;
-  pieces.push_back(std::move(text));
+                                              std::string text, bool at_origin) {
+  std::vector<Piece> pieces;
+  pieces.push_back({std::move(text), at_origin});
   for (const PreTokenizer& step : pre_tokenizers) {
-    std::vector<std::string> next;
+    std::vector<Piece> next;
     if (const auto* split = std::get_if<SplitPreTokenizer>(&step)) {
-      for (const std::string& piece : pieces) {
+      for (const Piece& piece : pieces) {
         apply_split(split->pattern, split->behavior, split->invert, piece, next);
       }
-    } else {
-      const auto& byte_level = std::get<ByteLevelPreTokenizer>(step);
+    } else if (const auto* byte_level = std::get_if<ByteLevelPreTokenizer>(&step)) {
       const ByteLevelAlphabet& alphabet = ByteLevelAlphabet::instance();
-      for (std::string& piece : pieces) {
-        if (byte_level.add_prefix_space && piece.front() != ' ') piece.insert(piece.begin(), ' ');
-        std::vector<std::string> split_pieces;
-        if (byte_level.gpt2_pattern) {
-          apply_split(*byte_level.gpt2_pattern, SplitBehavior::kIsolated, false, piece,
+      for (Piece& piece : pieces) {
+        if (byte_level->add_prefix_space && piece.text.front() != ' ') {
+          piece.text.insert(piece.text.begin(), ' ');
+        }
+        std::vector<Piece> split_pieces;
+        if (byte_level->gpt2_pattern) {
+          apply_split(*byte_level->gpt2_pattern, SplitBehavior::kIsolated, false, piece,
                       split_pieces);
         } else {
           split_pieces.push_back(std::move(piece));
         }
-        for (const std::string& bytes : split_pieces) {
+        for (const Piece& bytes : split_pieces) {
           std::string mapped;
-          mapped.reserve(bytes.size() * 2);
-          alphabet.encode(bytes, mapped);
-          next.push_back(std::move(mapped));
+          mapped.reserve(bytes.text.size() * 2);
+          alphabet.encode(bytes.text, mapped);
+          next.push_back({std::move(mapped), bytes.at_origin});
         }
+      }
+    } else {
+      const auto& metaspace = std::get<MetaspacePreTokenizer>(step);
+      for (const Piece& piece : pieces) {
+        std::string replaced;
+        for (const char c : piece.text) {
+          if (c == ' ') {
+            replaced += metaspace.replacement;
+          } else {
+            replaced.push_back(c);
+          }
+        }
+        const bool prepend = metaspace.prepend_scheme == PrependScheme::kAlways ||
+                             (metaspace.prepend_scheme == PrependScheme::kFirst && piece.at_origin);
+        if (prepend && !replaced.starts_with(metaspace.replacement)) {
+          replaced.insert(0, metaspace.replacement);
+        }
+        if (!metaspace.split) {
+          next.push_back({std::move(replaced), piece.at_origin});
+          continue;
+        }
+        // Split before every replacement character (SplitDelimiterBehavior::MergedWithNext).
+        std::size_t begin = 0;
+        for (std::size_t pos = replaced.find(metaspace.replacement, 1); pos != std::string::npos;
+             pos = replaced.find(metaspace.replacement, pos + 1)) {
+          next.push_back({replaced.substr(begin, pos - begin), piece.at_origin && begin == 0});
+          begin = pos;
+        }
+        next.push_back({replaced.substr(begin), piece.at_origin && begin == 0});
       }
     }
     pieces = std::move(next);
   }
-  return pieces;
+  std::vector<std::string> words;
+  words.reserve(pieces.size());
+  for (Piece& piece : pieces) words.push_back(std::move(piece.text));
+  return words;
 }
 
 // ---- decoders ----
@@ -267,8 +344,14 @@ struct StripDecoder {
   std::string content;
   std::size_t start, stop;
 };
-using Decoder =
-    std::variant<ByteLevelDecoder, ReplaceStep, ByteFallbackDecoder, FuseDecoder, StripDecoder>;
+// decoders: Metaspace turns the replacement character back into a space, except in the first
+// token (when a prefix was prepended), where it is dropped.
+struct MetaspaceDecoder {
+  std::string replacement;
+  bool drop_in_first_token;
+};
+using Decoder = std::variant<ByteLevelDecoder, ReplaceStep, ByteFallbackDecoder, FuseDecoder,
+                             StripDecoder, MetaspaceDecoder>;
 
 void parse_decoder(const Json& node, const std::string& where, std::vector<Decoder>& out) {
   if (node.is_null()) return;
@@ -284,6 +367,9 @@ void parse_decoder(const Json& node, const std::string& where, std::vector<Decod
     out.push_back(ByteFallbackDecoder{});
   } else if (type == "Fuse") {
     out.push_back(FuseDecoder{});
+  } else if (type == "Metaspace") {
+    out.push_back(MetaspaceDecoder{metaspace_replacement(node, where),
+                                   metaspace_prepend_scheme(node, where) != PrependScheme::kNever});
   } else if (type == "Strip") {
     const auto content = node.at("content").get<std::string>();
     PQ_CHECK(decode_utf8(content, 0).length == content.size() && !content.empty(),
@@ -321,16 +407,18 @@ std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::
     const ByteLevelAlphabet& alphabet = ByteLevelAlphabet::instance();
     std::string bytes;
     for (const std::string& token : tokens) {
-      std::string token_bytes;
-      bool all_mapped = true;
-      for (std::size_t pos = 0; pos < token.size() && all_mapped;) {
+      const std::size_t token_start = bytes.size();
+      for (std::size_t pos = 0; pos < token.size();) {
         const Utf8Step step = decode_utf8(token, pos);
         const int byte = step.valid ? alphabet.decode(step.code_point) : -1;
-        all_mapped = byte >= 0;
-        token_bytes.push_back(static_cast<char>(byte));
+        if (byte < 0) {
+          bytes.resize(token_start);
+          bytes.append(token);
+          break;
+        }
+        bytes.push_back(static_cast<char>(byte));
         pos += step.length;
       }
-      bytes.append(all_mapped ? token_bytes : token);
     }
     return {to_valid_utf8(bytes)};
   }
@@ -362,6 +450,22 @@ std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::
     }
     flush();
     return out;
+  }
+  if (const auto* metaspace = std::get_if<MetaspaceDecoder>(&decoder)) {
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      const std::string_view space = i == 0 && metaspace->drop_in_first_token ? "" : " ";
+      std::string decoded;
+      std::size_t copied = 0;
+      for (std::size_t pos = tokens[i].find(metaspace->replacement); pos != std::string::npos;
+           pos = tokens[i].find(metaspace->replacement, copied)) {
+        decoded.append(tokens[i], copied, pos - copied);
+        decoded.append(space);
+        copied = pos + metaspace->replacement.size();
+      }
+      decoded.append(tokens[i], copied);
+      tokens[i] = std::move(decoded);
+    }
+    return tokens;
   }
   if (std::holds_alternative<FuseDecoder>(decoder)) {
     std::string fused;
@@ -535,15 +639,17 @@ struct Tokenizer::Impl {
     return model->find(token);
   }
 
-  void encode_text(std::string_view text, std::vector<std::int32_t>& ids) const {
+  // Encodes a piece of text that lies between added tokens; at_origin: it starts the input.
+  void encode_text(std::string_view text, bool at_origin, std::vector<std::int32_t>& ids) const {
     const std::string normalized = apply_normalizers(normalizers, std::string(text));
     for (const Segment& segment : split_added_tokens(normalized, normalized_matcher, added)) {
       if (segment.added >= 0) {
         ids.push_back(added[segment.added].id);
         continue;
       }
+      const bool segment_at_origin = at_origin && segment.text.data() == normalized.data();
       for (const std::string& word :
-           apply_pre_tokenizers(pre_tokenizers, std::string(segment.text))) {
+           apply_pre_tokenizers(pre_tokenizers, std::string(segment.text), segment_at_origin)) {
         model->encode_word(word, ids);
       }
     }
@@ -702,14 +808,15 @@ Tokenizer Tokenizer::load(const std::filesystem::path& tokenizer_json) {
 }
 
 std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
-  PQ_CHECK(is_valid_utf8(text), "text to tokenize is not valid UTF-8");
+  const std::size_t valid = valid_utf8_prefix(text);
+  PQ_CHECK(valid == text.size(), "text to tokenize is not valid UTF-8 (byte offset {})", valid);
   std::vector<std::int32_t> ids;
   if (add_special_tokens) ids = impl_->prefix_ids;
   for (const Segment& segment : split_added_tokens(text, impl_->raw_matcher, impl_->added)) {
     if (segment.added >= 0) {
       ids.push_back(impl_->added[segment.added].id);
     } else {
-      impl_->encode_text(segment.text, ids);
+      impl_->encode_text(segment.text, segment.text.data() == text.data(), ids);
     }
   }
   if (add_special_tokens) ids.insert(ids.end(), impl_->suffix_ids.begin(), impl_->suffix_ids.end());

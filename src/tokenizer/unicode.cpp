@@ -49,17 +49,18 @@ Utf8Step decode_utf8(std::string_view text, std::size_t pos) {
   return {value, static_cast<std::uint8_t>(length), true};
 }
 
-bool is_valid_utf8(std::string_view text) {
-  for (std::size_t pos = 0; pos < text.size();) {
+std::size_t valid_utf8_prefix(std::string_view text) {
+  std::size_t pos = 0;
+  while (pos < text.size()) {
     if (static_cast<std::uint8_t>(text[pos]) < 0x80) {
       ++pos;
       continue;
     }
     const Utf8Step step = decode_utf8(text, pos);
-    if (!step.valid) return false;
+    if (!step.valid) break;
     pos += step.length;
   }
-  return true;
+  return pos;
 }
 
 void append_utf8(std::string& out, char32_t cp) {

@@ -20,7 +20,11 @@ struct Utf8Step {
 };
 Utf8Step decode_utf8(std::string_view text, std::size_t pos);
 
-bool is_valid_utf8(std::string_view text);
+// Length of the longest valid UTF-8 prefix of `text` (text.size() when all of it is valid).
+std::size_t valid_utf8_prefix(std::string_view text);
+inline bool is_valid_utf8(std::string_view text) {
+  return valid_utf8_prefix(text) == text.size();
+}
 void append_utf8(std::string& out, char32_t code_point);
 // Replaces every invalid sequence by U+FFFD.
 std::string to_valid_utf8(std::string_view bytes);

@@ -5,6 +5,9 @@
 // legacy=true keeps the tokenizer.json normalizer (Prepend + Replace "▁", applied to each piece
 // between added tokens, as the Rust tokenizers library does); transformers.js otherwise swaps it
 // for a Metaspace "first" pre-tokenizer, which differs on text next to special tokens.
+// The same texts are also encoded with two variants of the file whose normalizer is replaced by a
+// Metaspace pre-tokenizer (split=false, prepend_scheme "first" / "always"), the form newer
+// Llama/Mistral tokenizer.json files take.
 const fs = require("fs");
 const { TokenizerLoader } = require("@lenml/tokenizers");
 
@@ -21,11 +24,30 @@ texts.push(
   " ", "   ", "\t", "\n", "Hello  world", "  two leading", "trailing  ", "日本語のテキスト",
   "\u{1F916} robot", "<s>Hello</s>", "a <s> b", "<unk>", "<0x0A> literal", "naïve café",
   "ﬁ ligature", "x\u0000y", "Tabs\tand\r\nCRLF", "1234567890", "don't", "Ωμέγα", "العربية");
-const cases = texts.map((text) => ({ text, ids: tokenizer.encode(text, { add_special_tokens: false }) }));
+function metaspaceVariant(scheme) {
+  const metaspace = {
+    type: "Metaspace", replacement: "\u2581", add_prefix_space: true, prepend_scheme: scheme,
+    split: false,
+  };
+  const json = { ...tokenizerJSON, normalizer: null, pre_tokenizer: metaspace, decoder: metaspace };
+  return TokenizerLoader.fromPreTrained(
+    { tokenizerJSON: json, tokenizerConfig: { tokenizer_class: "PreTrainedTokenizer" } });
+}
+const first = metaspaceVariant("first");
+const always = metaspaceVariant("always");
+const encode = (t, text) => t.encode(text, { add_special_tokens: false });
+const cases = texts.map((text) => ({
+  text,
+  ids: encode(tokenizer, text),
+  metaspace_first_ids: encode(first, text),
+  metaspace_always_ids: encode(always, text),
+}));
 process.stdout.write(JSON.stringify({
   description: "Llama-2 SentencePiece-style BPE token ids (add_special_tokens=false) for " +
     "../shared/tokenizers/llama2/tokenizer.json, made by tests/data/make_llama2_reference_ids.js " +
     "with @lenml/tokenizers 3.7.2 (transformers.js port), legacy=true. Texts: the first 67 cases " +
-    "of ../shared/fixtures/tokenizer-reference-ids.json and 21 extra strings.",
+    "of ../shared/fixtures/tokenizer-reference-ids.json and 21 extra strings. metaspace_*_ids: the " +
+    "same file with the normalizer replaced by a Metaspace pre-tokenizer and decoder (split=false, " +
+    "prepend_scheme first/always).",
   cases,
 }) + "\n");

@@ -5,6 +5,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -112,6 +113,61 @@ TEST(SentencePieceReference, MatchesEveryGeneratedCase) {
   EXPECT_EQ(matched, cases.size());
 }
 
+// A tokenizer.json in the newer SentencePiece form: no normalizer, a Metaspace pre-tokenizer and
+// decoder, written from the Llama-2 file.
+Tokenizer load_metaspace_variant(const test::TempDir& dir, const std::string& scheme, bool split) {
+  Json file =
+      Json::parse(read_text_file(test::shared_dir() / "models/qwen3-dense-tiny/tokenizer.json"));
+  const Json metaspace = {{"type", "Metaspace"},
+                          {"replacement", "\u2581"},
+                          {"prepend_scheme", scheme},
+                          {"split", split}};
+  file["normalizer"] = nullptr;
+  file["pre_tokenizer"] = metaspace;
+  file["decoder"] = metaspace;
+  const auto path = dir / ("metaspace-" + scheme + (split ? "-split" : "") + ".json");
+  write_text_file_atomic(path, file.dump());
+  return Tokenizer::load(path);
+}
+
+TEST(SentencePieceReference, MetaspaceVariantsMatchEveryGeneratedCase) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const Json fixture = Json::parse(
+      read_text_file(std::filesystem::path(PQ_TEST_DATA_DIR) / "llama2-reference-ids.json"));
+  for (const std::string scheme : {"first", "always"}) {
+    const Tokenizer tokenizer = load_metaspace_variant(dir, scheme, /*split=*/false);
+    std::size_t matched = 0;
+    for (const Json& entry : fixture.at("cases")) {
+      const auto text = entry.at("text").get<std::string>();
+      const auto expected =
+          entry.at("metaspace_" + scheme + "_ids").get<std::vector<std::int32_t>>();
+      const auto ids = tokenizer.encode(text, false);
+      EXPECT_EQ(ids, expected) << scheme << " text: " << Json(text).dump();
+      matched += ids == expected;
+    }
+    EXPECT_EQ(matched, fixture.at("cases").size()) << scheme;
+  }
+}
+
+TEST(SentencePiece, MetaspaceSplitAndDecoderFollowTheReferenceRules) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const Tokenizer whole = load_metaspace_variant(dir, "always", /*split=*/false);
+  const Tokenizer split = load_metaspace_variant(dir, "always", /*split=*/true);
+  const auto id = [&](const char* token) { return *whole.token_to_id(token); };
+  // Without split, "▁▁" merges across the run of spaces; with split every "▁" starts a new word
+  // (pieces "▁Hey", "▁", "▁", "▁friend"), as in tokenizers' metaspace.rs tests.
+  const std::string text = "Hey   friend";
+  EXPECT_THAT(whole.encode(text, false), ::testing::Contains(id("\u2581\u2581")));
+  EXPECT_EQ(
+      split.encode(text, false),
+      (std::vector<std::int32_t>{id("\u2581Hey"), id("\u2581"), id("\u2581"), id("\u2581friend")}));
+  // The decoder drops "▁" in the first token and turns it into a space elsewhere.
+  EXPECT_EQ(split.decode(split.encode(text, false)), text);
+  EXPECT_EQ(split.decode(std::vector<std::int32_t>{id("\u2581\u2581"), id("\u2581a")}), " a");
+}
+
 class RoundTrip : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
@@ -130,6 +186,36 @@ TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, RoundTrip, ::testing::Values("qwen3", "llama3", "llama2"));
+
+// encode() shares the word cache between threads; results must not depend on interleaving.
+TEST(Concurrency, ParallelEncodesEqualSequentialOnes) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer("qwen3");
+  const std::string text = wikitext_lf();
+  std::vector<std::string> lines;
+  for (std::size_t begin = 0; begin < text.size() && lines.size() < 800;) {
+    const std::size_t end = std::min(text.find('\n', begin), text.size());
+    lines.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  std::vector<std::vector<std::vector<std::int32_t>>> results(4);
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < results.size(); ++t) {
+    threads.emplace_back([&, t] {
+      // Each thread walks the lines from a different start so cache fills interleave.
+      results[t].resize(lines.size());
+      for (std::size_t k = 0; k < lines.size(); ++k) {
+        const std::size_t i = (k + t * lines.size() / 4) % lines.size();
+        results[t][i] = tokenizer.encode(lines[i], false);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const auto expected = tokenizer.encode(lines[i], false);
+    for (const auto& result : results) EXPECT_EQ(result[i], expected) << "line " << i;
+  }
+}
 
 TEST(SpecialTokens, AreSplitOutBeforeBpeAndSkippableInDecode) {
   PQ_REQUIRE_SHARED();
@@ -203,7 +289,12 @@ TEST(Normalization, NfcMakesComposedAndDecomposedTextEqualForQwen) {
 TEST(Errors, InvalidInputIsAOneLineError) {
   PQ_REQUIRE_SHARED();
   const Tokenizer& qwen = shared_tokenizer("qwen3");
-  EXPECT_THROW(qwen.encode("bad \xC3\x28 utf8", false), Error);
+  try {
+    qwen.encode("bad \xC3\x28 utf8", false);
+    ADD_FAILURE() << "invalid UTF-8 accepted";
+  } catch (const Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("byte offset 4"));
+  }
   EXPECT_THROW(qwen.id_to_token(-1), Error);
   EXPECT_THROW(qwen.decode(std::vector<std::int32_t>{qwen.vocab_size()}), Error);
   EXPECT_EQ(qwen.token_to_id("definitely not a token"), std::nullopt);

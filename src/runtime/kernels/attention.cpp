@@ -5,15 +5,59 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "common/error.h"
+#include "runtime/kernels/simd.h"
 
+// Flash-attention style tiling (Dao et al., FlashAttention-2, 2023, Algorithms 1 and 2): scores
+// are produced one [query tile x key tile] block at a time with an online softmax, and the
+// backward recomputes the probabilities from the saved log-sum-exp instead of storing them.
 namespace pq::runtime {
 namespace {
 
-// Query and key tile sizes: a [64 x 64] score tile plus [64 x D] operands stay in L2 for D <= 256.
+// A [64 x 64] score tile and [64 x D] operand tiles stay in L1/L2 for head_dim <= 256.
 constexpr std::int64_t kQueryTile = 64;
 constexpr std::int64_t kKeyTile = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- tile primitives (scalar versions; AVX-512 versions in attention_avx512.cpp) ------------
+
+// C[m, n] += alpha * A[m, k] B[k, n] with A(i, p) = a[i * a_row_stride + p * a_col_stride] (so
+// transposed views of A are free), B rows contiguous (row p at b + p * ldb), C rows at c + i * ldc.
+void tile_gemm_scalar(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                      std::int64_t a_row_stride, std::int64_t a_col_stride, const float* b,
+                      std::int64_t ldb, float* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    float* c_row = c + i * ldc;
+    for (std::int64_t p = 0; p < k; ++p) {
+      const float av = alpha * a[i * a_row_stride + p * a_col_stride];
+      const float* b_row = b + p * ldb;
+      for (std::int64_t j = 0; j < n; ++j) c_row[j] += av * b_row[j];
+    }
+  }
+}
+
+// x[j] = exp(x[j] - shift) for j < n (exp(-inf) = 0); returns the sum of the results.
+float exp_shifted_scalar(float* x, std::int64_t n, float shift) {
+  float sum = 0.0f;
+  for (std::int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+struct TileOps {
+  decltype(&tile_gemm_scalar) gemm;
+  decltype(&exp_shifted_scalar) exp_shifted;
+};
+
+TileOps tile_ops() {
+  if (cpu_features().has_avx512_core()) return {avx512::tile_gemm, avx512::exp_shifted};
+  return {tile_gemm_scalar, exp_shifted_scalar};
+}
+
+// ---- geometry ---------------------------------------------------------------------------------
 
 void check_shape(const char* what, const AttentionShape& s) {
   PQ_CHECK(s.seq_len >= 0 && s.num_heads > 0 && s.num_kv_heads > 0 && s.head_dim > 0 &&
@@ -22,70 +66,66 @@ void check_shape(const char* what, const AttentionShape& s) {
            s.num_kv_heads, s.head_dim, s.sliding_window);
 }
 
-// The keys query i may attend to are [first_key(i), i].
+// The keys query i attends to are [first_key(i), i].
 std::int64_t first_key(const AttentionShape& s, std::int64_t i) {
   return s.sliding_window > 0 ? std::max<std::int64_t>(0, i - s.sliding_window + 1) : 0;
 }
 
-// One past the last query that sees key j.
+// One past the last query that attends to key j.
 std::int64_t query_end(const AttentionShape& s, std::int64_t j) {
   return s.sliding_window > 0 ? std::min(s.seq_len, j + s.sliding_window) : s.seq_len;
 }
 
-bool visible(const AttentionShape& s, std::int64_t i, std::int64_t j) {
-  return j <= i && (s.sliding_window == 0 || j > i - s.sliding_window);
-}
+// Pointers and strides of everything one call reads or writes, with per-head offsets.
+struct Layout {
+  const AttentionShape& s;
+  std::int64_t q_stride, kv_stride, group;
 
-// Strided views of one head inside the [T, heads * D] activations.
-struct HeadView {
-  const float* base;
-  std::int64_t stride;
-  const float* row(std::int64_t t) const { return base + t * stride; }
+  explicit Layout(const AttentionShape& shape)
+      : s(shape),
+        q_stride(shape.num_heads * shape.head_dim),
+        kv_stride(shape.num_kv_heads * shape.head_dim),
+        group(shape.num_heads / shape.num_kv_heads) {}
+
+  std::int64_t q_offset(std::int64_t t, std::int64_t h) const {
+    return t * q_stride + h * s.head_dim;
+  }
+  std::int64_t kv_offset(std::int64_t t, std::int64_t g) const {
+    return t * kv_stride + g * s.head_dim;
+  }
 };
 
-// dst[d][j] = src.row(j0 + j)[d] for j < cols: a key tile transposed so that products with it
-// run along contiguous memory.
-void transpose_tile(HeadView src, std::int64_t j0, std::int64_t cols, std::int64_t dim,
-                    float* dst) {
-  for (std::int64_t j = 0; j < cols; ++j) {
-    const float* r = src.row(j0 + j);
-    for (std::int64_t d = 0; d < dim; ++d) dst[d * kKeyTile + j] = r[d];
-  }
-}
-
-// s[i][j] = scale * sum_d a.row(i0 + i)[d] * bt[d][j] for an [rows x cols] tile.
-void scores_tile(HeadView a, std::int64_t i0, std::int64_t rows, const float* bt, std::int64_t cols,
-                 std::int64_t dim, float scale, float* s) {
-  for (std::int64_t i = 0; i < rows; ++i) {
-    float* srow = s + i * kKeyTile;
-    std::fill(srow, srow + cols, 0.0f);
-    const float* arow = a.row(i0 + i);
-    for (std::int64_t d = 0; d < dim; ++d) {
-      const float av = arow[d];
-      const float* brow = bt + d * kKeyTile;
-      for (std::int64_t j = 0; j < cols; ++j) srow[j] += av * brow[j];
+// Per kv head, x [T, Hkv*D] rearranged to [Hkv][D][T] so that score tiles (q . k over D) read
+// contiguous key rows: O(T * D) per kv head, the size of x itself.
+std::vector<float> transpose_heads(const Layout& l, const float* x) {
+  const std::int64_t T = l.s.seq_len, D = l.s.head_dim;
+  std::vector<float> out(static_cast<std::size_t>(l.s.num_kv_heads * D * T));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (std::int64_t g = 0; g < l.s.num_kv_heads; ++g) {
+    for (std::int64_t d = 0; d < D; ++d) {
+      float* dst = out.data() + (g * D + d) * T;
+      for (std::int64_t t = 0; t < T; ++t) dst[t] = x[l.kv_offset(t, g) + d];
     }
-    for (std::int64_t j = 0; j < cols; ++j) srow[j] *= scale;
   }
+  return out;
 }
 
-void axpy(std::int64_t n, float alpha, const float* x, float* y) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-struct Views {
-  HeadView q, k, v;
-};
-
-Views head_views(const AttentionShape& s, const float* q, const float* k, const float* v,
-                 std::int64_t h) {
-  const std::int64_t group = s.num_heads / s.num_kv_heads;
-  const std::int64_t g = h / group;
-  const std::int64_t q_stride = s.num_heads * s.head_dim;
-  const std::int64_t kv_stride = s.num_kv_heads * s.head_dim;
-  return {{q + h * s.head_dim, q_stride},
-          {k + g * s.head_dim, kv_stride},
-          {v + g * s.head_dim, kv_stride}};
+// scores[i][j] = scale * q_{i0+i} . k_{j0+j} of head h, with keys outside each query's window
+// set to -inf. scores has row stride kKeyTile.
+void score_tile(const TileOps& ops, const Layout& l, const float* q, const float* kt,
+                std::int64_t h, std::int64_t i0, std::int64_t rows, std::int64_t j0,
+                std::int64_t cols, float* scores) {
+  const std::int64_t T = l.s.seq_len, D = l.s.head_dim;
+  for (std::int64_t i = 0; i < rows; ++i) std::fill_n(scores + i * kKeyTile, cols, 0.0f);
+  ops.gemm(rows, cols, D, l.s.scale, q + l.q_offset(i0, h), l.q_stride, 1,
+           kt + (h / l.group) * D * T + j0, T, scores, kKeyTile);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    float* row = scores + i * kKeyTile;
+    const std::int64_t lo = std::clamp(first_key(l.s, i0 + i) - j0, std::int64_t{0}, cols);
+    const std::int64_t hi = std::clamp(i0 + i + 1 - j0, std::int64_t{0}, cols);
+    std::fill(row, row + lo, kNegInf);
+    std::fill(row + hi, row + cols, kNegInf);
+  }
 }
 
 }  // namespace
@@ -93,56 +133,50 @@ Views head_views(const AttentionShape& s, const float* q, const float* k, const 
 void causal_attention_forward(const AttentionShape& s, const float* q, const float* k,
                               const float* v, float* out, float* lse) {
   check_shape("causal_attention_forward", s);
+  const TileOps ops = tile_ops();
+  const Layout l(s);
   const std::int64_t T = s.seq_len, D = s.head_dim;
   const std::int64_t q_tiles = (T + kQueryTile - 1) / kQueryTile;
-  const std::int64_t q_stride = s.num_heads * D;
+  const std::vector<float> kt = transpose_heads(l, k);
 #pragma omp parallel
   {
-    std::vector<float> kt(static_cast<std::size_t>(D * kKeyTile));
     std::vector<float> scores(static_cast<std::size_t>(kQueryTile * kKeyTile));
     std::vector<float> acc(static_cast<std::size_t>(kQueryTile * D));
     std::vector<float> row_max(kQueryTile), row_sum(kQueryTile);
-#pragma omp for schedule(dynamic) collapse(2)
+#pragma omp for collapse(2) schedule(dynamic)
     for (std::int64_t h = 0; h < s.num_heads; ++h) {
-      for (std::int64_t tile = 0; tile < q_tiles; ++tile) {
-        const Views view = head_views(s, q, k, v, h);
-        const std::int64_t i0 = tile * kQueryTile;
+      for (std::int64_t tile_index = 0; tile_index < q_tiles; ++tile_index) {
+        // Late query tiles see the most keys; handing them out first balances the threads.
+        const std::int64_t i0 = (q_tiles - 1 - tile_index) * kQueryTile;
         const std::int64_t rows = std::min(kQueryTile, T - i0);
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(row_max.begin(), row_max.end(), kNegInf);
         std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-        const std::int64_t key_end = i0 + rows;
-        for (std::int64_t j0 = first_key(s, i0); j0 < key_end; j0 += kKeyTile) {
-          const std::int64_t cols = std::min(kKeyTile, key_end - j0);
-          transpose_tile(view.k, j0, cols, D, kt.data());
-          scores_tile(view.q, i0, rows, kt.data(), cols, D, s.scale, scores.data());
+        for (std::int64_t j0 = first_key(s, i0); j0 < i0 + rows; j0 += kKeyTile) {
+          const std::int64_t cols = std::min(kKeyTile, i0 + rows - j0);
+          score_tile(ops, l, q, kt.data(), h, i0, rows, j0, cols, scores.data());
           for (std::int64_t i = 0; i < rows; ++i) {
-            float* srow = scores.data() + i * kKeyTile;
-            float tile_max = kNegInf;
-            for (std::int64_t j = 0; j < cols; ++j) {
-              if (!visible(s, i0 + i, j0 + j)) srow[j] = kNegInf;
-              tile_max = std::max(tile_max, srow[j]);
-            }
-            if (tile_max == kNegInf) continue;  // no visible key of this row in this tile
-            // Online softmax: rescale what was accumulated against the new running maximum.
+            float* p = scores.data() + i * kKeyTile;
+            const float tile_max = *std::max_element(p, p + cols);
             const float new_max = std::max(row_max[i], tile_max);
-            const float correction = std::exp(row_max[i] - new_max);
-            float* arow = acc.data() + i * D;
-            float tile_sum = 0.0f;
-            for (std::int64_t d = 0; d < D; ++d) arow[d] *= correction;
-            for (std::int64_t j = 0; j < cols; ++j) {
-              const float p = std::exp(srow[j] - new_max);
-              tile_sum += p;
-              if (p != 0.0f) axpy(D, p, view.v.row(j0 + j), arow);
+            if (new_max == kNegInf) {  // nothing visible to this row yet
+              std::fill_n(p, cols, 0.0f);
+              continue;
             }
-            row_sum[i] = row_sum[i] * correction + tile_sum;
+            // Online softmax: rescale what was accumulated against the new running maximum.
+            const float correction = std::exp(row_max[i] - new_max);
+            row_sum[i] = row_sum[i] * correction + ops.exp_shifted(p, cols, new_max);
             row_max[i] = new_max;
+            float* acc_row = acc.data() + i * D;
+            for (std::int64_t d = 0; d < D; ++d) acc_row[d] *= correction;
           }
+          ops.gemm(rows, D, cols, 1.0f, scores.data(), kKeyTile, 1,
+                   v + l.kv_offset(j0, h / l.group), l.kv_stride, acc.data(), D);
         }
         for (std::int64_t i = 0; i < rows; ++i) {
           const float inv = 1.0f / row_sum[i];
-          float* orow = out + (i0 + i) * q_stride + h * D;
-          for (std::int64_t d = 0; d < D; ++d) orow[d] = acc[i * D + d] * inv;
+          float* out_row = out + l.q_offset(i0 + i, h);
+          for (std::int64_t d = 0; d < D; ++d) out_row[d] = acc[i * D + d] * inv;
           lse[h * T + i0 + i] = row_max[i] + std::log(row_sum[i]);
         }
       }
@@ -154,42 +188,42 @@ void causal_attention_backward(const AttentionShape& s, const float* q, const fl
                                const float* v, const float* out, const float* lse,
                                const float* dout, float* dq, float* dk, float* dv) {
   check_shape("causal_attention_backward", s);
+  const TileOps ops = tile_ops();
+  const Layout l(s);
   const std::int64_t T = s.seq_len, D = s.head_dim, H = s.num_heads;
-  const std::int64_t group = H / s.num_kv_heads;
-  const std::int64_t q_stride = H * D;
-  const std::int64_t kv_stride = s.num_kv_heads * D;
 
-  // delta[h][i] = sum_d dout[i,h,d] * out[i,h,d] = sum_j P[i][j] dP[i][j], the softmax-backward
-  // row term (FlashAttention-2, Dao 2023, Algorithm 2).
+  // delta[h][i] = dout_i . out_i = sum_j P_ij dP_ij, the row term of the softmax backward
+  // (FlashAttention-2, Algorithm 2, line 4).
   std::vector<float> delta(static_cast<std::size_t>(H * T));
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t h = 0; h < H; ++h) {
     for (std::int64_t i = 0; i < T; ++i) {
-      const float* o = out + i * q_stride + h * D;
-      const float* g = dout + i * q_stride + h * D;
+      const float* o = out + l.q_offset(i, h);
+      const float* g = dout + l.q_offset(i, h);
       float sum = 0.0f;
       for (std::int64_t d = 0; d < D; ++d) sum += o[d] * g[d];
       delta[h * T + i] = sum;
     }
   }
+  const std::vector<float> kt = transpose_heads(l, k);
+  const std::vector<float> vt = transpose_heads(l, v);
 
-  // Recomputes P and dS = P * (dP - delta) for one [rows x cols] tile of head h.
-  auto ds_tile = [&](std::int64_t h, const Views& view, HeadView dout_view, std::int64_t i0,
-                     std::int64_t rows, std::int64_t j0, std::int64_t cols, float* kt, float* vt,
-                     float* p, float* ds) {
-    transpose_tile(view.k, j0, cols, D, kt);
-    transpose_tile(view.v, j0, cols, D, vt);
-    scores_tile(view.q, i0, rows, kt, cols, D, s.scale, p);
-    scores_tile(dout_view, i0, rows, vt, cols, D, 1.0f, ds);
+  // Recomputes P (into p) and dS = P * (dP - delta) (into ds) for one tile of head h, where
+  // dP_ij = dout_i . v_j.
+  auto probability_tiles = [&](std::int64_t h, std::int64_t i0, std::int64_t rows, std::int64_t j0,
+                               std::int64_t cols, float* p, float* ds) {
+    score_tile(ops, l, q, kt.data(), h, i0, rows, j0, cols, p);
     for (std::int64_t i = 0; i < rows; ++i) {
-      const float row_lse = lse[h * T + i0 + i];
+      ops.exp_shifted(p + i * kKeyTile, cols, lse[h * T + i0 + i]);
+      std::fill_n(ds + i * kKeyTile, cols, 0.0f);
+    }
+    ops.gemm(rows, cols, D, 1.0f, dout + l.q_offset(i0, h), l.q_stride, 1,
+             vt.data() + (h / l.group) * D * T + j0, T, ds, kKeyTile);
+    for (std::int64_t i = 0; i < rows; ++i) {
       const float row_delta = delta[h * T + i0 + i];
-      for (std::int64_t j = 0; j < cols; ++j) {
-        float& pij = p[i * kKeyTile + j];
-        pij = visible(s, i0 + i, j0 + j) ? std::exp(pij - row_lse) : 0.0f;
-        float& dsij = ds[i * kKeyTile + j];
-        dsij = pij * (dsij - row_delta);
-      }
+      float* p_row = p + i * kKeyTile;
+      float* ds_row = ds + i * kKeyTile;
+      for (std::int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - row_delta);
     }
   };
 
@@ -197,63 +231,48 @@ void causal_attention_backward(const AttentionShape& s, const float* q, const fl
   const std::int64_t q_tiles = (T + kQueryTile - 1) / kQueryTile;
 #pragma omp parallel
   {
-    std::vector<float> kt(static_cast<std::size_t>(D * kKeyTile));
-    std::vector<float> vt(static_cast<std::size_t>(D * kKeyTile));
     std::vector<float> p(static_cast<std::size_t>(kQueryTile * kKeyTile));
     std::vector<float> ds(static_cast<std::size_t>(kQueryTile * kKeyTile));
-    // Pass 1: dK and dV, one task per (kv head, key tile) so that no two tasks write the same rows.
-#pragma omp for schedule(dynamic) collapse(2)
+    // Pass 1: dK and dV. One task per (kv head, key tile) owns those rows of dk and dv, so
+    // tasks never write the same memory; the task loops over the group's query heads.
+#pragma omp for collapse(2) schedule(dynamic)
     for (std::int64_t g = 0; g < s.num_kv_heads; ++g) {
       for (std::int64_t ktile = 0; ktile < k_tiles; ++ktile) {
         const std::int64_t j0 = ktile * kKeyTile;
         const std::int64_t cols = std::min(kKeyTile, T - j0);
+        float* dk_tile = dk + l.kv_offset(j0, g);
+        float* dv_tile = dv + l.kv_offset(j0, g);
         for (std::int64_t j = 0; j < cols; ++j) {
-          std::fill_n(dk + (j0 + j) * kv_stride + g * D, D, 0.0f);
-          std::fill_n(dv + (j0 + j) * kv_stride + g * D, D, 0.0f);
+          std::fill_n(dk_tile + j * l.kv_stride, D, 0.0f);
+          std::fill_n(dv_tile + j * l.kv_stride, D, 0.0f);
         }
-        const std::int64_t last_query_end = query_end(s, j0 + cols - 1);
-        for (std::int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const Views view = head_views(s, q, k, v, h);
-          const HeadView dout_view{dout + h * D, q_stride};
-          for (std::int64_t i0 = j0 - j0 % kQueryTile; i0 < last_query_end; i0 += kQueryTile) {
-            const std::int64_t rows = std::min(kQueryTile, T - i0);
-            ds_tile(h, view, dout_view, i0, rows, j0, cols, kt.data(), vt.data(), p.data(),
-                    ds.data());
-            for (std::int64_t i = 0; i < rows; ++i) {
-              for (std::int64_t j = 0; j < cols; ++j) {
-                const float pij = p[i * kKeyTile + j];
-                if (pij == 0.0f) continue;
-                axpy(D, pij, dout_view.row(i0 + i), dv + (j0 + j) * kv_stride + g * D);
-                axpy(D, s.scale * ds[i * kKeyTile + j], view.q.row(i0 + i),
-                     dk + (j0 + j) * kv_stride + g * D);
-              }
-            }
+        const std::int64_t i_end = query_end(s, j0 + cols - 1);
+        for (std::int64_t h = g * l.group; h < (g + 1) * l.group; ++h) {
+          for (std::int64_t i0 = j0; i0 < i_end; i0 += kQueryTile) {
+            const std::int64_t rows = std::min(kQueryTile, i_end - i0);
+            probability_tiles(h, i0, rows, j0, cols, p.data(), ds.data());
+            // dV_j += P^T dout_i and dK_j += scale * dS^T q_i: P and dS read transposed.
+            ops.gemm(cols, D, rows, 1.0f, p.data(), 1, kKeyTile, dout + l.q_offset(i0, h),
+                     l.q_stride, dv_tile, l.kv_stride);
+            ops.gemm(cols, D, rows, s.scale, ds.data(), 1, kKeyTile, q + l.q_offset(i0, h),
+                     l.q_stride, dk_tile, l.kv_stride);
           }
         }
       }
     }
-    // Pass 2: dQ, one task per (head, query tile).
-#pragma omp for schedule(dynamic) collapse(2)
+    // Pass 2: dQ, one task per (head, query tile): dQ_i += scale * dS K_j.
+#pragma omp for collapse(2) schedule(dynamic)
     for (std::int64_t h = 0; h < H; ++h) {
-      for (std::int64_t qtile = 0; qtile < q_tiles; ++qtile) {
-        const Views view = head_views(s, q, k, v, h);
-        const HeadView dout_view{dout + h * D, q_stride};
-        const std::int64_t i0 = qtile * kQueryTile;
+      for (std::int64_t tile_index = 0; tile_index < q_tiles; ++tile_index) {
+        const std::int64_t i0 = (q_tiles - 1 - tile_index) * kQueryTile;
         const std::int64_t rows = std::min(kQueryTile, T - i0);
-        for (std::int64_t i = 0; i < rows; ++i)
-          std::fill_n(dq + (i0 + i) * q_stride + h * D, D, 0.0f);
-        const std::int64_t first = first_key(s, i0);
-        for (std::int64_t j0 = first - first % kKeyTile; j0 < i0 + rows; j0 += kKeyTile) {
-          const std::int64_t cols = std::min(kKeyTile, T - j0);
-          ds_tile(h, view, dout_view, i0, rows, j0, cols, kt.data(), vt.data(), p.data(),
-                  ds.data());
-          for (std::int64_t i = 0; i < rows; ++i) {
-            float* dqrow = dq + (i0 + i) * q_stride + h * D;
-            for (std::int64_t j = 0; j < cols; ++j) {
-              const float dsij = ds[i * kKeyTile + j];
-              if (dsij != 0.0f) axpy(D, s.scale * dsij, view.k.row(j0 + j), dqrow);
-            }
-          }
+        float* dq_tile = dq + l.q_offset(i0, h);
+        for (std::int64_t i = 0; i < rows; ++i) std::fill_n(dq_tile + i * l.q_stride, D, 0.0f);
+        for (std::int64_t j0 = first_key(s, i0); j0 < i0 + rows; j0 += kKeyTile) {
+          const std::int64_t cols = std::min(kKeyTile, i0 + rows - j0);
+          probability_tiles(h, i0, rows, j0, cols, p.data(), ds.data());
+          ops.gemm(rows, D, cols, s.scale, ds.data(), kKeyTile, 1, k + l.kv_offset(j0, h / l.group),
+                   l.kv_stride, dq_tile, l.q_stride);
         }
       }
     }

@@ -1,4 +1,4 @@
-// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq; entered only after a CPUID check.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma; entered only after a CPUID check.
 #include <immintrin.h>
 
 #include "runtime/kernels/simd.h"

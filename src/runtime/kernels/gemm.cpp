@@ -52,9 +52,10 @@ void scale_c(std::int64_t m, std::int64_t n, float beta, float* c, std::int64_t 
   }
 }
 
-// ---- oneDNN bf16 matmul, one cached primitive per shape -------------------------------------
+// ---- oneDNN matmul, one cached primitive per shape and input type -----------------------------
 
 struct MatmulKey {
+  dnnl::memory::data_type input_type;  // of A and B; C is always f32
   bool trans_a, trans_b;
   std::int64_t m, n, k, lda, ldb, ldc;
   float alpha;
@@ -69,7 +70,8 @@ struct MatmulKeyHash {
     for (std::int64_t v : {key.n, key.k, key.lda, key.ldb, key.ldc})
       mix(std::hash<std::int64_t>()(v));
     mix(std::hash<float>()(key.alpha));
-    mix((key.trans_a ? 1u : 0u) | (key.trans_b ? 2u : 0u) | (key.accumulate ? 4u : 0u));
+    mix((key.trans_a ? 1u : 0u) | (key.trans_b ? 2u : 0u) | (key.accumulate ? 4u : 0u) |
+        (static_cast<unsigned>(key.input_type) << 3));
     return h;
   }
 };
@@ -103,9 +105,9 @@ class MatmulCache {
     using dims = memory::dims;
     // op(A)[i, p] lives at a[i * lda + p] (as stored) or a[p * lda + i] (transposed); strides
     // express both without copying. Likewise for B.
-    const memory::desc a_md(dims{key.m, key.k}, memory::data_type::bf16,
+    const memory::desc a_md(dims{key.m, key.k}, key.input_type,
                             key.trans_a ? dims{1, key.lda} : dims{key.lda, 1});
-    const memory::desc b_md(dims{key.k, key.n}, memory::data_type::bf16,
+    const memory::desc b_md(dims{key.k, key.n}, key.input_type,
                             key.trans_b ? dims{1, key.ldb} : dims{key.ldb, 1});
     const memory::desc c_md(dims{key.m, key.n}, memory::data_type::f32, dims{key.ldc, 1});
     dnnl::primitive_attr attr;
@@ -132,21 +134,22 @@ MatmulCache& matmul_cache() {
   return cache;
 }
 
-void gemm_bf16_onednn(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
-                      float alpha, const std::uint16_t* a, std::int64_t lda, const std::uint16_t* b,
-                      std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+// C = alpha op(A) op(B) + beta C through a cached primitive; A and B hold input_type values.
+void onednn_matmul(dnnl::memory::data_type input_type, Transpose ta, Transpose tb, std::int64_t m,
+                   std::int64_t n, std::int64_t k, float alpha, const void* a, std::int64_t lda,
+                   const void* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   // beta is folded into C first so that the primitive only needs "overwrite" or "accumulate".
   const bool accumulate = beta != 0.0f;
   if (accumulate) scale_c(m, n, beta, c, ldc);
   MatmulCache& cache = matmul_cache();
-  const CachedMatmul mm =
-      cache.get(MatmulKey{is_trans(ta), is_trans(tb), m, n, k, lda, ldb, ldc, alpha, accumulate});
+  const CachedMatmul mm = cache.get(
+      MatmulKey{input_type, is_trans(ta), is_trans(tb), m, n, k, lda, ldb, ldc, alpha, accumulate});
   thread_local std::vector<std::uint8_t> scratchpad;
   scratchpad.resize(std::max<std::size_t>(scratchpad.size(), mm.scratchpad_md.get_size()));
   const dnnl::engine& engine = cache.engine();
   dnnl::stream stream(engine);
-  dnnl::memory a_mem(mm.a_md, engine, const_cast<std::uint16_t*>(a));
-  dnnl::memory b_mem(mm.b_md, engine, const_cast<std::uint16_t*>(b));
+  dnnl::memory a_mem(mm.a_md, engine, const_cast<void*>(a));
+  dnnl::memory b_mem(mm.b_md, engine, const_cast<void*>(b));
   dnnl::memory c_mem(mm.c_md, engine, c);
   dnnl::memory scratch_mem(mm.scratchpad_md, engine, scratchpad.data());
   mm.primitive.execute(stream, {{DNNL_ARG_SRC, a_mem},
@@ -175,6 +178,12 @@ void gemm_f32(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::i
   check_gemm_args("gemm_f32", ta, tb, m, n, k, lda, ldb, ldc);
   if (m == 0 || n == 0) return;
   if (k == 0 || alpha == 0.0f) return scale_c(m, n, beta, c, ldc);
+  if (cpu_features().has_avx512_core()) {
+    // oneDNN's brgemm kernels reach about 1.7x OpenBLAS 0.3.21's sgemm on AVX-512 CPUs at the
+    // runtime's shapes (bench_gemm); OpenBLAS remains the path for other CPUs.
+    return onednn_matmul(dnnl::memory::data_type::f32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta,
+                         c, ldc);
+  }
   PQ_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX,
            "gemm_f32: size exceeds the BLAS integer range (m={} n={} k={})", m, n, k);
   cblas_sgemm(CblasRowMajor, is_trans(ta) ? CblasTrans : CblasNoTrans,
@@ -190,7 +199,8 @@ void gemm_bf16(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::
   if (m == 0 || n == 0) return;
   if (k == 0 || alpha == 0.0f) return scale_c(m, n, beta, c, ldc);
   if (cpu_features().has_avx512_core()) {
-    return gemm_bf16_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return onednn_matmul(dnnl::memory::data_type::bf16, ta, tb, m, n, k, alpha, a, lda, b, ldb,
+                         beta, c, ldc);
   }
   // Without AVX-512 oneDNN only has slow reference bf16 kernels; bf16 -> fp32 is exact and every
   // bf16 product is exact in fp32, so sgemm on widened inputs computes the same thing.

@@ -18,7 +18,8 @@ enum class Transpose : bool { kNo, kYes };
 //   dW[out, in] = dY^T X                -> gemm(kYes, kNo, out, in, T, 1, dY, out, x, in, b, dW,
 //   in)
 
-// fp32 GEMM (OpenBLAS sgemm; multi-threaded with OpenMP).
+// fp32 GEMM, multi-threaded with OpenMP: a cached oneDNN matmul primitive per shape on AVX-512
+// CPUs (brgemm kernels), OpenBLAS sgemm elsewhere (and under PQ_FORCE_SCALAR=1).
 void gemm_f32(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
               float alpha, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
               float beta, float* c, std::int64_t ldc);

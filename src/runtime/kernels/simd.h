@@ -11,4 +11,10 @@ namespace pq::runtime::avx512 {
 void convert_f32_to_bf16(const float* in, std::uint16_t* out, std::size_t n);
 void convert_bf16_to_f32(const std::uint16_t* in, float* out, std::size_t n);
 
+// Attention tile primitives; attention.cpp documents them next to their scalar versions.
+void tile_gemm(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+               std::int64_t a_row_stride, std::int64_t a_col_stride, const float* b,
+               std::int64_t ldb, float* c, std::int64_t ldc);
+float exp_shifted(float* x, std::int64_t n, float shift);
+
 }  // namespace pq::runtime::avx512

@@ -1,0 +1,125 @@
+#include "model/dimension.h"
+
+#include <fmt/format.h>
+
+#include <cctype>
+#include <optional>
+
+#include "common/error.h"
+
+namespace pq::model {
+
+namespace {
+
+std::optional<std::int64_t> config_field(const ModelConfig& config, std::string_view name) {
+  if (name == "hidden_size") return config.hidden_size;
+  if (name == "intermediate_size") return config.intermediate_size;
+  if (name == "num_hidden_layers") return config.num_hidden_layers;
+  if (name == "num_attention_heads") return config.num_attention_heads;
+  if (name == "num_key_value_heads") return config.num_key_value_heads;
+  if (name == "head_dim") return config.head_dim;
+  if (name == "vocab_size") return config.vocab_size;
+  if (name == "num_experts") return config.num_experts;
+  if (name == "moe_intermediate_size") return config.moe_intermediate_size;
+  const std::string key(name);
+  if (config.raw.is_object() && config.raw.contains(key) && config.raw[key].is_number_integer()) {
+    return config.raw[key].get<std::int64_t>();
+  }
+  return std::nullopt;
+}
+
+// Recursive-descent evaluation over the tiny grammar documented in dimension.h.
+class DimensionParser {
+ public:
+  DimensionParser(std::string_view text, const ModelConfig& config, const std::string& label)
+      : text_(text), config_(config), label_(label) {}
+
+  std::int64_t parse() {
+    const std::int64_t value = sum();
+    skip_space();
+    if (pos_ != text_.size()) malformed("unexpected character");
+    return value;
+  }
+
+ private:
+  std::int64_t sum() {
+    std::int64_t value = product();
+    while (consume('+')) value = checked(value, product(), '+');
+    return value;
+  }
+
+  std::int64_t product() {
+    std::int64_t value = factor();
+    while (consume('*')) value = checked(value, factor(), '*');
+    return value;
+  }
+
+  std::int64_t factor() {
+    skip_space();
+    const std::size_t begin = pos_;
+    if (pos_ < text_.size() && std::isdigit(static_cast<unsigned char>(text_[pos_]))) {
+      std::int64_t value = 0;
+      while (pos_ < text_.size() && std::isdigit(static_cast<unsigned char>(text_[pos_]))) {
+        value = checked(value, 10, '*');
+        value = checked(value, text_[pos_++] - '0', '+');
+      }
+      return value;
+    }
+    while (pos_ < text_.size() &&
+           (std::isalnum(static_cast<unsigned char>(text_[pos_])) || text_[pos_] == '_')) {
+      ++pos_;
+    }
+    if (pos_ == begin) malformed("expected a number or a config field");
+    const std::string_view name = text_.substr(begin, pos_ - begin);
+    const auto value = config_field(config_, name);
+    PQ_CHECK(value.has_value(), "{}: config has no integer field \"{}\" (needed for \"{}\")",
+             label_, name, text_);
+    return *value;
+  }
+
+  bool consume(char c) {
+    skip_space();
+    if (pos_ < text_.size() && text_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+
+  void skip_space() {
+    while (pos_ < text_.size() && text_[pos_] == ' ') ++pos_;
+  }
+
+  std::int64_t checked(std::int64_t a, std::int64_t b, char op) {
+    std::int64_t result = 0;
+    const bool overflow =
+        op == '+' ? __builtin_add_overflow(a, b, &result) : __builtin_mul_overflow(a, b, &result);
+    PQ_CHECK(!overflow, "{}: dimension \"{}\" overflows", label_, text_);
+    return result;
+  }
+
+  [[noreturn]] void malformed(const char* what) {
+    fail("{}: malformed dimension expression \"{}\" at offset {}: {}", label_, text_, pos_, what);
+  }
+
+  std::string_view text_;
+  const ModelConfig& config_;
+  const std::string& label_;
+  std::size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::int64_t evaluate_dimension(std::string_view expression, const ModelConfig& config,
+                                const std::string& label) {
+  return DimensionParser(expression, config, label).parse();
+}
+
+std::string explain_dimension(std::string_view expression, const ModelConfig& config,
+                              const std::string& label) {
+  const std::int64_t value = evaluate_dimension(expression, config, label);
+  const bool is_literal = expression.find_first_not_of("0123456789") == std::string_view::npos;
+  return is_literal ? std::string(expression) : fmt::format("{}={}", expression, value);
+}
+
+}  // namespace pq::model

@@ -1,0 +1,309 @@
+#include "model/model_spec.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <unordered_map>
+
+#include "common/error.h"
+#include "io/safetensors.h"
+#include "model/dimension.h"
+
+namespace pq::model {
+
+namespace {
+
+constexpr std::string_view kLayerPlaceholder = "{layer}";
+constexpr std::string_view kExpertPlaceholder = "{expert}";
+
+// Layer value handed to a rule's predicates for rules outside the layer stack.
+constexpr std::int64_t kNoLayer = -1;
+
+bool has_placeholder(std::string_view pattern, std::string_view placeholder) {
+  return pattern.find(placeholder) != std::string_view::npos;
+}
+
+std::string expand(std::string_view pattern, std::optional<std::int64_t> layer,
+                   std::optional<std::int64_t> expert) {
+  std::string out;
+  out.reserve(pattern.size() + 8);
+  std::size_t pos = 0;
+  while (pos < pattern.size()) {
+    if (layer && pattern.substr(pos).starts_with(kLayerPlaceholder)) {
+      out += std::to_string(*layer);
+      pos += kLayerPlaceholder.size();
+    } else if (expert && pattern.substr(pos).starts_with(kExpertPlaceholder)) {
+      out += std::to_string(*expert);
+      pos += kExpertPlaceholder.size();
+    } else {
+      out += pattern[pos++];
+    }
+  }
+  return out;
+}
+
+// Expands a profile against a config and claims each expected tensor from the checkpoint list.
+class SpecBuilder {
+ public:
+  SpecBuilder(const ModelConfig& config, std::span<const TensorDesc> tensors, std::string label,
+              const SpecOptions& options)
+      : config_(config), label_(std::move(label)), options_(options) {
+    for (const TensorDesc& tensor : tensors) {
+      PQ_CHECK(by_name_.emplace(tensor.name, &tensor).second, "{}: tensor \"{}\" appears twice",
+               label_, tensor.name);
+    }
+  }
+
+  ModelSpec build() {
+    const ArchitectureProfile& profile = require_profile(config_.architecture, label_);
+    spec_.architecture = config_.architecture;
+    spec_.family = std::string(profile.family);
+    spec_.tie_word_embeddings = config_.tie_word_embeddings;
+
+    for (const TensorRule& rule : profile.tensors) {
+      if (!has_placeholder(rule.name, kLayerPlaceholder) && rule.present(config_, kNoLayer)) {
+        add_other(rule, std::nullopt);
+      }
+    }
+    for (std::int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+      for (const TensorRule& rule : profile.tensors) {
+        if (has_placeholder(rule.name, kLayerPlaceholder) && rule.present(config_, layer)) {
+          add_other(rule, layer);
+        }
+      }
+      add_layer_linears(profile, layer);
+    }
+    for (const LinearRule& rule : profile.linears) {
+      if (!has_placeholder(rule.module, kLayerPlaceholder) && rule.present(config_, kNoLayer)) {
+        add_linear(rule, std::nullopt, std::nullopt);
+      }
+    }
+    reject_unclaimed();
+    return std::move(spec_);
+  }
+
+ private:
+  // Linears of one layer in profile order; routed experts expert by expert (gate, up, down of
+  // expert 0, then expert 1, ...), which is how checkpoints list them.
+  void add_layer_linears(const ArchitectureProfile& profile, std::int64_t layer) {
+    std::vector<const LinearRule*> expert_rules;
+    for (const LinearRule& rule : profile.linears) {
+      if (has_placeholder(rule.module, kLayerPlaceholder) &&
+          has_placeholder(rule.module, kExpertPlaceholder) && rule.present(config_, layer)) {
+        expert_rules.push_back(&rule);
+      }
+    }
+    bool experts_done = false;
+    for (const LinearRule& rule : profile.linears) {
+      if (!has_placeholder(rule.module, kLayerPlaceholder) || !rule.present(config_, layer)) {
+        continue;
+      }
+      if (!has_placeholder(rule.module, kExpertPlaceholder)) {
+        add_linear(rule, layer, std::nullopt);
+      } else if (!experts_done) {
+        experts_done = true;
+        for (std::int64_t expert = 0; expert < config_.num_experts; ++expert) {
+          for (const LinearRule* expert_rule : expert_rules)
+            add_linear(*expert_rule, layer, expert);
+        }
+      }
+    }
+  }
+
+  void add_other(const TensorRule& rule, std::optional<std::int64_t> layer) {
+    const std::string name = expand(rule.name, layer, std::nullopt);
+    std::vector<std::int64_t> shape;
+    for (std::string_view dim : rule.shape) shape.push_back(dimension(dim, name));
+    const TensorDesc& tensor = claim(name, shape, rule.shape);
+    spec_.others.push_back(
+        {name, std::string(rule.role), tensor.shape, tensor.dtype, layer, rule.component});
+  }
+
+  void add_linear(const LinearRule& rule, std::optional<std::int64_t> layer,
+                  std::optional<std::int64_t> expert) {
+    Linear linear;
+    linear.name = expand(rule.module, layer, expert);
+    linear.role = std::string(rule.role);
+    linear.weight_tensor = linear.name + ".weight";
+    linear.out_features = dimension(rule.out_features, linear.weight_tensor);
+    linear.in_features = dimension(rule.in_features, linear.weight_tensor);
+    const TensorDesc& weight =
+        claim(linear.weight_tensor, {linear.out_features, linear.in_features},
+              {rule.out_features, rule.in_features});
+    PQ_CHECK(io::dtype_is_float(weight.dtype),
+             "{}: tensor \"{}\" has dtype {}; a Linear weight must be unquantized floating point",
+             label_, weight.name, io::dtype_name(weight.dtype));
+    linear.dtype = weight.dtype;
+    linear.layer = layer;
+    linear.expert = expert;
+    linear.component = rule.component;
+    switch (rule.candidacy) {
+      case Candidacy::kCandidate:
+        linear.is_candidate = true;
+        break;
+      case Candidacy::kPassthrough:
+        linear.is_candidate = false;
+        break;
+      case Candidacy::kOptIn:
+        linear.is_candidate = options_.quantize_lm_head;
+        break;
+    }
+    if (rule.has_bias(config_, layer.value_or(kNoLayer))) {
+      const std::string bias_name = linear.name + ".bias";
+      const TensorDesc& bias = claim(bias_name, {linear.out_features}, {rule.out_features});
+      spec_.others.push_back({bias_name, "bias", bias.shape, bias.dtype, layer, rule.component});
+      linear.bias_tensor = bias_name;
+    }
+    const std::size_t index = spec_.linears.size();
+    if (!rule.group.empty()) {
+      const std::string group_name = expand(rule.group, layer, expert);
+      auto [it, inserted] = group_index_.emplace(group_name, spec_.groups.size());
+      if (inserted) spec_.groups.push_back({group_name, {}});
+      spec_.groups[it->second].members.push_back(index);
+      linear.group = group_name;
+    }
+    spec_.linears.push_back(std::move(linear));
+  }
+
+  std::int64_t dimension(std::string_view expression, const std::string& tensor) {
+    const std::int64_t value = evaluate_dimension(expression, config_, label_);
+    PQ_CHECK(value > 0, "{}: tensor \"{}\" would have dimension {} = {}; check config.json", label_,
+             tensor, expression, value);
+    return value;
+  }
+
+  const TensorDesc& claim(const std::string& name, const std::vector<std::int64_t>& shape,
+                          const std::vector<std::string_view>& shape_expressions) {
+    const auto it = by_name_.find(name);
+    PQ_CHECK(it != by_name_.end(), "{}: missing tensor \"{}\" (required by {})", label_, name,
+             config_.architecture);
+    PQ_CHECK(claimed_.insert(name).second, "{}: tensor \"{}\" claimed twice by the {} profile",
+             label_, name, config_.architecture);
+    const TensorDesc& tensor = *it->second;
+    if (tensor.shape != shape) {
+      std::vector<std::string> explained;
+      for (std::string_view dim : shape_expressions) {
+        explained.push_back(explain_dimension(dim, config_, label_));
+      }
+      fail("{}: tensor \"{}\" has shape [{}], expected [{}] from config.json", label_, name,
+           fmt::join(tensor.shape, ", "), fmt::join(explained, ", "));
+    }
+    return tensor;
+  }
+
+  void reject_unclaimed() const {
+    std::vector<std::string_view> unclaimed;
+    for (const auto& [name, tensor] : by_name_) {
+      if (!claimed_.contains(name)) unclaimed.push_back(name);
+    }
+    if (unclaimed.empty()) return;
+    fail("{}: unexpected tensor \"{}\" ({} tensor(s) not part of the {} layout)", label_,
+         unclaimed.front(), unclaimed.size(), config_.architecture);
+  }
+
+  const ModelConfig& config_;
+  std::string label_;
+  SpecOptions options_;
+  std::map<std::string, const TensorDesc*> by_name_;  // sorted: the first unexpected is stable
+  std::set<std::string> claimed_;
+  std::unordered_map<std::string, std::size_t> group_index_;
+  ModelSpec spec_;
+};
+
+std::int64_t product(const std::vector<std::int64_t>& shape) {
+  std::int64_t n = 1;
+  for (std::int64_t d : shape) n *= d;
+  return n;
+}
+
+}  // namespace
+
+std::int64_t TensorDesc::numel() const {
+  return product(shape);
+}
+std::int64_t OtherTensor::numel() const {
+  return product(shape);
+}
+
+std::int64_t ModelSpec::num_params() const {
+  std::int64_t total = 0;
+  for (const Linear& linear : linears) {
+    // A sliced Linear shares its tensor with siblings; its own rows are still its parameters.
+    total += linear.numel();
+  }
+  for (const OtherTensor& tensor : others) total += tensor.numel();
+  return total;
+}
+
+std::size_t ModelSpec::num_tensors() const {
+  std::set<std::string_view> weights;
+  for (const Linear& linear : linears) weights.insert(linear.weight_tensor);
+  return weights.size() + others.size();
+}
+
+std::int64_t ModelSpec::num_candidate_linears() const {
+  return std::count_if(linears.begin(), linears.end(),
+                       [](const Linear& linear) { return linear.is_candidate; });
+}
+
+std::map<std::string, std::int64_t> ModelSpec::params_by_role() const {
+  std::map<std::string, std::int64_t> by_role;
+  for (const Linear& linear : linears) by_role[linear.role] += linear.numel();
+  for (const OtherTensor& tensor : others) by_role[tensor.role] += tensor.numel();
+  return by_role;
+}
+
+std::map<std::string, std::int64_t> ModelSpec::params_by_dtype() const {
+  std::map<std::string, std::int64_t> by_dtype;
+  for (const Linear& linear : linears)
+    by_dtype[std::string(io::dtype_name(linear.dtype))] += linear.numel();
+  for (const OtherTensor& tensor : others) {
+    by_dtype[std::string(io::dtype_name(tensor.dtype))] += tensor.numel();
+  }
+  return by_dtype;
+}
+
+std::vector<std::string> ModelSpec::passthrough_tensors() const {
+  std::vector<std::string> names;
+  for (const OtherTensor& tensor : others) names.push_back(tensor.name);
+  for (const Linear& linear : linears) {
+    if (!linear.is_candidate) names.push_back(linear.weight_tensor);
+  }
+  return names;
+}
+
+const Linear* ModelSpec::find_linear(std::string_view name) const {
+  const auto it = std::find_if(linears.begin(), linears.end(),
+                               [&](const Linear& linear) { return linear.name == name; });
+  return it == linears.end() ? nullptr : &*it;
+}
+
+ModelSpec build_model_spec(const ModelConfig& config, std::span<const TensorDesc> tensors,
+                           const std::string& label, const SpecOptions& options) {
+  return SpecBuilder(config, tensors, label, options).build();
+}
+
+ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& checkpoint,
+                           const SpecOptions& options) {
+  std::vector<TensorDesc> tensors;
+  tensors.reserve(checkpoint.tensor_names().size());
+  for (const std::string& name : checkpoint.tensor_names()) {
+    const io::TensorInfo& info = checkpoint.info(name);
+    tensors.push_back({info.name, info.dtype, info.shape});
+  }
+  return build_model_spec(config, tensors, checkpoint.directory().string(), options);
+}
+
+ModelSpec load_model_spec(const std::filesystem::path& model_dir, const SpecOptions& options) {
+  std::error_code ec;
+  PQ_CHECK(std::filesystem::is_directory(model_dir, ec), "{}: no such model directory",
+           model_dir.string());
+  const ModelConfig config = ModelConfig::load(model_dir);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+  return build_model_spec(config, checkpoint, options);
+}
+
+}  // namespace pq::model

@@ -1,0 +1,117 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/dtype.h"
+#include "model/config.h"
+#include "model/profile.h"
+
+namespace pq::io {
+class Checkpoint;
+}
+
+namespace pq::model {
+
+// What the inventory needs to know about one checkpoint tensor; io::Checkpoint supplies it, and
+// tests can write lists by hand.
+struct TensorDesc {
+  std::string name;
+  io::DType dtype = io::DType::BF16;
+  std::vector<std::int64_t> shape;
+
+  std::int64_t numel() const;
+};
+
+// Where a Linear's weight sits when one tensor holds several Linears: Qwen3.5/3.6 store all
+// experts of a layer as "mlp.experts.gate_up_proj" [E, 2I, H], so expert e's gate_proj is rows
+// [0, I) and its up_proj rows [I, 2I) of matrix e (qwen3_5-architecture-facts.md §6.3).
+struct TensorSlice {
+  std::int64_t index = 0;  // position along dim 0 of the 3-D tensor
+  std::int64_t row_begin = 0;
+  std::int64_t row_end = 0;
+};
+
+// One Linear of the model: the unit the quantizer assigns a format to.
+struct Linear {
+  std::string name;                  // HF module name, e.g. "model.layers.3.self_attn.q_proj"
+  std::string role;                  // profile role, e.g. "q_proj", "expert_up_proj", "router"
+  std::string weight_tensor;         // checkpoint tensor holding the weight
+  std::optional<TensorSlice> slice;  // set when weight_tensor holds more than this Linear
+  std::int64_t out_features = 0;
+  std::int64_t in_features = 0;
+  io::DType dtype = io::DType::BF16;
+  std::optional<std::int64_t> layer;   // absent for lm_head
+  std::optional<std::int64_t> expert;  // set for routed-expert projections
+  std::optional<std::string> bias_tensor;
+  std::optional<std::string> group;  // sibling group name (SiblingGroup::name); absent if alone
+  bool is_candidate = false;
+  Component component = Component::kText;
+
+  std::int64_t numel() const { return out_features * in_features; }
+};
+
+// Linears that vLLM loads as one module and that therefore need one quantization scheme
+// (format-facts.md A.3: qkv_proj <- q,k,v; gate_up_proj <- gate,up; and every expert projection
+// of one MoE layer, since the fused MoE layer takes a single scheme, method-facts.md §5).
+struct SiblingGroup {
+  std::string name;                  // e.g. "model.layers.3.self_attn.qkv_proj"
+  std::vector<std::size_t> members;  // indices into ModelSpec::linears, in model order
+};
+
+// A checkpoint tensor that is not a Linear weight: embeddings, norms, biases.
+struct OtherTensor {
+  std::string name;
+  std::string role;  // TensorRule::role, or "bias"
+  std::vector<std::int64_t> shape;
+  io::DType dtype = io::DType::BF16;
+  std::optional<std::int64_t> layer;
+  Component component = Component::kText;
+
+  std::int64_t numel() const;
+};
+
+struct SpecOptions {
+  // Make lm_head a quantization candidate (off by default: it is the most sensitive Linear and
+  // tied checkpoints have none to quantize).
+  bool quantize_lm_head = false;
+};
+
+// The inventory of a checkpoint: every tensor accounted for exactly once, either as a Linear
+// weight (linears) or as another tensor (others: embeddings, norms, biases).
+struct ModelSpec {
+  std::string architecture;
+  std::string family;
+  bool tie_word_embeddings = false;
+  std::vector<Linear> linears;  // layer by layer in profile order; lm_head last
+  std::vector<OtherTensor> others;
+  std::vector<SiblingGroup> groups;
+
+  std::int64_t num_params() const;  // every stored tensor once (a tied lm_head is not stored)
+  std::size_t num_tensors() const;  // checkpoint tensors the inventory accounts for
+  std::int64_t num_candidate_linears() const;
+  // Parameters per role: Linear weights by Linear role, other tensors by their role.
+  std::map<std::string, std::int64_t> params_by_role() const;
+  std::map<std::string, std::int64_t> params_by_dtype() const;  // keyed by safetensors dtype name
+  // Names of every tensor that stays in its stored dtype: other tensors plus the weights of
+  // non-candidate Linears.
+  std::vector<std::string> passthrough_tensors() const;
+  const Linear* find_linear(std::string_view name) const;
+};
+
+// Builds the inventory from a config and the checkpoint's tensor list, strictly: an unsupported
+// architecture, a missing or unexpected tensor, a duplicate name or a shape that disagrees with
+// the config is a pq::Error naming `label` (usually the checkpoint directory) and the tensor.
+ModelSpec build_model_spec(const ModelConfig& config, std::span<const TensorDesc> tensors,
+                           const std::string& label, const SpecOptions& options = {});
+ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& checkpoint,
+                           const SpecOptions& options = {});
+// Reads config.json and the safetensors headers of `model_dir`.
+ModelSpec load_model_spec(const std::filesystem::path& model_dir, const SpecOptions& options = {});
+
+}  // namespace pq::model

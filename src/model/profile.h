@@ -1,0 +1,93 @@
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model/config.h"
+
+namespace pq::model {
+
+// Architecture knowledge as data. A profile lists every tensor a checkpoint of its family holds,
+// as name patterns with expected shapes; build_model_spec() expands the patterns over the
+// config's layers and experts and matches them one to one against the checkpoint.
+//
+// Pattern placeholders: "{layer}" expands over 0..num_hidden_layers-1 and "{expert}" over
+// 0..num_experts-1 (only inside a layer pattern). A rule without placeholders names one tensor.
+// Shapes are dimension expressions (model/dimension.h) such as "num_attention_heads*head_dim".
+
+// Decides per layer whether a rule applies (e.g. only MoE layers, only untied checkpoints).
+// A plain function so profiles stay tables; captureless lambdas convert to it.
+using RulePredicate = bool (*)(const ModelConfig& config, std::int64_t layer);
+
+inline bool always(const ModelConfig&, std::int64_t) {
+  return true;
+}
+inline bool never(const ModelConfig&, std::int64_t) {
+  return false;
+}
+
+// Whether the quantizer may choose a format for a Linear.
+enum class Candidacy {
+  kCandidate,    // every projection inside attention and MLP blocks
+  kPassthrough,  // kept in its stored dtype: routers (vLLM builds them with quant_config=None)
+  kOptIn,        // kept unless the user asks (lm_head: SpecOptions::quantize_lm_head)
+};
+
+// Which part of the model a tensor belongs to. Text-only families use kText throughout; the
+// multimodal and speculative parts of Qwen3.5/3.6 checkpoints are kVision ("model.visual.*") and
+// kMtp ("mtp.*"), which the allocator and exporter treat separately (both stay BF16 by default).
+enum class Component { kText, kMtp, kVision };
+
+std::string_view component_name(Component component);
+
+// One nn.Linear: `module` is its HF module name pattern; the checkpoint holds
+// "<module>.weight" of shape [out, in] and, where `has_bias` says so, "<module>.bias" [out].
+struct LinearRule {
+  std::string_view module;
+  std::string_view role;  // e.g. "q_proj", "expert_down_proj", "router", "lm_head"
+  std::string_view out_features;
+  std::string_view in_features;
+  // Module-name pattern of the fused module vLLM loads this Linear into (its
+  // packed_modules_mapping, or the fused MoE layer); Linears sharing one expansion must share a
+  // format. Empty: the Linear stands alone.
+  std::string_view group = {};
+  Candidacy candidacy = Candidacy::kCandidate;
+  RulePredicate present = always;
+  RulePredicate has_bias = never;
+  Component component = Component::kText;
+};
+
+// A tensor that is not part of a Linear (embeddings, norms, conv kernels); kept as stored.
+struct TensorRule {
+  std::string_view name;
+  std::string_view role;  // e.g. "embedding", "input_layernorm", "q_norm"
+  std::vector<std::string_view> shape;
+  RulePredicate present = always;
+  Component component = Component::kText;
+};
+
+struct ArchitectureProfile {
+  std::string_view family;                      // e.g. "qwen3_moe"
+  std::vector<std::string_view> architectures;  // config.json "architectures"[0] values
+  std::vector<TensorRule> tensors;
+  std::vector<LinearRule> linears;
+};
+
+// All registered profiles. Adding a family is one file in profiles/ plus one line in the list in
+// profile_registry.cpp (explicit, because a self-registering object in a static library is
+// dropped by the linker when nothing references it).
+std::span<const ArchitectureProfile* const> all_profiles();
+
+// The profile registered for `architecture`, or nullptr.
+const ArchitectureProfile* find_profile(std::string_view architecture);
+
+// The profile for `architecture`, or pq::Error
+// `<label>: unsupported architecture "X"; supported: A, B, ...`.
+const ArchitectureProfile& require_profile(std::string_view architecture, std::string_view label);
+
+std::vector<std::string> supported_architectures();
+
+}  // namespace pq::model

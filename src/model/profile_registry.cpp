@@ -1,0 +1,59 @@
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <array>
+
+#include "common/error.h"
+#include "model/profile.h"
+#include "model/profiles/profiles.h"
+
+namespace pq::model {
+
+std::string_view component_name(Component component) {
+  switch (component) {
+    case Component::kText:
+      return "text";
+    case Component::kMtp:
+      return "mtp";
+    case Component::kVision:
+      return "vision";
+  }
+  return "text";
+}
+
+std::span<const ArchitectureProfile* const> all_profiles() {
+  static const std::array<const ArchitectureProfile*, 5> profiles = {
+      &profiles::llama(), &profiles::mistral(),   &profiles::qwen2(),
+      &profiles::qwen3(), &profiles::qwen3_moe(),
+  };
+  return profiles;
+}
+
+std::vector<std::string> supported_architectures() {
+  std::vector<std::string> names;
+  for (const ArchitectureProfile* profile : all_profiles()) {
+    for (std::string_view architecture : profile->architectures) {
+      names.emplace_back(architecture);
+    }
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+const ArchitectureProfile* find_profile(std::string_view architecture) {
+  for (const ArchitectureProfile* profile : all_profiles()) {
+    const auto& names = profile->architectures;
+    if (std::find(names.begin(), names.end(), architecture) != names.end()) return profile;
+  }
+  return nullptr;
+}
+
+const ArchitectureProfile& require_profile(std::string_view architecture, std::string_view label) {
+  const ArchitectureProfile* profile = find_profile(architecture);
+  PQ_CHECK(profile != nullptr, "{}: unsupported architecture \"{}\"; supported: {}", label,
+           architecture, fmt::join(supported_architectures(), ", "));
+  return *profile;
+}
+
+}  // namespace pq::model

@@ -1,0 +1,15 @@
+#pragma once
+
+#include "model/profile.h"
+
+// One function per architecture family, each defined in its own file in this folder and listed
+// in profile_registry.cpp.
+namespace pq::model::profiles {
+
+const ArchitectureProfile& llama();
+const ArchitectureProfile& mistral();
+const ArchitectureProfile& qwen2();
+const ArchitectureProfile& qwen3();
+const ArchitectureProfile& qwen3_moe();
+
+}  // namespace pq::model::profiles

@@ -1,0 +1,349 @@
+// ModelSpec on hand-written tensor lists: the layouts the shared checkpoints do not cover
+// (untied lm_head, Mistral, Qwen2 biases, mixed dense/MoE layers) and every rejection.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "common/error.h"
+#include "model/dimension.h"
+#include "model/model_spec.h"
+
+namespace pq::model {
+namespace {
+
+using nlohmann::json;
+using ::testing::HasSubstr;
+
+// A small decoder: hidden 32, 4 heads / 2 KV heads of 8, FFN 48, vocab 100, 2 layers.
+json tiny_config(std::string_view architecture) {
+  return {{"architectures", {architecture}},
+          {"hidden_size", 32},
+          {"intermediate_size", 48},
+          {"num_hidden_layers", 2},
+          {"num_attention_heads", 4},
+          {"num_key_value_heads", 2},
+          {"head_dim", 8},
+          {"vocab_size", 100},
+          {"tie_word_embeddings", false}};
+}
+
+ModelConfig parse(const json& config) {
+  return ModelConfig::from_json(config, "config.json");
+}
+
+// The Hugging Face tensor list of a Llama-style decoder with the sizes of tiny_config,
+// written out independently of the profiles.
+std::vector<TensorDesc> llama_tensors(bool untied, bool qk_norms = false) {
+  std::vector<TensorDesc> t = {{"model.embed_tokens.weight", io::DType::BF16, {100, 32}},
+                               {"model.norm.weight", io::DType::BF16, {32}}};
+  if (untied) t.push_back({"lm_head.weight", io::DType::BF16, {100, 32}});
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    t.push_back({p + "input_layernorm.weight", io::DType::BF16, {32}});
+    t.push_back({p + "post_attention_layernorm.weight", io::DType::BF16, {32}});
+    t.push_back({p + "self_attn.q_proj.weight", io::DType::BF16, {32, 32}});
+    t.push_back({p + "self_attn.k_proj.weight", io::DType::BF16, {16, 32}});
+    t.push_back({p + "self_attn.v_proj.weight", io::DType::BF16, {16, 32}});
+    t.push_back({p + "self_attn.o_proj.weight", io::DType::BF16, {32, 32}});
+    t.push_back({p + "mlp.gate_proj.weight", io::DType::BF16, {48, 32}});
+    t.push_back({p + "mlp.up_proj.weight", io::DType::BF16, {48, 32}});
+    t.push_back({p + "mlp.down_proj.weight", io::DType::BF16, {32, 48}});
+    if (qk_norms) {
+      t.push_back({p + "self_attn.q_norm.weight", io::DType::BF16, {8}});
+      t.push_back({p + "self_attn.k_norm.weight", io::DType::BF16, {8}});
+    }
+  }
+  return t;
+}
+
+// Per layer: 32x32 + 2 x 16x32 + 32x32 + 3 x 48x32 = 7,680 Linear weights + 64 norm weights.
+constexpr std::int64_t kLayerParams = 7'680 + 64;
+constexpr std::int64_t kEmbeddingParams = 100 * 32;
+
+void add_bias(std::vector<TensorDesc>& tensors, const std::string& module, std::int64_t size) {
+  tensors.push_back({module + ".bias", io::DType::BF16, {size}});
+}
+
+std::string error_of(const ModelConfig& config, const std::vector<TensorDesc>& tensors,
+                     const SpecOptions& options = {}) {
+  try {
+    build_model_spec(config, tensors, "ckpt", options);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(ModelSpecSynthetic, LlamaUntiedListsLmHeadAsOptInCandidate) {
+  const ModelConfig config = parse(tiny_config("LlamaForCausalLM"));
+  const auto tensors = llama_tensors(/*untied=*/true);
+  const ModelSpec spec = build_model_spec(config, tensors, "ckpt");
+  EXPECT_EQ(spec.family, "llama");
+  EXPECT_FALSE(spec.tie_word_embeddings);
+  // 2 layers x 7 Linears + lm_head, which comes last and is not a candidate by default.
+  ASSERT_EQ(spec.linears.size(), 15u);
+  const Linear& head = spec.linears.back();
+  EXPECT_EQ(head.name, "lm_head");
+  EXPECT_EQ(head.role, "lm_head");
+  EXPECT_FALSE(head.layer.has_value());
+  EXPECT_EQ(head.out_features, 100);
+  EXPECT_EQ(head.in_features, 32);
+  EXPECT_FALSE(head.is_candidate);
+  EXPECT_EQ(spec.num_candidate_linears(), 14);
+  EXPECT_EQ(spec.groups.size(), 4u);
+  // The untied lm_head is stored, so it counts: 2 layers + embedding + lm_head + final norm.
+  EXPECT_EQ(spec.num_params(), 2 * kLayerParams + 2 * kEmbeddingParams + 32);
+  const auto passthrough = spec.passthrough_tensors();
+  EXPECT_NE(std::find(passthrough.begin(), passthrough.end(), "lm_head.weight"), passthrough.end());
+
+  const ModelSpec opted = build_model_spec(config, tensors, "ckpt", {.quantize_lm_head = true});
+  EXPECT_TRUE(opted.linears.back().is_candidate);
+  EXPECT_EQ(opted.num_candidate_linears(), 15);
+}
+
+TEST(ModelSpecSynthetic, LlamaBiasesFollowConfigSwitches) {
+  json config = tiny_config("LlamaForCausalLM");
+  config["attention_bias"] = true;
+  config["mlp_bias"] = true;
+  auto tensors = llama_tensors(/*untied=*/true);
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    add_bias(tensors, p + "self_attn.q_proj", 32);
+    add_bias(tensors, p + "self_attn.k_proj", 16);
+    add_bias(tensors, p + "self_attn.v_proj", 16);
+    add_bias(tensors, p + "self_attn.o_proj", 32);
+    add_bias(tensors, p + "mlp.gate_proj", 48);
+    add_bias(tensors, p + "mlp.up_proj", 48);
+    add_bias(tensors, p + "mlp.down_proj", 32);
+  }
+  const ModelSpec spec = build_model_spec(parse(config), tensors, "ckpt");
+  for (const Linear& linear : spec.linears) {
+    EXPECT_EQ(linear.bias_tensor.has_value(), linear.role != "lm_head") << linear.name;
+  }
+  EXPECT_EQ(spec.params_by_role().at("bias"), 2 * (32 + 16 + 16 + 32 + 48 + 48 + 32));
+}
+
+TEST(ModelSpecSynthetic, MistralHasNoBiases) {
+  const ModelConfig config = parse(tiny_config("MistralForCausalLM"));
+  auto tensors = llama_tensors(/*untied=*/true);
+  const ModelSpec spec = build_model_spec(config, tensors, "ckpt");
+  EXPECT_EQ(spec.family, "mistral");
+  EXPECT_EQ(spec.linears.size(), 15u);
+  EXPECT_EQ(spec.num_params(), 2 * kLayerParams + 2 * kEmbeddingParams + 32);
+  // Mistral never has biases, even when a config carries attention_bias.
+  add_bias(tensors, "model.layers.0.self_attn.q_proj", 32);
+  EXPECT_THAT(error_of(config, tensors),
+              HasSubstr("unexpected tensor \"model.layers.0.self_attn.q_proj.bias\""));
+}
+
+TEST(ModelSpecSynthetic, Qwen2HasQkvBiasesOnly) {
+  json config = tiny_config("Qwen2ForCausalLM");
+  config["tie_word_embeddings"] = true;
+  auto tensors = llama_tensors(/*untied=*/false);
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
+    add_bias(tensors, p + "q_proj", 32);
+    add_bias(tensors, p + "k_proj", 16);
+    add_bias(tensors, p + "v_proj", 16);
+  }
+  const ModelSpec spec = build_model_spec(parse(config), tensors, "ckpt");
+  EXPECT_EQ(spec.family, "qwen2");
+  EXPECT_EQ(spec.linears.size(), 14u);
+  const Linear* q = spec.find_linear("model.layers.1.self_attn.q_proj");
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(q->bias_tensor, "model.layers.1.self_attn.q_proj.bias");
+  EXPECT_FALSE(spec.find_linear("model.layers.1.self_attn.o_proj")->bias_tensor.has_value());
+  EXPECT_FALSE(spec.find_linear("model.layers.1.mlp.up_proj")->bias_tensor.has_value());
+  // Biases are passthrough tensors with role "bias", counted in the parameters.
+  EXPECT_EQ(spec.params_by_role().at("bias"), 2 * (32 + 16 + 16));
+  EXPECT_EQ(spec.num_params(), 2 * (kLayerParams + 64) + kEmbeddingParams + 32);
+  EXPECT_EQ(spec.passthrough_tensors().size(), 2u + 2 * 2 + 6);
+
+  tensors.erase(std::find_if(tensors.begin(), tensors.end(), [](const TensorDesc& t) {
+    return t.name == "model.layers.1.self_attn.k_proj.bias";
+  }));
+  EXPECT_EQ(error_of(parse(config), tensors),
+            "ckpt: missing tensor \"model.layers.1.self_attn.k_proj.bias\" (required by "
+            "Qwen2ForCausalLM)");
+}
+
+TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
+  json config = tiny_config("Qwen3MoeForCausalLM");
+  config["num_hidden_layers"] = 3;
+  config["num_experts"] = 4;
+  config["num_experts_per_tok"] = 2;
+  config["moe_intermediate_size"] = 16;
+  config["decoder_sparse_step"] = 1;
+  config["mlp_only_layers"] = {1};  // layer 1 keeps a dense MLP of width intermediate_size
+  std::vector<TensorDesc> tensors = {{"model.embed_tokens.weight", io::DType::BF16, {100, 32}},
+                                     {"model.norm.weight", io::DType::BF16, {32}},
+                                     {"lm_head.weight", io::DType::BF16, {100, 32}}};
+  for (int layer = 0; layer < 3; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    for (const char* norm : {"input_layernorm", "post_attention_layernorm"}) {
+      tensors.push_back({p + norm + ".weight", io::DType::BF16, {32}});
+    }
+    tensors.push_back({p + "self_attn.q_norm.weight", io::DType::BF16, {8}});
+    tensors.push_back({p + "self_attn.k_norm.weight", io::DType::BF16, {8}});
+    tensors.push_back({p + "self_attn.q_proj.weight", io::DType::BF16, {32, 32}});
+    tensors.push_back({p + "self_attn.k_proj.weight", io::DType::BF16, {16, 32}});
+    tensors.push_back({p + "self_attn.v_proj.weight", io::DType::BF16, {16, 32}});
+    tensors.push_back({p + "self_attn.o_proj.weight", io::DType::BF16, {32, 32}});
+    if (layer == 1) {
+      tensors.push_back({p + "mlp.gate_proj.weight", io::DType::BF16, {48, 32}});
+      tensors.push_back({p + "mlp.up_proj.weight", io::DType::BF16, {48, 32}});
+      tensors.push_back({p + "mlp.down_proj.weight", io::DType::BF16, {32, 48}});
+      continue;
+    }
+    tensors.push_back({p + "mlp.gate.weight", io::DType::BF16, {4, 32}});
+    for (int e = 0; e < 4; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+      tensors.push_back({x + "gate_proj.weight", io::DType::BF16, {16, 32}});
+      tensors.push_back({x + "up_proj.weight", io::DType::BF16, {16, 32}});
+      tensors.push_back({x + "down_proj.weight", io::DType::BF16, {32, 16}});
+    }
+  }
+  const ModelSpec spec = build_model_spec(parse(config), tensors, "ckpt");
+  // Layers 0 and 2: 4 attention + router + 4 x 3 experts = 17; layer 1: 7; lm_head: 1.
+  EXPECT_EQ(spec.linears.size(), 17u + 7u + 17u + 1u);
+  EXPECT_EQ(spec.num_candidate_linears(), 16 + 7 + 16);
+  // Groups in model order: qkv 0, experts 0, qkv 1, gate_up 1, qkv 2, experts 2.
+  std::vector<std::string> names;
+  for (const SiblingGroup& group : spec.groups) names.push_back(group.name);
+  EXPECT_EQ(names, (std::vector<std::string>{
+                       "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.experts",
+                       "model.layers.1.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj",
+                       "model.layers.2.self_attn.qkv_proj", "model.layers.2.mlp.experts"}));
+  EXPECT_EQ(spec.groups[5].members.size(), 12u);
+  // Experts are listed expert by expert, as checkpoints store them.
+  const Linear& first_expert = spec.linears[spec.groups[1].members[0]];
+  const Linear& fourth = spec.linears[spec.groups[1].members[3]];
+  EXPECT_EQ(first_expert.name, "model.layers.0.mlp.experts.0.gate_proj");
+  EXPECT_EQ(fourth.name, "model.layers.0.mlp.experts.1.gate_proj");
+  EXPECT_EQ(fourth.role, "expert_gate_proj");
+  EXPECT_EQ(fourth.expert, 1);
+}
+
+TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
+  EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
+            "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
+            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM");
+}
+
+TEST(ModelSpecSynthetic, RejectsMissingTensor) {
+  auto tensors = llama_tensors(/*untied=*/true);
+  tensors.erase(std::find_if(tensors.begin(), tensors.end(), [](const TensorDesc& t) {
+    return t.name == "model.layers.1.mlp.up_proj.weight";
+  }));
+  EXPECT_EQ(error_of(parse(tiny_config("LlamaForCausalLM")), tensors),
+            "ckpt: missing tensor \"model.layers.1.mlp.up_proj.weight\" (required by "
+            "LlamaForCausalLM)");
+}
+
+TEST(ModelSpecSynthetic, RejectsUnexpectedTensors) {
+  auto tensors = llama_tensors(/*untied=*/true);
+  tensors.push_back({"model.layers.0.self_attn.rotary_emb.inv_freq", io::DType::F32, {4}});
+  tensors.push_back({"model.layers.9.mlp.up_proj.weight", io::DType::BF16, {48, 32}});
+  EXPECT_EQ(error_of(parse(tiny_config("LlamaForCausalLM")), tensors),
+            "ckpt: unexpected tensor \"model.layers.0.self_attn.rotary_emb.inv_freq\" (2 "
+            "tensor(s) not part of the LlamaForCausalLM layout)");
+  // A tied config with a stored lm_head contradicts itself.
+  json tied = tiny_config("LlamaForCausalLM");
+  tied["tie_word_embeddings"] = true;
+  EXPECT_THAT(error_of(parse(tied), llama_tensors(/*untied=*/true)),
+              HasSubstr("unexpected tensor \"lm_head.weight\""));
+}
+
+TEST(ModelSpecSynthetic, RejectsShapeThatDisagreesWithConfig) {
+  auto tensors = llama_tensors(/*untied=*/true);
+  for (TensorDesc& t : tensors) {
+    if (t.name == "model.layers.1.self_attn.k_proj.weight") t.shape = {32, 32};
+  }
+  EXPECT_EQ(error_of(parse(tiny_config("LlamaForCausalLM")), tensors),
+            "ckpt: tensor \"model.layers.1.self_attn.k_proj.weight\" has shape [32, 32], "
+            "expected [num_key_value_heads*head_dim=16, hidden_size=32] from config.json");
+  // Qwen3 q_norm is per head: [head_dim].
+  json qwen3 = tiny_config("Qwen3ForCausalLM");
+  auto qwen3_tensors = llama_tensors(/*untied=*/true, /*qk_norms=*/true);
+  for (TensorDesc& t : qwen3_tensors) {
+    if (t.name == "model.layers.0.self_attn.q_norm.weight") t.shape = {32};
+  }
+  EXPECT_EQ(error_of(parse(qwen3), qwen3_tensors),
+            "ckpt: tensor \"model.layers.0.self_attn.q_norm.weight\" has shape [32], expected "
+            "[head_dim=8] from config.json");
+}
+
+TEST(ModelSpecSynthetic, RejectsDuplicateAndQuantizedTensors) {
+  auto duplicated = llama_tensors(/*untied=*/true);
+  duplicated.push_back(duplicated[3]);
+  EXPECT_THAT(error_of(parse(tiny_config("LlamaForCausalLM")), duplicated),
+              HasSubstr("appears twice"));
+  auto quantized = llama_tensors(/*untied=*/true);
+  for (TensorDesc& t : quantized) {
+    if (t.name == "model.layers.0.mlp.down_proj.weight") t.dtype = io::DType::I8;
+  }
+  EXPECT_EQ(error_of(parse(tiny_config("LlamaForCausalLM")), quantized),
+            "ckpt: tensor \"model.layers.0.mlp.down_proj.weight\" has dtype I8; a Linear weight "
+            "must be unquantized floating point");
+}
+
+TEST(ModelSpecSynthetic, RejectsZeroWidthFromConfig) {
+  json config = tiny_config("LlamaForCausalLM");
+  config.erase("intermediate_size");  // optional in ModelConfig, so it parses as 0
+  EXPECT_EQ(error_of(parse(config), llama_tensors(true)),
+            "ckpt: tensor \"model.layers.0.mlp.gate_proj.weight\" would have dimension "
+            "intermediate_size = 0; check config.json");
+}
+
+TEST(Dimension, EvaluatesSumsOfProductsOverConfigFields) {
+  json raw = tiny_config("LlamaForCausalLM");
+  raw["linear_num_key_heads"] = 16;  // a field ModelConfig does not parse
+  const ModelConfig config = parse(raw);
+  EXPECT_EQ(evaluate_dimension("hidden_size", config, "x"), 32);
+  EXPECT_EQ(evaluate_dimension("num_attention_heads*head_dim", config, "x"), 32);
+  EXPECT_EQ(evaluate_dimension("2 * intermediate_size + 1", config, "x"), 97);
+  EXPECT_EQ(evaluate_dimension("linear_num_key_heads*head_dim", config, "x"), 128);
+  EXPECT_EQ(explain_dimension("num_key_value_heads*head_dim", config, "x"),
+            "num_key_value_heads*head_dim=16");
+  EXPECT_EQ(explain_dimension("4", config, "x"), "4");
+  // head_dim falls back to hidden_size / num_attention_heads when config.json omits it.
+  raw.erase("head_dim");
+  EXPECT_EQ(evaluate_dimension("head_dim", parse(raw), "x"), 8);
+}
+
+TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
+  const ModelConfig config = parse(tiny_config("LlamaForCausalLM"));
+  EXPECT_THROW(
+      {
+        try {
+          evaluate_dimension("num_widgets*2", config, "profile");
+        } catch (const Error& e) {
+          EXPECT_STREQ(e.what(),
+                       "profile: config has no integer field \"num_widgets\" (needed for "
+                       "\"num_widgets*2\")");
+          throw;
+        }
+      },
+      Error);
+  EXPECT_THROW(evaluate_dimension("hidden_size*", config, "profile"), Error);
+  EXPECT_THROW(evaluate_dimension("hidden_size-1", config, "profile"), Error);
+  EXPECT_THROW(evaluate_dimension("", config, "profile"), Error);
+  EXPECT_THROW(evaluate_dimension("99999999999*99999999999", config, "profile"), Error);
+}
+
+TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
+  const auto names = supported_architectures();
+  EXPECT_EQ(names,
+            (std::vector<std::string>{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                      "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}));
+  for (const std::string& name : names) {
+    const ArchitectureProfile* profile = find_profile(name);
+    ASSERT_NE(profile, nullptr) << name;
+    EXPECT_FALSE(profile->linears.empty()) << name;
+  }
+  EXPECT_EQ(find_profile("Qwen3_5ForConditionalGeneration"), nullptr);
+}
+
+}  // namespace
+}  // namespace pq::model
