@@ -7,5 +7,7 @@ namespace pq::cli {
 // Each subcommand registers its options and its run callback on the root app. The callback
 // throws pq::Error for anything the user got wrong; main() turns that into one line and exit 1.
 // Add one line here and one in main.cpp per subcommand.
+void register_eval(CLI::App& app);      // eval.cpp
+void register_generate(CLI::App& app);  // generate.cpp
 
 }  // namespace pq::cli

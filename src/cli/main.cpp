@@ -11,6 +11,8 @@ int main(int argc, char** argv) {
                "measurement"};
   app.set_version_flag("--version", PQ_VERSION);
   app.require_subcommand(1);
+  pq::cli::register_eval(app);
+  pq::cli::register_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <vector>
 
 #include "common/error.h"
 
@@ -105,6 +107,35 @@ void AtomicFileWriter::write(const void* data, std::size_t size) {
     p += n;
     size -= static_cast<std::size_t>(n);
     written_ += static_cast<std::uint64_t>(n);
+  }
+}
+
+void AtomicFileWriter::append_from(int source_fd, std::uint64_t offset, std::uint64_t length) {
+  PQ_CHECK(fd_ >= 0, "{}: write after commit", destination_.string());
+  auto source_offset = static_cast<off_t>(offset);
+  while (length > 0) {
+    const ssize_t n = ::copy_file_range(source_fd, &source_offset, fd_, nullptr,
+                                        static_cast<std::size_t>(length), 0);
+    if (n < 0 && errno == EINTR) continue;
+    // Filesystems or kernels without in-kernel copy between these files: copy the rest by hand.
+    if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)) {
+      break;
+    }
+    PQ_CHECK(n > 0, "{}: copy failed: {}", destination_.string(),
+             n < 0 ? std::strerror(errno) : "source ended early");
+    length -= static_cast<std::uint64_t>(n);
+    written_ += static_cast<std::uint64_t>(n);
+  }
+  std::vector<std::uint8_t> buffer(std::min<std::uint64_t>(length, 1u << 20));
+  while (length > 0) {
+    const auto chunk = std::min<std::uint64_t>(length, buffer.size());
+    const ssize_t n = ::pread(source_fd, buffer.data(), chunk, source_offset);
+    if (n < 0 && errno == EINTR) continue;
+    PQ_CHECK(n > 0, "{}: read of staged data failed: {}", destination_.string(),
+             n < 0 ? std::strerror(errno) : "source ended early");
+    write(buffer.data(), static_cast<std::size_t>(n));
+    source_offset += n;
+    length -= static_cast<std::uint64_t>(n);
   }
 }
 

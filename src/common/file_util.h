@@ -49,6 +49,9 @@ class AtomicFileWriter {
 
   void write(const void* data, std::size_t size);
   void write(std::string_view text) { write(text.data(), text.size()); }
+  // Appends `length` bytes of the open file `source_fd` starting at `offset`, in the kernel
+  // (copy_file_range) where the filesystem allows, else through a small buffer.
+  void append_from(int source_fd, std::uint64_t offset, std::uint64_t length);
   std::uint64_t bytes_written() const { return written_; }
   // Flushes, fsyncs and renames into place. Without commit(), the destructor discards the file.
   void commit();

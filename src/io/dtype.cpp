@@ -18,7 +18,8 @@ struct DTypeEntry {
   bool is_float;
 };
 
-constexpr std::array<DTypeEntry, 12> kDTypes = {{
+// Indexed by DType; sizes from Dtype::size() in huggingface/safetensors safetensors/src/tensor.rs.
+constexpr std::array<DTypeEntry, 15> kDTypes = {{
     {DType::F64, "F64", 8, true},
     {DType::F32, "F32", 4, true},
     {DType::F16, "F16", 2, true},
@@ -31,9 +32,22 @@ constexpr std::array<DTypeEntry, 12> kDTypes = {{
     {DType::I8, "I8", 1, false},
     {DType::U8, "U8", 1, false},
     {DType::BOOL, "BOOL", 1, false},
+    {DType::U64, "U64", 8, false},
+    {DType::U32, "U32", 4, false},
+    {DType::U16, "U16", 2, false},
 }};
 
-const DTypeEntry& entry(DType dtype) { return kDTypes[static_cast<std::size_t>(dtype)]; }
+const DTypeEntry& entry(DType dtype) {
+  return kDTypes[static_cast<std::size_t>(dtype)];
+}
+
+constexpr bool table_matches_enum() {
+  for (std::size_t i = 0; i < kDTypes.size(); ++i) {
+    if (static_cast<std::size_t>(kDTypes[i].dtype) != i) return false;
+  }
+  return true;
+}
+static_assert(table_matches_enum(), "kDTypes must be indexed by DType");
 
 template <typename T>
 T load(const std::uint8_t* p) {
@@ -44,9 +58,15 @@ T load(const std::uint8_t* p) {
 
 }  // namespace
 
-std::string_view dtype_name(DType dtype) { return entry(dtype).name; }
-std::size_t dtype_size(DType dtype) { return entry(dtype).size; }
-bool dtype_is_float(DType dtype) { return entry(dtype).is_float; }
+std::string_view dtype_name(DType dtype) {
+  return entry(dtype).name;
+}
+std::size_t dtype_size(DType dtype) {
+  return entry(dtype).size;
+}
+bool dtype_is_float(DType dtype) {
+  return entry(dtype).is_float;
+}
 
 std::optional<DType> parse_dtype(std::string_view name) {
   for (const auto& e : kDTypes) {
@@ -76,8 +96,8 @@ float f8e4m3_bits_to_f32(std::uint8_t bits) {
   const int mant = bits & 0x7;
   if (exp == 0xf && mant == 0x7) return std::numeric_limits<float>::quiet_NaN();
   // Bias 7; exponent field 0 holds subnormals m/8 * 2^-6 (OCP OFP8 spec, E4M3).
-  const float magnitude = exp == 0 ? std::ldexp(static_cast<float>(mant), -9)
-                                   : std::ldexp(1.0f + mant / 8.0f, exp - 7);
+  const float magnitude =
+      exp == 0 ? std::ldexp(static_cast<float>(mant), -9) : std::ldexp(1.0f + mant / 8.0f, exp - 7);
   return negative ? -magnitude : magnitude;
 }
 

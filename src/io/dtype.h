@@ -8,9 +8,31 @@
 
 namespace pq::io {
 
-// The element types a safetensors file may hold, named as the format names them
-// (safetensors README, "dtype" field).
-enum class DType : std::uint8_t { F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U8, BOOL };
+// The element types a safetensors file may hold, named as the format names them (the `Dtype` enum
+// in huggingface/safetensors safetensors/src/tensor.rs; every one is little-endian).
+enum class DType : std::uint8_t {
+  F64,
+  F32,
+  F16,
+  BF16,
+  F8_E4M3,
+  F8_E5M2,
+  I64,
+  I32,
+  I16,
+  I8,
+  U8,
+  BOOL,
+  U64,
+  U32,
+  U16,
+};
+
+// Every DType, in enum order (for tests and tools that iterate them).
+inline constexpr DType kAllDTypes[] = {DType::F64,     DType::F32,     DType::F16, DType::BF16,
+                                       DType::F8_E4M3, DType::F8_E5M2, DType::I64, DType::I32,
+                                       DType::I16,     DType::I8,      DType::U8,  DType::BOOL,
+                                       DType::U64,     DType::U32,     DType::U16};
 
 std::string_view dtype_name(DType dtype);
 std::optional<DType> parse_dtype(std::string_view name);

@@ -3,9 +3,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "common/error.h"
 
@@ -21,13 +20,18 @@ std::int64_t TensorInfo::numel() const {
 
 namespace {
 
+// Deepest nesting either file kind can legitimately have (a header is object -> entry -> shape
+// array; an index is object -> weight_map); anything deeper is rejected before it can cost memory.
+constexpr int kMaxJsonDepth = 16;
+
 // nlohmann keeps the last of duplicate keys silently; a checkpoint with two entries of one name
 // is ambiguous, so the parse callback rejects them at any depth.
 json parse_json_rejecting_duplicates(std::string_view text, std::string_view label,
                                      std::string_view what) {
   std::vector<std::set<std::string>> keys_by_depth;
-  std::string duplicate;
   auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
+    PQ_CHECK(depth <= kMaxJsonDepth, "{}: {} nests deeper than {} levels", label, what,
+             kMaxJsonDepth);
     const auto d = static_cast<std::size_t>(depth);
     if (event == json::parse_event_t::object_start) {
       if (keys_by_depth.size() <= d + 1) keys_by_depth.resize(d + 2);
@@ -35,20 +39,38 @@ json parse_json_rejecting_duplicates(std::string_view text, std::string_view lab
     } else if (event == json::parse_event_t::key) {
       if (keys_by_depth.size() <= d) keys_by_depth.resize(d + 1);
       const auto& key = parsed.get_ref<const std::string&>();
-      if (!keys_by_depth[d].insert(key).second && duplicate.empty()) duplicate = key;
+      PQ_CHECK(keys_by_depth[d].insert(key).second, "{}: {} has duplicate key \"{}\"", label, what,
+               key);
     }
     return true;
   };
-  json parsed = json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/false);
-  PQ_CHECK(!parsed.is_discarded(), "{}: {} is not valid JSON", label, what);
-  PQ_CHECK(duplicate.empty(), "{}: {} has duplicate key \"{}\"", label, what, duplicate);
-  return parsed;
+  try {
+    return json::parse(text.begin(), text.end(), callback);
+  } catch (const json::parse_error& e) {
+    // e.byte is 1-based; the parser's own message may quote raw input bytes, so it stays out.
+    fail("{}: {} is not valid JSON (syntax error at byte {})", label, what, e.byte);
+  } catch (const json::out_of_range&) {
+    // Thrown for numbers beyond double range such as 1e400 (found by fuzz_safetensors_header).
+    fail("{}: {} is not valid JSON (a number is out of range)", label, what);
+  }
 }
 
+// Error messages are one line, so names that reach them must not carry line breaks.
+bool has_control_character(std::string_view text) {
+  return std::any_of(text.begin(), text.end(),
+                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+// `text` as a quoted JSON string, control characters escaped.
+std::string escaped(std::string_view text) {
+  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+// Element and byte counts stay below 2^63 so TensorInfo::numel() (signed) cannot overflow.
 std::uint64_t checked_mul(std::uint64_t a, std::uint64_t b, std::string_view label,
                           std::string_view name) {
-  PQ_CHECK(b == 0 || a <= std::numeric_limits<std::uint64_t>::max() / b,
-           "{}: tensor \"{}\": shape is too large", label, name);
+  constexpr auto kLimit = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+  PQ_CHECK(b == 0 || a <= kLimit / b, "{}: tensor \"{}\": shape is too large", label, name);
   return a * b;
 }
 
@@ -74,8 +96,10 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   info.dtype = *dtype;
   std::uint64_t numel = 1;
   for (const auto& dim : entry["shape"]) {
-    PQ_CHECK(dim.is_number_unsigned(), "{}: tensor \"{}\": shape has a non-integer or negative "
-             "dimension", label, name);
+    PQ_CHECK(dim.is_number_unsigned(),
+             "{}: tensor \"{}\": shape has a non-integer or negative "
+             "dimension",
+             label, name);
     const auto d = dim.get<std::uint64_t>();
     PQ_CHECK(d <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
              "{}: tensor \"{}\": dimension {} is too large", label, name, d);
@@ -88,8 +112,10 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   }
   info.data_begin = entry["data_offsets"][0].get<std::uint64_t>();
   info.data_end = entry["data_offsets"][1].get<std::uint64_t>();
-  PQ_CHECK(info.data_begin <= info.data_end, "{}: tensor \"{}\": data_offsets [{}, {}] run "
-           "backwards", label, name, info.data_begin, info.data_end);
+  PQ_CHECK(info.data_begin <= info.data_end,
+           "{}: tensor \"{}\": data_offsets [{}, {}] run "
+           "backwards",
+           label, name, info.data_begin, info.data_end);
   const std::uint64_t expected = checked_mul(numel, dtype_size(info.dtype), label, name);
   PQ_CHECK(info.nbytes() == expected,
            "{}: tensor \"{}\": holds {} bytes but shape and dtype {} need {}", label, name,
@@ -121,13 +147,15 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
     if (name == "__metadata__") {
       PQ_CHECK(entry.is_object(), "{}: __metadata__ is not an object", label);
       for (const auto& [key, value] : entry.items()) {
-        PQ_CHECK(value.is_string(), "{}: __metadata__ value of \"{}\" is not a string", label,
-                 key);
+        PQ_CHECK(value.is_string(), "{}: __metadata__ value of {} is not a string", label,
+                 escaped(key));
         header.metadata[key] = value.get<std::string>();
       }
       continue;
     }
     PQ_CHECK(!name.empty(), "{}: a tensor has an empty name", label);
+    PQ_CHECK(!has_control_character(name), "{}: tensor name {} contains a control character", label,
+             escaped(name));
     header.tensors.push_back(parse_entry(name, entry, label));
   }
   std::sort(header.tensors.begin(), header.tensors.end(), [](const auto& a, const auto& b) {
@@ -140,11 +168,14 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
   for (const auto& t : header.tensors) {
     PQ_CHECK(t.data_end <= data_size,
              "{}: tensor \"{}\": data_offsets [{}, {}] run past the {} byte data section "
-             "(truncated?)", label, t.name, t.data_begin, t.data_end, data_size);
+             "(truncated?)",
+             label, t.name, t.data_begin, t.data_end, data_size);
     PQ_CHECK(t.data_begin >= cursor, "{}: tensor \"{}\" overlaps tensor \"{}\"", label, t.name,
              previous ? previous->name : "");
-    PQ_CHECK(t.data_begin == cursor, "{}: tensor \"{}\": {} unused bytes before it (data is not "
-             "contiguous)", label, t.name, t.data_begin - cursor);
+    PQ_CHECK(t.data_begin == cursor,
+             "{}: tensor \"{}\": {} unused bytes before it (data is not "
+             "contiguous)",
+             label, t.name, t.data_begin - cursor);
     cursor = t.data_end;
     previous = &t;
   }
@@ -183,75 +214,105 @@ void SafetensorsFile::release(std::string_view name) const {
   }
 }
 
+namespace {
+
+bool is_plain_file_name(std::string_view name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string_view::npos &&
+         !has_control_character(name);
+}
+
+}  // namespace
+
+SafetensorsIndex parse_safetensors_index(std::string_view text, std::string_view label) {
+  const json root = parse_json_rejecting_duplicates(text, label, "index");
+  PQ_CHECK(root.is_object(), "{}: index is not a JSON object", label);
+  const auto weight_map = root.find("weight_map");
+  PQ_CHECK(weight_map != root.end() && weight_map->is_object(),
+           "{}: index has no weight_map object", label);
+  SafetensorsIndex index;
+  for (const auto& [tensor, file] : weight_map->items()) {
+    PQ_CHECK(!has_control_character(tensor),
+             "{}: weight_map tensor name {} contains a control character", label, escaped(tensor));
+    PQ_CHECK(file.is_string(), "{}: weight_map entry \"{}\" is not a file name", label, tensor);
+    const auto& shard = file.get_ref<const std::string&>();
+    PQ_CHECK(is_plain_file_name(shard), "{}: weight_map entry \"{}\" names an invalid shard {}",
+             label, tensor, escaped(shard));
+    index.weight_map.emplace(tensor, shard);
+  }
+  PQ_CHECK(!index.weight_map.empty(), "{}: weight_map is empty", label);
+  // transformers and huggingface_hub write {"metadata": {"total_size": <bytes>}}; other keys in
+  // metadata (e.g. total_parameters) are informational and ignored.
+  if (const auto metadata = root.find("metadata"); metadata != root.end()) {
+    PQ_CHECK(metadata->is_object(), "{}: index metadata is not an object", label);
+    if (const auto total = metadata->find("total_size"); total != metadata->end()) {
+      PQ_CHECK(total->is_number_unsigned(),
+               "{}: index metadata.total_size is not a non-negative integer", label);
+      index.total_size = total->get<std::uint64_t>();
+    }
+  }
+  return index;
+}
+
 Checkpoint Checkpoint::open(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
+  constexpr std::string_view kIndexName = "model.safetensors.index.json";
   Checkpoint ckpt;
   std::error_code ec;
   if (fs::is_regular_file(path, ec)) {
     ckpt.directory_ = path.parent_path();
-    ckpt.files_.push_back(std::make_unique<SafetensorsFile>(path));
-  } else {
-    PQ_CHECK(fs::is_directory(path, ec), "{}: no such checkpoint file or directory",
-             path.string());
-    ckpt.directory_ = path;
-    const fs::path index_path = path / "model.safetensors.index.json";
-    const fs::path single_path = path / "model.safetensors";
-    if (fs::exists(index_path, ec)) {
-      const std::string text = read_text_file(index_path);
-      const json index = parse_json_rejecting_duplicates(text, index_path.string(), "index");
-      PQ_CHECK(index.is_object() && index.contains("weight_map") &&
-                   index["weight_map"].is_object(),
-               "{}: index has no weight_map object", index_path.string());
-      std::map<std::string, std::string> wanted;  // tensor -> shard file name
-      std::set<std::string> shards;
-      for (const auto& [tensor, file] : index["weight_map"].items()) {
-        PQ_CHECK(file.is_string(), "{}: weight_map entry \"{}\" is not a file name",
-                 index_path.string(), tensor);
-        const auto shard = file.get<std::string>();
-        PQ_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard != "." &&
-                     shard != "..",
-                 "{}: weight_map entry \"{}\" names an invalid shard \"{}\"",
-                 index_path.string(), tensor, shard);
-        wanted[tensor] = shard;
-        shards.insert(shard);
-      }
-      PQ_CHECK(!shards.empty(), "{}: weight_map is empty", index_path.string());
-      std::map<std::string, const SafetensorsFile*> by_shard;
-      for (const auto& shard : shards) {
-        PQ_CHECK(fs::exists(path / shard, ec), "{}: shard \"{}\" listed in the index is missing",
-                 index_path.string(), shard);
-        ckpt.files_.push_back(std::make_unique<SafetensorsFile>(path / shard));
-        by_shard[shard] = ckpt.files_.back().get();
-      }
-      for (const auto& [tensor, shard] : wanted) {
-        PQ_CHECK(by_shard[shard]->find(tensor) != nullptr,
-                 "{}: index places tensor \"{}\" in \"{}\", which does not contain it",
-                 index_path.string(), tensor, shard);
-      }
-      for (const auto& file : ckpt.files_) {
-        for (const auto& t : file->tensors()) {
-          auto it = wanted.find(t.name);
-          PQ_CHECK(it != wanted.end() && path / it->second == file->path(),
-                   "{}: tensor \"{}\" is not listed in the index for this shard",
-                   file->path().string(), t.name);
-        }
-      }
+    if (path.filename().string().ends_with(".index.json")) {
+      ckpt.open_sharded(path);
     } else {
-      PQ_CHECK(fs::exists(single_path, ec),
-               "{}: no model.safetensors or model.safetensors.index.json", path.string());
-      ckpt.files_.push_back(std::make_unique<SafetensorsFile>(single_path));
+      ckpt.add_file(std::make_unique<SafetensorsFile>(path));
     }
-  }
-  for (const auto& file : ckpt.files_) {
-    for (const auto& t : file->tensors()) {
-      const bool inserted = ckpt.locations_.emplace(t.name, Location{file.get(), &t}).second;
-      PQ_CHECK(inserted, "{}: tensor \"{}\" appears in more than one shard",
-               file->path().string(), t.name);
-      ckpt.names_.push_back(t.name);
+  } else {
+    PQ_CHECK(fs::is_directory(path, ec), "{}: no such checkpoint file or directory", path.string());
+    ckpt.directory_ = path;
+    if (fs::exists(path / kIndexName, ec)) {
+      ckpt.open_sharded(path / kIndexName);
+    } else {
+      PQ_CHECK(fs::exists(path / "model.safetensors", ec), "{}: no model.safetensors or {}",
+               path.string(), kIndexName);
+      ckpt.add_file(std::make_unique<SafetensorsFile>(path / "model.safetensors"));
     }
   }
   std::sort(ckpt.names_.begin(), ckpt.names_.end());
   return ckpt;
+}
+
+void Checkpoint::open_sharded(const std::filesystem::path& index_path) {
+  const std::string label = index_path.string();
+  const SafetensorsIndex index = parse_safetensors_index(read_text_file(index_path), label);
+  std::set<std::string> shards;
+  for (const auto& [tensor, shard] : index.weight_map) shards.insert(shard);
+  for (const auto& shard : shards) {
+    const auto shard_path = index_path.parent_path() / shard;
+    std::error_code ec;
+    PQ_CHECK(std::filesystem::is_regular_file(shard_path, ec),
+             "{}: shard \"{}\" listed in the index is missing", label, shard);
+    add_file(std::make_unique<SafetensorsFile>(shard_path));
+  }
+  // The index and the shards must agree both ways, so a reader trusting either sees the same model.
+  for (const auto& [tensor, shard] : index.weight_map) {
+    const auto it = locations_.find(tensor);
+    PQ_CHECK(it != locations_.end() && it->second.file->path().filename() == shard,
+             "{}: index places tensor \"{}\" in \"{}\", which does not contain it", label, tensor,
+             shard);
+  }
+  for (const auto& [tensor, location] : locations_) {
+    PQ_CHECK(index.weight_map.count(tensor) != 0, "{}: tensor \"{}\" is not listed in {}",
+             location.file->path().string(), tensor, label);
+  }
+}
+
+void Checkpoint::add_file(std::unique_ptr<SafetensorsFile> file) {
+  for (const auto& t : file->tensors()) {
+    const auto [it, inserted] = locations_.emplace(t.name, Location{file.get(), &t});
+    PQ_CHECK(inserted, "{}: tensor \"{}\" is also in {}", file->path().string(), t.name,
+             it->second.file->path().string());
+    names_.push_back(t.name);
+  }
+  files_.push_back(std::move(file));
 }
 
 const Checkpoint::Location& Checkpoint::locate(std::string_view name) const {
@@ -265,11 +326,17 @@ bool Checkpoint::contains(std::string_view name) const {
   return locations_.count(std::string(name)) != 0;
 }
 
-const TensorInfo& Checkpoint::info(std::string_view name) const { return *locate(name).info; }
+const TensorInfo& Checkpoint::info(std::string_view name) const {
+  return *locate(name).info;
+}
 
-TensorView Checkpoint::view(std::string_view name) const { return locate(name).file->view(name); }
+TensorView Checkpoint::view(std::string_view name) const {
+  return locate(name).file->view(name);
+}
 
-void Checkpoint::release(std::string_view name) const { locate(name).file->release(name); }
+void Checkpoint::release(std::string_view name) const {
+  locate(name).file->release(name);
+}
 
 std::uint64_t Checkpoint::total_tensor_bytes() const {
   std::uint64_t total = 0;

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -34,16 +35,28 @@ struct SafetensorsHeader {
   std::uint64_t data_offset = 0;  // byte position of the data section in the file
 };
 
-// Largest header we accept; real checkpoints stay far below this (a 2,000-tensor shard has a
+// Largest header we accept: the reference reader's MAX_HEADER_SIZE (huggingface/safetensors
+// safetensors/src/tensor.rs). Real checkpoints stay far below it (a 2,000-tensor shard has a
 // ~250 KB header), and it bounds what a hostile length field can make us allocate.
-inline constexpr std::uint64_t kMaxHeaderBytes = 100ull << 20;
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 
 // Parses and validates the header of a safetensors file held in `file` (the whole file's bytes).
 // Checks: length field bounds, valid JSON object without duplicate keys, every entry's dtype,
 // shape and data_offsets, byte size == numel x dtype size, offsets inside the file, and tensors
-// covering the data section contiguously without overlap. Errors name `label` and the tensor.
+// covering the data section contiguously without overlap. Errors are pq::Error naming `label`
+// and, where one is at fault, the tensor.
 SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
                                            std::string_view label);
+
+// The parsed model.safetensors.index.json of a sharded checkpoint.
+struct SafetensorsIndex {
+  std::map<std::string, std::string> weight_map;  // tensor name -> shard file name
+  std::optional<std::uint64_t> total_size;        // metadata.total_size when present
+};
+
+// Parses an index file's text: a JSON object whose "weight_map" maps every tensor to a shard
+// file name in the same directory (no path separators). Errors name `label`.
+SafetensorsIndex parse_safetensors_index(std::string_view text, std::string_view label);
 
 // A zero-copy view of a tensor's bytes inside a mapped file.
 struct TensorView {
@@ -74,7 +87,8 @@ class SafetensorsFile {
 };
 
 // A checkpoint: a directory with model.safetensors, or with model.safetensors.index.json and its
-// shards, or a single .safetensors file. Tensor names are unique across shards.
+// shards, or a single .safetensors file, or an index file itself. Tensor names are unique across
+// shards, and a sharded checkpoint's files hold exactly the tensors its index places in them.
 class Checkpoint {
  public:
   static Checkpoint open(const std::filesystem::path& path);
@@ -96,6 +110,8 @@ class Checkpoint {
     const TensorInfo* info;
   };
   const Location& locate(std::string_view name) const;
+  void open_sharded(const std::filesystem::path& index_path);
+  void add_file(std::unique_ptr<SafetensorsFile> file);
 
   std::filesystem::path directory_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;

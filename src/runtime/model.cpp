@@ -20,9 +20,11 @@ struct Model::Linear {
   std::string name;  // tensor name without ".weight"
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
-  std::vector<float> weight;               // float32 values after the weight transform
-  std::vector<std::uint16_t> weight_bf16;  // the same, rounded, in bf16 compute mode
-  std::vector<float> bias;                 // empty when the Linear has none
+  // float32 values after the weight transform; in bf16 compute mode only their rounded copy
+  // weight_bf16 is kept.
+  std::vector<float> weight;
+  std::vector<std::uint16_t> weight_bf16;
+  std::vector<float> bias;  // empty when the Linear has none
 };
 
 struct Model::Layer {
@@ -34,10 +36,9 @@ struct Model::Layer {
   struct Mlp {
     Linear gate_proj, up_proj, down_proj;
   };
-  Mlp mlp;                                // dense layers
-  Linear router;                          // MoE: mlp.gate
-  std::vector<Mlp> experts;               // MoE: mlp.experts.N
-  std::vector<std::string> tensor_names;  // everything loaded, for release()
+  Mlp mlp;                   // dense layers
+  Linear router;             // MoE: mlp.gate
+  std::vector<Mlp> experts;  // MoE: mlp.experts.N
 };
 
 // Where each sequence's rows sit in the concatenated [rows, hidden] activations.
@@ -136,11 +137,12 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
 
   const std::int64_t hidden = config_.hidden_size;
   const std::string embed_name = "model.embed_tokens.weight";
+  PQ_CHECK(weights_.contains(embed_name), "checkpoint has no tensor {}", embed_name);
   const auto embed_shape = weights_.shape(embed_name);
   PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
            "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
            config_.vocab_size, hidden);
-  embed_tokens_ = weights_.load_f32(embed_name);
+  embed_tokens_ = fetch(embed_name);
   final_norm_ = load_vector("model.norm.weight", hidden);
 
   lm_head_ = std::make_unique<Linear>();
@@ -151,14 +153,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = hidden;
     lm_head_->weight = embed_tokens_;
-    if (options_.weight_transform != nullptr) {
-      options_.weight_transform->apply(lm_head_->name, config_.vocab_size, hidden,
-                                       lm_head_->weight);
-    }
-    if (options_.compute == ComputeType::kBF16) {
-      lm_head_->weight_bf16.resize(lm_head_->weight.size());
-      convert_f32_to_bf16(lm_head_->weight, lm_head_->weight_bf16);
-    }
+    prepare_linear(*lm_head_);
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, hidden, /*bias_allowed=*/false);
   }
@@ -172,7 +167,7 @@ std::vector<float> Model::load_vector(const std::string& name, std::int64_t size
   const auto shape = weights_.shape(name);
   PQ_CHECK(shape == std::vector<std::int64_t>({size}), "{}: shape [{}], expected [{}]", name,
            fmt::join(shape, ", "), size);
-  return weights_.load_f32(name);
+  return fetch(name);
 }
 
 void Model::load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
@@ -186,20 +181,26 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.name = name;
   linear.out_features = out_features;
   linear.in_features = in_features;
-  linear.weight = weights_.load_f32(weight_name);
-  if (options_.weight_transform != nullptr) {
-    options_.weight_transform->apply(name, out_features, in_features, linear.weight);
-  }
-  if (options_.compute == ComputeType::kBF16) {
-    linear.weight_bf16.resize(linear.weight.size());
-    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
-  }
+  linear.weight = fetch(weight_name);
+  prepare_linear(linear);
   // Biases are used exactly when the checkpoint has them: Qwen2 always has q/k/v biases,
   // Llama/Qwen3 have them when attention_bias / mlp_bias are set (transformers modeling_*.py).
   const std::string bias_name = name + ".bias";
   if (weights_.contains(bias_name)) {
     PQ_CHECK(bias_allowed, "{}: unexpected bias tensor", bias_name);
     linear.bias = load_vector(bias_name, out_features);
+  }
+}
+
+void Model::prepare_linear(Linear& linear) const {
+  if (options_.weight_transform != nullptr) {
+    options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
+                                     linear.weight);
+  }
+  if (options_.compute == ComputeType::kBF16) {
+    linear.weight_bf16.resize(linear.weight.size());
+    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
+    linear.weight = {};
   }
 }
 
@@ -257,37 +258,15 @@ const Model::Layer& Model::acquire_layer(std::int64_t index) {
 }
 
 void Model::release_layer(std::int64_t index) {
-  if (options_.keep_layers_resident) return;
-  resident_[index].reset();
-  // Drop the mapped pages of every tensor of this layer (streaming keeps one layer resident).
-  const std::string prefix = fmt::format("model.layers.{}.", index);
-  const auto* in_memory = dynamic_cast<const InMemoryWeightSource*>(&weights_);
-  if (in_memory != nullptr) return;
-  for (const auto& suffix : {"input_layernorm.weight", "post_attention_layernorm.weight",
-                             "self_attn.q_norm.weight", "self_attn.k_norm.weight"}) {
-    if (weights_.contains(prefix + suffix)) weights_.release(prefix + suffix);
-  }
-  const auto release_linear = [&](const std::string& name) {
-    for (const char* part : {".weight", ".bias"}) {
-      if (weights_.contains(name + part)) weights_.release(name + part);
-    }
-  };
-  for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
-    release_linear(prefix + "self_attn." + proj);
-  }
-  const auto release_mlp = [&](const std::string& mlp_prefix) {
-    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
-      release_linear(mlp_prefix + proj);
-    }
-  };
-  if (config_.is_moe_layer(index)) {
-    release_linear(prefix + "mlp.gate");
-    for (std::int64_t e = 0; e < config_.num_experts; ++e) {
-      release_mlp(fmt::format("{}mlp.experts.{}.", prefix, e));
-    }
-  } else {
-    release_mlp(prefix + "mlp.");
-  }
+  if (!options_.keep_layers_resident) resident_[index].reset();
+}
+
+std::vector<float> Model::fetch(const std::string& name) const {
+  std::vector<float> values = weights_.load_f32(name);
+  // The decoded copy is all the runtime reads, so the stored bytes can leave memory now
+  // (madvise on a mapped checkpoint): resident memory stays near one decoded layer.
+  weights_.release(name);
+  return values;
 }
 
 // ---- Linear -------------------------------------------------------------------------------
@@ -422,9 +401,9 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     // dq, dk now hold gradients of the normalized values; take them back through the norms.
     std::vector<float> dq_proj(dq.size()), dk_proj(dk.size());
     rms_norm_backward(t.q_proj.data(), layer.q_norm.data(), t.q_rstd.data(), dq.data(), n * heads,
-                      d, dq_proj.data(), false, nullptr);
+                      d, dq_proj.data(), false);
     rms_norm_backward(t.k_proj.data(), layer.k_norm.data(), t.k_rstd.data(), dk.data(),
-                      n * kv_heads, d, dk_proj.data(), false, nullptr);
+                      n * kv_heads, d, dk_proj.data(), false);
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
@@ -485,7 +464,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
          linear_input(layer.router, t.h2.data(), t), nullptr, layout.ranges);
   t.chosen.resize(n * top_k);
   t.routing_weights.resize(n * top_k);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     float* p = t.router_probs.data() + r * experts;
     const float max_logit = *std::max_element(p, p + experts);
@@ -614,7 +593,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   // dL/dp_j = (g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise; then
   // dL/dlogit = p * (dL/dp - sum(p * dL/dp)).
   std::vector<float> dlogits(n * experts);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     const float* p = t.router_probs.data() + r * experts;
     std::vector<double> dp(experts, 0.0);
@@ -680,11 +659,11 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   std::vector<float> dh(n * hidden);
   mlp_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x2.data(), layer.post_attention_norm.data(), t.rstd2.data(), dh.data(), n,
-                    hidden, dx, /*accumulate=*/true, nullptr);
+                    hidden, dx, /*accumulate=*/true);
   // x2 = x + o_proj(attn(norm(x))): dx = dx2 + norm_backward(attention_backward(dx2)).
   attention_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx,
-                    /*accumulate=*/true, nullptr);
+                    /*accumulate=*/true);
 }
 
 // ---- Passes -------------------------------------------------------------------------------
@@ -871,7 +850,7 @@ double Model::backward(std::span<const Sequence> batch, LinearObserver& observer
   const double loss = score(batch, layout, h.data(), dh.data(), &observer);
   std::vector<float> dx(n * hidden);
   rms_norm_backward(x.data(), final_norm_.data(), rstd.data(), dh.data(), n, hidden, dx.data(),
-                    /*accumulate=*/false, nullptr);
+                    /*accumulate=*/false);
   std::vector<float> out(n * hidden);
   for (std::int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
     const Layer& layer = acquire_layer(l);

@@ -88,6 +88,9 @@ class Model {
   void release_layer(std::int64_t index);
   void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                    std::int64_t in_features, bool bias_allowed) const;
+  // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.
+  void prepare_linear(Linear& linear) const;
+  std::vector<float> fetch(const std::string& name) const;
   std::vector<float> load_vector(const std::string& name, std::int64_t size) const;
 
   void linear_forward(const Linear& linear, const float* x, std::int64_t rows, float* y,

@@ -1,0 +1,110 @@
+#include "runtime/evaluate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/error.h"
+
+namespace pq::runtime {
+
+namespace {
+
+// log_softmax of one row into `out`, in double for the KL sums.
+void log_softmax(const float* logits, std::int64_t vocab, std::vector<double>& out) {
+  out.resize(vocab);
+  const float max_logit = *std::max_element(logits, logits + vocab);
+  double sum = 0.0;
+  for (std::int64_t v = 0; v < vocab; ++v)
+    sum += std::exp(static_cast<double>(logits[v]) - max_logit);
+  const double log_sum = std::log(sum) + max_logit;
+  for (std::int64_t v = 0; v < vocab; ++v) out[v] = logits[v] - log_sum;
+}
+
+std::int64_t arg_max(const float* logits, std::int64_t vocab) {
+  return std::max_element(logits, logits + vocab) - logits;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::int32_t>> token_windows(std::span<const std::int32_t> tokens,
+                                                     std::int64_t length,
+                                                     std::int64_t max_windows) {
+  PQ_CHECK(length >= 2, "window length {} is too short: need at least 2 tokens", length);
+  std::int64_t count = static_cast<std::int64_t>(tokens.size()) / length;
+  if (max_windows > 0) count = std::min(count, max_windows);
+  PQ_CHECK(count > 0, "{} tokens do not fill one window of {} tokens", tokens.size(), length);
+  std::vector<std::vector<std::int32_t>> windows;
+  for (std::int64_t w = 0; w < count; ++w) {
+    windows.emplace_back(tokens.begin() + w * length, tokens.begin() + (w + 1) * length);
+  }
+  return windows;
+}
+
+double EvalResult::perplexity() const {
+  return std::exp(mean_nll());
+}
+
+EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> windows,
+                    Model* reference, std::int64_t windows_per_pass) {
+  PQ_CHECK(windows_per_pass > 0, "windows per pass must be positive");
+  const std::int64_t vocab = model.config().vocab_size;
+  PQ_CHECK(reference == nullptr || reference->config().vocab_size == vocab,
+           "reference model has vocab size {}, the model {}",
+           reference == nullptr ? 0 : reference->config().vocab_size, vocab);
+  EvalResult result;
+  std::vector<double> log_p, log_q;
+  for (std::size_t first = 0; first < windows.size(); first += windows_per_pass) {
+    const std::size_t last = std::min(windows.size(), first + windows_per_pass);
+    std::vector<Sequence> batch;
+    for (std::size_t w = first; w < last; ++w) batch.push_back({windows[w], {}});
+    // The reference's logits of the whole pass, kept until the model's arrive.
+    std::vector<std::vector<float>> reference_logits(batch.size());
+    if (reference != nullptr) {
+      reference->forward(batch, [&](std::int64_t s, const float* logits, std::int64_t rows) {
+        reference_logits[s].assign(logits, logits + rows * vocab);
+      });
+    }
+    model.forward(batch, [&](std::int64_t s, const float* logits, std::int64_t rows) {
+      const auto& tokens = batch[s].tokens;
+      for (std::int64_t t = 0; t + 1 < rows; ++t) {
+        const float* z = logits + t * vocab;
+        log_softmax(z, vocab, log_q);
+        result.nll_sum -= log_q[tokens[t + 1]];
+        if (reference != nullptr) {
+          const float* zr = reference_logits[s].data() + t * vocab;
+          log_softmax(zr, vocab, log_p);
+          double kl = 0.0;
+          for (std::int64_t v = 0; v < vocab; ++v) kl += std::exp(log_p[v]) * (log_p[v] - log_q[v]);
+          result.kl_sum += kl;
+          result.top1_agreements += arg_max(z, vocab) == arg_max(zr, vocab);
+        }
+        ++result.predictions;
+      }
+    });
+    result.windows += static_cast<std::int64_t>(batch.size());
+  }
+  PQ_CHECK(result.predictions > 0, "nothing to evaluate: no window has two tokens");
+  return result;
+}
+
+std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int32_t> prompt,
+                                          std::int64_t new_tokens,
+                                          std::span<const std::int64_t> stop_tokens) {
+  PQ_CHECK(!prompt.empty(), "generation needs a non-empty prompt");
+  const std::int64_t vocab = model.config().vocab_size;
+  std::vector<std::int32_t> sequence(prompt.begin(), prompt.end());
+  std::vector<std::int32_t> generated;
+  for (std::int64_t step = 0; step < new_tokens; ++step) {
+    const Sequence current{sequence, {}};
+    std::int32_t next = 0;
+    model.forward({&current, 1}, [&](std::int64_t, const float* logits, std::int64_t rows) {
+      next = static_cast<std::int32_t>(arg_max(logits + (rows - 1) * vocab, vocab));
+    });
+    generated.push_back(next);
+    sequence.push_back(next);
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), next) != stop_tokens.end()) break;
+  }
+  return generated;
+}
+
+}  // namespace pq::runtime

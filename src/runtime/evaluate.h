@@ -1,0 +1,46 @@
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "runtime/model.h"
+
+namespace pq::runtime {
+
+// Consecutive non-overlapping windows of `length` tokens from the start of `tokens` (a shorter
+// tail is dropped), at most `max_windows` of them (0: all). Throws pq::Error if not even one fits.
+std::vector<std::vector<std::int32_t>> token_windows(std::span<const std::int32_t> tokens,
+                                                     std::int64_t length, std::int64_t max_windows);
+
+struct EvalResult {
+  std::int64_t windows = 0;
+  std::int64_t predictions = 0;  // each window of T tokens scores its T - 1 next-token predictions
+  double nll_sum = 0.0;          // natural log
+  // With a reference model: sum over predictions of KL(reference || model) in nats, and how many
+  // predictions had the same arg-max token.
+  double kl_sum = 0.0;
+  std::int64_t top1_agreements = 0;
+
+  double mean_nll() const { return nll_sum / static_cast<double>(predictions); }
+  double perplexity() const;
+  double mean_kl() const { return kl_sum / static_cast<double>(predictions); }
+  double top1_agreement() const {
+    return static_cast<double>(top1_agreements) / static_cast<double>(predictions);
+  }
+};
+
+// Scores every window independently (positions restart at 0), `windows_per_pass` windows per
+// forward pass. With `reference`, also compares each prediction's distribution with the
+// reference model's (both models see the same windows).
+EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> windows,
+                    Model* reference = nullptr, std::int64_t windows_per_pass = 4);
+
+// Greedy decoding: appends the arg-max token `new_tokens` times (stopping after a token in
+// `stop_tokens`), recomputing the whole sequence each step. Returns only the new tokens.
+std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int32_t> prompt,
+                                          std::int64_t new_tokens,
+                                          std::span<const std::int64_t> stop_tokens = {});
+
+}  // namespace pq::runtime

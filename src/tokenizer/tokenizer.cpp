@@ -1,0 +1,762 @@
+#include "tokenizer/tokenizer.h"
+
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+#include <variant>
+
+#include "common/error.h"
+#include "common/file_util.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/regex.h"
+#include "tokenizer/unicode.h"
+
+// The component semantics below follow the Hugging Face tokenizers library (Rust crate
+// `tokenizers`, tokenizer.json format): normalizers/*.rs, pre_tokenizers/*.rs, decoders/*.rs,
+// processors/template.rs, models/bpe/model.rs and tokenizer/added_vocabulary.rs.
+namespace pq::tokenizer {
+namespace {
+
+using Json = nlohmann::json;
+
+// Rust's char::is_whitespace (the Unicode White_Space property), which added tokens' lstrip and
+// rstrip use.
+bool is_unicode_whitespace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
+}
+
+// A "pattern" field: {"String": literal} or {"Regex": pcre}. Literals are matched as regexes
+// with every ASCII punctuation character escaped.
+Regex compile_pattern(const Json& pattern, const std::string& where) {
+  if (pattern.contains("Regex")) return Regex(pattern.at("Regex").get<std::string>());
+  PQ_CHECK(pattern.contains("String"), "{}: pattern is neither String nor Regex", where);
+  std::string escaped;
+  for (const char c : pattern.at("String").get<std::string>()) {
+    if (static_cast<unsigned char>(c) < 0x80 && !std::isalnum(static_cast<unsigned char>(c))) {
+      escaped.push_back('\\');
+    }
+    escaped.push_back(c);
+  }
+  return Regex(escaped);
+}
+
+// Replaces every match of `regex` in `text` by `content` (normalizers/replace.rs,
+// decoders: Replace).
+std::string replace_all(const Regex& regex, std::string_view text, std::string_view content) {
+  std::string out;
+  out.reserve(text.size());
+  std::size_t copied = 0;
+  for (const auto& [begin, end] : regex.find_all(text)) {
+    out.append(text.substr(copied, begin - copied));
+    out.append(content);
+    copied = end;
+  }
+  out.append(text.substr(copied));
+  return out;
+}
+
+// ---- normalizers ----
+
+struct UnicodeNormalizer {
+  NormalizationForm form;
+};
+struct PrependNormalizer {
+  std::string prefix;
+};
+struct ReplaceStep {
+  Regex pattern;
+  std::string content;
+};
+using Normalizer = std::variant<UnicodeNormalizer, PrependNormalizer, ReplaceStep>;
+
+void parse_normalizer(const Json& node, const std::string& where, std::vector<Normalizer>& out) {
+  if (node.is_null()) return;
+  const auto type = node.at("type").get<std::string>();
+  if (type == "Sequence") {
+    for (const Json& child : node.at("normalizers")) parse_normalizer(child, where, out);
+  } else if (type == "NFC") {
+    out.push_back(UnicodeNormalizer{NormalizationForm::kNfc});
+  } else if (type == "NFD") {
+    out.push_back(UnicodeNormalizer{NormalizationForm::kNfd});
+  } else if (type == "NFKC") {
+    out.push_back(UnicodeNormalizer{NormalizationForm::kNfkc});
+  } else if (type == "NFKD") {
+    out.push_back(UnicodeNormalizer{NormalizationForm::kNfkd});
+  } else if (type == "Prepend") {
+    out.push_back(PrependNormalizer{node.at("prepend").get<std::string>()});
+  } else if (type == "Replace") {
+    out.push_back(ReplaceStep{compile_pattern(node.at("pattern"), where),
+                              node.at("content").get<std::string>()});
+  } else {
+    fail("{}: unsupported normalizer type '{}'", where, type);
+  }
+}
+
+std::string apply_normalizers(const std::vector<Normalizer>& normalizers, std::string text) {
+  for (const Normalizer& step : normalizers) {
+    if (const auto* unicode = std::get_if<UnicodeNormalizer>(&step)) {
+      text = normalize(text, unicode->form);
+    } else if (const auto* prepend = std::get_if<PrependNormalizer>(&step)) {
+      // normalizers/prepend.rs: only non-empty text gets the prefix.
+      if (!text.empty()) text.insert(0, prepend->prefix);
+    } else {
+      const auto& replace = std::get<ReplaceStep>(step);
+      text = replace_all(replace.pattern, text, replace.content);
+    }
+  }
+  return text;
+}
+
+// ---- pre-tokenizers ----
+
+// pre_tokenizers/split.rs with SplitDelimiterBehavior (tokenizer/normalizer.rs).
+enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
+
+struct SplitPreTokenizer {
+  Regex pattern;
+  SplitBehavior behavior;
+  bool invert;
+};
+struct ByteLevelPreTokenizer {
+  bool add_prefix_space;
+  std::optional<Regex> gpt2_pattern;
+};
+using PreTokenizer = std::variant<SplitPreTokenizer, ByteLevelPreTokenizer>;
+
+// The pattern ByteLevel applies when use_regex is true (pre_tokenizers/byte_level.rs, from
+// openai/gpt-2 src/encoder.py).
+constexpr std::string_view kGpt2Pattern =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+
+void parse_pre_tokenizer(const Json& node, const std::string& where,
+                         std::vector<PreTokenizer>& out) {
+  if (node.is_null()) return;
+  const auto type = node.at("type").get<std::string>();
+  if (type == "Sequence") {
+    for (const Json& child : node.at("pretokenizers")) parse_pre_tokenizer(child, where, out);
+  } else if (type == "Split") {
+    const auto behavior = node.at("behavior").get<std::string>();
+    SplitBehavior parsed;
+    if (behavior == "Removed") {
+      parsed = SplitBehavior::kRemoved;
+    } else if (behavior == "Isolated") {
+      parsed = SplitBehavior::kIsolated;
+    } else if (behavior == "MergedWithPrevious") {
+      parsed = SplitBehavior::kMergedWithPrevious;
+    } else if (behavior == "MergedWithNext") {
+      parsed = SplitBehavior::kMergedWithNext;
+    } else if (behavior == "Contiguous") {
+      parsed = SplitBehavior::kContiguous;
+    } else {
+      fail("{}: unsupported Split behavior '{}'", where, behavior);
+    }
+    out.push_back(SplitPreTokenizer{compile_pattern(node.at("pattern"), where), parsed,
+                                    node.value("invert", false)});
+  } else if (type == "ByteLevel") {
+    std::optional<Regex> pattern;
+    if (node.value("use_regex", true)) pattern.emplace(kGpt2Pattern);
+    out.push_back(ByteLevelPreTokenizer{node.value("add_prefix_space", false), std::move(pattern)});
+  } else {
+    fail("{}: unsupported pre_tokenizer type '{}'", where, type);
+  }
+}
+
+// Splits `piece` around the matches of `split.pattern` and appends the resulting non-empty
+// pieces according to the behavior (tokenizer/normalizer.rs NormalizedString::split).
+void apply_split(const Regex& pattern, SplitBehavior behavior, bool invert,
+                 const std::string& piece, std::vector<std::string>& out) {
+  // (begin, end, is_delimiter) covering the whole piece in order.
+  struct Part {
+    std::size_t begin, end;
+    bool delimiter;
+  };
+  std::vector<Part> parts;
+  std::size_t cursor = 0;
+  for (const auto& [begin, end] : pattern.find_all(piece)) {
+    if (begin > cursor) parts.push_back({cursor, begin, invert});
+    parts.push_back({begin, end, !invert});
+    cursor = end;
+  }
+  if (cursor < piece.size()) parts.push_back({cursor, piece.size(), invert});
+
+  std::vector<std::pair<std::size_t, std::size_t>> ranges;
+  bool pending_merge_with_next = false;
+  for (const Part& part : parts) {
+    switch (behavior) {
+      case SplitBehavior::kRemoved:
+        if (!part.delimiter) ranges.emplace_back(part.begin, part.end);
+        break;
+      case SplitBehavior::kIsolated:
+        ranges.emplace_back(part.begin, part.end);
+        break;
+      case SplitBehavior::kMergedWithPrevious:
+        if (part.delimiter && !ranges.empty()) {
+          ranges.back().second = part.end;
+        } else {
+          ranges.emplace_back(part.begin, part.end);
+        }
+        break;
+      case SplitBehavior::kMergedWithNext:
+        if (pending_merge_with_next) {
+          ranges.back().second = part.end;
+        } else {
+          ranges.emplace_back(part.begin, part.end);
+        }
+        pending_merge_with_next = part.delimiter;
+        break;
+      case SplitBehavior::kContiguous:
+        if (part.delimiter && pending_merge_with_next) {
+          ranges.back().second = part.end;
+        } else {
+          ranges.emplace_back(part.begin, part.end);
+        }
+        pending_merge_with_next = part.delimiter;
+        break;
+    }
+  }
+  for (const auto& [begin, end] : ranges) {
+    if (end > begin) out.emplace_back(piece.substr(begin, end - begin));
+  }
+}
+
+// Runs the pre-tokenizers over one normalized text segment; the result are the words the model
+// encodes one by one.
+std::vector<std::string> apply_pre_tokenizers(const std::vector<PreTokenizer>& pre_tokenizers,
+                                              std::string text) {
+  std::vector<std::string> pieces;
+  pieces.push_back(std::move(text));
+  for (const PreTokenizer& step : pre_tokenizers) {
+    std::vector<std::string> next;
+    if (const auto* split = std::get_if<SplitPreTokenizer>(&step)) {
+      for (const std::string& piece : pieces) {
+        apply_split(split->pattern, split->behavior, split->invert, piece, next);
+      }
+    } else {
+      const auto& byte_level = std::get<ByteLevelPreTokenizer>(step);
+      const ByteLevelAlphabet& alphabet = ByteLevelAlphabet::instance();
+      for (std::string& piece : pieces) {
+        if (byte_level.add_prefix_space && piece.front() != ' ') piece.insert(piece.begin(), ' ');
+        std::vector<std::string> split_pieces;
+        if (byte_level.gpt2_pattern) {
+          apply_split(*byte_level.gpt2_pattern, SplitBehavior::kIsolated, false, piece,
+                      split_pieces);
+        } else {
+          split_pieces.push_back(std::move(piece));
+        }
+        for (const std::string& bytes : split_pieces) {
+          std::string mapped;
+          mapped.reserve(bytes.size() * 2);
+          alphabet.encode(bytes, mapped);
+          next.push_back(std::move(mapped));
+        }
+      }
+    }
+    pieces = std::move(next);
+  }
+  return pieces;
+}
+
+// ---- decoders ----
+
+struct ByteLevelDecoder {};
+struct ByteFallbackDecoder {};
+struct FuseDecoder {};
+struct StripDecoder {
+  std::string content;
+  std::size_t start, stop;
+};
+using Decoder =
+    std::variant<ByteLevelDecoder, ReplaceStep, ByteFallbackDecoder, FuseDecoder, StripDecoder>;
+
+void parse_decoder(const Json& node, const std::string& where, std::vector<Decoder>& out) {
+  if (node.is_null()) return;
+  const auto type = node.at("type").get<std::string>();
+  if (type == "Sequence") {
+    for (const Json& child : node.at("decoders")) parse_decoder(child, where, out);
+  } else if (type == "ByteLevel") {
+    out.push_back(ByteLevelDecoder{});
+  } else if (type == "Replace") {
+    out.push_back(ReplaceStep{compile_pattern(node.at("pattern"), where),
+                              node.at("content").get<std::string>()});
+  } else if (type == "ByteFallback") {
+    out.push_back(ByteFallbackDecoder{});
+  } else if (type == "Fuse") {
+    out.push_back(FuseDecoder{});
+  } else if (type == "Strip") {
+    const auto content = node.at("content").get<std::string>();
+    PQ_CHECK(decode_utf8(content, 0).length == content.size() && !content.empty(),
+             "{}: Strip decoder content '{}' is not one character", where, content);
+    out.push_back(StripDecoder{content, node.at("start").get<std::size_t>(),
+                               node.at("stop").get<std::size_t>()});
+  } else {
+    fail("{}: unsupported decoder type '{}'", where, type);
+  }
+}
+
+// The byte a "<0xXX>" token stands for (decoders/byte_fallback.rs), or -1.
+int byte_fallback_value(std::string_view token) {
+  if (token.size() != 6 || !token.starts_with("<0x") || token[5] != '>') return -1;
+  int value = 0;
+  for (const char c : token.substr(3, 2)) {
+    value <<= 4;
+    if (c >= '0' && c <= '9') {
+      value |= c - '0';
+    } else if (c >= 'A' && c <= 'F') {
+      value |= c - 'A' + 10;
+    } else if (c >= 'a' && c <= 'f') {
+      value |= c - 'a' + 10;
+    } else {
+      return -1;
+    }
+  }
+  return value;
+}
+
+std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::string> tokens) {
+  if (std::holds_alternative<ByteLevelDecoder>(decoder)) {
+    // decoders: ByteLevel maps each character back to its byte; a token with a character outside
+    // the alphabet (an added token such as "<think>" is inside it) keeps its UTF-8 bytes.
+    const ByteLevelAlphabet& alphabet = ByteLevelAlphabet::instance();
+    std::string bytes;
+    for (const std::string& token : tokens) {
+      std::string token_bytes;
+      bool all_mapped = true;
+      for (std::size_t pos = 0; pos < token.size() && all_mapped;) {
+        const Utf8Step step = decode_utf8(token, pos);
+        const int byte = step.valid ? alphabet.decode(step.code_point) : -1;
+        all_mapped = byte >= 0;
+        token_bytes.push_back(static_cast<char>(byte));
+        pos += step.length;
+      }
+      bytes.append(all_mapped ? token_bytes : token);
+    }
+    return {to_valid_utf8(bytes)};
+  }
+  if (const auto* replace = std::get_if<ReplaceStep>(&decoder)) {
+    for (std::string& token : tokens)
+      token = replace_all(replace->pattern, token, replace->content);
+    return tokens;
+  }
+  if (std::holds_alternative<ByteFallbackDecoder>(decoder)) {
+    // Runs of byte tokens become their UTF-8 text, or one U+FFFD per byte when invalid.
+    std::vector<std::string> out;
+    std::string pending;
+    const auto flush = [&] {
+      if (pending.empty()) return;
+      if (is_valid_utf8(pending)) {
+        out.push_back(pending);
+      } else {
+        for (std::size_t i = 0; i < pending.size(); ++i) out.emplace_back("\xEF\xBF\xBD");
+      }
+      pending.clear();
+    };
+    for (std::string& token : tokens) {
+      if (const int byte = byte_fallback_value(token); byte >= 0) {
+        pending.push_back(static_cast<char>(byte));
+      } else {
+        flush();
+        out.push_back(std::move(token));
+      }
+    }
+    flush();
+    return out;
+  }
+  if (std::holds_alternative<FuseDecoder>(decoder)) {
+    std::string fused;
+    for (const std::string& token : tokens) fused += token;
+    return {fused};
+  }
+  // Strip: removes up to `start` leading and `stop` trailing copies of the character from each
+  // token.
+  const auto& strip = std::get<StripDecoder>(decoder);
+  for (std::string& token : tokens) {
+    std::size_t begin = 0;
+    for (std::size_t i = 0;
+         i < strip.start && token.compare(begin, strip.content.size(), strip.content) == 0; ++i) {
+      begin += strip.content.size();
+    }
+    std::size_t end = token.size();
+    for (std::size_t i = 0;
+         i < strip.stop && end >= begin + strip.content.size() &&
+         token.compare(end - strip.content.size(), strip.content.size(), strip.content) == 0;
+         ++i) {
+      end -= strip.content.size();
+    }
+    token = token.substr(begin, end - begin);
+  }
+  return tokens;
+}
+
+// ---- added tokens ----
+
+struct AddedToken {
+  std::string content;
+  std::int32_t id;
+  bool special, lstrip, rstrip, normalized;
+};
+
+// Finds added tokens in text: leftmost match first, longest on ties at the same position (the
+// aho-corasick LeftmostLongest search of added_vocabulary.rs), via a byte trie.
+class AddedTokenMatcher {
+ public:
+  void add(const AddedToken& token, std::size_t index) {
+    std::size_t node = 0;
+    for (const char c : token.content) {
+      const auto byte = static_cast<std::uint8_t>(c);
+      std::size_t child = 0;
+      for (const auto& [edge, target] : nodes_[node].children) {
+        if (edge == byte) child = target;
+      }
+      if (child == 0) {
+        child = nodes_.size();
+        nodes_[node].children.emplace_back(byte, child);
+        nodes_.emplace_back();
+      }
+      node = child;
+    }
+    nodes_[node].token = static_cast<std::int32_t>(index);
+    first_bytes_[static_cast<std::uint8_t>(token.content.front())] = true;
+    empty_ = false;
+  }
+
+  bool empty() const { return empty_; }
+
+  // The index and end of the longest token starting at `pos`, or index -1.
+  std::pair<std::int32_t, std::size_t> longest_at(std::string_view text, std::size_t pos) const {
+    std::pair<std::int32_t, std::size_t> best{-1, pos};
+    if (!first_bytes_[static_cast<std::uint8_t>(text[pos])]) return best;
+    std::size_t node = 0;
+    for (std::size_t i = pos; i < text.size(); ++i) {
+      std::size_t child = 0;
+      for (const auto& [edge, target] : nodes_[node].children) {
+        if (edge == static_cast<std::uint8_t>(text[i])) child = target;
+      }
+      if (child == 0) break;
+      node = child;
+      if (nodes_[node].token >= 0) best = {nodes_[node].token, i + 1};
+    }
+    return best;
+  }
+
+ private:
+  struct Node {
+    std::vector<std::pair<std::uint8_t, std::size_t>> children;
+    std::int32_t token = -1;
+  };
+  std::vector<Node> nodes_ = std::vector<Node>(1);
+  std::array<bool, 256> first_bytes_{};
+  bool empty_ = true;
+};
+
+// A piece of text between added tokens, or one added token (index into the added list).
+struct Segment {
+  std::string_view text;
+  std::int32_t added = -1;
+};
+
+std::size_t skip_whitespace_backward(std::string_view text, std::size_t pos, std::size_t floor) {
+  while (pos > floor) {
+    std::size_t start = pos - 1;
+    while (start > floor && (static_cast<std::uint8_t>(text[start]) & 0xC0) == 0x80) --start;
+    const Utf8Step step = decode_utf8(text, start);
+    if (!step.valid || !is_unicode_whitespace(step.code_point)) break;
+    pos = start;
+  }
+  return pos;
+}
+
+std::size_t skip_whitespace_forward(std::string_view text, std::size_t pos) {
+  while (pos < text.size()) {
+    const Utf8Step step = decode_utf8(text, pos);
+    if (!step.valid || !is_unicode_whitespace(step.code_point)) break;
+    pos += step.length;
+  }
+  return pos;
+}
+
+std::vector<Segment> split_added_tokens(std::string_view text, const AddedTokenMatcher& matcher,
+                                        const std::vector<AddedToken>& added) {
+  std::vector<Segment> segments;
+  if (text.empty()) return segments;
+  if (matcher.empty()) {
+    segments.push_back({text});
+    return segments;
+  }
+  std::size_t text_begin = 0;
+  for (std::size_t pos = 0; pos < text.size();) {
+    const auto [index, end] = matcher.longest_at(text, pos);
+    if (index < 0) {
+      ++pos;
+      continue;
+    }
+    const AddedToken& token = added[index];
+    // lstrip/rstrip: the token absorbs the whitespace next to it.
+    const std::size_t begin = token.lstrip ? skip_whitespace_backward(text, pos, text_begin) : pos;
+    const std::size_t stop = token.rstrip ? skip_whitespace_forward(text, end) : end;
+    if (begin > text_begin) segments.push_back({text.substr(text_begin, begin - text_begin)});
+    segments.push_back({text.substr(begin, stop - begin), index});
+    text_begin = pos = stop;
+  }
+  if (text_begin < text.size()) segments.push_back({text.substr(text_begin)});
+  return segments;
+}
+
+std::optional<std::string> special_token_name(const Json& config, const char* key) {
+  if (!config.contains(key) || config.at(key).is_null()) return std::nullopt;
+  const Json& value = config.at(key);
+  // Older files store {"content": ..., "__type": "AddedToken", ...} instead of the string.
+  return value.is_object() ? value.at("content").get<std::string>() : value.get<std::string>();
+}
+
+}  // namespace
+
+struct Tokenizer::Impl {
+  std::string path;
+  std::vector<Normalizer> normalizers;
+  std::vector<PreTokenizer> pre_tokenizers;
+  std::vector<Decoder> decoders;
+  std::optional<BpeModel> model;
+  std::vector<AddedToken> added;
+  AddedTokenMatcher raw_matcher;         // added tokens with normalized=false
+  AddedTokenMatcher normalized_matcher;  // added tokens with normalized=true
+  std::vector<std::int32_t> prefix_ids;  // the post-processor's tokens before/after the text
+  std::vector<std::int32_t> suffix_ids;
+  std::vector<std::string> tokens;  // by id; empty where the id is unused
+  std::vector<bool> has_token;
+  std::vector<bool> is_special;
+  std::optional<std::int32_t> bos, eos;
+
+  std::optional<std::int32_t> token_to_id(std::string_view token) const {
+    for (const AddedToken& added_token : added) {
+      if (added_token.content == token) return added_token.id;
+    }
+    return model->find(token);
+  }
+
+  void encode_text(std::string_view text, std::vector<std::int32_t>& ids) const {
+    const std::string normalized = apply_normalizers(normalizers, std::string(text));
+    for (const Segment& segment : split_added_tokens(normalized, normalized_matcher, added)) {
+      if (segment.added >= 0) {
+        ids.push_back(added[segment.added].id);
+        continue;
+      }
+      for (const std::string& word :
+           apply_pre_tokenizers(pre_tokenizers, std::string(segment.text))) {
+        model->encode_word(word, ids);
+      }
+    }
+  }
+
+  void parse_post_processor(const Json& node) {
+    if (node.is_null()) return;
+    const auto type = node.at("type").get<std::string>();
+    if (type == "Sequence") {
+      for (const Json& child : node.at("processors")) parse_post_processor(child);
+    } else if (type == "ByteLevel") {
+      // Only adjusts offsets (processors: ByteLevel with trim_offsets); ids are unchanged.
+    } else if (type == "TemplateProcessing") {
+      // processors/template.rs: "single" lists SpecialToken and Sequence items; special_tokens
+      // maps a SpecialToken's id to the token ids it stands for.
+      PQ_CHECK(prefix_ids.empty() && suffix_ids.empty(),
+               "{}: more than one TemplateProcessing post_processor", path);
+      bool seen_sequence = false;
+      for (const Json& item : node.at("single")) {
+        if (item.contains("Sequence")) {
+          PQ_CHECK(item.at("Sequence").at("id").get<std::string>() == "A",
+                   "{}: TemplateProcessing single template uses a sequence other than A", path);
+          seen_sequence = true;
+          continue;
+        }
+        const auto name = item.at("SpecialToken").at("id").get<std::string>();
+        PQ_CHECK(node.at("special_tokens").contains(name),
+                 "{}: TemplateProcessing special token '{}' is not defined", path, name);
+        for (const Json& id : node.at("special_tokens").at(name).at("ids")) {
+          (seen_sequence ? suffix_ids : prefix_ids).push_back(id.get<std::int32_t>());
+        }
+      }
+    } else {
+      fail("{}: unsupported post_processor type '{}'", path, type);
+    }
+  }
+
+  void parse_model(const Json& node) {
+    const auto type = node.value("type", std::string("BPE"));
+    PQ_CHECK(type == "BPE", "{}: unsupported tokenizer model type '{}' (only BPE is supported)",
+             path, type);
+    PQ_CHECK(node.value("dropout", Json()).is_null() || node.at("dropout").get<double>() == 0.0,
+             "{}: BPE dropout is not supported", path);
+    for (const char* affix : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+      PQ_CHECK(node.value(affix, Json()).is_null() || node.at(affix).get<std::string>().empty(),
+               "{}: BPE {} is not supported", path, affix);
+    }
+    Vocab vocab;
+    vocab.reserve(node.at("vocab").size());
+    for (const auto& [token, id] : node.at("vocab").items()) {
+      vocab.emplace(token, id.get<std::int32_t>());
+    }
+    // Merges are "left right" strings (older files) or [left, right] pairs.
+    std::vector<std::pair<std::string, std::string>> merges;
+    merges.reserve(node.at("merges").size());
+    for (const Json& merge : node.at("merges")) {
+      if (merge.is_array()) {
+        PQ_CHECK(merge.size() == 2, "{}: merge {} is not a pair", path, merges.size());
+        merges.emplace_back(merge[0].get<std::string>(), merge[1].get<std::string>());
+      } else {
+        const auto text = merge.get<std::string>();
+        const std::size_t space = text.find(' ');
+        PQ_CHECK(space != std::string::npos, "{}: merge {} ('{}') has no space", path,
+                 merges.size(), text);
+        merges.emplace_back(text.substr(0, space), text.substr(space + 1));
+      }
+    }
+    BpeOptions options;
+    options.byte_fallback = node.value("byte_fallback", false);
+    options.ignore_merges = node.value("ignore_merges", false);
+    options.fuse_unk = node.value("fuse_unk", false);
+    if (const Json unk = node.value("unk_token", Json()); !unk.is_null()) {
+      const auto it = vocab.find(unk.get<std::string>());
+      PQ_CHECK(it != vocab.end(), "{}: unk_token '{}' is not in the vocabulary", path,
+               unk.get<std::string>());
+      options.unk_id = it->second;
+    }
+    try {
+      model.emplace(std::move(vocab), merges, options);
+    } catch (const Error& error) {
+      fail("{}: {}", path, error.what());
+    }
+  }
+
+  void build_token_table() {
+    std::int32_t size = 0;
+    for (const auto& [token, id] : model->vocab()) size = std::max(size, id + 1);
+    for (const AddedToken& token : added) size = std::max(size, token.id + 1);
+    tokens.assign(size, std::string());
+    has_token.assign(size, false);
+    is_special.assign(size, false);
+    for (const auto& [token, id] : model->vocab()) {
+      PQ_CHECK(id >= 0, "{}: negative id {} for token '{}'", path, id, token);
+      tokens[id] = token;
+      has_token[id] = true;
+    }
+    for (const AddedToken& token : added) {
+      tokens[token.id] = token.content;
+      has_token[token.id] = true;
+      is_special[token.id] = token.special;
+    }
+  }
+};
+
+Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
+Tokenizer::~Tokenizer() = default;
+
+Tokenizer Tokenizer::load(const std::filesystem::path& tokenizer_json) {
+  auto impl = std::make_unique<Impl>();
+  impl->path = tokenizer_json.string();
+  const std::string& path = impl->path;
+  try {
+    const Json root = Json::parse(read_text_file(tokenizer_json));
+    parse_normalizer(root.value("normalizer", Json()), path, impl->normalizers);
+    parse_pre_tokenizer(root.value("pre_tokenizer", Json()), path, impl->pre_tokenizers);
+    parse_decoder(root.value("decoder", Json()), path, impl->decoders);
+    impl->parse_model(root.at("model"));
+    for (const Json& entry : root.value("added_tokens", Json::array())) {
+      AddedToken token{entry.at("content").get<std::string>(), entry.at("id").get<std::int32_t>(),
+                       entry.value("special", false),          entry.value("lstrip", false),
+                       entry.value("rstrip", false),           entry.value("normalized", false)};
+      PQ_CHECK(!token.content.empty() && token.id >= 0, "{}: invalid added token {}", path,
+               entry.dump());
+      PQ_CHECK(!entry.value("single_word", false),
+               "{}: added token '{}' uses single_word, which is not supported", path,
+               token.content);
+      (token.normalized ? impl->normalized_matcher : impl->raw_matcher)
+          .add(token, impl->added.size());
+      impl->added.push_back(std::move(token));
+    }
+    impl->parse_post_processor(root.value("post_processor", Json()));
+    impl->build_token_table();
+
+    const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
+    if (std::filesystem::exists(config_path)) {
+      const Json config = Json::parse(read_text_file(config_path));
+      const auto resolve = [&](const char* key) -> std::optional<std::int32_t> {
+        const auto name = special_token_name(config, key);
+        if (!name) return std::nullopt;
+        const auto id = impl->token_to_id(*name);
+        PQ_CHECK(id.has_value(), "{}: {} '{}' is not in the vocabulary", config_path.string(), key,
+                 *name);
+        return id;
+      };
+      impl->bos = resolve("bos_token");
+      impl->eos = resolve("eos_token");
+    } else if (!impl->prefix_ids.empty()) {
+      impl->bos = impl->prefix_ids.front();
+    }
+  } catch (const Json::exception& error) {
+    fail("{}: malformed tokenizer file: {}", path, error.what());
+  }
+  return Tokenizer(std::move(impl));
+}
+
+std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
+  PQ_CHECK(is_valid_utf8(text), "text to tokenize is not valid UTF-8");
+  std::vector<std::int32_t> ids;
+  if (add_special_tokens) ids = impl_->prefix_ids;
+  for (const Segment& segment : split_added_tokens(text, impl_->raw_matcher, impl_->added)) {
+    if (segment.added >= 0) {
+      ids.push_back(impl_->added[segment.added].id);
+    } else {
+      impl_->encode_text(segment.text, ids);
+    }
+  }
+  if (add_special_tokens) ids.insert(ids.end(), impl_->suffix_ids.begin(), impl_->suffix_ids.end());
+  return ids;
+}
+
+std::string Tokenizer::decode(std::span<const std::int32_t> ids, bool skip_special_tokens) const {
+  std::vector<std::string> tokens;
+  tokens.reserve(ids.size());
+  for (const std::int32_t id : ids) {
+    if (skip_special_tokens && id >= 0 && id < vocab_size() && impl_->is_special[id]) continue;
+    tokens.push_back(id_to_token(id));
+  }
+  if (impl_->decoders.empty()) {
+    // Without a decoder the reference joins the tokens with spaces (tokenizer/mod.rs decode).
+    std::string joined;
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      if (i > 0) joined.push_back(' ');
+      joined += tokens[i];
+    }
+    return joined;
+  }
+  for (const Decoder& decoder : impl_->decoders) tokens = apply_decoder(decoder, std::move(tokens));
+  std::string text;
+  for (const std::string& token : tokens) text += token;
+  return text;
+}
+
+std::optional<std::int32_t> Tokenizer::token_to_id(std::string_view token) const {
+  return impl_->token_to_id(token);
+}
+
+const std::string& Tokenizer::id_to_token(std::int32_t id) const {
+  PQ_CHECK(id >= 0 && id < vocab_size() && impl_->has_token[id], "token id {} is not in {}", id,
+           impl_->path);
+  return impl_->tokens[id];
+}
+
+std::int32_t Tokenizer::vocab_size() const {
+  return static_cast<std::int32_t>(impl_->tokens.size());
+}
+
+std::optional<std::int32_t> Tokenizer::bos_id() const {
+  return impl_->bos;
+}
+std::optional<std::int32_t> Tokenizer::eos_id() const {
+  return impl_->eos;
+}
+
+}  // namespace pq::tokenizer

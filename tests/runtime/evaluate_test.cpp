@@ -1,0 +1,96 @@
+#include "runtime/evaluate.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "io/safetensors.h"
+#include "support/test_support.h"
+
+namespace pq::runtime {
+namespace {
+
+class FixtureModels : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    PQ_REQUIRE_SHARED();
+    std::ifstream in(test::shared_dir() / "fixtures" / (GetParam() + "-logits.json"));
+    fixture_ = nlohmann::json::parse(in);
+    dir_ = test::shared_dir() / "models" / GetParam();
+    checkpoint_ = std::make_unique<io::Checkpoint>(io::Checkpoint::open(dir_));
+    weights_ = std::make_unique<CheckpointWeightSource>(*checkpoint_);
+  }
+  Model make_model(ComputeType compute = ComputeType::kF32) {
+    return Model(model::ModelConfig::load(dir_), *weights_,
+                 {.compute = compute, .keep_layers_resident = true});
+  }
+
+  nlohmann::json fixture_;
+  std::filesystem::path dir_;
+  std::unique_ptr<io::Checkpoint> checkpoint_;
+  std::unique_ptr<CheckpointWeightSource> weights_;
+};
+
+TEST_P(FixtureModels, GreedyGenerationReproducesFixture) {
+  Model model = make_model();
+  const auto prompt = fixture_["greedy_prompt"].get<std::vector<std::int32_t>>();
+  const auto expected = fixture_["greedy_ids"].get<std::vector<std::int32_t>>();
+  EXPECT_EQ(greedy_generate(model, prompt, static_cast<std::int64_t>(expected.size())), expected);
+}
+
+// 8 windows of 128 ids, each scored on its 127 next-token predictions (fixture description).
+TEST_P(FixtureModels, PerplexityReproducesFixture) {
+  Model model = make_model();
+  const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
+  const auto windows = token_windows(ids, 128, 8);
+  const EvalResult r = evaluate(model, windows);
+  EXPECT_EQ(r.windows, 8);
+  EXPECT_EQ(r.predictions, 8 * 127);
+  const double expected = fixture_["perplexity"].get<double>();
+  std::printf("[%s] perplexity %.6f, fixture %.6f, relative diff %.2g\n", GetParam().c_str(),
+              r.perplexity(), expected, std::abs(r.perplexity() / expected - 1.0));
+  EXPECT_NEAR(r.perplexity() / expected, 1.0, 1e-3);
+}
+
+// KL(reference || model) is zero against itself and small but positive for bf16 compute.
+TEST_P(FixtureModels, KlAgainstReference) {
+  Model fp32 = make_model();
+  Model same = make_model();
+  Model bf16 = make_model(ComputeType::kBF16);
+  const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
+  const auto windows = token_windows(ids, 64, 2);
+  const EvalResult self = evaluate(same, windows, &fp32);
+  EXPECT_NEAR(self.mean_kl(), 0.0, 1e-9);
+  EXPECT_EQ(self.top1_agreements, self.predictions);
+  const EvalResult rounded = evaluate(bf16, windows, &fp32, 1);
+  std::printf("[%s] bf16 vs fp32: mean KL %.3g nats, top-1 agreement %.4f\n", GetParam().c_str(),
+              rounded.mean_kl(), rounded.top1_agreement());
+  EXPECT_GT(rounded.mean_kl(), 0.0);
+  EXPECT_LT(rounded.mean_kl(), 1e-2);
+  EXPECT_GT(rounded.top1_agreement(), 0.9);
+  EXPECT_NEAR(rounded.nll_sum, evaluate(bf16, windows).nll_sum, 1e-6 * rounded.nll_sum);
+}
+
+INSTANTIATE_TEST_SUITE_P(Qwen3, FixtureModels,
+                         ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+TEST(TokenWindows, DropsPartialTailAndHonoursLimit) {
+  const std::vector<std::int32_t> ids = {1, 2, 3, 4, 5, 6, 7};
+  EXPECT_EQ(token_windows(ids, 3, 0),
+            (std::vector<std::vector<std::int32_t>>{{1, 2, 3}, {4, 5, 6}}));
+  EXPECT_EQ(token_windows(ids, 3, 1).size(), 1u);
+  EXPECT_THROW(token_windows(ids, 8, 0), Error);
+  EXPECT_THROW(token_windows(ids, 1, 0), Error);
+}
+
+}  // namespace
+}  // namespace pq::runtime

