@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstring>
 #include <functional>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
