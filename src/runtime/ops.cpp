@@ -3,14 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "runtime/kernels/vector_math.h"
+
 namespace pq::runtime {
-
-namespace {
-
-float sigmoid(float v) {
-  return 1.0f / (1.0f + std::exp(-v));
-}
-}  // namespace
 
 void rms_norm_forward(const float* x, const float* weight, std::int64_t rows, std::int64_t width,
                       float eps, float* y, float* rstd) {
@@ -48,16 +43,18 @@ void rms_norm_backward(const float* x, const float* weight, const float* rstd, c
 }
 
 void swiglu_forward(const float* gate, const float* up, std::int64_t n, float* act) {
+  sigmoid({gate, static_cast<std::size_t>(n)}, {act, static_cast<std::size_t>(n)});
 #pragma omp parallel for if (n > kParallelElements)
-  for (std::int64_t i = 0; i < n; ++i) act[i] = gate[i] * sigmoid(gate[i]) * up[i];
+  for (std::int64_t i = 0; i < n; ++i) act[i] = gate[i] * act[i] * up[i];
 }
 
 void swiglu_backward(const float* gate, const float* up, const float* dact, std::int64_t n,
                      float* dgate, float* dup) {
-  // silu'(g) = s + g s (1 - s), s = sigmoid(g)
+  // silu'(g) = s + g s (1 - s), s = sigmoid(g); dgate holds s until it is overwritten.
+  sigmoid({gate, static_cast<std::size_t>(n)}, {dgate, static_cast<std::size_t>(n)});
 #pragma omp parallel for if (n > kParallelElements)
   for (std::int64_t i = 0; i < n; ++i) {
-    const float s = sigmoid(gate[i]);
+    const float s = dgate[i];
     const float silu = gate[i] * s;
     dgate[i] = dact[i] * up[i] * (s + gate[i] * s * (1.0f - s));
     dup[i] = dact[i] * silu;
@@ -90,11 +87,7 @@ double cross_entropy_forward_backward(float* logits, const std::int32_t* targets
     for (std::int64_t i = 1; i < vocab; ++i) max_logit = std::max(max_logit, z[i]);
     const float target_logit = z[targets[r]];
     // One exp per logit: z becomes exp(z - max), summed in double, then scaled to w * softmax.
-    double sum = 0.0;
-    for (std::int64_t i = 0; i < vocab; ++i) {
-      z[i] = std::exp(z[i] - max_logit);
-      sum += z[i];
-    }
+    const double sum = exp_shifted_sum({z, static_cast<std::size_t>(vocab)}, max_logit);
     const float w = weights[r];
     loss += w * (std::log(sum) + max_logit - target_logit);
     const float scale = static_cast<float>(w / sum);

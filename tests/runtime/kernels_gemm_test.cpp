@@ -1,10 +1,12 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -157,6 +159,39 @@ TEST(Gemm, EmptyInnerDimensionScalesC) {
   gemm_bf16(Transpose::kNo, Transpose::kNo, 2, 2, 0, 1.0f, nullptr, 1, nullptr, 2, 0.0f, c.data(),
             2);
   EXPECT_EQ(c, (std::vector<float>(4, 0.0f)));
+}
+
+// The primitive cache and the per-thread scratchpads must let threads multiply concurrently,
+// including two threads creating the same shape's primitive at once.
+TEST(Gemm, ConcurrentCallsFromSeveralThreadsAreCorrect) {
+  const std::int64_t m = 19, n = 23, k = 29;
+  std::vector<std::thread> threads;
+  std::vector<double> errors(4, 1.0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      double worst = 0;
+      for (int round = 0; round < 20; ++round) {
+        const Shape shape{m + round % 3, n, k};  // threads share shapes and add new ones
+        Operands ops =
+            make_operands(Transpose::kNo, Transpose::kYes, shape, 1000 + t * 100 + round);
+        const std::vector<std::uint16_t> a16 = to_bf16(ops.a), b16 = to_bf16(ops.b);
+        const auto [mm, nn, kk] = shape;
+        std::vector<float> got = ops.c, got32 = ops.c, ref = ops.c;
+        gemm_bf16(Transpose::kNo, Transpose::kYes, mm, nn, kk, 1.0f, a16.data(), ops.lda,
+                  b16.data(), ops.ldb, 0.0f, got.data(), ops.ldc);
+        gemm_f32(Transpose::kNo, Transpose::kYes, mm, nn, kk, 1.0f, ops.a.data(), ops.lda,
+                 ops.b.data(), ops.ldb, 0.0f, got32.data(), ops.ldc);
+        gemm_reference(Transpose::kNo, Transpose::kYes, mm, nn, kk, 1.0f, ops.a.data(), ops.lda,
+                       ops.b.data(), ops.ldb, 0.0f, ref.data(), ops.ldc);
+        const auto mag = magnitude(Transpose::kNo, Transpose::kYes, shape, 1.0f, ops, 0.0f);
+        worst = std::max({worst, worst_error(shape, ops, got, ref, mag),
+                          worst_error(shape, ops, got32, ref, mag)});
+      }
+      errors[t] = worst;
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (double e : errors) EXPECT_LT(e, 1e-5);
 }
 
 TEST(Gemm, RejectsTooSmallLeadingDimension) {

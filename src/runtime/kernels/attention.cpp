@@ -1,5 +1,7 @@
 #include "runtime/kernels/attention.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -99,12 +101,17 @@ struct Layout {
 // contiguous key rows: O(T * D) per kv head, the size of x itself.
 std::vector<float> transpose_heads(const Layout& l, const float* x) {
   const std::int64_t T = l.s.seq_len, D = l.s.head_dim;
+  const std::int64_t t_blocks = (T + kKeyTile - 1) / kKeyTile;
   std::vector<float> out(static_cast<std::size_t>(l.s.num_kv_heads * D * T));
+  // Blocks of kKeyTile positions: their D-wide rows stay in L1 while every d is written out.
 #pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t g = 0; g < l.s.num_kv_heads; ++g) {
-    for (std::int64_t d = 0; d < D; ++d) {
-      float* dst = out.data() + (g * D + d) * T;
-      for (std::int64_t t = 0; t < T; ++t) dst[t] = x[l.kv_offset(t, g) + d];
+    for (std::int64_t block = 0; block < t_blocks; ++block) {
+      const std::int64_t t0 = block * kKeyTile, t1 = std::min(T, t0 + kKeyTile);
+      for (std::int64_t d = 0; d < D; ++d) {
+        float* dst = out.data() + (g * D + d) * T;
+        for (std::int64_t t = t0; t < t1; ++t) dst[t] = x[l.kv_offset(t, g) + d];
+      }
     }
   }
   return out;
@@ -227,14 +234,25 @@ void causal_attention_backward(const AttentionShape& s, const float* q, const fl
     }
   };
 
+  // One task per (kv head, key tile) owns those rows of dk and dv and loops over the group's
+  // query heads, so dK and dV need no synchronization. dQ rows receive contributions from every
+  // key tile: each thread accumulates them in a dQ of its own (thread 0 directly in dq), and the
+  // partial sums are added at the end. This computes every score tile once; computing dQ in a
+  // separate pass per query tile would instead recompute P and dS.
   const std::int64_t k_tiles = (T + kKeyTile - 1) / kKeyTile;
-  const std::int64_t q_tiles = (T + kQueryTile - 1) / kQueryTile;
+  const std::int64_t q_size = T * l.q_stride;
+  std::fill_n(dq, q_size, 0.0f);
+  std::vector<std::vector<float>> dq_partials(static_cast<std::size_t>(omp_get_max_threads()));
 #pragma omp parallel
   {
     std::vector<float> p(static_cast<std::size_t>(kQueryTile * kKeyTile));
     std::vector<float> ds(static_cast<std::size_t>(kQueryTile * kKeyTile));
-    // Pass 1: dK and dV. One task per (kv head, key tile) owns those rows of dk and dv, so
-    // tasks never write the same memory; the task loops over the group's query heads.
+    const int thread = omp_get_thread_num();
+    float* my_dq = dq;
+    if (thread > 0) {
+      dq_partials[thread].assign(static_cast<std::size_t>(q_size), 0.0f);
+      my_dq = dq_partials[thread].data();
+    }
 #pragma omp for collapse(2) schedule(dynamic)
     for (std::int64_t g = 0; g < s.num_kv_heads; ++g) {
       for (std::int64_t ktile = 0; ktile < k_tiles; ++ktile) {
@@ -251,31 +269,24 @@ void causal_attention_backward(const AttentionShape& s, const float* q, const fl
           for (std::int64_t i0 = j0; i0 < i_end; i0 += kQueryTile) {
             const std::int64_t rows = std::min(kQueryTile, i_end - i0);
             probability_tiles(h, i0, rows, j0, cols, p.data(), ds.data());
-            // dV_j += P^T dout_i and dK_j += scale * dS^T q_i: P and dS read transposed.
+            // dV_j += P^T dout_i and dK_j += scale * dS^T q_i (P and dS read transposed), and
+            // dQ_i += scale * dS k_j.
             ops.gemm(cols, D, rows, 1.0f, p.data(), 1, kKeyTile, dout + l.q_offset(i0, h),
                      l.q_stride, dv_tile, l.kv_stride);
             ops.gemm(cols, D, rows, s.scale, ds.data(), 1, kKeyTile, q + l.q_offset(i0, h),
                      l.q_stride, dk_tile, l.kv_stride);
+            ops.gemm(rows, D, cols, s.scale, ds.data(), kKeyTile, 1, k + l.kv_offset(j0, g),
+                     l.kv_stride, my_dq + l.q_offset(i0, h), l.q_stride);
           }
         }
       }
     }
-    // Pass 2: dQ, one task per (head, query tile): dQ_i += scale * dS K_j.
-#pragma omp for collapse(2) schedule(dynamic)
-    for (std::int64_t h = 0; h < H; ++h) {
-      for (std::int64_t tile_index = 0; tile_index < q_tiles; ++tile_index) {
-        const std::int64_t i0 = (q_tiles - 1 - tile_index) * kQueryTile;
-        const std::int64_t rows = std::min(kQueryTile, T - i0);
-        float* dq_tile = dq + l.q_offset(i0, h);
-        for (std::int64_t i = 0; i < rows; ++i) std::fill_n(dq_tile + i * l.q_stride, D, 0.0f);
-        for (std::int64_t j0 = first_key(s, i0); j0 < i0 + rows; j0 += kKeyTile) {
-          const std::int64_t cols = std::min(kKeyTile, i0 + rows - j0);
-          probability_tiles(h, i0, rows, j0, cols, p.data(), ds.data());
-          ops.gemm(rows, D, cols, s.scale, ds.data(), kKeyTile, 1, k + l.kv_offset(j0, h / l.group),
-                   l.kv_stride, dq_tile, l.q_stride);
-        }
-      }
-    }
+  }
+  for (std::size_t t = 1; t < dq_partials.size(); ++t) {
+    if (dq_partials[t].empty()) continue;  // a thread of the team that was not started
+    const float* partial = dq_partials[t].data();
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < q_size; ++i) dq[i] += partial[i];
   }
 }
 

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstring>
 #include <functional>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -147,7 +146,7 @@ void onednn_matmul(dnnl::memory::data_type input_type, Transpose ta, Transpose t
   thread_local std::vector<std::uint8_t> scratchpad;
   scratchpad.resize(std::max<std::size_t>(scratchpad.size(), mm.scratchpad_md.get_size()));
   const dnnl::engine& engine = cache.engine();
-  dnnl::stream stream(engine);
+  thread_local dnnl::stream stream(engine);
   dnnl::memory a_mem(mm.a_md, engine, const_cast<void*>(a));
   dnnl::memory b_mem(mm.b_md, engine, const_cast<void*>(b));
   dnnl::memory c_mem(mm.c_md, engine, c);

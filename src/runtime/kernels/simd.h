@@ -17,4 +17,8 @@ void tile_gemm(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, cons
                std::int64_t ldb, float* c, std::int64_t ldc);
 float exp_shifted(float* x, std::int64_t n, float shift);
 
+// Elementwise math behind vector_math.h.
+double exp_shifted_sum(float* x, std::int64_t n, float shift);
+void sigmoid(const float* x, float* y, std::int64_t n);
+
 }  // namespace pq::runtime::avx512
