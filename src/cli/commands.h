@@ -11,5 +11,6 @@ void register_allocate(CLI::App& app);
 
 void register_inspect(CLI::App& app);
 void register_formats(CLI::App& app);
+void register_export(CLI::App& app);
 
 }  // namespace pq::cli

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   pq::cli::register_inspect(app);
   pq::cli::register_allocate(app);
   pq::cli::register_formats(app);
+  pq::cli::register_export(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
