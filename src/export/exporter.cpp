@@ -287,7 +287,7 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
 
   auto format_label = [&](std::size_t i) -> std::string {
     if (plan.format_of[i] != nullptr) return std::string(plan.format_of[i]->name());
-    return fmt::format("{} (unquantized)", io::dtype_name(spec.linears[i].dtype));
+    return fmt::format("{} (not a candidate)", io::dtype_name(spec.linears[i].dtype));
   };
   std::map<std::string, std::map<std::string, std::pair<std::uint64_t, std::uint64_t>>> by_role;
   std::map<std::int64_t, std::map<std::string, std::uint64_t>> by_layer;
@@ -337,9 +337,16 @@ bool is_within(const fs::path& inner, const fs::path& outer) {
 // A fresh directory beside `out` (same filesystem, so the final rename is atomic).
 fs::path make_staging_dir(const fs::path& out, const char* tag) {
   std::string pattern = out.string() + tag;
+  // WORK/export/NAME may be the first thing under WORK/export; mkdtemp reports what still fails.
+  std::error_code ignored;
+  if (out.has_parent_path()) fs::create_directories(out.parent_path(), ignored);
   if (mkdtemp(pattern.data()) == nullptr) {
     fail("cannot create a directory beside {}: {}", out.string(), std::strerror(errno));
   }
+  // mkdtemp makes it private (0700); the checkpoint is for serving, so give it the usual
+  // world-readable directory mode.
+  fs::permissions(pattern, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                               fs::perms::others_read | fs::perms::others_exec);
   return pattern;
 }
 

@@ -305,6 +305,7 @@ TEST(Export, DenseMixOfFormatsRoundTrips) {
   EXPECT_TRUE(fs::exists(work / "out" / "model.safetensors.index.json"));
   verify_export(source, work / "out", assignment);
   expect_only(work.path(), {"alloc", "out"});
+  EXPECT_NE(fs::status(work / "out").permissions() & fs::perms::others_read, fs::perms::none);
 }
 
 TEST(Export, MoeExpertsShareGlobalScalePerExpert) {
@@ -376,7 +377,7 @@ TEST(Export, HostileAssignmentsLeaveNothing) {
   test::TempDir work;
   const fs::path source = model("qwen3-dense-tiny");
   const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "MXFP8"}));
-  ExportJob job = job_for(source, "", work / "out");
+  ExportJob job = job_for(source, "", work / "nested" / "out");
 
   job.assignment = tampered(work / "unknown", assignment, [](nlohmann::json& j) {
     j["linears"][3]["name"] = "model.layers.0.self_attn.nope_proj";
@@ -407,6 +408,11 @@ TEST(Export, HostileAssignmentsLeaveNothing) {
   expect_export_error(job, "sibling group model.layers.0.self_attn.qkv_proj mixes formats");
 
   expect_only(work.path(), {"unknown", "bad-format", "mxfp6", "split"});
+
+  // A parent that does not exist yet is created, like `mkdir -p`.
+  job.assignment = save_assignment(work / "alloc", assignment);
+  run_export(job);
+  verify_export(source, job.out, assignment);
 }
 
 TEST(Export, OutputDirectoryRules) {
