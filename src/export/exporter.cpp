@@ -46,24 +46,15 @@ std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec&
   std::vector<std::vector<std::size_t>> units;
   std::vector<bool> placed(spec.linears.size(), false);
   for (const model::SiblingGroup& group : spec.groups) {
-    std::map<std::pair<std::int64_t, bool>, std::size_t> unit_of_key;
+    std::map<std::int64_t, std::size_t> unit_of_expert;  // expert index, -1 for a dense group
     for (const std::size_t index : group.members) {
       const model::Linear& linear = spec.linears[index];
       placed[index] = true;
-      if (!linear.expert) {
-        if (unit_of_key.empty()) {
-          unit_of_key[{-1, true}] = units.size();
-          units.emplace_back();
-        }
-        units[unit_of_key.begin()->second].push_back(index);
-        continue;
-      }
-      const std::pair<std::int64_t, bool> key{*linear.expert, is_w13_role(linear.role)};
-      if (!key.second) {
+      if (linear.expert && !is_w13_role(linear.role)) {
         units.push_back({index});
         continue;
       }
-      auto [it, added] = unit_of_key.try_emplace(key, units.size());
+      const auto [it, added] = unit_of_expert.try_emplace(linear.expert.value_or(-1), units.size());
       if (added) units.emplace_back();
       units[it->second].push_back(index);
     }
@@ -160,7 +151,8 @@ Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assign
     }
   }
   // W4A4 NVFP4: input_global_scale = 448*6/amax(calibration activations) (format-facts.md A.2).
-  // Fused siblings read one input, so they share the max over members.
+  // Fused siblings read one input, so they share the max over members. The other formats that
+  // quantize activations (MXFP4/MXFP8 W*A*, FP8) scale them dynamically and store nothing.
   for (const std::vector<std::size_t>& unit : global_scale_units(spec)) {
     const formats::WeightFormat* format = plan.format_of[unit.front()];
     if (format == nullptr || !format->quantizes_activations() || !is_nvfp4(*format)) continue;
