@@ -1,7 +1,8 @@
 // Causal attention throughput at 1B-class head shapes (16 query heads, 8 kv heads, head_dim 128).
 // FLOPs count only visible (query, key) pairs: 4 D per pair and head forward (q.k and p.v),
 // 8 D more backward (dP, dV, dK, dQ), as FlashAttention-2 counts them. The in-run baseline is
-// gemm_f32 at the size of one head's full score matrix.
+// gemm_f32 at the size of one head's full score matrix. Rates are per second of main-thread CPU
+// time, as in bench_runtime.cpp.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -104,21 +105,21 @@ BENCHMARK(BM_ScoresAsGemmF32Baseline)
     ->ArgName("tokens")
     ->Arg(512)
     ->Arg(2048)
-    ->UseRealTime()
+
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AttentionForward)
     ->ArgNames({"tokens", "window"})
     ->Args({512, 0})
     ->Args({2048, 0})
     ->Args({2048, 512})
-    ->UseRealTime()
+
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AttentionBackward)
     ->ArgNames({"tokens", "window"})
     ->Args({512, 0})
     ->Args({2048, 0})
     ->Args({2048, 512})
-    ->UseRealTime()
+
     ->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -12,7 +12,7 @@ function(pq_add_test name)
   add_executable(${name} ${ARGN})
   target_link_libraries(${name} PRIVATE pq pq_test_support GTest::gtest_main GTest::gmock)
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES
-                       ENVIRONMENT "PQ_SHARED_DIR=${PQ_SHARED_DIR};OMP_NUM_THREADS=2")
+                       ENVIRONMENT "PQ_SHARED_DIR=${PQ_SHARED_DIR};OMP_NUM_THREADS=2;OMP_WAIT_POLICY=passive")
 endfunction()
 
 # pq_add_bench(NAME SOURCES...): one Google Benchmark executable.

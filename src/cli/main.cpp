@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   pq::cli::register_allocate(app);
   pq::cli::register_formats(app);
   pq::cli::register_export(app);
+  pq::cli::register_eval(app);
+  pq::cli::register_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

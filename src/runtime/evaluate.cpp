@@ -92,17 +92,18 @@ std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int
                                           std::span<const std::int64_t> stop_tokens) {
   PQ_CHECK(!prompt.empty(), "generation needs a non-empty prompt");
   const std::int64_t vocab = model.config().vocab_size;
-  std::vector<std::int32_t> sequence(prompt.begin(), prompt.end());
+  DecodeState state;
+  std::vector<float> logits = model.extend(state, prompt);
+  std::int64_t rows = static_cast<std::int64_t>(prompt.size());
   std::vector<std::int32_t> generated;
   for (std::int64_t step = 0; step < new_tokens; ++step) {
-    const Sequence current{sequence, {}};
-    std::int32_t next = 0;
-    model.forward({&current, 1}, [&](std::int64_t, const float* logits, std::int64_t rows) {
-      next = static_cast<std::int32_t>(arg_max(logits + (rows - 1) * vocab, vocab));
-    });
+    const auto next = static_cast<std::int32_t>(arg_max(logits.data() + (rows - 1) * vocab, vocab));
     generated.push_back(next);
-    sequence.push_back(next);
     if (std::find(stop_tokens.begin(), stop_tokens.end(), next) != stop_tokens.end()) break;
+    if (step + 1 < new_tokens) {
+      logits = model.extend(state, {&next, 1});
+      rows = 1;
+    }
   }
   return generated;
 }

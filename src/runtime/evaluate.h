@@ -38,7 +38,7 @@ EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> win
                     Model* reference = nullptr, std::int64_t windows_per_pass = 4);
 
 // Greedy decoding: appends the arg-max token `new_tokens` times (stopping after a token in
-// `stop_tokens`), recomputing the whole sequence each step. Returns only the new tokens.
+// `stop_tokens`), with a key/value cache (Model::extend). Returns only the new tokens.
 std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int32_t> prompt,
                                           std::int64_t new_tokens,
                                           std::span<const std::int64_t> stop_tokens = {});

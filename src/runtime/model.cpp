@@ -20,9 +20,11 @@ struct Model::Linear {
   std::string name;  // tensor name without ".weight"
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
-  std::vector<float> weight;               // float32 values after the weight transform
-  std::vector<std::uint16_t> weight_bf16;  // the same, rounded, in bf16 compute mode
-  std::vector<float> bias;                 // empty when the Linear has none
+  // float32 values after the weight transform; in bf16 compute mode only their rounded copy
+  // weight_bf16 is kept.
+  std::vector<float> weight;
+  std::vector<std::uint16_t> weight_bf16;
+  std::vector<float> bias;  // empty when the Linear has none
 };
 
 struct Model::Layer {
@@ -135,6 +137,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
 
   const std::int64_t hidden = config_.hidden_size;
   const std::string embed_name = "model.embed_tokens.weight";
+  PQ_CHECK(weights_.contains(embed_name), "checkpoint has no tensor {}", embed_name);
   const auto embed_shape = weights_.shape(embed_name);
   PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
            "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
@@ -150,14 +153,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = hidden;
     lm_head_->weight = embed_tokens_;
-    if (options_.weight_transform != nullptr) {
-      options_.weight_transform->apply(lm_head_->name, config_.vocab_size, hidden,
-                                       lm_head_->weight);
-    }
-    if (options_.compute == ComputeType::kBF16) {
-      lm_head_->weight_bf16.resize(lm_head_->weight.size());
-      convert_f32_to_bf16(lm_head_->weight, lm_head_->weight_bf16);
-    }
+    prepare_linear(*lm_head_);
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, hidden, /*bias_allowed=*/false);
   }
@@ -186,19 +182,25 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.out_features = out_features;
   linear.in_features = in_features;
   linear.weight = fetch(weight_name);
-  if (options_.weight_transform != nullptr) {
-    options_.weight_transform->apply(name, out_features, in_features, linear.weight);
-  }
-  if (options_.compute == ComputeType::kBF16) {
-    linear.weight_bf16.resize(linear.weight.size());
-    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
-  }
+  prepare_linear(linear);
   // Biases are used exactly when the checkpoint has them: Qwen2 always has q/k/v biases,
   // Llama/Qwen3 have them when attention_bias / mlp_bias are set (transformers modeling_*.py).
   const std::string bias_name = name + ".bias";
   if (weights_.contains(bias_name)) {
     PQ_CHECK(bias_allowed, "{}: unexpected bias tensor", bias_name);
     linear.bias = load_vector(bias_name, out_features);
+  }
+}
+
+void Model::prepare_linear(Linear& linear) const {
+  if (options_.weight_transform != nullptr) {
+    options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
+                                     linear.weight);
+  }
+  if (options_.compute == ComputeType::kBF16) {
+    linear.weight_bf16.resize(linear.weight.size());
+    convert_f32_to_bf16(linear.weight, linear.weight_bf16);
+    linear.weight = {};
   }
 }
 
@@ -321,7 +323,8 @@ void Model::linear_backward_input(const Linear& linear, const float* dy, std::in
 
 // ---- Attention ----------------------------------------------------------------------------
 
-void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
+                        std::int64_t first_position) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
@@ -348,20 +351,84 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
     linear_forward(layer.k_proj, t.h1.data(), n, t.k.data(), &t);
   }
   linear_forward(layer.v_proj, t.h1.data(), n, t.v.data(), &t);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    layout.rope->apply(t.q.data() + off * heads * d, len, heads, first_position);
+    layout.rope->apply(t.k.data() + off * kv_heads * d, len, kv_heads, first_position);
+  }
+}
 
+void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = c.num_key_value_heads;
+  const std::int64_t d = c.head_dim;
+  project_qkv(layer, layout, t, 0);
   t.attn.resize(n * heads * d);
   t.lse.resize(n * heads);
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
     const std::int64_t off = layout.offsets[s];
     const std::int64_t len = layout.length(s);
     if (len == 0) continue;
-    layout.rope->apply(t.q.data() + off * heads * d, len, heads, 0);
-    layout.rope->apply(t.k.data() + off * kv_heads * d, len, kv_heads, 0);
     const AttentionShape shape{
         len, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)), layer.sliding_window};
     causal_attention_forward(shape, t.q.data() + off * heads * d, t.k.data() + off * kv_heads * d,
                              t.v.data() + off * kv_heads * d, t.attn.data() + off * heads * d,
                              t.lse.data() + off * heads);
+  }
+}
+
+void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
+                                     DecodeState& state) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;  // new tokens, one sequence
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = c.num_key_value_heads;
+  const std::int64_t d = c.head_dim;
+  const std::int64_t group = heads / kv_heads;
+  const std::int64_t past = state.length;
+  project_qkv(layer, layout, t, past);
+  std::vector<float>& keys = state.keys[layer.index];
+  std::vector<float>& values = state.values[layer.index];
+  keys.insert(keys.end(), t.k.begin(), t.k.end());
+  values.insert(values.end(), t.v.begin(), t.v.end());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  t.attn.resize(n * heads * d);
+  // New token i (position past + i) attends cached positions j <= past + i, inside the sliding
+  // window if the layer has one (the convention of causal_attention_forward).
+#pragma omp parallel for collapse(2) if (n * heads * (past + n) * d > kParallelElements)
+  for (std::int64_t i = 0; i < n; ++i) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const std::int64_t position = past + i;
+      const std::int64_t first =
+          layer.sliding_window > 0 ? std::max<std::int64_t>(0, position - layer.sliding_window + 1)
+                                   : 0;
+      const float* q = t.q.data() + (i * heads + h) * d;
+      const std::int64_t kv = h / group;
+      std::vector<float> scores(position + 1 - first);
+      float max_score = -INFINITY;
+      for (std::int64_t j = first; j <= position; ++j) {
+        const float* k = keys.data() + (j * kv_heads + kv) * d;
+        float dot = 0.0f;
+        for (std::int64_t e = 0; e < d; ++e) dot += q[e] * k[e];
+        scores[j - first] = dot * scale;
+        max_score = std::max(max_score, scores[j - first]);
+      }
+      double sum = 0.0;
+      for (float& score : scores) {
+        score = std::exp(score - max_score);
+        sum += score;
+      }
+      float* out = t.attn.data() + (i * heads + h) * d;
+      std::fill(out, out + d, 0.0f);
+      for (std::int64_t j = first; j <= position; ++j) {
+        const float p = static_cast<float>(scores[j - first] / sum);
+        const float* v = values.data() + (j * kv_heads + kv) * d;
+        for (std::int64_t e = 0; e < d; ++e) out[e] += p * v[e];
+      }
+    }
   }
 }
 
@@ -399,9 +466,9 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     // dq, dk now hold gradients of the normalized values; take them back through the norms.
     std::vector<float> dq_proj(dq.size()), dk_proj(dk.size());
     rms_norm_backward(t.q_proj.data(), layer.q_norm.data(), t.q_rstd.data(), dq.data(), n * heads,
-                      d, dq_proj.data(), false, nullptr);
+                      d, dq_proj.data(), false);
     rms_norm_backward(t.k_proj.data(), layer.k_norm.data(), t.k_rstd.data(), dk.data(),
-                      n * kv_heads, d, dk_proj.data(), false, nullptr);
+                      n * kv_heads, d, dk_proj.data(), false);
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
@@ -462,7 +529,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
          linear_input(layer.router, t.h2.data(), t), nullptr, layout.ranges);
   t.chosen.resize(n * top_k);
   t.routing_weights.resize(n * top_k);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     float* p = t.router_probs.data() + r * experts;
     const float max_logit = *std::max_element(p, p + experts);
@@ -591,7 +658,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   // dL/dp_j = (g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise; then
   // dL/dlogit = p * (dL/dp - sum(p * dL/dp)).
   std::vector<float> dlogits(n * experts);
-#pragma omp parallel for if (n > 64)
+#pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     const float* p = t.router_probs.data() + r * experts;
     std::vector<double> dp(experts, 0.0);
@@ -618,7 +685,8 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
 // ---- Layer --------------------------------------------------------------------------------
 
 void Model::layer_forward(const Layer& layer, const Layout& layout, const float* x, float* out,
-                          LayerTape& t, LinearObserver* observer, bool report_linears) const {
+                          LayerTape& t, LinearObserver* observer, bool report_linears,
+                          DecodeState* cache) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t hidden = c.hidden_size;
@@ -629,7 +697,11 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   t.h1.resize(n * hidden);
   t.rstd1.resize(n);
   rms_norm_forward(x, layer.input_norm.data(), n, hidden, eps, t.h1.data(), t.rstd1.data());
-  attention_forward(layer, layout, t);
+  if (cache != nullptr) {
+    attention_forward_cached(layer, layout, t, *cache);
+  } else {
+    attention_forward(layer, layout, t);
+  }
   for (const Linear* p : {&layer.q_proj, &layer.k_proj, &layer.v_proj}) {
     report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
            linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
@@ -657,11 +729,11 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   std::vector<float> dh(n * hidden);
   mlp_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x2.data(), layer.post_attention_norm.data(), t.rstd2.data(), dh.data(), n,
-                    hidden, dx, /*accumulate=*/true, nullptr);
+                    hidden, dx, /*accumulate=*/true);
   // x2 = x + o_proj(attn(norm(x))): dx = dx2 + norm_backward(attention_backward(dx2)).
   attention_backward(layer, layout, t, dx, dh.data(), observer);
   rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx,
-                    /*accumulate=*/true, nullptr);
+                    /*accumulate=*/true);
 }
 
 // ---- Passes -------------------------------------------------------------------------------
@@ -792,6 +864,39 @@ std::vector<float> Model::logits(std::span<const std::int32_t> tokens) {
   return result;
 }
 
+std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_t> tokens) {
+  PQ_CHECK(!tokens.empty(), "extend: no tokens given");
+  const std::int64_t layers = config_.num_hidden_layers;
+  if (state.keys.empty()) {
+    state.keys.resize(layers);
+    state.values.resize(layers);
+  }
+  PQ_CHECK(static_cast<std::int64_t>(state.keys.size()) == layers,
+           "extend: the decode state belongs to a model with {} layers, not {}", state.keys.size(),
+           layers);
+  const Sequence sequence{{tokens.begin(), tokens.end()}, {}};
+  Layout layout = make_layout({&sequence, 1});
+  const std::int64_t n = layout.rows;
+  layout.rope = std::make_unique<RopeTable>(config_, state.length + n);
+  const std::int64_t hidden = config_.hidden_size;
+  std::vector<float> x = embed({&sequence, 1}, layout);
+  std::vector<float> next(n * hidden);
+  for (std::int64_t l = 0; l < layers; ++l) {
+    const Layer& layer = acquire_layer(l);
+    LayerTape tape;
+    layer_forward(layer, layout, x.data(), next.data(), tape, nullptr, false, &state);
+    release_layer(l);
+    x.swap(next);
+  }
+  state.length += n;
+  std::vector<float> h(n * hidden), rstd(n);
+  rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
+                   static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
+  std::vector<float> logits(n * config_.vocab_size);
+  linear_forward(*lm_head_, h.data(), n, logits.data(), nullptr);
+  return logits;
+}
+
 double Model::score(std::span<const Sequence> batch, const Layout& layout, const float* h,
                     float* dh, LinearObserver* observer) const {
   const std::int64_t hidden = config_.hidden_size;
@@ -848,7 +953,7 @@ double Model::backward(std::span<const Sequence> batch, LinearObserver& observer
   const double loss = score(batch, layout, h.data(), dh.data(), &observer);
   std::vector<float> dx(n * hidden);
   rms_norm_backward(x.data(), final_norm_.data(), rstd.data(), dh.data(), n, hidden, dx.data(),
-                    /*accumulate=*/false, nullptr);
+                    /*accumulate=*/false);
   std::vector<float> out(n * hidden);
   for (std::int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
     const Layer& layer = acquire_layer(l);

@@ -37,6 +37,13 @@ struct Sequence {
   std::vector<float> loss_weights;
 };
 
+// Keys and values (after RoPE) of every layer for the tokens decoded so far: [length,
+// num_key_value_heads * head_dim] per layer.
+struct DecodeState {
+  std::vector<std::vector<float>> keys, values;
+  std::int64_t length = 0;
+};
+
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
 // Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers are loaded from the
 // weight source when a pass reaches them and dropped afterwards (unless keep_layers_resident);
@@ -66,6 +73,11 @@ class Model {
   // Logits [tokens.size(), vocab] of one sequence.
   std::vector<float> logits(std::span<const std::int32_t> tokens);
 
+  // Incremental decoding of one sequence: runs `tokens` after the ones already in `state`
+  // (positions continue), caching their keys and values, and returns their logits
+  // [tokens.size(), vocab]. Start with an empty DecodeState.
+  std::vector<float> extend(DecodeState& state, std::span<const std::int32_t> tokens);
+
   // Summed (weighted) next-token cross-entropy of the batch, forward only.
   double loss(std::span<const Sequence> batch);
 
@@ -88,6 +100,8 @@ class Model {
   void release_layer(std::int64_t index);
   void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                    std::int64_t in_features, bool bias_allowed) const;
+  // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.
+  void prepare_linear(Linear& linear) const;
   std::vector<float> fetch(const std::string& name) const;
   std::vector<float> load_vector(const std::string& name, std::int64_t size) const;
 
@@ -98,10 +112,16 @@ class Model {
   const float* linear_input(const Linear& linear, const float* x, const LayerTape& tape) const;
 
   void layer_forward(const Layer& layer, const Layout& layout, const float* x, float* out,
-                     LayerTape& tape, LinearObserver* observer, bool report_linears) const;
+                     LayerTape& tape, LinearObserver* observer, bool report_linears,
+                     DecodeState* cache = nullptr) const;
   void layer_backward(const Layer& layer, const Layout& layout, LayerTape& tape, float* dx,
                       LinearObserver& observer) const;
+  // q/k/v projections, Qwen3 q/k norms and RoPE (positions from first_position on).
+  void project_qkv(const Layer& layer, const Layout& layout, LayerTape& tape,
+                   std::int64_t first_position) const;
   void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape) const;
+  void attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& tape,
+                                DecodeState& state) const;
   void attention_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
                           const float* dattn_out, float* dh1, LinearObserver& observer) const;
   void mlp_forward(const Layer& layer, const Layout& layout, LayerTape& tape, float* out,

@@ -7,15 +7,19 @@ namespace pq::runtime {
 // Elementwise and row-wise operations of the decoder with their hand-written gradients. All
 // tensors are row-major float32; loops over rows run in parallel with OpenMP.
 
+// Loops touching fewer elements than this run on one thread: below it, waking the OpenMP team
+// costs more than the work (and far more on an oversubscribed machine).
+inline constexpr std::int64_t kParallelElements = 1 << 16;
+
 // RMSNorm as Hugging Face computes it (LlamaRMSNorm): y = x * rsqrt(mean(x^2) + eps) * weight,
 // in float32. Normalizes each `width`-wide row of x [rows, width]; saves 1/rms per row in rstd.
 void rms_norm_forward(const float* x, const float* weight, std::int64_t rows, std::int64_t width,
                       float eps, float* y, float* rstd);
 // dx = rstd * (w*dy - x_hat * mean(x_hat * w*dy)), x_hat = x * rstd. Overwrites dx if
-// `accumulate` is false, else adds to it. `dweight` (may be null) accumulates sum_rows dy * x_hat.
+// `accumulate` is false, else adds to it. (The norm weights are not quantized, so their own
+// gradient is not needed.)
 void rms_norm_backward(const float* x, const float* weight, const float* rstd, const float* dy,
-                       std::int64_t rows, std::int64_t width, float* dx, bool accumulate,
-                       float* dweight);
+                       std::int64_t rows, std::int64_t width, float* dx, bool accumulate);
 
 // SwiGLU: act = silu(gate) * up, silu(g) = g / (1 + exp(-g)) (transformers ACT2FN["silu"]).
 void swiglu_forward(const float* gate, const float* up, std::int64_t n, float* act);

@@ -5,6 +5,7 @@
 #include <numbers>
 
 #include "common/error.h"
+#include "runtime/ops.h"
 
 namespace pq::runtime {
 
@@ -144,7 +145,7 @@ void RopeTable::rotate(float* x, std::int64_t rows, std::int64_t heads, std::int
                        float sin_sign) const {
   const std::int64_t half = head_dim_ / 2;
   // out_i = x_i cos - x_{i+half} sin;  out_{i+half} = x_{i+half} cos + x_i sin
-#pragma omp parallel for if (rows * heads > 64)
+#pragma omp parallel for if (rows * heads * head_dim_ > kParallelElements)
   for (std::int64_t t = 0; t < rows; ++t) {
     const float* cs = cos_.data() + (first_position + t) * half;
     const float* sn = sin_.data() + (first_position + t) * half;

@@ -1,11 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <random>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "common/error.h"
 #include "runtime/kernels/attention.h"
+#include "runtime/kernels/simd.h"
 
 namespace pq::runtime {
 namespace {
@@ -174,6 +177,71 @@ TEST(AttentionBackward, MatchesFiniteDifferences) {
   check(q, got.dq, "dq");
   check(k, got.dk, "dk");
   check(v, got.dv, "dv");
+}
+
+// The AVX-512 exponential is a polynomial approximation; the attention tolerances above rely on
+// it staying within a few ulp of libm.
+TEST(AttentionAvx512Kernels, ExpShiftedMatchesLibm) {
+  if (!cpu_features().has_avx512_core()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  std::vector<float> x;
+  for (float v = -110.0f; v <= 80.0f; v += 0.0137f) x.push_back(v);
+  x.push_back(-INFINITY);
+  x.push_back(0.0f);
+  std::vector<float> got = x;
+  const float shift = 0.5f;
+  const float sum = avx512::exp_shifted(got.data(), static_cast<std::int64_t>(got.size()), shift);
+  double expected_sum = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp(static_cast<double>(x[i] - shift));  // the shift is in float
+    expected_sum += want;
+    // Relative accuracy for normal results; results below the normal range only need to be tiny.
+    if (want > 1e-37) {
+      ASSERT_NEAR(got[i] / want, 1.0, 4e-7) << "x=" << x[i];
+    } else {
+      ASSERT_LE(got[i], 1e-37f) << "x=" << x[i];
+    }
+  }
+  EXPECT_EQ(got[x.size() - 2], 0.0f);  // exp(-inf) is exactly 0: masked keys contribute nothing
+  EXPECT_NEAR(sum / expected_sum, 1.0, 1e-5);
+}
+
+TEST(AttentionAvx512Kernels, TileGemmMatchesReferenceWithStridedAndTransposedA) {
+  if (!cpu_features().has_avx512_core()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (const auto [m, n, k] : {std::array<std::int64_t, 3>{1, 1, 1},
+                               {7, 13, 5},
+                               {13, 70, 33},
+                               {64, 128, 64},
+                               {6, 200, 3}}) {
+    for (const bool transposed_a : {false, true}) {
+      const std::int64_t lda = (transposed_a ? m : k) + 3, ldb = n + 5, ldc = n + 2;
+      std::vector<float> a((transposed_a ? k : m) * lda), b(k * ldb), c(m * ldc);
+      for (float& e : a) e = dist(rng);
+      for (float& e : b) e = dist(rng);
+      for (float& e : c) e = dist(rng);
+      const std::int64_t row_stride = transposed_a ? 1 : lda, col_stride = transposed_a ? lda : 1;
+      std::vector<float> got = c;
+      avx512::tile_gemm(m, n, k, 0.75f, a.data(), row_stride, col_stride, b.data(), ldb, got.data(),
+                        ldc);
+      for (std::int64_t i = 0; i < m; ++i) {
+        for (std::int64_t j = 0; j < ldc; ++j) {
+          if (j >= n) {  // C's padding is never written
+            ASSERT_EQ(got[i * ldc + j], c[i * ldc + j]);
+            continue;
+          }
+          double want = 0, magnitude = std::abs(c[i * ldc + j]);
+          for (std::int64_t p = 0; p < k; ++p) {
+            const double term = 0.75 * a[i * row_stride + p * col_stride] * b[p * ldb + j];
+            want += term;
+            magnitude += std::abs(term);
+          }
+          want += c[i * ldc + j];
+          ASSERT_NEAR(got[i * ldc + j], want, 1e-6 * magnitude) << m << "x" << n << "x" << k;
+        }
+      }
+    }
+  }
 }
 
 TEST(Attention, RejectsHeadsNotDivisibleByKvHeads) {
