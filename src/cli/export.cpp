@@ -3,12 +3,36 @@
 
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "cli/commands.h"
+#include "common/file_util.h"
 #include "export/exporter.h"
 
 namespace pq::cli {
+namespace {
+
+// The command line exactly as typed, for the model card: argv from /proc/self/cmdline (NUL
+// separated), words holding shell metacharacters single-quoted so it can be pasted back.
+std::string invocation() {
+  const std::string raw = read_text_file("/proc/self/cmdline");
+  std::string line;
+  std::size_t begin = 0;
+  while (begin < raw.size()) {
+    std::size_t end = raw.find('\0', begin);
+    if (end == std::string::npos) end = raw.size();
+    std::string word = raw.substr(begin, end - begin);
+    if (word.empty() || word.find_first_of(" \t\n'\"\\$`*?[]{}()<>|&;#~") != std::string::npos) {
+      std::string quoted = "'";
+      for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      word = quoted + "'";
+    }
+    line += line.empty() ? word : " " + word;
+    begin = end + 1;
+  }
+  return line;
+}
+
+}  // namespace
 
 void register_export(CLI::App& app) {
   auto job = std::make_shared<exporter::ExportJob>();
@@ -27,16 +51,7 @@ void register_export(CLI::App& app) {
                   "JSON {\"<linear>\": amax of its input activations}; required for W4A4 (NVFP4)");
   cmd->callback([job, amax_file] {
     if (!amax_file->empty()) job->input_amax = exporter::read_input_amax(*amax_file);
-    std::vector<std::string> words{"prismaquant",
-                                   "export",
-                                   job->model_dir.string(),
-                                   "--assignment",
-                                   job->assignment.string(),
-                                   "--out",
-                                   job->out.string()};
-    if (job->force) words.emplace_back("--force");
-    if (!amax_file->empty()) words.insert(words.end(), {"--input-amax", *amax_file});
-    job->command_line = fmt::format("{}", fmt::join(words, " "));
+    job->command_line = invocation();
     const exporter::ExportSummary summary = exporter::run_export(*job);
     fmt::print(
         "wrote {} ({} files, {} tensor bytes, {:.3f} bits per parameter)\n", summary.out.string(),

@@ -503,7 +503,10 @@ TEST(ExportCli, WritesCheckpointOrOneLineError) {
                                        path.string(), (work / "out").string());
   ASSERT_EQ(run_cli(args, work.path()), 0) << read_text_file(work / "stderr");
   EXPECT_NE(read_text_file(work / "stdout").find("wrote"), std::string::npos);
-  EXPECT_NE(read_text_file(work / "out" / "README.md").find("prismaquant export"),
+  // The model card records the command as typed.
+  EXPECT_NE(read_text_file(work / "out" / "README.md")
+                .find(fmt::format("{} export {} --assignment {} --out {}\n", PQ_PRISMAQUANT_BIN,
+                                  source.string(), path.string(), (work / "out").string())),
             std::string::npos);
   verify_export(source, work / "out", assignment);
 
