@@ -415,7 +415,11 @@ std::map<std::string, float> read_input_amax(const std::filesystem::path& path) 
   return amax;
 }
 
-ExportSummary run_export(const ExportJob& job, const RoundingStrategy& rounding) {
+ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rounding) {
+  // "DIR/" names DIR: staging and renames work on the directory's own name.
+  ExportJob job = requested;
+  job.out = job.out.lexically_normal();
+  if (!job.out.has_filename()) job.out = job.out.parent_path();
   const alloc::AssignmentFile assignment = alloc::read_assignment(job.assignment);
   const bool lm_head_assigned =
       std::any_of(assignment.linears.begin(), assignment.linears.end(),

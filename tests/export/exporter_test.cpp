@@ -439,6 +439,13 @@ TEST(Export, OutputDirectoryRules) {
   verify_export(source, job.out, assignment);
   expect_only(work.path(), {"alloc", "out"});
 
+  // "out/" is the directory out, not a place inside it.
+  ExportJob slash = job;
+  slash.out = job.out.string() + "/";
+  run_export(slash);
+  verify_export(source, job.out, assignment);
+  expect_only(work.path(), {"alloc", "out"});
+
   // An unwritable parent: one-line error, nothing created. Root ignores permission bits, so it
   // gets a directory under /proc, which no one can create.
   ExportJob unwritable = job;
