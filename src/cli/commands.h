@@ -11,6 +11,7 @@ void register_allocate(CLI::App& app);
 
 void register_inspect(CLI::App& app);
 void register_formats(CLI::App& app);
+void register_export(CLI::App& app);
 void register_eval(CLI::App& app);      // eval.cpp
 void register_generate(CLI::App& app);  // generate.cpp
 

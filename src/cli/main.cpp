@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   pq::cli::register_inspect(app);
   pq::cli::register_allocate(app);
   pq::cli::register_formats(app);
+  pq::cli::register_export(app);
   pq::cli::register_eval(app);
   pq::cli::register_generate(app);
   try {

@@ -1,0 +1,63 @@
+// prismaquant export: write the compressed-tensors checkpoint for an assignment (src/export).
+#include <fmt/format.h>
+
+#include <memory>
+#include <string>
+
+#include "cli/commands.h"
+#include "common/file_util.h"
+#include "export/exporter.h"
+
+namespace pq::cli {
+namespace {
+
+// The command line exactly as typed, for the model card: argv from /proc/self/cmdline (NUL
+// separated), words holding shell metacharacters single-quoted so it can be pasted back.
+std::string invocation() {
+  const std::string raw = read_text_file("/proc/self/cmdline");
+  std::string line;
+  std::size_t begin = 0;
+  while (begin < raw.size()) {
+    std::size_t end = raw.find('\0', begin);
+    if (end == std::string::npos) end = raw.size();
+    std::string word = raw.substr(begin, end - begin);
+    if (word.empty() || word.find_first_of(" \t\n'\"\\$`*?[]{}()<>|&;#~") != std::string::npos) {
+      std::string quoted = "'";
+      for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      word = quoted + "'";
+    }
+    line += line.empty() ? word : " " + word;
+    begin = end + 1;
+  }
+  return line;
+}
+
+}  // namespace
+
+void register_export(CLI::App& app) {
+  auto job = std::make_shared<exporter::ExportJob>();
+  auto amax_file = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand(
+      "export",
+      "Quantize MODEL with the format of every Linear from assignment.json and write a "
+      "compressed-tensors checkpoint that vLLM serves (`vllm serve DIR`)");
+  cmd->add_option("model", job->model_dir, "Source checkpoint directory (HF layout)")->required();
+  cmd->add_option("--assignment", job->assignment,
+                  "Allocate stage output: WORK/alloc/assignment.json")
+      ->required();
+  cmd->add_option("--out", job->out, "Checkpoint directory to create")->required();
+  cmd->add_flag("--force", job->force, "Replace --out if it exists");
+  cmd->add_option("--input-amax", *amax_file,
+                  "JSON {\"<linear>\": amax of its input activations}; required for W4A4 (NVFP4)");
+  cmd->callback([job, amax_file] {
+    if (!amax_file->empty()) job->input_amax = exporter::read_input_amax(*amax_file);
+    job->command_line = invocation();
+    const exporter::ExportSummary summary = exporter::run_export(*job);
+    fmt::print(
+        "wrote {} ({} files, {} tensor bytes, {:.3f} bits per parameter)\n", summary.out.string(),
+        summary.files.size(), summary.tensor_bytes,
+        8.0 * static_cast<double>(summary.tensor_bytes) / static_cast<double>(summary.params));
+  });
+}
+
+}  // namespace pq::cli

@@ -1,0 +1,54 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "alloc/assignment.h"
+#include "export/rounding.h"
+#include "model/model_spec.h"
+
+namespace pq::exporter {
+
+struct ExportJob {
+  std::filesystem::path model_dir;   // source checkpoint (HF layout); never written to
+  std::filesystem::path assignment;  // WORK/alloc/assignment.json
+  std::filesystem::path out;         // the checkpoint directory to create
+  bool force = false;                // replace an existing `out`
+  // max |x| of each Linear's input activations over the calibration set, keyed by Linear name;
+  // required for every Linear assigned a W4A4 format (NVFP4), whose input_global_scale it sets.
+  std::map<std::string, float> input_amax;
+  std::string command_line;  // recorded in the model card
+  std::uint64_t max_shard_bytes = 5'000'000'000;
+};
+
+struct ExportSummary {
+  std::filesystem::path out;
+  std::vector<std::string> files;  // names written into `out`, sorted
+  std::uint64_t tensor_bytes = 0;  // safetensors data bytes (no headers)
+  std::uint64_t source_tensor_bytes = 0;
+  std::uint64_t params = 0;  // parameters of the model (ModelSpec::num_params)
+  std::map<std::string, std::uint64_t> linears_per_format;
+};
+
+// The compressed-tensors `quantization_config` for an assignment (format-facts.md A.0, A.4): one
+// config group per format with the explicit HF names of its Linears as targets, "format" the
+// single group format or "mixed-precision", and every Linear left unquantized (BF16, non-candidate
+// such as lm_head and routers) in `ignore`. `format_of` maps every candidate Linear to its format.
+nlohmann::json quantization_config(const model::ModelSpec& spec,
+                                   const std::map<std::string, std::string>& format_of);
+
+// Writes the quantized checkpoint: safetensors shards + index, config.json with
+// quantization_config, the tokenizer/generation files and a README.md model card. Everything is
+// built in a sibling temporary directory that is renamed to job.out only when complete; any error
+// removes it and throws pq::Error with one line naming the file, Linear or tensor at fault.
+ExportSummary run_export(const ExportJob& job,
+                         const RoundingStrategy& rounding = NearestRounding{});
+
+// Reads the input-activation amax file: a JSON object {"<linear name>": amax, ...}.
+std::map<std::string, float> read_input_amax(const std::filesystem::path& path);
+
+}  // namespace pq::exporter

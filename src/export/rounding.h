@@ -1,0 +1,39 @@
+#pragma once
+
+#include <span>
+#include <string_view>
+
+#include "formats/weight_format.h"
+#include "model/model_spec.h"
+
+namespace pq::exporter {
+
+// One Linear ready to be encoded: its source weight decoded to f32 and the options the exporter
+// fixed for it (shared NVFP4 global scale of fused siblings, calibrated input scale).
+struct LinearToEncode {
+  const model::Linear& linear;
+  const formats::WeightFormat& format;
+  formats::Shape2D shape;
+  std::span<const float> weight;  // row-major [out, in]
+  formats::QuantizeOptions options;
+};
+
+// How a Linear's weight becomes the stored tensors of its format. The exporter asks one strategy
+// per Linear, so error-minimising strategies (GPTQ, scale sweeps) can replace plain rounding for
+// the Linears that have the statistics they need.
+class RoundingStrategy {
+ public:
+  virtual ~RoundingStrategy() = default;
+  virtual std::string_view name() const = 0;
+  virtual formats::EncodedWeight encode(const LinearToEncode& job) const = 0;
+};
+
+// Round to nearest (RTN) with the format's own scale rule: exactly WeightFormat::quantize, so
+// dequantizing the result equals WeightFormat::fake_quantize of the source weight bit for bit.
+class NearestRounding final : public RoundingStrategy {
+ public:
+  std::string_view name() const override { return "nearest"; }
+  formats::EncodedWeight encode(const LinearToEncode& job) const override;
+};
+
+}  // namespace pq::exporter

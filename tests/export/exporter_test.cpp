@@ -1,0 +1,528 @@
+// The export stage on the shared tiny Qwen3 checkpoints: what it writes must decode to exactly
+// what the formats library's fake quantization predicts, keep every other tensor byte for byte,
+// describe itself correctly to vLLM, and cost exactly what the assignment charged.
+#include "export/exporter.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <functional>
+#include <set>
+
+#include "alloc/assignment.h"
+#include "common/error.h"
+#include "common/file_util.h"
+#include "formats/weight_format.h"
+#include "io/safetensors.h"
+#include "model/model_spec.h"
+#include "support/test_support.h"
+
+namespace pq::exporter {
+namespace {
+
+namespace fs = std::filesystem;
+using formats::Shape2D;
+using formats::WeightFormat;
+
+const std::vector<std::string> kMenu = {"NVFP4A16",   "NVFP4", "MXFP8",        "FP8_E4M3",
+                                        "INT4_W4A16", "BF16",  "MXFP6_E2M3A16"};
+
+// Picks the format of a decision unit (sibling group or lone Linear) from its position.
+using Chooser = std::function<std::string(std::size_t unit_index, const model::Linear& first)>;
+
+// Unique passthrough tensor names of the source (others plus non-candidate Linear weights).
+std::vector<std::string> passthrough_names(const model::ModelSpec& spec) {
+  std::vector<std::string> names;
+  std::set<std::string> seen;
+  for (const std::string& name : spec.passthrough_tensors()) {
+    if (seen.insert(name).second) names.push_back(name);
+  }
+  return names;
+}
+
+// An assignment built through the alloc library, as the allocate stage writes it. With
+// `respect_groups` false every Linear is its own unit, which the allocator never does.
+alloc::AssignmentFile make_assignment(const fs::path& model_dir, const Chooser& choose,
+                                      bool respect_groups = true) {
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+  alloc::CostTable table;
+  table.model = model_dir.filename().string();
+  table.formats = kMenu;
+  for (const std::string& name : passthrough_names(spec)) {
+    table.passthrough_params += static_cast<std::uint64_t>(checkpoint.info(name).numel());
+    table.passthrough_bytes += checkpoint.info(name).nbytes();
+  }
+  alloc::Allocation allocation;
+  std::map<std::string, std::string> format_of_group;
+  std::size_t units = 0;
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.is_candidate) continue;
+    const Shape2D shape{linear.out_features, linear.in_features};
+    alloc::LinearCost cost{linear.name,
+                           {shape.out, shape.in},
+                           linear.group.value_or(""),
+                           static_cast<std::uint64_t>(shape.numel()),
+                           {}};
+    for (const std::string& format : kMenu) {
+      const WeightFormat& f = formats::format_by_name(format);
+      if (f.accepts(shape)) {
+        cost.costs.push_back(alloc::FormatCost{f.bytes(shape), 0.0, {}, {}, {}});
+      } else {
+        cost.costs.emplace_back();
+      }
+    }
+    std::string format;
+    if (respect_groups && linear.group && format_of_group.contains(*linear.group)) {
+      format = format_of_group.at(*linear.group);
+    } else {
+      format = choose(units++, linear);
+      if (linear.group) format_of_group[*linear.group] = format;
+    }
+    const std::size_t index = table.format_index(format);
+    allocation.format_of_linear.push_back(index);
+    allocation.bytes += cost.costs[index].value().bytes;
+    table.linears.push_back(std::move(cost));
+  }
+  allocation.budget_bytes = allocation.bytes;
+  return alloc::make_assignment_file(
+      table, allocation,
+      {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
+}
+
+// Cycles the weight-only formats vLLM serves in 16-bit activations plus FP8/MXFP8, one per unit.
+Chooser cycle(std::vector<std::string> formats) {
+  return
+      [formats](std::size_t unit, const model::Linear&) { return formats[unit % formats.size()]; };
+}
+
+fs::path save_assignment(const fs::path& dir, const alloc::AssignmentFile& assignment) {
+  fs::create_directories(dir);
+  alloc::write_assignment(dir / "assignment.json", assignment);
+  return dir / "assignment.json";
+}
+
+std::vector<std::uint8_t> bytes_of(const io::TensorView& view) {
+  return {view.bytes.begin(), view.bytes.end()};
+}
+
+bool bit_identical(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Independently of the exporter: the Linears whose NVFP4 global scale vLLM fuses.
+std::vector<std::size_t> scale_siblings(const model::ModelSpec& spec, std::size_t index) {
+  const model::Linear& linear = spec.linears[index];
+  if (!linear.group) return {index};
+  const bool w13 = linear.role.ends_with("gate_proj") || linear.role.ends_with("up_proj");
+  std::vector<std::size_t> members;
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const model::Linear& other = spec.linears[i];
+    if (other.group != linear.group) continue;
+    if (!linear.expert) {
+      members.push_back(i);
+    } else if (other.expert == linear.expert && w13 &&
+               (other.role.ends_with("gate_proj") || other.role.ends_with("up_proj"))) {
+      members.push_back(i);
+    }
+  }
+  return w13 || !linear.expert ? members : std::vector<std::size_t>{index};
+}
+
+float source_amax(const io::Checkpoint& source, const model::Linear& linear) {
+  float amax = 0.0f;
+  for (const float v : source.to_f32(linear.weight_tensor)) amax = std::max(amax, std::fabs(v));
+  return amax;
+}
+
+// Everything the exported checkpoint must satisfy, checked against the source and assignment.
+void verify_export(const fs::path& model_dir, const fs::path& out,
+                   const alloc::AssignmentFile& assignment,
+                   const std::map<std::string, float>& input_amax = {}) {
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint source = io::Checkpoint::open(model_dir);
+  const io::Checkpoint exported = io::Checkpoint::open(out);
+  std::map<std::string, const alloc::AssignedLinear*> assigned;
+  for (const alloc::AssignedLinear& linear : assignment.linears) assigned[linear.name] = &linear;
+
+  std::set<std::string> expected_names;
+  std::uint64_t data_bytes = 0;
+  for (const std::string& name : exported.tensor_names())
+    data_bytes += exported.info(name).nbytes();
+
+  // Passthrough tensors: same dtype, shape and bytes.
+  for (const std::string& name : passthrough_names(spec)) {
+    expected_names.insert(name);
+    ASSERT_TRUE(exported.contains(name)) << name;
+    EXPECT_EQ(exported.info(name).dtype, source.info(name).dtype) << name;
+    EXPECT_EQ(exported.info(name).shape, source.info(name).shape) << name;
+    EXPECT_EQ(bytes_of(exported.view(name)), bytes_of(source.view(name))) << name;
+  }
+
+  // Quantized Linears decode to fake_quantize of the source, bit for bit.
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const model::Linear& linear = spec.linears[i];
+    if (!linear.is_candidate) continue;
+    const alloc::AssignedLinear& charged = *assigned.at(linear.name);
+    const WeightFormat& format = formats::format_by_name(charged.format);
+    const Shape2D shape{linear.out_features, linear.in_features};
+    formats::EncodedWeight encoded{std::string(format.name()), shape, {}};
+    std::uint64_t stored = 0;
+    for (const formats::TensorSpec& spec_of : format.tensors(shape)) {
+      const std::string name = linear.name + "." + spec_of.suffix;
+      expected_names.insert(name);
+      ASSERT_TRUE(exported.contains(name)) << name;
+      EXPECT_EQ(exported.info(name).dtype, spec_of.dtype) << name;
+      EXPECT_EQ(exported.info(name).shape, spec_of.shape) << name;
+      encoded.tensors.push_back({spec_of, bytes_of(exported.view(name))});
+      stored += exported.info(name).nbytes();
+    }
+    EXPECT_EQ(stored, charged.bytes) << linear.name;
+
+    formats::QuantizeOptions options;
+    if (charged.format.starts_with("NVFP4")) {
+      float amax = 0.0f;
+      float in_amax = 0.0f;
+      for (const std::size_t member : scale_siblings(spec, i)) {
+        amax = std::max(amax, source_amax(source, spec.linears[member]));
+        if (input_amax.contains(spec.linears[member].name)) {
+          in_amax = std::max(in_amax, input_amax.at(spec.linears[member].name));
+        }
+      }
+      options.weight_global_scale = formats::nvfp4_global_scale(amax);
+      const std::vector<float> stored_scale = exported.to_f32(linear.name + ".weight_global_scale");
+      EXPECT_EQ(stored_scale.at(0), *options.weight_global_scale) << linear.name;
+      if (charged.format == "NVFP4") {
+        options.input_global_scale = formats::nvfp4_global_scale(in_amax);
+        EXPECT_EQ(exported.to_f32(linear.name + ".input_global_scale").at(0),
+                  *options.input_global_scale)
+            << linear.name;
+      }
+    }
+    const std::vector<float> weight = source.to_f32(linear.weight_tensor);
+    std::vector<float> expected(weight.size());
+    format.fake_quantize(weight, shape, expected, options);
+    EXPECT_TRUE(bit_identical(format.dequantize(encoded), expected)) << linear.name;
+    if (charged.format == "BF16") {
+      EXPECT_EQ(bytes_of(exported.view(linear.name + ".weight")),
+                bytes_of(source.view(linear.weight_tensor)));
+    }
+  }
+  EXPECT_EQ(std::set<std::string>(exported.tensor_names().begin(), exported.tensor_names().end()),
+            expected_names);
+  // What ships is what was charged: bytes on disk (tensor data) == the assignment's total.
+  EXPECT_EQ(data_bytes, assignment.totals.checkpoint_bytes);
+
+  // quantization_config: every Linear covered by exactly one group target or ignored.
+  const nlohmann::json config = nlohmann::json::parse(read_text_file(out / "config.json"));
+  const nlohmann::json source_config =
+      nlohmann::json::parse(read_text_file(model_dir / "config.json"));
+  for (const auto& [key, value] : source_config.items()) EXPECT_EQ(config.at(key), value) << key;
+  const nlohmann::json& qc = config.at("quantization_config");
+  EXPECT_EQ(qc.at("quant_method"), "compressed-tensors");
+  EXPECT_EQ(qc.at("quantization_status"), "compressed");
+  std::map<std::string, int> coverage;
+  std::map<std::string, std::string> group_of;
+  std::set<std::string> group_formats;
+  for (const auto& [group_name, group] : qc.at("config_groups").items()) {
+    group_formats.insert(group.at("format").get<std::string>());
+    for (const std::string target : group.at("targets")) {
+      EXPECT_NE(target, "Linear");
+      coverage[target] += 1;
+      group_of[target] = group_name;
+      const WeightFormat& format = formats::format_by_name(assigned.at(target)->format);
+      nlohmann::json expected = format.config_group();
+      for (const auto& [key, value] : expected.items()) EXPECT_EQ(group.at(key), value) << target;
+    }
+  }
+  for (const std::string name : qc.at("ignore")) coverage[name] += 1;
+  EXPECT_EQ(qc.at("format"),
+            group_formats.size() == 1 ? *group_formats.begin() : std::string("mixed-precision"));
+  for (const model::Linear& linear : spec.linears) {
+    EXPECT_EQ(coverage[linear.name], 1) << linear.name;
+    const bool ignored = std::find(qc.at("ignore").begin(), qc.at("ignore").end(), linear.name) !=
+                         qc.at("ignore").end();
+    EXPECT_EQ(ignored, !linear.is_candidate || assigned.at(linear.name)->format == "BF16")
+        << linear.name;
+  }
+  EXPECT_EQ(coverage.size(), spec.linears.size());
+  for (const model::SiblingGroup& group : spec.groups) {
+    for (const std::size_t member : group.members) {
+      EXPECT_EQ(group_of[spec.linears[member].name], group_of[spec.linears[group.members[0]].name])
+          << group.name;
+    }
+  }
+
+  for (const char* file :
+       {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"}) {
+    ASSERT_TRUE(fs::exists(out / file)) << file;
+    EXPECT_EQ(read_text_file(out / file), read_text_file(model_dir / file)) << file;
+  }
+  const std::string card = read_text_file(out / "README.md");
+  EXPECT_NE(card.find("vllm serve " + out.string()), std::string::npos);
+  EXPECT_NE(card.find("## Precision by layer"), std::string::npos);
+}
+
+// Nothing but `keep` in `dir`: no staging directory, no partial checkpoint.
+void expect_only(const fs::path& dir, const std::set<std::string>& keep) {
+  std::set<std::string> names;
+  for (const fs::directory_entry& entry : fs::directory_iterator(dir)) {
+    names.insert(entry.path().filename().string());
+  }
+  EXPECT_EQ(names, keep);
+}
+
+fs::path model(const std::string& name) {
+  return test::shared_dir() / "models" / name;
+}
+
+ExportJob job_for(const fs::path& source, const fs::path& assignment, const fs::path& out) {
+  ExportJob job;
+  job.model_dir = source;
+  job.assignment = assignment;
+  job.out = out;
+  job.command_line = "prismaquant export (test)";
+  return job;
+}
+
+TEST(Export, DenseMixOfFormatsRoundTrips) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment =
+      make_assignment(source, cycle({"NVFP4A16", "MXFP8", "FP8_E4M3", "INT4_W4A16", "BF16"}));
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  job.max_shard_bytes = 4'000'000;
+  const ExportSummary summary = run_export(job);
+  EXPECT_EQ(summary.tensor_bytes, assignment.totals.checkpoint_bytes);
+  EXPECT_EQ(summary.linears_per_format.size(), 5u);
+  // A small shard limit forces several shards and the index.
+  EXPECT_TRUE(fs::exists(work / "out" / "model.safetensors.index.json"));
+  verify_export(source, work / "out", assignment);
+  expect_only(work.path(), {"alloc", "out"});
+  EXPECT_NE(fs::status(work / "out").permissions() & fs::perms::others_read, fs::perms::none);
+}
+
+TEST(Export, MoeExpertsShareGlobalScalePerExpert) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-moe-tiny");
+  // MoE layers alternate NVFP4A16 and MXFP8 experts; attention cycles the others.
+  const alloc::AssignmentFile assignment =
+      make_assignment(source, [](std::size_t unit, const model::Linear& first) -> std::string {
+        if (first.expert) return unit % 2 == 0 ? "NVFP4A16" : "MXFP8";
+        return std::vector<std::string>{"NVFP4A16", "FP8_E4M3", "INT4_W4A16", "BF16"}[unit % 4];
+      });
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  run_export(job);
+  EXPECT_TRUE(fs::exists(work / "out" / "model.safetensors"));
+  verify_export(source, work / "out", assignment);
+}
+
+TEST(Export, W4a4NeedsCalibrationAmax) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4", "MXFP8"}));
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  try {
+    run_export(job);
+    FAIL() << "W4A4 without amax was exported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("calibration activation amax"), std::string::npos)
+        << e.what();
+  }
+  expect_only(work.path(), {"alloc"});
+
+  // Distinct amax per Linear: fused siblings must take the largest.
+  float amax = 1.0f;
+  for (const alloc::AssignedLinear& linear : assignment.linears) {
+    job.input_amax[linear.name] = (amax += 0.25f);
+  }
+  run_export(job);
+  verify_export(source, work / "out", assignment, job.input_amax);
+}
+
+// Rewrites one field of the assignment's JSON, keeping it valid for the reader.
+fs::path tampered(const fs::path& dir, const alloc::AssignmentFile& assignment,
+                  const std::function<void(nlohmann::json&)>& edit) {
+  nlohmann::json j = alloc::assignment_to_json(assignment);
+  edit(j);
+  fs::create_directories(dir);
+  write_text_file_atomic(dir / "assignment.json", j.dump());
+  return dir / "assignment.json";
+}
+
+// The export fails with one line containing `needle`, and job.out is as it was.
+void expect_export_error(const ExportJob& job, const std::string& needle) {
+  const bool existed = fs::exists(job.out);
+  try {
+    run_export(job);
+    ADD_FAILURE() << "exported despite: " << needle;
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find(needle), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
+  EXPECT_EQ(fs::exists(job.out), existed);
+}
+
+TEST(Export, HostileAssignmentsLeaveNothing) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "MXFP8"}));
+  ExportJob job = job_for(source, "", work / "nested" / "out");
+
+  job.assignment = tampered(work / "unknown", assignment, [](nlohmann::json& j) {
+    j["linears"][3]["name"] = "model.layers.0.self_attn.nope_proj";
+  });
+  expect_export_error(job, "'model.layers.0.self_attn.nope_proj' is not in the model");
+
+  // An unknown format, with "counts" moved along so the assignment reader accepts the file.
+  job.assignment = tampered(work / "bad-format", assignment, [](nlohmann::json& j) {
+    nlohmann::json& linear = j["linears"][0];
+    nlohmann::json& tally = j["counts"][linear["format"].get<std::string>()];
+    tally["linears"] = tally["linears"].get<std::uint64_t>() - 1;
+    tally["params"] = tally["params"].get<std::uint64_t>() - linear["params"].get<std::uint64_t>();
+    tally["bytes"] = tally["bytes"].get<std::uint64_t>() - linear["bytes"].get<std::uint64_t>();
+    j["counts"]["FP5"] = {{"linears", 1}, {"params", linear["params"]}, {"bytes", linear["bytes"]}};
+    linear["format"] = "FP5";
+  });
+  expect_export_error(job, "unknown weight format 'FP5'");
+
+  // MXFP6 has no compressed-tensors format: refused, never substituted.
+  const alloc::AssignmentFile mxfp6 = make_assignment(source, cycle({"MXFP6_E2M3A16"}));
+  job.assignment = save_assignment(work / "mxfp6", mxfp6);
+  expect_export_error(job, "not exportable");
+
+  // q_proj and k_proj in different formats: vLLM loads qkv_proj with one scheme.
+  const alloc::AssignmentFile split =
+      make_assignment(source, cycle({"NVFP4A16", "MXFP8"}), /*respect_groups=*/false);
+  job.assignment = save_assignment(work / "split", split);
+  expect_export_error(job, "sibling group model.layers.0.self_attn.qkv_proj mixes formats");
+
+  expect_only(work.path(), {"unknown", "bad-format", "mxfp6", "split"});
+
+  // A parent that does not exist yet is created, like `mkdir -p`.
+  job.assignment = save_assignment(work / "alloc", assignment);
+  run_export(job);
+  verify_export(source, job.out, assignment);
+}
+
+TEST(Export, OutputDirectoryRules) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"MXFP8", "BF16"}));
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+
+  // Never into (or around) the source.
+  ExportJob into_source = job;
+  into_source.out = source / "quantized";
+  into_source.force = true;
+  expect_export_error(into_source, "overlap");
+
+  // An existing directory is kept unless --force, then replaced whole.
+  fs::create_directories(job.out);
+  write_text_file_atomic(job.out / "keep.txt", "old");
+  expect_export_error(job, "already exists");
+  ASSERT_TRUE(fs::exists(job.out / "keep.txt"));
+  job.force = true;
+  run_export(job);
+  EXPECT_FALSE(fs::exists(job.out / "keep.txt"));
+  verify_export(source, job.out, assignment);
+  expect_only(work.path(), {"alloc", "out"});
+
+  // "out/" is the directory out, not a place inside it.
+  ExportJob slash = job;
+  slash.out = job.out.string() + "/";
+  run_export(slash);
+  verify_export(source, job.out, assignment);
+  expect_only(work.path(), {"alloc", "out"});
+
+  // An unwritable parent: one-line error, nothing created. Root ignores permission bits, so it
+  // gets a directory under /proc, which no one can create.
+  ExportJob unwritable = job;
+  unwritable.force = false;
+  if (geteuid() == 0) {
+    unwritable.out = "/proc/prismaquant-export-test/out";
+  } else {
+    fs::create_directories(work / "ro");
+    fs::permissions(work / "ro", fs::perms::owner_read | fs::perms::owner_exec);
+    unwritable.out = work / "ro" / "out";
+  }
+  expect_export_error(unwritable, "cannot create a directory beside");
+  if (geteuid() != 0) fs::permissions(work / "ro", fs::perms::owner_all);
+}
+
+// A rounding strategy that fails part-way, as a real one could on a bad weight: the checkpoint
+// already half-written must vanish.
+class FailingAfter final : public RoundingStrategy {
+ public:
+  explicit FailingAfter(int linears) : left_(linears) {}
+  std::string_view name() const override { return "failing"; }
+  formats::EncodedWeight encode(const LinearToEncode& job) const override {
+    if (left_-- == 0) fail("rounding gave up");
+    return NearestRounding{}.encode(job);
+  }
+
+ private:
+  mutable int left_;
+};
+
+TEST(Export, FailureMidStreamLeavesNothing) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"MXFP8", "NVFP4A16"}));
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  job.max_shard_bytes = 2'000'000;
+  try {
+    run_export(job, FailingAfter(30));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rounding gave up"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model.layers."), std::string::npos) << e.what();
+  }
+  expect_only(work.path(), {"alloc"});
+}
+
+int run_cli(const std::string& args, const fs::path& work) {
+  const std::string command = fmt::format("'{}' export {} >'{}' 2>'{}'", PQ_PRISMAQUANT_BIN, args,
+                                          (work / "stdout").string(), (work / "stderr").string());
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST(ExportCli, WritesCheckpointOrOneLineError) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "FP8_E4M3"}));
+  const fs::path path = save_assignment(work / "alloc", assignment);
+  const std::string args = fmt::format("'{}' --assignment '{}' --out '{}'", source.string(),
+                                       path.string(), (work / "out").string());
+  ASSERT_EQ(run_cli(args, work.path()), 0) << read_text_file(work / "stderr");
+  EXPECT_NE(read_text_file(work / "stdout").find("wrote"), std::string::npos);
+  // The model card records the command as typed.
+  EXPECT_NE(read_text_file(work / "out" / "README.md")
+                .find(fmt::format("{} export {} --assignment {} --out {}\n", PQ_PRISMAQUANT_BIN,
+                                  source.string(), path.string(), (work / "out").string())),
+            std::string::npos);
+  verify_export(source, work / "out", assignment);
+
+  EXPECT_EQ(run_cli(args, work.path()), 1);
+  const std::string error = read_text_file(work / "stderr");
+  EXPECT_EQ(error.rfind("prismaquant: error: ", 0), 0u) << error;
+  EXPECT_NE(error.find("already exists"), std::string::npos) << error;
+  EXPECT_EQ(std::count(error.begin(), error.end(), '\n'), 1) << error;
+}
+
+}  // namespace
+}  // namespace pq::exporter
