@@ -10,5 +10,8 @@ namespace pq::cli {
 void register_allocate(CLI::App& app);
 
 void register_inspect(CLI::App& app);
+void register_probe(CLI::App& app);
+void register_cost(CLI::App& app);
+void register_quantize(CLI::App& app);
 
 }  // namespace pq::cli
