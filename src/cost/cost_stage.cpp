@@ -35,12 +35,12 @@ std::vector<float> load_weight(const io::Checkpoint& checkpoint, const model::Li
   return std::vector<float>(begin, begin + linear.numel());
 }
 
-// Whether the format stores a per-tensor global scale (NVFP4), which fused siblings must share.
-bool has_global_scale(const formats::WeightFormat& format, formats::Shape2D shape) {
+// Whether the format stores the tensor `suffix` (NVFP4: weight_global_scale, which fused
+// siblings must share; W4A4: input_global_scale, from calibration).
+bool stores(const formats::WeightFormat& format, formats::Shape2D shape, std::string_view suffix) {
   const auto tensors = format.tensors(shape);
-  return std::any_of(tensors.begin(), tensors.end(), [](const formats::TensorSpec& t) {
-    return t.suffix == "weight_global_scale";
-  });
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [&](const formats::TensorSpec& t) { return t.suffix == suffix; });
 }
 
 float amax(std::span<const float> values) {
@@ -202,8 +202,12 @@ CostOutcome run_cost(const CostJob& job) {
           formats::QuantizeOptions options;
           // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
           // scales, so every shard is quantized against the one from the largest amax.
-          if (has_global_scale(format, shape)) {
+          if (stores(format, shape, "weight_global_scale")) {
             options.weight_global_scale = formats::nvfp4_global_scale(group_amax);
+          }
+          // Weight errors do not depend on it, but the codec takes the exporter's full options.
+          if (stores(format, shape, "input_global_scale")) {
+            options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(key));
           }
           format.fake_quantize(weights[m], shape, quantized, options);
           const QuantizationErrors e = measure_errors(weights[m], quantized, shape, stats);

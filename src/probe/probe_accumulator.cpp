@@ -1,5 +1,7 @@
 #include "probe/probe_accumulator.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <span>
 
@@ -118,6 +120,11 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
                     activity.input, in, activity.input, in, 1.0f, input.hessian.data(), in);
   input.tokens += activity.rows;
   batch_rows_input_[input_index] += activity.rows;
+  const std::int64_t values = activity.rows * in;
+  float amax = input.amax;
+#pragma omp parallel for reduction(max : amax) schedule(static)
+  for (std::int64_t k = 0; k < values; ++k) amax = std::max(amax, std::abs(activity.input[k]));
+  input.amax = amax;
 }
 
 void ProbeAccumulator::on_routing(const runtime::RoutingActivity& routing) {
@@ -150,7 +157,9 @@ void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
   writer.add("fisher_sums", io::DType::F64, std::vector<std::int64_t>{count}, as_bytes(fisher));
   writer.add("linear_tokens", io::DType::I64, std::vector<std::int64_t>{count}, as_bytes(tokens));
   std::vector<std::int64_t> input_tokens;
+  std::vector<float> input_amax;
   for (const InputSums& input : inputs_) {
+    input_amax.push_back(input.amax);
     writer.add("hessian." + input.key, io::DType::F32,
                std::vector<std::int64_t>{input.in_features, input.in_features},
                as_bytes(input.hessian));
@@ -159,6 +168,9 @@ void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
   writer.add("input_tokens", io::DType::I64,
              std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
              as_bytes(input_tokens));
+  writer.add("input_amax", io::DType::F32,
+             std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
+             as_bytes(input_amax));
   for (const auto& [layer, sums] : routing_) {
     const std::int64_t experts = static_cast<std::int64_t>(sums.route_counts.size());
     const std::vector<std::int64_t> header = {sums.top_k, sums.tokens};
@@ -184,8 +196,10 @@ void ProbeAccumulator::load(const io::SafetensorsFile& file) {
   }
   const auto input_tokens =
       read_tensor<std::int64_t>(file, "input_tokens", io::DType::I64, inputs_.size());
+  const auto input_amax = read_tensor<float>(file, "input_amax", io::DType::F32, inputs_.size());
   for (std::size_t i = 0; i < inputs_.size(); ++i) {
     InputSums& input = inputs_[i];
+    input.amax = input_amax[i];
     input.hessian =
         read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
     input.tokens = input_tokens[i];

@@ -29,6 +29,7 @@ struct InputSums {
   std::int64_t in_features = 0;
   std::vector<float> hessian;  // X^T X, [in, in]
   std::int64_t tokens = 0;
+  float amax = 0.0f;  // max |x|: NVFP4 W4A4's input_global_scale is 448*6/amax
 };
 
 // Router statistics of one MoE layer.

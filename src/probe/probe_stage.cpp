@@ -105,8 +105,10 @@ void write_artifacts(const ProbeJob& job, const std::string& fingerprint,
         "act_second_moment." + input.key, io::DType::F32,
         std::vector<std::int64_t>{input.in_features},
         {reinterpret_cast<const std::uint8_t*>(moment.data()), moment.size() * sizeof(float)});
-    inputs.push_back(
-        {{"key", input.key}, {"in_features", input.in_features}, {"tokens", input.tokens}});
+    inputs.push_back({{"key", input.key},
+                      {"in_features", input.in_features},
+                      {"tokens", input.tokens},
+                      {"amax", input.amax}});
     moments.emplace(input.key, std::move(moment));
   }
   tensors.commit();
@@ -284,8 +286,9 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
       result.linears_.push_back(std::move(linear));
     }
     for (const auto& i : j.at("inputs")) {
-      result.input_tokens_.emplace(i.at("key").get<std::string>(),
-                                   i.at("tokens").get<std::int64_t>());
+      const std::string key = i.at("key").get<std::string>();
+      result.input_tokens_.emplace(key, i.at("tokens").get<std::int64_t>());
+      result.input_amax_.emplace(key, i.at("amax").get<float>());
     }
     for (const auto& m : j.at("moe")) {
       ProbedRouting routing;
@@ -333,6 +336,13 @@ std::span<const float> ProbeResult::hessian(std::string_view input_key) const {
 
 std::span<const float> ProbeResult::act_second_moment(std::string_view input_key) const {
   return f32_tensor("act_second_moment." + std::string(input_key));
+}
+
+float ProbeResult::input_amax(std::string_view input_key) const {
+  const auto it = input_amax_.find(input_key);
+  PQ_CHECK(it != input_amax_.end(), "{}: no probed input {}", (dir_ / kJsonFile).string(),
+           input_key);
+  return it->second;
 }
 
 std::int64_t ProbeResult::input_tokens(std::string_view input_key) const {

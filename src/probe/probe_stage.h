@@ -86,6 +86,8 @@ class ProbeResult {
   // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
   std::span<const float> hessian(std::string_view input_key) const;
   std::int64_t input_tokens(std::string_view input_key) const;
+  // max |x| over the input's tokens.
+  float input_amax(std::string_view input_key) const;
   // E[x_j^2] over the input's tokens, [in].
   std::span<const float> act_second_moment(std::string_view input_key) const;
 
@@ -99,6 +101,7 @@ class ProbeResult {
   std::vector<ProbedLinear> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;
+  std::map<std::string, float, std::less<>> input_amax_;
   std::vector<ProbedRouting> routing_;
   std::unique_ptr<io::SafetensorsFile> tensors_;
 };

@@ -13,6 +13,7 @@
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "probe/probe_stage.h"
+#include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
 
 namespace pq::cost {
@@ -43,7 +44,7 @@ TEST(MeasureErrors, MatchesDirectComputation) {
     }
     moment[a] = hessian[a * shape.in + a] / tokens;
   }
-  const auto& format = formats::format_by_name("NVFP4");
+  const auto& format = formats::format_by_name("NVFP4A16");
   std::vector<float> q(w.size());
   format.fake_quantize(w, shape, q);
 
@@ -91,7 +92,7 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
   probe::ProbeJob probe_job;
   probe_job.model = model_dir;
-  probe_job.data = test::shared_dir() / "data/wikitext-2-test.txt";
+  probe_job.data = test::wikitext_excerpt(dir);
   probe_job.out = dir / "probe";
   probe_job.nsamples = 2;
   probe_job.seqlen = 64;
@@ -145,8 +146,10 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
   for (std::size_t f = 0; f < table.formats.size(); ++f) {
     const auto& format = formats::format_by_name(table.formats[f]);
     formats::QuantizeOptions options;
-    if (table.formats[f] == "NVFP4")
+    if (table.formats[f] == "NVFP4") {
       options.weight_global_scale = formats::nvfp4_global_scale(group_amax);
+      options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(stats.input_key));
+    }
     std::vector<float> q(w.size());
     format.fake_quantize(w, shape, q, options);
     const QuantizationErrors e = measure_errors(w, q, shape, linear_stats);
@@ -161,7 +164,9 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
     if (table.formats[f] == "NVFP4") {
       // Its own amax is below the group's: its own global scale gives another error.
       std::vector<float> own(w.size());
-      format.fake_quantize(w, shape, own);
+      formats::QuantizeOptions own_scale;
+      own_scale.input_global_scale = options.input_global_scale;
+      format.fake_quantize(w, shape, own, own_scale);
       EXPECT_NE(measure_errors(w, own, shape, linear_stats).weight_mse, e.weight_mse);
     }
   }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/file_util.h"
+#include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
 
 namespace pq::pipeline {
@@ -22,7 +23,7 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   test::TempDir dir;
   QuantizeJob job;
   job.model = test::shared_dir() / "models" / GetParam();
-  job.data = test::shared_dir() / "data/wikitext-2-test.txt";
+  job.data = test::wikitext_excerpt(dir);
   job.out = dir / "out";
   job.nsamples = 4;
   job.seqlen = 128;
