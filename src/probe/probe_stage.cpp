@@ -207,14 +207,21 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   ProbeAccumulator sums(spec);
   const std::filesystem::path state_path = job.out / kStateFile;
   if (std::filesystem::exists(state_path)) {
-    const io::SafetensorsFile state(state_path);
-    const auto& meta = state.metadata();
-    const auto fingerprint = meta.find("fingerprint");
-    const auto batches = meta.find("batches_done");
-    if (fingerprint != meta.end() && fingerprint->second == outcome.fingerprint &&
-        batches != meta.end()) {
-      sums.load(state);
-      outcome.resumed_from = std::stoull(batches->second);
+    try {
+      const io::SafetensorsFile state(state_path);
+      const auto& meta = state.metadata();
+      const auto fingerprint = meta.find("fingerprint");
+      const auto batches = meta.find("batches_done");
+      if (fingerprint != meta.end() && fingerprint->second == outcome.fingerprint &&
+          batches != meta.end()) {
+        sums.load(state);
+        outcome.resumed_from = std::stoull(batches->second);
+      }
+    } catch (const Error&) {
+      // An unreadable checkpoint (not ours, or damaged outside our atomic writes) is no reason to
+      // stop: start over, and the next batch overwrites it.
+      sums = ProbeAccumulator(spec);
+      outcome.resumed_from = 0;
     }
   }
 

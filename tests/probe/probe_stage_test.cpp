@@ -63,15 +63,21 @@ TEST(ProbeStage, ResumesAfterAStopWithTheSameResult) {
   EXPECT_EQ(rerun.resumed_from, 0u);
 }
 
-// probe.json reads back: every candidate Linear with a positive Fisher trace, its input's
-// Hessian and second moments of the right width, second moments equal to diag(H) / tokens.
+// A damaged checkpoint is ignored. probe.json reads back: every candidate Linear with a positive
+// Fisher trace, its input's Hessian and second moments of the right width, second moments equal to
+// diag(H) / tokens.
 TEST(ProbeStage, ArtifactsReadBack) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   ProbeJob job = small_job(dir, "probe");
   job.nsamples = 2;
   job.batch_size = 2;
-  ASSERT_TRUE(run_probe(job).complete);
+  // A damaged checkpoint left in the directory is discarded, not trusted.
+  std::filesystem::create_directories(job.out);
+  write_text_file_atomic(job.out / "probe.state.safetensors", "not a safetensors file");
+  const ProbeOutcome outcome = run_probe(job);
+  ASSERT_TRUE(outcome.complete);
+  EXPECT_EQ(outcome.resumed_from, 0u);
   const ProbeResult probe = ProbeResult::read(dir / "probe");
   EXPECT_EQ(probe.model(), "qwen3-dense-tiny");
   EXPECT_EQ(probe.sequences(), 2);
