@@ -86,9 +86,9 @@ std::string summarize_outcome(const AllocateOutcome& outcome) {
       t.bits_per_checkpoint_param, t.checkpoint_bytes, t.predicted_dloss, mix);
   if (!a.resolution.exact) {
     text += fmt::format(
-        "  byte axis in units of {} bytes: optimal within {} bytes of the budget (--max-units "
-        "raises the resolution)\n",
-        a.resolution.unit_bytes, a.resolution.max_shortfall_bytes);
+        "  byte axis in units of {} bytes: predicted dL at most {:.3g} above the optimum, and no "
+        "worse than the optimum {} bytes below the budget (--max-units refines)\n",
+        a.resolution.unit_bytes, a.resolution.max_excess_dloss, a.resolution.max_shortfall_bytes);
   }
   if (outcome.sweep) {
     const ParetoSweep& sweep = *outcome.sweep;

@@ -121,7 +121,9 @@ json assignment_to_json(const AssignmentFile& file) {
           {"solver",
            {{"unit_bytes", file.resolution.unit_bytes},
             {"exact", file.resolution.exact},
-            {"max_shortfall_bytes", file.resolution.max_shortfall_bytes}}},
+            {"max_shortfall_bytes", file.resolution.max_shortfall_bytes},
+            {"max_excess_dloss", file.resolution.max_excess_dloss},
+            {"free_items", file.resolution.free_items}}},
           {"totals",
            {{"quantizable_params", t.quantizable_params},
             {"quantizable_bytes", t.quantizable_bytes},
@@ -155,6 +157,8 @@ AssignmentFile assignment_from_json(const json& j, const std::string& label) {
   PQ_CHECK(exact.is_boolean(), "{}: \"exact\" must be true or false", solver_where);
   file.resolution.exact = exact.get<bool>();
   file.resolution.max_shortfall_bytes = unsigned_field(solver, "max_shortfall_bytes", solver_where);
+  file.resolution.max_excess_dloss = number_field(solver, "max_excess_dloss", solver_where);
+  file.resolution.free_items = unsigned_field(solver, "free_items", solver_where);
 
   const json& counts = field(j, "counts", label);
   PQ_CHECK(counts.is_object(), "{}: \"counts\" must be an object", label);

@@ -10,6 +10,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "formats/weight_format.h"
 
 namespace pq::alloc {
 
@@ -107,6 +108,34 @@ json format_cost_to_json(const FormatCost& cost) {
   return j;
 }
 
+// What is charged must be what ships: every format must be one the exporter can write (the
+// formats registry), hold the Linear's shape, and cost exactly formats::WeightFormat::bytes().
+void check_against_formats(const CostTable& table, const std::string& label) {
+  for (std::size_t f = 0; f < table.formats.size(); ++f) {
+    const std::string& name = table.formats[f];
+    const auto& known = formats::all_formats();
+    const auto it = std::find_if(known.begin(), known.end(),
+                                 [&](const formats::WeightFormat* w) { return w->name() == name; });
+    if (it == known.end()) {
+      std::vector<std::string_view> names;
+      for (const formats::WeightFormat* w : known) names.push_back(w->name());
+      fail("{}: unknown format \"{}\"; the formats library has: {}", label, name,
+           fmt::join(names, ", "));
+    }
+    for (const LinearCost& linear : table.linears) {
+      if (!linear.costs[f]) continue;
+      const formats::Shape2D shape{linear.shape[0], linear.shape[1]};
+      if (const auto reason = (*it)->rejects(shape)) {
+        fail("{}: linear {} cannot take {}: {}", label, linear.name, name, *reason);
+      }
+      const std::uint64_t exact = (*it)->bytes(shape);
+      PQ_CHECK(linear.costs[f]->bytes == exact,
+               "{}: linear {} format {}: \"bytes\" {} differs from the format's exact size {}",
+               label, linear.name, name, linear.costs[f]->bytes, exact);
+    }
+  }
+}
+
 }  // namespace
 
 std::uint64_t CostTable::quantizable_params() const {
@@ -159,6 +188,7 @@ CostTable cost_table_from_json(const json& j, const std::string& label) {
              linear.name);
     table.linears.push_back(std::move(linear));
   }
+  check_against_formats(table, label);
   return table;
 }
 

@@ -47,6 +47,8 @@ struct CostTable {
 inline constexpr std::string_view kCostSchema = "prismaquant.cost/1";
 
 // Validates and converts; errors are pq::Error naming `label` and the offending Linear/format.
+// Formats must be known to the formats library (src/formats), accept the Linear's shape, and
+// their bytes must equal formats::WeightFormat::bytes(shape) exactly.
 CostTable cost_table_from_json(const nlohmann::json& j, const std::string& label);
 nlohmann::json cost_table_to_json(const CostTable& table);
 // Reads `path`, or `path`/cost.json when `path` is a directory.

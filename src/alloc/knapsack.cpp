@@ -35,7 +35,9 @@ namespace pq::alloc {
 //    unit, and the result is at least as good as the best assignment within
 //      budget - (room mod u) - m (u - 1)      (m = free items),
 //    reported as max_shortfall_bytes. (Any such assignment better than the incumbent uses only
-//    surviving options, so the DP sees it; the result is never worse than the incumbent.)
+//    surviving options, so the DP sees it; the result is never worse than the incumbent.) The
+//    Lagrangian bound L also bounds the optimum for the exact budget from below, so a coarse
+//    result is reported with max_excess_dloss = its dL - L as well.
 //
 // dp_i[c] = least summed dL increment of items < i within c units; each row is a minimum over "at
 // most c", so it never increases with c. Backtracking needs every row; instead of storing items x
@@ -101,6 +103,7 @@ std::vector<std::size_t> solve_free_items(const std::vector<AllocationItem>& ite
   }
   std::vector<std::size_t> picks(n, 0);
   resolution = SolveResolution{};
+  resolution.free_items = n;
   if (spread <= room) {  // every free item affords its best option
     for (std::size_t i = 0; i < n; ++i) picks[i] = free_items[i].options.size() - 1;
     return picks;
@@ -315,6 +318,10 @@ std::vector<std::size_t> KnapsackAllocator::solve_one(std::uint64_t budget_bytes
     picks[free_items[f].item] = free_items[f].options[free_picks[f]];
   }
   for (std::size_t i = 0; i < n; ++i) dp_dloss += items_[i].options[picks[i]].predicted_dloss;
+  // L is a lower bound on the optimum for this exact budget, so the result is within
+  // (its dL - L) of it.
+  const double result = std::min(dp_dloss, upper);
+  if (!resolution.exact) resolution.max_excess_dloss = std::max(result - bound, 0.0);
   return dp_dloss <= upper ? picks : incumbent;
 }
 

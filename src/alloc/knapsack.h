@@ -41,6 +41,11 @@ struct SolveResolution {
   // Otherwise the solution's predicted dL is at most that of the best assignment fitting in
   // budget - max_shortfall_bytes.
   std::uint64_t max_shortfall_bytes = 0;
+  // ... and its predicted dL exceeds the optimum for the exact budget by at most this (from the
+  // Lagrangian lower bound; 0 when exact).
+  double max_excess_dloss = 0.0;
+  // Items the Lagrangian reduction left to the DP (the others were fixed exactly).
+  std::uint64_t free_items = 0;
 };
 
 struct Allocation {

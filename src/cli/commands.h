@@ -13,5 +13,6 @@ void register_inspect(CLI::App& app);
 void register_probe(CLI::App& app);
 void register_cost(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_formats(CLI::App& app);
 
 }  // namespace pq::cli

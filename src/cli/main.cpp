@@ -1,14 +1,14 @@
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
-
-#include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
 #include "common/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"prismaquant: mixed-precision quantization of LLM checkpoints, chosen by "
-               "measurement"};
+  CLI::App app{
+      "prismaquant: mixed-precision quantization of LLM checkpoints, chosen by "
+      "measurement"};
   app.set_version_flag("--version", PQ_VERSION);
   app.require_subcommand(1);
   pq::cli::register_inspect(app);
@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   pq::cli::register_probe(app);
   pq::cli::register_cost(app);
   pq::cli::register_quantize(app);
+  pq::cli::register_formats(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

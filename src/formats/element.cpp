@@ -44,23 +44,33 @@ int floor_log2(float x) {
 }
 
 std::uint32_t encode_element(ElementType type, float value) {
+  // Integer arithmetic on the f32 bits, the same steps as the AVX-512 encoder
+  // (formats_avx512.cpp); tests check it against an independent ldexp/nearbyint reference and
+  // against CUDA's converters.
   const ElementInfo& f = element_info(type);
-  if (std::isnan(value)) return f.nan_code;
-  const std::uint32_t sign = std::signbit(value) ? 1u << (f.bits - 1) : 0u;
-  const float magnitude = std::fabs(value);
-  // Saturation: everything at or beyond the largest finite value (Inf included) clamps to it;
-  // anything below it rounds to at most the largest finite value.
-  if (magnitude >= f.max_finite) return sign | f.max_finite_code;
-  if (magnitude == 0.0f) return sign;
-  // Work in units of the code step of the binade holding `magnitude` (the subnormal binade's step
-  // below the smallest normal): the scaled value lies in [0, 2^(m+1)) and rounds to an integer n.
-  // The code is then ((e - emin) << m) + n, which also covers subnormals (e == emin, n < 2^m) and
-  // a carry into the next binade (n == 2^(m+1)).
+  const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+  const std::uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) return f.nan_code;
+  const int shift = 23 - f.man_bits;
   const int emin = 1 - f.bias;
-  const int exponent = std::max(floor_log2(magnitude), emin);
-  const double scaled = std::ldexp(static_cast<double>(magnitude), f.man_bits - exponent);
-  const auto rounded = static_cast<std::uint32_t>(std::nearbyint(scaled));  // ties to even
-  return sign | ((static_cast<std::uint32_t>(exponent - emin) << f.man_bits) + rounded);
+  std::uint32_t code;
+  if (magnitude < static_cast<std::uint32_t>(127 + emin) << 23) {
+    // Below the smallest normal: adding 2^(emin - m + 23) makes the FPU round at the subnormal
+    // step (ties to even); the low bits of the sum are the code.
+    const std::uint32_t magic_bits = static_cast<std::uint32_t>(127 + emin - f.man_bits + 23) << 23;
+    const float sum = std::bit_cast<float>(magnitude) + std::bit_cast<float>(magic_bits);
+    code = std::bit_cast<std::uint32_t>(sum) - magic_bits;
+  } else {
+    // Normal: add half a step minus one plus the bit that breaks ties towards even, drop the
+    // extra mantissa bits, then move the exponent bias from 127 to the format's.
+    const std::uint32_t tie_bit = (magnitude >> shift) & 1u;
+    code = ((magnitude + (1u << (shift - 1)) - 1u + tie_bit) >> shift) -
+           (static_cast<std::uint32_t>(127 - f.bias) << f.man_bits);
+  }
+  // Saturation: codes are monotonic in magnitude, so anything past the largest finite code
+  // (overflow, Inf, E4M3's NaN slot) clamps to it.
+  code = std::min(code, f.max_finite_code);
+  return code | ((bits >> 31) << (f.bits - 1));
 }
 
 float decode_element(ElementType type, std::uint32_t code) {

@@ -40,6 +40,12 @@ GroupCodec::GroupCodec(CodeSpec codes, ScaleSpec scale) : codes_(codes), scale_(
     code_max_ = element_info(codes_.element).max_finite;
     amax_divisor_ = code_max_;
   }
+  const int bits = codes_.int_bits > 0 ? codes_.int_bits : element_info(codes_.element).bits;
+  for (std::uint32_t c = 0; c < (1u << bits); ++c) {
+    code_values_[c] = codes_.int_bits > 0
+                          ? static_cast<float>(static_cast<int>(c) - (1 << (codes_.int_bits - 1)))
+                          : decode_element(codes_.element, c);
+  }
   PQ_CHECK(scale_.kind != ScaleKind::kFloat || scale_.float_dtype == io::DType::F32 ||
                scale_.float_dtype == io::DType::BF16 || scale_.float_dtype == io::DType::F16,
            "GroupCodec: float scales are stored as F32, BF16 or F16, not {}",
@@ -137,10 +143,7 @@ std::uint8_t GroupCodec::quantize(float x, const GroupScale& scale) const {
 }
 
 float GroupCodec::dequantize(std::uint8_t code, const GroupScale& scale) const {
-  if (codes_.int_bits > 0) {
-    return static_cast<float>(static_cast<int>(code) - (1 << (codes_.int_bits - 1))) * scale.step;
-  }
-  return decode_element(codes_.element, code) * scale.step;
+  return code_values_[code] * scale.step;
 }
 
 void GroupCodec::quantize_group(std::span<const float> x, const GroupScale& scale,

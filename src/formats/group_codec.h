@@ -1,5 +1,6 @@
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -94,6 +95,7 @@ class GroupCodec {
   ScaleSpec scale_;
   float code_max_;
   float amax_divisor_;
+  std::array<float, 256> code_values_{};  // the value of each code (before the scale)
 };
 
 // Row-major [rows, cols] weights quantized in groups of `group_size` consecutive columns

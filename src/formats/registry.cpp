@@ -4,6 +4,8 @@
 // quantization/quant_scheme.py presets (NVFP4, NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16,
 // FP8_DYNAMIC, FP8_BLOCK, W4A16, W8A16).
 
+#include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 
@@ -171,11 +173,11 @@ class NvFp4Format final : public WeightFormat {
 
   EncodedWeight quantize(std::span<const float> w, Shape2D s,
                          const QuantizeOptions& options) const override {
-    const Prepared p = prepare(w, s, options);
+    const GroupCodec codec = prepare(w, s, options);
     std::vector<std::uint8_t> codes(w.size());
     std::vector<GroupScale> scales(w.size() / kGroup);
     quantize_rows(
-        p.codec,
+        codec,
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .codes = codes});
     const auto specs = tensors(s);
     EncodedWeight out{std::string(name()), s, {}};
@@ -183,7 +185,7 @@ class NvFp4Format final : public WeightFormat {
     pack_fp4(codes, packed);
     out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
     out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
-    out.tensors.push_back(make_tensor(specs[2], f32_bytes(p.codec.scale_spec().global_scale)));
+    out.tensors.push_back(make_tensor(specs[2], f32_bytes(codec.scale_spec().global_scale)));
     if (w4a4_) out.tensors.push_back(make_tensor(specs[3], f32_bytes(*options.input_global_scale)));
     return out;
   }
@@ -202,11 +204,11 @@ class NvFp4Format final : public WeightFormat {
 
   void fake_quantize(std::span<const float> w, Shape2D s, std::span<float> out,
                      const QuantizeOptions& options) const override {
-    const Prepared p = prepare(w, s, options);
+    const GroupCodec codec = prepare(w, s, options);
     PQ_CHECK(out.size() == w.size(), "{}: {} outputs for {} weights", name(), out.size(), w.size());
     std::vector<GroupScale> scales(w.size() / kGroup);
     quantize_rows(
-        p.codec,
+        codec,
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .dequantized = out});
   }
 
@@ -240,10 +242,6 @@ class NvFp4Format final : public WeightFormat {
   }
 
  private:
-  struct Prepared {
-    GroupCodec codec;
-  };
-
   static GroupCodec make_codec(float global, std::string_view what) {
     PQ_CHECK(std::isfinite(global) && global > 0.0f, "NVFP4 {} {} is not positive and finite", what,
              global);
@@ -251,7 +249,9 @@ class NvFp4Format final : public WeightFormat {
                       {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global});
   }
 
-  Prepared prepare(std::span<const float> w, Shape2D s, const QuantizeOptions& options) const {
+  // Checks the input and options; returns the codec under the tensor's (or the given) global
+  // scale.
+  GroupCodec prepare(std::span<const float> w, Shape2D s, const QuantizeOptions& options) const {
     check_input(*this, w, s);
     if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name(), s.out, s.in, *why);
     const float amax = finite_amax(*this, w);
@@ -261,7 +261,7 @@ class NvFp4Format final : public WeightFormat {
       make_codec(*options.input_global_scale, "input_global_scale");
     }
     const float global = options.weight_global_scale.value_or(nvfp4_global_scale(amax));
-    return {make_codec(global, "weight_global_scale")};
+    return make_codec(global, "weight_global_scale");
   }
 
   bool w4a4_;
@@ -782,6 +782,20 @@ class Bf16Format final : public WeightFormat {
     std::vector<float> out(codes.size());
     decode_elements16(ElementType::BF16, codes, out);
     return out;
+  }
+
+  void fake_quantize(std::span<const float> w, Shape2D s, std::span<float> out,
+                     const QuantizeOptions&) const override {
+    check_input(*this, w, s);
+    PQ_CHECK(out.size() == w.size(), "BF16: {} outputs for {} weights", out.size(), w.size());
+    // Through a small buffer: no tensor-sized allocation, same bits as quantize + dequantize.
+    constexpr std::size_t kChunk = 4096;
+    std::array<std::uint16_t, kChunk> codes;
+    for (std::size_t i = 0; i < w.size(); i += kChunk) {
+      const std::size_t n = std::min(kChunk, w.size() - i);
+      encode_elements16(ElementType::BF16, w.subspan(i, n), std::span(codes).first(n));
+      decode_elements16(ElementType::BF16, std::span(codes).first(n), out.subspan(i, n));
+    }
   }
 
   json config_group() const override { return nullptr; }

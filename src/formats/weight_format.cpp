@@ -1,11 +1,9 @@
 #include "formats/weight_format.h"
 
-#include <bit>
 #include <cmath>
 #include <cstring>
 
 #include "common/error.h"
-#include "formats/simd_kernels.h"
 
 namespace pq::formats {
 

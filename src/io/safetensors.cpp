@@ -24,6 +24,17 @@ namespace {
 // array; an index is object -> weight_map); anything deeper is rejected before it can cost memory.
 constexpr int kMaxJsonDepth = 16;
 
+// Error messages are one line, so names that reach them must not carry line breaks.
+bool has_control_character(std::string_view text) {
+  return std::any_of(text.begin(), text.end(),
+                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+// `text` as a quoted JSON string, control characters escaped.
+std::string escaped(std::string_view text) {
+  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 // nlohmann keeps the last of duplicate keys silently; a checkpoint with two entries of one name
 // is ambiguous, so the parse callback rejects them at any depth.
 json parse_json_rejecting_duplicates(std::string_view text, std::string_view label,
@@ -39,8 +50,8 @@ json parse_json_rejecting_duplicates(std::string_view text, std::string_view lab
     } else if (event == json::parse_event_t::key) {
       if (keys_by_depth.size() <= d) keys_by_depth.resize(d + 1);
       const auto& key = parsed.get_ref<const std::string&>();
-      PQ_CHECK(keys_by_depth[d].insert(key).second, "{}: {} has duplicate key \"{}\"", label, what,
-               key);
+      PQ_CHECK(keys_by_depth[d].insert(key).second, "{}: {} has duplicate key {}", label, what,
+               escaped(key));
     }
     return true;
   };
@@ -55,17 +66,6 @@ json parse_json_rejecting_duplicates(std::string_view text, std::string_view lab
   }
 }
 
-// Error messages are one line, so names that reach them must not carry line breaks.
-bool has_control_character(std::string_view text) {
-  return std::any_of(text.begin(), text.end(),
-                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
-}
-
-// `text` as a quoted JSON string, control characters escaped.
-std::string escaped(std::string_view text) {
-  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
 // Element and byte counts stay below 2^63 so TensorInfo::numel() (signed) cannot overflow.
 std::uint64_t checked_mul(std::uint64_t a, std::uint64_t b, std::string_view label,
                           std::string_view name) {
@@ -78,14 +78,14 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   PQ_CHECK(entry.is_object(), "{}: tensor \"{}\": entry is not an object", label, name);
   for (const auto& [key, value] : entry.items()) {
     PQ_CHECK(key == "dtype" || key == "shape" || key == "data_offsets",
-             "{}: tensor \"{}\": unknown field \"{}\"", label, name, key);
+             "{}: tensor \"{}\": unknown field {}", label, name, escaped(key));
   }
   PQ_CHECK(entry.contains("dtype") && entry["dtype"].is_string(),
            "{}: tensor \"{}\": missing or non-string dtype", label, name);
   const auto dtype_text = entry["dtype"].get<std::string>();
   const auto dtype = parse_dtype(dtype_text);
-  PQ_CHECK(dtype.has_value(), "{}: tensor \"{}\": unsupported dtype \"{}\"", label, name,
-           dtype_text);
+  PQ_CHECK(dtype.has_value(), "{}: tensor \"{}\": unsupported dtype {}", label, name,
+           escaped(dtype_text));
   PQ_CHECK(entry.contains("shape") && entry["shape"].is_array(),
            "{}: tensor \"{}\": missing or non-array shape", label, name);
   PQ_CHECK(entry.contains("data_offsets") && entry["data_offsets"].is_array() &&
@@ -97,9 +97,7 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   std::uint64_t numel = 1;
   for (const auto& dim : entry["shape"]) {
     PQ_CHECK(dim.is_number_unsigned(),
-             "{}: tensor \"{}\": shape has a non-integer or negative "
-             "dimension",
-             label, name);
+             "{}: tensor \"{}\": shape has a non-integer or negative dimension", label, name);
     const auto d = dim.get<std::uint64_t>();
     PQ_CHECK(d <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
              "{}: tensor \"{}\": dimension {} is too large", label, name, d);
@@ -113,9 +111,8 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   info.data_begin = entry["data_offsets"][0].get<std::uint64_t>();
   info.data_end = entry["data_offsets"][1].get<std::uint64_t>();
   PQ_CHECK(info.data_begin <= info.data_end,
-           "{}: tensor \"{}\": data_offsets [{}, {}] run "
-           "backwards",
-           label, name, info.data_begin, info.data_end);
+           "{}: tensor \"{}\": data_offsets [{}, {}] run backwards", label, name, info.data_begin,
+           info.data_end);
   const std::uint64_t expected = checked_mul(numel, dtype_size(info.dtype), label, name);
   PQ_CHECK(info.nbytes() == expected,
            "{}: tensor \"{}\": holds {} bytes but shape and dtype {} need {}", label, name,
@@ -166,16 +163,15 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
   std::uint64_t cursor = 0;
   const TensorInfo* previous = nullptr;
   for (const auto& t : header.tensors) {
-    PQ_CHECK(t.data_end <= data_size,
-             "{}: tensor \"{}\": data_offsets [{}, {}] run past the {} byte data section "
-             "(truncated?)",
-             label, t.name, t.data_begin, t.data_end, data_size);
+    PQ_CHECK(
+        t.data_end <= data_size,
+        "{}: tensor \"{}\": data_offsets [{}, {}] run past the {} byte data section (truncated?)",
+        label, t.name, t.data_begin, t.data_end, data_size);
     PQ_CHECK(t.data_begin >= cursor, "{}: tensor \"{}\" overlaps tensor \"{}\"", label, t.name,
              previous ? previous->name : "");
     PQ_CHECK(t.data_begin == cursor,
-             "{}: tensor \"{}\": {} unused bytes before it (data is not "
-             "contiguous)",
-             label, t.name, t.data_begin - cursor);
+             "{}: tensor \"{}\": {} unused bytes before it (data is not contiguous)", label, t.name,
+             t.data_begin - cursor);
     cursor = t.data_end;
     previous = &t;
   }

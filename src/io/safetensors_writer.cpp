@@ -65,14 +65,17 @@ std::size_t spool_slot(DType dtype) {
   }
 }
 
-void write_all(int fd, const std::uint8_t* data, std::size_t size, const std::string& label) {
-  while (size > 0) {
-    const ssize_t n = ::write(fd, data, size);
+// Writes at an explicit offset, so bytes of a write that failed part-way are overwritten by the
+// next tensor instead of shifting every later tensor's data.
+void write_at(int fd, std::uint64_t offset, std::span<const std::uint8_t> data,
+              const std::string& label) {
+  while (!data.empty()) {
+    const ssize_t n = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
     PQ_CHECK(n > 0, "{}: staging tensor data failed: {}", label,
              n < 0 ? std::strerror(errno) : "no progress");
-    data += n;
-    size -= static_cast<std::size_t>(n);
+    data = data.subspan(static_cast<std::size_t>(n));
+    offset += static_cast<std::uint64_t>(n);
   }
 }
 
@@ -141,7 +144,7 @@ void SafetensorsWriter::add(std::string_view name, DType dtype, std::span<const 
   PQ_CHECK(data.size() == expected, "{}: tensor \"{}\": {} bytes given, shape and dtype {} need {}",
            label, name, data.size(), dtype_name(dtype), expected);
   Spool& spool = spool_for(dtype);
-  write_all(spool.fd, data.data(), data.size(), label);
+  write_at(spool.fd, spool.size, data, label);
   spool.size += data.size();
   names_.emplace(name);
   entries_.push_back({std::string(name), dtype, {shape.begin(), shape.end()}, data.size()});

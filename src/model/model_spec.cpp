@@ -57,8 +57,7 @@ class SpecBuilder {
     }
   }
 
-  ModelSpec build() {
-    const ArchitectureProfile& profile = require_profile(config_.architecture, label_);
+  ModelSpec build(const ArchitectureProfile& profile) {
     spec_.architecture = config_.architecture;
     spec_.family = std::string(profile.family);
     spec_.tie_word_embeddings = config_.tie_word_embeddings;
@@ -81,6 +80,7 @@ class SpecBuilder {
         add_linear(rule, std::nullopt, std::nullopt);
       }
     }
+    check_packed_coverage();
     reject_unclaimed();
     return std::move(spec_);
   }
@@ -106,8 +106,9 @@ class SpecBuilder {
       } else if (!experts_done) {
         experts_done = true;
         for (std::int64_t expert = 0; expert < config_.num_experts; ++expert) {
-          for (const LinearRule* expert_rule : expert_rules)
+          for (const LinearRule* expert_rule : expert_rules) {
             add_linear(*expert_rule, layer, expert);
+          }
         }
       }
     }
@@ -127,12 +128,14 @@ class SpecBuilder {
     Linear linear;
     linear.name = expand(rule.module, layer, expert);
     linear.role = std::string(rule.role);
-    linear.weight_tensor = linear.name + ".weight";
+    linear.weight_tensor =
+        rule.packed ? expand(rule.packed->tensor, layer, std::nullopt) : linear.name + ".weight";
     linear.out_features = dimension(rule.out_features, linear.weight_tensor);
     linear.in_features = dimension(rule.in_features, linear.weight_tensor);
     const TensorDesc& weight =
-        claim(linear.weight_tensor, {linear.out_features, linear.in_features},
-              {rule.out_features, rule.in_features});
+        rule.packed ? claim_packed(rule, linear, expert)
+                    : claim(linear.weight_tensor, {linear.out_features, linear.in_features},
+                            {rule.out_features, rule.in_features});
     PQ_CHECK(io::dtype_is_float(weight.dtype),
              "{}: tensor \"{}\" has dtype {}; a Linear weight must be unquantized floating point",
              label_, weight.name, io::dtype_name(weight.dtype));
@@ -168,6 +171,26 @@ class SpecBuilder {
     spec_.linears.push_back(std::move(linear));
   }
 
+  // Claims the packed tensor once for all the Linears it holds and records linear's slice.
+  const TensorDesc& claim_packed(const LinearRule& rule, Linear& linear,
+                                 std::optional<std::int64_t> expert) {
+    const PackedWeight& packed = *rule.packed;
+    PQ_CHECK(expert.has_value(), "{}: profile rule \"{}\" packs a Linear that is not per expert",
+             label_, rule.module);
+    const std::int64_t rows = dimension(packed.rows, linear.weight_tensor);
+    const std::int64_t offset = evaluate_dimension(packed.row_offset, config_, label_);
+    PQ_CHECK(offset >= 0 && offset + linear.out_features <= rows,
+             "{}: profile rule \"{}\" puts rows [{}, {}) outside the {} rows of \"{}\"", label_,
+             rule.module, offset, offset + linear.out_features, rows, linear.weight_tensor);
+    linear.slice = TensorSlice{*expert, offset, offset + linear.out_features};
+    packed_sliced_[linear.weight_tensor] += linear.numel();
+    if (!claimed_.contains(linear.weight_tensor)) {
+      return claim(linear.weight_tensor, {config_.num_experts, rows, linear.in_features},
+                   {"num_experts", packed.rows, rule.in_features});
+    }
+    return *by_name_.at(linear.weight_tensor);
+  }
+
   std::int64_t dimension(std::string_view expression, const std::string& tensor) {
     const std::int64_t value = evaluate_dimension(expression, config_, label_);
     PQ_CHECK(value > 0, "{}: tensor \"{}\" would have dimension {} = {}; check config.json", label_,
@@ -194,6 +217,16 @@ class SpecBuilder {
     return tensor;
   }
 
+  // Guards the profile: the Linears sliced from a packed tensor must cover every element once.
+  void check_packed_coverage() const {
+    for (const auto& [name, sliced] : packed_sliced_) {
+      const std::int64_t stored = by_name_.at(name)->numel();
+      PQ_CHECK(sliced == stored,
+               "{}: the {} profile slices {} of the {} elements of packed tensor \"{}\"", label_,
+               config_.architecture, sliced, stored, name);
+    }
+  }
+
   void reject_unclaimed() const {
     std::vector<std::string_view> unclaimed;
     for (const auto& [name, tensor] : by_name_) {
@@ -210,6 +243,7 @@ class SpecBuilder {
   std::map<std::string, const TensorDesc*> by_name_;  // sorted: the first unexpected is stable
   std::set<std::string> claimed_;
   std::unordered_map<std::string, std::size_t> group_index_;
+  std::map<std::string, std::int64_t> packed_sliced_;  // packed tensor -> elements sliced so far
   ModelSpec spec_;
 };
 
@@ -231,7 +265,8 @@ std::int64_t OtherTensor::numel() const {
 std::int64_t ModelSpec::num_params() const {
   std::int64_t total = 0;
   for (const Linear& linear : linears) {
-    // A sliced Linear shares its tensor with siblings; its own rows are still its parameters.
+    // The slices of a packed tensor cover it exactly (checked when building), so this counts
+    // each stored element once.
     total += linear.numel();
   }
   for (const OtherTensor& tensor : others) total += tensor.numel();
@@ -269,8 +304,11 @@ std::map<std::string, std::int64_t> ModelSpec::params_by_dtype() const {
 std::vector<std::string> ModelSpec::passthrough_tensors() const {
   std::vector<std::string> names;
   for (const OtherTensor& tensor : others) names.push_back(tensor.name);
+  std::set<std::string_view> listed;  // slices of one packed tensor share its name
   for (const Linear& linear : linears) {
-    if (!linear.is_candidate) names.push_back(linear.weight_tensor);
+    if (!linear.is_candidate && listed.insert(linear.weight_tensor).second) {
+      names.push_back(linear.weight_tensor);
+    }
   }
   return names;
 }
@@ -281,9 +319,16 @@ const Linear* ModelSpec::find_linear(std::string_view name) const {
   return it == linears.end() ? nullptr : &*it;
 }
 
+ModelSpec build_model_spec(const ArchitectureProfile& profile, const ModelConfig& config,
+                           std::span<const TensorDesc> tensors, const std::string& label,
+                           const SpecOptions& options) {
+  return SpecBuilder(config, tensors, label, options).build(profile);
+}
+
 ModelSpec build_model_spec(const ModelConfig& config, std::span<const TensorDesc> tensors,
                            const std::string& label, const SpecOptions& options) {
-  return SpecBuilder(config, tensors, label, options).build();
+  SpecBuilder builder(config, tensors, label, options);
+  return builder.build(require_profile(config.architecture, label));
 }
 
 ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& checkpoint,

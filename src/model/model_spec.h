@@ -109,6 +109,10 @@ struct ModelSpec {
 // the config is a pq::Error naming `label` (usually the checkpoint directory) and the tensor.
 ModelSpec build_model_spec(const ModelConfig& config, std::span<const TensorDesc> tensors,
                            const std::string& label, const SpecOptions& options = {});
+// The same with an explicit profile instead of the one registered for config.architecture.
+ModelSpec build_model_spec(const ArchitectureProfile& profile, const ModelConfig& config,
+                           std::span<const TensorDesc> tensors, const std::string& label,
+                           const SpecOptions& options = {});
 ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& checkpoint,
                            const SpecOptions& options = {});
 // Reads config.json and the safetensors headers of `model_dir`.

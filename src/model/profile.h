@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -38,13 +39,25 @@ enum class Candidacy {
 
 // Which part of the model a tensor belongs to. Text-only families use kText throughout; the
 // multimodal and speculative parts of Qwen3.5/3.6 checkpoints are kVision ("model.visual.*") and
-// kMtp ("mtp.*"), which the allocator and exporter treat separately (both stay BF16 by default).
+// kMtp ("mtp.*"), which later stages may handle apart from the body (the upstream method keeps
+// the vision tower BF16 by default: qwen3_5-architecture-facts.md §8).
 enum class Component { kText, kMtp, kVision };
 
 std::string_view component_name(Component component);
 
+// Where a routed expert's Linear lives when the checkpoint packs all experts of a layer into one
+// 3-D tensor [num_experts, rows, in] (Qwen3.5/3.6 "mlp.experts.gate_up_proj" [E, 2I, H] holds
+// gate in rows [0, I) and up in rows [I, 2I): qwen3_5-architecture-facts.md §6.3). Expert e's
+// Linear is rows [row_offset, row_offset + out) of matrix e.
+struct PackedWeight {
+  std::string_view tensor;      // name pattern of the 3-D tensor (may use "{layer}")
+  std::string_view rows;        // dimension expression for its dim 1
+  std::string_view row_offset;  // dimension expression, "0" for the first Linear in it
+};
+
 // One nn.Linear: `module` is its HF module name pattern; the checkpoint holds
-// "<module>.weight" of shape [out, in] and, where `has_bias` says so, "<module>.bias" [out].
+// "<module>.weight" of shape [out, in] (or a slice of a packed tensor, see `packed`) and, where
+// `has_bias` says so, "<module>.bias" [out].
 struct LinearRule {
   std::string_view module;
   std::string_view role;  // e.g. "q_proj", "expert_down_proj", "router", "lm_head"
@@ -58,6 +71,8 @@ struct LinearRule {
   RulePredicate present = always;
   RulePredicate has_bias = never;
   Component component = Component::kText;
+  // Set for per-expert Linears ("{expert}" in `module`) stored in a packed 3-D tensor.
+  std::optional<PackedWeight> packed = std::nullopt;
 };
 
 // A tensor that is not part of a Linear (embeddings, norms, conv kernels); kept as stored.

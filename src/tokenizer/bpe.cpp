@@ -37,6 +37,10 @@ BpeModel::BpeModel(Vocab vocab, const std::vector<std::pair<std::string, std::st
     PQ_CHECK(left_id && right_id && merged_id,
              "merge {} ('{} {}') uses a token missing from the vocabulary", rank, left, right);
     add_merge(*left_id, *right_id, static_cast<std::int32_t>(rank), *merged_id);
+    const auto largest = static_cast<std::size_t>(std::max(*left_id, *right_id));
+    if (mergeable_.size() <= largest) mergeable_.resize(largest + 1, false);
+    mergeable_[*left_id] = true;
+    mergeable_[*right_id] = true;
   }
 
   char_ids_.assign(kDirectChars, -1);
@@ -144,11 +148,25 @@ void BpeModel::merge_symbols(std::string_view word, std::vector<std::int32_t>& o
       previous_is_unk = true;
     }
   }
+  // A symbol that is in no merge never changes and no merge can reach across it, so the runs
+  // between such symbols are merged independently. For SentencePiece-style tokenizers, whose
+  // "words" are whole texts, this keeps each priority queue as small as a line.
+  std::size_t run_start = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const auto id = static_cast<std::size_t>(ids[i]);
+    if (id < mergeable_.size() && mergeable_[id]) continue;
+    merge_run(std::span(ids).subspan(run_start, i - run_start), out);
+    out.push_back(ids[i]);
+    run_start = i + 1;
+  }
+  merge_run(std::span(ids).subspan(run_start), out);
+}
+
+void BpeModel::merge_run(std::span<std::int32_t> ids, std::vector<std::int32_t>& out) const {
   if (ids.size() <= 1) {
     out.insert(out.end(), ids.begin(), ids.end());
     return;
   }
-
   // Symbols form a doubly linked list over `ids`; a merged-away symbol gets id -1. Heap entries
   // record the ids they were made from and are discarded when either side changed since.
   struct Candidate {
@@ -172,14 +190,15 @@ void BpeModel::merge_symbols(std::string_view word, std::vector<std::int32_t>& o
     next[i] = i + 1 < n ? i + 1 : -1;
   }
   std::vector<Candidate> heap;
-  const auto push_candidate = [&](std::int32_t left, std::int32_t right) {
-    if (left < 0 || right < 0) return;
-    if (const MergeSlot* merge = find_merge(ids[left], ids[right])) {
-      heap.push_back({merge->rank, left, right, ids[left], ids[right], merge->merged_id});
-      std::push_heap(heap.begin(), heap.end(), lower_priority);
-    }
+  const auto add_candidate = [&](std::int32_t left, std::int32_t right) {
+    if (left < 0 || right < 0) return false;
+    const MergeSlot* merge = find_merge(ids[left], ids[right]);
+    if (merge == nullptr) return false;
+    heap.push_back({merge->rank, left, right, ids[left], ids[right], merge->merged_id});
+    return true;
   };
-  for (std::int32_t i = 0; i + 1 < n; ++i) push_candidate(i, i + 1);
+  for (std::int32_t i = 0; i + 1 < n; ++i) add_candidate(i, i + 1);
+  std::make_heap(heap.begin(), heap.end(), lower_priority);
 
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), lower_priority);
@@ -194,8 +213,9 @@ void BpeModel::merge_symbols(std::string_view word, std::vector<std::int32_t>& o
     ids[right] = -1;
     next[left] = next[right];
     if (next[left] >= 0) prev[next[left]] = left;
-    push_candidate(prev[left], left);
-    push_candidate(left, next[left]);
+    for (const auto& [a, b] : {std::pair{prev[left], left}, std::pair{left, next[left]}}) {
+      if (add_candidate(a, b)) std::push_heap(heap.begin(), heap.end(), lower_priority);
+    }
   }
   for (std::int32_t i = 0; i >= 0; i = next[i]) out.push_back(ids[i]);
 }

@@ -5,6 +5,7 @@
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -64,12 +65,16 @@ class BpeModel {
   void add_merge(std::int32_t left, std::int32_t right, std::int32_t rank, std::int32_t merged);
   const MergeSlot* find_merge(std::int32_t left, std::int32_t right) const;
   void merge_symbols(std::string_view word, std::vector<std::int32_t>& out) const;
+  // Merges one run of symbols in place and appends the result.
+  void merge_run(std::span<std::int32_t> ids, std::vector<std::int32_t>& out) const;
 
   Vocab vocab_;
   BpeOptions options_;
   // Open-addressing table of merges keyed by (left id, right id); a power-of-two size at most
   // half full, probed linearly.
   std::vector<MergeSlot> merges_;
+  // mergeable_[id]: the token is the left or right side of some merge.
+  std::vector<bool> mergeable_;
   // Ids of one-character tokens for code points below kDirectChars, -1 when absent, to avoid a
   // hash lookup per character for ASCII, Latin and the byte-level alphabet.
   static constexpr char32_t kDirectChars = 0x800;

@@ -759,7 +759,10 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
-Tokenizer Tokenizer::load(const std::filesystem::path& tokenizer_json) {
+Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
+  const std::filesystem::path tokenizer_json = std::filesystem::is_directory(file_or_directory)
+                                                   ? file_or_directory / "tokenizer.json"
+                                                   : file_or_directory;
   auto impl = std::make_unique<Impl>();
   impl->path = tokenizer_json.string();
   const std::string& path = impl->path;

@@ -15,18 +15,22 @@ namespace pq::tokenizer {
 // model families prismaquant handles:
 //   - byte-level BPE (Qwen2/Qwen3, Llama-3, GPT-2): NFC normalizer, Split regex + ByteLevel
 //     pre-tokenizers, ByteLevel decoder;
-//   - SentencePiece-style BPE (Llama-2, Mistral): Prepend/Replace "▁" normalizers, byte_fallback
-//     "<0xXX>" tokens, Replace/ByteFallback/Fuse/Strip decoders;
-//   - added tokens (special or not) split out of the text before normalization, and
-//     TemplateProcessing post-processors (BOS/EOS) applied when add_special_tokens is set.
-// Any other component type in the file is rejected by load() with a pq::Error naming it.
+//   - SentencePiece-style BPE (Llama-2, Mistral): Prepend/Replace "▁" normalizers or a Metaspace
+//     pre-tokenizer, byte_fallback "<0xXX>" tokens, Replace/ByteFallback/Fuse/Strip or Metaspace
+//     decoders;
+//   - added tokens (special or not) split out of the text before normalization (or after it, for
+//     normalized ones), and TemplateProcessing post-processors (BOS/EOS) applied when
+//     add_special_tokens is set.
+// docs/calibration-data.md lists every supported component; any other in the file is rejected by
+// load() with a pq::Error naming it.
 //
 // Thread-safe for concurrent encode/decode calls (the word cache is internally locked).
 class Tokenizer {
  public:
-  // Reads tokenizer.json; bos/eos come from tokenizer_config.json in the same directory when it
-  // exists. Throws pq::Error naming the file and the offending entry.
-  static Tokenizer load(const std::filesystem::path& tokenizer_json);
+  // Reads a tokenizer.json file, or the tokenizer.json of a model directory; bos/eos come from
+  // tokenizer_config.json next to it when that exists, else BOS is the first token the
+  // post-processor puts before the text. Throws pq::Error naming the file and the offending entry.
+  static Tokenizer load(const std::filesystem::path& file_or_directory);
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

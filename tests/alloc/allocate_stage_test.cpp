@@ -13,6 +13,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "support/test_support.h"
 #include "xml_check.h"
@@ -20,27 +21,23 @@
 namespace pq::alloc {
 namespace {
 
-// Bytes per ../shared/docs/method-facts.md §4: E2M1/E4M3 codes plus one 8-bit scale per group
-// along the input dimension; MXFP8 only where vLLM's kernels take the shape (out % 128 == 0,
-// in % 32 == 0, both >= 128). The NVFP4 global scale is not charged upstream either.
+// Exact bytes and shape constraints from the formats library; dL grows as bits shrink.
 std::vector<std::optional<FormatCost>> format_costs(std::int64_t out, std::int64_t in,
                                                     double sensitivity) {
-  const auto n = static_cast<std::uint64_t>(out * in);
-  const auto rows = static_cast<std::uint64_t>(out);
-  const auto groups = [&](std::int64_t g) { return rows * static_cast<std::uint64_t>(in / g); };
-  const auto cost = [](std::uint64_t bytes, double dloss) {
-    FormatCost c;
-    c.bytes = bytes;
-    c.predicted_dloss = dloss;
-    return c;
-  };
-  std::vector<std::optional<FormatCost>> costs(4);
-  if (in % 32 == 0) costs[0] = cost(n / 2 + groups(32), 1.5 * sensitivity);
-  if (in % 16 == 0) costs[1] = cost(n / 2 + groups(16), sensitivity);
-  if (out % 128 == 0 && in % 32 == 0 && out >= 128 && in >= 128) {
-    costs[2] = cost(n + groups(32), 0.01 * sensitivity);
+  const std::pair<const char*, double> menu[] = {
+      {"MXFP4", 1.5}, {"NVFP4", 1.0}, {"MXFP8", 0.01}, {"BF16", 0.0}};
+  std::vector<std::optional<FormatCost>> costs;
+  for (const auto& [name, factor] : menu) {
+    const formats::WeightFormat& format = formats::format_by_name(name);
+    if (!format.accepts({out, in})) {
+      costs.emplace_back();
+      continue;
+    }
+    FormatCost cost;
+    cost.bytes = format.bytes({out, in});
+    cost.predicted_dloss = factor * sensitivity;
+    costs.push_back(cost);
   }
-  costs[3] = cost(2 * n, 0.0);
   return costs;
 }
 

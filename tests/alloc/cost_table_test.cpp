@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "common/error.h"
+#include "formats/weight_format.h"
 #include "support/test_support.h"
 
 namespace pq::alloc {
@@ -12,21 +13,29 @@ namespace {
 
 using nlohmann::json;
 
+std::uint64_t bytes_of(const char* format, std::int64_t out, std::int64_t in) {
+  return formats::format_by_name(format).bytes({out, in});
+}
+
 json valid_cost_json() {
-  return json::parse(R"({
+  json j = json::parse(R"({
     "schema": "prismaquant.cost/1",
     "model": "tiny",
-    "formats": ["NVFP4", "MXFP8_E4M3", "BF16"],
+    "formats": ["NVFP4", "MXFP8", "BF16"],
     "passthrough": {"params": 1000, "bytes": 2000},
     "linears": [
-      {"name": "model.layers.0.self_attn.q_proj", "shape": [32, 64], "params": 2048,
+      {"name": "model.layers.0.self_attn.q_proj", "shape": [128, 256], "params": 32768,
        "group": "model.layers.0.self_attn.qkv_proj",
-       "costs": {"NVFP4": {"bytes": 1152, "predicted_dloss": 0.25, "weight_mse": 1e-3,
+       "costs": {"NVFP4": {"bytes": 0, "predicted_dloss": 0.25, "weight_mse": 1e-3,
                            "act_weighted_mse": 2e-3, "output_mse": 3e-3},
-                 "BF16": {"bytes": 4096, "predicted_dloss": 0}}},
-      {"name": "model.layers.0.mlp.down_proj", "shape": [64, 32], "params": 2048,
-       "costs": {"MXFP8_E4M3": {"bytes": 2112, "predicted_dloss": 0.01, "weight_mse": null}}}
+                 "BF16": {"bytes": 0, "predicted_dloss": 0}}},
+      {"name": "model.layers.0.mlp.down_proj", "shape": [128, 128], "params": 16384,
+       "costs": {"MXFP8": {"bytes": 0, "predicted_dloss": 0.01, "weight_mse": null}}}
     ]})");
+  j["linears"][0]["costs"]["NVFP4"]["bytes"] = bytes_of("NVFP4", 128, 256);
+  j["linears"][0]["costs"]["BF16"]["bytes"] = bytes_of("BF16", 128, 256);
+  j["linears"][1]["costs"]["MXFP8"]["bytes"] = bytes_of("MXFP8", 128, 128);
+  return j;
 }
 
 TEST(CostTableTest, ParsesEveryField) {
@@ -38,9 +47,10 @@ TEST(CostTableTest, ParsesEveryField) {
   ASSERT_EQ(table.linears.size(), 2u);
   const LinearCost& q = table.linears[0];
   EXPECT_EQ(q.group, "model.layers.0.self_attn.qkv_proj");
-  EXPECT_EQ(q.shape, (std::vector<std::int64_t>{32, 64}));
+  EXPECT_EQ(q.shape, (std::vector<std::int64_t>{128, 256}));
   ASSERT_TRUE(q.costs[0].has_value());
-  EXPECT_EQ(q.costs[0]->bytes, 1152u);
+  // E2M1 codes, one E4M3 scale per 16, and the two FP32 global scales of W4A4.
+  EXPECT_EQ(q.costs[0]->bytes, 128u * 256 / 2 + 128 * 256 / 16 + 8);
   EXPECT_EQ(q.costs[0]->weight_mse, 1e-3);
   EXPECT_EQ(q.costs[0]->act_weighted_mse, 2e-3);
   EXPECT_EQ(q.costs[0]->output_mse, 3e-3);
@@ -48,7 +58,7 @@ TEST(CostTableTest, ParsesEveryField) {
   EXPECT_TRUE(q.costs[2].has_value());
   EXPECT_EQ(table.linears[1].group, "");
   EXPECT_FALSE(table.linears[1].costs[1]->weight_mse.has_value());
-  EXPECT_EQ(table.quantizable_params(), 4096u);
+  EXPECT_EQ(table.quantizable_params(), 49152u);
 }
 
 TEST(CostTableTest, RoundTripsThroughAFile) {
@@ -79,7 +89,7 @@ TEST(CostTableTest, RejectsBadInput) {
 
   j = valid_cost_json();
   j["linears"][1]["params"] = 2047;
-  expect_error(j, "\"params\" 2047 is not out*in = 64*32");
+  expect_error(j, "\"params\" 2047 is not out*in = 128*128");
 
   j = valid_cost_json();
   j["linears"][1]["name"] = "model.layers.0.self_attn.q_proj";
@@ -104,6 +114,20 @@ TEST(CostTableTest, RejectsBadInput) {
   j = valid_cost_json();
   j["formats"] = {"NVFP4", "NVFP4"};
   expect_error(j, "format \"NVFP4\" listed twice");
+
+  // Charged bytes must be what the formats library will write.
+  j = valid_cost_json();
+  j["linears"][0]["costs"]["NVFP4"]["bytes"] = 128 * 256 / 2 + 128 * 256 / 16;
+  expect_error(j, "format NVFP4: \"bytes\" 18432 differs from the format's exact size 18440");
+
+  j = valid_cost_json();
+  j["linears"][0]["shape"] = {64, 512};
+  j["linears"][0]["costs"] = {{"MXFP8", {{"bytes", 1}, {"predicted_dloss", 0}}}};
+  expect_error(j, "linear model.layers.0.self_attn.q_proj cannot take MXFP8: MXFP8 kernels need");
+
+  j = valid_cost_json();
+  j["formats"].push_back("NVFP5");
+  expect_error(j, "unknown format \"NVFP5\"; the formats library has: NVFP4");
 }
 
 TEST(CostTableTest, UnreadableFilesAreErrors) {

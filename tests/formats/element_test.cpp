@@ -36,12 +36,55 @@ std::vector<std::uint32_t> positive_finite_codes(ElementType t) {
   return out;
 }
 
+// An independent oracle for the encoder: scale |x| to units of its binade's code step with
+// ldexp, round with nearbyint (ties to even), rebuild the code; saturate and map NaN as
+// documented in element.h.
+std::uint32_t reference_encode(ElementType t, float value) {
+  const ElementInfo& f = element_info(t);
+  if (std::isnan(value)) return f.nan_code;
+  const std::uint32_t sign = std::signbit(value) ? sign_bit(t) : 0u;
+  const float magnitude = std::fabs(value);
+  if (magnitude >= f.max_finite) return sign | f.max_finite_code;
+  if (magnitude == 0.0f) return sign;
+  const int emin = 1 - f.bias;
+  const int exponent = std::max(std::ilogb(magnitude), emin);
+  const double scaled = std::ldexp(static_cast<double>(magnitude), f.man_bits - exponent);
+  const auto rounded = static_cast<std::uint32_t>(std::nearbyint(scaled));
+  return sign | ((static_cast<std::uint32_t>(exponent - emin) << f.man_bits) + rounded);
+}
+
 TEST(Element, E2M1DecodesToTheOcpTable) {
   // OCP MX v1.0 Table 5 / compressed-tensors fp4_utils.py: idx 0..7 -> 0, .5, 1, 1.5, 2, 3, 4, 6.
   const float expected[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
   for (std::uint32_t c = 0; c < 8; ++c) {
     EXPECT_EQ(decode_element(ElementType::E2M1, c), expected[c]) << c;
     EXPECT_EQ(decode_element(ElementType::E2M1, c | 8), -expected[c]) << c;
+  }
+}
+
+TEST(Element, E2M1RoundingMatchesCompressedTensorsCastToFp4) {
+  // compressed-tensors quantization/utils/fp4_utils.py cast_to_fp4 (format-facts.md A.2):
+  // |x| <= 0.25 -> 0; (0.25, 0.75) -> 0.5; [0.75, 1.25] -> 1; (1.25, 1.75) -> 1.5;
+  // [1.75, 2.5] -> 2; (2.5, 3.5) -> 3; [3.5, 5] -> 4; > 5 -> 6.
+  const struct {
+    float lo, hi;
+    bool lo_closed, hi_closed;
+    float value;
+  } kBands[] = {{0.0f, 0.25f, true, true, 0.0f},  {0.25f, 0.75f, false, false, 0.5f},
+                {0.75f, 1.25f, true, true, 1.0f}, {1.25f, 1.75f, false, false, 1.5f},
+                {1.75f, 2.5f, true, true, 2.0f},  {2.5f, 3.5f, false, false, 3.0f},
+                {3.5f, 5.0f, true, true, 4.0f},   {5.0f, 1e30f, false, true, 6.0f}};
+  for (const auto& band : kBands) {
+    const float inside[] = {band.lo_closed ? band.lo : std::nextafter(band.lo, band.hi),
+                            (band.lo + std::min(band.hi, 8.0f)) / 2,
+                            band.hi_closed ? band.hi : std::nextafter(band.hi, band.lo)};
+    for (float x : inside) {
+      EXPECT_EQ(decode_element(ElementType::E2M1, encode_element(ElementType::E2M1, x)), band.value)
+          << x;
+      EXPECT_EQ(decode_element(ElementType::E2M1, encode_element(ElementType::E2M1, -x)),
+                -band.value)
+          << x;
+    }
   }
 }
 
@@ -228,6 +271,15 @@ TEST(Element, BulkPathsMatchTheScalarReferenceBitForBit) {
       for (std::uint32_t c = 0; c < all.size(); ++c) {
         ASSERT_EQ(bits_of(out[c]), bits_of(decode_element(t, c))) << element_info(t).name << c;
       }
+    }
+  }
+}
+
+TEST(Element, EncoderMatchesTheIndependentReference) {
+  for (ElementType t : kAllTypes) {
+    for (float x : adversarial_floats(t)) {
+      ASSERT_EQ(encode_element(t, x), reference_encode(t, x))
+          << element_info(t).name << " value bits " << std::hex << bits_of(x);
     }
   }
 }

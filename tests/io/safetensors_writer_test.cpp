@@ -156,6 +156,41 @@ TEST(SafetensorsWriter, FloatValuesDecodeAfterRoundTrip) {
   EXPECT_EQ(ckpt.to_f32("bf16"), (std::vector<float>{1.0f, -3.0f}));
 }
 
+TEST(SafetensorsWriter, ScalarsEmptyTensorsAndCustomMetadata) {
+  test::TempDir dir;
+  const auto path = dir / "s.safetensors";
+  {
+    SafetensorsWriter writer(path, {{"format", "pt"}, {"quantization", "prismaquant"}});
+    writer.add("scalar", DType::F32, {}, f32_bytes({2.5f}));
+    const std::int64_t empty_shape[] = {0, 4};
+    writer.add("empty", DType::BF16, empty_shape, {});
+    writer.add("after", DType::F32, std::vector<std::int64_t>{1}, f32_bytes({-1}));
+    writer.commit();
+  }
+  const SafetensorsFile file(path);
+  EXPECT_EQ(file.metadata(),
+            (SafetensorsMetadata{{"format", "pt"}, {"quantization", "prismaquant"}}));
+  EXPECT_TRUE(file.find("scalar")->shape.empty());
+  EXPECT_EQ(file.view("scalar").to_f32(), (std::vector<float>{2.5f}));
+  EXPECT_EQ(file.find("empty")->nbytes(), 0u);
+  EXPECT_EQ(file.find("empty")->shape, (std::vector<std::int64_t>{0, 4}));
+  EXPECT_TRUE(file.view("empty").to_f32().empty());
+  EXPECT_EQ(file.view("after").to_f32(), (std::vector<float>{-1}));
+}
+
+TEST(SafetensorsWriter, MissingDirectoryIsAnError) {
+  test::TempDir dir;
+  try {
+    SafetensorsWriter writer(dir / "no/such/dir/x.safetensors");
+    writer.add("a", DType::U8, std::vector<std::int64_t>{1}, std::vector<std::uint8_t>{1});
+    writer.commit();
+    ADD_FAILURE() << "writing into a missing directory succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no/such/dir/x.safetensors"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(SafetensorsWriter, RejectsBadTensors) {
   test::TempDir dir;
   SafetensorsWriter writer(dir / "x.safetensors");
@@ -190,28 +225,30 @@ TEST(SafetensorsWriter, WithoutCommitLeavesNothing) {
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
 }
 
+enum class Outcome { kReturned, kThrewError, kCrashedOrOther };
+
 // Runs `body` in a child process whose files may not grow past `max_file_bytes` (writes past it
-// fail with EFBIG, standing in for a full disk); returns true if body threw pq::Error.
-bool fails_with_error_under_file_size_limit(std::uint64_t max_file_bytes,
-                                            const std::function<void()>& body) {
+// fail with EFBIG, standing in for a full disk).
+Outcome run_under_file_size_limit(std::uint64_t max_file_bytes, const std::function<void()>& body) {
   const pid_t pid = ::fork();
   if (pid == 0) {
     std::signal(SIGXFSZ, SIG_IGN);
     const rlimit limit{max_file_bytes, max_file_bytes};
     ::setrlimit(RLIMIT_FSIZE, &limit);
-    int code = 1;
+    int code = 2;
     try {
       body();
-    } catch (const Error&) {
       code = 0;
+    } catch (const Error&) {
+      code = 1;
     } catch (...) {
-      code = 2;
     }
     ::_exit(code);
   }
   int status = 0;
   ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  if (!WIFEXITED(status) || WEXITSTATUS(status) > 1) return Outcome::kCrashedOrOther;
+  return WEXITSTATUS(status) == 0 ? Outcome::kReturned : Outcome::kThrewError;
 }
 
 TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
@@ -236,16 +273,47 @@ TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
     writer.add("c", DType::BF16, s_c, std::span(bf16).first(30'000));
     writer.commit();
   };
-  EXPECT_TRUE(fails_with_error_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
-  EXPECT_TRUE(fails_with_error_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
+  EXPECT_EQ(Outcome::kThrewError,
+            run_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
+  EXPECT_EQ(Outcome::kThrewError,
+            run_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
   EXPECT_EQ(directory_listing(dir.path()), (std::vector<std::string>{"ckpt"}));
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
   // Control: with room to spare the same writes succeed.
-  EXPECT_FALSE(
-      fails_with_error_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
-  EXPECT_FALSE(fails_with_error_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
+  EXPECT_EQ(Outcome::kReturned,
+            run_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
+  EXPECT_EQ(Outcome::kReturned,
+            run_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
   EXPECT_EQ(SafetensorsFile(dir / "y.st").tensors().size(), 2u);
   EXPECT_EQ(Checkpoint::open(dir / "ok").files().size(), 2u);
+}
+
+// A tensor whose staging write fails part-way must not shift the data of tensors added after it.
+TEST(SafetensorsWriter, FailedAddLeavesLaterTensorsIntact) {
+  test::TempDir dir;
+  const auto a = random_bytes(40'000, 1);
+  const auto b = random_bytes(40'000, 2);
+  const auto c = random_bytes(4'000, 3);
+  const std::int64_t s10k[] = {10'000}, s1k[] = {1'000};
+  EXPECT_EQ(Outcome::kReturned, run_under_file_size_limit(64'000, [&] {
+              SafetensorsWriter writer(dir / "x.safetensors");
+              writer.add("a", DType::F32, s10k, a);
+              bool rejected = false;
+              try {
+                writer.add("b", DType::F32, s10k, b);  // its spool would pass 64,000 bytes
+              } catch (const Error&) {
+                rejected = true;
+              }
+              if (!rejected) throw std::logic_error("b was staged past the file size limit");
+              writer.add("c", DType::F32, s1k, c);
+              writer.commit();
+            }));
+  const SafetensorsFile file(dir / "x.safetensors");
+  ASSERT_EQ(file.tensors().size(), 2u);
+  const auto va = file.view("a").bytes;
+  const auto vc = file.view("c").bytes;
+  EXPECT_TRUE(std::equal(va.begin(), va.end(), a.begin(), a.end()));
+  EXPECT_TRUE(std::equal(vc.begin(), vc.end(), c.begin(), c.end()));
 }
 
 TEST(ShardedCheckpointWriter, SplitsLikeHuggingFaceAndReadsBack) {
@@ -301,6 +369,15 @@ TEST(ShardedCheckpointWriter, WritesOneModelSafetensorsWhenItFits) {
   EXPECT_EQ(writer.commit(), (std::vector<std::string>{"model.safetensors"}));
   EXPECT_EQ(directory_listing(dir.path()), (std::vector<std::string>{"model.safetensors"}));
   EXPECT_EQ(Checkpoint::open(dir.path()).to_f32("x"), (std::vector<float>{1.5f, -2}));
+}
+
+TEST(ShardedCheckpointWriter, EmptyCheckpointIsOneEmptyFile) {
+  test::TempDir dir;
+  ShardedCheckpointWriter writer(dir.path());
+  EXPECT_EQ(writer.commit(), (std::vector<std::string>{"model.safetensors"}));
+  const auto ckpt = Checkpoint::open(dir.path());
+  EXPECT_TRUE(ckpt.tensor_names().empty());
+  EXPECT_EQ(ckpt.files().front()->metadata(), default_safetensors_metadata());
 }
 
 TEST(ShardedCheckpointWriter, RefusesDirectoryWithACheckpointAndDuplicateNames) {

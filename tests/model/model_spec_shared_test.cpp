@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "io/safetensors.h"
+#include "io/safetensors_writer.h"
 #include "model/inspect_report.h"
 #include "model/model_spec.h"
 #include "support/test_support.h"
@@ -143,6 +144,7 @@ TEST(ModelSpecShared, InspectJsonMatchesSpec) {
   PQ_REQUIRE_SHARED();
   const ModelSpec spec = load_model_spec(test::shared_dir() / "models/qwen3-moe-tiny");
   const auto json = inspect_json(spec);
+  EXPECT_EQ(json.at("schema_version"), kInspectSchemaVersion);
   EXPECT_EQ(json.at("architecture"), "Qwen3MoeForCausalLM");
   EXPECT_EQ(json.at("num_params"), 18'825'216);
   EXPECT_EQ(json.at("num_linears"), 174);
@@ -171,6 +173,34 @@ TEST(ModelSpecShared, InspectJsonMatchesSpec) {
   for (const auto& tensor : json.at("passthrough")) listed.push_back(tensor.at("name"));
   std::sort(listed.begin(), listed.end());
   EXPECT_EQ(listed, checkpoint.tensor_names());
+}
+
+TEST(ModelSpecShared, ShardedCopyGivesTheSameInventory) {
+  PQ_REQUIRE_SHARED();
+  const auto source = test::shared_dir() / "models/qwen3-dense-tiny";
+  const io::Checkpoint original = io::Checkpoint::open(source);
+  test::TempDir dir;
+  std::filesystem::copy_file(source / "config.json", dir / "config.json");
+  {
+    // 8 MB shards: the 8,192,000-element BF16 embedding gets a shard of its own, the layers
+    // spread over the others.
+    io::ShardedCheckpointWriter writer(dir.path(), {.max_shard_bytes = 8'000'000});
+    for (const std::string& name : original.tensor_names()) {
+      const io::TensorView view = original.view(name);
+      writer.add(name, view.info->dtype, view.info->shape, view.bytes);
+    }
+    ASSERT_GT(writer.commit().size(), 2u);  // shards plus model.safetensors.index.json
+  }
+  const ModelSpec single = load_model_spec(source);
+  const ModelSpec sharded = load_model_spec(dir.path());
+  EXPECT_EQ(sharded.num_params(), 14'488'832);
+  EXPECT_EQ(sharded.num_tensors(), 90u);
+  ASSERT_EQ(sharded.linears.size(), single.linears.size());
+  for (std::size_t i = 0; i < single.linears.size(); ++i) {
+    EXPECT_EQ(sharded.linears[i].name, single.linears[i].name);
+    EXPECT_EQ(sharded.linears[i].group, single.linears[i].group);
+  }
+  EXPECT_EQ(sharded.passthrough_tensors(), single.passthrough_tensors());
 }
 
 TEST(ModelSpecShared, InspectTextNamesTheFigures) {

@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "model/dimension.h"
+#include "model/inspect_report.h"
 #include "model/model_spec.h"
 
 namespace pq::model {
@@ -69,6 +70,16 @@ std::string error_of(const ModelConfig& config, const std::vector<TensorDesc>& t
                      const SpecOptions& options = {}) {
   try {
     build_model_spec(config, tensors, "ckpt", options);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::string error_of(const ArchitectureProfile& profile, const ModelConfig& config,
+                     const std::vector<TensorDesc>& tensors) {
+  try {
+    build_model_spec(profile, config, tensors, "ckpt");
   } catch (const Error& e) {
     return e.what();
   }
@@ -294,6 +305,117 @@ TEST(ModelSpecSynthetic, RejectsZeroWidthFromConfig) {
   EXPECT_EQ(error_of(parse(config), llama_tensors(true)),
             "ckpt: tensor \"model.layers.0.mlp.gate_proj.weight\" would have dimension "
             "intermediate_size = 0; check config.json");
+}
+
+// A profile written for this test, in the layout of Qwen3.5/3.6 MoE checkpoints
+// (qwen3_5-architecture-facts.md §6.3): all experts of a layer packed into
+// mlp.experts.gate_up_proj [E, 2I, H] (gate rows [0, I), up rows [I, 2I)) and
+// mlp.experts.down_proj [E, H, I]. Attention and norms are left out to keep the list short.
+ArchitectureProfile packed_moe_profile() {
+  constexpr std::string_view kExperts = "model.layers.{layer}.mlp.experts";
+  constexpr std::string_view kGateUp = "model.layers.{layer}.mlp.experts.gate_up_proj";
+  return {
+      .family = "packed_moe_test",
+      .architectures = {"PackedMoeTestForCausalLM"},
+      .tensors = {{.name = "model.embed_tokens.weight",
+                   .role = "embedding",
+                   .shape = {"vocab_size", "hidden_size"}}},
+      .linears = {{.module = "model.layers.{layer}.mlp.gate",
+                   .role = "router",
+                   .out_features = "num_experts",
+                   .in_features = "hidden_size",
+                   .candidacy = Candidacy::kPassthrough},
+                  {.module = "model.layers.{layer}.mlp.experts.{expert}.gate_proj",
+                   .role = "expert_gate_proj",
+                   .out_features = "moe_intermediate_size",
+                   .in_features = "hidden_size",
+                   .group = kExperts,
+                   .packed = PackedWeight{kGateUp, "2*moe_intermediate_size", "0"}},
+                  {.module = "model.layers.{layer}.mlp.experts.{expert}.up_proj",
+                   .role = "expert_up_proj",
+                   .out_features = "moe_intermediate_size",
+                   .in_features = "hidden_size",
+                   .group = kExperts,
+                   .packed =
+                       PackedWeight{kGateUp, "2*moe_intermediate_size", "moe_intermediate_size"}},
+                  {.module = "model.layers.{layer}.mlp.experts.{expert}.down_proj",
+                   .role = "expert_down_proj",
+                   .out_features = "hidden_size",
+                   .in_features = "moe_intermediate_size",
+                   .group = kExperts,
+                   .packed = PackedWeight{"model.layers.{layer}.mlp.experts.down_proj",
+                                          "hidden_size", "0"}}},
+  };
+}
+
+ModelConfig packed_moe_config() {
+  json config = tiny_config("PackedMoeTestForCausalLM");
+  config["num_experts"] = 4;
+  config["num_experts_per_tok"] = 2;
+  config["moe_intermediate_size"] = 16;
+  return parse(config);
+}
+
+std::vector<TensorDesc> packed_moe_tensors() {
+  std::vector<TensorDesc> tensors = {{"model.embed_tokens.weight", io::DType::BF16, {100, 32}}};
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".mlp.";
+    tensors.push_back({p + "gate.weight", io::DType::BF16, {4, 32}});
+    tensors.push_back({p + "experts.gate_up_proj", io::DType::BF16, {4, 32, 32}});
+    tensors.push_back({p + "experts.down_proj", io::DType::BF16, {4, 32, 16}});
+  }
+  return tensors;
+}
+
+TEST(ModelSpecPacked, ExpertLinearsAreSlicesOfPackedTensors) {
+  const ModelSpec spec =
+      build_model_spec(packed_moe_profile(), packed_moe_config(), packed_moe_tensors(), "ckpt");
+  // 2 layers x (router + 4 experts x 3 projections).
+  EXPECT_EQ(spec.linears.size(), 26u);
+  EXPECT_EQ(spec.num_candidate_linears(), 24);
+  EXPECT_EQ(spec.num_tensors(), 7u);
+  // Embedding 100x32 + 2 x (router 4x32 + gate_up 4x32x32 + down 4x32x16): each stored element
+  // once, although every packed tensor holds 8 or 4 Linears.
+  EXPECT_EQ(spec.num_params(), 3'200 + 2 * (128 + 4'096 + 2'048));
+  const Linear* up = spec.find_linear("model.layers.1.mlp.experts.2.up_proj");
+  ASSERT_NE(up, nullptr);
+  EXPECT_EQ(up->weight_tensor, "model.layers.1.mlp.experts.gate_up_proj");
+  ASSERT_TRUE(up->slice.has_value());
+  EXPECT_EQ(up->slice->index, 2);
+  EXPECT_EQ(up->slice->row_begin, 16);
+  EXPECT_EQ(up->slice->row_end, 32);
+  EXPECT_EQ(up->out_features, 16);
+  EXPECT_EQ(up->in_features, 32);
+  EXPECT_EQ(up->group, "model.layers.1.mlp.experts");
+  const Linear* gate = spec.find_linear("model.layers.1.mlp.experts.2.gate_proj");
+  ASSERT_NE(gate, nullptr);
+  EXPECT_EQ(gate->slice->row_begin, 0);
+  EXPECT_EQ(gate->slice->row_end, 16);
+  ASSERT_EQ(spec.groups.size(), 2u);
+  EXPECT_EQ(spec.groups[1].members.size(), 12u);
+
+  const auto json = inspect_json(spec);
+  const auto& entry = json.at("linears").at(spec.linears.size() - 2);  // layer 1, expert 3, up
+  EXPECT_EQ(entry.at("name"), "model.layers.1.mlp.experts.3.up_proj");
+  EXPECT_EQ(entry.at("weight"), "model.layers.1.mlp.experts.gate_up_proj");
+  EXPECT_EQ(entry.at("slice").at("index"), 3);
+  EXPECT_EQ(entry.at("slice").at("row_begin"), 16);
+  EXPECT_EQ(entry.at("slice").at("row_end"), 32);
+}
+
+TEST(ModelSpecPacked, RejectsPackedShapeAndIncompleteSlicing) {
+  auto tensors = packed_moe_tensors();
+  tensors[2].shape = {4, 30, 32};  // model.layers.0.mlp.experts.gate_up_proj
+  EXPECT_EQ(error_of(packed_moe_profile(), packed_moe_config(), tensors),
+            "ckpt: tensor \"model.layers.0.mlp.experts.gate_up_proj\" has shape [4, 30, 32], "
+            "expected [num_experts=4, 2*moe_intermediate_size=32, hidden_size=32] from "
+            "config.json");
+  // A profile that forgets the up half would leave half of each gate_up tensor unaccounted.
+  ArchitectureProfile gate_only = packed_moe_profile();
+  gate_only.linears.erase(gate_only.linears.begin() + 2);
+  EXPECT_EQ(error_of(gate_only, packed_moe_config(), packed_moe_tensors()),
+            "ckpt: the PackedMoeTestForCausalLM profile slices 2048 of the 4096 elements of "
+            "packed tensor \"model.layers.0.mlp.experts.gate_up_proj\"");
 }
 
 TEST(Dimension, EvaluatesSumsOfProductsOverConfigFields) {

@@ -70,6 +70,29 @@ TEST_P(ByteLevelReference, MatchesEveryFixtureCase) {
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, ByteLevelReference, ::testing::Values("qwen3", "llama3"));
 
+// 400 pseudo-random strings of tricky code points (tests/data/make_byte_level_stress_ids.js).
+// JavaScript's \s, used by the generator, counts U+FEFF as whitespace and U+0085 not, unlike the
+// Unicode White_Space property of the reference's Oniguruma regexes (and of PCRE2 with UCP), so
+// texts with either character are skipped.
+TEST_P(ByteLevelReference, MatchesGeneratedStressCases) {
+  PQ_REQUIRE_SHARED();
+  const Tokenizer& tokenizer = shared_tokenizer(GetParam());
+  static const Json fixture = Json::parse(
+      read_text_file(std::filesystem::path(PQ_TEST_DATA_DIR) / "byte-level-stress-ids.json"));
+  std::size_t compared = 0;
+  for (const Json& entry : fixture.at(GetParam())) {
+    const auto text = entry.at("text").get<std::string>();
+    if (text.find("\xEF\xBB\xBF") != std::string::npos ||
+        text.find("\xC2\x85") != std::string::npos) {
+      continue;
+    }
+    EXPECT_EQ(tokenizer.encode(text, false), entry.at("ids").get<std::vector<std::int32_t>>())
+        << "text: " << Json(text).dump();
+    ++compared;
+  }
+  EXPECT_GE(compared, 300u);
+}
+
 // token_ids (64) and ppl_token_ids (1024) of the qwen3-dense-tiny logits fixture are BOS plus the
 // Llama-2 SentencePiece ids of the start of the LF-normalized wikitext.
 TEST(SentencePieceReference, MatchesLogitsFixtureIds) {
@@ -253,6 +276,9 @@ TEST(SpecialTokens, BosEosFollowTokenizerConfigAndPostProcessor) {
 
   const Tokenizer& llama2 = shared_tokenizer("llama2");
   EXPECT_EQ(llama2.bos_id(), 1);
+  // A model directory stands for its tokenizer.json.
+  EXPECT_EQ(Tokenizer::load(test::shared_dir() / "models/qwen3-dense-tiny").encode("Hello", true),
+            llama2.encode("Hello", true));
   EXPECT_EQ(llama2.eos_id(), 2);
   const auto with_bos = llama2.encode("Hello", true);
   const auto without = llama2.encode("Hello", false);
@@ -338,6 +364,41 @@ TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {
   // Characters outside the vocabulary, with neither unk nor byte fallback, are dropped before
   // merging, so their neighbours merge.
   EXPECT_EQ(tokenizer.encode("axb", false), (std::vector<std::int32_t>{3}));
+}
+
+TEST(AddedTokens, NormalizedFlagStrippingAndTemplateFollowTheReference) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  // "<x>" (lstrip) and "<y>" (rstrip) are matched on the raw text; "ba" (normalized=true) on the
+  // text after the normalizer has turned "c" into "ba" (added_vocabulary.rs).
+  write_text_file_atomic(path, R"({
+      "normalizer": {"type": "Replace", "pattern": {"String": "c"}, "content": "ba"},
+      "added_tokens": [
+        {"id": 5, "content": "<x>", "lstrip": true, "normalized": false, "special": true},
+        {"id": 6, "content": "ba", "normalized": true, "special": false},
+        {"id": 7, "content": "<y>", "rstrip": true, "normalized": false, "special": true}],
+      "post_processor": {"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<x>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "<y>", "type_id": 0}}],
+        "special_tokens": {"<x>": {"id": "<x>", "ids": [5], "tokens": ["<x>"]},
+                           "<y>": {"id": "<y>", "ids": [7], "tokens": ["<y>"]}}},
+      "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, " ": 3, "ab": 4},
+                "merges": [["a", "b"]]}})");
+  const Tokenizer tokenizer = Tokenizer::load(path);
+  EXPECT_EQ(tokenizer.encode("a  <x>", false), (std::vector<std::int32_t>{0, 5}));
+  EXPECT_EQ(tokenizer.encode("<y>  b", false), (std::vector<std::int32_t>{7, 1}));
+  EXPECT_EQ(tokenizer.encode("ac", false), (std::vector<std::int32_t>{0, 6}));
+  EXPECT_EQ(tokenizer.encode("aba", false), (std::vector<std::int32_t>{0, 6}));
+  EXPECT_EQ(tokenizer.encode("ab", false), (std::vector<std::int32_t>{4}));
+  EXPECT_EQ(tokenizer.decode(std::vector<std::int32_t>{0, 5, 6}, /*skip_special_tokens=*/true),
+            "a ba");
+  EXPECT_EQ(tokenizer.vocab_size(), 8);
+  EXPECT_EQ(tokenizer.token_to_id("<y>"), 7);
+  // TemplateProcessing adds its tokens around the text; without tokenizer_config.json the first
+  // of them is taken as BOS.
+  EXPECT_EQ(tokenizer.encode("ab", true), (std::vector<std::int32_t>{5, 4, 7}));
+  EXPECT_EQ(tokenizer.bos_id(), 5);
+  EXPECT_EQ(tokenizer.eos_id(), std::nullopt);
 }
 
 }  // namespace
