@@ -10,6 +10,9 @@ namespace pq::cli {
 void register_allocate(CLI::App& app);
 
 void register_inspect(CLI::App& app);
+void register_probe(CLI::App& app);
+void register_cost(CLI::App& app);
+void register_quantize(CLI::App& app);
 void register_formats(CLI::App& app);
 void register_export(CLI::App& app);
 void register_eval(CLI::App& app);      // eval.cpp

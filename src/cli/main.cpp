@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   pq::cli::register_inspect(app);
   pq::cli::register_allocate(app);
+  pq::cli::register_probe(app);
+  pq::cli::register_cost(app);
+  pq::cli::register_quantize(app);
   pq::cli::register_formats(app);
   pq::cli::register_export(app);
   pq::cli::register_eval(app);

@@ -1,0 +1,52 @@
+// prismaquant probe: Fisher traces, Hessians and routing statistics from calibration (src/probe).
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <memory>
+
+#include "cli/commands.h"
+#include "probe/probe_stage.h"
+
+namespace pq::cli {
+
+void register_probe(CLI::App& app) {
+  auto job = std::make_shared<probe::ProbeJob>();
+  auto no_weighting = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand(
+      "probe",
+      "Measure per-Linear sensitivity on calibration data: per-sequence empirical Fisher traces, "
+      "GPTQ Hessians per distinct input, activation second moments and MoE routing statistics; "
+      "writes probe.json and probe.safetensors (resumable after a kill: rerun the same command)");
+  cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
+  cmd->add_option("--data", job->data, "Calibration text (plain text or JSONL)")->required();
+  cmd->add_option("--out", job->out, "Output directory, e.g. WORK/probe")->required();
+  cmd->add_option("--nsamples", job->nsamples, "Calibration sequences")
+      ->default_val(job->nsamples)
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seqlen", job->seqlen, "Tokens per sequence")
+      ->default_val(job->seqlen)
+      ->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--seed", job->seed, "Seed of the window draw")->default_val(job->seed);
+  cmd->add_option("--batch-size", job->batch_size, "Sequences per backward pass")
+      ->default_val(job->batch_size)
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--no-importance-weighting", *no_weighting,
+                "Weight every token's loss equally (default: clamp(CE_t / mean CE, 0.25, 4))");
+  cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
+                "Also measure lm_head (a candidate only on request)");
+  cmd->callback([job, no_weighting] {
+    job->importance_weighting = !*no_weighting;
+    const probe::ProbeOutcome outcome = probe::run_probe(*job);
+    std::fputs(fmt::format("probe {}: {} of {} batches{}{}, fingerprint {}\n",
+                           outcome.complete ? "complete" : "stopped", outcome.batches_done,
+                           outcome.batches_total, outcome.reused ? " (reused)" : "",
+                           outcome.resumed_from > 0
+                               ? fmt::format(" (resumed after batch {})", outcome.resumed_from)
+                               : "",
+                           outcome.fingerprint)
+                   .c_str(),
+               stdout);
+  });
+}
+
+}  // namespace pq::cli

@@ -1,0 +1,259 @@
+#include "cost/cost_stage.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "common/error.h"
+#include "common/file_util.h"
+#include "common/progress.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "probe/fingerprint.h"
+#include "probe/input_key.h"
+#include "probe/probe_stage.h"
+#include "runtime/kernels/gemm.h"
+
+namespace pq::cost {
+
+namespace {
+
+// The Linear's weight as float32 [out, in], cut out of a packed tensor where it shares one.
+std::vector<float> load_weight(const io::Checkpoint& checkpoint, const model::Linear& linear) {
+  std::vector<float> values = checkpoint.to_f32(linear.weight_tensor);
+  if (!linear.slice) return values;
+  const io::TensorInfo& info = checkpoint.info(linear.weight_tensor);
+  const std::int64_t rows_per_matrix = info.shape.at(1);
+  const std::int64_t in = linear.in_features;
+  const auto begin =
+      values.begin() + (linear.slice->index * rows_per_matrix + linear.slice->row_begin) * in;
+  return std::vector<float>(begin, begin + linear.numel());
+}
+
+// Whether the format stores the tensor `suffix` (NVFP4: weight_global_scale, which fused
+// siblings must share; W4A4: input_global_scale, from calibration).
+bool stores(const formats::WeightFormat& format, formats::Shape2D shape, std::string_view suffix) {
+  const auto tensors = format.tensors(shape);
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [&](const formats::TensorSpec& t) { return t.suffix == suffix; });
+}
+
+float amax(std::span<const float> values) {
+  float m = 0.0f;
+  for (const float v : values) m = std::max(m, std::abs(v));
+  return m;
+}
+
+std::optional<std::string> stored_fingerprint(const std::filesystem::path& path) {
+  if (!std::filesystem::exists(path)) return std::nullopt;
+  try {
+    return nlohmann::json::parse(read_text_file(path))
+        .at("meta")
+        .at("fingerprint")
+        .get<std::string>();
+  } catch (const std::exception&) {
+    return std::nullopt;  // unreadable or written without meta: recompute
+  }
+}
+
+}  // namespace
+
+Objective objective_by_name(std::string_view name) {
+  if (name == "fisher") return Objective::kFisher;
+  if (name == "activation-fisher") return Objective::kActivationFisher;
+  fail("unknown cost objective \"{}\" (known: fisher, activation-fisher)", name);
+}
+
+std::string_view objective_name(Objective objective) {
+  return objective == Objective::kFisher ? "fisher" : "activation-fisher";
+}
+
+QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
+                                  formats::Shape2D shape, const LinearStatistics& stats) {
+  const std::int64_t out = shape.out;
+  const std::int64_t in = shape.in;
+  std::vector<float> delta(static_cast<std::size_t>(shape.numel()));
+  double squares = 0.0;
+  double weighted = 0.0;
+  for (std::int64_t i = 0; i < out; ++i) {
+    for (std::int64_t j = 0; j < in; ++j) {
+      const float d = quantized[i * in + j] - w[i * in + j];
+      delta[i * in + j] = d;
+      const double d2 = static_cast<double>(d) * d;
+      squares += d2;
+      weighted += d2 * stats.act_second_moment[j];
+    }
+  }
+  double energy = 0.0;
+  for (const float m : stats.act_second_moment) energy += m;
+
+  QuantizationErrors e;
+  e.weight_mse = squares / static_cast<double>(shape.numel());
+  e.act_weighted_mse = weighted / static_cast<double>(out);
+  e.dloss_fisher = 0.5 * stats.fisher_trace * e.weight_mse;
+  // With no activation energy (an expert no token reached) the spread is uniform.
+  e.dloss_activation =
+      energy > 0.0 ? 0.5 * stats.fisher_trace * weighted / (static_cast<double>(out) * energy)
+                   : e.dloss_fisher;
+  if (stats.tokens > 0) {
+    // tr(dW H dW^T) = sum_i dW_i . (H dW_i), with (dW H) as one GEMM.
+    std::vector<float> product(delta.size());
+    runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kNo, out, in, in, 1.0f,
+                      delta.data(), in, stats.hessian.data(), in, 0.0f, product.data(), in);
+    double trace = 0.0;
+    for (std::size_t k = 0; k < delta.size(); ++k) {
+      trace += static_cast<double>(delta[k]) * product[k];
+    }
+    e.output_mse = std::max(0.0, trace) / (static_cast<double>(stats.tokens) * out);
+  }
+  return e;
+}
+
+std::string cost_fingerprint(const CostJob& job, const std::string& probe_fingerprint) {
+  probe::Fingerprint f;
+  f.field("stage", "cost/1");
+  f.checkpoint(job.model);
+  f.field("probe", probe_fingerprint);
+  for (const std::string& format : job.formats) f.field("format", format);
+  f.field("objective", objective_name(job.objective));
+  f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
+  return f.hex();
+}
+
+CostOutcome run_cost(const CostJob& job) {
+  PQ_CHECK(!job.formats.empty(), "cost: --formats lists no format");
+  std::vector<const formats::WeightFormat*> menu;
+  for (const std::string& name : job.formats) menu.push_back(&formats::format_by_name(name));
+
+  const probe::ProbeResult probed = probe::ProbeResult::read(job.probe);
+  CostOutcome outcome;
+  outcome.fingerprint = cost_fingerprint(job, probed.fingerprint());
+  const std::filesystem::path cost_path = job.out / "cost.json";
+  if (stored_fingerprint(cost_path) == outcome.fingerprint) {
+    outcome.table = alloc::read_cost_table(cost_path);
+    outcome.reused = true;
+    return outcome;
+  }
+
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
+
+  alloc::CostTable& table = outcome.table;
+  table.model = probe::model_label(job.model);
+  for (const auto* format : menu) table.formats.emplace_back(format->name());
+
+  // Linears grouped by the input they read: members share a Hessian and an NVFP4 global scale.
+  std::vector<std::size_t> candidates;
+  std::map<std::string, std::vector<std::size_t>> by_input;
+  std::vector<std::string> input_order;
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const model::Linear& linear = spec.linears[i];
+    if (!linear.is_candidate) continue;
+    const std::string key = probe::input_key(linear);
+    if (by_input.find(key) == by_input.end()) input_order.push_back(key);
+    by_input[key].push_back(i);
+    candidates.push_back(i);
+  }
+  std::map<std::size_t, std::size_t> row_of;  // spec index -> table row
+  for (const std::size_t i : candidates) {
+    const model::Linear& linear = spec.linears[i];
+    alloc::LinearCost row;
+    row.name = linear.name;
+    row.shape = {linear.out_features, linear.in_features};
+    row.group = linear.group.value_or("");
+    row.params = static_cast<std::uint64_t>(linear.numel());
+    row.costs.resize(menu.size());
+    row_of[i] = table.linears.size();
+    table.linears.push_back(std::move(row));
+  }
+
+  ProgressBar progress("cost", input_order.size());
+  std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::size_t g = 0; g < input_order.size(); ++g) {
+    try {
+      const std::string& key = input_order[g];
+      const std::vector<std::size_t>& members = by_input.at(key);
+      std::vector<std::vector<float>> weights;
+      float group_amax = 0.0f;
+      for (const std::size_t i : members) {
+        weights.push_back(load_weight(checkpoint, spec.linears[i]));
+        group_amax = std::max(group_amax, amax(weights.back()));
+      }
+      LinearStatistics stats;
+      stats.act_second_moment = probed.act_second_moment(key);
+      stats.hessian = probed.hessian(key);
+      stats.tokens = probed.input_tokens(key);
+      for (std::size_t m = 0; m < members.size(); ++m) {
+        const model::Linear& linear = spec.linears[members[m]];
+        const formats::Shape2D shape{linear.out_features, linear.in_features};
+        stats.fisher_trace = probed.linear(linear.name).fisher_trace;
+        alloc::LinearCost& row = table.linears[row_of.at(members[m])];
+        std::vector<float> quantized(weights[m].size());
+        for (std::size_t f = 0; f < menu.size(); ++f) {
+          const formats::WeightFormat& format = *menu[f];
+          if (!format.accepts(shape)) continue;
+          formats::QuantizeOptions options;
+          // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
+          // scales, so every shard is quantized against the one from the largest amax.
+          if (stores(format, shape, "weight_global_scale")) {
+            options.weight_global_scale = formats::nvfp4_global_scale(group_amax);
+          }
+          // Weight errors do not depend on it, but the codec takes the exporter's full options.
+          if (stores(format, shape, "input_global_scale")) {
+            options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(key));
+          }
+          format.fake_quantize(weights[m], shape, quantized, options);
+          const QuantizationErrors e = measure_errors(weights[m], quantized, shape, stats);
+          alloc::FormatCost cost;
+          cost.bytes = format.bytes(shape);
+          cost.predicted_dloss =
+              job.objective == Objective::kFisher ? e.dloss_fisher : e.dloss_activation;
+          cost.weight_mse = e.weight_mse;
+          cost.act_weighted_mse = e.act_weighted_mse;
+          cost.output_mse = e.output_mse;
+          row.costs[f] = cost;
+        }
+        PQ_CHECK(std::any_of(row.costs.begin(), row.costs.end(),
+                             [](const auto& c) { return c.has_value(); }),
+                 "{} [{}, {}]: no format of --formats can hold it", linear.name,
+                 linear.out_features, linear.in_features);
+      }
+#pragma omp critical(pq_cost_progress)
+      progress.advance();
+    } catch (...) {
+#pragma omp critical(pq_cost_failure)
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+
+  // Passthrough: every stored tensor no candidate Linear takes its weight from, as stored.
+  std::map<std::string, bool, std::less<>> quantized_tensors;
+  for (const std::size_t i : candidates) quantized_tensors[spec.linears[i].weight_tensor] = true;
+  for (const std::string& name : checkpoint.tensor_names()) {
+    if (quantized_tensors.count(name) != 0) continue;
+    const io::TensorInfo& info = checkpoint.info(name);
+    table.passthrough_params += static_cast<std::uint64_t>(info.numel());
+    table.passthrough_bytes += info.nbytes();
+  }
+
+  std::error_code error;
+  std::filesystem::create_directories(job.out, error);
+  PQ_CHECK(!error, "{}: cannot create the output directory: {}", job.out.string(), error.message());
+  nlohmann::json doc = alloc::cost_table_to_json(table);
+  doc["meta"] = {{"fingerprint", outcome.fingerprint},
+                 {"probe_fingerprint", probed.fingerprint()},
+                 {"objective", objective_name(job.objective)}};
+  write_text_file_atomic(cost_path, doc.dump(1) + "\n");
+  progress.finish(fmt::format("{} Linears x {} formats", table.linears.size(), menu.size()));
+  return outcome;
+}
+
+}  // namespace pq::cost

@@ -1,0 +1,75 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "alloc/cost_table.h"
+#include "formats/weight_format.h"
+#include "model/model_spec.h"
+
+namespace pq::cost {
+
+// Which surrogate becomes cost.json's predicted_dloss (both are computed; docs/probe-artifacts.md).
+enum class Objective {
+  // dL = 1/2 * FisherTrace * mean(dW^2): the additive surrogate (method-facts.md §3, the
+  // allocator's default cost upstream), with our per-sequence Fisher trace.
+  kFisher,
+  // dL = 1/2 * FisherTrace * sum_ij dW_ij^2 E[x_j^2] / (out * sum_j E[x_j^2]): the trace spread
+  // over input channels in proportion to their activation energy, evenly over output rows.
+  kActivationFisher,
+};
+
+Objective objective_by_name(std::string_view name);
+std::string_view objective_name(Objective objective);
+
+// Error columns of one (Linear, format) pair, dW = fake_quantize(W) - W.
+struct QuantizationErrors {
+  double weight_mse = 0.0;        // mean(dW^2)
+  double act_weighted_mse = 0.0;  // sum_ij dW_ij^2 E[x_j^2] / out: diagonal-H output error
+  double output_mse = 0.0;        // tr(dW H dW^T) / (tokens * out), H = sum over tokens x x^T
+  double dloss_fisher = 0.0;
+  double dloss_activation = 0.0;
+};
+
+// What the probe measured about one Linear's sensitivity and input.
+struct LinearStatistics {
+  double fisher_trace = 0.0;
+  std::span<const float> act_second_moment;  // [in]
+  std::span<const float> hessian;            // [in, in], summed over `tokens`
+  std::int64_t tokens = 0;
+};
+
+// The error columns for weight `w` and its fake-quantized `quantized` ([out, in] row-major).
+QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
+                                  formats::Shape2D shape, const LinearStatistics& stats);
+
+// What `prismaquant cost` was asked to do.
+struct CostJob {
+  std::filesystem::path model;  // HF checkpoint directory
+  std::filesystem::path probe;  // WORK/probe
+  std::filesystem::path out;    // WORK/cost; created when missing
+  std::vector<std::string> formats;
+  Objective objective = Objective::kFisher;
+  model::SpecOptions spec_options;
+};
+
+struct CostOutcome {
+  alloc::CostTable table;
+  bool reused = false;  // cost.json already held this fingerprint
+  std::string fingerprint;
+};
+
+// Digest of the checkpoint, the probe's fingerprint and the options; stored in cost.json's "meta".
+std::string cost_fingerprint(const CostJob& job, const std::string& probe_fingerprint);
+
+// Measures every (candidate Linear, format the shape admits) pair with the formats library's
+// codec (WeightFormat::fake_quantize; NVFP4 Linears that share an input share the max-amax global
+// scale, as the exporter writes it) and writes out/cost.json atomically in the allocator's schema
+// (docs/artifacts.md). Reuses an existing cost.json of the same fingerprint.
+CostOutcome run_cost(const CostJob& job);
+
+}  // namespace pq::cost

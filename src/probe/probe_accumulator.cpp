@@ -1,0 +1,229 @@
+#include "probe/probe_accumulator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <span>
+
+#include "common/error.h"
+#include "probe/input_key.h"
+#include "runtime/kernels/gemm.h"
+
+namespace pq::probe {
+
+namespace {
+
+template <typename T>
+std::span<const std::uint8_t> as_bytes(const std::vector<T>& values) {
+  return {reinterpret_cast<const std::uint8_t*>(values.data()), values.size() * sizeof(T)};
+}
+
+template <typename T>
+std::vector<T> read_tensor(const io::SafetensorsFile& file, const std::string& name,
+                           io::DType dtype, std::size_t count) {
+  const io::TensorInfo* info = file.find(name);
+  PQ_CHECK(info != nullptr && info->dtype == dtype && info->nbytes() == count * sizeof(T),
+           "{}: probe checkpoint lacks tensor {} of {} values (written for another model?)",
+           file.path().string(), name, count);
+  std::vector<T> values(count);
+  std::memcpy(values.data(), file.view(name).bytes.data(), count * sizeof(T));
+  return values;
+}
+
+}  // namespace
+
+ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec) {
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.is_candidate) continue;
+    const std::string key = input_key(linear);
+    linear_index_.emplace(linear.name, linears_.size());
+    linears_.push_back({linear.name, key, linear.out_features, linear.in_features, 0.0, 0});
+    if (input_index_.find(key) == input_index_.end()) {
+      input_index_.emplace(key, inputs_.size());
+      const auto in = static_cast<std::size_t>(linear.in_features);
+      inputs_.push_back({key, linear.in_features, std::vector<float>(in * in, 0.0f), 0});
+    }
+  }
+  batch_rows_linear_.assign(linears_.size(), 0);
+  batch_rows_input_.assign(inputs_.size(), 0);
+}
+
+const InputSums& ProbeAccumulator::input(const std::string& key) const {
+  const auto it = input_index_.find(key);
+  PQ_CHECK(it != input_index_.end(), "no probed input \"{}\"", key);
+  return inputs_[it->second];
+}
+
+void ProbeAccumulator::begin_batch() {
+  input_owner_.clear();
+  batch_rows_linear_.assign(linears_.size(), 0);
+  batch_rows_input_.assign(inputs_.size(), 0);
+}
+
+void ProbeAccumulator::end_batch(std::int64_t sequences) {
+  for (std::size_t i = 0; i < linears_.size(); ++i) {
+    const std::size_t input = input_index_.find(linears_[i].input_key)->second;
+    PQ_CHECK(batch_rows_linear_[i] == batch_rows_input_[input],
+             "{}: saw {} rows but its input {} saw {}; Linears assumed to share an input do not",
+             linears_[i].name, batch_rows_linear_[i], linears_[i].input_key,
+             batch_rows_input_[input]);
+  }
+  sequences_ += sequences;
+}
+
+void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
+  const auto found = linear_index_.find(activity.name);
+  if (found == linear_index_.end() || activity.rows == 0) return;
+  const std::size_t index = found->second;
+  LinearSums& linear = linears_[index];
+  PQ_CHECK(activity.in_features == linear.in_features &&
+               activity.out_features == linear.out_features && activity.output_grad != nullptr,
+           "{}: the runtime reported a [{}, {}] Linear without gradients", linear.name,
+           activity.out_features, activity.in_features);
+  const std::int64_t out = linear.out_features;
+  const std::int64_t in = linear.in_features;
+
+  // ||G_s||^2 per sequence: the ranges of one sequence are summed before squaring.
+  gradient_.resize(static_cast<std::size_t>(out * in));
+  const auto ranges = activity.sequences;
+  std::vector<bool> done(ranges.size(), false);
+  for (std::size_t r = 0; r < ranges.size(); ++r) {
+    if (done[r]) continue;
+    float beta = 0.0f;
+    for (std::size_t q = r; q < ranges.size(); ++q) {
+      if (done[q] || ranges[q].sequence != ranges[r].sequence) continue;
+      done[q] = true;
+      const std::int64_t rows = ranges[q].end - ranges[q].begin;
+      if (rows == 0) continue;
+      runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows, 1.0f,
+                        activity.output_grad + ranges[q].begin * out, out,
+                        activity.input + ranges[q].begin * in, in, beta, gradient_.data(), in);
+      beta = 1.0f;
+    }
+    if (beta == 0.0f) continue;
+    double squares = 0.0;
+#pragma omp parallel for reduction(+ : squares) schedule(static)
+    for (std::int64_t i = 0; i < out * in; ++i) {
+      squares += static_cast<double>(gradient_[i]) * gradient_[i];
+    }
+    linear.fisher_sum += squares;
+  }
+  linear.tokens += activity.rows;
+  batch_rows_linear_[index] += activity.rows;
+
+  // X^T X once per distinct input and batch, by the first Linear that reports it.
+  const std::size_t input_index = input_index_.find(linear.input_key)->second;
+  const auto [owner, first] = input_owner_.emplace(input_index, index);
+  if (!first && owner->second != index) return;
+  InputSums& input = inputs_[input_index];
+  runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, in, in, activity.rows, 1.0f,
+                    activity.input, in, activity.input, in, 1.0f, input.hessian.data(), in);
+  input.tokens += activity.rows;
+  batch_rows_input_[input_index] += activity.rows;
+  const std::int64_t values = activity.rows * in;
+  float amax = input.amax;
+#pragma omp parallel for reduction(max : amax) schedule(static)
+  for (std::int64_t k = 0; k < values; ++k) amax = std::max(amax, std::abs(activity.input[k]));
+  input.amax = amax;
+}
+
+void ProbeAccumulator::on_routing(const runtime::RoutingActivity& routing) {
+  RoutingSums& sums = routing_[routing.layer];
+  const auto experts = static_cast<std::size_t>(routing.num_experts);
+  if (sums.route_counts.empty()) {
+    sums.layer = routing.layer;
+    sums.top_k = routing.top_k;
+    sums.route_counts.assign(experts, 0);
+    sums.probability_sums.assign(experts, 0.0);
+  }
+  PQ_CHECK(sums.route_counts.size() == experts, "MoE layer {}: expert count changed ({} vs {})",
+           routing.layer, sums.route_counts.size(), experts);
+  sums.tokens += routing.tokens;
+  for (std::size_t e = 0; e < experts; ++e) sums.route_counts[e] += routing.expert_token_counts[e];
+  for (std::int64_t t = 0; t < routing.tokens; ++t) {
+    const float* p = routing.probabilities + t * routing.num_experts;
+    for (std::size_t e = 0; e < experts; ++e) sums.probability_sums[e] += p[e];
+  }
+}
+
+void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
+  std::vector<double> fisher;
+  std::vector<std::int64_t> tokens;
+  for (const LinearSums& linear : linears_) {
+    fisher.push_back(linear.fisher_sum);
+    tokens.push_back(linear.tokens);
+  }
+  const std::int64_t count = static_cast<std::int64_t>(linears_.size());
+  writer.add("fisher_sums", io::DType::F64, std::vector<std::int64_t>{count}, as_bytes(fisher));
+  writer.add("linear_tokens", io::DType::I64, std::vector<std::int64_t>{count}, as_bytes(tokens));
+  std::vector<std::int64_t> input_tokens;
+  std::vector<float> input_amax;
+  for (const InputSums& input : inputs_) {
+    input_amax.push_back(input.amax);
+    writer.add("hessian." + input.key, io::DType::F32,
+               std::vector<std::int64_t>{input.in_features, input.in_features},
+               as_bytes(input.hessian));
+    input_tokens.push_back(input.tokens);
+  }
+  writer.add("input_tokens", io::DType::I64,
+             std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
+             as_bytes(input_tokens));
+  writer.add("input_amax", io::DType::F32,
+             std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
+             as_bytes(input_amax));
+  for (const auto& [layer, sums] : routing_) {
+    const std::int64_t experts = static_cast<std::int64_t>(sums.route_counts.size());
+    const std::vector<std::int64_t> header = {sums.top_k, sums.tokens};
+    const std::string suffix = std::to_string(layer);
+    writer.add("routing_header." + suffix, io::DType::I64, std::vector<std::int64_t>{2},
+               as_bytes(header));
+    writer.add("route_counts." + suffix, io::DType::I64, std::vector<std::int64_t>{experts},
+               as_bytes(sums.route_counts));
+    writer.add("route_probability_sums." + suffix, io::DType::F64,
+               std::vector<std::int64_t>{experts}, as_bytes(sums.probability_sums));
+  }
+  const std::vector<std::int64_t> sequences = {sequences_};
+  writer.add("sequences", io::DType::I64, std::vector<std::int64_t>{1}, as_bytes(sequences));
+}
+
+void ProbeAccumulator::load(const io::SafetensorsFile& file) {
+  const auto fisher = read_tensor<double>(file, "fisher_sums", io::DType::F64, linears_.size());
+  const auto tokens =
+      read_tensor<std::int64_t>(file, "linear_tokens", io::DType::I64, linears_.size());
+  for (std::size_t i = 0; i < linears_.size(); ++i) {
+    linears_[i].fisher_sum = fisher[i];
+    linears_[i].tokens = tokens[i];
+  }
+  const auto input_tokens =
+      read_tensor<std::int64_t>(file, "input_tokens", io::DType::I64, inputs_.size());
+  const auto input_amax = read_tensor<float>(file, "input_amax", io::DType::F32, inputs_.size());
+  for (std::size_t i = 0; i < inputs_.size(); ++i) {
+    InputSums& input = inputs_[i];
+    input.amax = input_amax[i];
+    input.hessian =
+        read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
+    input.tokens = input_tokens[i];
+  }
+  routing_.clear();
+  const std::string prefix = "routing_header.";
+  for (const io::TensorInfo& info : file.tensors()) {
+    if (!info.name.starts_with(prefix)) continue;
+    const std::string suffix = info.name.substr(prefix.size());
+    const auto header = read_tensor<std::int64_t>(file, info.name, io::DType::I64, 2);
+    const io::TensorInfo* counts = file.find("route_counts." + suffix);
+    PQ_CHECK(counts != nullptr && counts->shape.size() == 1, "{}: route_counts.{} is missing",
+             file.path().string(), suffix);
+    const auto experts = static_cast<std::size_t>(counts->shape[0]);
+    RoutingSums& sums = routing_[std::stoll(suffix)];
+    sums.layer = std::stoll(suffix);
+    sums.top_k = header[0];
+    sums.tokens = header[1];
+    sums.route_counts =
+        read_tensor<std::int64_t>(file, "route_counts." + suffix, io::DType::I64, experts);
+    sums.probability_sums =
+        read_tensor<double>(file, "route_probability_sums." + suffix, io::DType::F64, experts);
+  }
+  sequences_ = read_tensor<std::int64_t>(file, "sequences", io::DType::I64, 1)[0];
+}
+
+}  // namespace pq::probe

@@ -1,0 +1,85 @@
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "io/safetensors_writer.h"
+#include "model/model_spec.h"
+#include "runtime/observer.h"
+
+namespace pq::probe {
+
+// Running sums for one quantizable Linear.
+struct LinearSums {
+  std::string name;
+  std::string input_key;
+  std::int64_t out_features = 0;
+  std::int64_t in_features = 0;
+  // Sum over calibration sequences s of ||G_s||_F^2, G_s = dL_s/dW = sum over s's rows of dY^T X.
+  double fisher_sum = 0.0;
+  std::int64_t tokens = 0;  // rows seen (for a MoE expert: rows routed to it)
+};
+
+// Running sums for one distinct Linear input.
+struct InputSums {
+  std::string key;
+  std::int64_t in_features = 0;
+  std::vector<float> hessian;  // X^T X, [in, in]
+  std::int64_t tokens = 0;
+  float amax = 0.0f;  // max |x|: NVFP4 W4A4's input_global_scale is 448*6/amax
+};
+
+// Router statistics of one MoE layer.
+struct RoutingSums {
+  std::int64_t layer = 0;
+  std::int64_t top_k = 0;
+  std::int64_t tokens = 0;
+  std::vector<std::int64_t> route_counts;  // [experts], tokens routed to each expert
+  std::vector<double> probability_sums;    // [experts], summed router softmax probabilities
+};
+
+// Observes backward passes and accumulates, for every candidate Linear of the spec, the empirical
+// Fisher trace numerator (per sequence, not of the batch gradient: method-facts.md §2 shows the
+// upstream probe squares the summed batch gradient instead) and, per distinct input (input_key),
+// the Hessian X^T X; for every MoE layer, route counts and router probabilities. Batches must be
+// framed by begin_batch()/end_batch().
+class ProbeAccumulator final : public runtime::LinearObserver {
+ public:
+  explicit ProbeAccumulator(const model::ModelSpec& spec);
+
+  void begin_batch();
+  // Counts the batch's sequences and checks that Linears sharing an input saw the same rows.
+  void end_batch(std::int64_t sequences);
+
+  void on_linear(const runtime::LinearActivity& activity) override;
+  void on_routing(const runtime::RoutingActivity& routing) override;
+
+  std::int64_t sequences() const { return sequences_; }
+  const std::vector<LinearSums>& linears() const { return linears_; }
+  const std::vector<InputSums>& inputs() const { return inputs_; }
+  const std::map<std::int64_t, RoutingSums>& routing() const { return routing_; }
+  const InputSums& input(const std::string& key) const;
+
+  // Stores every sum as tensors (the resumable probe's checkpoint) and reads them back; load()
+  // requires a file written by an accumulator over the same spec.
+  void save(io::SafetensorsWriter& writer) const;
+  void load(const io::SafetensorsFile& file);
+
+ private:
+  std::vector<LinearSums> linears_;
+  std::map<std::string, std::size_t, std::less<>> linear_index_;
+  std::vector<InputSums> inputs_;
+  std::map<std::string, std::size_t, std::less<>> input_index_;
+  std::map<std::int64_t, RoutingSums> routing_;
+  std::int64_t sequences_ = 0;
+  // Per batch: which Linear accumulates each input's Hessian (the first to report it).
+  std::map<std::size_t, std::size_t> input_owner_;
+  std::vector<std::int64_t> batch_rows_linear_;
+  std::vector<std::int64_t> batch_rows_input_;
+  std::vector<float> gradient_;  // scratch G_s
+};
+
+}  // namespace pq::probe

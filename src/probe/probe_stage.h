@@ -1,0 +1,112 @@
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "model/model_spec.h"
+
+namespace pq::probe {
+
+// What `prismaquant probe` was asked to do.
+struct ProbeJob {
+  std::filesystem::path
+      model;                   // HF checkpoint directory (config.json, safetensors, tokenizer.json)
+  std::filesystem::path data;  // calibration text (plain text or JSONL, src/data)
+  std::filesystem::path out;   // WORK/probe; created when missing
+  std::size_t nsamples = 32;
+  std::size_t seqlen = 1024;
+  std::uint64_t seed = 42;
+  bool importance_weighting = true;
+  std::size_t batch_size = 4;  // sequences per backward pass
+  model::SpecOptions spec_options;
+  // Process at most this many batches in this run and keep the checkpoint for a later run
+  // (time-sliced runs on shared machines); unset: run to completion.
+  std::optional<std::size_t> stop_after_batches;
+};
+
+struct ProbeOutcome {
+  bool complete = false;         // probe.json and probe.safetensors are written
+  bool reused = false;           // they already existed for the same fingerprint
+  std::size_t resumed_from = 0;  // batches taken from the checkpoint
+  std::size_t batches_done = 0;
+  std::size_t batches_total = 0;
+  std::string fingerprint;
+};
+
+// Digest of everything the probe's result depends on: the checkpoint (config.json and the
+// safetensors headers), tokenizer.json, the calibration file's content and every option.
+std::string probe_fingerprint(const ProbeJob& job);
+
+// Runs the probe (docs/probe-artifacts.md). Resumable: after every batch the running sums are
+// checkpointed atomically to out/probe.state.safetensors with the batch count and the
+// fingerprint; a later run with the same fingerprint continues from there, and the final
+// artifacts equal those of an uninterrupted run. With complete artifacts of the same fingerprint
+// already in `out`, nothing is recomputed.
+ProbeOutcome run_probe(const ProbeJob& job);
+
+// One Linear of probe.json.
+struct ProbedLinear {
+  std::string name;
+  std::string input_key;
+  std::int64_t out_features = 0;
+  std::int64_t in_features = 0;
+  double fisher_trace = 0.0;  // mean over calibration sequences of ||dL_s/dW||_F^2
+  std::int64_t tokens = 0;
+};
+
+// One MoE layer's router statistics.
+struct ProbedRouting {
+  std::int64_t layer = 0;
+  std::int64_t top_k = 0;
+  std::int64_t tokens = 0;
+  std::vector<std::int64_t> route_counts;
+  std::vector<double> mean_probability;
+};
+
+// A finished probe, read back: probe.json in memory, probe.safetensors mapped.
+class ProbeResult {
+ public:
+  static ProbeResult read(const std::filesystem::path& probe_dir);
+
+  const std::string& model() const { return model_; }
+  const std::string& fingerprint() const { return fingerprint_; }
+  std::int64_t sequences() const { return sequences_; }
+  const std::vector<ProbedLinear>& linears() const { return linears_; }
+  const std::vector<ProbedRouting>& routing() const { return routing_; }
+  // pq::Error naming the Linear when the probe did not measure it.
+  const ProbedLinear& linear(std::string_view name) const;
+  // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
+  std::span<const float> hessian(std::string_view input_key) const;
+  std::int64_t input_tokens(std::string_view input_key) const;
+  // max |x| over the input's tokens.
+  float input_amax(std::string_view input_key) const;
+  // E[x_j^2] over the input's tokens, [in].
+  std::span<const float> act_second_moment(std::string_view input_key) const;
+
+ private:
+  std::span<const float> f32_tensor(const std::string& name) const;
+
+  std::filesystem::path dir_;
+  std::string model_;
+  std::string fingerprint_;
+  std::int64_t sequences_ = 0;
+  std::vector<ProbedLinear> linears_;
+  std::map<std::string, std::size_t, std::less<>> linear_index_;
+  std::map<std::string, std::int64_t, std::less<>> input_tokens_;
+  std::map<std::string, float, std::less<>> input_amax_;
+  std::vector<ProbedRouting> routing_;
+  std::unique_ptr<io::SafetensorsFile> tensors_;
+};
+
+// The model identifier stages copy into their artifacts: the checkpoint directory's name.
+std::string model_label(const std::filesystem::path& model_dir);
+
+}  // namespace pq::probe

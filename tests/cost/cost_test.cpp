@@ -1,0 +1,179 @@
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "alloc/cost_table.h"
+#include "common/file_util.h"
+#include "cost/cost_stage.h"
+#include "formats/weight_format.h"
+#include "io/safetensors.h"
+#include "probe/probe_stage.h"
+#include "probe/wikitext_excerpt.h"
+#include "support/test_support.h"
+
+namespace pq::cost {
+namespace {
+
+// Every column against a direct computation from the activations themselves: the output error
+// as the mean of (X dW^T)^2 over tokens and output channels, which the stage gets from the
+// Hessian alone.
+TEST(MeasureErrors, MatchesDirectComputation) {
+  const formats::Shape2D shape{24, 48};
+  const std::int64_t tokens = 70;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> w(shape.numel()), x(tokens * shape.in);
+  for (float& v : w) v = 0.05f * normal(rng);
+  // Channels of different scales, so the activation weighting matters.
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t j = 0; j < shape.in; ++j) x[t * shape.in + j] = normal(rng) * (1 + j % 5);
+  }
+  std::vector<float> hessian(shape.in * shape.in, 0.0f), moment(shape.in, 0.0f);
+  for (std::int64_t a = 0; a < shape.in; ++a) {
+    for (std::int64_t b = 0; b < shape.in; ++b) {
+      double sum = 0.0;
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        sum += static_cast<double>(x[t * shape.in + a]) * x[t * shape.in + b];
+      }
+      hessian[a * shape.in + b] = static_cast<float>(sum);
+    }
+    moment[a] = hessian[a * shape.in + a] / tokens;
+  }
+  const auto& format = formats::format_by_name("NVFP4A16");
+  std::vector<float> q(w.size());
+  format.fake_quantize(w, shape, q);
+
+  const LinearStatistics stats{2.5, moment, hessian, tokens};
+  const QuantizationErrors e = measure_errors(w, q, shape, stats);
+
+  double squares = 0.0, weighted = 0.0, energy = 0.0, output = 0.0;
+  for (const float m : moment) energy += m;
+  for (std::int64_t i = 0; i < shape.out; ++i) {
+    for (std::int64_t j = 0; j < shape.in; ++j) {
+      const double d = static_cast<double>(q[i * shape.in + j]) - w[i * shape.in + j];
+      squares += d * d;
+      weighted += d * d * moment[j];
+    }
+  }
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t i = 0; i < shape.out; ++i) {
+      double y = 0.0;
+      for (std::int64_t j = 0; j < shape.in; ++j) {
+        y += (static_cast<double>(q[i * shape.in + j]) - w[i * shape.in + j]) * x[t * shape.in + j];
+      }
+      output += y * y;
+    }
+  }
+  const double mse = squares / static_cast<double>(shape.numel());
+  ASSERT_GT(mse, 0.0);
+  EXPECT_NEAR(e.weight_mse, mse, 1e-9 * mse);
+  EXPECT_NEAR(e.act_weighted_mse, weighted / shape.out, 1e-6 * weighted / shape.out);
+  const double output_mse = output / static_cast<double>(tokens * shape.out);
+  EXPECT_NEAR(e.output_mse, output_mse, 1e-4 * output_mse);
+  EXPECT_NEAR(e.dloss_fisher, 0.5 * 2.5 * mse, 1e-9 * mse);
+  const double activation = 0.5 * 2.5 * weighted / (shape.out * energy);
+  EXPECT_NEAR(e.dloss_activation, activation, 1e-6 * activation);
+  // Large-scale channels weigh more: the activation-aware column differs from the uniform one.
+  EXPECT_GT(std::abs(e.dloss_activation - e.dloss_fisher), 1e-3 * e.dloss_fisher);
+}
+
+// The cost stage on a real checkpoint: every column equals what the formats library's
+// fake_quantize gives (NVFP4 q/k/v quantized against their shared max-amax global scale), bytes
+// equal WeightFormat::bytes, BF16 of a BF16 checkpoint costs nothing, and the passthrough covers
+// every other tensor. A second run reuses cost.json.
+TEST(CostStage, ColumnsComeFromTheRealCodec) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
+  probe::ProbeJob probe_job;
+  probe_job.model = model_dir;
+  probe_job.data = test::wikitext_excerpt(dir);
+  probe_job.out = dir / "probe";
+  probe_job.nsamples = 2;
+  probe_job.seqlen = 64;
+  probe_job.batch_size = 2;
+  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+
+  CostJob job;
+  job.model = model_dir;
+  job.probe = dir / "probe";
+  job.out = dir / "cost";
+  job.formats = {"NVFP4", "MXFP8_E4M3", "BF16"};
+  const CostOutcome outcome = run_cost(job);
+  EXPECT_FALSE(outcome.reused);
+  const alloc::CostTable table = alloc::read_cost_table(dir / "cost");
+  ASSERT_EQ(table.linears.size(), 56u);
+  EXPECT_EQ(table.model, "qwen3-dense-tiny");
+
+  const probe::ProbeResult probed = probe::ProbeResult::read(dir / "probe");
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+  std::uint64_t linear_params = 0;
+  for (const auto& l : table.linears) linear_params += l.params;
+  std::uint64_t all_params = 0;
+  for (const auto& name : checkpoint.tensor_names()) all_params += checkpoint.info(name).numel();
+  EXPECT_EQ(table.passthrough_params + linear_params, all_params);
+
+  // A q/k/v member whose own amax is below the group's.
+  std::map<std::string, float> amax;
+  float group_amax = 0.0f;
+  for (const char* proj : {"q_proj", "k_proj", "v_proj"}) {
+    const std::string member = fmt::format("model.layers.2.self_attn.{}", proj);
+    for (const float v : checkpoint.to_f32(member + ".weight")) {
+      amax[member] = std::max(amax[member], std::abs(v));
+    }
+    group_amax = std::max(group_amax, amax[member]);
+  }
+  std::string name;
+  for (const auto& [member, value] : amax) {
+    if (value < group_amax) name = member;
+  }
+  ASSERT_FALSE(name.empty());
+  const auto row = std::find_if(table.linears.begin(), table.linears.end(),
+                                [&](const alloc::LinearCost& l) { return l.name == name; });
+  ASSERT_NE(row, table.linears.end());
+  EXPECT_EQ(row->group, "model.layers.2.self_attn.qkv_proj");
+  const std::vector<float> w = checkpoint.to_f32(name + ".weight");
+  const formats::Shape2D shape{row->shape[0], row->shape[1]};
+  const probe::ProbedLinear& stats = probed.linear(name);
+  const LinearStatistics linear_stats{stats.fisher_trace, probed.act_second_moment(stats.input_key),
+                                      probed.hessian(stats.input_key),
+                                      probed.input_tokens(stats.input_key)};
+  for (std::size_t f = 0; f < table.formats.size(); ++f) {
+    const auto& format = formats::format_by_name(table.formats[f]);
+    formats::QuantizeOptions options;
+    if (table.formats[f] == "NVFP4") {
+      options.weight_global_scale = formats::nvfp4_global_scale(group_amax);
+      options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(stats.input_key));
+    }
+    std::vector<float> q(w.size());
+    format.fake_quantize(w, shape, q, options);
+    const QuantizationErrors e = measure_errors(w, q, shape, linear_stats);
+    ASSERT_TRUE(row->costs[f].has_value()) << table.formats[f];
+    const alloc::FormatCost& cost = *row->costs[f];
+    EXPECT_EQ(cost.bytes, format.bytes(shape));
+    EXPECT_DOUBLE_EQ(cost.predicted_dloss, e.dloss_fisher) << table.formats[f];
+    EXPECT_DOUBLE_EQ(*cost.weight_mse, e.weight_mse) << table.formats[f];
+    EXPECT_DOUBLE_EQ(*cost.act_weighted_mse, e.act_weighted_mse) << table.formats[f];
+    EXPECT_DOUBLE_EQ(*cost.output_mse, e.output_mse) << table.formats[f];
+    if (table.formats[f] == "BF16") EXPECT_EQ(e.weight_mse, 0.0);
+    if (table.formats[f] == "NVFP4") {
+      // Its own amax is below the group's: its own global scale gives another error.
+      std::vector<float> own(w.size());
+      formats::QuantizeOptions own_scale;
+      own_scale.input_global_scale = options.input_global_scale;
+      format.fake_quantize(w, shape, own, own_scale);
+      EXPECT_NE(measure_errors(w, own, shape, linear_stats).weight_mse, e.weight_mse);
+    }
+  }
+  EXPECT_TRUE(run_cost(job).reused);
+  job.formats = {"NVFP4", "BF16"};
+  EXPECT_FALSE(run_cost(job).reused);
+}
+
+}  // namespace
+}  // namespace pq::cost

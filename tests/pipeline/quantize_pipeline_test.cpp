@@ -1,0 +1,83 @@
+#include "pipeline/quantize_pipeline.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "common/file_util.h"
+#include "probe/wikitext_excerpt.h"
+#include "support/test_support.h"
+
+namespace pq::pipeline {
+namespace {
+
+class QuantizePipeline : public ::testing::TestWithParam<std::string> {};
+
+// probe -> cost -> allocate on a real checkpoint with a small calibration (4 x 128 tokens of
+// wikitext): the assignment reaches 4.75 bits per quantizable parameter within 0.05 by exact
+// bytes, every sibling group has one format, pareto.svg names every target, and a second run
+// reuses the probe and cost artifacts.
+TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  QuantizeJob job;
+  job.model = test::shared_dir() / "models" / GetParam();
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "out";
+  job.nsamples = 4;
+  job.seqlen = 128;
+  job.target_bits = "4.75";
+  const QuantizeOutcome outcome = run_quantize(job);
+  ASSERT_EQ(outcome.stages.size(), 3u);
+  EXPECT_FALSE(outcome.stages[0].reused);
+  EXPECT_FALSE(outcome.stages[1].reused);
+
+  const std::string assignment_text = read_text_file(dir / "out/assignment.json");
+  const auto assignment = nlohmann::json::parse(assignment_text);
+  const double bits = assignment.at("totals").at("bits_per_quantizable_param").get<double>();
+  EXPECT_GE(bits, 4.70);
+  EXPECT_LE(bits, 4.75);
+  std::uint64_t bytes = 0, params = 0;
+  std::map<std::string, std::string> group_format;
+  for (const auto& linear : assignment.at("linears")) {
+    bytes += linear.at("bytes").get<std::uint64_t>();
+    params += linear.at("params").get<std::uint64_t>();
+    const std::string group = linear.at("group").get<std::string>();
+    if (group.empty()) continue;
+    const std::string format = linear.at("format").get<std::string>();
+    const auto [it, inserted] = group_format.emplace(group, format);
+    EXPECT_EQ(it->second, format) << group;
+  }
+  EXPECT_FALSE(group_format.empty());
+  EXPECT_LE(8.0 * static_cast<double>(bytes), 4.75 * static_cast<double>(params));
+  EXPECT_GE(8.0 * static_cast<double>(bytes), 4.70 * static_cast<double>(params));
+
+  // The SVG's table has one row per target, headed by the target (and the knee's mark).
+  const std::string svg = read_text_file(dir / "out/pareto.svg");
+  const std::size_t table = svg.find("target bits");
+  ASSERT_NE(table, std::string::npos);
+  for (const std::string target : {"4", "4.25", "4.5", "4.75", "5", "5.5", "6", "7", "8"}) {
+    const bool plain = svg.find(">" + target + "</text>", table) != std::string::npos;
+    const bool knee = svg.find(">" + target + " (knee)</text>", table) != std::string::npos;
+    EXPECT_TRUE(plain || knee) << target;
+  }
+  EXPECT_TRUE(std::filesystem::exists(dir / "out/work/probe/probe.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out/work/cost/cost.json"));
+
+  const QuantizeOutcome again = run_quantize(job);
+  EXPECT_TRUE(again.stages[0].reused);
+  EXPECT_TRUE(again.stages[1].reused);
+  EXPECT_EQ(read_text_file(dir / "out/assignment.json"), assignment_text);
+}
+
+INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,
+                         ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"));
+
+TEST(QuantizePipeline, DefaultParetoTargetsIncludeTheTarget) {
+  EXPECT_EQ(default_pareto_targets("4.75"), "4,4.25,4.5,4.75,5,5.5,6,7,8");
+  EXPECT_EQ(default_pareto_targets("4.6"), "4,4.25,4.5,4.75,5,5.5,6,7,8,4.6");
+}
+
+}  // namespace
+}  // namespace pq::pipeline
