@@ -160,7 +160,9 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
     EXPECT_DOUBLE_EQ(*cost.weight_mse, e.weight_mse) << table.formats[f];
     EXPECT_DOUBLE_EQ(*cost.act_weighted_mse, e.act_weighted_mse) << table.formats[f];
     EXPECT_DOUBLE_EQ(*cost.output_mse, e.output_mse) << table.formats[f];
-    if (table.formats[f] == "BF16") EXPECT_EQ(e.weight_mse, 0.0);
+    if (table.formats[f] == "BF16") {
+      EXPECT_EQ(e.weight_mse, 0.0);
+    }
     if (table.formats[f] == "NVFP4") {
       // Its own amax is below the group's: its own global scale gives another error.
       std::vector<float> own(w.size());

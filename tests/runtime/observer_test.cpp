@@ -103,7 +103,9 @@ TEST_P(ObserverContract, RowsSequencesAndPerSequenceGradients) {
       last_sequence = r.sequence;
     }
     EXPECT_EQ(next, b.rows);
-    if (name.find(".experts.") == std::string::npos) EXPECT_EQ(b.rows, total_rows);
+    if (name.find(".experts.") == std::string::npos) {
+      EXPECT_EQ(b.rows, total_rows);
+    }
   }
   for (const auto& [layer, counts] : backward.counts) {
     std::int64_t routed = 0;
