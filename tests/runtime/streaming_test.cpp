@@ -73,6 +73,15 @@ void write_random_checkpoint(const nlohmann::json& config_json, const std::files
   writer.commit();
 }
 
+// AddressSanitizer's quarantine keeps freed blocks resident for a while (61.8 MB of growth seen
+// against 21.8 MB uninstrumented), so under it the test only shows that far less than the model
+// is resident; the one-layer bound applies to the uninstrumented build.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAllocatorQuarantine = true;
+#else
+constexpr bool kAllocatorQuarantine = false;
+#endif
+
 // Streaming: a 16-layer checkpoint (about 200 MB as decoded float32) run forward and backward
 // from its memory map must keep the peak resident set near one decoded layer (12.6 MB), not the
 // model: each layer is decoded when reached, its mapped pages dropped, and the decoded copy
@@ -115,7 +124,7 @@ TEST(Streaming, PeakResidentMemoryStaysNearOneLayer) {
       "layer %.1f MB; whole decoded model %.1f MB\n",
       loss, growth / 1e6, layer_bytes / 1e6, model_bytes / 1e6);
   EXPECT_TRUE(std::isfinite(loss));
-  EXPECT_LT(growth, 3 * layer_bytes);
+  EXPECT_LT(growth, kAllocatorQuarantine ? model_bytes / 2 : 3 * layer_bytes);
 }
 
 }  // namespace
