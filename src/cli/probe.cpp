@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "probe/probe_stage.h"
 
@@ -20,16 +21,7 @@ void register_probe(CLI::App& app) {
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--data", job->data, "Calibration text (plain text or JSONL)")->required();
   cmd->add_option("--out", job->out, "Output directory, e.g. WORK/probe")->required();
-  cmd->add_option("--nsamples", job->nsamples, "Calibration sequences")
-      ->default_val(job->nsamples)
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--seqlen", job->seqlen, "Tokens per sequence")
-      ->default_val(job->seqlen)
-      ->check(CLI::Range(2, 1 << 20));
-  cmd->add_option("--seed", job->seed, "Seed of the window draw")->default_val(job->seed);
-  cmd->add_option("--batch-size", job->batch_size, "Sequences per backward pass")
-      ->default_val(job->batch_size)
-      ->check(CLI::PositiveNumber);
+  add_calibration_options(cmd, *job);
   cmd->add_flag("--no-importance-weighting", *no_weighting,
                 "Weight every token's loss equally (default: clamp(CE_t / mean CE, 0.25, 4))");
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,

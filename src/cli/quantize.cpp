@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "pipeline/quantize_pipeline.h"
 
@@ -30,16 +31,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--work", job->work, "Work directory for the stage artifacts");
   cmd->add_option("--pareto", job->pareto,
                   "Pareto targets (default 4,4.25,4.5,4.75,5,5.5,6,7,8 and --target-bits)");
-  cmd->add_option("--nsamples", job->nsamples, "Calibration sequences")
-      ->default_val(job->nsamples)
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--seqlen", job->seqlen, "Tokens per sequence")
-      ->default_val(job->seqlen)
-      ->check(CLI::Range(2, 1 << 20));
-  cmd->add_option("--seed", job->seed, "Seed of the window draw")->default_val(job->seed);
-  cmd->add_option("--batch-size", job->batch_size, "Sequences per backward pass")
-      ->default_val(job->batch_size)
-      ->check(CLI::PositiveNumber);
+  add_calibration_options(cmd, *job);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");
   cmd->callback([job, no_weighting, objective] {
