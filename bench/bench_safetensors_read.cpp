@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_size_arg.h"
 #include "common/error.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
@@ -193,16 +194,9 @@ void register_benchmarks() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  double gigabytes = 3.0;
   std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--gb=", 5) == 0) {
-      gigabytes = std::atof(argv[i] + 5);
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
-  int count = static_cast<int>(args.size());
+  int count = argc;
+  const double gigabytes = take_gigabytes_arg(count, argv, args, 3.0);
   benchmark::Initialize(&count, args.data());
   int status = 0;
   try {
