@@ -1,12 +1,13 @@
 // prismaquant validate: read an exported compressed-tensors checkpoint as a consumer would, check
 // its structure, and compare the decoded model with its source on held-out text.
+#include "validate/validate.h"
+
 #include <cstdio>
 #include <memory>
 #include <string>
 
 #include "cli/commands.h"
 #include "common/error.h"
-#include "validate/validate.h"
 
 namespace pq::cli {
 
@@ -32,8 +33,7 @@ void print_report(const validate::ValidateReport& r) {
               r.gates.max_kl);
   std::printf("top-1 agreement: %.4f (gate >= %g)\n", r.top1_agreement, r.gates.min_top1);
   std::printf("perplexity: %.4f, reference %.4f, ratio %.4f (gate <= %g)\n", r.perplexity,
-              r.reference_perplexity, r.perplexity / r.reference_perplexity,
-              r.gates.max_ppl_ratio);
+              r.reference_perplexity, r.perplexity / r.reference_perplexity, r.gates.max_ppl_ratio);
   std::printf("prompt: %s\n", r.prompt.c_str());
   std::printf("checkpoint: %s\n", r.sample.c_str());
   std::printf("reference:  %s\n", r.reference_sample.c_str());

@@ -24,8 +24,9 @@ using nlohmann::json;
 // Tensors compressed-tensors writes beside (or instead of) a quantized module's "weight"
 // (format-facts.md A.1; compressed-tensors compressors/*/base.py compression_param_names).
 constexpr std::string_view kQuantSuffixes[] = {
-    "weight_packed", "weight_scale",  "weight_global_scale", "input_global_scale", "weight_shape",
-    "weight_zero_point", "weight_g_idx", "input_scale", "input_zero_point"};
+    "weight_packed",      "weight_scale", "weight_global_scale",
+    "input_global_scale", "weight_shape", "weight_zero_point",
+    "weight_g_idx",       "input_scale",  "input_zero_point"};
 
 bool is_quant_suffix(std::string_view suffix) {
   return std::find(std::begin(kQuantSuffixes), std::end(kQuantSuffixes), suffix) !=
@@ -117,9 +118,9 @@ std::string_view strategy_name(Strategy s) {
 }
 
 std::string describe(const QuantArgs& a) {
-  return fmt::format("{} {} bits, strategy {}, group_size {}",
-                     a.type == QuantType::kInt ? "int" : "float", a.num_bits,
-                     strategy_name(a.strategy), a.group_size ? std::to_string(*a.group_size) : "null");
+  return fmt::format(
+      "{} {} bits, strategy {}, group_size {}", a.type == QuantType::kInt ? "int" : "float",
+      a.num_bits, strategy_name(a.strategy), a.group_size ? std::to_string(*a.group_size) : "null");
 }
 
 // The weight layout of a (format, weights) pair, as the compressor of that format writes it.
@@ -144,9 +145,9 @@ Layout weight_layout(const std::string& format, const QuantArgs& w, const std::s
   if (format == "float-quantized" || format == "naive-quantized") {
     // E4M3 weights with per-tensor, per-channel or block scales (vLLM
     // compressed_tensors_w8a8_fp8.py / w8a16_fp8.py).
-    const bool ok = is_float(w, 8) && (w.strategy == Strategy::kTensor ||
-                                       w.strategy == Strategy::kChannel ||
-                                       (w.strategy == Strategy::kBlock && w.block_structure));
+    const bool ok =
+        is_float(w, 8) && (w.strategy == Strategy::kTensor || w.strategy == Strategy::kChannel ||
+                           (w.strategy == Strategy::kBlock && w.block_structure));
     if (!ok) return unsupported();
     return Layout::kFp8;
   }
@@ -275,7 +276,8 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 std::string dtypes_text(const std::vector<io::DType>& dtypes) {
   std::string out;
-  for (const io::DType d : dtypes) out += (out.empty() ? "" : " or ") + std::string(io::dtype_name(d));
+  for (const io::DType d : dtypes)
+    out += (out.empty() ? "" : " or ") + std::string(io::dtype_name(d));
   return out;
 }
 
@@ -376,8 +378,7 @@ MatchKind match_target(std::string_view module, std::string_view target) {
   return target == "Linear" ? MatchKind::kClass : MatchKind::kNone;
 }
 
-CompressedTensorsCheckpoint::CompressedTensorsCheckpoint(fs::path directory,
-                                                         io::Checkpoint tensors)
+CompressedTensorsCheckpoint::CompressedTensorsCheckpoint(fs::path directory, io::Checkpoint tensors)
     : directory_(std::move(directory)), tensors_(std::move(tensors)) {}
 
 const Scheme* CompressedTensorsCheckpoint::scheme_of(std::string_view module) const {
@@ -479,9 +480,10 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
       PQ_CHECK(shape.size() == 2, "{}: tensor {}.weight_packed is not 2-D", label, module);
       shape[1] *= 2;
     } else {
-      fail("{}: module {} has quantization tensors but no weight, weight_shape or U8 weight_packed "
-           "to give its shape",
-           label, module);
+      fail(
+          "{}: module {} has quantization tensors but no weight, weight_shape or U8 weight_packed "
+          "to give its shape",
+          label, module);
     }
     descs.push_back({module + ".weight", io::DType::BF16, shape});
   }

@@ -42,10 +42,10 @@ struct QuantArgs {
 
 // The storage layout a scheme's tensors follow (which compressor wrote them).
 enum class Layout {
-  kNvfp4,      // nvfp4-pack-quantized: FP4 pairs in bytes, E4M3 group-16 scales, F32 global
-  kMxfp4,      // mxfp4-pack-quantized: FP4 pairs in bytes, E8M0 group-32 scales
-  kMxfp8,      // mxfp8-quantized: E4M3 weight, E8M0 group-32 scales
-  kFp8,        // float-quantized / naive-quantized: E4M3 weight, float scales (tensor/channel/block)
+  kNvfp4,  // nvfp4-pack-quantized: FP4 pairs in bytes, E4M3 group-16 scales, F32 global
+  kMxfp4,  // mxfp4-pack-quantized: FP4 pairs in bytes, E8M0 group-32 scales
+  kMxfp8,  // mxfp8-quantized: E4M3 weight, E8M0 group-32 scales
+  kFp8,    // float-quantized / naive-quantized: E4M3 weight, float scales (tensor/channel/block)
   kPackedInt,  // pack-quantized: symmetric INT4/INT8 in int32 words, float group/channel scales
 };
 

@@ -52,14 +52,14 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) {
 // The tensor named by suffix, checked against the scheme's expectation.
 StoredTensor fetch(const TensorLookup& lookup, const ExpectedTensor& expected) {
   StoredTensor t = lookup(expected.suffix);
-  PQ_CHECK(std::find(expected.dtypes.begin(), expected.dtypes.end(), t.dtype) !=
-                   expected.dtypes.end() &&
-               t.shape == expected.shape &&
-               t.bytes.size() == static_cast<std::size_t>(std::accumulate(
-                                     t.shape.begin(), t.shape.end(), std::int64_t{1},
-                                     std::multiplies<>())) *
-                                     io::dtype_size(t.dtype),
-           "tensor {} does not have the dtype and shape its scheme stores", expected.suffix);
+  PQ_CHECK(
+      std::find(expected.dtypes.begin(), expected.dtypes.end(), t.dtype) != expected.dtypes.end() &&
+          t.shape == expected.shape &&
+          t.bytes.size() ==
+              static_cast<std::size_t>(std::accumulate(t.shape.begin(), t.shape.end(),
+                                                       std::int64_t{1}, std::multiplies<>())) *
+                  io::dtype_size(t.dtype),
+      "tensor {} does not have the dtype and shape its scheme stores", expected.suffix);
   return t;
 }
 
@@ -307,9 +307,9 @@ void CheckpointActivationQuantizer::quantize(std::string_view linear, std::int64
   PQ_CHECK(it != by_linear_.end(), "no activation quantization for {}", linear);
   const Rule& rule = it->second;
   const std::int64_t group = rule.group_size == 0 ? in_features : rule.group_size;
-  PQ_CHECK(in_features % group == 0 && static_cast<std::int64_t>(input.size()) == rows * in_features,
-           "{}: activations [{}, {}] do not split into groups of {}", linear, rows, in_features,
-           group);
+  PQ_CHECK(
+      in_features % group == 0 && static_cast<std::int64_t>(input.size()) == rows * in_features,
+      "{}: activations [{}, {}] do not split into groups of {}", linear, rows, in_features, group);
   const std::vector<float> x(input.begin(), input.end());
   std::vector<formats::GroupScale> scales(x.size() / static_cast<std::size_t>(group));
   formats::quantize_rows(rule.codec, {.weights = x,

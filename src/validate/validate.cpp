@@ -118,8 +118,7 @@ ValidateReport run_validate(const ValidateJob& job) {
   runtime::RuntimeOptions options = options_for(checkpoint.spec().num_params());
   if (activations.size() > 0) options.activation_quantizer = &activations;
   runtime::Model model(checkpoint.config(), decoded, options);
-  runtime::CheckpointModel reference(job.reference,
-                                     options_for(checkpoint.spec().num_params()));
+  runtime::CheckpointModel reference(job.reference, options_for(checkpoint.spec().num_params()));
   PQ_CHECK(reference.model().config().vocab_size == model.config().vocab_size,
            "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
            reference.model().config().vocab_size, model.config().vocab_size);
@@ -151,8 +150,8 @@ ValidateReport run_validate(const ValidateJob& job) {
   PQ_CHECK(!prompt.empty(), "the sampling prompt is empty");
   report.prompt = tokenizer.decode(prompt, /*skip_special_tokens=*/true);
   const auto& stop = model.config().eos_token_ids;
-  report.sample = tokenizer.decode(
-      runtime::greedy_generate(model, prompt, job.sample_tokens, stop), true);
+  report.sample =
+      tokenizer.decode(runtime::greedy_generate(model, prompt, job.sample_tokens, stop), true);
   report.reference_sample = tokenizer.decode(
       runtime::greedy_generate(reference.model(), prompt, job.sample_tokens, stop), true);
 

@@ -34,19 +34,19 @@ using nlohmann::json;
 // One unit (sibling group or lone Linear) after another takes the next format of this cycle, so
 // every exported scheme appears, NVFP4 and NVFP4A16 on q/k/v and on gate/up.
 const std::vector<std::string> kCycle = {
-    "NVFP4",           "NVFP4A16",   "MXFP8",   "INT4_W4A16",  "FP8_E4M3",
-    "BF16",            "MXFP4",      "FP8_BLOCK", "INT8_W8A16", "FP8_E4M3_TENSOR",
-    "MXFP4A16",        "MXFP8A16",   "FP8_E4M3A16"};
+    "NVFP4",     "NVFP4A16",   "MXFP8",           "INT4_W4A16", "FP8_E4M3", "BF16",       "MXFP4",
+    "FP8_BLOCK", "INT8_W8A16", "FP8_E4M3_TENSOR", "MXFP4A16",   "MXFP8A16", "FP8_E4M3A16"};
 
 fs::path source_dir() {
   return test::shared_dir() / "models" / "qwen3-dense-tiny";
 }
 
 // An assignment in the allocate stage's file format: each decision unit gets the next format.
-alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::Checkpoint& source) {
+alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::Checkpoint& source,
+                                       const std::vector<std::string>& cycle) {
   alloc::CostTable table;
-  table.model = "qwen3-dense-tiny";
-  table.formats = kCycle;
+  table.model = spec.architecture;
+  table.formats = cycle;
   std::set<std::string> counted;
   for (const std::string& name : spec.passthrough_tensors()) {
     if (!counted.insert(name).second) continue;
@@ -59,17 +59,19 @@ alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::C
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
     const formats::Shape2D shape{linear.out_features, linear.in_features};
-    alloc::LinearCost cost{
-        linear.name, {shape.out, shape.in}, linear.group.value_or(""),
-        static_cast<std::uint64_t>(shape.numel()), {}};
-    for (const std::string& format : kCycle) {
+    alloc::LinearCost cost{linear.name,
+                           {shape.out, shape.in},
+                           linear.group.value_or(""),
+                           static_cast<std::uint64_t>(shape.numel()),
+                           {}};
+    for (const std::string& format : cycle) {
       cost.costs.push_back(alloc::FormatCost{formats::format_by_name(format).bytes(shape), 0.0});
     }
     std::size_t index = 0;
     if (linear.group && format_of_group.contains(*linear.group)) {
       index = format_of_group.at(*linear.group);
     } else {
-      index = units++ % kCycle.size();
+      index = units++ % cycle.size();
       if (linear.group) format_of_group[*linear.group] = index;
     }
     allocation.format_of_linear.push_back(index);
@@ -78,7 +80,8 @@ alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::C
   }
   allocation.budget_bytes = allocation.bytes;
   return alloc::make_assignment_file(
-      table, allocation, {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
+      table, allocation,
+      {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
 }
 
 // A plausible activation amax per Linear for the W4A4 input_global_scale.
@@ -90,19 +93,87 @@ std::map<std::string, float> input_amax(const model::ModelSpec& spec) {
   return amax;
 }
 
+// Exports `model_dir` with the cycle of formats into `out`; returns the assignment.
+alloc::AssignmentFile export_cycle(const fs::path& model_dir, const std::vector<std::string>& cycle,
+                                   const fs::path& work, const fs::path& out) {
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint source = io::Checkpoint::open(model_dir);
+  alloc::AssignmentFile assignment = cycle_assignment(spec, source, cycle);
+  fs::create_directories(work);
+  alloc::write_assignment(work / "assignment.json", assignment);
+  exporter::run_export({.model_dir = model_dir,
+                        .assignment = work / "assignment.json",
+                        .out = out,
+                        .input_amax = input_amax(spec)});
+  return assignment;
+}
+
+// Independently of the exporter: the Linears whose NVFP4 global scale vLLM fuses with this one's
+// (format-facts.md A.3.2): a dense sibling group, or one expert's gate_proj and up_proj.
+bool shares_global_scale(const model::Linear& a, const model::Linear& b) {
+  if (a.name == b.name) return true;
+  if (!a.group || a.group != b.group) return false;
+  if (!a.expert) return true;
+  auto w13 = [](const model::Linear& l) {
+    return l.role.ends_with("gate_proj") || l.role.ends_with("up_proj");
+  };
+  return a.expert == b.expert && w13(a) && w13(b);
+}
+
+// Every Linear of the exported checkpoint, decoded by the reader, equals the formats library's
+// fake quantization of the source weight (BF16 and unassigned Linears: the source values).
+void expect_decodes_like_formats_library(const fs::path& exported, const fs::path& model_dir,
+                                         const alloc::AssignmentFile& assignment,
+                                         std::size_t expected_formats) {
+  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(exported);
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint source = io::Checkpoint::open(model_dir);
+  const DecodedCheckpointWeightSource decoded(ct);
+  std::map<std::string, std::string> format_of;
+  for (const alloc::AssignedLinear& a : assignment.linears) format_of[a.name] = a.format;
+  std::set<std::string> formats_seen;
+  for (const model::Linear& linear : spec.linears) {
+    const std::vector<float> weight = source.to_f32(linear.weight_tensor);
+    const std::vector<float> got = decoded.load_f32(linear.name + ".weight");
+    ASSERT_EQ(got.size(), weight.size()) << linear.name;
+    const auto it = format_of.find(linear.name);
+    if (it == format_of.end() || it->second == "BF16") {
+      EXPECT_EQ(ct.scheme_of(linear.name), nullptr) << linear.name;
+      EXPECT_EQ(std::memcmp(got.data(), weight.data(), got.size() * 4), 0) << linear.name;
+      continue;
+    }
+    formats_seen.insert(it->second);
+    ASSERT_NE(ct.scheme_of(linear.name), nullptr) << linear.name;
+    const formats::WeightFormat& format = formats::format_by_name(it->second);
+    formats::QuantizeOptions options;
+    if (it->second.starts_with("NVFP4")) {
+      float amax = 0.0f;
+      for (const model::Linear& other : spec.linears) {
+        if (!shares_global_scale(linear, other)) continue;
+        for (const float v : source.to_f32(other.weight_tensor))
+          amax = std::max(amax, std::fabs(v));
+      }
+      options.weight_global_scale = formats::nvfp4_global_scale(amax);
+      if (it->second == "NVFP4") {
+        // Required by the W4A4 format, unused by its weight arithmetic.
+        options.input_global_scale = decoded.load_f32(linear.name + ".input_global_scale").at(0);
+      }
+    }
+    std::vector<float> expected(weight.size());
+    format.fake_quantize(weight, {linear.out_features, linear.in_features}, expected, options);
+    EXPECT_EQ(std::memcmp(got.data(), expected.data(), got.size() * 4), 0)
+        << linear.name << " (" << it->second << ")";
+  }
+  EXPECT_EQ(formats_seen.size(), expected_formats);
+}
+
 class ExportedCheckpoint : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (!test::have_shared()) return;
     dir_ = std::make_unique<test::TempDir>();
-    const model::ModelSpec spec = model::load_model_spec(source_dir());
-    const io::Checkpoint source = io::Checkpoint::open(source_dir());
-    assignment_ = std::make_unique<alloc::AssignmentFile>(cycle_assignment(spec, source));
-    alloc::write_assignment(*dir_ / "assignment.json", *assignment_);
-    exporter::run_export({.model_dir = source_dir(),
-                          .assignment = *dir_ / "assignment.json",
-                          .out = *dir_ / "exported",
-                          .input_amax = input_amax(spec)});
+    assignment_ = std::make_unique<alloc::AssignmentFile>(
+        export_cycle(source_dir(), kCycle, dir_->path(), *dir_ / "exported"));
     // Beside the exported checkpoint: a short text whose last 10% is the held-out split.
     std::ifstream wiki(test::shared_dir() / "data" / "wikitext-2-test.txt", std::ios::binary);
     std::string text(60000, '\0');
@@ -134,13 +205,15 @@ class ExportedCheckpoint : public ::testing::Test {
     fs::remove_all(out);
     fs::create_directories(out);
     for (const fs::directory_entry& entry : fs::directory_iterator(exported())) {
-      if (entry.path().extension() != ".safetensors") fs::copy_file(entry.path(), out / entry.path().filename());
+      if (entry.path().extension() != ".safetensors")
+        fs::copy_file(entry.path(), out / entry.path().filename());
     }
     const io::Checkpoint checkpoint = io::Checkpoint::open(exported());
     std::vector<OwnedTensor> tensors;
     for (const std::string& t : checkpoint.tensor_names()) {
       const io::TensorView view = checkpoint.view(t);
-      tensors.push_back({t, view.info->dtype, view.info->shape, {view.bytes.begin(), view.bytes.end()}});
+      tensors.push_back(
+          {t, view.info->dtype, view.info->shape, {view.bytes.begin(), view.bytes.end()}});
     }
     if (edit_tensors) edit_tensors(tensors);
     io::SafetensorsWriter writer(out / "model.safetensors");
@@ -191,49 +264,22 @@ const std::string kO0 = "model.layers.0.self_attn.o_proj";
 const std::string kGate0 = "model.layers.0.mlp.gate_proj";
 
 TEST_F(ExportedCheckpoint, DecodesBitForBitWhatTheFormatsLibraryPredicts) {
-  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(exported());
-  EXPECT_EQ(ct.format(), "mixed-precision");
-  const model::ModelSpec spec = model::load_model_spec(source_dir());
-  const io::Checkpoint source = io::Checkpoint::open(source_dir());
-  const DecodedCheckpointWeightSource decoded(ct);
-  std::map<std::string, std::string> format_of;
-  for (const alloc::AssignedLinear& a : assignment_->linears) format_of[a.name] = a.format;
-  std::set<std::string> formats_seen;
-  for (const model::Linear& linear : spec.linears) {
-    const std::vector<float> weight = source.to_f32(linear.weight_tensor);
-    const std::vector<float> got = decoded.load_f32(linear.name + ".weight");
-    ASSERT_EQ(got.size(), weight.size()) << linear.name;
-    const auto it = format_of.find(linear.name);
-    if (it == format_of.end() || it->second == "BF16") {
-      EXPECT_EQ(ct.scheme_of(linear.name), nullptr) << linear.name;
-      EXPECT_EQ(std::memcmp(got.data(), weight.data(), got.size() * 4), 0) << linear.name;
-      continue;
-    }
-    formats_seen.insert(it->second);
-    ASSERT_NE(ct.scheme_of(linear.name), nullptr) << linear.name;
-    const formats::WeightFormat& format = formats::format_by_name(it->second);
-    formats::QuantizeOptions options;
-    if (it->second.starts_with("NVFP4")) {
-      // A dense sibling group shares the global scale of its largest amax (vLLM keeps one).
-      float amax = 0.0f;
-      for (const model::Linear& other : spec.linears) {
-        if (other.name != linear.name && (!linear.group || other.group != linear.group)) continue;
-        for (const float v : source.to_f32(other.weight_tensor)) amax = std::max(amax, std::fabs(v));
-      }
-      options.weight_global_scale = formats::nvfp4_global_scale(amax);
-      if (it->second == "NVFP4") {
-        // Required by the W4A4 format, unused by its weight arithmetic.
-        options.input_global_scale = decoded.load_f32(linear.name + ".input_global_scale").at(0);
-      }
-    }
-    std::vector<float> expected(weight.size());
-    format.fake_quantize(weight, {linear.out_features, linear.in_features}, expected, options);
-    EXPECT_EQ(std::memcmp(got.data(), expected.data(), got.size() * 4), 0)
-        << linear.name << " (" << it->second << ")";
-  }
-  std::set<std::string> all(kCycle.begin(), kCycle.end());
-  all.erase("BF16");
-  EXPECT_EQ(formats_seen, all);
+  EXPECT_EQ(CompressedTensorsCheckpoint::open(exported()).format(), "mixed-precision");
+  // Every scheme of the cycle but BF16 (which is ignored, not a scheme).
+  expect_decodes_like_formats_library(exported(), source_dir(), *assignment_, kCycle.size() - 1);
+}
+
+TEST(MoeExport, DecodesExpertsWithPerExpertGlobalScales) {
+  PQ_REQUIRE_SHARED();
+  const fs::path model_dir = test::shared_dir() / "models" / "qwen3-moe-tiny";
+  const test::TempDir dir;
+  const std::vector<std::string> cycle = {"NVFP4", "NVFP4A16", "MXFP4A16", "INT4_W4A16"};
+  const alloc::AssignmentFile assignment =
+      export_cycle(model_dir, cycle, dir.path(), dir / "exported");
+  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(dir / "exported");
+  // Routers stay unquantized (vLLM builds them without a quant_config).
+  EXPECT_EQ(ct.scheme_of("model.layers.0.mlp.gate"), nullptr);
+  expect_decodes_like_formats_library(dir / "exported", model_dir, assignment, cycle.size());
 }
 
 TEST_F(ExportedCheckpoint, QuantizesActivationsOfTheW8A8AndW4A4Schemes) {
@@ -363,7 +409,9 @@ TEST_F(ExportedCheckpoint, RefusesAWrongShape) {
 
 TEST_F(ExportedCheckpoint, RefusesALeftoverWeightBesideQuantizedTensors) {
   const fs::path dir = variant("leftover", [](std::vector<OwnedTensor>& tensors) {
-    tensors.push_back({kO0 + ".weight", io::DType::BF16, {256, 256},
+    tensors.push_back({kO0 + ".weight",
+                       io::DType::BF16,
+                       {256, 256},
                        std::vector<std::uint8_t>(256 * 256 * 2, 0)});
   });
   EXPECT_NE(open_error(dir).find("unexpected tensor " + kO0 + ".weight"), std::string::npos)
@@ -371,9 +419,8 @@ TEST_F(ExportedCheckpoint, RefusesALeftoverWeightBesideQuantizedTensors) {
 }
 
 TEST_F(ExportedCheckpoint, RefusesAModuleCoveredTwice) {
-  const fs::path dir = variant("twice", nullptr, [](json& qc) {
-    group_targeting(qc, kGate0)["targets"].push_back(kO0);
-  });
+  const fs::path dir = variant(
+      "twice", nullptr, [](json& qc) { group_targeting(qc, kGate0)["targets"].push_back(kO0); });
   const std::string error = open_error(dir);
   EXPECT_NE(error.find("Linear " + kO0 + " is targeted by config groups"), std::string::npos)
       << error;
@@ -388,8 +435,9 @@ TEST_F(ExportedCheckpoint, RefusesAnUncoveredModule) {
     }
     group["targets"] = targets;
   });
-  EXPECT_NE(open_error(dir).find("Linear " + kO0 + " is neither targeted by a config group nor "
-                                                   "ignored"),
+  EXPECT_NE(open_error(dir).find("Linear " + kO0 +
+                                 " is neither targeted by a config group nor "
+                                 "ignored"),
             std::string::npos)
       << open_error(dir);
 }
@@ -413,18 +461,20 @@ TEST_F(ExportedCheckpoint, RefusesSiblingsWithDifferentSchemes) {
       "scheme",
       [](std::vector<OwnedTensor>& tensors) {
         std::erase_if(tensors, [](const OwnedTensor& t) { return t.name.starts_with(kV0 + "."); });
-        tensors.push_back({kV0 + ".weight", io::DType::BF16, {128, 256},
+        tensors.push_back({kV0 + ".weight",
+                           io::DType::BF16,
+                           {128, 256},
                            std::vector<std::uint8_t>(128 * 256 * 2, 0)});
       },
       [](json& qc) { qc["ignore"].push_back(kV0); });
-  EXPECT_NE(open_error(dir).find("fused siblings " + kQ0 + " and " + kV0 + " have different schemes"),
-            std::string::npos)
+  EXPECT_NE(
+      open_error(dir).find("fused siblings " + kQ0 + " and " + kV0 + " have different schemes"),
+      std::string::npos)
       << open_error(dir);
 }
 
 TEST_F(ExportedCheckpoint, RefusesAnotherQuantMethod) {
-  const fs::path dir =
-      variant("method", nullptr, [](json& qc) { qc["quant_method"] = "gptq"; });
+  const fs::path dir = variant("method", nullptr, [](json& qc) { qc["quant_method"] = "gptq"; });
   EXPECT_NE(open_error(dir).find("not compressed-tensors"), std::string::npos) << open_error(dir);
 }
 
@@ -438,8 +488,8 @@ int run_cli(const std::string& args, const fs::path& log) {
 
 TEST_F(ExportedCheckpoint, CliFailsAnImpossibleGateAndPassesLenientOnes) {
   const std::string common =
-      fmt::format("'{}' --reference '{}' --data '{}' --seqlen 64 --max-seqs 2",
-                  exported().string(), source_dir().string(), data().string());
+      fmt::format("'{}' --reference '{}' --data '{}' --seqlen 32 --max-seqs 1", exported().string(),
+                  source_dir().string(), data().string());
   const fs::path json_path = *dir_ / "report.json";
   EXPECT_EQ(run_cli(common + " --max-kl 0 --json '" + json_path.string() + "'", *dir_ / "a.log"),
             1);

@@ -190,9 +190,9 @@ TEST(GoldenDecode, Fp8Block) {
                            {0x00, 0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x80, 0x40,
                             0x00, 0x00, 0x00, 0x41}}}});
   ASSERT_EQ(w.size(), 129u * 256u);
-  EXPECT_EQ(w[0], 1.0f);              // block (0, 0)
+  EXPECT_EQ(w[0], 1.0f);                // block (0, 0)
   EXPECT_EQ(w[127 * 256 + 127], 1.0f);  // last element of block (0, 0)
-  EXPECT_EQ(w[128], 2.0f);            // row 0, column 128: block (0, 1)
+  EXPECT_EQ(w[128], 2.0f);              // row 0, column 128: block (0, 1)
   EXPECT_EQ(w[127 * 256 + 255], 2.0f);
   EXPECT_EQ(w[128 * 256], 4.0f);  // row 128: block (1, 0), the partial row block
   EXPECT_EQ(w[128 * 256 + 254], 8.0f);
@@ -203,11 +203,11 @@ TEST(GoldenDecode, Int8W8A16Channel) {
   // q = {-128, -1, 0, 127} stored as q + 128 = {0x00, 0x7F, 0x80, 0xFF}, element i in bits
   // [8i, 8i + 8) of one little-endian int32: 0xFF807F00 -> bytes 00 7F 80 FF. BF16 scale 0.5 =
   // 0x3F00 -> bytes 00 3F. weight_shape I64 [1, 4].
-  const auto w = decode("INT8_W8A16", 1, 4,
-                        {{"weight_packed", {DType::I32, {1, 1}, {0x00, 0x7F, 0x80, 0xFF}}},
-                         {"weight_scale", {DType::BF16, {1, 1}, {0x00, 0x3F}}},
-                         {"weight_shape",
-                          {DType::I64, {2}, {1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0}}}});
+  const auto w = decode(
+      "INT8_W8A16", 1, 4,
+      {{"weight_packed", {DType::I32, {1, 1}, {0x00, 0x7F, 0x80, 0xFF}}},
+       {"weight_scale", {DType::BF16, {1, 1}, {0x00, 0x3F}}},
+       {"weight_shape", {DType::I64, {2}, {1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0}}}});
   expect_bits_eq(w, {-64.0f, -0.5f, 0.0f, 63.5f});
 }
 
