@@ -129,17 +129,27 @@ Layout weight_layout(const std::string& format, const QuantArgs& w, const std::s
     fail("{}: format {} with weights {} is not a layout this reader decodes", where, format,
          describe(w));
   };
+  // The scale storage a format fixes, when the config names it (newer compressed-tensors writes
+  // scale_dtype; older checkpoints omit it).
+  auto check_scale_dtype = [&](std::string_view expected) {
+    PQ_CHECK(w.scale_dtype.empty() || w.scale_dtype == expected,
+             "{}: format {} stores {} scales, but weights.scale_dtype is \"{}\"", where, format,
+             expected, w.scale_dtype);
+  };
   if (format == "nvfp4-pack-quantized") {
     // vLLM's NVFP4 detection: 4-bit float, tensor_group, group 16, symmetric (A.4).
     if (!is_float(w, 4) || !has_group(w, Strategy::kTensorGroup, 16)) return unsupported();
+    check_scale_dtype("torch.float8_e4m3fn");
     return Layout::kNvfp4;
   }
   if (format == "mxfp4-pack-quantized") {
     if (!is_float(w, 4) || !has_group(w, Strategy::kGroup, 32)) return unsupported();
+    check_scale_dtype("torch.uint8");
     return Layout::kMxfp4;
   }
   if (format == "mxfp8-quantized") {
     if (!is_float(w, 8) || !has_group(w, Strategy::kGroup, 32)) return unsupported();
+    check_scale_dtype("torch.uint8");
     return Layout::kMxfp8;
   }
   if (format == "float-quantized" || format == "naive-quantized") {
@@ -498,18 +508,25 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   // A scheme per Linear (compressed-tensors utils/match.py, vLLM find_matched_target): ignore
   // wins; otherwise the most specific kind of match decides (exact name, then regex, then the
   // class name), and two groups matching at that level leave the scheme ambiguous.
+  auto match = [&](const std::string& module, const std::string& target) {
+    try {
+      return match_target(module, target);
+    } catch (const Error& e) {
+      fail("{}/config.json: {}", label, e.what());
+    }
+  };
   ct.scheme_index_.assign(ct.spec_.linears.size(), -1);
   for (std::size_t i = 0; i < ct.spec_.linears.size(); ++i) {
     const std::string& name = ct.spec_.linears[i].name;
     MatchKind ignored = MatchKind::kNone;
-    for (const std::string& entry : ignore) ignored = std::max(ignored, match_target(name, entry));
+    for (const std::string& entry : ignore) ignored = std::max(ignored, match(name, entry));
     if (ignored != MatchKind::kNone) continue;
     MatchKind best = MatchKind::kNone;
     std::vector<int> at_best;
     for (std::size_t s = 0; s < ct.schemes_.size(); ++s) {
       MatchKind kind = MatchKind::kNone;
       for (const std::string& target : ct.schemes_[s].targets) {
-        kind = std::max(kind, match_target(name, target));
+        kind = std::max(kind, match(name, target));
       }
       if (kind == MatchKind::kNone || kind < best) continue;
       if (kind > best) at_best.clear();

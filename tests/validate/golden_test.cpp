@@ -289,6 +289,11 @@ TEST(SchemeParsing, RejectsWhatItCannotDecode) {
   body["weights"]["group_size"] = 16;
   EXPECT_THROW(parse_scheme("g", body, "mixed-precision"), Error);
   EXPECT_EQ(parse_scheme("g", body, "nvfp4-pack-quantized").layout, Layout::kNvfp4);
+  // MX scales are E8M0 bytes (torch.uint8), never E4M3.
+  body = formats::format_by_name("MXFP8A16").config_group();
+  body["targets"] = {"Linear"};
+  body["weights"]["scale_dtype"] = "torch.float8_e4m3fn";
+  EXPECT_THROW(parse_scheme("g", body, "mxfp8-quantized"), Error);
 }
 
 TEST(TargetMatching, FollowsCompressedTensorsRules) {
