@@ -65,7 +65,8 @@ alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::C
                            static_cast<std::uint64_t>(shape.numel()),
                            {}};
     for (const std::string& format : cycle) {
-      cost.costs.push_back(alloc::FormatCost{formats::format_by_name(format).bytes(shape), 0.0});
+      cost.costs.push_back(
+          alloc::FormatCost{formats::format_by_name(format).bytes(shape), 0.0, {}, {}, {}});
     }
     std::size_t index = 0;
     if (linear.group && format_of_group.contains(*linear.group)) {
@@ -101,10 +102,12 @@ alloc::AssignmentFile export_cycle(const fs::path& model_dir, const std::vector<
   alloc::AssignmentFile assignment = cycle_assignment(spec, source, cycle);
   fs::create_directories(work);
   alloc::write_assignment(work / "assignment.json", assignment);
-  exporter::run_export({.model_dir = model_dir,
-                        .assignment = work / "assignment.json",
-                        .out = out,
-                        .input_amax = input_amax(spec)});
+  exporter::ExportJob job;
+  job.model_dir = model_dir;
+  job.assignment = work / "assignment.json";
+  job.out = out;
+  job.input_amax = input_amax(spec);
+  exporter::run_export(job);
   return assignment;
 }
 
@@ -366,7 +369,9 @@ TEST_F(ExportedCheckpoint, RegexAndClassTargetsResolveLikeCompressedTensors) {
     const Scheme* a = ct.scheme_of(linear.name);
     const Scheme* b = original.scheme_of(linear.name);
     ASSERT_EQ(a == nullptr, b == nullptr) << linear.name;
-    if (a != nullptr) EXPECT_EQ(a->group, b->group) << linear.name;
+    if (a != nullptr) {
+      EXPECT_EQ(a->group, b->group) << linear.name;
+    }
   }
 }
 
