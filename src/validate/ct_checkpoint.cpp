@@ -391,10 +391,16 @@ MatchKind match_target(std::string_view module, std::string_view target) {
 CompressedTensorsCheckpoint::CompressedTensorsCheckpoint(fs::path directory, io::Checkpoint tensors)
     : directory_(std::move(directory)), tensors_(std::move(tensors)) {}
 
+const model::Linear* CompressedTensorsCheckpoint::find_linear(std::string_view module) const {
+  const auto it = linear_index_.find(module);
+  return it == linear_index_.end() ? nullptr : &spec_.linears[it->second];
+}
+
 const Scheme* CompressedTensorsCheckpoint::scheme_of(std::string_view module) const {
-  const model::Linear* linear = spec_.find_linear(module);
-  PQ_CHECK(linear != nullptr, "{}: the model has no Linear {}", directory_.string(), module);
-  const int index = scheme_index_[static_cast<std::size_t>(linear - spec_.linears.data())];
+  const auto it = linear_index_.find(module);
+  PQ_CHECK(it != linear_index_.end(), "{}: the model has no Linear {}", directory_.string(),
+           module);
+  const int index = scheme_index_[it->second];
   return index < 0 ? nullptr : &schemes_[static_cast<std::size_t>(index)];
 }
 
@@ -406,10 +412,17 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   PQ_CHECK(raw.contains("quantization_config") && raw["quantization_config"].is_object(),
            "{}/config.json: no quantization_config", label);
   const json& qc = raw["quantization_config"];
-  PQ_CHECK(qc.value("quant_method", std::string()) == "compressed-tensors",
+  auto string_field = [&](const char* key, const std::string& absent) {
+    if (!qc.contains(key) || qc[key].is_null()) return absent;
+    PQ_CHECK(qc[key].is_string(), "{}/config.json: quantization_config.{} is not a string", label,
+             key);
+    return qc[key].get<std::string>();
+  };
+  const std::string method = string_field("quant_method", "");
+  PQ_CHECK(method == "compressed-tensors",
            "{}/config.json: quantization_config.quant_method is \"{}\", not compressed-tensors",
-           label, qc.value("quant_method", std::string()));
-  ct.format_ = qc.value("format", std::string("dense"));
+           label, method);
+  ct.format_ = string_field("format", "dense");
   PQ_CHECK(!qc.contains("config_groups") || qc["config_groups"].is_object(),
            "{}/config.json: config_groups is not an object", label);
   try {
@@ -499,8 +512,11 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   }
   ct.spec_ = model::build_model_spec(ct.config_, descs, label,
                                      {.quantize_lm_head = quantized_modules.contains("lm_head")});
+  for (std::size_t i = 0; i < ct.spec_.linears.size(); ++i) {
+    ct.linear_index_.emplace(ct.spec_.linears[i].name, i);
+  }
   for (const std::string& module : quantized_modules) {
-    PQ_CHECK(ct.spec_.find_linear(module) != nullptr,
+    PQ_CHECK(ct.find_linear(module) != nullptr,
              "{}: tensor {}.{} quantizes {}, which is not a Linear of the model", label, module,
              quant_tensors_of(module).front(), module);
   }

@@ -3,6 +3,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -108,6 +109,8 @@ class CompressedTensorsCheckpoint {
   const model::ModelSpec& spec() const { return spec_; }
   const std::string& format() const { return format_; }  // quantization_config.format
   const std::vector<Scheme>& schemes() const { return schemes_; }
+  // The Linear named `module`, or null.
+  const model::Linear* find_linear(std::string_view module) const;
   // The scheme of a Linear (by module name), or null when it is ignored (kept as ".weight").
   const Scheme* scheme_of(std::string_view module) const;
 
@@ -120,7 +123,8 @@ class CompressedTensorsCheckpoint {
   model::ModelSpec spec_;
   std::string format_;
   std::vector<Scheme> schemes_;
-  std::vector<int> scheme_index_;  // per spec_.linears; -1: ignored
+  std::map<std::string, std::size_t, std::less<>> linear_index_;  // name -> spec_.linears index
+  std::vector<int> scheme_index_;                                 // per spec_.linears; -1: ignored
 };
 
 }  // namespace pq::validate

@@ -192,7 +192,7 @@ std::vector<float> decode_module(const CompressedTensorsCheckpoint& checkpoint,
   const Scheme* scheme = checkpoint.scheme_of(module);
   PQ_CHECK(scheme != nullptr, "{}: Linear {} is not quantized", checkpoint.directory().string(),
            module);
-  const model::Linear& linear = *checkpoint.spec().find_linear(module);
+  const model::Linear& linear = *checkpoint.find_linear(module);
   const std::string prefix = std::string(module) + ".";
   try {
     return decode_weight(*scheme, linear.out_features, linear.in_features,
@@ -213,7 +213,7 @@ DecodedCheckpointWeightSource::DecodedCheckpointWeightSource(
 const model::Linear* DecodedCheckpointWeightSource::quantized_linear(std::string_view name) const {
   if (!name.ends_with(".weight")) return nullptr;
   const std::string_view module = name.substr(0, name.size() - 7);
-  const model::Linear* linear = checkpoint_.spec().find_linear(module);
+  const model::Linear* linear = checkpoint_.find_linear(module);
   if (linear == nullptr || checkpoint_.scheme_of(module) == nullptr) return nullptr;
   return linear;
 }
