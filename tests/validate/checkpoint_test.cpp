@@ -483,6 +483,25 @@ TEST_F(ExportedCheckpoint, RefusesAnotherQuantMethod) {
   EXPECT_NE(open_error(dir).find("not compressed-tensors"), std::string::npos) << open_error(dir);
 }
 
+TEST_F(ExportedCheckpoint, RefusesMalformedConfigsWithOneLine) {
+  const std::vector<std::pair<std::function<void(json&)>, std::string>> cases = {
+      {[](json& qc) { qc["format"] = 5; }, "quantization_config.format is not a string"},
+      {[](json& qc) { group_targeting(qc, kO0)["weights"] = nullptr; }, "no weights quantization"},
+      {[](json& qc) { group_targeting(qc, kO0)["weights"]["num_bits"] = "four"; },
+       "malformed QuantizationArgs"},
+      {[](json& qc) { group_targeting(qc, kO0)["weights"]["strategy"] = "diagonal"; },
+       "strategy \"diagonal\""},
+      {[](json& qc) { qc["ignore"].push_back("re:(unclosed"); }, "does not compile"},
+  };
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const fs::path dir = variant("malformed" + std::to_string(i), nullptr, cases[i].first);
+    const std::string error = open_error(dir);
+    EXPECT_NE(error.find("config.json"), std::string::npos) << error;
+    EXPECT_NE(error.find(cases[i].second), std::string::npos) << error;
+    EXPECT_EQ(error.find('\n'), std::string::npos) << error;
+  }
+}
+
 // `prismaquant validate` as a user runs it; returns the exit status.
 int run_cli(const std::string& args, const fs::path& log) {
   const std::string command =
