@@ -21,6 +21,16 @@ namespace {
 constexpr std::array<float, 16> kE2M1 = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                          -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
+// Every E4M3 byte's value (io::f8e4m3_bits_to_f32, exact), looked up per element.
+const std::array<float, 256>& e4m3_values() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = io::f8e4m3_bits_to_f32(static_cast<std::uint8_t>(b));
+    return t;
+  }();
+  return table;
+}
+
 // The E2M1 code of column c of a row of FP4 bytes: even columns in the low nibble
 // (compressed-tensors compressors/nvfp4/helpers.py unpack_fp4_from_uint8).
 std::uint8_t fp4_code(std::span<const std::uint8_t> row, std::int64_t c) {
@@ -108,14 +118,15 @@ std::vector<float> decode_weight(const Scheme& scheme, std::int64_t out, std::in
       const StoredTensor codes = tensor(fp4 ? "weight_packed" : "weight");
       const StoredTensor scales = tensor("weight_scale");
       const std::int64_t groups = in / 32;
+      const std::array<float, 256>& e4m3 = e4m3_values();
       for (std::int64_t r = 0; r < out; ++r) {
         const auto row = codes.bytes.subspan(static_cast<std::size_t>(r * (fp4 ? in / 2 : in)));
         for (std::int64_t g = 0; g < groups; ++g) {
           const float step =
               e8m0_value(scales.bytes[static_cast<std::size_t>(r * groups + g)], "weight_scale");
           for (std::int64_t c = g * 32; c < (g + 1) * 32; ++c) {
-            const float element = fp4 ? kE2M1[fp4_code(row, c)]
-                                      : io::f8e4m3_bits_to_f32(row[static_cast<std::size_t>(c)]);
+            const float element =
+                fp4 ? kE2M1[fp4_code(row, c)] : e4m3[row[static_cast<std::size_t>(c)]];
             w[static_cast<std::size_t>(r * in + c)] = element * step;
           }
         }
@@ -134,14 +145,16 @@ std::vector<float> decode_weight(const Scheme& scheme, std::int64_t out, std::in
         block_cols = (*scheme.weights.block_structure)[1];
       }
       const std::int64_t col_blocks = ceil_div(in, block_cols);
+      const std::array<float, 256>& e4m3 = e4m3_values();
       for (std::int64_t r = 0; r < out; ++r) {
-        for (std::int64_t c = 0; c < in; ++c) {
-          const float element =
-              io::f8e4m3_bits_to_f32(codes.bytes[static_cast<std::size_t>(r * in + c)]);
-          PQ_CHECK(!std::isnan(element), "weight holds an E4M3 NaN at [{}, {}]", r, c);
-          const float scale =
-              scales[static_cast<std::size_t>((r / block_rows) * col_blocks + c / block_cols)];
-          w[static_cast<std::size_t>(r * in + c)] = element * scale;
+        const std::uint8_t* row = codes.bytes.data() + r * in;
+        for (std::int64_t b = 0; b < col_blocks; ++b) {
+          const float scale = scales[static_cast<std::size_t>((r / block_rows) * col_blocks + b)];
+          for (std::int64_t c = b * block_cols; c < std::min(in, (b + 1) * block_cols); ++c) {
+            const float element = e4m3[row[c]];
+            PQ_CHECK(!std::isnan(element), "weight holds an E4M3 NaN at [{}, {}]", r, c);
+            w[static_cast<std::size_t>(r * in + c)] = element * scale;
+          }
         }
       }
       return w;
@@ -176,12 +189,15 @@ std::vector<float> decode_weight(const Scheme& scheme, std::int64_t out, std::in
   const std::int64_t group =
       scheme.weights.strategy == Strategy::kChannel ? in : *scheme.weights.group_size;
   for (std::int64_t r = 0; r < out; ++r) {
-    for (std::int64_t c = 0; c < in; ++c) {
+    const std::uint8_t* row = packed.bytes.data() + 4 * r * words;
+    for (std::int64_t first = 0; first < in; first += per_word) {
       std::uint32_t word = 0;
-      std::memcpy(&word, packed.bytes.data() + 4 * (r * words + c / per_word), 4);
-      const auto u = static_cast<std::int32_t>((word >> (bits * (c % per_word))) & mask);
-      const float scale = scales[static_cast<std::size_t>(r * (in / group) + c / group)];
-      w[static_cast<std::size_t>(r * in + c)] = static_cast<float>(u - offset) * scale;
+      std::memcpy(&word, row + 4 * (first / per_word), 4);
+      for (std::int64_t c = first; c < std::min(in, first + per_word); ++c, word >>= bits) {
+        const auto u = static_cast<std::int32_t>(word & mask);
+        const float scale = scales[static_cast<std::size_t>(r * (in / group) + c / group)];
+        w[static_cast<std::size_t>(r * in + c)] = static_cast<float>(u - offset) * scale;
+      }
     }
   }
   return w;
