@@ -44,7 +44,7 @@ void run(ValidateArgs& args) {
   const validate::ValidateReport report = validate::run_validate(args.job);
   print_report(report);
   if (!args.json.empty()) validate::write_report(args.json, report);
-  PQ_CHECK(report.passed(), "validation failed: {}", report.failures.front());
+  PQ_CHECK(report.passed(), "validation failed: {}", fmt::join(report.failures, "; "));
   std::printf("validation passed\n");
 }
 
