@@ -1,0 +1,432 @@
+// GPTQ with group-aware scales, and the per-group scale sweep, for every format with a group
+// layout. Algorithm: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+// Generative Pre-trained Transformers" (Algorithm 1; reference github.com/IST-DASLab/gptq
+// gptq.py fasterquant). Sweep: upstream prismaquant export_native_compressed (method-facts.md §7).
+#include "export/gptq.h"
+
+#include <cblas.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+
+#include "common/error.h"
+#include "cost/cost_stage.h"
+#include "probe/input_key.h"
+#include "probe/probe_stage.h"
+
+// LAPACK Cholesky factorisation and inverse from a Cholesky factor (OpenBLAS ships LAPACK;
+// Debian's libopenblas-dev has no lapacke.h).
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+}
+
+namespace pq::exporter {
+namespace {
+
+using formats::GroupCodec;
+using formats::GroupLayout;
+using formats::GroupScale;
+using formats::Shape2D;
+
+// In place Cholesky of a symmetric n x n matrix, row-major. LAPACK is column-major, so its
+// "lower" factor L (A = L L^T) lands in our upper triangle as L^T. False when not positive
+// definite.
+bool cholesky_upper(std::vector<double>& a, int n) {
+  int info = 0;
+  dpotrf_("L", &n, a.data(), &n, &info);
+  return info == 0;
+}
+
+// U upper triangular with U^T U = H^-1, row-major, zero below the diagonal: GPTQ's
+// "Cholesky inverse" (reference: cholesky(H), cholesky_inverse, cholesky(upper=True)). nullopt
+// when H or H^-1 is not numerically positive definite.
+std::optional<std::vector<double>> inverse_cholesky_upper(std::vector<double> h, int n) {
+  // dpotrf "L" leaves L^T (A = L L^T) in our upper triangle; dpotri "L" then writes the upper
+  // triangle (ours) of A^-1, which the second dpotrf "L" reads: A^-1 = L2 L2^T, i.e. U = L2^T
+  // in our upper triangle.
+  if (!cholesky_upper(h, n)) return std::nullopt;
+  int info = 0;
+  dpotri_("L", &n, h.data(), &n, &info);
+  if (info != 0) return std::nullopt;
+  if (!cholesky_upper(h, n)) return std::nullopt;
+  for (int r = 1; r < n; ++r) std::fill_n(h.data() + static_cast<std::size_t>(r) * n, r, 0.0);
+  for (int r = 0; r < n; ++r) {
+    if (!(h[static_cast<std::size_t>(r) * n + r] > 0.0)) return std::nullopt;
+  }
+  return h;
+}
+
+// The scale units of a layout: row blocks of scale_rows rows times column groups.
+struct Units {
+  std::int64_t groups = 0;      // column groups per row
+  std::int64_t row_blocks = 0;  // blocks of scale_rows rows
+  std::int64_t scale_rows = 1;
+
+  Units(Shape2D shape, const GroupLayout& layout)
+      : groups(shape.in / layout.group_size),
+        row_blocks((shape.out + layout.scale_rows - 1) / layout.scale_rows),
+        scale_rows(layout.scale_rows) {}
+  std::int64_t count() const { return groups * row_blocks; }
+  std::int64_t of(std::int64_t row, std::int64_t group) const {
+    return (row / scale_rows) * groups + group;
+  }
+};
+
+// The scales of column group g from its values, columns-major: column c of the group at
+// cols[c * out .. c * out + out). Sets every (row, g) entry and each unit's amax.
+void fix_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
+                      std::int64_t group_size, std::int64_t g, const double* cols,
+                      std::span<GroupScale> scales, std::span<float> unit_amax) {
+  for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+    const std::int64_t r0 = rb * units.scale_rows;
+    const std::int64_t r1 = std::min(out, r0 + units.scale_rows);
+    float amax = 0.0f;
+    for (std::int64_t c = 0; c < group_size; ++c) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        amax = std::max(amax, std::fabs(static_cast<float>(cols[c * out + r])));
+      }
+    }
+    const GroupScale scale = codec.scale_for_amax(amax);
+    unit_amax[rb * units.groups + g] = amax;
+    for (std::int64_t r = r0; r < r1; ++r) scales[r * units.groups + g] = scale;
+  }
+}
+
+// Columns per lazy batch such that every group starts a batch: a group's scale is then fixed
+// from weights that hold every update of the columns before it.
+std::int64_t batch_columns(std::int64_t requested, std::int64_t group_size, std::int64_t in) {
+  if (group_size <= requested) return requested / group_size * group_size;
+  if (group_size >= in || group_size % requested == 0) return requested;
+  return group_size;
+}
+
+// Per scale unit, sum_j E[x_j^2] (w_j - deq_j)^2 over its elements.
+void unit_objective(std::span<const float> w, std::span<const float> dequantized,
+                    std::span<const float> moment, Shape2D shape, std::int64_t group_size,
+                    const Units& units, std::span<double> objective) {
+  std::fill(objective.begin(), objective.end(), 0.0);
+  for (std::int64_t r = 0; r < shape.out; ++r) {
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      double sum = 0.0;
+      for (std::int64_t c = g * group_size; c < (g + 1) * group_size; ++c) {
+        const double d = static_cast<double>(w[r * shape.in + c]) - dequantized[r * shape.in + c];
+        sum += moment[c] * d * d;
+      }
+      objective[units.of(r, g)] += sum;
+    }
+  }
+}
+
+// The scale sweep: per unit, the candidate scales around the unit's amax, each rounding the
+// GPTQ-updated values `targets` (the value every element had when GPTQ rounded it); a candidate
+// replaces the unit's scale and codes only when its objective against the original weights is
+// strictly lower. Returns how many units changed.
+std::int64_t sweep_scales(std::span<const float> w, std::span<const float> targets,
+                          std::span<const float> moment, Shape2D shape, const GroupLayout& layout,
+                          std::span<const float> unit_amax, const GptqOptions& options,
+                          std::span<std::uint8_t> codes, std::span<GroupScale> scales) {
+  const GroupCodec& codec = layout.codec;
+  const Units units(shape, layout);
+  std::vector<std::vector<GroupScale>> candidates(units.count());
+  std::size_t passes = 0;
+  for (std::int64_t u = 0; u < units.count(); ++u) {
+    candidates[u] = codec.candidate_scales(unit_amax[u], options.sweep_candidates,
+                                           options.sweep_lo, options.sweep_hi);
+    passes = std::max(passes, candidates[u].size());
+  }
+  std::vector<float> dequantized(w.size());
+  formats::dequantize_rows(codec, codes, scales, shape.in, layout.group_size, dequantized);
+  std::vector<double> best(units.count());
+  unit_objective(w, dequantized, moment, shape, layout.group_size, units, best);
+  std::vector<std::int64_t> best_candidate(units.count(), -1);
+
+  // One pass per candidate index over the whole weight (the SIMD row quantizer); units with
+  // fewer distinct candidates repeat their last one.
+  std::vector<GroupScale> pass_scales(scales.size());
+  std::vector<double> objective(units.count());
+  for (std::size_t k = 0; k < passes; ++k) {
+    for (std::int64_t r = 0; r < shape.out; ++r) {
+      for (std::int64_t g = 0; g < units.groups; ++g) {
+        const auto& list = candidates[units.of(r, g)];
+        pass_scales[r * units.groups + g] = list[std::min(k, list.size() - 1)];
+      }
+    }
+    formats::quantize_rows(codec, {.weights = targets,
+                                   .cols = shape.in,
+                                   .group_size = layout.group_size,
+                                   .scales_given = true,
+                                   .scales = pass_scales,
+                                   .dequantized = dequantized});
+    unit_objective(w, dequantized, moment, shape, layout.group_size, units, objective);
+    for (std::int64_t u = 0; u < units.count(); ++u) {
+      if (objective[u] < best[u]) {
+        best[u] = objective[u];
+        best_candidate[u] = static_cast<std::int64_t>(k);
+      }
+    }
+  }
+
+  std::int64_t changed = 0;
+  for (std::int64_t u = 0; u < units.count(); ++u) changed += best_candidate[u] >= 0 ? 1 : 0;
+  for (std::int64_t r = 0; r < shape.out; ++r) {
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      const std::int64_t u = units.of(r, g);
+      if (best_candidate[u] < 0) continue;
+      const auto& list = candidates[u];
+      const GroupScale scale =
+          list[std::min(static_cast<std::size_t>(best_candidate[u]), list.size() - 1)];
+      scales[r * units.groups + g] = scale;
+      for (std::int64_t c = g * layout.group_size; c < (g + 1) * layout.group_size; ++c) {
+        codes[r * shape.in + c] = codec.quantize(targets[r * shape.in + c], scale);
+      }
+    }
+  }
+  return changed;
+}
+
+void check_statistics(const CalibrationStatistics& stats, Shape2D shape) {
+  const auto in = static_cast<std::size_t>(shape.in);
+  PQ_CHECK(stats.hessian.size() == in * in && stats.act_second_moment.size() == in,
+           "calibration statistics of {} and {} values do not fit an input of {} features",
+           stats.hessian.size(), stats.act_second_moment.size(), shape.in);
+  PQ_CHECK(stats.tokens > 0, "calibration statistics over {} tokens", stats.tokens);
+}
+
+void warn(std::string_view linear, std::string_view why) {
+  fmt::print(stderr, "warning: {}: {}; rounded to nearest instead of GPTQ\n", linear, why);
+}
+
+}  // namespace
+
+StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe) {
+  return [&probe](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
+    const std::string key = probe::input_key(linear);
+    const bool measured = std::any_of(probe.linears().begin(), probe.linears().end(),
+                                      [&](const probe::ProbedLinear& p) {
+                                        return p.input_key == key;
+                                      });
+    if (!measured) return std::nullopt;
+    return CalibrationStatistics{probe.hessian(key), probe.input_tokens(key),
+                                 probe.act_second_moment(key)};
+  };
+}
+
+std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
+                                        const GroupLayout& layout,
+                                        const CalibrationStatistics& stats,
+                                        const GptqOptions& options) {
+  const std::int64_t out = shape.out;
+  const std::int64_t in = shape.in;
+  const std::int64_t group_size = layout.group_size;
+  PQ_CHECK(out > 0 && in > 0 && w.size() == static_cast<std::size_t>(shape.numel()),
+           "GPTQ: {} values for weight shape [{}, {}]", w.size(), out, in);
+  PQ_CHECK(group_size > 0 && in % group_size == 0 && layout.scale_rows > 0,
+           "GPTQ: {} columns do not split into groups of {}", in, group_size);
+  PQ_CHECK(options.block_size > 0 && options.damp >= 0.0, "GPTQ: block size {}, damping {}",
+           options.block_size, options.damp);
+  PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
+  check_statistics(stats, shape);
+  const GroupCodec& codec = layout.codec;
+  const Units units(shape, layout);
+  const auto n = static_cast<std::size_t>(in);
+  const auto m = static_cast<std::size_t>(out);
+
+  // H in double. A dead input (H_jj == 0: zero in every calibration token) gets H_jj = 1, as in
+  // the reference, so H stays invertible and the column's error propagates nowhere. Unlike the
+  // reference we keep the column's weights (rounded to nearest) instead of zeroing them: the
+  // calibration set says nothing about that input, and zeroing would delete it for every input
+  // that does use it.
+  std::vector<double> h(stats.hessian.begin(), stats.hessian.end());
+  double diag_sum = 0.0;
+  for (std::size_t j = 0; j < n; ++j) {
+    double& hjj = h[j * n + j];
+    if (hjj == 0.0) hjj = 1.0;
+    diag_sum += hjj;
+  }
+  if (!std::isfinite(diag_sum)) return std::nullopt;
+  const double damp = options.damp * diag_sum / static_cast<double>(n);
+  for (std::size_t j = 0; j < n; ++j) h[j * n + j] += damp;
+
+  // Column order: original, or descending diag(H) (ties by index) with act_order.
+  std::vector<std::int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+      return h[a * n + a] > h[b * n + b];
+    });
+    std::vector<double> permuted(n * n);
+    for (std::size_t a = 0; a < n; ++a) {
+      for (std::size_t b = 0; b < n; ++b) permuted[a * n + b] = h[order[a] * n + order[b]];
+    }
+    h = std::move(permuted);
+  }
+  const std::optional<std::vector<double>> factor =
+      inverse_cholesky_upper(std::move(h), static_cast<int>(n));
+  if (!factor) return std::nullopt;
+  const std::vector<double>& u = *factor;
+
+  // Working weights transposed, one contiguous row per column, in processing order.
+  std::vector<double> wt(n * m);
+  for (std::size_t p = 0; p < n; ++p) {
+    for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w[r * n + order[p]];
+  }
+
+  GroupedWeight result;
+  result.codes.resize(n * m);
+  result.scales.resize(m * units.groups);
+  std::vector<float> unit_amax(units.count());
+  // With act_order every group's scale comes from the original weights before the pass (static
+  // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
+  if (options.act_order) {
+    std::vector<double> original(n * m);
+    for (std::size_t r = 0; r < m; ++r) {
+      for (std::size_t c = 0; c < n; ++c) original[c * m + r] = w[r * n + c];
+    }
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      fix_group_scales(codec, units, out, group_size, g, original.data() + g * group_size * m,
+                       result.scales, unit_amax);
+    }
+  }
+
+  // The value each element had when it was rounded: what the sweep re-rounds.
+  std::vector<float> targets(n * m);
+  const std::int64_t batch =
+      options.act_order ? options.block_size : batch_columns(options.block_size, group_size, in);
+  std::vector<double> errors(static_cast<std::size_t>(batch) * m);
+  for (std::int64_t i1 = 0; i1 < in; i1 += batch) {
+    const std::int64_t i2 = std::min(in, i1 + batch);
+    for (std::int64_t p = i1; p < i2; ++p) {
+      const std::int64_t j = order[p];
+      const std::int64_t g = j / group_size;
+      double* column = wt.data() + p * m;
+      if (!options.act_order && j % group_size == 0) {
+        fix_group_scales(codec, units, out, group_size, g, column, result.scales, unit_amax);
+      }
+      const double d = u[p * n + p];
+      double* error = errors.data() + (p - i1) * m;
+      for (std::size_t r = 0; r < m; ++r) {
+        const float x = static_cast<float>(column[r]);
+        const GroupScale& scale = result.scales[r * units.groups + g];
+        const std::uint8_t code = codec.quantize(x, scale);
+        result.codes[r * n + j] = code;
+        targets[r * n + j] = x;
+        error[r] = (column[r] - codec.dequantize(code, scale)) / d;
+      }
+      // OBS update of the batch's later columns; the rest of the matrix lazily below.
+      for (std::int64_t k = p + 1; k < i2; ++k) {
+        const double factor_pk = u[p * n + k];
+        double* later = wt.data() + k * m;
+        for (std::size_t r = 0; r < m; ++r) later[r] -= factor_pk * error[r];
+      }
+    }
+    if (i2 < in) {
+      // W[:, i2:] -= Err[:, i1:i2] U[i1:i2, i2:], transposed: Wt[i2:] -= U[i1:i2, i2:]^T Err.
+      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(in - i2),
+                  static_cast<int>(m), static_cast<int>(i2 - i1), -1.0, u.data() + i1 * n + i2,
+                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0,
+                  wt.data() + i2 * m, static_cast<int>(m));
+    }
+  }
+
+  if (options.scale_sweep) {
+    result.groups_rescaled = sweep_scales(w, targets, stats.act_second_moment, shape, layout,
+                                          unit_amax, options, result.codes, result.scales);
+  }
+  return result;
+}
+
+double output_mse(std::span<const float> w, std::span<const float> quantized, Shape2D shape,
+                  const CalibrationStatistics& stats) {
+  check_statistics(stats, shape);
+  const cost::LinearStatistics linear{0.0, stats.act_second_moment, stats.hessian, stats.tokens};
+  return cost::measure_errors(w, quantized, shape, linear).output_mse;
+}
+
+std::optional<double> RoundingReport::ratio() const {
+  if (!output_mse || !nearest_output_mse || *nearest_output_mse <= 0.0) return std::nullopt;
+  return *output_mse / *nearest_output_mse;
+}
+
+nlohmann::json to_json(const RoundingReport& report) {
+  const auto optional_number = [](const std::optional<double>& v) {
+    return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
+  };
+  nlohmann::json j = {{"linear", report.linear},
+                      {"format", report.format},
+                      {"method", report.method},
+                      {"nearest_output_mse", optional_number(report.nearest_output_mse)},
+                      {"output_mse", optional_number(report.output_mse)},
+                      {"ratio", optional_number(report.ratio())},
+                      {"groups_rescaled", report.groups_rescaled}};
+  if (!report.fallback.empty()) j["fallback"] = report.fallback;
+  return j;
+}
+
+GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
+    : statistics_(std::move(statistics)), options_(options) {
+  PQ_CHECK(static_cast<bool>(statistics_), "GPTQ needs a calibration statistics provider");
+  PQ_CHECK(options_.damp >= 0.0 && std::isfinite(options_.damp),
+           "GPTQ damping {} is not a non-negative number", options_.damp);
+  PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
+  PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
+               options_.sweep_lo <= options_.sweep_hi,
+           "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
+           options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
+}
+
+formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
+  RoundingReport report;
+  report.linear = job.linear.name;
+  report.format = std::string(job.format.name());
+  report.method = "nearest";
+
+  // NVFP4's global scale stays as given (fused siblings share it); otherwise the tensor's own,
+  // which is what quantize() would use.
+  formats::QuantizeOptions options = job.options;
+  const float global = options.weight_global_scale.value_or(
+      formats::nvfp4_global_scale(std::bit_cast<float>(formats::max_abs_bits(job.weight))));
+  const std::optional<GroupLayout> layout = job.format.group_layout(job.shape, global);
+  if (!layout) {
+    report.fallback = "the format has no group layout";
+    reports_.push_back(report);
+    return job.format.quantize(job.weight, job.shape, job.options);
+  }
+  if (layout->codec.scale_spec().kind == formats::ScaleKind::kE4M3OverGlobal) {
+    options.weight_global_scale = global;
+  }
+
+  const std::optional<CalibrationStatistics> stats = statistics_(job.linear);
+  if (!stats) {
+    report.fallback = "no calibration statistics";
+    warn(job.linear.name, report.fallback);
+    reports_.push_back(report);
+    return job.format.quantize(job.weight, job.shape, job.options);
+  }
+
+  formats::EncodedWeight nearest = job.format.quantize(job.weight, job.shape, options);
+  report.nearest_output_mse =
+      output_mse(job.weight, job.format.dequantize(nearest), job.shape, *stats);
+  const std::optional<GroupedWeight> grouped =
+      gptq_round(job.weight, job.shape, *layout, *stats, options_);
+  if (!grouped) {
+    report.fallback = "the damped Hessian is not positive definite";
+    warn(job.linear.name, report.fallback);
+    report.output_mse = report.nearest_output_mse;
+    reports_.push_back(report);
+    return nearest;
+  }
+  formats::EncodedWeight encoded =
+      job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
+  report.output_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  report.groups_rescaled = grouped->groups_rescaled;
+  report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
+  reports_.push_back(report);
+  return encoded;
+}
+
+}  // namespace pq::exporter
