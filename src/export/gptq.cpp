@@ -77,24 +77,60 @@ struct Units {
   }
 };
 
-// The scales of column group g from its values, columns-major: column c of the group at
-// cols[c * out .. c * out + out). Sets every (row, g) entry and each unit's amax.
-void fix_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
-                      std::int64_t group_size, std::int64_t g, const double* cols,
-                      std::span<GroupScale> scales, std::span<float> unit_amax) {
+// Chooses the scales of column group g from its values as they are now, column c of the group
+// at cols[c * out .. c * out + out). Per scale unit: the nearest-rounding scale of the unit's
+// amax, or with the sweep the candidate scale around that amax whose rounding of these values
+// has the lowest sum_j E[x_j^2] (v_j - q_j)^2, kept only when strictly lower than the nearest
+// scale's. Sets every (row, g) entry; returns how many units the sweep changed.
+std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
+                                 std::int64_t group_size, std::int64_t g, const double* cols,
+                                 std::span<const float> moment, const GptqOptions& options,
+                                 std::span<GroupScale> scales) {
+  std::int64_t changed = 0;
+  std::vector<float> values;
   for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
     const std::int64_t r0 = rb * units.scale_rows;
-    const std::int64_t r1 = std::min(out, r0 + units.scale_rows);
+    const std::int64_t rows = std::min(out, r0 + units.scale_rows) - r0;
+    values.resize(static_cast<std::size_t>(rows * group_size));
     float amax = 0.0f;
     for (std::int64_t c = 0; c < group_size; ++c) {
-      for (std::int64_t r = r0; r < r1; ++r) {
-        amax = std::max(amax, std::fabs(static_cast<float>(cols[c * out + r])));
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const float v = static_cast<float>(cols[c * out + r0 + r]);
+        values[c * rows + r] = v;
+        amax = std::max(amax, std::fabs(v));
       }
     }
-    const GroupScale scale = codec.scale_for_amax(amax);
-    unit_amax[rb * units.groups + g] = amax;
-    for (std::int64_t r = r0; r < r1; ++r) scales[r * units.groups + g] = scale;
+    GroupScale scale = codec.scale_for_amax(amax);
+    if (options.scale_sweep) {
+      const auto objective = [&](const GroupScale& s) {
+        double sum = 0.0;
+        for (std::int64_t c = 0; c < group_size; ++c) {
+          double column = 0.0;
+          for (std::int64_t r = 0; r < rows; ++r) {
+            const float v = values[c * rows + r];
+            const double d = double{v} - codec.dequantize(codec.quantize(v, s), s);
+            column += d * d;
+          }
+          sum += moment[c] * column;
+        }
+        return sum;
+      };
+      double best = objective(scale);
+      const GroupScale nearest = scale;
+      for (const GroupScale& candidate : codec.candidate_scales(
+               amax, options.sweep_candidates, options.sweep_lo, options.sweep_hi)) {
+        if (candidate == nearest) continue;
+        const double value = objective(candidate);
+        if (value < best) {
+          best = value;
+          scale = candidate;
+        }
+      }
+      changed += scale == nearest ? 0 : 1;
+    }
+    for (std::int64_t r = r0; r < r0 + rows; ++r) scales[r * units.groups + g] = scale;
   }
+  return changed;
 }
 
 // Columns per lazy batch such that every group starts a batch: a group's scale is then fixed
@@ -103,90 +139,6 @@ std::int64_t batch_columns(std::int64_t requested, std::int64_t group_size, std:
   if (group_size <= requested) return requested / group_size * group_size;
   if (group_size >= in || group_size % requested == 0) return requested;
   return group_size;
-}
-
-// Per scale unit, sum_j E[x_j^2] (w_j - deq_j)^2 over its elements.
-void unit_objective(std::span<const float> w, std::span<const float> dequantized,
-                    std::span<const float> moment, Shape2D shape, std::int64_t group_size,
-                    const Units& units, std::span<double> objective) {
-  std::fill(objective.begin(), objective.end(), 0.0);
-  for (std::int64_t r = 0; r < shape.out; ++r) {
-    for (std::int64_t g = 0; g < units.groups; ++g) {
-      double sum = 0.0;
-      for (std::int64_t c = g * group_size; c < (g + 1) * group_size; ++c) {
-        const double d = static_cast<double>(w[r * shape.in + c]) - dequantized[r * shape.in + c];
-        sum += moment[c] * d * d;
-      }
-      objective[units.of(r, g)] += sum;
-    }
-  }
-}
-
-// The scale sweep: per unit, the candidate scales around the unit's amax, each rounding the
-// GPTQ-updated values `targets` (the value every element had when GPTQ rounded it); a candidate
-// replaces the unit's scale and codes only when its objective against the original weights is
-// strictly lower. Returns how many units changed.
-std::int64_t sweep_scales(std::span<const float> w, std::span<const float> targets,
-                          std::span<const float> moment, Shape2D shape, const GroupLayout& layout,
-                          std::span<const float> unit_amax, const GptqOptions& options,
-                          std::span<std::uint8_t> codes, std::span<GroupScale> scales) {
-  const GroupCodec& codec = layout.codec;
-  const Units units(shape, layout);
-  std::vector<std::vector<GroupScale>> candidates(units.count());
-  std::size_t passes = 0;
-  for (std::int64_t u = 0; u < units.count(); ++u) {
-    candidates[u] = codec.candidate_scales(unit_amax[u], options.sweep_candidates,
-                                           options.sweep_lo, options.sweep_hi);
-    passes = std::max(passes, candidates[u].size());
-  }
-  std::vector<float> dequantized(w.size());
-  formats::dequantize_rows(codec, codes, scales, shape.in, layout.group_size, dequantized);
-  std::vector<double> best(units.count());
-  unit_objective(w, dequantized, moment, shape, layout.group_size, units, best);
-  std::vector<std::int64_t> best_candidate(units.count(), -1);
-
-  // One pass per candidate index over the whole weight (the SIMD row quantizer); units with
-  // fewer distinct candidates repeat their last one.
-  std::vector<GroupScale> pass_scales(scales.size());
-  std::vector<double> objective(units.count());
-  for (std::size_t k = 0; k < passes; ++k) {
-    for (std::int64_t r = 0; r < shape.out; ++r) {
-      for (std::int64_t g = 0; g < units.groups; ++g) {
-        const auto& list = candidates[units.of(r, g)];
-        pass_scales[r * units.groups + g] = list[std::min(k, list.size() - 1)];
-      }
-    }
-    formats::quantize_rows(codec, {.weights = targets,
-                                   .cols = shape.in,
-                                   .group_size = layout.group_size,
-                                   .scales_given = true,
-                                   .scales = pass_scales,
-                                   .dequantized = dequantized});
-    unit_objective(w, dequantized, moment, shape, layout.group_size, units, objective);
-    for (std::int64_t u = 0; u < units.count(); ++u) {
-      if (objective[u] < best[u]) {
-        best[u] = objective[u];
-        best_candidate[u] = static_cast<std::int64_t>(k);
-      }
-    }
-  }
-
-  std::int64_t changed = 0;
-  for (std::int64_t u = 0; u < units.count(); ++u) changed += best_candidate[u] >= 0 ? 1 : 0;
-  for (std::int64_t r = 0; r < shape.out; ++r) {
-    for (std::int64_t g = 0; g < units.groups; ++g) {
-      const std::int64_t u = units.of(r, g);
-      if (best_candidate[u] < 0) continue;
-      const auto& list = candidates[u];
-      const GroupScale scale =
-          list[std::min(static_cast<std::size_t>(best_candidate[u]), list.size() - 1)];
-      scales[r * units.groups + g] = scale;
-      for (std::int64_t c = g * layout.group_size; c < (g + 1) * layout.group_size; ++c) {
-        codes[r * shape.in + c] = codec.quantize(targets[r * shape.in + c], scale);
-      }
-    }
-  }
-  return changed;
 }
 
 void check_statistics(const CalibrationStatistics& stats, Shape2D shape) {
@@ -279,7 +231,6 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
   GroupedWeight result;
   result.codes.resize(n * m);
   result.scales.resize(m * units.groups);
-  std::vector<float> unit_amax(units.count());
   // With act_order every group's scale comes from the original weights before the pass (static
   // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
   if (options.act_order) {
@@ -288,13 +239,12 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
       for (std::size_t c = 0; c < n; ++c) original[c * m + r] = w[r * n + c];
     }
     for (std::int64_t g = 0; g < units.groups; ++g) {
-      fix_group_scales(codec, units, out, group_size, g, original.data() + g * group_size * m,
-                       result.scales, unit_amax);
+      result.groups_rescaled += choose_group_scales(
+          codec, units, out, group_size, g, original.data() + g * group_size * m,
+          stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
     }
   }
 
-  // The value each element had when it was rounded: what the sweep re-rounds.
-  std::vector<float> targets(n * m);
   const std::int64_t batch =
       options.act_order ? options.block_size : batch_columns(options.block_size, group_size, in);
   std::vector<double> errors(static_cast<std::size_t>(batch) * m);
@@ -305,7 +255,9 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
       const std::int64_t g = j / group_size;
       double* column = wt.data() + p * m;
       if (!options.act_order && j % group_size == 0) {
-        fix_group_scales(codec, units, out, group_size, g, column, result.scales, unit_amax);
+        result.groups_rescaled += choose_group_scales(
+            codec, units, out, group_size, g, column,
+            stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
       }
       const double d = u[p * n + p];
       double* error = errors.data() + (p - i1) * m;
@@ -314,7 +266,6 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
         const GroupScale& scale = result.scales[r * units.groups + g];
         const std::uint8_t code = codec.quantize(x, scale);
         result.codes[r * n + j] = code;
-        targets[r * n + j] = x;
         error[r] = (column[r] - codec.dequantize(code, scale)) / d;
       }
       // OBS update of the batch's later columns; the rest of the matrix lazily below.
@@ -333,10 +284,6 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
     }
   }
 
-  if (options.scale_sweep) {
-    result.groups_rescaled = sweep_scales(w, targets, stats.act_second_moment, shape, layout,
-                                          unit_amax, options, result.codes, result.scales);
-  }
   return result;
 }
 

@@ -296,51 +296,67 @@ TEST(Gptq, IsNearestRoundingWhenInputsAreUncorrelated) {
   }
 }
 
-// The swept objective sum_j E[x_j^2] (w_j - q_j)^2 of every scale unit is never higher after the
-// sweep, and units the sweep leaves alone keep GPTQ's codes and scales.
-TEST(ScaleSweep, ImprovesOrKeepsEveryGroup) {
+// sum_j E[x_j^2] (v_j - q_j)^2 over one scale unit, q the rounding of v under `scale`.
+double swept_objective(const GroupLayout& layout, std::span<const float> v, Shape2D shape,
+                       std::span<const float> moment, std::int64_t row_block, std::int64_t group,
+                       const GroupScale& scale) {
+  double sum = 0.0;
+  for (std::int64_t r = row_block * layout.scale_rows;
+       r < std::min(shape.out, (row_block + 1) * layout.scale_rows); ++r) {
+    for (std::int64_t c = group * layout.group_size; c < (group + 1) * layout.group_size; ++c) {
+      const float x = v[r * shape.in + c];
+      const double d = double{x} - layout.codec.dequantize(layout.codec.quantize(x, scale), scale);
+      sum += moment[c] * d * d;
+    }
+  }
+  return sum;
+}
+
+// With act_order every scale is fixed from the original weights before the pass, so the swept
+// objective can be checked from outside: each unit's scale is the nearest-rounding one, or a
+// candidate around the same amax that strictly lowers the objective; never a worse one. Without
+// the sweep the scales are exactly the nearest-rounding ones.
+TEST(ScaleSweep, ImprovesOrKeepsEveryScaleUnit) {
   const std::vector<float> w = synthetic_weight(kShape, 8);
   const Calibration calibration = correlated_calibration(kShape.in, 512, 9);
-  for (const char* name : {"NVFP4A16", "MXFP4A16", "INT4_W4A16", "FP8_BLOCK", "FP8_E4M3"}) {
+  for (const char* name :
+       {"NVFP4A16", "MXFP4A16", "INT4_W4A16", "FP8_BLOCK", "FP8_E4M3", "FP8_E4M3_TENSOR"}) {
     SCOPED_TRACE(name);
     const WeightFormat& format = formats::format_by_name(name);
     const formats::QuantizeOptions options = options_for(format, w);
     const GroupLayout layout = layout_for(format, kShape, options);
-    const auto plain =
-        gptq_round(w, kShape, layout, calibration.view(), {.scale_sweep = false});
-    const auto swept = gptq_round(w, kShape, layout, calibration.view(), {.scale_sweep = true});
+    const std::vector<GroupScale> nearest = nearest_scales(layout, w, kShape);
+    const auto plain = gptq_round(w, kShape, layout, calibration.view(),
+                                  {.act_order = true, .scale_sweep = false});
+    const auto swept = gptq_round(w, kShape, layout, calibration.view(),
+                                  {.act_order = true, .scale_sweep = true});
     ASSERT_TRUE(plain && swept);
+    EXPECT_TRUE(plain->scales == nearest);
     const std::int64_t groups = kShape.in / layout.group_size;
     const std::int64_t row_blocks = (kShape.out + layout.scale_rows - 1) / layout.scale_rows;
-    std::vector<float> before(w.size()), after(w.size());
-    formats::dequantize_rows(layout.codec, plain->codes, plain->scales, kShape.in,
-                             layout.group_size, before);
-    formats::dequantize_rows(layout.codec, swept->codes, swept->scales, kShape.in,
-                             layout.group_size, after);
     std::int64_t changed = 0;
     for (std::int64_t rb = 0; rb < row_blocks; ++rb) {
       for (std::int64_t g = 0; g < groups; ++g) {
-        double obj_before = 0.0, obj_after = 0.0;
-        bool same = true;
+        const GroupScale& before = nearest[rb * layout.scale_rows * groups + g];
+        const GroupScale& after = swept->scales[rb * layout.scale_rows * groups + g];
+        if (after == before) continue;
+        ++changed;
+        EXPECT_LT(swept_objective(layout, w, kShape, calibration.moment, rb, g, after),
+                  swept_objective(layout, w, kShape, calibration.moment, rb, g, before))
+            << "unit " << rb << ", " << g;
+        float amax = 0.0f;
         for (std::int64_t r = rb * layout.scale_rows;
              r < std::min(kShape.out, (rb + 1) * layout.scale_rows); ++r) {
-          same = same && plain->scales[r * groups + g] == swept->scales[r * groups + g];
           for (std::int64_t c = g * layout.group_size; c < (g + 1) * layout.group_size; ++c) {
-            const std::size_t i = r * kShape.in + c;
-            obj_before += calibration.moment[c] * std::pow(double{w[i]} - before[i], 2);
-            obj_after += calibration.moment[c] * std::pow(double{w[i]} - after[i], 2);
-            same = same && plain->codes[i] == swept->codes[i];
+            amax = std::max(amax, std::fabs(w[r * kShape.in + c]));
           }
         }
-        EXPECT_LE(obj_after, obj_before * (1.0 + 1e-12)) << "unit " << rb << ", " << g;
-        if (!same) {
-          ++changed;
-          EXPECT_LT(obj_after, obj_before) << "unit " << rb << ", " << g;
-        }
+        const auto candidates = layout.codec.candidate_scales(amax, 32, 0.5f, 1.5f);
+        EXPECT_NE(std::find(candidates.begin(), candidates.end(), after), candidates.end());
       }
     }
     EXPECT_EQ(changed, swept->groups_rescaled);
-    std::printf("%-10s sweep changed %lld of %lld scale units\n", name,
+    std::printf("%-16s the sweep changed %lld of %lld scale units\n", name,
                 static_cast<long long>(changed), static_cast<long long>(groups * row_blocks));
   }
   // NVFP4's E4M3 scales have room to move: the sweep must find something there.
@@ -463,8 +479,26 @@ class HessianCollector final : public runtime::LinearObserver {
   std::map<std::string, Calibration> stats_;
 };
 
+// Hessians of every decoder Linear's input over a forward pass of `sequences`.
+std::map<std::string, Calibration> collect_statistics(
+    runtime::Model& model, std::vector<std::vector<std::int32_t>> sequences) {
+  std::vector<runtime::Sequence> batch;
+  for (auto& tokens : sequences) batch.push_back({std::move(tokens), {}});
+  HessianCollector collector;
+  model.forward(batch, [](std::int64_t, const float*, std::int64_t) {}, &collector);
+  return std::move(collector.finish());
+}
+
+double geometric_mean(std::span<const double> values) {
+  double log_sum = 0.0;
+  for (const double v : values) log_sum += std::log(v);
+  return std::exp(log_sum / static_cast<double>(values.size()));
+}
+
 // Real weights and activations: qwen3-dense-tiny over 4 x 128 WikiText tokens. GPTQ + sweep must
-// beat round-to-nearest on the output error of at least 90% of the NVFP4 Linears.
+// beat round-to-nearest on the calibration output error of at least 90% of the NVFP4 Linears.
+// Printed beside it: the same ratios without the sweep, and on 4 x 128 held-out tokens (the
+// calibration ratio flatters GPTQ: down_proj has 768 inputs and only 512 calibration tokens).
 TEST(GptqRounding, BeatsNearestOnQwen3DenseTiny) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
@@ -472,42 +506,55 @@ TEST(GptqRounding, BeatsNearestOnQwen3DenseTiny) {
   const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(model_dir);
   const data::TokenDataset dataset =
       data::TokenDataset::from_text_file(test::wikitext_excerpt(dir), tokenizer);
-  std::vector<runtime::Sequence> batch;
-  for (auto& tokens : dataset.calibration(4, 128, 42)) batch.push_back({std::move(tokens), {}});
   runtime::CheckpointModel checkpoint_model(model_dir);
-  HessianCollector collector;
-  checkpoint_model.model().forward(
-      batch, [](std::int64_t, const float*, std::int64_t) {}, &collector);
-  const std::map<std::string, Calibration>& stats = collector.finish();
+  const std::map<std::string, Calibration> stats =
+      collect_statistics(checkpoint_model.model(), dataset.calibration(4, 128, 42));
+  const std::map<std::string, Calibration> heldout =
+      collect_statistics(checkpoint_model.model(), dataset.heldout(4, 128));
 
   const model::ModelSpec spec = model::load_model_spec(model_dir);
   const WeightFormat& format = formats::format_by_name("NVFP4A16");
-  GptqRounding rounding([&](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
+  const StatisticsProvider provider =
+      [&](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
     const auto it = stats.find(linear.name);
     if (it == stats.end()) return std::nullopt;
     return it->second.view();
-  });
-  std::size_t linears = 0;
+  };
+  GptqRounding rounding(provider);
+  GptqRounding without_sweep(provider, {.scale_sweep = false});
+  std::vector<double> calibration_ratios, heldout_ratios, no_sweep_ratios;
+  std::size_t better = 0;
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
     const std::vector<float> w = checkpoint_model.checkpoint().to_f32(linear.weight_tensor);
     const Shape2D shape{linear.out_features, linear.in_features};
-    rounding.encode({linear, format, shape, w, options_for(format, w)});
-    ++linears;
-  }
-  ASSERT_EQ(linears, 56u);
-  std::size_t better = 0;
-  double log_sum = 0.0;
-  for (const RoundingReport& report : rounding.reports()) {
+    const formats::QuantizeOptions options = options_for(format, w);
+    const std::vector<float> gptq =
+        format.dequantize(rounding.encode({linear, format, shape, w, options}));
+    without_sweep.encode({linear, format, shape, w, options});
+    const RoundingReport& report = rounding.reports().back();
     ASSERT_TRUE(report.ratio().has_value()) << report.linear << ": " << report.fallback;
-    std::printf("  %-36s %.3f\n", report.linear.c_str(), *report.ratio());
+    ASSERT_TRUE(without_sweep.reports().back().ratio().has_value());
+    const std::vector<float> nearest = format.dequantize(format.quantize(w, shape, options));
+    const CalibrationStatistics unseen = heldout.at(linear.name).view();
+    calibration_ratios.push_back(*report.ratio());
+    no_sweep_ratios.push_back(*without_sweep.reports().back().ratio());
+    heldout_ratios.push_back(output_mse(w, gptq, shape, unseen) /
+                             output_mse(w, nearest, shape, unseen));
     better += *report.ratio() < 1.0 ? 1 : 0;
-    log_sum += std::log(*report.ratio());
+    std::printf("  %-36s calibration %.3f (no sweep %.3f)  held-out %.3f\n", report.linear.c_str(),
+                calibration_ratios.back(), no_sweep_ratios.back(), heldout_ratios.back());
   }
-  std::printf("qwen3-dense-tiny NVFP4A16: GPTQ+sweep beats RTN on %zu of %zu Linears; "
-              "geometric-mean output MSE ratio %.3f\n",
-              better, linears, std::exp(log_sum / static_cast<double>(linears)));
-  EXPECT_GE(better * 10, linears * 9);
+  ASSERT_EQ(calibration_ratios.size(), 56u);
+  const auto held_out_better = std::count_if(heldout_ratios.begin(), heldout_ratios.end(),
+                                             [](double r) { return r < 1.0; });
+  std::printf(
+      "qwen3-dense-tiny NVFP4A16, output MSE GPTQ+sweep / RTN, geometric mean over %zu Linears: "
+      "calibration %.3f (better on %zu; without the sweep %.3f), held-out %.3f (better on %lld)\n",
+      calibration_ratios.size(), geometric_mean(calibration_ratios), better,
+      geometric_mean(no_sweep_ratios), geometric_mean(heldout_ratios),
+      static_cast<long long>(held_out_better));
+  EXPECT_GE(better * 10, calibration_ratios.size() * 9);
 }
 
 }  // namespace
