@@ -369,7 +369,17 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   }
   formats::EncodedWeight encoded =
       job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
-  report.output_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  const double gptq_mse =
+      output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
+  // damping); the stored weight is whichever of the two does better on the calibration set.
+  if (gptq_mse >= *report.nearest_output_mse) {
+    report.fallback = "GPTQ did not lower the calibration output error";
+    report.output_mse = report.nearest_output_mse;
+    reports_.push_back(report);
+    return nearest;
+  }
+  report.output_mse = gptq_mse;
   report.groups_rescaled = grouped->groups_rescaled;
   report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
   reports_.push_back(report);

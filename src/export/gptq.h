@@ -93,11 +93,12 @@ struct RoundingReport {
 
 nlohmann::json to_json(const RoundingReport& report);
 
-// GPTQ + scale sweep for every format with a group layout. Linears without statistics, formats
-// without a layout (BF16, FP8_SOURCE) and Hessians that are not positive definite after damping
-// are rounded to nearest (WeightFormat::quantize); the last two with one warning line on stderr
-// naming the Linear. NVFP4 keeps the weight_global_scale the exporter gives (fused siblings
-// share it). Records a RoundingReport per encoded Linear (not thread-safe).
+// GPTQ + scale sweep for every format with a group layout. Rounds to nearest
+// (WeightFormat::quantize) instead: formats without a layout (BF16, FP8_SOURCE); Linears without
+// statistics and Hessians that are not positive definite after damping, each with one warning
+// line on stderr naming the Linear; and, silently, Linears where GPTQ's calibration output error
+// is not lower than nearest rounding's. NVFP4 keeps the weight_global_scale the exporter gives
+// (fused siblings share it). Records a RoundingReport per encoded Linear (not thread-safe).
 class GptqRounding final : public RoundingStrategy {
  public:
   explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {});

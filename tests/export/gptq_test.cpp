@@ -15,6 +15,7 @@
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
+#include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/kernels/gemm.h"
@@ -367,6 +368,33 @@ TEST(ScaleSweep, ImprovesOrKeepsEveryScaleUnit) {
             0);
 }
 
+// An input that is zero in every calibration token (H_jj = 0) neither takes nor gives error
+// updates; its weights are rounded to nearest under their group's scale, not zeroed as in the
+// reference implementation.
+TEST(Gptq, KeepsTheWeightsOfDeadInputs) {
+  const std::vector<float> w = synthetic_weight(kShape, 16);
+  Calibration calibration = correlated_calibration(kShape.in, 512, 17);
+  constexpr std::int64_t kDead = 37;
+  for (std::int64_t k = 0; k < kShape.in; ++k) {
+    calibration.hessian[kDead * kShape.in + k] = 0.0f;
+    calibration.hessian[k * kShape.in + kDead] = 0.0f;
+  }
+  calibration.moment[kDead] = 0.0f;
+  const WeightFormat& format = formats::format_by_name("INT4_W4A16");
+  const GroupLayout layout = *format.group_layout(kShape);
+  const auto grouped = gptq_round(w, kShape, layout, calibration.view(), {.scale_sweep = false});
+  ASSERT_TRUE(grouped.has_value());
+  const std::int64_t groups = kShape.in / layout.group_size;
+  std::int64_t nonzero = 0;
+  for (std::int64_t r = 0; r < kShape.out; ++r) {
+    const GroupScale& scale = grouped->scales[r * groups + kDead / layout.group_size];
+    const std::uint8_t code = grouped->codes[r * kShape.in + kDead];
+    EXPECT_EQ(code, layout.codec.quantize(w[r * kShape.in + kDead], scale)) << "row " << r;
+    nonzero += layout.codec.dequantize(code, scale) != 0.0f ? 1 : 0;
+  }
+  EXPECT_GT(nonzero, kShape.out / 2);
+}
+
 TEST(Gptq, IsDeterministic) {
   const std::vector<float> w = synthetic_weight(kShape, 10);
   const Calibration calibration = correlated_calibration(kShape.in, 512, 11);
@@ -478,6 +506,38 @@ class HessianCollector final : public runtime::LinearObserver {
  private:
   std::map<std::string, Calibration> stats_;
 };
+
+// The probe's statistics reach a Linear through its input key: q/k/v share the attention
+// input's Hessian; a Linear the probe never saw has none.
+TEST(StatisticsFromProbe, FindsEachLinearsInput) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  probe::ProbeJob job;
+  job.model = test::shared_dir() / "models/qwen3-dense-tiny";
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "probe";
+  job.nsamples = 2;
+  job.seqlen = 32;
+  job.batch_size = 2;
+  ASSERT_TRUE(probe::run_probe(job).complete);
+  const probe::ProbeResult probe = probe::ProbeResult::read(job.out);
+  const StatisticsProvider provider = statistics_from_probe(probe);
+  const model::ModelSpec spec = model::load_model_spec(job.model);
+  const auto linear = [&](std::string_view name) -> const model::Linear& {
+    return *std::find_if(spec.linears.begin(), spec.linears.end(),
+                         [&](const model::Linear& l) { return l.name == name; });
+  };
+  const auto q = provider(linear("model.layers.2.self_attn.q_proj"));
+  const auto v = provider(linear("model.layers.2.self_attn.v_proj"));
+  const auto down = provider(linear("model.layers.2.mlp.down_proj"));
+  ASSERT_TRUE(q && v && down);
+  EXPECT_EQ(q->hessian.data(), v->hessian.data());
+  EXPECT_EQ(q->tokens, 64);
+  EXPECT_EQ(q->hessian.size(), 256u * 256u);
+  EXPECT_EQ(down->act_second_moment.size(), 768u);
+  EXPECT_NE(down->hessian.data(), q->hessian.data());
+  EXPECT_FALSE(provider(test_linear("model.layers.99.mlp.down_proj", {256, 768})).has_value());
+}
 
 // Hessians of every decoder Linear's input over a forward pass of `sequences`.
 std::map<std::string, Calibration> collect_statistics(
