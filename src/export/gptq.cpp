@@ -71,10 +71,6 @@ struct Units {
       : groups(shape.in / layout.group_size),
         row_blocks((shape.out + layout.scale_rows - 1) / layout.scale_rows),
         scale_rows(layout.scale_rows) {}
-  std::int64_t count() const { return groups * row_blocks; }
-  std::int64_t of(std::int64_t row, std::int64_t group) const {
-    return (row / scale_rows) * groups + group;
-  }
 };
 
 // Chooses the scales of column group g from its values as they are now, column c of the group
@@ -158,10 +154,9 @@ void warn(std::string_view linear, std::string_view why) {
 StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe) {
   return [&probe](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
     const std::string key = probe::input_key(linear);
-    const bool measured = std::any_of(probe.linears().begin(), probe.linears().end(),
-                                      [&](const probe::ProbedLinear& p) {
-                                        return p.input_key == key;
-                                      });
+    const bool measured =
+        std::any_of(probe.linears().begin(), probe.linears().end(),
+                    [&](const probe::ProbedLinear& p) { return p.input_key == key; });
     if (!measured) return std::nullopt;
     return CalibrationStatistics{probe.hessian(key), probe.input_tokens(key),
                                  probe.act_second_moment(key)};
@@ -193,6 +188,7 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
   // reference we keep the column's weights (rounded to nearest) instead of zeroing them: the
   // calibration set says nothing about that input, and zeroing would delete it for every input
   // that does use it.
+  if (formats::max_abs_bits(stats.hessian) >= 0x7F800000u) return std::nullopt;
   std::vector<double> h(stats.hessian.begin(), stats.hessian.end());
   double diag_sum = 0.0;
   for (std::size_t j = 0; j < n; ++j) {
@@ -200,7 +196,6 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
     if (hjj == 0.0) hjj = 1.0;
     diag_sum += hjj;
   }
-  if (!std::isfinite(diag_sum)) return std::nullopt;
   const double damp = options.damp * diag_sum / static_cast<double>(n);
   for (std::size_t j = 0; j < n; ++j) h[j * n + j] += damp;
 
@@ -208,9 +203,8 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
   std::vector<std::int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   if (options.act_order) {
-    std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
-      return h[a * n + a] > h[b * n + b];
-    });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::int64_t a, std::int64_t b) { return h[a * n + a] > h[b * n + b]; });
     std::vector<double> permuted(n * n);
     for (std::size_t a = 0; a < n; ++a) {
       for (std::size_t b = 0; b < n; ++b) permuted[a * n + b] = h[order[a] * n + order[b]];
@@ -279,8 +273,8 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
       // W[:, i2:] -= Err[:, i1:i2] U[i1:i2, i2:], transposed: Wt[i2:] -= U[i1:i2, i2:]^T Err.
       cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(in - i2),
                   static_cast<int>(m), static_cast<int>(i2 - i1), -1.0, u.data() + i1 * n + i2,
-                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0,
-                  wt.data() + i2 * m, static_cast<int>(m));
+                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0, wt.data() + i2 * m,
+                  static_cast<int>(m));
     }
   }
 
@@ -348,7 +342,8 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   }
 
   const std::optional<CalibrationStatistics> stats = statistics_(job.linear);
-  if (!stats) {
+  if (!stats || stats->tokens == 0) {
+    // A MoE expert no calibration token was routed to has statistics over zero tokens.
     report.fallback = "no calibration statistics";
     warn(job.linear.name, report.fallback);
     reports_.push_back(report);
@@ -361,7 +356,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   const std::optional<GroupedWeight> grouped =
       gptq_round(job.weight, job.shape, *layout, *stats, options_);
   if (!grouped) {
-    report.fallback = "the damped Hessian is not positive definite";
+    report.fallback = "the damped Hessian is not positive definite or not finite";
     warn(job.linear.name, report.fallback);
     report.output_mse = report.nearest_output_mse;
     reports_.push_back(report);
@@ -369,8 +364,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   }
   formats::EncodedWeight encoded =
       job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
-  const double gptq_mse =
-      output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  const double gptq_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
   // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
   // damping); the stored weight is whichever of the two does better on the calibration set.
   if (gptq_mse >= *report.nearest_output_mse) {

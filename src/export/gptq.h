@@ -64,7 +64,8 @@ struct GroupedWeight {
 // GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
 // Pre-trained Transformers", Algorithm 1) of row-major w [out, in] on the layout's groups, then
 // the scale sweep when asked. Deterministic for a given input and OpenBLAS thread count. Returns
-// nullopt when H + damp * mean(diag H) * I is not positive definite (or holds Inf/NaN).
+// nullopt when H holds Inf/NaN or H + damp * mean(diag H) * I is not positive definite. Throws
+// pq::Error for a non-finite weight or statistics that do not fit the shape.
 std::optional<GroupedWeight> gptq_round(std::span<const float> w, formats::Shape2D shape,
                                         const formats::GroupLayout& layout,
                                         const CalibrationStatistics& stats,
@@ -95,10 +96,11 @@ nlohmann::json to_json(const RoundingReport& report);
 
 // GPTQ + scale sweep for every format with a group layout. Rounds to nearest
 // (WeightFormat::quantize) instead: formats without a layout (BF16, FP8_SOURCE); Linears without
-// statistics and Hessians that are not positive definite after damping, each with one warning
-// line on stderr naming the Linear; and, silently, Linears where GPTQ's calibration output error
-// is not lower than nearest rounding's. NVFP4 keeps the weight_global_scale the exporter gives
-// (fused siblings share it). Records a RoundingReport per encoded Linear (not thread-safe).
+// statistics (or with statistics over zero tokens) and Hessians that are not finite or not
+// positive definite after damping, each with one warning line on stderr naming the Linear; and,
+// silently, Linears where GPTQ's calibration output error is not lower than nearest rounding's.
+// NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
+// RoundingReport per encoded Linear (not thread-safe).
 class GptqRounding final : public RoundingStrategy {
  public:
   explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {});

@@ -109,8 +109,8 @@ void check_groups(const WeightFormat& format, std::span<const std::uint8_t> code
            "{}: {} scales for the {} groups of weight [{}, {}]", format.name(), scales.size(),
            groups, s.out, s.in);
   const GroupCodec& codec = layout.codec;
-  const int bits =
-      codec.codes().int_bits > 0 ? codec.codes().int_bits : element_info(codec.codes().element).bits;
+  const int bits = codec.codes().int_bits > 0 ? codec.codes().int_bits
+                                              : element_info(codec.codes().element).bits;
   std::array<bool, 256> valid{};
   for (std::uint32_t c = 0; c < (1u << bits); ++c) {
     valid[c] = std::isfinite(codec.dequantize(static_cast<std::uint8_t>(c), {0, 1.0f}));

@@ -222,9 +222,9 @@ TEST(EncodeGroups, RejectsWhatItCannotStore) {
   codes[5] = 0x10;
   EXPECT_THROW(nvfp4.encode_groups(codes, scales, kShape, options), Error);
   codes[5] = 0;
-  EXPECT_THROW(nvfp4.encode_groups(codes, std::span(scales).first(scales.size() - 1), kShape,
-                                   options),
-               Error);
+  EXPECT_THROW(
+      nvfp4.encode_groups(codes, std::span(scales).first(scales.size() - 1), kShape, options),
+      Error);
   // Two rows of one FP8 128x128 block with different scales.
   const WeightFormat& block = formats::format_by_name("FP8_BLOCK");
   const GroupLayout block_layout = *block.group_layout(kShape);
@@ -265,8 +265,8 @@ TEST(Gptq, LowersOutputErrorBelowNearestOnCorrelatedInputs) {
     const WeightFormat& format = formats::format_by_name(name);
     for (const bool sweep : {false, true}) {
       for (const bool act_order : {false, true}) {
-        const Compared c = compare(format, w, kShape, calibration,
-                                   {.act_order = act_order, .scale_sweep = sweep});
+        const Compared c =
+            compare(format, w, kShape, calibration, {.act_order = act_order, .scale_sweep = sweep});
         std::printf("%-16s sweep=%d act_order=%d  output MSE ratio GPTQ/RTN %.3f\n", name, sweep,
                     act_order, c.gptq / c.nearest);
         EXPECT_LT(c.gptq, c.nearest) << "sweep " << sweep << " act_order " << act_order;
@@ -329,8 +329,8 @@ TEST(ScaleSweep, ImprovesOrKeepsEveryScaleUnit) {
     const std::vector<GroupScale> nearest = nearest_scales(layout, w, kShape);
     const auto plain = gptq_round(w, kShape, layout, calibration.view(),
                                   {.act_order = true, .scale_sweep = false});
-    const auto swept = gptq_round(w, kShape, layout, calibration.view(),
-                                  {.act_order = true, .scale_sweep = true});
+    const auto swept =
+        gptq_round(w, kShape, layout, calibration.view(), {.act_order = true, .scale_sweep = true});
     ASSERT_TRUE(plain && swept);
     EXPECT_TRUE(plain->scales == nearest);
     const std::int64_t groups = kShape.in / layout.group_size;
@@ -422,36 +422,48 @@ TEST(GptqRounding, FallsBackToNearestWithAWarning) {
   Calibration indefinite = correlated_calibration(kShape.in, 256, 13);
   // A negative eigenvalue far beyond the 1% damping: no Cholesky factor exists.
   indefinite.hessian[3 * kShape.in + 3] = -1e6f;
-  const model::Linear with_bad_stats = test_linear("model.layers.0.mlp.down_proj", kShape);
-  const model::Linear without_stats = test_linear("model.layers.1.mlp.down_proj", kShape);
+  Calibration not_finite = correlated_calibration(kShape.in, 256, 13);
+  not_finite.hessian[5 * kShape.in + 9] = std::nanf("");
+  Calibration unrouted = correlated_calibration(kShape.in, 256, 13);
+  unrouted.tokens = 0;  // an expert no calibration token reached
+  const std::map<std::string, const Calibration*> stats = {
+      {"model.layers.0.mlp.down_proj", &indefinite},
+      {"model.layers.1.mlp.down_proj", &not_finite},
+      {"model.layers.2.mlp.experts.3.down_proj", &unrouted}};
   GptqRounding rounding([&](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
-    if (linear.name == with_bad_stats.name) return indefinite.view();
-    return std::nullopt;
+    const auto it = stats.find(linear.name);
+    if (it == stats.end()) return std::nullopt;
+    return it->second->view();
   });
   const WeightFormat& format = formats::format_by_name("MXFP4A16");
   const formats::EncodedWeight nearest = format.quantize(w, kShape);
-  for (const model::Linear* linear : {&with_bad_stats, &without_stats}) {
+  for (const char* name :
+       {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+        "model.layers.2.mlp.experts.3.down_proj", "model.layers.3.mlp.down_proj"}) {
+    const model::Linear linear = test_linear(name, kShape);
     testing::internal::CaptureStderr();
-    const formats::EncodedWeight encoded = rounding.encode({*linear, format, kShape, w, {}});
+    const formats::EncodedWeight encoded = rounding.encode({linear, format, kShape, w, {}});
     const std::string warning = testing::internal::GetCapturedStderr();
     expect_same_bytes(encoded, nearest);
     EXPECT_EQ(std::count(warning.begin(), warning.end(), '\n'), 1) << warning;
-    EXPECT_NE(warning.find(linear->name), std::string::npos) << warning;
+    EXPECT_NE(warning.find(name), std::string::npos) << warning;
   }
-  ASSERT_EQ(rounding.reports().size(), 2u);
-  EXPECT_EQ(rounding.reports()[0].method, "nearest");
-  EXPECT_FALSE(rounding.reports()[0].fallback.empty());
-  EXPECT_EQ(rounding.reports()[1].method, "nearest");
-  EXPECT_FALSE(rounding.reports()[1].output_mse.has_value());
+  ASSERT_EQ(rounding.reports().size(), 4u);
+  for (const RoundingReport& report : rounding.reports()) {
+    EXPECT_EQ(report.method, "nearest");
+    EXPECT_FALSE(report.fallback.empty());
+  }
+  // With a (bad) Hessian the RTN error is still reported; without statistics there is none.
+  EXPECT_TRUE(rounding.reports()[0].output_mse.has_value());
+  EXPECT_FALSE(rounding.reports()[3].output_mse.has_value());
 }
 
 TEST(GptqRounding, EncodesWithTheGivenGlobalScaleAndReports) {
   const std::vector<float> w = synthetic_weight(kShape, 14);
   const Calibration calibration = correlated_calibration(kShape.in, 512, 15);
-  GptqRounding rounding(
-      [&](const model::Linear&) -> std::optional<CalibrationStatistics> {
-        return calibration.view();
-      });
+  GptqRounding rounding([&](const model::Linear&) -> std::optional<CalibrationStatistics> {
+    return calibration.view();
+  });
   const WeightFormat& format = formats::format_by_name("NVFP4");
   const model::Linear linear = test_linear("model.layers.0.self_attn.k_proj", kShape);
   formats::QuantizeOptions options;
@@ -545,7 +557,8 @@ std::map<std::string, Calibration> collect_statistics(
   std::vector<runtime::Sequence> batch;
   for (auto& tokens : sequences) batch.push_back({std::move(tokens), {}});
   HessianCollector collector;
-  model.forward(batch, [](std::int64_t, const float*, std::int64_t) {}, &collector);
+  model.forward(
+      batch, [](std::int64_t, const float*, std::int64_t) {}, &collector);
   return std::move(collector.finish());
 }
 
@@ -606,8 +619,8 @@ TEST(GptqRounding, BeatsNearestOnQwen3DenseTiny) {
                 calibration_ratios.back(), no_sweep_ratios.back(), heldout_ratios.back());
   }
   ASSERT_EQ(calibration_ratios.size(), 56u);
-  const auto held_out_better = std::count_if(heldout_ratios.begin(), heldout_ratios.end(),
-                                             [](double r) { return r < 1.0; });
+  const auto held_out_better =
+      std::count_if(heldout_ratios.begin(), heldout_ratios.end(), [](double r) { return r < 1.0; });
   std::printf(
       "qwen3-dense-tiny NVFP4A16, output MSE GPTQ+sweep / RTN, geometric mean over %zu Linears: "
       "calibration %.3f (better on %zu; without the sweep %.3f), held-out %.3f (better on %lld)\n",
