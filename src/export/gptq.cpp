@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <numeric>
 
@@ -19,10 +20,14 @@
 #include "probe/probe_stage.h"
 
 // LAPACK Cholesky factorisation and inverse from a Cholesky factor (OpenBLAS ships LAPACK;
-// Debian's libopenblas-dev has no lapacke.h).
+// Debian's libopenblas-dev has no lapacke.h). Fortran ABI: every argument by reference, and the
+// hidden length of the character argument last (gfortran convention; OpenBLAS's C versions
+// ignore it).
 extern "C" {
-void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
-void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info,
+             std::size_t uplo_length);
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info,
+             std::size_t uplo_length);
 }
 
 namespace pq::exporter {
@@ -38,7 +43,7 @@ using formats::Shape2D;
 // definite.
 bool cholesky_upper(std::vector<double>& a, int n) {
   int info = 0;
-  dpotrf_("L", &n, a.data(), &n, &info);
+  dpotrf_("L", &n, a.data(), &n, &info, 1);
   return info == 0;
 }
 
@@ -51,7 +56,7 @@ std::optional<std::vector<double>> inverse_cholesky_upper(std::vector<double> h,
   // in our upper triangle.
   if (!cholesky_upper(h, n)) return std::nullopt;
   int info = 0;
-  dpotri_("L", &n, h.data(), &n, &info);
+  dpotri_("L", &n, h.data(), &n, &info, 1);
   if (info != 0) return std::nullopt;
   if (!cholesky_upper(h, n)) return std::nullopt;
   for (int r = 1; r < n; ++r) std::fill_n(h.data() + static_cast<std::size_t>(r) * n, r, 0.0);
