@@ -76,7 +76,7 @@ Calibration correlated_calibration(std::int64_t in, std::int64_t tokens, std::ui
   return from_activations(x, tokens, in);
 }
 
-// Gaussian weights with a few outliers per row, as real Linears have.
+// Gaussian weights with one 8x outlier per row, as real Linears have outliers.
 std::vector<float> synthetic_weight(Shape2D shape, std::uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 0.02f);
