@@ -7,6 +7,8 @@
 #include "cli/commands.h"
 #include "common/file_util.h"
 #include "export/exporter.h"
+#include "model/model_spec.h"
+#include "probe/probe_stage.h"
 
 namespace pq::cli {
 namespace {
@@ -36,7 +38,7 @@ std::string invocation() {
 
 void register_export(CLI::App& app) {
   auto job = std::make_shared<exporter::ExportJob>();
-  auto amax_file = std::make_shared<std::string>();
+  auto probe_dir = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
       "export",
       "Quantize MODEL with the format of every Linear from assignment.json and write a "
@@ -47,10 +49,14 @@ void register_export(CLI::App& app) {
       ->required();
   cmd->add_option("--out", job->out, "Checkpoint directory to create")->required();
   cmd->add_flag("--force", job->force, "Replace --out if it exists");
-  cmd->add_option("--input-amax", *amax_file,
-                  "JSON {\"<linear>\": amax of its input activations}; required for W4A4 (NVFP4)");
-  cmd->callback([job, amax_file] {
-    if (!amax_file->empty()) job->input_amax = exporter::read_input_amax(*amax_file);
+  cmd->add_option("--probe", *probe_dir,
+                  "Probe stage output (WORK/probe): calibration activation maxima, needed for W4A4 "
+                  "NVFP4's input_global_scale");
+  cmd->callback([job, probe_dir] {
+    if (!probe_dir->empty()) {
+      const model::ModelSpec spec = model::load_model_spec(job->model_dir);
+      job->input_amax = exporter::input_amax_from_probe(spec, probe::ProbeResult::read(*probe_dir));
+    }
     job->command_line = invocation();
     const exporter::ExportSummary summary = exporter::run_export(*job);
     fmt::print(
