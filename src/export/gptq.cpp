@@ -325,6 +325,16 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
            options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
 }
 
+void GptqRounding::record(RoundingReport report) const {
+  const auto [it, added] =
+      report_index_.try_emplace({report.linear, report.format}, reports_.size());
+  if (added) {
+    reports_.push_back(std::move(report));
+  } else {
+    reports_[it->second] = std::move(report);
+  }
+}
+
 formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   RoundingReport report;
   report.linear = job.linear.name;
@@ -339,7 +349,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   const std::optional<GroupLayout> layout = job.format.group_layout(job.shape, global);
   if (!layout) {
     report.fallback = "the format has no group layout";
-    reports_.push_back(report);
+    record(report);
     return job.format.quantize(job.weight, job.shape, job.options);
   }
   if (layout->codec.scale_spec().kind == formats::ScaleKind::kE4M3OverGlobal) {
@@ -351,7 +361,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     // A MoE expert no calibration token was routed to has statistics over zero tokens.
     report.fallback = "no calibration statistics";
     warn(job.linear.name, report.fallback);
-    reports_.push_back(report);
+    record(report);
     return job.format.quantize(job.weight, job.shape, job.options);
   }
 
@@ -364,7 +374,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     report.fallback = "the damped Hessian is not positive definite or not finite";
     warn(job.linear.name, report.fallback);
     report.output_mse = report.nearest_output_mse;
-    reports_.push_back(report);
+    record(report);
     return nearest;
   }
   formats::EncodedWeight encoded =
@@ -375,13 +385,13 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   if (gptq_mse >= *report.nearest_output_mse) {
     report.fallback = "GPTQ did not lower the calibration output error";
     report.output_mse = report.nearest_output_mse;
-    reports_.push_back(report);
+    record(report);
     return nearest;
   }
   report.output_mse = gptq_mse;
   report.groups_rescaled = grouped->groups_rescaled;
   report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
-  reports_.push_back(report);
+  record(report);
   return encoded;
 }
 

@@ -2,11 +2,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "export/rounding.h"
@@ -100,7 +102,7 @@ nlohmann::json to_json(const RoundingReport& report);
 // positive definite after damping, each with one warning line on stderr naming the Linear; and,
 // silently, Linears where GPTQ's calibration output error is not lower than nearest rounding's.
 // NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
-// RoundingReport per encoded Linear (not thread-safe).
+// RoundingReport per encoded (Linear, format) (not thread-safe).
 class GptqRounding final : public RoundingStrategy {
  public:
   explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {});
@@ -108,13 +110,17 @@ class GptqRounding final : public RoundingStrategy {
   std::string_view name() const override { return "gptq"; }
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
 
-  // One report per encode() call, in call order.
+  // One report per (Linear, format) encoded, in the order first encoded; encoding a pair again
+  // (LinearEncoder measures before it exports) replaces its report.
   const std::vector<RoundingReport>& reports() const { return reports_; }
 
  private:
+  void record(RoundingReport report) const;
+
   StatisticsProvider statistics_;
   GptqOptions options_;
   mutable std::vector<RoundingReport> reports_;
+  mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
 };
 
 }  // namespace pq::exporter

@@ -507,6 +507,15 @@ TEST(GptqRounding, EncodesWithTheGivenGlobalScaleAndReports) {
   const nlohmann::json j = to_json(report);
   EXPECT_EQ(j["linear"], linear.name);
   EXPECT_DOUBLE_EQ(j["ratio"].get<double>(), *report.ratio());
+
+  // Encoding the same Linear and format again (measure, then export) gives the same bytes and
+  // keeps one report; another format adds one.
+  const formats::EncodedWeight again = rounding.encode({linear, format, kShape, w, options});
+  expect_same_bytes(again, encoded);
+  EXPECT_EQ(rounding.reports().size(), 1u);
+  rounding.encode({linear, formats::format_by_name("MXFP4A16"), kShape, w, {}});
+  ASSERT_EQ(rounding.reports().size(), 2u);
+  EXPECT_EQ(rounding.reports()[1].format, "MXFP4A16");
 }
 
 // X^T X and token counts of every decoder Linear's input over a forward pass.
