@@ -1,7 +1,8 @@
 // GPTQ with group-aware scales, and the per-group scale sweep, for every format with a group
 // layout. Algorithm: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
 // Generative Pre-trained Transformers" (Algorithm 1; reference github.com/IST-DASLab/gptq
-// gptq.py fasterquant). Sweep: upstream prismaquant export_native_compressed (method-facts.md §7).
+// gptq.py fasterquant). Sweep objective: upstream prismaquant export_native_compressed
+// (method-facts.md §7), applied where each scale is fixed rather than after GPTQ.
 #include "export/gptq.h"
 
 #include <cblas.h>
@@ -188,12 +189,12 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
   const auto n = static_cast<std::size_t>(in);
   const auto m = static_cast<std::size_t>(out);
 
+  if (formats::max_abs_bits(stats.hessian) >= 0x7F800000u) return std::nullopt;
   // H in double. A dead input (H_jj == 0: zero in every calibration token) gets H_jj = 1, as in
   // the reference, so H stays invertible and the column's error propagates nowhere. Unlike the
   // reference we keep the column's weights (rounded to nearest) instead of zeroing them: the
   // calibration set says nothing about that input, and zeroing would delete it for every input
   // that does use it.
-  if (formats::max_abs_bits(stats.hessian) >= 0x7F800000u) return std::nullopt;
   std::vector<double> h(stats.hessian.begin(), stats.hessian.end());
   double diag_sum = 0.0;
   for (std::size_t j = 0; j < n; ++j) {

@@ -47,8 +47,10 @@ struct GptqOptions {
   // every group's scale is fixed from the original weights before the pass ("static groups"),
   // so stored groups stay contiguous in the original column order.
   bool act_order = false;
-  // After GPTQ, try sweep_candidates scales for amax * m, m in [sweep_lo, sweep_hi], per group
-  // and keep one only if it lowers sum_j E[x_j^2] (w_j - q_j)^2 (method-facts.md §7).
+  // Where GPTQ fixes a scale (from the weights v as updated so far), try the codec's candidate
+  // scales for amax * m, m in [sweep_lo, sweep_hi], and keep one only if its rounding of v has a
+  // strictly lower sum_j E[x_j^2] (v_j - q_j)^2 than the nearest-rounding scale's (the upstream
+  // sweep's objective, method-facts.md §7; docs/export.md says why it is not run after GPTQ).
   bool scale_sweep = true;
   int sweep_candidates = 32;
   float sweep_lo = 0.5f;
@@ -64,10 +66,11 @@ struct GroupedWeight {
 };
 
 // GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
-// Pre-trained Transformers", Algorithm 1) of row-major w [out, in] on the layout's groups, then
-// the scale sweep when asked. Deterministic for a given input and OpenBLAS thread count. Returns
-// nullopt when H holds Inf/NaN or H + damp * mean(diag H) * I is not positive definite. Throws
-// pq::Error for a non-finite weight or statistics that do not fit the shape.
+// Pre-trained Transformers", Algorithm 1) of row-major w [out, in] on the layout's groups, each
+// scale fixed (and swept, when asked) as the pass reaches its first column. Deterministic for a
+// given input and OpenBLAS thread count. Returns nullopt when H holds Inf/NaN or H + damp *
+// mean(diag H) * I is not positive definite. Throws pq::Error for a non-finite weight or statistics
+// that do not fit the shape.
 std::optional<GroupedWeight> gptq_round(std::span<const float> w, formats::Shape2D shape,
                                         const formats::GroupLayout& layout,
                                         const CalibrationStatistics& stats,
