@@ -88,50 +88,81 @@ std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, st
                                  std::int64_t group_size, std::int64_t g, const double* cols,
                                  std::span<const float> moment, const GptqOptions& options,
                                  std::span<GroupScale> scales) {
-  std::int64_t changed = 0;
-  std::vector<float> values;
-  for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
-    const std::int64_t r0 = rb * units.scale_rows;
-    const std::int64_t rows = std::min(out, r0 + units.scale_rows) - r0;
-    values.resize(static_cast<std::size_t>(rows * group_size));
-    float amax = 0.0f;
-    for (std::int64_t c = 0; c < group_size; ++c) {
-      for (std::int64_t r = 0; r < rows; ++r) {
-        const float v = static_cast<float>(cols[c * out + r0 + r]);
-        values[c * rows + r] = v;
-        amax = std::max(amax, std::fabs(v));
-      }
+  // The group as rows of group_size values, the layout quantize_rows takes.
+  std::vector<float> values(static_cast<std::size_t>(out * group_size));
+  for (std::int64_t c = 0; c < group_size; ++c) {
+    for (std::int64_t r = 0; r < out; ++r) {
+      values[r * group_size + c] = static_cast<float>(cols[c * out + r]);
     }
-    GroupScale scale = codec.scale_for_amax(amax);
-    if (options.scale_sweep) {
-      const auto objective = [&](const GroupScale& s) {
+  }
+  std::vector<float> amax(units.row_blocks, 0.0f);
+  for (std::int64_t r = 0; r < out; ++r) {
+    const std::span<const float> row(values.data() + r * group_size, group_size);
+    float& unit_amax = amax[r / units.scale_rows];
+    unit_amax = std::max(unit_amax, std::bit_cast<float>(formats::max_abs_bits(row)));
+  }
+  std::vector<GroupScale> row_scales(out);
+  for (std::int64_t r = 0; r < out; ++r) {
+    row_scales[r] = codec.scale_for_amax(amax[r / units.scale_rows]);
+  }
+
+  std::int64_t changed = 0;
+  if (options.scale_sweep) {
+    // Every unit's candidates, tried one index at a time over the whole group (the SIMD row
+    // quantizer); units with fewer distinct candidates repeat their last one.
+    std::vector<std::vector<GroupScale>> candidates(units.row_blocks);
+    std::size_t passes = 0;
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      candidates[rb] = codec.candidate_scales(amax[rb], options.sweep_candidates, options.sweep_lo,
+                                              options.sweep_hi);
+      passes = std::max(passes, candidates[rb].size());
+    }
+    std::vector<float> dequantized(values.size());
+    std::vector<double> objective(units.row_blocks);
+    const auto evaluate = [&](std::span<GroupScale> trial) {
+      formats::quantize_rows(codec, {.weights = values,
+                                     .cols = group_size,
+                                     .group_size = group_size,
+                                     .scales_given = true,
+                                     .scales = trial,
+                                     .dequantized = dequantized});
+      std::fill(objective.begin(), objective.end(), 0.0);
+      for (std::int64_t r = 0; r < out; ++r) {
         double sum = 0.0;
         for (std::int64_t c = 0; c < group_size; ++c) {
-          double column = 0.0;
-          for (std::int64_t r = 0; r < rows; ++r) {
-            const float v = values[c * rows + r];
-            const double d = double{v} - codec.dequantize(codec.quantize(v, s), s);
-            column += d * d;
-          }
-          sum += moment[c] * column;
+          const double d = double{values[r * group_size + c]} - dequantized[r * group_size + c];
+          sum += moment[c] * d * d;
         }
-        return sum;
-      };
-      double best = objective(scale);
-      const GroupScale nearest = scale;
-      for (const GroupScale& candidate : codec.candidate_scales(
-               amax, options.sweep_candidates, options.sweep_lo, options.sweep_hi)) {
-        if (candidate == nearest) continue;
-        const double value = objective(candidate);
-        if (value < best) {
-          best = value;
-          scale = candidate;
+        objective[r / units.scale_rows] += sum;
+      }
+    };
+    evaluate(row_scales);
+    std::vector<double> best = objective;
+    std::vector<GroupScale> chosen(units.row_blocks);
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      chosen[rb] = row_scales[rb * units.scale_rows];
+    }
+    const std::vector<GroupScale> nearest = chosen;
+    std::vector<GroupScale> trial(out);
+    for (std::size_t k = 0; k < passes; ++k) {
+      for (std::int64_t r = 0; r < out; ++r) {
+        const auto& list = candidates[r / units.scale_rows];
+        trial[r] = list[std::min(k, list.size() - 1)];
+      }
+      evaluate(trial);
+      for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+        if (objective[rb] < best[rb]) {
+          best[rb] = objective[rb];
+          chosen[rb] = trial[rb * units.scale_rows];
         }
       }
-      changed += scale == nearest ? 0 : 1;
     }
-    for (std::int64_t r = r0; r < r0 + rows; ++r) scales[r * units.groups + g] = scale;
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      changed += chosen[rb] == nearest[rb] ? 0 : 1;
+    }
+    for (std::int64_t r = 0; r < out; ++r) row_scales[r] = chosen[r / units.scale_rows];
   }
+  for (std::int64_t r = 0; r < out; ++r) scales[r * units.groups + g] = row_scales[r];
   return changed;
 }
 
@@ -268,11 +299,12 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
         result.codes[r * n + j] = code;
         error[r] = (column[r] - codec.dequantize(code, scale)) / d;
       }
-      // OBS update of the batch's later columns; the rest of the matrix lazily below.
-      for (std::int64_t k = p + 1; k < i2; ++k) {
-        const double factor_pk = u[p * n + k];
-        double* later = wt.data() + k * m;
-        for (std::size_t r = 0; r < m; ++r) later[r] -= factor_pk * error[r];
+      // OBS update of the batch's later columns (a rank-1 update, Wt[k] -= U[p, k] err for
+      // p < k < i2); the rest of the matrix lazily below.
+      if (p + 1 < i2) {
+        cblas_dger(CblasRowMajor, static_cast<int>(i2 - p - 1), static_cast<int>(m), -1.0,
+                   u.data() + p * n + p + 1, 1, error, 1, wt.data() + (p + 1) * m,
+                   static_cast<int>(m));
       }
     }
     if (i2 < in) {
