@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
 #include "tokenizer/tokenizer.h"
@@ -18,10 +19,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// As `prismaquant eval` sizes its passes: tokens per forward pass, and memory for the reference
-// logits one pass keeps.
-constexpr std::int64_t kTokensPerPass = 2048;
-constexpr std::int64_t kReferenceLogitsBytes = 256ll << 20;
 // Models whose f32 weights fit this stay decoded in memory between passes (and for sampling).
 constexpr std::int64_t kResidentF32Bytes = 1ll << 30;
 // Tokens of the held-out split used as the default sampling prompt.
@@ -123,15 +120,15 @@ ValidateReport run_validate(const ValidateJob& job) {
            "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
            reference.model().config().vocab_size, model.config().vocab_size);
 
-  const std::int64_t window_logits_bytes =
-      job.seqlen * model.config().vocab_size * static_cast<std::int64_t>(sizeof(float));
-  const std::int64_t windows_per_pass =
-      std::clamp<std::int64_t>(kReferenceLogitsBytes / window_logits_bytes, 1,
-                               std::max<std::int64_t>(1, kTokensPerPass / job.seqlen));
+  // The pre-export measurement's batching (the batch shapes the GEMM arithmetic), so that a
+  // checkpoint that decodes to the measured weights reproduces the measured figures exactly. The
+  // reference is streamed pass by pass, not held for every window as runtime::ReferenceLogits
+  // would, so memory stays at one pass of logits whatever --max-seqs is.
+  const std::int64_t windows_per_pass = pipeline::kEvalWindowsPerPass;
   const runtime::EvalResult compared =
       runtime::evaluate(model, windows, &reference.model(), windows_per_pass);
-  const runtime::EvalResult alone = runtime::evaluate(reference.model(), windows, nullptr,
-                                                      std::max<std::int64_t>(1, windows_per_pass));
+  const runtime::EvalResult alone =
+      runtime::evaluate(reference.model(), windows, nullptr, windows_per_pass);
   report.windows = compared.windows;
   report.predictions = compared.predictions;
   report.mean_kl = compared.mean_kl();

@@ -16,10 +16,14 @@
 #include "common/error.h"
 #include "common/file_util.h"
 #include "export/exporter.h"
+#include "export/linear_encoder.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
+#include "pipeline/measure.h"
+#include "runtime/evaluate.h"
+#include "runtime/weights.h"
 #include "support/test_support.h"
 #include "validate/ct_checkpoint.h"
 #include "validate/ct_decode.h"
@@ -349,6 +353,40 @@ TEST_F(ExportedCheckpoint, RunValidateMeasuresTheDecodedModel) {
   const auto windows = heldout_windows(dataset, 64, 3);
   ASSERT_EQ(windows.size(), 3u);
   EXPECT_TRUE(std::equal(windows[0].begin(), windows[0].end(), dataset.heldout_tokens().begin()));
+}
+
+TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
+  // The quantize pipeline measures an assignment before export by fake-quantizing the source
+  // (exporter::LinearEncoder, the formats library). The checkpoint decoded here, independently,
+  // must give the same logits, hence the same KL, perplexity and top-1, bit for bit.
+  const model::ModelSpec spec = model::load_model_spec(source_dir());
+  const io::Checkpoint source = io::Checkpoint::open(source_dir());
+  const exporter::NearestRounding rounding;
+  const exporter::LinearEncoder encoder(spec, source, rounding, input_amax(spec));
+  std::map<std::string, std::string> format_of;
+  for (const alloc::AssignedLinear& a : assignment_->linears) format_of[a.name] = a.format;
+  const runtime::CheckpointWeightSource source_weights(source);
+  runtime::Model reference_model(model::ModelConfig::load(source_dir()), source_weights,
+                                 {.keep_layers_resident = true});
+  const runtime::ReferenceLogits reference(reference_model,
+                                           pipeline::heldout_windows(source_dir(), data(), 3, 64),
+                                           pipeline::kEvalWindowsPerPass);
+  const exporter::MeasuredQuality measured = pipeline::measure_assignment(
+      model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
+
+  ValidateJob job;
+  job.checkpoint = exported();
+  job.reference = source_dir();
+  job.data = data();
+  job.seqlen = 64;
+  job.max_seqs = 3;
+  job.sample_tokens = 1;
+  const ValidateReport report = run_validate(job);
+  EXPECT_EQ(report.predictions, measured.predictions);
+  EXPECT_EQ(report.mean_kl, measured.mean_kl);
+  EXPECT_EQ(report.perplexity, measured.perplexity);
+  EXPECT_EQ(report.reference_perplexity, measured.source_perplexity);
+  EXPECT_EQ(report.top1_agreement, measured.top1_agreement);
 }
 
 TEST_F(ExportedCheckpoint, RegexAndClassTargetsResolveLikeCompressedTensors) {
