@@ -63,9 +63,12 @@ void register_validate(CLI::App& app) {
   cmd->add_option("--data", job.data,
                   "text file (plain text or .jsonl); its last 10% of tokens are evaluated")
       ->required();
-  cmd->add_option("--seqlen", job.seqlen, "tokens per window")->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--seqlen", job.seqlen, "tokens per window")
+      ->check(CLI::Range(2, 1 << 20))
+      ->capture_default_str();
   cmd->add_option("--max-seqs", job.max_seqs, "at most this many held-out windows (0: all)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd->add_option("--max-kl", job.gates.max_kl, "gate: largest mean KL in nats")
       ->capture_default_str();
   cmd->add_option("--min-top1", job.gates.min_top1, "gate: smallest top-1 agreement")

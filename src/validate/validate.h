@@ -25,8 +25,11 @@ struct ValidateJob {
   std::filesystem::path checkpoint;  // the compressed-tensors checkpoint directory
   std::filesystem::path reference;   // the unquantized source checkpoint
   std::filesystem::path data;        // text (or .jsonl); tokenized with checkpoint/tokenizer.json
+  // Held-out windows scored: at most max_seqs (0: every one that fits) of seqlen tokens. The
+  // defaults are the quantize pipeline's pre-export measurement (QuantizeJob eval_windows and
+  // eval_seqlen), so the two report the same figures.
   std::int64_t seqlen = 512;
-  std::int64_t max_seqs = 0;  // held-out windows to score; 0: every one that fits
+  std::int64_t max_seqs = 16;
   Gates gates;
   std::optional<std::string> prompt;  // greedy sample prompt; default: the held-out split's start
   std::int64_t sample_tokens = 32;
