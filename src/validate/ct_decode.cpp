@@ -127,6 +127,7 @@ std::vector<float> decode_weight(const Scheme& scheme, std::int64_t out, std::in
           for (std::int64_t c = g * 32; c < (g + 1) * 32; ++c) {
             const float element =
                 fp4 ? kE2M1[fp4_code(row, c)] : e4m3[row[static_cast<std::size_t>(c)]];
+            PQ_CHECK(!std::isnan(element), "weight holds an E4M3 NaN at [{}, {}]", r, c);
             w[static_cast<std::size_t>(r * in + c)] = element * step;
           }
         }

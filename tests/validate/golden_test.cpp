@@ -242,6 +242,22 @@ TEST(GoldenDecode, RejectsNanScales) {
   }
 }
 
+TEST(GoldenDecode, RejectsNanWeights) {
+  // E4M3 0x7F = 0|1111|111 is NaN (OCP "fn": the only NaN pattern, no infinities).
+  std::vector<std::uint8_t> weight = repeat(kE4M3Bytes, 4);
+  weight[5] = 0x7F;
+  EXPECT_THROW(decode("MXFP8A16", 1, 32,
+                      {{"weight", {DType::F8_E4M3, {1, 32}, weight}},
+                       {"weight_scale", {DType::U8, {1, 1}, {127}}}}),
+               Error);
+  std::vector<std::uint8_t> fp8 = kFp8Weight;
+  fp8[2] = 0xFF;
+  EXPECT_THROW(decode("FP8_E4M3", 2, 4,
+                      {{"weight", {DType::F8_E4M3, {2, 4}, fp8}},
+                       {"weight_scale", {DType::F32, {2, 1}, kChannelScales}}}),
+               Error);
+}
+
 TEST(GoldenDecode, RejectsMisshapenTensors) {
   EXPECT_THROW(decode("MXFP8A16", 1, 32,
                       {{"weight", {DType::F8_E4M3, {1, 16}, repeat(kE4M3Bytes, 2)}},
