@@ -33,6 +33,9 @@ void register_quantize(CLI::App& app) {
       ->required();
   cmd->add_option("--work", job->work, "Work directory for the stage artifacts (default DIR.work)");
   cmd->add_flag("--force", job->force, "Replace DIR if it exists");
+  cmd->add_option("--rounding", job->rounding,
+                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians) or nearest")
+      ->default_val(job->rounding);
   cmd->add_option("--eval-windows", job->eval_windows, "Held-out windows evaluated")
       ->default_val(job->eval_windows)
       ->check(CLI::PositiveNumber);

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
@@ -112,6 +113,11 @@ class GptqRounding final : public RoundingStrategy {
 
   std::string_view name() const override { return "gptq"; }
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
+  // How many Linears GPTQ rounded, how many fell back to nearest rounding and why, and the
+  // geometric mean of output_mse / nearest_output_mse over those with statistics.
+  std::string describe(const std::map<std::string, std::string>& format_of) const override;
+  // The RoundingReport (to_json) of every listed (Linear, format) encoded so far.
+  nlohmann::json report(const std::map<std::string, std::string>& format_of) const override;
 
   // One report per (Linear, format) encoded, in the order first encoded; encoding a pair again
   // (LinearEncoder measures before it exports) replaces its report.
@@ -125,5 +131,10 @@ class GptqRounding final : public RoundingStrategy {
   mutable std::vector<RoundingReport> reports_;
   mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
 };
+
+// The rounding strategy named `name`: "gptq" (GptqRounding over the probe's statistics; needs
+// `probe`, which must outlive it) or "nearest". pq::Error otherwise.
+std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
+                                                const probe::ProbeResult* probe);
 
 }  // namespace pq::exporter

@@ -7,7 +7,9 @@
 
 #include "alloc/budget.h"
 #include "common/error.h"
+#include "common/file_util.h"
 #include "common/progress.h"
+#include "export/gptq.h"
 #include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 
@@ -92,8 +94,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
   const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
-  const exporter::NearestRounding rounding;
-  const exporter::LinearEncoder encoder(spec, checkpoint, rounding, input_amax);
+  const std::unique_ptr<exporter::RoundingStrategy> rounding =
+      exporter::make_rounding(job.rounding, &probe);
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax);
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : outcome.allocation.assignment.linears) {
     format_of[linear.name] = linear.format;
@@ -118,7 +121,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.input_amax = input_amax;
   export_job.quality = outcome.measured;
   export_job.command_line = job.command_line;
-  outcome.exported = exporter::run_export(export_job, rounding);
+  outcome.exported = exporter::run_export(export_job, *rounding);
+  outcome.rounding = rounding->describe(format_of);
+  write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");
   outcome.stages.push_back({"export", seconds_since(start), false});
   return outcome;
 }

@@ -32,6 +32,8 @@ struct QuantizeJob {
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
   std::size_t eval_windows = 16;
   std::size_t eval_seqlen = 512;
+  // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
+  std::string rounding = "gptq";
   bool force = false;        // replace an existing `out`
   std::string command_line;  // recorded in the model card
 };
@@ -50,6 +52,7 @@ struct QuantizeOutcome {
   alloc::AllocateOutcome allocation;
   exporter::MeasuredQuality measured;  // before export, with the exporter's weights
   exporter::ExportSummary exported;
+  std::string rounding;  // what the rounding strategy did (its model-card paragraph)
 };
 
 // probe -> cost -> allocate in the work directory, then the assignment's held-out quality
