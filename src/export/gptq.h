@@ -43,9 +43,9 @@ struct GptqOptions {
   double damp = 0.01;
   // Columns per lazy batch (GPTQ paper §3 "Lazy Batch-Updates", blocksize 128).
   std::int64_t block_size = 128;
-  // Fewer calibration tokens than this: round to nearest. GPTQ fits H's few directions and
-  // generalises badly: on qwen3-moe-tiny several experts routed 1-10 tokens had held-out output
-  // errors 1.2-1.8x RTN's, while all with 11 or more beat RTN (docs/export.md).
+  // Fewer calibration tokens than this: GptqRounding rounds to nearest. GPTQ fits H's few
+  // directions and generalises badly: on qwen3-moe-tiny several experts routed 1-10 tokens had
+  // held-out output errors 1.2-1.8x RTN's, while all with 11 or more beat RTN (docs/export.md).
   std::int64_t min_tokens = 16;
   // Quantize columns in descending order of diag(H) (GPTQ reference --act-order). With groups,
   // every group's scale is fixed from the original weights before the pass ("static groups"),
