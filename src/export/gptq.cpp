@@ -352,6 +352,8 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
   PQ_CHECK(options_.damp >= 0.0 && std::isfinite(options_.damp),
            "GPTQ damping {} is not a non-negative number", options_.damp);
   PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
+  PQ_CHECK(options_.min_tokens >= 1, "GPTQ minimum token count {} is not positive",
+           options_.min_tokens);
   PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
                options_.sweep_lo <= options_.sweep_hi,
            "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
@@ -401,6 +403,13 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   formats::EncodedWeight nearest = job.format.quantize(job.weight, job.shape, options);
   report.nearest_output_mse =
       output_mse(job.weight, job.format.dequantize(nearest), job.shape, *stats);
+  if (stats->tokens < options_.min_tokens) {
+    report.fallback = fmt::format("{} calibration tokens, fewer than GPTQ's minimum {}",
+                                  stats->tokens, options_.min_tokens);
+    report.output_mse = report.nearest_output_mse;
+    record(report);
+    return nearest;
+  }
   const std::optional<GroupedWeight> grouped =
       gptq_round(job.weight, job.shape, *layout, *stats, options_);
   if (!grouped) {
