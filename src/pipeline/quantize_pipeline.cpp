@@ -106,7 +106,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
     const runtime::ReferenceLogits reference(
         source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
-        kEvalWindowsPerPass);
+        runtime::kEvalWindowsPerPass);
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
@@ -125,6 +125,20 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   outcome.rounding = rounding->describe(format_of);
   write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");
   outcome.stages.push_back({"export", seconds_since(start), false});
+
+  start = std::chrono::steady_clock::now();
+  validate::ValidateJob validate_job;
+  validate_job.checkpoint = job.out;
+  validate_job.reference = job.model;
+  validate_job.data = job.data;
+  validate_job.seqlen = static_cast<std::int64_t>(job.eval_seqlen);
+  validate_job.max_seqs = static_cast<std::int64_t>(job.eval_windows);
+  validate_job.gates = job.gates;
+  outcome.validated = validate::run_validate(validate_job);
+  validate::write_report(work / "validate.json", outcome.validated);
+  outcome.stages.push_back({"validate", seconds_since(start), false});
+  PQ_CHECK(outcome.validated.passed(), "{}: validation failed: {} (report: {})", job.out.string(),
+           outcome.validated.failures.front(), (work / "validate.json").string());
   return outcome;
 }
 
