@@ -7,7 +7,6 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
-#include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
 #include "tokenizer/tokenizer.h"
@@ -124,7 +123,7 @@ ValidateReport run_validate(const ValidateJob& job) {
   // checkpoint that decodes to the measured weights reproduces the measured figures exactly. The
   // reference is streamed pass by pass, not held for every window as runtime::ReferenceLogits
   // would, so memory stays at one pass of logits whatever --max-seqs is.
-  const std::int64_t windows_per_pass = pipeline::kEvalWindowsPerPass;
+  const std::int64_t windows_per_pass = runtime::kEvalWindowsPerPass;
   const runtime::EvalResult compared =
       runtime::evaluate(model, windows, &reference.model(), windows_per_pass);
   const runtime::EvalResult alone =

@@ -33,7 +33,7 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   job.eval_windows = 2;
   job.eval_seqlen = 128;
   const QuantizeOutcome outcome = run_quantize(job);
-  ASSERT_EQ(outcome.stages.size(), 5u);
+  ASSERT_EQ(outcome.stages.size(), 6u);
   EXPECT_FALSE(outcome.stages[0].reused);
   EXPECT_FALSE(outcome.stages[1].reused);
 
@@ -80,6 +80,14 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   const std::string card = read_text_file(dir / "out/README.md");
   EXPECT_NE(card.find(fmt::format("{:.6f}", measured.mean_kl)), std::string::npos) << card;
   EXPECT_NE(card.find("Pareto"), std::string::npos);
+  // validate reloads the written checkpoint with its own decoder and measures the same figures
+  // as the pre-export measurement, bit for bit.
+  const validate::ValidateReport& validated = outcome.validated;
+  EXPECT_TRUE(validated.passed());
+  EXPECT_EQ(validated.predictions, measured.predictions);
+  EXPECT_EQ(validated.mean_kl, measured.mean_kl);
+  EXPECT_EQ(validated.perplexity, measured.perplexity);
+  EXPECT_EQ(validated.top1_agreement, measured.top1_agreement);
   // Bits charged == bytes on disk: the allocator's whole-checkpoint charge is the tensor data
   // written.
   EXPECT_EQ(outcome.exported.tensor_bytes,

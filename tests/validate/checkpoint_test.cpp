@@ -370,7 +370,7 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
                                  {.keep_layers_resident = true});
   const runtime::ReferenceLogits reference(reference_model,
                                            pipeline::heldout_windows(source_dir(), data(), 3, 64),
-                                           pipeline::kEvalWindowsPerPass);
+                                           runtime::kEvalWindowsPerPass);
   const exporter::MeasuredQuality measured = pipeline::measure_assignment(
       model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
 
