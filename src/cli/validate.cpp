@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/gate_options.h"
 #include "common/error.h"
 
 namespace pq::cli {
@@ -69,13 +70,7 @@ void register_validate(CLI::App& app) {
   cmd->add_option("--max-seqs", job.max_seqs, "at most this many held-out windows (0: all)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  cmd->add_option("--max-kl", job.gates.max_kl, "gate: largest mean KL in nats")
-      ->capture_default_str();
-  cmd->add_option("--min-top1", job.gates.min_top1, "gate: smallest top-1 agreement")
-      ->capture_default_str();
-  cmd->add_option("--max-ppl-ratio", job.gates.max_ppl_ratio,
-                  "gate: largest perplexity / reference perplexity")
-      ->capture_default_str();
+  add_gate_options(cmd, job.gates);
   cmd->add_option("--json", args->json, "write the report as JSON here");
   cmd->add_option("--prompt", args->prompt,
                   "prompt of the greedy sample (default: the start of the held-out split)");
