@@ -17,5 +17,6 @@ void register_formats(CLI::App& app);
 void register_export(CLI::App& app);
 void register_eval(CLI::App& app);      // eval.cpp
 void register_generate(CLI::App& app);  // generate.cpp
+void register_scout(CLI::App& app);     // scout.cpp
 
 }  // namespace pq::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   pq::cli::register_export(app);
   pq::cli::register_eval(app);
   pq::cli::register_generate(app);
+  pq::cli::register_scout(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
