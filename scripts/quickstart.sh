@@ -10,5 +10,5 @@ data="${2:-../shared/data/wikitext-2-test.txt}"
 out="out/$(basename "$model")"
 bash scripts/setup.sh
 ./build/src/cli/prismaquant inspect "$model"
-./build/src/cli/prismaquant quantize "$model" --data "$data" --out "$out" --target-bits 4.75
-echo "Wrote $out (assignment.json, pareto.csv, pareto.svg)"
+./build/src/cli/prismaquant quantize "$model" --data "$data" --out "$out" --target-bits 4.75 --force
+echo "Wrote $out (the compressed-tensors checkpoint: vllm serve $out) and $out.work (stage artifacts)"

@@ -5,38 +5,16 @@
 #include <string>
 
 #include "cli/commands.h"
-#include "common/file_util.h"
+#include "cli/invocation.h"
 #include "export/exporter.h"
+#include "model/model_spec.h"
+#include "probe/probe_stage.h"
 
 namespace pq::cli {
-namespace {
-
-// The command line exactly as typed, for the model card: argv from /proc/self/cmdline (NUL
-// separated), words holding shell metacharacters single-quoted so it can be pasted back.
-std::string invocation() {
-  const std::string raw = read_text_file("/proc/self/cmdline");
-  std::string line;
-  std::size_t begin = 0;
-  while (begin < raw.size()) {
-    std::size_t end = raw.find('\0', begin);
-    if (end == std::string::npos) end = raw.size();
-    std::string word = raw.substr(begin, end - begin);
-    if (word.empty() || word.find_first_of(" \t\n'\"\\$`*?[]{}()<>|&;#~") != std::string::npos) {
-      std::string quoted = "'";
-      for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-      word = quoted + "'";
-    }
-    line += line.empty() ? word : " " + word;
-    begin = end + 1;
-  }
-  return line;
-}
-
-}  // namespace
 
 void register_export(CLI::App& app) {
   auto job = std::make_shared<exporter::ExportJob>();
-  auto amax_file = std::make_shared<std::string>();
+  auto probe_dir = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
       "export",
       "Quantize MODEL with the format of every Linear from assignment.json and write a "
@@ -47,10 +25,14 @@ void register_export(CLI::App& app) {
       ->required();
   cmd->add_option("--out", job->out, "Checkpoint directory to create")->required();
   cmd->add_flag("--force", job->force, "Replace --out if it exists");
-  cmd->add_option("--input-amax", *amax_file,
-                  "JSON {\"<linear>\": amax of its input activations}; required for W4A4 (NVFP4)");
-  cmd->callback([job, amax_file] {
-    if (!amax_file->empty()) job->input_amax = exporter::read_input_amax(*amax_file);
+  cmd->add_option("--probe", *probe_dir,
+                  "Probe stage output (WORK/probe): calibration activation maxima, needed for W4A4 "
+                  "NVFP4's input_global_scale");
+  cmd->callback([job, probe_dir] {
+    if (!probe_dir->empty()) {
+      const model::ModelSpec spec = model::load_model_spec(job->model_dir);
+      job->input_amax = exporter::input_amax_from_probe(spec, probe::ProbeResult::read(*probe_dir));
+    }
     job->command_line = invocation();
     const exporter::ExportSummary summary = exporter::run_export(*job);
     fmt::print(

@@ -6,6 +6,7 @@
 
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
+#include "cli/invocation.h"
 #include "pipeline/quantize_pipeline.h"
 
 namespace pq::cli {
@@ -16,9 +17,9 @@ void register_quantize(CLI::App& app) {
   auto objective = std::make_shared<std::string>("fisher");
   CLI::App* cmd = app.add_subcommand(
       "quantize",
-      "Run probe -> cost -> allocate, reusing each stage's artifact when its inputs are unchanged. "
-      "Export is not implemented yet: DIR receives assignment.json, pareto.csv and pareto.svg "
-      "(stage artifacts go to --work, default DIR/work)");
+      "Quantize MODEL end to end: probe -> cost -> allocate -> measure -> export. DIR receives the "
+      "compressed-tensors checkpoint (`vllm serve DIR`); stage artifacts go to --work (default "
+      "DIR.work), and probe and cost are reused when their inputs are unchanged");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--out", job->out, "Output directory DIR")->required();
   cmd->add_option("--formats", job->formats, "Format menu")
@@ -27,8 +28,17 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--target-bits", job->target_bits, "Bits per quantizable parameter")
       ->default_val(job->target_bits);
   cmd->add_option("--data", job->data,
-                  "Calibration text; without it the work directory's finished probe is used");
-  cmd->add_option("--work", job->work, "Work directory for the stage artifacts");
+                  "Calibration text (plain text or .jsonl); its last 10% is held out for "
+                  "evaluation")
+      ->required();
+  cmd->add_option("--work", job->work, "Work directory for the stage artifacts (default DIR.work)");
+  cmd->add_flag("--force", job->force, "Replace DIR if it exists");
+  cmd->add_option("--eval-windows", job->eval_windows, "Held-out windows evaluated")
+      ->default_val(job->eval_windows)
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--eval-seqlen", job->eval_seqlen, "Tokens per held-out window")
+      ->default_val(job->eval_seqlen)
+      ->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--pareto", job->pareto,
                   "Pareto targets (default 4,4.25,4.5,4.75,5,5.5,6,7,8 and --target-bits)");
   add_calibration_options(cmd, *job);
@@ -37,6 +47,7 @@ void register_quantize(CLI::App& app) {
   cmd->callback([job, no_weighting, objective] {
     job->importance_weighting = !*no_weighting;
     job->objective = cost::objective_by_name(*objective);
+    job->command_line = invocation();
     const pipeline::QuantizeOutcome outcome = pipeline::run_quantize(*job);
     for (const pipeline::StageReport& stage : outcome.stages) {
       std::fputs(fmt::format("{:<8} {:8.2f} s{}\n", stage.stage, stage.seconds,
@@ -45,6 +56,19 @@ void register_quantize(CLI::App& app) {
                  stdout);
     }
     std::fputs(alloc::summarize_outcome(outcome.allocation).c_str(), stdout);
+    const exporter::MeasuredQuality& q = outcome.measured;
+    std::fputs(fmt::format("held-out ({} x {} tokens): KL {:.6f} nats, perplexity {:.4f} (source "
+                           "{:.4f}), top-1 agreement {:.4f}\n",
+                           q.windows, q.seqlen, q.mean_kl, q.perplexity, q.source_perplexity,
+                           q.top1_agreement)
+                   .c_str(),
+               stdout);
+    std::fputs(
+        fmt::format("wrote {} ({:.3f} bits per parameter on disk)\n", outcome.exported.out.string(),
+                    8.0 * static_cast<double>(outcome.exported.tensor_bytes) /
+                        static_cast<double>(outcome.exported.params))
+            .c_str(),
+        stdout);
   });
 }
 

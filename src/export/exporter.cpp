@@ -29,77 +29,14 @@ constexpr const char* kCopiedFiles[] = {"tokenizer.json", "tokenizer_config.json
                                         "tokenizer.model", "generation_config.json",
                                         "special_tokens_map.json"};
 
-bool is_w13_role(const std::string& role) {
-  return role.ends_with("gate_proj") || role.ends_with("up_proj");
-}
-
 bool is_nvfp4(const formats::WeightFormat& format) {
   return format.name() == "NVFP4" || format.name() == "NVFP4A16";
-}
-
-// Linears whose NVFP4 weight_global_scale must be one value. Dense sibling groups (q/k/v,
-// gate/up) are one vLLM module, which keeps only the max of its shards' global scales
-// (format-facts.md A.3.2). A MoE sibling group spans every expert of a layer, but vLLM's fused MoE
-// layer fuses only each expert's gate and up into w13; down_proj and other experts keep their own
-// (method-facts.md §7, "Packed experts": each expert's global scale = max(gate, up)).
-std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec& spec) {
-  std::vector<std::vector<std::size_t>> units;
-  std::vector<bool> placed(spec.linears.size(), false);
-  for (const model::SiblingGroup& group : spec.groups) {
-    std::map<std::int64_t, std::size_t> unit_of_expert;  // expert index, -1 for a dense group
-    for (const std::size_t index : group.members) {
-      const model::Linear& linear = spec.linears[index];
-      placed[index] = true;
-      if (linear.expert && !is_w13_role(linear.role)) {
-        units.push_back({index});
-        continue;
-      }
-      const auto [it, added] = unit_of_expert.try_emplace(linear.expert.value_or(-1), units.size());
-      if (added) units.emplace_back();
-      units[it->second].push_back(index);
-    }
-  }
-  for (std::size_t index = 0; index < spec.linears.size(); ++index) {
-    if (!placed[index]) units.push_back({index});
-  }
-  std::sort(units.begin(), units.end(),
-            [](const auto& a, const auto& b) { return a.front() < b.front(); });
-  return units;
-}
-
-// The source weight of one Linear decoded to f32, [out, in]; a slice of a packed 3-D tensor when
-// the Linear shares its tensor (Qwen3.5 packed experts).
-std::vector<float> read_weight(const io::Checkpoint& checkpoint, const model::Linear& linear) {
-  const io::TensorView view = checkpoint.view(linear.weight_tensor);
-  std::vector<float> weight(static_cast<std::size_t>(linear.numel()));
-  std::span<const std::uint8_t> bytes = view.bytes;
-  if (linear.slice) {
-    const std::vector<std::int64_t>& shape = view.info->shape;
-    PQ_CHECK(shape.size() == 3 && shape[2] == linear.in_features,
-             "{}: tensor {} is not [E, rows, {}]", linear.name, linear.weight_tensor,
-             linear.in_features);
-    const std::size_t row_bytes =
-        static_cast<std::size_t>(shape[2]) * io::dtype_size(view.info->dtype);
-    const std::size_t first_row =
-        static_cast<std::size_t>(linear.slice->index * shape[1] + linear.slice->row_begin);
-    bytes = bytes.subspan(first_row * row_bytes,
-                          static_cast<std::size_t>(linear.out_features) * row_bytes);
-  }
-  io::decode_to_f32(view.info->dtype, bytes, weight);
-  return weight;
-}
-
-float max_abs(std::span<const float> values) {
-  float amax = 0.0f;
-  for (const float v : values) amax = std::max(amax, std::fabs(v));
-  return amax;
 }
 
 // The checked assignment: a format for every candidate Linear of the spec.
 struct Plan {
   std::vector<const formats::WeightFormat*> format_of;  // per ModelSpec::linears; null: passthrough
   std::map<std::string, std::string> format_name_of;    // candidate name -> format name
-  std::map<std::size_t, float> input_global_scale;      // per W4A4 Linear
 };
 
 Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assignment,
@@ -150,25 +87,15 @@ Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assign
                plan.format_of[member] ? plan.format_of[member]->name() : "unquantized");
     }
   }
-  // W4A4 NVFP4: input_global_scale = 448*6/amax(calibration activations) (format-facts.md A.2).
-  // Fused siblings read one input, so they share the max over members. The other formats that
-  // quantize activations (MXFP4/MXFP8 W*A*, FP8) scale them dynamically and store nothing.
-  for (const std::vector<std::size_t>& unit : global_scale_units(spec)) {
-    const formats::WeightFormat* format = plan.format_of[unit.front()];
+  // W4A4 NVFP4 needs the calibration amax of its input (format-facts.md A.2): fail before
+  // anything is written, naming the first Linear that lacks it.
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const formats::WeightFormat* format = plan.format_of[i];
     if (format == nullptr || !format->quantizes_activations() || !is_nvfp4(*format)) continue;
-    float amax = 0.0f;
-    for (const std::size_t member : unit) {
-      const std::string& name = spec.linears[member].name;
-      const auto it = job.input_amax.find(name);
-      PQ_CHECK(it != job.input_amax.end(),
-               "{}: Linear '{}' is assigned {} (W4A4), whose input_global_scale needs the "
-               "calibration activation amax; none was given for it",
-               label, name, format->name());
-      amax = std::max(amax, it->second);
-    }
-    for (const std::size_t member : unit) {
-      plan.input_global_scale[member] = formats::nvfp4_global_scale(amax);
-    }
+    PQ_CHECK(job.input_amax.contains(spec.linears[i].name),
+             "{}: Linear '{}' is assigned {} (W4A4), whose input_global_scale needs the "
+             "calibration activation amax; none was given for it",
+             label, spec.linears[i].name, format->name());
   }
   return plan;
 }
@@ -206,32 +133,13 @@ std::vector<Step> stream_order(const model::ModelSpec& spec, const Plan& plan) {
 
 // Encodes and writes one unit of Linears; returns the tensor bytes written.
 std::uint64_t write_unit(const Step& step, const model::ModelSpec& spec, const Plan& plan,
-                         const io::Checkpoint& checkpoint, const RoundingStrategy& rounding,
+                         const io::Checkpoint& checkpoint, const LinearEncoder& encoder,
                          io::ShardedCheckpointWriter& writer) {
   const formats::WeightFormat& format = *plan.format_of[step.unit.front()];
   std::uint64_t written = 0;
-  std::vector<std::vector<float>> weights;
-  float amax = 0.0f;
   for (const std::size_t member : step.unit) {
-    weights.push_back(read_weight(checkpoint, spec.linears[member]));
-    amax = std::max(amax, max_abs(weights.back()));
-  }
-  for (std::size_t k = 0; k < step.unit.size(); ++k) {
-    const model::Linear& linear = spec.linears[step.unit[k]];
-    formats::QuantizeOptions options;
-    if (is_nvfp4(format)) options.weight_global_scale = formats::nvfp4_global_scale(amax);
-    if (const auto it = plan.input_global_scale.find(step.unit[k]);
-        it != plan.input_global_scale.end()) {
-      options.input_global_scale = it->second;
-    }
-    const LinearToEncode job{
-        linear, format, {linear.out_features, linear.in_features}, weights[k], options};
-    formats::EncodedWeight encoded;
-    try {
-      encoded = rounding.encode(job);
-    } catch (const Error& e) {
-      fail("{}: {}", linear.name, e.what());
-    }
+    const model::Linear& linear = spec.linears[member];
+    const formats::EncodedWeight encoded = encoder.encode(member, format);
     for (const formats::EncodedTensor& tensor : encoded.tensors) {
       writer.add(linear.name + "." + tensor.spec.suffix, tensor.spec.dtype, tensor.spec.shape,
                  tensor.bytes);
@@ -254,8 +162,67 @@ std::string human_bytes(std::uint64_t bytes) {
   return fmt::format("{:.2f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
 }
 
-// README.md: what was exported and how to serve it. Measured quality (KL, perplexity) belongs to
-// the validate stage and is not claimed here.
+// The Pareto sweep the allocator wrote beside the assignment (alloc's pareto.csv), as a Markdown
+// table of its feasible rows; empty when there is none.
+std::string pareto_table(const fs::path& assignment) {
+  const fs::path csv = assignment.parent_path() / "pareto.csv";
+  if (!fs::exists(csv)) return {};
+  std::vector<std::vector<std::string>> rows;
+  std::string text = read_text_file(csv);
+  std::size_t begin = 0;
+  while (begin < text.size()) {
+    std::size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    std::vector<std::string> cells;
+    std::size_t cell = begin;
+    while (cell <= end) {
+      std::size_t comma = text.find(',', cell);
+      if (comma == std::string::npos || comma > end) comma = end;
+      cells.push_back(text.substr(cell, comma - cell));
+      cell = comma + 1;
+    }
+    if (!cells.empty()) rows.push_back(std::move(cells));
+    begin = end + 1;
+  }
+  if (rows.size() < 2) return {};
+  const std::vector<std::string>& header = rows.front();
+  auto column = [&](std::string_view name) -> std::optional<std::size_t> {
+    const auto it = std::find(header.begin(), header.end(), name);
+    if (it == header.end()) return std::nullopt;
+    return static_cast<std::size_t>(it - header.begin());
+  };
+  const auto target = column("target_bits");
+  const auto feasible = column("feasible");
+  const auto achieved = column("achieved_bits");
+  const auto dloss = column("predicted_dloss");
+  const auto knee = column("knee");
+  if (!target || !feasible || !achieved || !dloss || !knee) return {};
+  // One column per format: how many Linears each point gives it.
+  std::vector<std::size_t> mix_columns;
+  std::string mix_header;
+  std::string mix_rule;
+  for (std::size_t c = 0; c < header.size(); ++c) {
+    if (!header[c].starts_with("linears_")) continue;
+    mix_columns.push_back(c);
+    mix_header += fmt::format(" {} |", header[c].substr(8));
+    mix_rule += "---|";
+  }
+  std::string table = fmt::format(
+      "| target bits | bits per quantizable param | predicted dL | knee |{}\n|---|---|---|---|{}\n",
+      mix_header, mix_rule);
+  for (std::size_t r = 1; r < rows.size(); ++r) {
+    const std::vector<std::string>& row = rows[r];
+    if (row.size() != header.size() || row[*feasible] != "1") continue;
+    std::string mix;
+    for (const std::size_t c : mix_columns) mix += fmt::format(" {} |", row[c]);
+    table +=
+        fmt::format("| {} | {:.4f} | {:.4g} | {} |{}\n", row[*target], std::stod(row[*achieved]),
+                    std::stod(row[*dloss]), row[*knee] == "1" ? "knee" : "", mix);
+  }
+  return table;
+}
+
+// README.md: what was exported, how well it does where that was measured, and how to serve it.
 std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const Plan& plan,
                        const ExportSummary& summary, std::uint64_t file_bytes,
                        std::uint64_t source_file_bytes) {
@@ -305,7 +272,28 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
     card += fmt::format("| {} | {} |\n", layer < 0 ? std::string("(none)") : std::to_string(layer),
                         cells);
   }
-  card += fmt::format("\n## How it was made\n\n```\n{}\n```\n\n", job.command_line);
+  card += "\n## Measured quality\n\n";
+  if (job.quality) {
+    const MeasuredQuality& q = *job.quality;
+    card += fmt::format(
+        "Measured before export with the exact weights written here, on {} ({} windows of {} "
+        "tokens, {} next-token predictions), against the source model in float32:\n\n"
+        "| | source | this checkpoint |\n|---|---|---|\n"
+        "| perplexity | {:.4f} | {:.4f} |\n"
+        "| mean KL(source \\|\\| quantized), nats per token | 0 | {:.6f} |\n"
+        "| top-1 agreement with the source | 1 | {:.4f} |\n\n"
+        "`prismaquant validate` reloads this directory and measures the same figures.\n\n",
+        q.data, q.windows, q.seqlen, q.predictions, q.source_perplexity, q.perplexity, q.mean_kl,
+        q.top1_agreement);
+  } else {
+    card +=
+        "Not measured by this export. `prismaquant validate DIR --reference SOURCE --data TEXT` "
+        "reports held-out KL, perplexity and top-1 agreement.\n\n";
+  }
+  if (const std::string table = pareto_table(job.assignment); !table.empty()) {
+    card += "## Size / predicted-loss trade-off (allocator's Pareto sweep)\n\n" + table + "\n";
+  }
+  card += fmt::format("## How it was made\n\n```\n{}\n```\n\n", job.command_line);
   card += fmt::format("## Serve\n\n```\nvllm serve {}\n```\n", job.out.string());
   return card;
 }
@@ -398,23 +386,6 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
           {"sparsity_config", nlohmann::json::object()}};
 }
 
-std::map<std::string, float> read_input_amax(const std::filesystem::path& path) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_text_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not JSON: {}", path.string(), e.what());
-  }
-  PQ_CHECK(j.is_object(), "{}: expected an object {{\"<linear>\": amax}}", path.string());
-  std::map<std::string, float> amax;
-  for (const auto& [name, value] : j.items()) {
-    PQ_CHECK(value.is_number() && std::isfinite(value.get<double>()) && value.get<double>() > 0,
-             "{}: amax of '{}' must be a positive number", path.string(), name);
-    amax[name] = value.get<float>();
-  }
-  return amax;
-}
-
 ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rounding) {
   // "DIR/" names DIR: staging and renames work on the directory's own name.
   ExportJob job = requested;
@@ -428,6 +399,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
       model::load_model_spec(job.model_dir, {.quantize_lm_head = lm_head_assigned});
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model_dir);
   const Plan plan = make_plan(spec, assignment, job);
+  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax);
 
   PQ_CHECK(!job.out.empty(), "no output directory given");
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),
@@ -452,7 +424,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
         checkpoint.release(step.passthrough);
         continue;
       }
-      summary.tensor_bytes += write_unit(step, spec, plan, checkpoint, rounding, writer);
+      summary.tensor_bytes += write_unit(step, spec, plan, checkpoint, encoder, writer);
     }
     writer.commit();
   }

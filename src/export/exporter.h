@@ -4,24 +4,41 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "alloc/assignment.h"
+#include "export/linear_encoder.h"
 #include "export/rounding.h"
 #include "model/model_spec.h"
 
 namespace pq::exporter {
+
+// Held-out quality of an assignment's weights, measured before export with the very encodings the
+// exporter writes (LinearEncoder); the model card reports it.
+struct MeasuredQuality {
+  std::string data;  // what was measured on, e.g. "wikitext-2-test.txt, held-out split"
+  std::int64_t windows = 0;
+  std::int64_t seqlen = 0;
+  std::int64_t predictions = 0;
+  double mean_kl = 0.0;  // KL(source || quantized) per prediction, nats
+  double perplexity = 0.0;
+  double source_perplexity = 0.0;
+  double top1_agreement = 0.0;
+};
 
 struct ExportJob {
   std::filesystem::path model_dir;   // source checkpoint (HF layout); never written to
   std::filesystem::path assignment;  // WORK/alloc/assignment.json
   std::filesystem::path out;         // the checkpoint directory to create
   bool force = false;                // replace an existing `out`
-  // max |x| of each Linear's input activations over the calibration set, keyed by Linear name;
-  // required for every Linear assigned a W4A4 format (NVFP4), whose input_global_scale it sets.
+  // max |x| of each Linear's input activations over the calibration set, keyed by Linear name
+  // (input_amax_from_probe); required for every Linear assigned a W4A4 format (NVFP4), whose
+  // input_global_scale it sets.
   std::map<std::string, float> input_amax;
-  std::string command_line;  // recorded in the model card
+  std::optional<MeasuredQuality> quality;  // for the model card
+  std::string command_line;                // recorded in the model card
   std::uint64_t max_shard_bytes = 5'000'000'000;
 };
 
@@ -47,8 +64,5 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
 // removes it and throws pq::Error with one line naming the file, Linear or tensor at fault.
 ExportSummary run_export(const ExportJob& job,
                          const RoundingStrategy& rounding = NearestRounding{});
-
-// Reads the input-activation amax file: a JSON object {"<linear name>": amax, ...}.
-std::map<std::string, float> read_input_amax(const std::filesystem::path& path);
 
 }  // namespace pq::exporter

@@ -8,6 +8,8 @@
 #include "alloc/budget.h"
 #include "common/error.h"
 #include "common/progress.h"
+#include "pipeline/measure.h"
+#include "runtime/checkpoint_model.h"
 
 namespace pq::pipeline {
 
@@ -33,29 +35,33 @@ std::string default_pareto_targets(const std::string& target_bits) {
   return list;
 }
 
+std::filesystem::path work_dir(const QuantizeJob& job) {
+  if (job.work) return *job.work;
+  std::filesystem::path out = job.out.lexically_normal();
+  if (!out.has_filename()) out = out.parent_path();
+  return out.string() + ".work";
+}
+
 QuantizeOutcome run_quantize(const QuantizeJob& job) {
-  const std::filesystem::path work = job.work.value_or(job.out / "work");
+  PQ_CHECK(!job.out.empty(), "quantize: no output directory given");
+  PQ_CHECK(job.force || !std::filesystem::exists(job.out),
+           "{} already exists (use --force to replace it)", job.out.string());
+  const std::filesystem::path work = work_dir(job);
   QuantizeOutcome outcome;
 
   auto start = std::chrono::steady_clock::now();
   probe::ProbeJob probe_job;
   probe_job.model = job.model;
   probe_job.out = work / "probe";
-  if (job.data) {
-    probe_job.data = *job.data;
-    probe_job.nsamples = job.nsamples;
-    probe_job.seqlen = job.seqlen;
-    probe_job.seed = job.seed;
-    probe_job.importance_weighting = job.importance_weighting;
-    probe_job.batch_size = job.batch_size;
-    const probe::ProbeOutcome probed = probe::run_probe(probe_job);
-    PQ_CHECK(probed.complete, "probe stopped before the end");
-    outcome.stages.push_back({"probe", seconds_since(start), probed.reused});
-  } else {
-    PQ_CHECK(std::filesystem::exists(probe_job.out / "probe.json"),
-             "{}: no finished probe; give --data FILE to calibrate", probe_job.out.string());
-    outcome.stages.push_back({"probe", 0.0, true});
-  }
+  probe_job.data = job.data;
+  probe_job.nsamples = job.nsamples;
+  probe_job.seqlen = job.seqlen;
+  probe_job.seed = job.seed;
+  probe_job.importance_weighting = job.importance_weighting;
+  probe_job.batch_size = job.batch_size;
+  const probe::ProbeOutcome probed = probe::run_probe(probe_job);
+  PQ_CHECK(probed.complete, "probe stopped before the end");
+  outcome.stages.push_back({"probe", seconds_since(start), probed.reused});
 
   start = std::chrono::steady_clock::now();
   cost::CostJob cost_job;
@@ -70,7 +76,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   start = std::chrono::steady_clock::now();
   alloc::AllocateJob allocate_job;
   allocate_job.cost = cost_job.out;
-  allocate_job.out = job.out;
+  allocate_job.out = work / "alloc";
   allocate_job.target_bits = job.target_bits;
   allocate_job.pareto = job.pareto.value_or(default_pareto_targets(job.target_bits));
   ProgressBar progress("allocate", 1);
@@ -78,6 +84,42 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   progress.advance();
   progress.finish();
   outcome.stages.push_back({"allocate", seconds_since(start), false});
+
+  // The assignment's held-out quality with the exact weights export writes, measured before the
+  // export so the model card can state it (validate measures the written checkpoint again).
+  start = std::chrono::steady_clock::now();
+  const model::ModelSpec spec = model::load_model_spec(job.model);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
+  const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
+  const exporter::NearestRounding rounding;
+  const exporter::LinearEncoder encoder(spec, checkpoint, rounding, input_amax);
+  std::map<std::string, std::string> format_of;
+  for (const alloc::AssignedLinear& linear : outcome.allocation.assignment.linears) {
+    format_of[linear.name] = linear.format;
+  }
+  {
+    const model::ModelConfig config = model::ModelConfig::load(job.model);
+    runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
+    const runtime::ReferenceLogits reference(
+        source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
+        kEvalWindowsPerPass);
+    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
+  }
+  outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
+  outcome.stages.push_back({"measure", seconds_since(start), false});
+
+  start = std::chrono::steady_clock::now();
+  exporter::ExportJob export_job;
+  export_job.model_dir = job.model;
+  export_job.assignment = work / "alloc" / "assignment.json";
+  export_job.out = job.out;
+  export_job.force = job.force;
+  export_job.input_amax = input_amax;
+  export_job.quality = outcome.measured;
+  export_job.command_line = job.command_line;
+  outcome.exported = exporter::run_export(export_job, rounding);
+  outcome.stages.push_back({"export", seconds_since(start), false});
   return outcome;
 }
 

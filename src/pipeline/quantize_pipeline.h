@@ -7,6 +7,7 @@
 
 #include "alloc/allocate_stage.h"
 #include "cost/cost_stage.h"
+#include "export/exporter.h"
 #include "probe/probe_stage.h"
 
 namespace pq::pipeline {
@@ -14,10 +15,11 @@ namespace pq::pipeline {
 // What `prismaquant quantize` was asked to do.
 struct QuantizeJob {
   std::filesystem::path model;
-  std::filesystem::path out;                  // receives assignment.json, pareto.csv/svg
-  std::optional<std::filesystem::path> work;  // stage artifacts; default out/work
-  std::optional<std::filesystem::path> data;  // calibration text; without it, the work dir's
-                                              // finished probe is used as it is
+  std::filesystem::path out;  // the exported checkpoint (`vllm serve out`)
+  // Stage artifacts (probe/, cost/, alloc/, measure.json); default: `out` + ".work" beside it, so
+  // that replacing the checkpoint never touches them.
+  std::optional<std::filesystem::path> work;
+  std::filesystem::path data;  // calibration text; its held-out tail is the evaluation text
   std::vector<std::string> formats = {"NVFP4", "MXFP8_E4M3", "BF16"};
   std::string target_bits = "4.75";
   std::optional<std::string> pareto;  // default: a ladder from 4 to 8 bits plus the target
@@ -27,7 +29,15 @@ struct QuantizeJob {
   bool importance_weighting = true;
   std::size_t batch_size = 4;
   cost::Objective objective = cost::Objective::kFisher;
+  // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
+  std::size_t eval_windows = 16;
+  std::size_t eval_seqlen = 512;
+  bool force = false;        // replace an existing `out`
+  std::string command_line;  // recorded in the model card
 };
+
+// Where a job's stage artifacts go.
+std::filesystem::path work_dir(const QuantizeJob& job);
 
 struct StageReport {
   std::string stage;
@@ -38,10 +48,13 @@ struct StageReport {
 struct QuantizeOutcome {
   std::vector<StageReport> stages;
   alloc::AllocateOutcome allocation;
+  exporter::MeasuredQuality measured;  // before export, with the exporter's weights
+  exporter::ExportSummary exported;
 };
 
-// probe -> cost -> allocate in the work directory. Each stage's artifact stores the fingerprint
-// of its inputs and options; a stage whose artifact matches is skipped.
+// probe -> cost -> allocate in the work directory, then the assignment's held-out quality
+// measured with the exact weights export writes, then the export to job.out. Each of probe and
+// cost stores the fingerprint of its inputs and options; one whose artifact matches is skipped.
 QuantizeOutcome run_quantize(const QuantizeJob& job);
 
 // The default Pareto targets for a main target: 4, 4.25, 4.5, 4.75, 5, 5.5, 6, 7, 8 and the

@@ -37,6 +37,35 @@ struct EvalResult {
 EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> windows,
                     Model* reference = nullptr, std::int64_t windows_per_pass = 4);
 
+// A reference model's logits on a fixed set of windows, computed once so that many candidate
+// models (scout's assignments, the pre-export measurement) are compared with it without running
+// it again. Memory: windows x length x vocab floats.
+class ReferenceLogits {
+ public:
+  ReferenceLogits(Model& reference, std::vector<std::vector<std::int32_t>> windows,
+                  std::int64_t windows_per_pass = 4);
+
+  const std::vector<std::vector<std::int32_t>>& windows() const { return windows_; }
+  std::int64_t vocab() const { return vocab_; }
+  std::int64_t windows_per_pass() const { return windows_per_pass_; }
+  // [window length, vocab] logits of window w.
+  std::span<const float> logits(std::size_t w) const { return logits_[w]; }
+  // The reference scored against itself: perplexity (KL 0, top-1 agreement 1).
+  const EvalResult& self() const { return self_; }
+
+ private:
+  std::vector<std::vector<std::int32_t>> windows_;
+  std::int64_t vocab_ = 0;
+  std::int64_t windows_per_pass_ = 0;
+  std::vector<std::vector<float>> logits_;
+  EvalResult self_;
+};
+
+// evaluate() against precomputed reference logits: the same windows, passes and per-prediction
+// arithmetic, so the result equals evaluate(model, windows, &reference_model, windows_per_pass)
+// bit for bit.
+EvalResult evaluate(Model& model, const ReferenceLogits& reference);
+
 // Greedy decoding: appends the arg-max token `new_tokens` times (stopping after a token in
 // `stop_tokens`), with a key/value cache (Model::extend). Returns only the new tokens.
 std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int32_t> prompt,

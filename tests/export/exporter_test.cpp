@@ -461,6 +461,19 @@ TEST(Export, OutputDirectoryRules) {
   if (geteuid() != 0) fs::permissions(work / "ro", fs::perms::owner_all);
 }
 
+// A full disk (files may not grow past 1 MB; the checkpoint is 20 MB): one error, and neither
+// the checkpoint nor its staging directory is left behind.
+TEST(Export, FullDiskLeavesNothing) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "MXFP8"}));
+  const ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  EXPECT_EQ(test::run_under_file_size_limit(1'000'000, [&] { run_export(job); }),
+            test::FileSizeLimitOutcome::kThrewError);
+  expect_only(work.path(), {"alloc"});
+}
+
 // A rounding strategy that fails part-way, as a real one could on a bad weight: the checkpoint
 // already half-written must vanish.
 class FailingAfter final : public RoundingStrategy {

@@ -225,32 +225,6 @@ TEST(SafetensorsWriter, WithoutCommitLeavesNothing) {
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
 }
 
-enum class Outcome { kReturned, kThrewError, kCrashedOrOther };
-
-// Runs `body` in a child process whose files may not grow past `max_file_bytes` (writes past it
-// fail with EFBIG, standing in for a full disk).
-Outcome run_under_file_size_limit(std::uint64_t max_file_bytes, const std::function<void()>& body) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    std::signal(SIGXFSZ, SIG_IGN);
-    const rlimit limit{max_file_bytes, max_file_bytes};
-    ::setrlimit(RLIMIT_FSIZE, &limit);
-    int code = 2;
-    try {
-      body();
-      code = 0;
-    } catch (const Error&) {
-      code = 1;
-    } catch (...) {
-    }
-    ::_exit(code);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) > 1) return Outcome::kCrashedOrOther;
-  return WEXITSTATUS(status) == 0 ? Outcome::kReturned : Outcome::kThrewError;
-}
-
 TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
   test::TempDir dir;
   const auto f32 = random_bytes(40'000, 1);
@@ -273,17 +247,17 @@ TEST(SafetensorsWriter, WriteFailureLeavesNoPartialFile) {
     writer.add("c", DType::BF16, s_c, std::span(bf16).first(30'000));
     writer.commit();
   };
-  EXPECT_EQ(Outcome::kThrewError,
-            run_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
-  EXPECT_EQ(Outcome::kThrewError,
-            run_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
+  EXPECT_EQ(test::FileSizeLimitOutcome::kThrewError,
+            test::run_under_file_size_limit(64'000, [&] { write_single(dir / "x.st"); }));
+  EXPECT_EQ(test::FileSizeLimitOutcome::kThrewError,
+            test::run_under_file_size_limit(64'000, [&] { write_sharded(dir / "ckpt"); }));
   EXPECT_EQ(directory_listing(dir.path()), (std::vector<std::string>{"ckpt"}));
   EXPECT_TRUE(directory_listing(dir / "ckpt").empty());
   // Control: with room to spare the same writes succeed.
-  EXPECT_EQ(Outcome::kReturned,
-            run_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
-  EXPECT_EQ(Outcome::kReturned,
-            run_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
+  EXPECT_EQ(test::FileSizeLimitOutcome::kReturned,
+            test::run_under_file_size_limit(1 << 20, [&] { write_single(dir / "y.st"); }));
+  EXPECT_EQ(test::FileSizeLimitOutcome::kReturned,
+            test::run_under_file_size_limit(1 << 20, [&] { write_sharded(dir / "ok"); }));
   EXPECT_EQ(SafetensorsFile(dir / "y.st").tensors().size(), 2u);
   EXPECT_EQ(Checkpoint::open(dir / "ok").files().size(), 2u);
 }
@@ -295,7 +269,7 @@ TEST(SafetensorsWriter, FailedAddLeavesLaterTensorsIntact) {
   const auto b = random_bytes(40'000, 2);
   const auto c = random_bytes(4'000, 3);
   const std::int64_t s10k[] = {10'000}, s1k[] = {1'000};
-  EXPECT_EQ(Outcome::kReturned, run_under_file_size_limit(64'000, [&] {
+  EXPECT_EQ(test::FileSizeLimitOutcome::kReturned, test::run_under_file_size_limit(64'000, [&] {
               SafetensorsWriter writer(dir / "x.safetensors");
               writer.add("a", DType::F32, s10k, a);
               bool rejected = false;

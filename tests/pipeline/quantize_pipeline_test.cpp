@@ -1,10 +1,12 @@
 #include "pipeline/quantize_pipeline.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "common/error.h"
 #include "common/file_util.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
@@ -28,12 +30,14 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   job.nsamples = 4;
   job.seqlen = 128;
   job.target_bits = "4.75";
+  job.eval_windows = 2;
+  job.eval_seqlen = 128;
   const QuantizeOutcome outcome = run_quantize(job);
-  ASSERT_EQ(outcome.stages.size(), 3u);
+  ASSERT_EQ(outcome.stages.size(), 5u);
   EXPECT_FALSE(outcome.stages[0].reused);
   EXPECT_FALSE(outcome.stages[1].reused);
 
-  const std::string assignment_text = read_text_file(dir / "out/assignment.json");
+  const std::string assignment_text = read_text_file(dir / "out.work/alloc/assignment.json");
   const auto assignment = nlohmann::json::parse(assignment_text);
   const double bits = assignment.at("totals").at("bits_per_quantizable_param").get<double>();
   EXPECT_GE(bits, 4.70);
@@ -54,7 +58,7 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   EXPECT_GE(8.0 * static_cast<double>(bytes), 4.70 * static_cast<double>(params));
 
   // The SVG's table has one row per target, headed by the target (and the knee's mark).
-  const std::string svg = read_text_file(dir / "out/pareto.svg");
+  const std::string svg = read_text_file(dir / "out.work/alloc/pareto.svg");
   const std::size_t table = svg.find("target bits");
   ASSERT_NE(table, std::string::npos);
   for (const std::string target : {"4", "4.25", "4.5", "4.75", "5", "5.5", "6", "7", "8"}) {
@@ -62,13 +66,31 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
     const bool knee = svg.find(">" + target + " (knee)</text>", table) != std::string::npos;
     EXPECT_TRUE(plain || knee) << target;
   }
-  EXPECT_TRUE(std::filesystem::exists(dir / "out/work/probe/probe.json"));
-  EXPECT_TRUE(std::filesystem::exists(dir / "out/work/cost/cost.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out.work/probe/probe.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out.work/cost/cost.json"));
 
+  // The measured held-out quality of the exported weights is in the model card.
+  const exporter::MeasuredQuality& measured = outcome.measured;
+  EXPECT_EQ(measured.windows, 2);
+  EXPECT_EQ(measured.predictions, 2 * 127);
+  EXPECT_GT(measured.mean_kl, 0.0);
+  EXPECT_LT(measured.mean_kl, 1.0);
+  EXPECT_GT(measured.top1_agreement, 0.5);
+  EXPECT_TRUE(std::filesystem::exists(dir / "out/config.json"));
+  const std::string card = read_text_file(dir / "out/README.md");
+  EXPECT_NE(card.find(fmt::format("{:.6f}", measured.mean_kl)), std::string::npos) << card;
+  EXPECT_NE(card.find("Pareto"), std::string::npos);
+  // Bits charged == bytes on disk: the allocator's whole-checkpoint charge is the tensor data
+  // written.
+  EXPECT_EQ(outcome.exported.tensor_bytes,
+            assignment.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
+
+  EXPECT_THROW(run_quantize(job), Error);  // out exists
+  job.force = true;
   const QuantizeOutcome again = run_quantize(job);
   EXPECT_TRUE(again.stages[0].reused);
   EXPECT_TRUE(again.stages[1].reused);
-  EXPECT_EQ(read_text_file(dir / "out/assignment.json"), assignment_text);
+  EXPECT_EQ(read_text_file(dir / "out.work/alloc/assignment.json"), assignment_text);
 }
 
 INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,

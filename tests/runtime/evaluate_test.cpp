@@ -75,6 +75,27 @@ TEST_P(FixtureModels, KlAgainstReference) {
   EXPECT_NEAR(rounded.nll_sum, evaluate(bf16, windows).nll_sum, 1e-6 * rounded.nll_sum);
 }
 
+// Cached reference logits give exactly what running the reference alongside gives, for every
+// candidate compared with them.
+TEST_P(FixtureModels, CachedReferenceLogitsMatchStreamingReference) {
+  Model fp32 = make_model();
+  Model bf16 = make_model(ComputeType::kBF16);
+  const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
+  const auto windows = token_windows(ids, 48, 3);
+  const ReferenceLogits cached(fp32, windows, 2);
+  EXPECT_EQ(cached.self().nll_sum, evaluate(fp32, windows, nullptr, 2).nll_sum);
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    const EvalResult streamed = evaluate(bf16, windows, &fp32, 2);
+    const EvalResult reused = evaluate(bf16, cached);
+    EXPECT_GT(reused.kl_sum, 0.0);
+    EXPECT_EQ(reused.kl_sum, streamed.kl_sum);
+    EXPECT_EQ(reused.nll_sum, streamed.nll_sum);
+    EXPECT_EQ(reused.top1_agreements, streamed.top1_agreements);
+    EXPECT_EQ(reused.predictions, streamed.predictions);
+    EXPECT_EQ(reused.windows, 3);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Qwen3, FixtureModels,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"),
                          [](const auto& info) {

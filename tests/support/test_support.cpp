@@ -1,11 +1,15 @@
 #include "support/test_support.h"
 
+#include <fmt/format.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <random>
 
-#include <fmt/format.h>
+#include "common/error.h"
 
 namespace pq::test {
 
@@ -14,18 +18,44 @@ std::filesystem::path shared_dir() {
   return std::filesystem::path(PQ_TEST_DEFAULT_SHARED_DIR);
 }
 
-bool have_shared() { return std::filesystem::exists(shared_dir() / "models"); }
+bool have_shared() {
+  return std::filesystem::exists(shared_dir() / "models");
+}
 
 TempDir::TempDir() {
   std::random_device rd;
-  path_ = std::filesystem::temp_directory_path() /
-          fmt::format("pq-test-{}-{:08x}", ::getpid(), rd());
+  path_ =
+      std::filesystem::temp_directory_path() / fmt::format("pq-test-{}-{:08x}", ::getpid(), rd());
   std::filesystem::create_directories(path_);
 }
 
 TempDir::~TempDir() {
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
+}
+
+FileSizeLimitOutcome run_under_file_size_limit(std::uint64_t max_file_bytes,
+                                               const std::function<void()>& body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    const rlimit limit{max_file_bytes, max_file_bytes};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    int code = 2;
+    try {
+      body();
+      code = 0;
+    } catch (const Error&) {
+      code = 1;
+    } catch (...) {
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) > 1) return FileSizeLimitOutcome::kCrashedOrOther;
+  return WEXITSTATUS(status) == 0 ? FileSizeLimitOutcome::kReturned
+                                  : FileSizeLimitOutcome::kThrewError;
 }
 
 }  // namespace pq::test

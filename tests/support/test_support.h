@@ -1,7 +1,9 @@
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 namespace pq::test {
@@ -25,13 +27,20 @@ class TempDir {
   std::filesystem::path path_;
 };
 
+enum class FileSizeLimitOutcome { kReturned, kThrewError, kCrashedOrOther };
+
+// Runs `body` in a child process whose files may not grow past `max_file_bytes` (writes past it
+// fail with EFBIG, standing in for a full disk). kThrewError: body threw pq::Error.
+FileSizeLimitOutcome run_under_file_size_limit(std::uint64_t max_file_bytes,
+                                               const std::function<void()>& body);
+
 }  // namespace pq::test
 
 // Skips the current test when ../shared is missing (fails instead under CI=true).
-#define PQ_REQUIRE_SHARED()                                                       \
-  do {                                                                            \
-    if (!::pq::test::have_shared()) {                                             \
+#define PQ_REQUIRE_SHARED()                                                        \
+  do {                                                                             \
+    if (!::pq::test::have_shared()) {                                              \
       if (std::getenv("CI") != nullptr) FAIL() << "../shared is missing under CI"; \
-      GTEST_SKIP() << "../shared not found";                                      \
-    }                                                                             \
+      GTEST_SKIP() << "../shared not found";                                       \
+    }                                                                              \
   } while (0)

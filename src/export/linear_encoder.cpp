@@ -1,0 +1,224 @@
+// One Linear encoded as the exporter writes it, and a model's Linears replaced by those encodings.
+#include "export/linear_encoder.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/error.h"
+#include "io/dtype.h"
+#include "probe/input_key.h"
+
+namespace pq::exporter {
+namespace {
+
+bool is_w13_role(const std::string& role) {
+  return role.ends_with("gate_proj") || role.ends_with("up_proj");
+}
+
+bool is_nvfp4(const formats::WeightFormat& format) {
+  return format.name() == "NVFP4" || format.name() == "NVFP4A16";
+}
+
+float max_abs(std::span<const float> values) {
+  float amax = 0.0f;
+  for (const float v : values) amax = std::max(amax, std::fabs(v));
+  return amax;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec& spec) {
+  std::vector<std::vector<std::size_t>> units;
+  std::vector<bool> placed(spec.linears.size(), false);
+  for (const model::SiblingGroup& group : spec.groups) {
+    std::map<std::int64_t, std::size_t> unit_of_expert;  // expert index, -1 for a dense group
+    for (const std::size_t index : group.members) {
+      const model::Linear& linear = spec.linears[index];
+      placed[index] = true;
+      if (linear.expert && !is_w13_role(linear.role)) {
+        units.push_back({index});
+        continue;
+      }
+      const auto [it, added] = unit_of_expert.try_emplace(linear.expert.value_or(-1), units.size());
+      if (added) units.emplace_back();
+      units[it->second].push_back(index);
+    }
+  }
+  for (std::size_t index = 0; index < spec.linears.size(); ++index) {
+    if (!placed[index]) units.push_back({index});
+  }
+  std::sort(units.begin(), units.end(),
+            [](const auto& a, const auto& b) { return a.front() < b.front(); });
+  return units;
+}
+
+std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
+                                      const model::Linear& linear) {
+  const io::TensorView view = checkpoint.view(linear.weight_tensor);
+  std::vector<float> weight(static_cast<std::size_t>(linear.numel()));
+  std::span<const std::uint8_t> bytes = view.bytes;
+  if (linear.slice) {
+    const std::vector<std::int64_t>& shape = view.info->shape;
+    PQ_CHECK(shape.size() == 3 && shape[2] == linear.in_features,
+             "{}: tensor {} is not [E, rows, {}]", linear.name, linear.weight_tensor,
+             linear.in_features);
+    const std::size_t row_bytes =
+        static_cast<std::size_t>(shape[2]) * io::dtype_size(view.info->dtype);
+    const std::size_t first_row =
+        static_cast<std::size_t>(linear.slice->index * shape[1] + linear.slice->row_begin);
+    bytes = bytes.subspan(first_row * row_bytes,
+                          static_cast<std::size_t>(linear.out_features) * row_bytes);
+  }
+  io::decode_to_f32(view.info->dtype, bytes, weight);
+  return weight;
+}
+
+std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
+                                                   const probe::ProbeResult& probe) {
+  std::map<std::string, float> amax;
+  for (const model::Linear& linear : spec.linears) {
+    if (linear.is_candidate) amax[linear.name] = probe.input_amax(probe::input_key(linear));
+  }
+  return amax;
+}
+
+LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
+                             const RoundingStrategy& rounding,
+                             std::map<std::string, float> input_amax)
+    : spec_(spec),
+      checkpoint_(checkpoint),
+      rounding_(rounding),
+      input_amax_(std::move(input_amax)),
+      units_(global_scale_units(spec)),
+      unit_of_(spec.linears.size()),
+      weight_amax_(units_.size()) {
+  for (std::size_t unit = 0; unit < units_.size(); ++unit) {
+    for (const std::size_t member : units_[unit]) unit_of_[member] = unit;
+  }
+}
+
+float LinearEncoder::unit_weight_amax(std::size_t unit) const {
+  if (!weight_amax_[unit]) {
+    float amax = 0.0f;
+    for (const std::size_t member : units_[unit]) {
+      const model::Linear& linear = spec_.linears[member];
+      amax = std::max(amax, max_abs(read_source_weight(checkpoint_, linear)));
+    }
+    weight_amax_[unit] = amax;
+  }
+  return *weight_amax_[unit];
+}
+
+formats::QuantizeOptions LinearEncoder::options(std::size_t index,
+                                                const formats::WeightFormat& format) const {
+  PQ_CHECK(index < spec_.linears.size(), "Linear index {} out of range ({} Linears)", index,
+           spec_.linears.size());
+  formats::QuantizeOptions options;
+  if (!is_nvfp4(format)) return options;
+  const std::size_t unit = unit_of_[index];
+  options.weight_global_scale = formats::nvfp4_global_scale(unit_weight_amax(unit));
+  // W4A4 NVFP4: input_global_scale = 448*6/amax(calibration activations) (format-facts.md A.2).
+  // Fused siblings read one input, so they share the max over members. The other formats that
+  // quantize activations (MXFP4/MXFP8 W*A*, FP8) scale them dynamically and store nothing.
+  if (format.quantizes_activations()) {
+    float amax = 0.0f;
+    for (const std::size_t member : units_[unit]) {
+      const std::string& name = spec_.linears[member].name;
+      const auto it = input_amax_.find(name);
+      PQ_CHECK(it != input_amax_.end(),
+               "Linear '{}' is assigned {} (W4A4), whose input_global_scale needs the calibration "
+               "activation amax; none was given for it",
+               name, format.name());
+      amax = std::max(amax, it->second);
+    }
+    options.input_global_scale = formats::nvfp4_global_scale(amax);
+  }
+  return options;
+}
+
+formats::EncodedWeight LinearEncoder::encode(std::size_t index,
+                                             const formats::WeightFormat& format) const {
+  const model::Linear& linear = spec_.linears.at(index);
+  try {
+    const std::vector<float> weight = read_source_weight(checkpoint_, linear);
+    const LinearToEncode job{
+        linear, format, {linear.out_features, linear.in_features}, weight, options(index, format)};
+    return rounding_.encode(job);
+  } catch (const Error& e) {
+    fail("{}: {}", linear.name, e.what());
+  }
+}
+
+void QuantizedLinears::set(const std::string& linear, std::vector<float> dequantized,
+                           std::shared_ptr<const formats::ActivationQuantizer> activations) {
+  linears_[linear] = Entry{std::move(dequantized), std::move(activations)};
+}
+
+void QuantizedLinears::reset(std::string_view linear) {
+  if (const auto it = linears_.find(linear); it != linears_.end()) linears_.erase(it);
+}
+
+bool QuantizedLinears::contains(std::string_view linear) const {
+  return linears_.find(linear) != linears_.end();
+}
+
+std::span<const float> QuantizedLinears::weight(std::string_view linear) const {
+  const auto it = linears_.find(linear);
+  PQ_CHECK(it != linears_.end(), "no quantized weight for Linear '{}'", linear);
+  return it->second.weight;
+}
+
+void QuantizedLinears::apply(std::string_view linear, std::int64_t out_features,
+                             std::int64_t in_features, std::span<float> weight) const {
+  const auto it = linears_.find(linear);
+  if (it == linears_.end()) return;
+  PQ_CHECK(static_cast<std::int64_t>(it->second.weight.size()) == out_features * in_features &&
+               weight.size() == it->second.weight.size(),
+           "Linear '{}': quantized weight has {} values, the model's is [{}, {}]", linear,
+           it->second.weight.size(), out_features, in_features);
+  std::copy(it->second.weight.begin(), it->second.weight.end(), weight.begin());
+}
+
+bool QuantizedLinears::applies_to(std::string_view linear) const {
+  const auto it = linears_.find(linear);
+  return it != linears_.end() && it->second.activations != nullptr;
+}
+
+void QuantizedLinears::quantize(std::string_view linear, std::int64_t rows,
+                                std::int64_t in_features, std::span<float> input) const {
+  const auto it = linears_.find(linear);
+  PQ_CHECK(it != linears_.end() && it->second.activations != nullptr,
+           "Linear '{}' has no activation quantizer", linear);
+  PQ_CHECK(static_cast<std::int64_t>(input.size()) == rows * in_features,
+           "Linear '{}': {} input values for [{}, {}]", linear, input.size(), rows, in_features);
+  const std::vector<float> x(input.begin(), input.end());
+  it->second.activations->fake_quantize(x, in_features, input);
+}
+
+DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
+                            const formats::WeightFormat& format) {
+  const formats::EncodedWeight encoded = encoder.encode(index, format);
+  DecodedLinear decoded;
+  decoded.weight = format.dequantize(encoded);
+  decoded.activations = format.activation_quantizer(encoder.options(index, format));
+  return decoded;
+}
+
+QuantizedLinears quantize_linears(const LinearEncoder& encoder,
+                                  const std::map<std::string, std::string>& format_of) {
+  const model::ModelSpec& spec = encoder.spec();
+  std::map<std::string_view, std::size_t> index_of;
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) index_of[spec.linears[i].name] = i;
+  QuantizedLinears quantized;
+  for (const auto& [name, format_name] : format_of) {
+    const auto it = index_of.find(name);
+    PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
+    DecodedLinear decoded =
+        decode_linear(encoder, it->second, formats::format_by_name(format_name));
+    quantized.set(name, std::move(decoded.weight), std::move(decoded.activations));
+  }
+  return quantized;
+}
+
+}  // namespace pq::exporter

@@ -1,0 +1,116 @@
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "export/rounding.h"
+#include "formats/weight_format.h"
+#include "io/safetensors.h"
+#include "model/model_spec.h"
+#include "probe/probe_stage.h"
+#include "runtime/weights.h"
+
+namespace pq::exporter {
+
+// Linears whose NVFP4 weight_global_scale must be one value, as indices into spec.linears, every
+// Linear in exactly one unit, units ordered by their first member. Dense sibling groups (q/k/v,
+// gate/up) are one vLLM module, which keeps only the max of its shards' global scales
+// (format-facts.md A.3.2). A MoE sibling group spans every expert of a layer, but vLLM's fused MoE
+// layer fuses only each expert's gate and up into w13; down_proj and other experts keep their own
+// (method-facts.md §7, "Packed experts": each expert's global scale = max(gate, up)).
+std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec& spec);
+
+// The source weight of one Linear decoded to f32, [out, in]; a slice of a packed 3-D tensor when
+// the Linear shares its tensor (Qwen3.5 packed experts).
+std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
+                                      const model::Linear& linear);
+
+// Max |x| of each candidate Linear's input over the probe's calibration tokens, keyed by Linear
+// name: what W4A4 NVFP4's input_global_scale is computed from.
+std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
+                                                   const probe::ProbeResult& probe);
+
+// Encodes Linears exactly as run_export writes them: the same rounding strategy, the NVFP4
+// global scale shared by fused siblings, the input_global_scale of W4A4 from the calibration amax.
+// Whatever evaluates an assignment before export (quantize, scout) goes through this class, so the
+// weights it measures are the weights that get written.
+class LinearEncoder {
+ public:
+  // `input_amax` (Linear name -> amax) is needed only for Linears given a W4A4 NVFP4 format.
+  LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
+                const RoundingStrategy& rounding, std::map<std::string, float> input_amax);
+
+  const model::ModelSpec& spec() const { return spec_; }
+  const RoundingStrategy& rounding() const { return rounding_; }
+
+  // What spec.linears[index] is encoded with under `format`, its fused siblings assumed to get the
+  // same format (the exporter refuses anything else). Throws pq::Error naming the Linear when a
+  // W4A4 format lacks its calibration amax.
+  formats::QuantizeOptions options(std::size_t index, const formats::WeightFormat& format) const;
+
+  // The stored tensors of spec.linears[index] under `format`. Deterministic: the same call gives
+  // the same bytes. Errors name the Linear.
+  formats::EncodedWeight encode(std::size_t index, const formats::WeightFormat& format) const;
+
+ private:
+  float unit_weight_amax(std::size_t unit) const;
+
+  const model::ModelSpec& spec_;
+  const io::Checkpoint& checkpoint_;
+  const RoundingStrategy& rounding_;
+  std::map<std::string, float> input_amax_;
+  std::vector<std::vector<std::size_t>> units_;
+  std::vector<std::size_t> unit_of_;                       // per Linear
+  mutable std::vector<std::optional<float>> weight_amax_;  // per unit, read on first use
+};
+
+// The Linears of a model replaced by decoded quantized weights, with the serving-time activation
+// quantization of their formats: handed to runtime::RuntimeOptions as both the weight transform and
+// the activation quantizer, the model computes what the quantized checkpoint serves.
+class QuantizedLinears final : public runtime::WeightTransform,
+                               public runtime::ActivationQuantizer {
+ public:
+  // `dequantized` is the Linear's [out, in] weight; `activations` may be null (weight-only).
+  void set(const std::string& linear, std::vector<float> dequantized,
+           std::shared_ptr<const formats::ActivationQuantizer> activations);
+  // Back to the source weight without activation quantization.
+  void reset(std::string_view linear);
+  bool contains(std::string_view linear) const;
+  // The decoded weight of a Linear that was set.
+  std::span<const float> weight(std::string_view linear) const;
+
+  void apply(std::string_view linear, std::int64_t out_features, std::int64_t in_features,
+             std::span<float> weight) const override;
+  bool applies_to(std::string_view linear) const override;
+  void quantize(std::string_view linear, std::int64_t rows, std::int64_t in_features,
+                std::span<float> input) const override;
+
+ private:
+  struct Entry {
+    std::vector<float> weight;
+    std::shared_ptr<const formats::ActivationQuantizer> activations;
+  };
+  std::map<std::string, Entry, std::less<>> linears_;
+};
+
+// The decoded weight of spec.linears[index] under `format` (format.dequantize of the encoding)
+// and its activation quantizer (null for weight-only formats).
+struct DecodedLinear {
+  std::vector<float> weight;
+  std::shared_ptr<const formats::ActivationQuantizer> activations;
+};
+DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
+                            const formats::WeightFormat& format);
+
+// Every Linear named in `format_of` (Linear name -> format name) replaced by its decoded exporter
+// weights. Unknown names and formats are pq::Errors.
+QuantizedLinears quantize_linears(const LinearEncoder& encoder,
+                                  const std::map<std::string, std::string>& format_of);
+
+}  // namespace pq::exporter

@@ -1,0 +1,40 @@
+// Held-out measurement of an assignment before export.
+#include "pipeline/measure.h"
+
+#include "data/token_dataset.h"
+#include "runtime/model.h"
+#include "tokenizer/tokenizer.h"
+
+namespace pq::pipeline {
+
+std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::path& model_dir,
+                                                       const std::filesystem::path& data,
+                                                       std::size_t count, std::size_t seqlen) {
+  const auto tokenizer = tokenizer::Tokenizer::load(model_dir / "tokenizer.json");
+  return data::TokenDataset::from_text_file(data, tokenizer).heldout(count, seqlen);
+}
+
+exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
+                                             const io::Checkpoint& source,
+                                             const exporter::LinearEncoder& encoder,
+                                             const std::map<std::string, std::string>& format_of,
+                                             const runtime::ReferenceLogits& reference) {
+  const exporter::QuantizedLinears quantized = exporter::quantize_linears(encoder, format_of);
+  const runtime::CheckpointWeightSource weights(source);
+  runtime::Model model(config, weights,
+                       {.weight_transform = &quantized,
+                        .activation_quantizer = &quantized,
+                        .keep_layers_resident = true});
+  const runtime::EvalResult result = runtime::evaluate(model, reference);
+  exporter::MeasuredQuality quality;
+  quality.windows = result.windows;
+  quality.seqlen = static_cast<std::int64_t>(reference.windows().front().size());
+  quality.predictions = result.predictions;
+  quality.mean_kl = result.mean_kl();
+  quality.perplexity = result.perplexity();
+  quality.source_perplexity = reference.self().perplexity();
+  quality.top1_agreement = result.top1_agreement();
+  return quality;
+}
+
+}  // namespace pq::pipeline

@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "export/exporter.h"
+#include "export/linear_encoder.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "runtime/evaluate.h"
+
+namespace pq::pipeline {
+
+// Windows per forward pass of every held-out evaluation (the pre-export measurement and
+// validate): the batching is part of the arithmetic, so both use the same.
+inline constexpr std::int64_t kEvalWindowsPerPass = 4;
+
+// The first `count` windows of `seqlen` tokens of the data's held-out split (the last 10% of its
+// token stream, which calibration never samples; data::TokenDataset), tokenized with
+// model_dir/tokenizer.json.
+std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::path& model_dir,
+                                                       const std::filesystem::path& data,
+                                                       std::size_t count, std::size_t seqlen);
+
+// The held-out quality of an assignment (Linear name -> format name) run with the exact weights
+// the exporter writes for it (LinearEncoder), against the source model's logits, in float32.
+exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
+                                             const io::Checkpoint& source,
+                                             const exporter::LinearEncoder& encoder,
+                                             const std::map<std::string, std::string>& format_of,
+                                             const runtime::ReferenceLogits& reference);
+
+}  // namespace pq::pipeline
