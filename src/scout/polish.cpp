@@ -1,6 +1,7 @@
 #include "scout/polish.h"
 
 #include <numeric>
+#include <set>
 
 #include "common/error.h"
 
@@ -30,6 +31,9 @@ PolishResult coordinate_descent(const PolishProblem& problem, std::vector<std::s
     order.resize(items);
     std::iota(order.begin(), order.end(), 0);
   }
+  // Measured choices: one measured before was not accepted then, at a KL no lower than now
+  // (accepted KLs only fall), so it cannot be accepted now and is not measured again.
+  std::set<std::vector<std::size_t>> measured = {result.choice};
   std::size_t evaluations = 0;
   for (std::size_t sweep = 0; sweep < options.max_sweeps; ++sweep) {
     bool improved = false;
@@ -43,9 +47,10 @@ PolishResult coordinate_descent(const PolishProblem& problem, std::vector<std::s
       for (const std::size_t to : targets) {
         const std::uint64_t new_bytes = result.bytes - bytes[current] + bytes[to];
         if (new_bytes > problem.budget_bytes) continue;
-        if (evaluations == options.max_evaluations) return result;
         std::vector<std::size_t> trial = result.choice;
         trial[item] = to;
+        if (!measured.insert(trial).second) continue;
+        if (evaluations == options.max_evaluations) return result;
         const double kl = measure(trial);
         ++evaluations;
         const bool accepted = kl < result.kl - options.min_improvement;

@@ -47,8 +47,9 @@ struct PolishResult {
 // Coordinate descent from `start` (whose measured KL is `start_kl`): sweeps the items, trying
 // each one's adjacent options (one cheaper, one dearer) that keep the total within the budget,
 // and keeps a flip only when it strictly lowers the measured KL. Every accepted state was
-// measured, so the result is never worse than the start. Stops after a sweep without an accepted
-// flip, after max_sweeps, or when max_evaluations measurements are spent.
+// measured, so the result is never worse than the start. A choice is measured at most once.
+// Stops after a sweep without an accepted flip, after max_sweeps, or when max_evaluations
+// measurements are spent.
 PolishResult coordinate_descent(const PolishProblem& problem, std::vector<std::size_t> start,
                                 double start_kl, const ChoiceMeasurer& measure,
                                 const PolishOptions& options = {});

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -81,6 +82,23 @@ std::vector<Unit> make_units(const alloc::CostTable& table, const std::vector<st
   return units;
 }
 
+// The surrogate of a unit at one of its options, summed over its members.
+double unit_dloss(const alloc::CostTable& table, const Unit& unit, std::size_t option) {
+  double sum = 0.0;
+  for (const std::size_t m : unit.members) {
+    sum += table.linears[m].costs[unit.formats[option]]->predicted_dloss;
+  }
+  return sum;
+}
+
+// Options next to `option` (one cheaper, one dearer) among `count`.
+std::vector<std::size_t> neighbour_options(std::size_t option, std::size_t count) {
+  std::vector<std::size_t> neighbours;
+  if (option > 0) neighbours.push_back(option - 1);
+  if (option + 1 < count) neighbours.push_back(option + 1);
+  return neighbours;
+}
+
 // Share of parameters whose format differs between two assignments.
 double weighted_hamming(const alloc::CostTable& table, const std::vector<std::size_t>& a,
                         const std::vector<std::size_t>& b) {
@@ -131,6 +149,7 @@ class Scout {
   std::vector<std::size_t> spec_index_;  // per cost-table Linear
   std::uint64_t params_ = 0;
   exporter::NearestRounding nearest_;
+  std::map<std::string, float> input_amax_;  // calibration amax per Linear (W4A4 input scales)
   std::unique_ptr<exporter::LinearEncoder> encoder_;
   std::unique_ptr<KlEvaluator> evaluator_;
   // Decoded exporter weights per (cost-table Linear, format), shared by every candidate.
@@ -176,10 +195,10 @@ Scout::Scout(const ScoutJob& job)
   }
   params_ = table_.quantizable_params();
 
-  const probe::ProbeResult probed = probe::ProbeResult::read(job.work / "probe");
+  input_amax_ =
+      exporter::input_amax_from_probe(spec_, probe::ProbeResult::read(job.work / "probe"));
   encoder_ = std::make_unique<exporter::LinearEncoder>(
-      spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_,
-      exporter::input_amax_from_probe(spec_, probed));
+      spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_);
 
   const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(job.model / "tokenizer.json");
   const data::TokenDataset dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
@@ -355,11 +374,7 @@ void Scout::run_l3(const alloc::BitsTarget& target, const std::vector<std::size_
     const Unit& unit = units_[u];
     UnitState state{u, 0, {}};
     for (std::size_t o = 0; o < unit.formats.size(); ++o) {
-      double sum = 0.0;
-      for (const std::size_t m : unit.members) {
-        sum += table.linears[m].costs[unit.formats[o]]->predicted_dloss;
-      }
-      state.dloss.push_back(sum);
+      state.dloss.push_back(unit_dloss(table, unit, o));
       if (unit.formats[o] == start[unit.members.front()]) state.option = o;
     }
     states.push_back(std::move(state));
@@ -382,11 +397,12 @@ void Scout::run_l3(const alloc::BitsTarget& target, const std::vector<std::size_
                           : std::max(best_untaken, std::isfinite(worst_taken) ? worst_taken : 0.0);
   const auto tie_distance = [&](const UnitState& s) {
     double distance = std::numeric_limits<double>::infinity();
-    for (const std::size_t lo : {s.option - 1, s.option}) {
-      if (lo + 1 == 0 || lo + 1 >= s.dloss.size()) continue;
+    const auto consider = [&](std::size_t lo) {
       const double r = step_rate(s, lo);
       if (r > 0.0 && rate > 0.0) distance = std::min(distance, std::fabs(std::log(r / rate)));
-    }
+    };
+    if (s.option > 0) consider(s.option - 1);
+    if (s.option + 1 < s.dloss.size()) consider(s.option);
     return distance;
   };
   // Half the neighbourhood by nearness to a tie, the rest by the highest current surrogate.
@@ -416,8 +432,7 @@ void Scout::run_l3(const alloc::BitsTarget& target, const std::vector<std::size_
   for (const std::size_t s_index : chosen) {
     const UnitState& s = states[s_index];
     const Unit& unit = units_[s.unit];
-    for (const std::size_t to : {s.option - 1, s.option + 1}) {
-      if (to >= unit.formats.size()) continue;  // also catches option 0 - 1
+    for (const std::size_t to : neighbour_options(s.option, unit.formats.size())) {
       std::vector<std::size_t> flipped = start;
       for (const std::size_t m : unit.members) flipped[m] = unit.formats[to];
       const double kl = measure_assignment(flipped, *encoder_, true).kl;
@@ -537,7 +552,6 @@ std::size_t Scout::polish(std::size_t pick, const alloc::BitsTarget& target, jso
   PolishProblem problem;
   problem.budget_bytes = target.budget_bytes(params_);
   std::vector<std::size_t> start(units_.size());
-  std::vector<double> start_dloss(units_.size());
   const std::vector<std::size_t> picked = candidates_[pick].format_of_linear;
   for (std::size_t u = 0; u < units_.size(); ++u) {
     const Unit& unit = units_[u];
@@ -545,9 +559,6 @@ std::size_t Scout::polish(std::size_t pick, const alloc::BitsTarget& target, jso
     const auto it =
         std::find(unit.formats.begin(), unit.formats.end(), picked[unit.members.front()]);
     start[u] = static_cast<std::size_t>(it - unit.formats.begin());
-    for (const std::size_t m : unit.members) {
-      start_dloss[u] += table_.linears[m].costs[picked[m]]->predicted_dloss;
-    }
   }
   const auto assignment_of = [&](const std::vector<std::size_t>& choice) {
     std::vector<std::size_t> assignment(table_.linears.size());
@@ -559,11 +570,22 @@ std::size_t Scout::polish(std::size_t pick, const alloc::BitsTarget& target, jso
   PolishOptions options;
   options.max_evaluations = job_.polish_max_evaluations;
   options.max_sweeps = job_.polish_max_sweeps;
-  // Most sensitive units first: where a flip moves KL most.
+  // Units whose cheapest feasible flip the surrogate rates least harmful first: where it is
+  // most likely wrong about the sign, measurement most likely finds a gain.
+  std::vector<double> least_harm(units_.size(), std::numeric_limits<double>::infinity());
+  const std::uint64_t spare = problem.budget_bytes - candidates_[pick].bytes;
+  for (std::size_t u = 0; u < units_.size(); ++u) {
+    const Unit& unit = units_[u];
+    for (const std::size_t to : neighbour_options(start[u], unit.formats.size())) {
+      if (unit.bytes[to] > unit.bytes[start[u]] + spare) continue;
+      least_harm[u] = std::min(least_harm[u],
+                               unit_dloss(table_, unit, to) - unit_dloss(table_, unit, start[u]));
+    }
+  }
   options.item_order.resize(units_.size());
   std::iota(options.item_order.begin(), options.item_order.end(), 0);
   std::stable_sort(options.item_order.begin(), options.item_order.end(),
-                   [&](std::size_t a, std::size_t b) { return start_dloss[a] > start_dloss[b]; });
+                   [&](std::size_t a, std::size_t b) { return least_harm[a] < least_harm[b]; });
   const PolishResult result = coordinate_descent(
       problem, start, candidates_[pick].measured.kl,
       [&](const std::vector<std::size_t>& choice) {
@@ -684,9 +706,7 @@ ScoutOutcome Scout::run() {
     PQ_CHECK(fits, "scout: the uniform baseline {} does not fit every Linear",
              job_.uniform_baseline);
     // Plain rounding, whatever the job's rounding: the baseline is naive uniform quantization.
-    const exporter::LinearEncoder plain(
-        spec_, checkpoint_, nearest_,
-        exporter::input_amax_from_probe(spec_, probe::ProbeResult::read(job_.work / "probe")));
+    const exporter::LinearEncoder plain(spec_, checkpoint_, nearest_, input_amax_);
     outcome.uniform = measure_assignment(uniform, plain, false);
     outcome.uniform_bits = bits_of(bytes, params_);
     const std::optional<double> match = bits_to_reach(frontier, outcome.uniform->kl);

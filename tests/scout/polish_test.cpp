@@ -31,6 +31,7 @@ class RandomLandscape {
     return it->second;
   }
   std::size_t calls() const { return calls_; }
+  std::size_t distinct() const { return values_.size(); }
 
  private:
   std::uint64_t seed_;
@@ -75,6 +76,10 @@ TEST(CoordinateDescent, NeverWorseThanTheStartOnAnyLandscape) {
       }
     }
     EXPECT_EQ(kl, result.kl);
+    // Each choice measured once: the start by the test, every trial once by the polish (the
+    // re-measure of the result above is the one extra call).
+    EXPECT_EQ(landscape.calls(), landscape.distinct() + 1);
+    EXPECT_EQ(result.trials.size() + 1, landscape.distinct());
   }
 }
 
