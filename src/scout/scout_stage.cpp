@@ -150,6 +150,7 @@ class Scout {
   std::uint64_t params_ = 0;
   exporter::NearestRounding nearest_;
   std::map<std::string, float> input_amax_;  // calibration amax per Linear (W4A4 input scales)
+  std::string clean_probe_fingerprint_;      // input_amax_ came from it
   std::unique_ptr<exporter::LinearEncoder> encoder_;
   std::unique_ptr<KlEvaluator> evaluator_;
   // Decoded exporter weights per (cost-table Linear, format), shared by every candidate.
@@ -195,8 +196,9 @@ Scout::Scout(const ScoutJob& job)
   }
   params_ = table_.quantizable_params();
 
-  input_amax_ =
-      exporter::input_amax_from_probe(spec_, probe::ProbeResult::read(job.work / "probe"));
+  const probe::ProbeResult clean_probe = probe::ProbeResult::read(job.work / "probe");
+  clean_probe_fingerprint_ = clean_probe.fingerprint();
+  input_amax_ = exporter::input_amax_from_probe(spec_, clean_probe);
   encoder_ = std::make_unique<exporter::LinearEncoder>(
       spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_);
 
@@ -300,7 +302,10 @@ std::vector<std::size_t> Scout::run_l2(const alloc::BitsTarget& target,
   for (std::size_t pass = 1; pass <= job_.l2_max_passes; ++pass) {
     const exporter::QuantizedLinears quantized = quantized_linears(current, *encoder_, true);
     probe::Fingerprint tag;
+    // The weights depend on the rounding, the assignment, and for W4A4 on the clean probe's
+    // input amax.
     tag.field("rounding", encoder_->rounding().name());
+    tag.field("clean_probe", clean_probe_fingerprint_);
     for (std::size_t i = 0; i < table_.linears.size(); ++i) {
       tag.field(table_.linears[i].name, table_.formats[current[i]]);
     }
