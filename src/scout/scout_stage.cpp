@@ -653,30 +653,35 @@ ScoutOutcome Scout::run() {
   for (const std::size_t f : menu_) menu.push_back(table_.formats[f]);
   report["formats"] = menu;
 
-  // L1: the allocator at every anchor; L2 from each.
-  std::vector<std::size_t> l1_at_target, l2_at_target;
-  alloc::CostTable l2_table_at_target = table_;
+  // L1: the allocator at every anchor; L2 from each. At the target, L3 starts from whichever of
+  // L1 and L2 measures lower (the real-KL gate applied to L2 as well), with the cost table that
+  // produced it.
+  std::vector<std::size_t> l3_start;
+  alloc::CostTable l3_table = table_;
   json l2_logs = json::array();
   for (const alloc::BitsTarget& anchor : anchors) {
     const std::vector<std::size_t> l1 = solve(table_, anchor);
-    measure(fmt::format("L1@{}", anchor.text), "L1", anchor.text, l1);
-    std::vector<std::size_t> l2 = l1;
-    alloc::CostTable l2_table = table_;
-    if (job_.l2_max_passes > 0) {
-      json log;
-      l2 = run_l2(anchor, l1, l2_table, log);
-      l2_logs.push_back(std::move(log));
+    const double l1_kl =
+        measure(fmt::format("L1@{}", anchor.text), "L1", anchor.text, l1).measured.kl;
+    if (job_.l2_max_passes == 0) {
+      if (anchor.text == target.text) l3_start = l1;
+      continue;
     }
+    json log;
+    alloc::CostTable l2_table;
+    const std::vector<std::size_t> l2 = run_l2(anchor, l1, l2_table, log);
+    const bool l2_better = candidates_.back().measured.kl < l1_kl;
+    log["gate"] = l2_better ? "L2 kept: measured KL below L1" : "L1 kept: L2 measured no lower";
+    l2_logs.push_back(std::move(log));
     if (anchor.text == target.text) {
-      l1_at_target = l1;
-      l2_at_target = l2;
-      l2_table_at_target = std::move(l2_table);
+      l3_start = l2_better ? l2 : l1;
+      if (l2_better) l3_table = std::move(l2_table);
     }
   }
   report["l2"] = l2_logs;
   if (job_.l3_items > 0) {
     json log;
-    run_l3(target, l2_at_target, l2_table_at_target, log);
+    run_l3(target, l3_start, l3_table, log);
     report["l3"] = std::move(log);
   }
 
