@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "common/error.h"
@@ -97,6 +98,34 @@ void check_encoded(const WeightFormat& format, const EncodedWeight& encoded) {
   }
 }
 
+// Checks what encode_groups was given against the layout: sizes, every code a finite element of
+// the codec's type, every scale one the codec can store (its step read back from its stored bits).
+void check_groups(const WeightFormat& format, std::span<const std::uint8_t> codes,
+                  std::span<const GroupScale> scales, Shape2D s, const GroupLayout& layout) {
+  PQ_CHECK(codes.size() == static_cast<std::size_t>(s.numel()),
+           "{}: {} codes for weight shape [{}, {}]", format.name(), codes.size(), s.out, s.in);
+  const std::int64_t groups = s.out * (s.in / layout.group_size);
+  PQ_CHECK(scales.size() == static_cast<std::size_t>(groups),
+           "{}: {} scales for the {} groups of weight [{}, {}]", format.name(), scales.size(),
+           groups, s.out, s.in);
+  const GroupCodec& codec = layout.codec;
+  const int bits = codec.codes().int_bits > 0 ? codec.codes().int_bits
+                                              : element_info(codec.codes().element).bits;
+  std::array<bool, 256> valid{};
+  for (std::uint32_t c = 0; c < (1u << bits); ++c) {
+    valid[c] = std::isfinite(codec.dequantize(static_cast<std::uint8_t>(c), {0, 1.0f}));
+  }
+  for (const std::uint8_t code : codes) {
+    PQ_CHECK(valid[code], "{}: code {:#04x} is not a finite {}-bit element", format.name(), code,
+             bits);
+  }
+  for (const GroupScale& scale : scales) {
+    PQ_CHECK(codec.scale_from_stored(scale.stored) == scale,
+             "{}: scale {} (stored {:#x}) is not one the format stores", format.name(), scale.step,
+             scale.stored);
+  }
+}
+
 json float_args(int bits, std::string_view strategy, json group_size, json dynamic) {
   return {{"num_bits", bits},         {"type", "float"},
           {"symmetric", true},        {"strategy", strategy},
@@ -179,15 +208,21 @@ class NvFp4Format final : public WeightFormat {
     quantize_rows(
         codec,
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .codes = codes});
-    const auto specs = tensors(s);
-    EncodedWeight out{std::string(name()), s, {}};
-    std::vector<std::uint8_t> packed(w.size() / 2);
-    pack_fp4(codes, packed);
-    out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
-    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
-    out.tensors.push_back(make_tensor(specs[2], f32_bytes(codec.scale_spec().global_scale)));
-    if (w4a4_) out.tensors.push_back(make_tensor(specs[3], f32_bytes(*options.input_global_scale)));
-    return out;
+    return pack(codes, scales, s, codec.scale_spec().global_scale, options);
+  }
+
+  EncodedWeight encode_groups(std::span<const std::uint8_t> codes,
+                              std::span<const GroupScale> scales, Shape2D s,
+                              const QuantizeOptions& options) const override {
+    check_shape(s);
+    check_input_scale(options);
+    PQ_CHECK(options.weight_global_scale.has_value(),
+             "{}: encoding given codes and scales needs the weight_global_scale they were made "
+             "under",
+             name());
+    const GroupCodec codec = make_codec(*options.weight_global_scale, "weight_global_scale");
+    check_groups(*this, codes, scales, s, {codec, kGroup, true});
+    return pack(codes, scales, s, *options.weight_global_scale, options);
   }
 
   std::vector<float> dequantize(const EncodedWeight& e) const override {
@@ -249,19 +284,41 @@ class NvFp4Format final : public WeightFormat {
                       {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global});
   }
 
+  void check_shape(Shape2D s) const {
+    PQ_CHECK(s.out > 0 && s.in > 0, "{}: weight shape [{}, {}] is empty", name(), s.out, s.in);
+    if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name(), s.out, s.in, *why);
+  }
+
+  void check_input_scale(const QuantizeOptions& options) const {
+    if (!w4a4_) return;
+    PQ_CHECK(options.input_global_scale.has_value(),
+             "NVFP4 (W4A4) needs input_global_scale (448*6/amax of calibration activations)");
+    make_codec(*options.input_global_scale, "input_global_scale");
+  }
+
   // Checks the input and options; returns the codec under the tensor's (or the given) global
   // scale.
   GroupCodec prepare(std::span<const float> w, Shape2D s, const QuantizeOptions& options) const {
     check_input(*this, w, s);
-    if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name(), s.out, s.in, *why);
+    check_shape(s);
     const float amax = finite_amax(*this, w);
-    if (w4a4_) {
-      PQ_CHECK(options.input_global_scale.has_value(),
-               "NVFP4 (W4A4) needs input_global_scale (448*6/amax of calibration activations)");
-      make_codec(*options.input_global_scale, "input_global_scale");
-    }
+    check_input_scale(options);
     const float global = options.weight_global_scale.value_or(nvfp4_global_scale(amax));
     return make_codec(global, "weight_global_scale");
+  }
+
+  // The stored tensors of checked codes and per-group scales.
+  EncodedWeight pack(std::span<const std::uint8_t> codes, std::span<const GroupScale> scales,
+                     Shape2D s, float global, const QuantizeOptions& options) const {
+    const auto specs = tensors(s);
+    EncodedWeight out{std::string(name()), s, {}};
+    std::vector<std::uint8_t> packed(codes.size() / 2);
+    pack_fp4(codes, packed);
+    out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
+    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
+    out.tensors.push_back(make_tensor(specs[2], f32_bytes(global)));
+    if (w4a4_) out.tensors.push_back(make_tensor(specs[3], f32_bytes(*options.input_global_scale)));
+    return out;
   }
 
   bool w4a4_;
@@ -317,28 +374,20 @@ class MxFormat final : public WeightFormat {
   EncodedWeight quantize(std::span<const float> w, Shape2D s,
                          const QuantizeOptions&) const override {
     prepare(w, s);
-    const GroupCodec codec = make_codec();
     std::vector<std::uint8_t> codes(w.size());
     std::vector<GroupScale> scales(w.size() / kGroup);
     quantize_rows(
-        codec,
+        make_codec(),
         {.weights = w, .cols = s.in, .group_size = kGroup, .scales = scales, .codes = codes});
-    const auto specs = tensors(s);
-    std::vector<std::uint8_t> stored(specs[0].byte_size());
-    switch (element_bits()) {
-      case 4:
-        pack_fp4(codes, stored);
-        break;
-      case 6:
-        pack_fp6(codes, stored);
-        break;
-      default:
-        stored = std::move(codes);
-    }
-    EncodedWeight out{name_, s, {}};
-    out.tensors.push_back(make_tensor(specs[0], std::move(stored)));
-    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
-    return out;
+    return pack(codes, scales, s);
+  }
+
+  EncodedWeight encode_groups(std::span<const std::uint8_t> codes,
+                              std::span<const GroupScale> scales, Shape2D s,
+                              const QuantizeOptions&) const override {
+    check_shape(s);
+    check_groups(*this, codes, scales, s, {make_codec(), kGroup, true});
+    return pack(codes, scales, s);
   }
 
   std::vector<float> dequantize(const EncodedWeight& e) const override {
@@ -408,11 +457,37 @@ class MxFormat final : public WeightFormat {
     return GroupCodec({element_, 0}, {.kind = ScaleKind::kE8M0, .mx_rule = rule_});
   }
 
-  void prepare(std::span<const float> w, Shape2D s) const {
-    check_input(*this, w, s);
+  void check_shape(Shape2D s) const {
+    PQ_CHECK(s.out > 0 && s.in > 0, "{}: weight shape [{}, {}] is empty", name_, s.out, s.in);
     PQ_CHECK(s.in % kGroup == 0, "{}: weight [{}, {}]: in is not a multiple of 32", name_, s.out,
              s.in);
+  }
+
+  void prepare(std::span<const float> w, Shape2D s) const {
+    check_input(*this, w, s);
+    check_shape(s);
     finite_amax(*this, w);
+  }
+
+  // The stored tensors of checked codes and per-group scales.
+  EncodedWeight pack(std::span<const std::uint8_t> codes, std::span<const GroupScale> scales,
+                     Shape2D s) const {
+    const auto specs = tensors(s);
+    std::vector<std::uint8_t> stored(specs[0].byte_size());
+    switch (element_bits()) {
+      case 4:
+        pack_fp4(codes, stored);
+        break;
+      case 6:
+        pack_fp6(codes, stored);
+        break;
+      default:
+        std::copy(codes.begin(), codes.end(), stored.begin());
+    }
+    EncodedWeight out{name_, s, {}};
+    out.tensors.push_back(make_tensor(specs[0], std::move(stored)));
+    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 1)));
+    return out;
   }
 
   std::string name_;
@@ -476,11 +551,33 @@ class Fp8Format final : public WeightFormat {
                          const QuantizeOptions&) const override {
     std::vector<std::uint8_t> codes(w.size());
     const std::vector<GroupScale> stored = run(w, s, codes, {});
-    const auto specs = tensors(s);
-    EncodedWeight out{name_, s, {}};
-    out.tensors.push_back(make_tensor(specs[0], std::move(codes)));
-    out.tensors.push_back(make_tensor(specs[1], scale_bytes(stored, 4)));
-    return out;
+    return pack(codes, stored, s);
+  }
+
+  EncodedWeight encode_groups(std::span<const std::uint8_t> codes,
+                              std::span<const GroupScale> scales, Shape2D s,
+                              const QuantizeOptions&) const override {
+    PQ_CHECK(s.out > 0 && s.in > 0, "{}: weight shape [{}, {}] is empty", name_, s.out, s.in);
+    if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name_, s.out, s.in, *why);
+    const GroupLayout layout = *group_layout(s, 1.0f);
+    check_groups(*this, codes, scales, s, layout);
+    // The stored scales: the (row, group) entry at the first row each one covers, every other
+    // row it covers checked against it.
+    const std::int64_t groups = s.in / layout.group_size;
+    std::vector<GroupScale> stored;
+    for (std::int64_t r0 = 0; r0 < s.out; r0 += layout.scale_rows) {
+      for (std::int64_t g = 0; g < groups; ++g) {
+        const GroupScale& first = scales[r0 * groups + g];
+        for (std::int64_t r = r0; r < std::min(s.out, r0 + layout.scale_rows); ++r) {
+          PQ_CHECK(scales[r * groups + g] == first,
+                   "{}: rows {} and {} of column group {} share one stored scale but were given "
+                   "{} and {}",
+                   name_, r0, r, g, first.step, scales[r * groups + g].step);
+        }
+        stored.push_back(first);
+      }
+    }
+    return pack(codes, stored, s);
   }
 
   std::vector<float> dequantize(const EncodedWeight& e) const override {
@@ -532,7 +629,15 @@ class Fp8Format final : public WeightFormat {
   }
 
   std::optional<GroupLayout> group_layout(Shape2D s, float) const override {
-    return GroupLayout{codec(), row_group(s), granularity_ == Fp8Granularity::kChannel};
+    switch (granularity_) {
+      case Fp8Granularity::kChannel:
+        return GroupLayout{codec(), s.in, true, 1};
+      case Fp8Granularity::kTensor:
+        return GroupLayout{codec(), s.in, false, s.out};
+      case Fp8Granularity::kBlock:
+        break;
+    }
+    return GroupLayout{codec(), kFp8Block, false, kFp8Block};
   }
 
  private:
@@ -543,6 +648,16 @@ class Fp8Format final : public WeightFormat {
 
   std::int64_t row_group(Shape2D s) const {
     return granularity_ == Fp8Granularity::kBlock ? kFp8Block : s.in;
+  }
+
+  // The stored tensors of checked codes and stored scales.
+  EncodedWeight pack(std::span<const std::uint8_t> codes, std::span<const GroupScale> stored,
+                     Shape2D s) const {
+    const auto specs = tensors(s);
+    EncodedWeight out{name_, s, {}};
+    out.tensors.push_back(make_tensor(specs[0], {codes.begin(), codes.end()}));
+    out.tensors.push_back(make_tensor(specs[1], scale_bytes(stored, 4)));
+    return out;
   }
 
   // The stored scales broadcast to each row's groups.
@@ -662,17 +777,15 @@ class IntFormat final : public WeightFormat {
     quantize_rows(
         codec(),
         {.weights = w, .cols = s.in, .group_size = group(s), .scales = scales, .codes = codes});
-    const auto specs = tensors(s);
-    std::vector<std::uint8_t> packed(specs[0].byte_size());
-    pack_int32(codes, bits_, packed);
-    std::vector<std::uint8_t> shape_bytes(16);
-    const std::int64_t dims[2] = {s.out, s.in};
-    std::memcpy(shape_bytes.data(), dims, 16);
-    EncodedWeight out{name_, s, {}};
-    out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
-    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 2)));
-    out.tensors.push_back(make_tensor(specs[2], std::move(shape_bytes)));
-    return out;
+    return pack(codes, scales, s);
+  }
+
+  EncodedWeight encode_groups(std::span<const std::uint8_t> codes,
+                              std::span<const GroupScale> scales, Shape2D s,
+                              const QuantizeOptions&) const override {
+    check_shape(s);
+    check_groups(*this, codes, scales, s, {codec(), group(s), true});
+    return pack(codes, scales, s);
   }
 
   std::vector<float> dequantize(const EncodedWeight& e) const override {
@@ -736,10 +849,31 @@ class IntFormat final : public WeightFormat {
     return std::nullopt;
   }
 
+  void check_shape(Shape2D s) const {
+    PQ_CHECK(s.out > 0 && s.in > 0, "{}: weight shape [{}, {}] is empty", name_, s.out, s.in);
+    if (auto why = layout_problem(s)) fail("{}: weight [{}, {}]: {}", name_, s.out, s.in, *why);
+  }
+
   void prepare(std::span<const float> w, Shape2D s) const {
     check_input(*this, w, s);
-    if (auto why = layout_problem(s)) fail("{}: weight [{}, {}]: {}", name_, s.out, s.in, *why);
+    check_shape(s);
     finite_amax(*this, w);
+  }
+
+  // The stored tensors of checked codes and per-group scales.
+  EncodedWeight pack(std::span<const std::uint8_t> codes, std::span<const GroupScale> scales,
+                     Shape2D s) const {
+    const auto specs = tensors(s);
+    std::vector<std::uint8_t> packed(specs[0].byte_size());
+    pack_int32(codes, bits_, packed);
+    std::vector<std::uint8_t> shape_bytes(16);
+    const std::int64_t dims[2] = {s.out, s.in};
+    std::memcpy(shape_bytes.data(), dims, 16);
+    EncodedWeight out{name_, s, {}};
+    out.tensors.push_back(make_tensor(specs[0], std::move(packed)));
+    out.tensors.push_back(make_tensor(specs[1], scale_bytes(scales, 2)));
+    out.tensors.push_back(make_tensor(specs[2], std::move(shape_bytes)));
+    return out;
   }
 
   std::string name_;

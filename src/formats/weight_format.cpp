@@ -53,6 +53,12 @@ std::optional<GroupLayout> WeightFormat::group_layout(Shape2D, float) const {
   return std::nullopt;
 }
 
+EncodedWeight WeightFormat::encode_groups(std::span<const std::uint8_t>,
+                                          std::span<const GroupScale>, Shape2D,
+                                          const QuantizeOptions&) const {
+  fail("{} has no group layout: it cannot encode given codes and scales", name());
+}
+
 float nvfp4_global_scale(float amax) {
   const float scale = 448.0f * 6.0f / amax;
   return std::isfinite(scale) && scale > 0.0f ? scale : 1.0f;

@@ -73,11 +73,15 @@ class ActivationQuantizer {
                              std::span<float> out) const = 0;
 };
 
-// The group structure a format quantizes with, for GPTQ and scale sweeps.
+// The group structure a format quantizes with, for GPTQ and scale sweeps. A scale covers
+// `scale_rows` consecutive rows by `group_size` consecutive columns: 1 x 16 (NVFP4), 1 x 32 (MX),
+// 1 x 128 (INT4), 1 x in (per-channel FP8, INT8), 128 x 128 (FP8_BLOCK; the last row block may
+// be shorter), out x in (FP8_E4M3_TENSOR).
 struct GroupLayout {
   GroupCodec codec;
   std::int64_t group_size;      // consecutive input columns sharing a scale
   bool scales_from_group_amax;  // false: per-tensor/per-block scales that span rows
+  std::int64_t scale_rows = 1;  // consecutive rows sharing a scale
 };
 
 class WeightFormat {
@@ -107,6 +111,20 @@ class WeightFormat {
   virtual EncodedWeight quantize(std::span<const float> w, Shape2D shape,
                                  const QuantizeOptions& options = {}) const = 0;
   virtual std::vector<float> dequantize(const EncodedWeight& encoded) const = 0;
+  // The stored tensors for element codes and group scales chosen by the caller (GPTQ, scale
+  // sweeps): quantize() without its rounding step. `codes`: one per element of `shape`,
+  // row-major, as GroupCodec::quantize gives them. `scales`: one per (row, group) of
+  // group_layout(shape), shape.out * (shape.in / group_size) of them, row-major, as quantize_rows
+  // reads them; where a stored scale covers several rows (scale_rows > 1) the entries it covers
+  // must be equal. NVFP4 needs options.weight_global_scale (the global scale of the layout the
+  // scales were made with) and, for W4A4, options.input_global_scale. dequantize() of the result
+  // equals dequantize_rows(codes, scales) bit for bit, and the codes and scales quantize() would
+  // choose give quantize()'s bytes. Throws pq::Error for a format without a group layout (BF16,
+  // FP8_SOURCE), a shape the format rejects, a size mismatch, a code that is no finite element,
+  // or unequal scales under one stored scale.
+  virtual EncodedWeight encode_groups(std::span<const std::uint8_t> codes,
+                                      std::span<const GroupScale> scales, Shape2D shape,
+                                      const QuantizeOptions& options = {}) const;
   // dequantize(quantize(w)) bit for bit, without materialising the packed tensors.
   virtual void fake_quantize(std::span<const float> w, Shape2D shape, std::span<float> out,
                              const QuantizeOptions& options = {}) const;

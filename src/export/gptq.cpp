@@ -1,0 +1,431 @@
+// GPTQ with group-aware scales, and the per-group scale sweep, for every format with a group
+// layout. Algorithm: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+// Generative Pre-trained Transformers" (Algorithm 1; reference github.com/IST-DASLab/gptq
+// gptq.py fasterquant). Sweep objective: upstream prismaquant export_native_compressed
+// (method-facts.md §7), applied where each scale is fixed rather than after GPTQ.
+#include "export/gptq.h"
+
+#include <cblas.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <numeric>
+
+#include "common/error.h"
+#include "cost/cost_stage.h"
+#include "probe/input_key.h"
+#include "probe/probe_stage.h"
+
+// LAPACK Cholesky factorisation and inverse from a Cholesky factor (OpenBLAS ships LAPACK;
+// Debian's libopenblas-dev has no lapacke.h). Fortran ABI: every argument by reference, and the
+// hidden length of the character argument last (gfortran convention; OpenBLAS's C versions
+// ignore it).
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info,
+             std::size_t uplo_length);
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info,
+             std::size_t uplo_length);
+}
+
+namespace pq::exporter {
+namespace {
+
+using formats::GroupCodec;
+using formats::GroupLayout;
+using formats::GroupScale;
+using formats::Shape2D;
+
+// In place Cholesky of a symmetric n x n matrix, row-major. LAPACK is column-major, so its
+// "lower" factor L (A = L L^T) lands in our upper triangle as L^T. False when not positive
+// definite.
+bool cholesky_upper(std::vector<double>& a, int n) {
+  int info = 0;
+  dpotrf_("L", &n, a.data(), &n, &info, 1);
+  return info == 0;
+}
+
+// U upper triangular with U^T U = H^-1, row-major, zero below the diagonal: GPTQ's
+// "Cholesky inverse" (reference: cholesky(H), cholesky_inverse, cholesky(upper=True)). nullopt
+// when H or H^-1 is not numerically positive definite.
+std::optional<std::vector<double>> inverse_cholesky_upper(std::vector<double> h, int n) {
+  // dpotrf "L" leaves L^T (A = L L^T) in our upper triangle; dpotri "L" then writes the upper
+  // triangle (ours) of A^-1, which the second dpotrf "L" reads: A^-1 = L2 L2^T, i.e. U = L2^T
+  // in our upper triangle.
+  if (!cholesky_upper(h, n)) return std::nullopt;
+  int info = 0;
+  dpotri_("L", &n, h.data(), &n, &info, 1);
+  if (info != 0) return std::nullopt;
+  if (!cholesky_upper(h, n)) return std::nullopt;
+  for (int r = 1; r < n; ++r) std::fill_n(h.data() + static_cast<std::size_t>(r) * n, r, 0.0);
+  for (int r = 0; r < n; ++r) {
+    if (!(h[static_cast<std::size_t>(r) * n + r] > 0.0)) return std::nullopt;
+  }
+  return h;
+}
+
+// The scale units of a layout: row blocks of scale_rows rows times column groups.
+struct Units {
+  std::int64_t groups = 0;      // column groups per row
+  std::int64_t row_blocks = 0;  // blocks of scale_rows rows
+  std::int64_t scale_rows = 1;
+
+  Units(Shape2D shape, const GroupLayout& layout)
+      : groups(shape.in / layout.group_size),
+        row_blocks((shape.out + layout.scale_rows - 1) / layout.scale_rows),
+        scale_rows(layout.scale_rows) {}
+};
+
+// Chooses the scales of column group g from its values as they are now, column c of the group
+// at cols[c * out .. c * out + out). Per scale unit: the nearest-rounding scale of the unit's
+// amax, or with the sweep the candidate scale around that amax whose rounding of these values
+// has the lowest sum_j E[x_j^2] (v_j - q_j)^2, kept only when strictly lower than the nearest
+// scale's. Sets every (row, g) entry; returns how many units the sweep changed.
+std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
+                                 std::int64_t group_size, std::int64_t g, const double* cols,
+                                 std::span<const float> moment, const GptqOptions& options,
+                                 std::span<GroupScale> scales) {
+  // The group as rows of group_size values, the layout quantize_rows takes.
+  std::vector<float> values(static_cast<std::size_t>(out * group_size));
+  for (std::int64_t c = 0; c < group_size; ++c) {
+    for (std::int64_t r = 0; r < out; ++r) {
+      values[r * group_size + c] = static_cast<float>(cols[c * out + r]);
+    }
+  }
+  std::vector<float> amax(units.row_blocks, 0.0f);
+  for (std::int64_t r = 0; r < out; ++r) {
+    const std::span<const float> row(values.data() + r * group_size, group_size);
+    float& unit_amax = amax[r / units.scale_rows];
+    unit_amax = std::max(unit_amax, std::bit_cast<float>(formats::max_abs_bits(row)));
+  }
+  std::vector<GroupScale> row_scales(out);
+  for (std::int64_t r = 0; r < out; ++r) {
+    row_scales[r] = codec.scale_for_amax(amax[r / units.scale_rows]);
+  }
+
+  std::int64_t changed = 0;
+  if (options.scale_sweep) {
+    // Every unit's candidates, tried one index at a time over the whole group (the SIMD row
+    // quantizer); units with fewer distinct candidates repeat their last one.
+    std::vector<std::vector<GroupScale>> candidates(units.row_blocks);
+    std::size_t passes = 0;
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      candidates[rb] = codec.candidate_scales(amax[rb], options.sweep_candidates, options.sweep_lo,
+                                              options.sweep_hi);
+      passes = std::max(passes, candidates[rb].size());
+    }
+    std::vector<float> dequantized(values.size());
+    std::vector<double> objective(units.row_blocks);
+    const auto evaluate = [&](std::span<GroupScale> trial) {
+      formats::quantize_rows(codec, {.weights = values,
+                                     .cols = group_size,
+                                     .group_size = group_size,
+                                     .scales_given = true,
+                                     .scales = trial,
+                                     .dequantized = dequantized});
+      std::fill(objective.begin(), objective.end(), 0.0);
+      for (std::int64_t r = 0; r < out; ++r) {
+        double sum = 0.0;
+        for (std::int64_t c = 0; c < group_size; ++c) {
+          const double d = double{values[r * group_size + c]} - dequantized[r * group_size + c];
+          sum += moment[c] * d * d;
+        }
+        objective[r / units.scale_rows] += sum;
+      }
+    };
+    evaluate(row_scales);
+    std::vector<double> best = objective;
+    std::vector<GroupScale> chosen(units.row_blocks);
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      chosen[rb] = row_scales[rb * units.scale_rows];
+    }
+    const std::vector<GroupScale> nearest = chosen;
+    std::vector<GroupScale> trial(out);
+    for (std::size_t k = 0; k < passes; ++k) {
+      for (std::int64_t r = 0; r < out; ++r) {
+        const auto& list = candidates[r / units.scale_rows];
+        trial[r] = list[std::min(k, list.size() - 1)];
+      }
+      evaluate(trial);
+      for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+        if (objective[rb] < best[rb]) {
+          best[rb] = objective[rb];
+          chosen[rb] = trial[rb * units.scale_rows];
+        }
+      }
+    }
+    for (std::int64_t rb = 0; rb < units.row_blocks; ++rb) {
+      changed += chosen[rb] == nearest[rb] ? 0 : 1;
+    }
+    for (std::int64_t r = 0; r < out; ++r) row_scales[r] = chosen[r / units.scale_rows];
+  }
+  for (std::int64_t r = 0; r < out; ++r) scales[r * units.groups + g] = row_scales[r];
+  return changed;
+}
+
+// Columns per lazy batch such that every group starts a batch: a group's scale is then fixed
+// from weights that hold every update of the columns before it.
+std::int64_t batch_columns(std::int64_t requested, std::int64_t group_size, std::int64_t in) {
+  if (group_size <= requested) return requested / group_size * group_size;
+  if (group_size >= in || group_size % requested == 0) return requested;
+  return group_size;
+}
+
+void check_statistics(const CalibrationStatistics& stats, Shape2D shape) {
+  const auto in = static_cast<std::size_t>(shape.in);
+  PQ_CHECK(stats.hessian.size() == in * in && stats.act_second_moment.size() == in,
+           "calibration statistics of {} and {} values do not fit an input of {} features",
+           stats.hessian.size(), stats.act_second_moment.size(), shape.in);
+  PQ_CHECK(stats.tokens > 0, "calibration statistics over {} tokens", stats.tokens);
+}
+
+void warn(std::string_view linear, std::string_view why) {
+  fmt::print(stderr, "warning: {}: {}; rounded to nearest instead of GPTQ\n", linear, why);
+}
+
+}  // namespace
+
+StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe) {
+  return [&probe](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
+    const std::string key = probe::input_key(linear);
+    const bool measured =
+        std::any_of(probe.linears().begin(), probe.linears().end(),
+                    [&](const probe::ProbedLinear& p) { return p.input_key == key; });
+    if (!measured) return std::nullopt;
+    return CalibrationStatistics{probe.hessian(key), probe.input_tokens(key),
+                                 probe.act_second_moment(key)};
+  };
+}
+
+std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
+                                        const GroupLayout& layout,
+                                        const CalibrationStatistics& stats,
+                                        const GptqOptions& options) {
+  const std::int64_t out = shape.out;
+  const std::int64_t in = shape.in;
+  const std::int64_t group_size = layout.group_size;
+  PQ_CHECK(out > 0 && in > 0 && w.size() == static_cast<std::size_t>(shape.numel()),
+           "GPTQ: {} values for weight shape [{}, {}]", w.size(), out, in);
+  PQ_CHECK(group_size > 0 && in % group_size == 0 && layout.scale_rows > 0,
+           "GPTQ: {} columns do not split into groups of {}", in, group_size);
+  PQ_CHECK(options.block_size > 0 && options.damp >= 0.0, "GPTQ: block size {}, damping {}",
+           options.block_size, options.damp);
+  PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
+  check_statistics(stats, shape);
+  const GroupCodec& codec = layout.codec;
+  const Units units(shape, layout);
+  const auto n = static_cast<std::size_t>(in);
+  const auto m = static_cast<std::size_t>(out);
+
+  if (formats::max_abs_bits(stats.hessian) >= 0x7F800000u) return std::nullopt;
+  // H in double. A dead input (H_jj == 0: zero in every calibration token) gets H_jj = 1, as in
+  // the reference, so H stays invertible and the column's error propagates nowhere. Unlike the
+  // reference we keep the column's weights (rounded to nearest) instead of zeroing them: the
+  // calibration set says nothing about that input, and zeroing would delete it for every input
+  // that does use it.
+  std::vector<double> h(stats.hessian.begin(), stats.hessian.end());
+  double diag_sum = 0.0;
+  for (std::size_t j = 0; j < n; ++j) {
+    double& hjj = h[j * n + j];
+    if (hjj == 0.0) hjj = 1.0;
+    diag_sum += hjj;
+  }
+  const double damp = options.damp * diag_sum / static_cast<double>(n);
+  for (std::size_t j = 0; j < n; ++j) h[j * n + j] += damp;
+
+  // Column order: original, or descending diag(H) (ties by index) with act_order.
+  std::vector<std::int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::int64_t a, std::int64_t b) { return h[a * n + a] > h[b * n + b]; });
+    std::vector<double> permuted(n * n);
+    for (std::size_t a = 0; a < n; ++a) {
+      for (std::size_t b = 0; b < n; ++b) permuted[a * n + b] = h[order[a] * n + order[b]];
+    }
+    h = std::move(permuted);
+  }
+  const std::optional<std::vector<double>> factor =
+      inverse_cholesky_upper(std::move(h), static_cast<int>(n));
+  if (!factor) return std::nullopt;
+  const std::vector<double>& u = *factor;
+
+  // Working weights transposed, one contiguous row per column, in processing order.
+  std::vector<double> wt(n * m);
+  for (std::size_t p = 0; p < n; ++p) {
+    for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w[r * n + order[p]];
+  }
+
+  GroupedWeight result;
+  result.codes.resize(n * m);
+  result.scales.resize(m * units.groups);
+  // With act_order every group's scale comes from the original weights before the pass (static
+  // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
+  if (options.act_order) {
+    std::vector<double> original(n * m);
+    for (std::size_t r = 0; r < m; ++r) {
+      for (std::size_t c = 0; c < n; ++c) original[c * m + r] = w[r * n + c];
+    }
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      result.groups_rescaled += choose_group_scales(
+          codec, units, out, group_size, g, original.data() + g * group_size * m,
+          stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
+    }
+  }
+
+  const std::int64_t batch =
+      options.act_order ? options.block_size : batch_columns(options.block_size, group_size, in);
+  std::vector<double> errors(static_cast<std::size_t>(batch) * m);
+  for (std::int64_t i1 = 0; i1 < in; i1 += batch) {
+    const std::int64_t i2 = std::min(in, i1 + batch);
+    for (std::int64_t p = i1; p < i2; ++p) {
+      const std::int64_t j = order[p];
+      const std::int64_t g = j / group_size;
+      double* column = wt.data() + p * m;
+      if (!options.act_order && j % group_size == 0) {
+        result.groups_rescaled += choose_group_scales(
+            codec, units, out, group_size, g, column,
+            stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
+      }
+      const double d = u[p * n + p];
+      double* error = errors.data() + (p - i1) * m;
+      for (std::size_t r = 0; r < m; ++r) {
+        const float x = static_cast<float>(column[r]);
+        const GroupScale& scale = result.scales[r * units.groups + g];
+        const std::uint8_t code = codec.quantize(x, scale);
+        result.codes[r * n + j] = code;
+        error[r] = (column[r] - codec.dequantize(code, scale)) / d;
+      }
+      // OBS update of the batch's later columns (a rank-1 update, Wt[k] -= U[p, k] err for
+      // p < k < i2); the rest of the matrix lazily below.
+      if (p + 1 < i2) {
+        cblas_dger(CblasRowMajor, static_cast<int>(i2 - p - 1), static_cast<int>(m), -1.0,
+                   u.data() + p * n + p + 1, 1, error, 1, wt.data() + (p + 1) * m,
+                   static_cast<int>(m));
+      }
+    }
+    if (i2 < in) {
+      // W[:, i2:] -= Err[:, i1:i2] U[i1:i2, i2:], transposed: Wt[i2:] -= U[i1:i2, i2:]^T Err.
+      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(in - i2),
+                  static_cast<int>(m), static_cast<int>(i2 - i1), -1.0, u.data() + i1 * n + i2,
+                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0, wt.data() + i2 * m,
+                  static_cast<int>(m));
+    }
+  }
+
+  return result;
+}
+
+double output_mse(std::span<const float> w, std::span<const float> quantized, Shape2D shape,
+                  const CalibrationStatistics& stats) {
+  check_statistics(stats, shape);
+  const cost::LinearStatistics linear{0.0, stats.act_second_moment, stats.hessian, stats.tokens};
+  return cost::measure_errors(w, quantized, shape, linear).output_mse;
+}
+
+std::optional<double> RoundingReport::ratio() const {
+  if (!output_mse || !nearest_output_mse || *nearest_output_mse <= 0.0) return std::nullopt;
+  return *output_mse / *nearest_output_mse;
+}
+
+nlohmann::json to_json(const RoundingReport& report) {
+  const auto optional_number = [](const std::optional<double>& v) {
+    return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
+  };
+  nlohmann::json j = {{"linear", report.linear},
+                      {"format", report.format},
+                      {"method", report.method},
+                      {"nearest_output_mse", optional_number(report.nearest_output_mse)},
+                      {"output_mse", optional_number(report.output_mse)},
+                      {"ratio", optional_number(report.ratio())},
+                      {"groups_rescaled", report.groups_rescaled}};
+  if (!report.fallback.empty()) j["fallback"] = report.fallback;
+  return j;
+}
+
+GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
+    : statistics_(std::move(statistics)), options_(options) {
+  PQ_CHECK(static_cast<bool>(statistics_), "GPTQ needs a calibration statistics provider");
+  PQ_CHECK(options_.damp >= 0.0 && std::isfinite(options_.damp),
+           "GPTQ damping {} is not a non-negative number", options_.damp);
+  PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
+  PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
+               options_.sweep_lo <= options_.sweep_hi,
+           "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
+           options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
+}
+
+void GptqRounding::record(RoundingReport report) const {
+  const auto [it, added] =
+      report_index_.try_emplace({report.linear, report.format}, reports_.size());
+  if (added) {
+    reports_.push_back(std::move(report));
+  } else {
+    reports_[it->second] = std::move(report);
+  }
+}
+
+formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
+  RoundingReport report;
+  report.linear = job.linear.name;
+  report.format = std::string(job.format.name());
+  report.method = "nearest";
+
+  // NVFP4's global scale stays as given (fused siblings share it); otherwise the tensor's own,
+  // which is what quantize() would use.
+  formats::QuantizeOptions options = job.options;
+  const float global = options.weight_global_scale.value_or(
+      formats::nvfp4_global_scale(std::bit_cast<float>(formats::max_abs_bits(job.weight))));
+  const std::optional<GroupLayout> layout = job.format.group_layout(job.shape, global);
+  if (!layout) {
+    report.fallback = "the format has no group layout";
+    record(report);
+    return job.format.quantize(job.weight, job.shape, job.options);
+  }
+  if (layout->codec.scale_spec().kind == formats::ScaleKind::kE4M3OverGlobal) {
+    options.weight_global_scale = global;
+  }
+
+  const std::optional<CalibrationStatistics> stats = statistics_(job.linear);
+  if (!stats || stats->tokens == 0) {
+    // A MoE expert no calibration token was routed to has statistics over zero tokens.
+    report.fallback = "no calibration statistics";
+    warn(job.linear.name, report.fallback);
+    record(report);
+    return job.format.quantize(job.weight, job.shape, job.options);
+  }
+
+  formats::EncodedWeight nearest = job.format.quantize(job.weight, job.shape, options);
+  report.nearest_output_mse =
+      output_mse(job.weight, job.format.dequantize(nearest), job.shape, *stats);
+  const std::optional<GroupedWeight> grouped =
+      gptq_round(job.weight, job.shape, *layout, *stats, options_);
+  if (!grouped) {
+    report.fallback = "the damped Hessian is not positive definite or not finite";
+    warn(job.linear.name, report.fallback);
+    report.output_mse = report.nearest_output_mse;
+    record(report);
+    return nearest;
+  }
+  formats::EncodedWeight encoded =
+      job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
+  const double gptq_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
+  // damping); the stored weight is whichever of the two does better on the calibration set.
+  if (gptq_mse >= *report.nearest_output_mse) {
+    report.fallback = "GPTQ did not lower the calibration output error";
+    report.output_mse = report.nearest_output_mse;
+    record(report);
+    return nearest;
+  }
+  report.output_mse = gptq_mse;
+  report.groups_rescaled = grouped->groups_rescaled;
+  report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
+  record(report);
+  return encoded;
+}
+
+}  // namespace pq::exporter

@@ -1,0 +1,129 @@
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "export/rounding.h"
+#include "formats/weight_format.h"
+#include "model/model_spec.h"
+
+namespace pq::probe {
+class ProbeResult;
+}
+
+namespace pq::exporter {
+
+// What calibration measured about one Linear's input x (docs/probe-artifacts.md).
+struct CalibrationStatistics {
+  std::span<const float> hessian;            // [in, in] row-major: sum over the tokens of x x^T
+  std::int64_t tokens = 0;                   // how many rows the sum holds
+  std::span<const float> act_second_moment;  // [in]: E[x_j^2]
+};
+
+// The statistics of a Linear, or nullopt when calibration did not see its input.
+using StatisticsProvider =
+    std::function<std::optional<CalibrationStatistics>(const model::Linear& linear)>;
+
+// Statistics from a finished probe (its Hessian, token count and second moments of the Linear's
+// input, probe::input_key); nullopt for a Linear whose input the probe did not measure. The probe
+// result must outlive the provider.
+StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe);
+
+struct GptqOptions {
+  // Added to diag(H) before inverting, as a fraction of mean(diag(H)) (GPTQ reference percdamp;
+  // method-facts.md §7).
+  double damp = 0.01;
+  // Columns per lazy batch (GPTQ paper §3 "Lazy Batch-Updates", blocksize 128).
+  std::int64_t block_size = 128;
+  // Quantize columns in descending order of diag(H) (GPTQ reference --act-order). With groups,
+  // every group's scale is fixed from the original weights before the pass ("static groups"),
+  // so stored groups stay contiguous in the original column order.
+  bool act_order = false;
+  // Where GPTQ fixes a scale (from the weights v as updated so far), try the codec's candidate
+  // scales for amax * m, m in [sweep_lo, sweep_hi], and keep one only if its rounding of v has a
+  // strictly lower sum_j E[x_j^2] (v_j - q_j)^2 than the nearest-rounding scale's (the upstream
+  // sweep's objective, method-facts.md §7; docs/export.md says why it is not run after GPTQ).
+  bool scale_sweep = true;
+  int sweep_candidates = 32;
+  float sweep_lo = 0.5f;
+  float sweep_hi = 1.5f;
+};
+
+// A weight as element codes and per-(row, group) scales of a GroupLayout, the input of
+// WeightFormat::encode_groups.
+struct GroupedWeight {
+  std::vector<std::uint8_t> codes;          // [out, in], one per byte
+  std::vector<formats::GroupScale> scales;  // [out, in / group_size]
+  std::int64_t groups_rescaled = 0;         // scale units whose scale the sweep changed
+};
+
+// GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+// Pre-trained Transformers", Algorithm 1) of row-major w [out, in] on the layout's groups, each
+// scale fixed (and swept, when asked) as the pass reaches its first column. Deterministic for a
+// given input and OpenBLAS thread count. Returns nullopt when H holds Inf/NaN or H + damp *
+// mean(diag H) * I is not positive definite. Throws pq::Error for a non-finite weight or statistics
+// that do not fit the shape.
+std::optional<GroupedWeight> gptq_round(std::span<const float> w, formats::Shape2D shape,
+                                        const formats::GroupLayout& layout,
+                                        const CalibrationStatistics& stats,
+                                        const GptqOptions& options);
+
+// Output error of a rounding over the calibration set: tr(dW H dW^T) / (tokens * out) with
+// dW = quantized - w (cost::measure_errors' output_mse).
+double output_mse(std::span<const float> w, std::span<const float> quantized,
+                  formats::Shape2D shape, const CalibrationStatistics& stats);
+
+// How one Linear was rounded, and what that did to its output error.
+struct RoundingReport {
+  std::string linear;
+  std::string format;
+  // "gptq", "gptq+sweep", or "nearest" when GPTQ could not run (see fallback).
+  std::string method;
+  std::string fallback;  // why GPTQ did not run; empty when it did
+  // Output errors (output_mse) of plain round-to-nearest and of the stored weight; absent
+  // without statistics.
+  std::optional<double> nearest_output_mse;
+  std::optional<double> output_mse;
+  std::int64_t groups_rescaled = 0;
+  // output_mse / nearest_output_mse; absent without statistics or when RTN is exact.
+  std::optional<double> ratio() const;
+};
+
+nlohmann::json to_json(const RoundingReport& report);
+
+// GPTQ + scale sweep for every format with a group layout. Rounds to nearest
+// (WeightFormat::quantize) instead: formats without a layout (BF16, FP8_SOURCE); Linears without
+// statistics (or with statistics over zero tokens) and Hessians that are not finite or not
+// positive definite after damping, each with one warning line on stderr naming the Linear; and,
+// silently, Linears where GPTQ's calibration output error is not lower than nearest rounding's.
+// NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
+// RoundingReport per encoded (Linear, format) (not thread-safe).
+class GptqRounding final : public RoundingStrategy {
+ public:
+  explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {});
+
+  std::string_view name() const override { return "gptq"; }
+  formats::EncodedWeight encode(const LinearToEncode& job) const override;
+
+  // One report per (Linear, format) encoded, in the order first encoded; encoding a pair again
+  // (LinearEncoder measures before it exports) replaces its report.
+  const std::vector<RoundingReport>& reports() const { return reports_; }
+
+ private:
+  void record(RoundingReport report) const;
+
+  StatisticsProvider statistics_;
+  GptqOptions options_;
+  mutable std::vector<RoundingReport> reports_;
+  mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
+};
+
+}  // namespace pq::exporter
