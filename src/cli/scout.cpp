@@ -5,6 +5,8 @@
 #include "alloc/budget.h"
 #include "cli/commands.h"
 #include "common/error.h"
+#include "export/gptq.h"
+#include "probe/probe_stage.h"
 #include "scout/scout_stage.h"
 
 namespace pq::cli {
@@ -24,6 +26,7 @@ std::vector<std::string> split_list(const std::string& list) {
 void register_scout(CLI::App& app) {
   auto job = std::make_shared<scout::ScoutJob>();
   auto budgets = std::make_shared<std::string>("4.5,4.75,5,5.5,6");
+  auto rounding = std::make_shared<std::string>("nearest");
   CLI::App* cmd = app.add_subcommand(
       "scout",
       "Choose the assignment to ship by measured held-out KL: allocator candidates at anchor "
@@ -63,11 +66,24 @@ void register_scout(CLI::App& app) {
   cmd->add_option("--uniform-baseline", job->uniform_baseline,
                   "Format of the uniform baseline measured for comparison (empty: none)")
       ->default_val(job->uniform_baseline);
+  cmd->add_option("--rounding", *rounding,
+                  "How Linears are encoded, as export will: nearest, or gptq (GPTQ + scale sweep "
+                  "on the Hessians of WORK/probe)")
+      ->default_val(*rounding)
+      ->check(CLI::IsMember({"nearest", "gptq"}));
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
                 "lm_head is a candidate (the cost table must have it)");
-  cmd->callback([job, budgets] {
-    job->budgets = split_list(*budgets);
-    const scout::ScoutOutcome outcome = scout::run_scout(*job);
+  cmd->callback([job, budgets, rounding] {
+    scout::ScoutJob run = *job;
+    run.budgets = split_list(*budgets);
+    std::unique_ptr<probe::ProbeResult> probed;
+    std::unique_ptr<exporter::GptqRounding> gptq;
+    if (*rounding == "gptq") {
+      probed = std::make_unique<probe::ProbeResult>(probe::ProbeResult::read(run.work / "probe"));
+      gptq = std::make_unique<exporter::GptqRounding>(exporter::statistics_from_probe(*probed));
+      run.rounding = gptq.get();
+    }
+    const scout::ScoutOutcome outcome = scout::run_scout(run);
     std::fputs(scout::summarize_outcome(outcome).c_str(), stdout);
   });
 }
