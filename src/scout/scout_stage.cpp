@@ -28,6 +28,7 @@
 #include "report/scout_report.h"
 #include "runtime/weights.h"
 #include "scout/frontier.h"
+#include "scout/neighbourhood.h"
 #include "scout/polish.h"
 #include "tokenizer/tokenizer.h"
 
@@ -369,92 +370,45 @@ void Scout::run_l3(const alloc::BitsTarget& target, const std::vector<std::size_
   const Candidate& base = candidates_[candidate_of_assignment_.at(start)];
   const double base_kl = base.measured.kl;
   const std::string base_id = base.id;
-  struct UnitState {
-    std::size_t unit = 0;
-    std::size_t option = 0;
-    std::vector<double> dloss;  // per option, summed over members (under `table`)
-  };
-  std::vector<UnitState> states;
+  std::vector<UnitOptions> options(units_.size());
   for (std::size_t u = 0; u < units_.size(); ++u) {
     const Unit& unit = units_[u];
-    UnitState state{u, 0, {}};
+    options[u].bytes = unit.bytes;
     for (std::size_t o = 0; o < unit.formats.size(); ++o) {
-      state.dloss.push_back(unit_dloss(table, unit, o));
-      if (unit.formats[o] == start[unit.members.front()]) state.option = o;
+      options[u].dloss.push_back(unit_dloss(table, unit, o));
+      if (unit.formats[o] == start[unit.members.front()]) options[u].current = o;
     }
-    states.push_back(std::move(state));
   }
-  // The marginal rate (dL per byte) at the solution, between the best upgrade left untaken and
-  // the worst one taken; a unit whose neighbouring step has nearly this rate is a near-tie.
-  double best_untaken = 0.0, worst_taken = std::numeric_limits<double>::infinity();
-  const auto step_rate = [&](const UnitState& s, std::size_t lo) {
-    const Unit& unit = units_[s.unit];
-    return (s.dloss[lo] - s.dloss[lo + 1]) /
-           static_cast<double>(unit.bytes[lo + 1] - unit.bytes[lo]);
-  };
-  for (const UnitState& s : states) {
-    if (s.option + 1 < s.dloss.size())
-      best_untaken = std::max(best_untaken, step_rate(s, s.option));
-    if (s.option > 0) worst_taken = std::min(worst_taken, step_rate(s, s.option - 1));
-  }
-  const double rate = std::isfinite(worst_taken) && best_untaken > 0.0
-                          ? std::sqrt(best_untaken * worst_taken)
-                          : std::max(best_untaken, std::isfinite(worst_taken) ? worst_taken : 0.0);
-  const auto tie_distance = [&](const UnitState& s) {
-    double distance = std::numeric_limits<double>::infinity();
-    const auto consider = [&](std::size_t lo) {
-      const double r = step_rate(s, lo);
-      if (r > 0.0 && rate > 0.0) distance = std::min(distance, std::fabs(std::log(r / rate)));
-    };
-    if (s.option > 0) consider(s.option - 1);
-    if (s.option + 1 < s.dloss.size()) consider(s.option);
-    return distance;
-  };
-  // Half the neighbourhood by nearness to a tie, the rest by the highest current surrogate.
-  std::vector<std::size_t> order(states.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return tie_distance(states[a]) < tie_distance(states[b]);
-  });
-  std::vector<std::size_t> chosen;
-  const std::size_t wanted = std::min(job_.l3_items, states.size());
-  for (std::size_t k = 0; k < order.size() && chosen.size() < (wanted + 1) / 2; ++k) {
-    if (std::isfinite(tie_distance(states[order[k]]))) chosen.push_back(order[k]);
-  }
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return states[a].dloss[states[a].option] > states[b].dloss[states[b].option];
-  });
-  for (std::size_t k = 0; k < order.size() && chosen.size() < wanted; ++k) {
-    if (std::find(chosen.begin(), chosen.end(), order[k]) == chosen.end())
-      chosen.push_back(order[k]);
-  }
+  const std::vector<std::size_t> chosen = uncertain_units(options, job_.l3_items);
 
   // Surrogate units per nat of measured KL at the start assignment.
   const double scale = predicted(table, start) / base_kl;
   alloc::CostTable measured_table = table;
   json flips = json::array();
   std::vector<double> predicted_delta, measured_delta;
-  for (const std::size_t s_index : chosen) {
-    const UnitState& s = states[s_index];
-    const Unit& unit = units_[s.unit];
-    for (const std::size_t to : neighbour_options(s.option, unit.formats.size())) {
+  json units = json::array();
+  for (const std::size_t u : chosen) {
+    const UnitOptions& s = options[u];
+    const Unit& unit = units_[u];
+    units.push_back(unit.key);
+    for (const std::size_t to : neighbour_options(s.current, unit.formats.size())) {
       std::vector<std::size_t> flipped = start;
       for (const std::size_t m : unit.members) flipped[m] = unit.formats[to];
       const double kl = measure_assignment(flipped, *encoder_, true).kl;
-      const double predicted_change = s.dloss[to] - s.dloss[s.option];
+      const double predicted_change = s.dloss[to] - s.dloss[s.current];
       const double measured_change = kl - base_kl;
       predicted_delta.push_back(predicted_change);
       measured_delta.push_back(measured_change);
       flips.push_back({{"unit", unit.key},
-                       {"from", table_.formats[unit.formats[s.option]]},
+                       {"from", table_.formats[unit.formats[s.current]]},
                        {"to", table_.formats[unit.formats[to]]},
                        {"bytes_change", static_cast<std::int64_t>(unit.bytes[to]) -
-                                            static_cast<std::int64_t>(unit.bytes[s.option])},
+                                            static_cast<std::int64_t>(unit.bytes[s.current])},
                        {"predicted_dloss_change", predicted_change},
                        {"kl", kl},
                        {"measured_kl_change", measured_change}});
       if (!(std::isfinite(scale) && scale > 0.0)) continue;
-      const double replaced = std::max(0.0, s.dloss[s.option] + scale * measured_change);
+      const double replaced = std::max(0.0, s.dloss[s.current] + scale * measured_change);
       for (const std::size_t m : unit.members) {
         auto& cost = measured_table.linears[m].costs[unit.formats[to]];
         cost->predicted_dloss = s.dloss[to] > 0.0
@@ -471,7 +425,8 @@ void Scout::run_l3(const alloc::BitsTarget& target, const std::vector<std::size_
          {"start", base_id},
          {"start_kl", base_kl},
          {"surrogate_per_kl", scale},
-         {"marginal_rate", rate},
+         {"marginal_rate", marginal_rate(options)},
+         {"units", units},
          {"flips", flips},
          {"spearman", spearman_ ? json(*spearman_) : json(nullptr)},
          {"candidate", l3.id},
