@@ -7,12 +7,14 @@ function(pq_simd_source file)
   set_source_files_properties(${path} TARGET_DIRECTORY pq PROPERTIES COMPILE_OPTIONS "${ARGN}")
 endfunction()
 
-# pq_add_test(NAME SOURCES...): one GoogleTest executable registered with CTest.
+# pq_add_test(NAME SOURCES...): one GoogleTest executable registered with CTest. gtest_discover_tests
+# passes only ONE environment variable (a ';' list is split into property arguments); test_main.cpp
+# sets the OpenMP ones, and EXTRA_ARGS --env=NAME=VALUE any other.
 function(pq_add_test name)
   add_executable(${name} ${ARGN})
-  target_link_libraries(${name} PRIVATE pq pq_test_support GTest::gtest_main GTest::gmock)
+  target_link_libraries(${name} PRIVATE pq pq_test_support pq_test_main GTest::gmock)
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES
-                       ENVIRONMENT "PQ_SHARED_DIR=${PQ_SHARED_DIR};OMP_NUM_THREADS=2;OMP_WAIT_POLICY=passive")
+                       ENVIRONMENT "PQ_SHARED_DIR=${PQ_SHARED_DIR}")
 endfunction()
 
 # pq_add_bench(NAME SOURCES...): one Google Benchmark executable.

@@ -2,11 +2,13 @@
 #include <fmt/format.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cli/commands.h"
 #include "cli/invocation.h"
 #include "export/exporter.h"
+#include "export/gptq.h"
 #include "model/model_spec.h"
 #include "probe/probe_stage.h"
 
@@ -15,6 +17,7 @@ namespace pq::cli {
 void register_export(CLI::App& app) {
   auto job = std::make_shared<exporter::ExportJob>();
   auto probe_dir = std::make_shared<std::string>();
+  auto rounding_name = std::make_shared<std::string>("gptq");
   CLI::App* cmd = app.add_subcommand(
       "export",
       "Quantize MODEL with the format of every Linear from assignment.json and write a "

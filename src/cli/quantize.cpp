@@ -3,9 +3,11 @@
 
 #include <cstdio>
 #include <memory>
+#include <string>
 
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
+#include "cli/gate_options.h"
 #include "cli/invocation.h"
 #include "pipeline/quantize_pipeline.h"
 
@@ -33,6 +35,9 @@ void register_quantize(CLI::App& app) {
       ->required();
   cmd->add_option("--work", job->work, "Work directory for the stage artifacts (default DIR.work)");
   cmd->add_flag("--force", job->force, "Replace DIR if it exists");
+  cmd->add_option("--rounding", job->rounding,
+                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians) or nearest")
+      ->default_val(job->rounding);
   cmd->add_option("--eval-windows", job->eval_windows, "Held-out windows evaluated")
       ->default_val(job->eval_windows)
       ->check(CLI::PositiveNumber);
@@ -42,6 +47,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--pareto", job->pareto,
                   "Pareto targets (default 4,4.25,4.5,4.75,5,5.5,6,7,8 and --target-bits)");
   add_calibration_options(cmd, *job);
+  add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");
   cmd->callback([job, no_weighting, objective] {
@@ -63,6 +69,19 @@ void register_quantize(CLI::App& app) {
                            q.top1_agreement)
                    .c_str(),
                stdout);
+    std::fputs((outcome.rounding + "\n").c_str(), stdout);
+    const validate::ValidateReport& v = outcome.validated;
+    std::fputs(fmt::format("validate (reloaded from disk): KL {:.6f} nats, perplexity {:.4f}, "
+                           "top-1 agreement {:.4f}: gates passed\n",
+                           v.mean_kl, v.perplexity, v.top1_agreement)
+                   .c_str(),
+               stdout);
+    // One line: the sample's newlines shown as \n.
+    std::string sample = v.prompt + v.sample;
+    for (std::size_t at = sample.find('\n'); at != std::string::npos; at = sample.find('\n', at)) {
+      sample.replace(at, 1, "\\n");
+    }
+    std::fputs(fmt::format("greedy sample: {}\n", sample).c_str(), stdout);
     std::fputs(
         fmt::format("wrote {} ({:.3f} bits per parameter on disk)\n", outcome.exported.out.string(),
                     8.0 * static_cast<double>(outcome.exported.tensor_bytes) /

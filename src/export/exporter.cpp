@@ -224,8 +224,8 @@ std::string pareto_table(const fs::path& assignment) {
 
 // README.md: what was exported, how well it does where that was measured, and how to serve it.
 std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const Plan& plan,
-                       const ExportSummary& summary, std::uint64_t file_bytes,
-                       std::uint64_t source_file_bytes) {
+                       const RoundingStrategy& rounding, const ExportSummary& summary,
+                       std::uint64_t file_bytes, std::uint64_t source_file_bytes) {
   std::string card =
       fmt::format("# {} (prismaquant mixed precision)\n\n", job.model_dir.filename().string());
   card += fmt::format(
@@ -293,7 +293,8 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
   if (const std::string table = pareto_table(job.assignment); !table.empty()) {
     card += "## Size / predicted-loss trade-off (allocator's Pareto sweep)\n\n" + table + "\n";
   }
-  card += fmt::format("## How it was made\n\n```\n{}\n```\n\n", job.command_line);
+  card += fmt::format("## How it was made\n\n```\n{}\n```\n\n{}\n\n", job.command_line,
+                      rounding.describe(plan.format_name_of));
   card += fmt::format("## Serve\n\n```\nvllm serve {}\n```\n", job.out.string());
   return card;
 }
@@ -440,7 +441,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   copy_side_files(job.model_dir, staging.path());
   write_text_file_atomic(
       staging.path() / "README.md",
-      model_card(job, spec, plan, summary, safetensors_file_bytes(staging.path()),
+      model_card(job, spec, plan, rounding, summary, safetensors_file_bytes(staging.path()),
                  safetensors_file_bytes(job.model_dir)));
 
   // Hand the finished directory over: an existing one moves aside first and goes only after the

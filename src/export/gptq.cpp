@@ -352,6 +352,8 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
   PQ_CHECK(options_.damp >= 0.0 && std::isfinite(options_.damp),
            "GPTQ damping {} is not a non-negative number", options_.damp);
   PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
+  PQ_CHECK(options_.min_tokens >= 1, "GPTQ minimum token count {} is not positive",
+           options_.min_tokens);
   PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
                options_.sweep_lo <= options_.sweep_hi,
            "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
@@ -401,6 +403,13 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   formats::EncodedWeight nearest = job.format.quantize(job.weight, job.shape, options);
   report.nearest_output_mse =
       output_mse(job.weight, job.format.dequantize(nearest), job.shape, *stats);
+  if (stats->tokens < options_.min_tokens) {
+    report.fallback = fmt::format("{} calibration tokens, fewer than GPTQ's minimum {}",
+                                  stats->tokens, options_.min_tokens);
+    report.output_mse = report.nearest_output_mse;
+    record(report);
+    return nearest;
+  }
   const std::optional<GroupedWeight> grouped =
       gptq_round(job.weight, job.shape, *layout, *stats, options_);
   if (!grouped) {
@@ -426,6 +435,65 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
   record(report);
   return encoded;
+}
+
+std::string GptqRounding::describe(const std::map<std::string, std::string>& format_of) const {
+  std::int64_t rounded = 0;
+  std::int64_t ratios = 0;
+  double log_ratio_sum = 0.0;
+  std::map<std::string, std::int64_t> fallbacks;
+  for (const auto& [linear, format] : format_of) {
+    const auto it = report_index_.find({linear, format});
+    if (it == report_index_.end()) continue;
+    const RoundingReport& report = reports_[it->second];
+    if (report.fallback.empty()) {
+      ++rounded;
+    } else {
+      ++fallbacks[report.fallback];
+    }
+    if (const std::optional<double> ratio = report.ratio(); ratio && *ratio > 0.0) {
+      log_ratio_sum += std::log(*ratio);
+      ++ratios;
+    }
+  }
+  std::string text = fmt::format(
+      "GPTQ (damping {}, blocks of {} columns{}){} rounded {} Linears with the calibration "
+      "Hessians.",
+      options_.damp, options_.block_size, options_.act_order ? ", activation order" : "",
+      options_.scale_sweep
+          ? fmt::format(" with a per-group scale sweep ({} candidates in [{}, {}] x)",
+                        options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi)
+          : "",
+      rounded);
+  for (const auto& [why, count] : fallbacks) {
+    text += fmt::format(" {} rounded to nearest: {}.", count, why);
+  }
+  if (ratios > 0) {
+    text += fmt::format(
+        " Calibration output error against round-to-nearest, geometric mean over {} Linears: "
+        "{:.4f}x.",
+        ratios, std::exp(log_ratio_sum / static_cast<double>(ratios)));
+  }
+  return text;
+}
+
+nlohmann::json GptqRounding::report(const std::map<std::string, std::string>& format_of) const {
+  nlohmann::json linears = nlohmann::json::array();
+  for (const auto& [linear, format] : format_of) {
+    const auto it = report_index_.find({linear, format});
+    if (it != report_index_.end()) linears.push_back(to_json(reports_[it->second]));
+  }
+  return {{"strategy", name()}, {"linears", std::move(linears)}};
+}
+
+std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
+                                                const probe::ProbeResult* probe) {
+  if (name == "nearest") return std::make_unique<NearestRounding>();
+  PQ_CHECK(name == "gptq", "unknown rounding '{}' (known: gptq, nearest)", name);
+  PQ_CHECK(probe != nullptr,
+           "GPTQ rounding needs the calibration Hessians of a probe (give the probe directory, or "
+           "use nearest rounding)");
+  return std::make_unique<GptqRounding>(statistics_from_probe(*probe));
 }
 
 }  // namespace pq::exporter

@@ -1,6 +1,9 @@
 #pragma once
 
+#include <map>
+#include <nlohmann/json.hpp>
 #include <span>
+#include <string>
 #include <string_view>
 
 #include "formats/weight_format.h"
@@ -26,6 +29,11 @@ class RoundingStrategy {
   virtual ~RoundingStrategy() = default;
   virtual std::string_view name() const = 0;
   virtual formats::EncodedWeight encode(const LinearToEncode& job) const = 0;
+  // What the strategy did to these encodings (Linear name -> format name), a short Markdown
+  // paragraph for the model card.
+  virtual std::string describe(const std::map<std::string, std::string>& format_of) const = 0;
+  // Per-Linear detail of those encodings: {"strategy": name, "linears": [...]}.
+  virtual nlohmann::json report(const std::map<std::string, std::string>& format_of) const = 0;
 };
 
 // Round to nearest (RTN) with the format's own scale rule: exactly WeightFormat::quantize, so
@@ -34,6 +42,8 @@ class NearestRounding final : public RoundingStrategy {
  public:
   std::string_view name() const override { return "nearest"; }
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
+  std::string describe(const std::map<std::string, std::string>& format_of) const override;
+  nlohmann::json report(const std::map<std::string, std::string>& format_of) const override;
 };
 
 }  // namespace pq::exporter

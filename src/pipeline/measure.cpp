@@ -4,6 +4,7 @@
 #include "data/token_dataset.h"
 #include "runtime/model.h"
 #include "tokenizer/tokenizer.h"
+#include "validate/validate.h"
 
 namespace pq::pipeline {
 
@@ -11,7 +12,9 @@ std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::pa
                                                        const std::filesystem::path& data,
                                                        std::size_t count, std::size_t seqlen) {
   const auto tokenizer = tokenizer::Tokenizer::load(model_dir / "tokenizer.json");
-  return data::TokenDataset::from_text_file(data, tokenizer).heldout(count, seqlen);
+  return validate::heldout_windows(data::TokenDataset::from_text_file(data, tokenizer),
+                                   static_cast<std::int64_t>(seqlen),
+                                   static_cast<std::int64_t>(count));
 }
 
 exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,

@@ -14,13 +14,8 @@
 
 namespace pq::pipeline {
 
-// Windows per forward pass of every held-out evaluation (the pre-export measurement and
-// validate): the batching is part of the arithmetic, so both use the same.
-inline constexpr std::int64_t kEvalWindowsPerPass = 4;
-
-// The first `count` windows of `seqlen` tokens of the data's held-out split (the last 10% of its
-// token stream, which calibration never samples; data::TokenDataset), tokenized with
-// model_dir/tokenizer.json.
+// The first `count` windows of `seqlen` tokens of the data's held-out split
+// (validate::heldout_windows), tokenized with model_dir/tokenizer.json.
 std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::path& model_dir,
                                                        const std::filesystem::path& data,
                                                        std::size_t count, std::size_t seqlen);

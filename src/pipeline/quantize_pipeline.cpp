@@ -7,7 +7,9 @@
 
 #include "alloc/budget.h"
 #include "common/error.h"
+#include "common/file_util.h"
 #include "common/progress.h"
+#include "export/gptq.h"
 #include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 
@@ -92,8 +94,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
   const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
-  const exporter::NearestRounding rounding;
-  const exporter::LinearEncoder encoder(spec, checkpoint, rounding, input_amax);
+  const std::unique_ptr<exporter::RoundingStrategy> rounding =
+      exporter::make_rounding(job.rounding, &probe);
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax);
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : outcome.allocation.assignment.linears) {
     format_of[linear.name] = linear.format;
@@ -103,7 +106,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
     const runtime::ReferenceLogits reference(
         source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
-        kEvalWindowsPerPass);
+        runtime::kEvalWindowsPerPass);
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
@@ -118,8 +121,24 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.input_amax = input_amax;
   export_job.quality = outcome.measured;
   export_job.command_line = job.command_line;
-  outcome.exported = exporter::run_export(export_job, rounding);
+  outcome.exported = exporter::run_export(export_job, *rounding);
+  outcome.rounding = rounding->describe(format_of);
+  write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");
   outcome.stages.push_back({"export", seconds_since(start), false});
+
+  start = std::chrono::steady_clock::now();
+  validate::ValidateJob validate_job;
+  validate_job.checkpoint = job.out;
+  validate_job.reference = job.model;
+  validate_job.data = job.data;
+  validate_job.seqlen = static_cast<std::int64_t>(job.eval_seqlen);
+  validate_job.max_seqs = static_cast<std::int64_t>(job.eval_windows);
+  validate_job.gates = job.gates;
+  outcome.validated = validate::run_validate(validate_job);
+  validate::write_report(work / "validate.json", outcome.validated);
+  outcome.stages.push_back({"validate", seconds_since(start), false});
+  PQ_CHECK(outcome.validated.passed(), "{}: validation failed: {} (report: {})", job.out.string(),
+           outcome.validated.failures.front(), (work / "validate.json").string());
   return outcome;
 }
 

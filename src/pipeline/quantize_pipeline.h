@@ -9,6 +9,7 @@
 #include "cost/cost_stage.h"
 #include "export/exporter.h"
 #include "probe/probe_stage.h"
+#include "validate/validate.h"
 
 namespace pq::pipeline {
 
@@ -32,6 +33,9 @@ struct QuantizeJob {
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
   std::size_t eval_windows = 16;
   std::size_t eval_seqlen = 512;
+  // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
+  std::string rounding = "gptq";
+  validate::Gates gates;     // validate's gates on the written checkpoint
   bool force = false;        // replace an existing `out`
   std::string command_line;  // recorded in the model card
 };
@@ -50,11 +54,15 @@ struct QuantizeOutcome {
   alloc::AllocateOutcome allocation;
   exporter::MeasuredQuality measured;  // before export, with the exporter's weights
   exporter::ExportSummary exported;
+  std::string rounding;                // what the rounding strategy did (its model-card paragraph)
+  validate::ValidateReport validated;  // the written checkpoint, reloaded as a consumer does
 };
 
 // probe -> cost -> allocate in the work directory, then the assignment's held-out quality
-// measured with the exact weights export writes, then the export to job.out. Each of probe and
-// cost stores the fingerprint of its inputs and options; one whose artifact matches is skipped.
+// measured with the exact weights export writes, the export to job.out, and validate on what was
+// written (report in WORK/validate.json). Each of probe and cost stores the fingerprint of its
+// inputs and options; one whose artifact matches is skipped. Throws pq::Error when a validate
+// gate fails (the checkpoint stays: it is complete, the report says what failed).
 QuantizeOutcome run_quantize(const QuantizeJob& job);
 
 // The default Pareto targets for a main target: 4, 4.25, 4.5, 4.75, 5, 5.5, 6, 7, 8 and the

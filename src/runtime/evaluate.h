@@ -37,6 +37,10 @@ struct EvalResult {
 EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> windows,
                     Model* reference = nullptr, std::int64_t windows_per_pass = 4);
 
+// Windows per forward pass of the held-out evaluations that must agree bit for bit (quantize's
+// pre-export measurement, scout, validate): the batching is part of the arithmetic.
+inline constexpr std::int64_t kEvalWindowsPerPass = 4;
+
 // A reference model's logits on a fixed set of windows, computed once so that many candidate
 // models (scout's assignments, the pre-export measurement) are compared with it without running
 // it again. Memory: windows x length x vocab floats.

@@ -484,6 +484,8 @@ class FailingAfter final : public RoundingStrategy {
     if (left_-- == 0) fail("rounding gave up");
     return NearestRounding{}.encode(job);
   }
+  std::string describe(const std::map<std::string, std::string>&) const override { return {}; }
+  nlohmann::json report(const std::map<std::string, std::string>&) const override { return {}; }
 
  private:
   mutable int left_;

@@ -4,10 +4,13 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "common/error.h"
 
 namespace pq::formats {
@@ -50,6 +53,17 @@ std::string describe(const GroupCodec& c) {
                                         : std::string(element_info(c.codes().element).name)) +
          " scale kind " + std::to_string(static_cast<int>(c.scale_spec().kind)) + " rule " +
          std::to_string(static_cast<int>(c.scale_spec().mx_rule));
+}
+
+// The ".scalar" variants of these tests run with PQ_FORCE_SCALAR=1; make sure that reaches the
+// dispatcher, or they would silently test the SIMD paths twice.
+TEST(GroupCodec, ForceScalarDisablesEverySimdPath) {
+  const char* force = std::getenv("PQ_FORCE_SCALAR");
+  if (force == nullptr || std::string_view(force) == "0") GTEST_SKIP() << "SIMD variant";
+  const pq::CpuFeatures& features = pq::cpu_features();
+  EXPECT_FALSE(features.avx2);
+  EXPECT_FALSE(features.avx512f);
+  EXPECT_FALSE(features.avx512bf16);
 }
 
 TEST(GroupCodec, Nvfp4ScaleIsGlobalTimesAmaxOverSixRoundedToE4M3) {

@@ -3,13 +3,18 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "export/gptq.h"
+#include "export/linear_encoder.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
+#include "validate/ct_checkpoint.h"
+#include "validate/ct_decode.h"
 
 namespace pq::pipeline {
 namespace {
@@ -33,7 +38,7 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   job.eval_windows = 2;
   job.eval_seqlen = 128;
   const QuantizeOutcome outcome = run_quantize(job);
-  ASSERT_EQ(outcome.stages.size(), 5u);
+  ASSERT_EQ(outcome.stages.size(), 6u);
   EXPECT_FALSE(outcome.stages[0].reused);
   EXPECT_FALSE(outcome.stages[1].reused);
 
@@ -80,6 +85,38 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   const std::string card = read_text_file(dir / "out/README.md");
   EXPECT_NE(card.find(fmt::format("{:.6f}", measured.mean_kl)), std::string::npos) << card;
   EXPECT_NE(card.find("Pareto"), std::string::npos);
+  // validate reloads the written checkpoint with its own decoder and measures the same figures
+  // as the pre-export measurement, bit for bit.
+  const validate::ValidateReport& validated = outcome.validated;
+  EXPECT_TRUE(validated.passed());
+  EXPECT_EQ(validated.predictions, measured.predictions);
+  EXPECT_EQ(validated.mean_kl, measured.mean_kl);
+  EXPECT_EQ(validated.perplexity, measured.perplexity);
+  EXPECT_EQ(validated.top1_agreement, measured.top1_agreement);
+  // The weights decoded from the files (validate's decoder, independent of the exporter) are
+  // bit for bit the weights the pipeline evaluated: the same GPTQ encodings, decoded in memory.
+  {
+    const model::ModelSpec spec = model::load_model_spec(job.model);
+    const io::Checkpoint source = io::Checkpoint::open(job.model);
+    const probe::ProbeResult probe = probe::ProbeResult::read(dir / "out.work/probe");
+    const auto rounding = exporter::make_rounding("gptq", &probe);
+    const exporter::LinearEncoder encoder(spec, source, *rounding,
+                                          exporter::input_amax_from_probe(spec, probe));
+    std::map<std::string, std::string> format_of;
+    for (const auto& linear : assignment.at("linears")) {
+      format_of[linear.at("name").get<std::string>()] = linear.at("format").get<std::string>();
+    }
+    const exporter::QuantizedLinears evaluated = exporter::quantize_linears(encoder, format_of);
+    const auto written = validate::CompressedTensorsCheckpoint::open(dir / "out");
+    for (const auto& [name, format] : format_of) {
+      if (format == "BF16") continue;
+      const std::vector<float> decoded = validate::decode_module(written, name);
+      const std::span<const float> expected = evaluated.weight(name);
+      ASSERT_EQ(decoded.size(), expected.size()) << name;
+      EXPECT_EQ(0, std::memcmp(decoded.data(), expected.data(), decoded.size() * sizeof(float)))
+          << name << " (" << format << ")";
+    }
+  }
   // Bits charged == bytes on disk: the allocator's whole-checkpoint charge is the tensor data
   // written.
   EXPECT_EQ(outcome.exported.tensor_bytes,

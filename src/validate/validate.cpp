@@ -1,0 +1,162 @@
+// The validate stage: the exported checkpoint read back as a consumer would, run, and compared
+// with its source on held-out text.
+#include "validate/validate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/error.h"
+#include "common/file_util.h"
+#include "runtime/checkpoint_model.h"
+#include "runtime/evaluate.h"
+#include "tokenizer/tokenizer.h"
+#include "validate/ct_checkpoint.h"
+#include "validate/ct_decode.h"
+
+namespace pq::validate {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Models whose f32 weights fit this stay decoded in memory between passes (and for sampling).
+constexpr std::int64_t kResidentF32Bytes = 1ll << 30;
+// Tokens of the held-out split used as the default sampling prompt.
+constexpr std::int64_t kDefaultPromptTokens = 16;
+
+runtime::RuntimeOptions options_for(std::int64_t params) {
+  runtime::RuntimeOptions options;
+  options.keep_layers_resident = params * 4 <= kResidentF32Bytes;
+  return options;
+}
+
+}  // namespace
+
+nlohmann::json ValidateReport::to_json() const {
+  return {{"checkpoint", checkpoint},
+          {"reference", reference},
+          {"format", format},
+          {"linears_by_format", linears_by_format},
+          {"activation_quantized_linears", activation_quantized_linears},
+          {"seqlen", seqlen},
+          {"windows", windows},
+          {"predictions", predictions},
+          {"mean_kl_nats", mean_kl},
+          {"top1_agreement", top1_agreement},
+          {"perplexity", perplexity},
+          {"reference_perplexity", reference_perplexity},
+          {"perplexity_ratio", perplexity / reference_perplexity},
+          {"prompt", prompt},
+          {"sample", sample},
+          {"reference_sample", reference_sample},
+          {"gates",
+           {{"max_kl", gates.max_kl},
+            {"min_top1", gates.min_top1},
+            {"max_ppl_ratio", gates.max_ppl_ratio}}},
+          {"passed", passed()},
+          {"failures", failures}};
+}
+
+std::vector<std::vector<std::int32_t>> heldout_windows(const data::TokenDataset& dataset,
+                                                       std::int64_t seqlen, std::int64_t max_seqs) {
+  PQ_CHECK(seqlen >= 2, "window length {} is too short: need at least 2 tokens", seqlen);
+  const auto length = static_cast<std::size_t>(seqlen);
+  std::size_t count = dataset.heldout_tokens().size() / length;
+  if (max_seqs > 0) count = std::min(count, static_cast<std::size_t>(max_seqs));
+  PQ_CHECK(count > 0, "the held-out split has {} tokens, not one window of {}",
+           dataset.heldout_tokens().size(), seqlen);
+  return dataset.heldout(count, length);
+}
+
+std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gates) {
+  std::vector<std::string> failures;
+  // Written so that a NaN measurement fails every gate it feeds.
+  if (!(r.mean_kl <= gates.max_kl)) {
+    failures.push_back(
+        fmt::format("mean KL {:.6g} nats exceeds --max-kl {:.6g}", r.mean_kl, gates.max_kl));
+  }
+  if (!(r.top1_agreement >= gates.min_top1)) {
+    failures.push_back(fmt::format("top-1 agreement {:.4f} is below --min-top1 {:.4f}",
+                                   r.top1_agreement, gates.min_top1));
+  }
+  const double ratio = r.perplexity / r.reference_perplexity;
+  if (!(ratio <= gates.max_ppl_ratio)) {
+    failures.push_back(fmt::format(
+        "perplexity {:.4f} is {:.4f}x the reference's {:.4f}, above --max-ppl-ratio {:.4f}",
+        r.perplexity, ratio, r.reference_perplexity, gates.max_ppl_ratio));
+  }
+  return failures;
+}
+
+ValidateReport run_validate(const ValidateJob& job) {
+  PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
+  const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
+  ValidateReport report;
+  report.checkpoint = job.checkpoint.string();
+  report.reference = job.reference.string();
+  report.format = checkpoint.format();
+  report.gates = job.gates;
+  report.seqlen = job.seqlen;
+  for (const model::Linear& linear : checkpoint.spec().linears) {
+    const Scheme* scheme = checkpoint.scheme_of(linear.name);
+    report.linears_by_format[scheme == nullptr ? "ignored" : scheme->format] += 1;
+  }
+
+  const fs::path tokenizer_path = job.checkpoint / "tokenizer.json";
+  PQ_CHECK(fs::exists(tokenizer_path), "{}: no tokenizer.json to tokenize {} with",
+           job.checkpoint.string(), job.data.string());
+  const auto tokenizer = tokenizer::Tokenizer::load(tokenizer_path);
+  const auto dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
+  const auto windows = heldout_windows(dataset, job.seqlen, job.max_seqs);
+
+  const DecodedCheckpointWeightSource decoded(checkpoint);
+  const CheckpointActivationQuantizer activations(checkpoint);
+  report.activation_quantized_linears = static_cast<std::int64_t>(activations.size());
+  runtime::RuntimeOptions options = options_for(checkpoint.spec().num_params());
+  if (activations.size() > 0) options.activation_quantizer = &activations;
+  runtime::Model model(checkpoint.config(), decoded, options);
+  runtime::CheckpointModel reference(job.reference, options_for(checkpoint.spec().num_params()));
+  PQ_CHECK(reference.model().config().vocab_size == model.config().vocab_size,
+           "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
+           reference.model().config().vocab_size, model.config().vocab_size);
+
+  // The pre-export measurement's batching (the batch shapes the GEMM arithmetic), so that a
+  // checkpoint that decodes to the measured weights reproduces the measured figures exactly. The
+  // reference is streamed pass by pass, not held for every window as runtime::ReferenceLogits
+  // would, so memory stays at one pass of logits whatever --max-seqs is.
+  const std::int64_t windows_per_pass = runtime::kEvalWindowsPerPass;
+  const runtime::EvalResult compared =
+      runtime::evaluate(model, windows, &reference.model(), windows_per_pass);
+  const runtime::EvalResult alone =
+      runtime::evaluate(reference.model(), windows, nullptr, windows_per_pass);
+  report.windows = compared.windows;
+  report.predictions = compared.predictions;
+  report.mean_kl = compared.mean_kl();
+  report.top1_agreement = compared.top1_agreement();
+  report.perplexity = compared.perplexity();
+  report.reference_perplexity = alone.perplexity();
+
+  std::vector<std::int32_t> prompt;
+  if (job.prompt) {
+    prompt = tokenizer.encode(*job.prompt, /*add_special_tokens=*/true);
+  } else {
+    const auto& first = windows.front();
+    prompt.assign(first.begin(),
+                  first.begin() + std::min<std::int64_t>(kDefaultPromptTokens, job.seqlen));
+  }
+  PQ_CHECK(!prompt.empty(), "the sampling prompt is empty");
+  report.prompt = tokenizer.decode(prompt, /*skip_special_tokens=*/true);
+  const auto& stop = model.config().eos_token_ids;
+  report.sample =
+      tokenizer.decode(runtime::greedy_generate(model, prompt, job.sample_tokens, stop), true);
+  report.reference_sample = tokenizer.decode(
+      runtime::greedy_generate(reference.model(), prompt, job.sample_tokens, stop), true);
+
+  report.failures = gate_failures(report, job.gates);
+  return report;
+}
+
+void write_report(const fs::path& path, const ValidateReport& report) {
+  write_text_file_atomic(path, report.to_json().dump(2) + "\n");
+}
+
+}  // namespace pq::validate
