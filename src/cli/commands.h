@@ -17,6 +17,7 @@ void register_formats(CLI::App& app);
 void register_export(CLI::App& app);
 void register_eval(CLI::App& app);      // eval.cpp
 void register_generate(CLI::App& app);  // generate.cpp
+void register_scout(CLI::App& app);     // scout.cpp
 void register_validate(CLI::App& app);  // validate.cpp
 
 }  // namespace pq::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   pq::cli::register_export(app);
   pq::cli::register_eval(app);
   pq::cli::register_generate(app);
+  pq::cli::register_scout(app);
   pq::cli::register_validate(app);
   try {
     app.parse(argc, argv);

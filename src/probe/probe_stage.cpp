@@ -172,6 +172,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   f.field("importance_weighting", job.importance_weighting ? 1 : 0);
   f.field("batch_size", job.batch_size);
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
+  if (job.quantized) f.field("quantized", job.quantized->tag);
   return f.hex();
 }
 
@@ -226,7 +227,12 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   }
 
   const runtime::CheckpointWeightSource weights(checkpoint);
-  runtime::Model model(config, weights);
+  runtime::RuntimeOptions runtime_options;
+  if (job.quantized) {
+    runtime_options.weight_transform = job.quantized->weights;
+    runtime_options.activation_quantizer = job.quantized->activations;
+  }
+  runtime::Model model(config, weights, runtime_options);
   ProgressBar progress("probe", outcome.batches_total);
   progress.advance(outcome.resumed_from);
   std::size_t batch_index = outcome.resumed_from;

@@ -12,8 +12,19 @@
 
 #include "io/safetensors.h"
 #include "model/model_spec.h"
+#include "runtime/weights.h"
 
 namespace pq::probe {
+
+// A probe of the quantized model rather than the source: the Linears run with these weights and
+// activation quantization, so the statistics describe the activations an assignment produces
+// (scout's perturbed fixed point, docs/scout.md). Neither pointer is owned.
+struct QuantizedRun {
+  const runtime::WeightTransform* weights = nullptr;
+  const runtime::ActivationQuantizer* activations = nullptr;
+  // Identifies the weights and activations (assignment and rounding) in the probe's fingerprint.
+  std::string tag;
+};
 
 // What `prismaquant probe` was asked to do.
 struct ProbeJob {
@@ -30,6 +41,8 @@ struct ProbeJob {
   // Process at most this many batches in this run and keep the checkpoint for a later run
   // (time-sliced runs on shared machines); unset: run to completion.
   std::optional<std::size_t> stop_after_batches;
+  // Unset: probe the source model.
+  std::optional<QuantizedRun> quantized;
 };
 
 struct ProbeOutcome {
