@@ -1,10 +1,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/evaluate.h"
 #include "runtime/weights.h"
 
 namespace pq::scout {
@@ -19,15 +21,17 @@ struct KlMeasurement {
   std::int64_t predictions = 0;
 };
 
-// Measures quantized variants of one model against its source on fixed held-out windows. The
-// source model's log-probabilities are computed once, in the constructor, and kept in float32
-// (windows * (seqlen - 1) * vocab values), so each measurement costs one forward pass of the
-// quantized model. KL terms are accumulated in double.
+// Measures quantized variants of one model against its source on fixed held-out windows, with the
+// runtime's evaluation (runtime::ReferenceLogits + runtime::evaluate): the source model runs once,
+// in the constructor, and each measurement is one forward pass of the quantized model. Scored by
+// the very arithmetic quantize's pre-export measurement and validate use, so a KL scout reports is
+// reproduced bit for bit by `prismaquant validate` on the same windows.
 class KlEvaluator {
  public:
   // `source` must outlive the evaluator. Windows must all have the same length (>= 2).
   KlEvaluator(model::ModelConfig config, const runtime::WeightSource& source,
-              std::vector<std::vector<std::int32_t>> windows, std::int64_t windows_per_pass = 4);
+              std::vector<std::vector<std::int32_t>> windows,
+              std::int64_t windows_per_pass = runtime::kEvalWindowsPerPass);
 
   // The model whose Linears run with `weights` and `activations` (either may be null: the source
   // weight, no activation quantization).
@@ -35,24 +39,19 @@ class KlEvaluator {
                         const runtime::ActivationQuantizer* activations) const;
 
   const model::ModelConfig& config() const { return config_; }
-  std::size_t windows() const { return windows_.size(); }
-  std::int64_t window_length() const { return window_length_; }
+  std::size_t windows() const { return reference_->windows().size(); }
+  std::int64_t window_length() const {
+    return static_cast<std::int64_t>(reference_->windows().front().size());
+  }
   // The reference's NLL per prediction (nats).
-  double reference_nll() const { return reference_nll_; }
-  std::uint64_t reference_bytes() const { return reference_log_probs_.size() * sizeof(float); }
+  double reference_nll() const { return reference_->self().mean_nll(); }
+  // Memory holding the reference's logits.
+  std::uint64_t reference_bytes() const;
 
  private:
-  std::size_t row_offset(std::size_t window, std::int64_t position) const;
-
   model::ModelConfig config_;
   const runtime::WeightSource& source_;
-  std::vector<std::vector<std::int32_t>> windows_;
-  std::int64_t window_length_ = 0;
-  std::int64_t windows_per_pass_ = 4;
-  // log p_reference per (window, position < length - 1, token).
-  std::vector<float> reference_log_probs_;
-  std::vector<std::int32_t> reference_top1_;  // per (window, position)
-  double reference_nll_ = 0.0;
+  std::unique_ptr<runtime::ReferenceLogits> reference_;
 };
 
 }  // namespace pq::scout
