@@ -26,7 +26,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--out", job->out, "Output directory DIR")->required();
   cmd->add_option("--formats", job->formats, "Format menu")
       ->delimiter(',')
-      ->default_val(std::vector<std::string>{"NVFP4", "MXFP8_E4M3", "BF16"});
+      ->default_val(std::vector<std::string>{"NVFP4", "MXFP8", "BF16"});
   cmd->add_option("--target-bits", job->target_bits, "Bits per quantizable parameter")
       ->default_val(job->target_bits);
   cmd->add_option("--data", job->data,
@@ -35,6 +35,13 @@ void register_quantize(CLI::App& app) {
       ->required();
   cmd->add_option("--work", job->work, "Work directory for the stage artifacts (default DIR.work)");
   cmd->add_flag("--force", job->force, "Replace DIR if it exists");
+  cmd->add_option("--select", job->select,
+                  "allocate (the knapsack's assignment at --target-bits) or scout (chosen by "
+                  "measured held-out KL, docs/scout.md)")
+      ->default_val(job->select);
+  cmd->add_option("--scout-budgets", job->scout_budgets, "scout's anchor budgets (bits)")
+      ->delimiter(',')
+      ->default_val(job->scout_budgets);
   cmd->add_option("--rounding", job->rounding,
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians) or nearest")
       ->default_val(job->rounding);
@@ -62,6 +69,7 @@ void register_quantize(CLI::App& app) {
                  stdout);
     }
     std::fputs(alloc::summarize_outcome(outcome.allocation).c_str(), stdout);
+    if (outcome.scout) std::fputs(scout::summarize_outcome(*outcome.scout).c_str(), stdout);
     const exporter::MeasuredQuality& q = outcome.measured;
     std::fputs(fmt::format("held-out ({} x {} tokens): KL {:.6f} nats, perplexity {:.4f} (source "
                            "{:.4f}), top-1 agreement {:.4f}\n",

@@ -162,10 +162,9 @@ std::string human_bytes(std::uint64_t bytes) {
   return fmt::format("{:.2f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
 }
 
-// The Pareto sweep the allocator wrote beside the assignment (alloc's pareto.csv), as a Markdown
-// table of its feasible rows; empty when there is none.
-std::string pareto_table(const fs::path& assignment) {
-  const fs::path csv = assignment.parent_path() / "pareto.csv";
+// The Pareto sweep the allocator wrote (alloc's pareto.csv), as a Markdown table of its feasible
+// rows; empty when there is none.
+std::string pareto_table(const fs::path& csv) {
   if (!fs::exists(csv)) return {};
   std::vector<std::vector<std::string>> rows;
   std::string text = read_text_file(csv);
@@ -290,7 +289,9 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
         "Not measured by this export. `prismaquant validate DIR --reference SOURCE --data TEXT` "
         "reports held-out KL, perplexity and top-1 agreement.\n\n";
   }
-  if (const std::string table = pareto_table(job.assignment); !table.empty()) {
+  if (const std::string table = pareto_table(
+          job.pareto_csv.empty() ? job.assignment.parent_path() / "pareto.csv" : job.pareto_csv);
+      !table.empty()) {
     card += "## Size / predicted-loss trade-off (allocator's Pareto sweep)\n\n" + table + "\n";
   }
   card += fmt::format("## How it was made\n\n```\n{}\n```\n\n{}\n\n", job.command_line,

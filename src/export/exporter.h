@@ -38,7 +38,9 @@ struct ExportJob {
   // input_global_scale it sets.
   std::map<std::string, float> input_amax;
   std::optional<MeasuredQuality> quality;  // for the model card
-  std::string command_line;                // recorded in the model card
+  // The allocator's Pareto sweep for the model card; empty: pareto.csv beside the assignment.
+  std::filesystem::path pareto_csv;
+  std::string command_line;  // recorded in the model card
   std::uint64_t max_shard_bytes = 5'000'000'000;
 };
 

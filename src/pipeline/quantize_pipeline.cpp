@@ -87,18 +87,44 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   progress.finish();
   outcome.stages.push_back({"allocate", seconds_since(start), false});
 
-  // The assignment's held-out quality with the exact weights export writes, measured before the
-  // export so the model card can state it (validate measures the written checkpoint again).
-  start = std::chrono::steady_clock::now();
   const model::ModelSpec spec = model::load_model_spec(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
   const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
   const std::unique_ptr<exporter::RoundingStrategy> rounding =
       exporter::make_rounding(job.rounding, &probe);
+
+  std::filesystem::path assignment_path = work / "alloc" / "assignment.json";
+  const alloc::AssignmentFile* shipped = &outcome.allocation.assignment;
+  PQ_CHECK(job.select == "allocate" || job.select == "scout",
+           "unknown --select '{}' (known: allocate, scout)", job.select);
+  if (job.select == "scout") {
+    // Scout measures on the same held-out windows as the measurement below, so the KL it reports
+    // for its choice is the one measured before export and again by validate.
+    start = std::chrono::steady_clock::now();
+    scout::ScoutJob scout_job;
+    scout_job.model = job.model;
+    scout_job.data = job.data;
+    scout_job.work = work;
+    scout_job.formats = job.formats;
+    scout_job.budgets = job.scout_budgets;
+    scout_job.target = job.target_bits;
+    scout_job.rounding = rounding.get();
+    scout_job.heldout_windows = job.eval_windows;
+    scout_job.heldout_seqlen = job.eval_seqlen;
+    scout_job.seed = job.seed;
+    outcome.scout = scout::run_scout(scout_job);
+    assignment_path = work / "scout" / "assignment.json";
+    shipped = &outcome.scout->assignment;
+    outcome.stages.push_back({"scout", seconds_since(start), false});
+  }
+
+  // The assignment's held-out quality with the exact weights export writes, measured before the
+  // export so the model card can state it (validate measures the written checkpoint again).
+  start = std::chrono::steady_clock::now();
   const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax);
   std::map<std::string, std::string> format_of;
-  for (const alloc::AssignedLinear& linear : outcome.allocation.assignment.linears) {
+  for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;
   }
   {
@@ -115,7 +141,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   start = std::chrono::steady_clock::now();
   exporter::ExportJob export_job;
   export_job.model_dir = job.model;
-  export_job.assignment = work / "alloc" / "assignment.json";
+  export_job.assignment = assignment_path;
+  export_job.pareto_csv = work / "alloc" / "pareto.csv";
   export_job.out = job.out;
   export_job.force = job.force;
   export_job.input_amax = input_amax;

@@ -9,6 +9,7 @@
 #include "cost/cost_stage.h"
 #include "export/exporter.h"
 #include "probe/probe_stage.h"
+#include "scout/scout_stage.h"
 #include "validate/validate.h"
 
 namespace pq::pipeline {
@@ -21,7 +22,7 @@ struct QuantizeJob {
   // that replacing the checkpoint never touches them.
   std::optional<std::filesystem::path> work;
   std::filesystem::path data;  // calibration text; its held-out tail is the evaluation text
-  std::vector<std::string> formats = {"NVFP4", "MXFP8_E4M3", "BF16"};
+  std::vector<std::string> formats = {"NVFP4", "MXFP8", "BF16"};
   std::string target_bits = "4.75";
   std::optional<std::string> pareto;  // default: a ladder from 4 to 8 bits plus the target
   std::size_t nsamples = 32;
@@ -33,6 +34,10 @@ struct QuantizeJob {
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
   std::size_t eval_windows = 16;
   std::size_t eval_seqlen = 512;
+  // Which assignment ships: "allocate" (the knapsack's at target_bits) or "scout" (chosen by
+  // measured held-out KL among candidates at `scout_budgets`, docs/scout.md).
+  std::string select = "allocate";
+  std::vector<std::string> scout_budgets = {"4.5", "4.75", "5", "5.5", "6"};
   // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
   std::string rounding = "gptq";
   validate::Gates gates;     // validate's gates on the written checkpoint
@@ -52,16 +57,17 @@ struct StageReport {
 struct QuantizeOutcome {
   std::vector<StageReport> stages;
   alloc::AllocateOutcome allocation;
-  exporter::MeasuredQuality measured;  // before export, with the exporter's weights
+  std::optional<scout::ScoutOutcome> scout;  // with select == "scout"
+  exporter::MeasuredQuality measured;        // before export, with the exporter's weights
   exporter::ExportSummary exported;
   std::string rounding;                // what the rounding strategy did (its model-card paragraph)
   validate::ValidateReport validated;  // the written checkpoint, reloaded as a consumer does
 };
 
-// probe -> cost -> allocate in the work directory, then the assignment's held-out quality
-// measured with the exact weights export writes, the export to job.out, and validate on what was
-// written (report in WORK/validate.json). Each of probe and cost stores the fingerprint of its
-// inputs and options; one whose artifact matches is skipped. Throws pq::Error when a validate
+// probe -> cost -> allocate (-> scout) in the work directory, then the assignment's held-out
+// quality measured with the exact weights export writes, the export to job.out, and validate on
+// what was written (report in WORK/validate.json). Each of probe and cost stores the fingerprint of
+// its inputs and options; one whose artifact matches is skipped. Throws pq::Error when a validate
 // gate fails (the checkpoint stays: it is complete, the report says what failed).
 QuantizeOutcome run_quantize(const QuantizeJob& job);
 

@@ -21,6 +21,7 @@
 #include "cost/cost_stage.h"
 #include "data/token_dataset.h"
 #include "export/linear_encoder.h"
+#include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
@@ -181,7 +182,10 @@ Scout::Scout(const ScoutJob& job)
     menu_.resize(table_.formats.size());
     std::iota(menu_.begin(), menu_.end(), 0);
   } else {
-    for (const std::string& name : job.formats) menu_.push_back(table_.format_index(name));
+    // Aliases (MXFP8_E4M3) name the cost table's canonical formats.
+    for (const std::string& name : job.formats) {
+      menu_.push_back(table_.format_index(formats::format_by_name(name).name()));
+    }
   }
   units_ = make_units(table_, menu_);
   for (const Unit& unit : units_) {
@@ -594,6 +598,19 @@ ScoutOutcome Scout::run() {
   }
   std::sort(anchors.begin(), anchors.end(),
             [](const auto& a, const auto& b) { return a.value < b.value; });
+  // Anchors below the smallest achievable size are skipped (the target itself must be feasible:
+  // solve() says why not).
+  json skipped = json::array();
+  {
+    alloc::AllocatorOptions options;
+    for (const std::size_t f : menu_) options.formats.push_back(table_.formats[f]);
+    const std::uint64_t min_bytes = alloc::KnapsackAllocator(table_, options).min_bytes();
+    std::erase_if(anchors, [&](const alloc::BitsTarget& anchor) {
+      if (anchor.text == target.text || anchor.budget_bytes(params_) >= min_bytes) return false;
+      skipped.push_back(anchor.text);
+      return true;
+    });
+  }
 
   json report = {{"schema", kScoutSchema},
                  {"model", probe::model_label(job_.model)},
@@ -607,6 +624,7 @@ ScoutOutcome Scout::run() {
   json menu = json::array();
   for (const std::size_t f : menu_) menu.push_back(table_.formats[f]);
   report["formats"] = menu;
+  report["infeasible_anchors"] = std::move(skipped);
 
   // L1: the allocator at every anchor; L2 from each. At the target, L3 starts from whichever of
   // L1 and L2 measures lower (the real-KL gate applied to L2 as well), with the cost table that
