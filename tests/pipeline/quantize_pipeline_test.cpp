@@ -130,6 +130,34 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   EXPECT_EQ(read_text_file(dir / "out.work/alloc/assignment.json"), assignment_text);
 }
 
+// --select scout: the shipped assignment is scout's choice, and the KL scout measured for it is
+// the KL measured before export and again by validate from the files, bit for bit.
+TEST(QuantizePipelineScout, ShipsTheScoutChoiceWithTheKlScoutMeasured) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  QuantizeJob job;
+  job.model = test::shared_dir() / "models" / "qwen3-dense-tiny";
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "out";
+  job.nsamples = 4;
+  job.seqlen = 128;
+  job.eval_windows = 2;
+  job.eval_seqlen = 128;
+  job.select = "scout";
+  job.scout_budgets = {"4.75", "5.5"};
+  const QuantizeOutcome outcome = run_quantize(job);
+  ASSERT_TRUE(outcome.scout.has_value());
+  const scout::Candidate& chosen = outcome.scout->candidates[outcome.scout->chosen];
+  EXPECT_LE(chosen.bits, 4.75);
+  EXPECT_EQ(chosen.measured.kl, outcome.measured.mean_kl);
+  EXPECT_EQ(chosen.measured.kl, outcome.validated.mean_kl);
+  EXPECT_EQ(chosen.measured.top1_agreement, outcome.validated.top1_agreement);
+  const auto shipped =
+      nlohmann::json::parse(read_text_file(dir / "out.work/scout/assignment.json"));
+  EXPECT_EQ(outcome.exported.tensor_bytes,
+            shipped.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
+}
+
 INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"));
 
