@@ -12,6 +12,7 @@
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
+#include "uniform_assignment.h"
 
 namespace {
 
@@ -28,28 +29,9 @@ fs::path scratch() {
 
 // assignment.json giving every candidate Linear `format`, through the alloc library.
 fs::path write_uniform_assignment(const std::string& format) {
-  const pq::model::ModelSpec spec = pq::model::load_model_spec(source_dir());
-  const pq::formats::WeightFormat& f = pq::formats::format_by_name(format);
-  pq::alloc::CostTable table;
-  table.model = "qwen3-moe-tiny";
-  table.formats = {format};
-  pq::alloc::Allocation allocation;
-  for (const pq::model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    const pq::formats::Shape2D shape{linear.out_features, linear.in_features};
-    table.linears.push_back({linear.name,
-                             {shape.out, shape.in},
-                             linear.group.value_or(""),
-                             static_cast<std::uint64_t>(shape.numel()),
-                             {pq::alloc::FormatCost{f.bytes(shape), 0.0, {}, {}, {}}}});
-    allocation.format_of_linear.push_back(0);
-    allocation.bytes += f.bytes(shape);
-  }
-  allocation.budget_bytes = allocation.bytes;
+  fs::create_directories(scratch());
   const fs::path path = scratch() / (format + ".json");
-  pq::alloc::write_assignment(
-      path, pq::alloc::make_assignment_file(table, allocation,
-                                            {"bits_per_param", "16", allocation.bytes}));
+  pq::bench::write_uniform_assignment(source_dir(), format, path);
   return path;
 }
 

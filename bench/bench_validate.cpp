@@ -12,6 +12,7 @@
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
+#include "uniform_assignment.h"
 #include "validate/ct_checkpoint.h"
 #include "validate/ct_decode.h"
 
@@ -30,33 +31,13 @@ fs::path scratch() {
 
 // Exports qwen3-moe-tiny with every candidate Linear in `format`; returns the checkpoint path.
 fs::path export_uniform(const std::string& format) {
-  const pq::model::ModelSpec spec = pq::model::load_model_spec(source_dir());
-  const pq::formats::WeightFormat& f = pq::formats::format_by_name(format);
-  pq::alloc::CostTable table;
-  table.model = "qwen3-moe-tiny";
-  table.formats = {format};
-  pq::alloc::Allocation allocation;
-  for (const pq::model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    const pq::formats::Shape2D shape{linear.out_features, linear.in_features};
-    table.linears.push_back({linear.name,
-                             {shape.out, shape.in},
-                             linear.group.value_or(""),
-                             static_cast<std::uint64_t>(shape.numel()),
-                             {pq::alloc::FormatCost{f.bytes(shape), 0.0, {}, {}, {}}}});
-    allocation.format_of_linear.push_back(0);
-    allocation.bytes += f.bytes(shape);
-  }
-  allocation.budget_bytes = allocation.bytes;
   fs::create_directories(scratch());
   pq::exporter::ExportJob job;
   job.model_dir = source_dir();
   job.assignment = scratch() / (format + ".json");
   job.out = scratch() / format;
   job.force = true;
-  pq::alloc::write_assignment(
-      job.assignment, pq::alloc::make_assignment_file(table, allocation,
-                                                      {"bits_per_param", "16", allocation.bytes}));
+  pq::bench::write_uniform_assignment(source_dir(), format, job.assignment);
   pq::exporter::run_export(job);
   return job.out;
 }

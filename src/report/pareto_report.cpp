@@ -6,36 +6,11 @@
 #include <cmath>
 
 #include "common/file_util.h"
+#include "report/xml_escape.h"
 
 namespace pq::report {
 
 namespace {
-
-std::string xml_escape(std::string_view text) {
-  std::string out;
-  for (char c : text) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      case '\'':
-        out += "&apos;";
-        break;
-      default:
-        out.push_back(c);
-    }
-  }
-  return out;
-}
 
 // A CSV field: quoted when it holds a separator, quote or line break (RFC 4180).
 std::string csv_field(std::string_view text) {

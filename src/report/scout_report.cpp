@@ -6,32 +6,11 @@
 #include <cmath>
 #include <map>
 
+#include "report/xml_escape.h"
+
 namespace pq::report {
 
 namespace {
-
-std::string escape(std::string_view text) {
-  std::string out;
-  for (const char c : text) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      default:
-        out.push_back(c);
-    }
-  }
-  return out;
-}
 
 // Decades covering [low, high] (both positive).
 std::pair<int, int> decades(double low, double high) {
@@ -113,7 +92,7 @@ std::string scout_svg(std::span<const ScoutPlotPoint> points) {
     const double x = px(p.predicted_dloss), y = py(p.measured_kl);
     svg += fmt::format(
         "<circle cx=\"{:.2f}\" cy=\"{:.2f}\" r=\"4\" fill=\"{}\"><title>{}</title></circle>\n", x,
-        y, stage_colour(p.stage), escape(p.label));
+        y, stage_colour(p.stage), xml_escape(p.label));
     if (p.chosen) {
       svg += fmt::format(
           "<circle cx=\"{:.2f}\" cy=\"{:.2f}\" r=\"9\" fill=\"none\" stroke=\"red\" "
@@ -135,7 +114,7 @@ std::string scout_svg(std::span<const ScoutPlotPoint> points) {
         "<text x=\"{5}\" y=\"{1}\" text-anchor=\"end\">{6:.4f}</text>"
         "<text x=\"{7}\" y=\"{1}\" text-anchor=\"end\">{8:.4g}</text>"
         "<text x=\"{9}\" y=\"{1}\" text-anchor=\"end\">{10:.4g}</text>\n",
-        kLeft, row, stage_colour(p.stage), escape(p.label), p.chosen ? " (shipped)" : "",
+        kLeft, row, stage_colour(p.stage), xml_escape(p.label), p.chosen ? " (shipped)" : "",
         kLeft + 260, p.bits, kLeft + 400, p.predicted_dloss, kLeft + 540, p.measured_kl);
     row += kRowHeight;
   }
