@@ -26,7 +26,7 @@ std::vector<std::string> split_list(const std::string& list) {
 void register_scout(CLI::App& app) {
   auto job = std::make_shared<scout::ScoutJob>();
   auto budgets = std::make_shared<std::string>("4.5,4.75,5,5.5,6");
-  auto rounding = std::make_shared<std::string>("nearest");
+  auto rounding = std::make_shared<std::string>("gptq");
   CLI::App* cmd = app.add_subcommand(
       "scout",
       "Choose the assignment to ship by measured held-out KL: allocator candidates at anchor "
@@ -67,8 +67,8 @@ void register_scout(CLI::App& app) {
                   "Format of the uniform baseline measured for comparison (empty: none)")
       ->default_val(job->uniform_baseline);
   cmd->add_option("--rounding", *rounding,
-                  "How Linears are encoded, as export will: nearest, or gptq (GPTQ + scale sweep "
-                  "on the Hessians of WORK/probe)")
+                  "How Linears are encoded, as export will: gptq (GPTQ + scale sweep on the "
+                  "Hessians of WORK/probe) or nearest")
       ->default_val(*rounding)
       ->check(CLI::IsMember({"nearest", "gptq"}));
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
@@ -76,13 +76,10 @@ void register_scout(CLI::App& app) {
   cmd->callback([job, budgets, rounding] {
     scout::ScoutJob run = *job;
     run.budgets = split_list(*budgets);
-    std::unique_ptr<probe::ProbeResult> probed;
-    std::unique_ptr<exporter::GptqRounding> gptq;
-    if (*rounding == "gptq") {
-      probed = std::make_unique<probe::ProbeResult>(probe::ProbeResult::read(run.work / "probe"));
-      gptq = std::make_unique<exporter::GptqRounding>(exporter::statistics_from_probe(*probed));
-      run.rounding = gptq.get();
-    }
+    const probe::ProbeResult probed = probe::ProbeResult::read(run.work / "probe");
+    const std::unique_ptr<exporter::RoundingStrategy> strategy =
+        exporter::make_rounding(*rounding, &probed);
+    run.rounding = strategy.get();
     const scout::ScoutOutcome outcome = scout::run_scout(run);
     std::fputs(scout::summarize_outcome(outcome).c_str(), stdout);
   });
