@@ -3,24 +3,22 @@
 // any export pays; the format figures are read relative to it (bytes_per_second of source data).
 #include <benchmark/benchmark.h>
 
-#include <cstdlib>
 #include <filesystem>
 
 #include "alloc/assignment.h"
+#include "bench_support.h"
 #include "export/exporter.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
-#include "uniform_assignment.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
 fs::path source_dir() {
-  const char* env = std::getenv("PQ_SHARED_DIR");
-  return fs::path(env != nullptr ? env : PQ_BENCH_SHARED_DIR) / "models" / "qwen3-moe-tiny";
+  return pq::bench::shared_model("qwen3-moe-tiny");
 }
 
 fs::path scratch() {

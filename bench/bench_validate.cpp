@@ -4,15 +4,14 @@
 // Figures are f32 weight bytes produced per second.
 #include <benchmark/benchmark.h>
 
-#include <cstdlib>
 #include <filesystem>
 
 #include "alloc/assignment.h"
+#include "bench_support.h"
 #include "export/exporter.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
-#include "uniform_assignment.h"
 #include "validate/ct_checkpoint.h"
 #include "validate/ct_decode.h"
 
@@ -21,8 +20,7 @@ namespace {
 namespace fs = std::filesystem;
 
 fs::path source_dir() {
-  const char* env = std::getenv("PQ_SHARED_DIR");
-  return fs::path(env != nullptr ? env : PQ_BENCH_SHARED_DIR) / "models" / "qwen3-moe-tiny";
+  return pq::bench::shared_model("qwen3-moe-tiny");
 }
 
 fs::path scratch() {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -9,6 +10,13 @@
 #include "model/model_spec.h"
 
 namespace pq::bench {
+
+// ../shared/models/<name>: $PQ_SHARED_DIR when set, else the shared folder CMake found
+// (PQ_BENCH_SHARED_DIR, defined for the benchmarks that read shared models).
+inline std::filesystem::path shared_model(const std::string& name) {
+  const char* env = std::getenv("PQ_SHARED_DIR");
+  return std::filesystem::path(env != nullptr ? env : PQ_BENCH_SHARED_DIR) / "models" / name;
+}
 
 // Writes to `path` an assignment.json giving every candidate Linear of the model in `model_dir`
 // the one `format`, built through the alloc library as the allocate stage would.
