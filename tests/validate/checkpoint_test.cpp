@@ -196,6 +196,17 @@ class ExportedCheckpoint : public ::testing::Test {
 
   static fs::path exported() { return *dir_ / "exported"; }
   static fs::path data() { return *dir_ / "data.txt"; }
+  // validate on the exported checkpoint: 3 held-out windows of 64 tokens.
+  static ValidateJob validate_exported(std::int64_t sample_tokens) {
+    ValidateJob job;
+    job.checkpoint = exported();
+    job.reference = source_dir();
+    job.data = data();
+    job.seqlen = 64;
+    job.max_seqs = 3;
+    job.sample_tokens = sample_tokens;
+    return job;
+  }
 
   struct OwnedTensor {
     std::string name;
@@ -320,13 +331,7 @@ TEST_F(ExportedCheckpoint, QuantizesActivationsOfTheW8A8AndW4A4Schemes) {
 }
 
 TEST_F(ExportedCheckpoint, RunValidateMeasuresTheDecodedModel) {
-  ValidateJob job;
-  job.checkpoint = exported();
-  job.reference = source_dir();
-  job.data = data();
-  job.seqlen = 64;
-  job.max_seqs = 3;
-  job.sample_tokens = 8;
+  const ValidateJob job = validate_exported(8);
   const ValidateReport report = run_validate(job);
   EXPECT_EQ(report.windows, 3);
   EXPECT_EQ(report.predictions, 3 * 63);
@@ -374,13 +379,7 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   const exporter::MeasuredQuality measured = pipeline::measure_assignment(
       model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
 
-  ValidateJob job;
-  job.checkpoint = exported();
-  job.reference = source_dir();
-  job.data = data();
-  job.seqlen = 64;
-  job.max_seqs = 3;
-  job.sample_tokens = 1;
+  const ValidateJob job = validate_exported(1);
   const ValidateReport report = run_validate(job);
   EXPECT_EQ(report.predictions, measured.predictions);
   EXPECT_EQ(report.mean_kl, measured.mean_kl);
