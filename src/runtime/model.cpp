@@ -48,7 +48,7 @@ struct Model::Layout {
   std::vector<std::int64_t> sequence_of_row;
   std::int64_t rows = 0;
   std::int64_t max_length = 0;
-  std::unique_ptr<RopeTable> rope;
+  std::shared_ptr<const RopeTable> rope;
 
   std::int64_t sequences() const { return static_cast<std::int64_t>(ranges.size()); }
   std::int64_t length(std::int64_t s) const { return offsets[s + 1] - offsets[s]; }
@@ -142,20 +142,18 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
            "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
            config_.vocab_size, hidden);
-  embed_tokens_ = fetch(embed_name);
   final_norm_ = load_vector("model.norm.weight", hidden);
-
-  lm_head_ = std::make_unique<Linear>();
   // A tied head reuses the embedding values (transformers tie_weights); it is still its own
   // Linear so that a weight transform can quantize the head without touching the embedding.
-  if (config_.tie_word_embeddings && !weights_.contains("lm_head.weight")) {
-    lm_head_->name = "lm_head";
-    lm_head_->out_features = config_.vocab_size;
-    lm_head_->in_features = hidden;
-    lm_head_->weight = embed_tokens_;
-    prepare_linear(*lm_head_);
-  } else {
-    load_linear(*lm_head_, "lm_head", config_.vocab_size, hidden, /*bias_allowed=*/false);
+  tied_head_ = config_.tie_word_embeddings && !weights_.contains("lm_head.weight");
+  if (!tied_head_) {
+    const std::string head_name = "lm_head.weight";
+    PQ_CHECK(weights_.contains(head_name), "checkpoint has no tensor {}", head_name);
+    const auto head_shape = weights_.shape(head_name);
+    PQ_CHECK(head_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
+             "{}: shape [{}], expected [{}, {}]", head_name, fmt::join(head_shape, ", "),
+             config_.vocab_size, hidden);
+    PQ_CHECK(!weights_.contains("lm_head.bias"), "lm_head.bias: unexpected bias tensor");
   }
   resident_.resize(config_.num_hidden_layers);
 }
@@ -250,6 +248,26 @@ std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
     load_mlp(layer->mlp, prefix + "mlp.", c.intermediate_size);
   }
   return layer;
+}
+
+const Model::Linear& Model::acquire_head() {
+  if (lm_head_) return *lm_head_;
+  lm_head_ = std::make_unique<Linear>();
+  if (tied_head_) {
+    lm_head_->name = "lm_head";
+    lm_head_->out_features = config_.vocab_size;
+    lm_head_->in_features = config_.hidden_size;
+    lm_head_->weight = fetch("model.embed_tokens.weight");
+    prepare_linear(*lm_head_);
+  } else {
+    load_linear(*lm_head_, "lm_head", config_.vocab_size, config_.hidden_size,
+                /*bias_allowed=*/false);
+  }
+  return *lm_head_;
+}
+
+void Model::release_head() {
+  if (!options_.keep_layers_resident) lm_head_.reset();
 }
 
 const Model::Layer& Model::acquire_layer(std::int64_t index) {
@@ -738,44 +756,6 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
 
 // ---- Passes -------------------------------------------------------------------------------
 
-std::vector<float> Model::embed(std::span<const Sequence> batch, const Layout& layout) const {
-  const std::int64_t hidden = config_.hidden_size;
-  std::vector<float> x(layout.rows * hidden);
-  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
-    const auto& tokens = batch[s].tokens;
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      const std::int32_t id = tokens[i];
-      PQ_CHECK(id >= 0 && id < config_.vocab_size,
-               "sequence {}: token id {} at position {} is outside the vocabulary [0, {})", s, id,
-               i, config_.vocab_size);
-      std::copy_n(embed_tokens_.data() + static_cast<std::int64_t>(id) * hidden, hidden,
-                  x.data() + (layout.offsets[s] + static_cast<std::int64_t>(i)) * hidden);
-    }
-  }
-  return x;
-}
-
-std::vector<float> Model::final_hidden(std::span<const Sequence> batch, const Layout& layout,
-                                       LinearObserver* observer,
-                                       std::vector<std::vector<float>>* layer_inputs) {
-  const std::int64_t n = layout.rows;
-  const std::int64_t hidden = config_.hidden_size;
-  std::vector<float> x = embed(batch, layout);
-  std::vector<float> next(n * hidden);
-  for (std::int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    const Layer& layer = acquire_layer(l);
-    LayerTape tape;
-    layer_forward(layer, layout, x.data(), next.data(), tape, observer, layer_inputs == nullptr);
-    release_layer(l);
-    if (layer_inputs != nullptr) {
-      (*layer_inputs)[l] = std::move(x);
-      x.resize(n * hidden);
-    }
-    x.swap(next);
-  }
-  return x;
-}
-
 namespace {
 
 // Groups whole sequences into blocks of at most `max_rows` rows (a longer sequence alone).
@@ -805,6 +785,117 @@ std::vector<RowRange> block_ranges(const std::vector<RowRange>& ranges, std::int
 
 }  // namespace
 
+struct Model::Pass {
+  std::span<const Sequence> batch;
+  Layout whole;
+  // Micro-batches: sequences [first, last) of the batch, laid out from row whole.offsets[first]
+  // with rows relative to it; RowRange::sequence stays the batch index.
+  struct Micro {
+    std::int64_t first = 0;
+    std::int64_t last = 0;
+    Layout layout;
+  };
+  std::vector<Micro> micro;
+};
+
+std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> batch) const {
+  auto pass = std::make_shared<Pass>();
+  pass->batch = batch;
+  pass->whole = make_layout(batch);
+  const Layout& whole = pass->whole;
+  for (const auto& [first, last] : sequence_blocks(whole.offsets, options_.micro_batch_rows)) {
+    Layout layout;
+    const std::int64_t base = whole.offsets[first];
+    for (std::int64_t s = first; s <= last; ++s) layout.offsets.push_back(whole.offsets[s] - base);
+    layout.ranges = block_ranges(whole.ranges, first, last);
+    layout.rows = whole.offsets[last] - base;
+    layout.sequence_of_row.assign(whole.sequence_of_row.begin() + base,
+                                  whole.sequence_of_row.begin() + base + layout.rows);
+    for (std::int64_t s = first; s < last; ++s) {
+      layout.max_length = std::max(layout.max_length, whole.length(s));
+    }
+    // One table for the whole batch: "dynamic" RoPE depends on the batch's longest sequence.
+    layout.rope = whole.rope;
+    pass->micro.push_back({first, last, std::move(layout)});
+  }
+  return pass;
+}
+
+std::int64_t Model::rows(const Pass& pass) {
+  return pass.whole.rows;
+}
+
+void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout, float* x) const {
+  const std::int64_t hidden = config_.hidden_size;
+  std::vector<std::int64_t> ids;
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const auto& tokens = batch[s].tokens;
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      const std::int32_t id = tokens[i];
+      PQ_CHECK(id >= 0 && id < config_.vocab_size,
+               "sequence {}: token id {} at position {} is outside the vocabulary [0, {})", s, id,
+               i, config_.vocab_size);
+      ids.push_back(id);
+    }
+  }
+  // Only the rows the batch uses are decoded: at 150k vocabulary the whole table would be
+  // gigabytes of float32.
+  std::vector<std::int64_t> unique = ids;
+  std::sort(unique.begin(), unique.end());
+  unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
+  const std::string name = "model.embed_tokens.weight";
+  const std::vector<float> rows = weights_.load_rows_f32(name, unique);
+  weights_.release(name);
+  for (std::size_t r = 0; r < ids.size(); ++r) {
+    const auto at = std::lower_bound(unique.begin(), unique.end(), ids[r]) - unique.begin();
+    std::copy_n(rows.data() + at * hidden, hidden, x + static_cast<std::int64_t>(r) * hidden);
+  }
+}
+
+void Model::embed(const Pass& pass, float* x) const {
+  embed_tokens(pass.batch, pass.whole, x);
+}
+
+void Model::forward_layer(std::int64_t index, const Pass& pass, const float* x, float* out,
+                          LinearObserver* observer) {
+  const std::int64_t hidden = config_.hidden_size;
+  const Layer& layer = acquire_layer(index);
+  for (const Pass::Micro& m : pass.micro) {
+    const std::int64_t base = pass.whole.offsets[m.first] * hidden;
+    LayerTape tape;
+    layer_forward(layer, m.layout, x + base, out + base, tape, observer, /*report_linears=*/true);
+  }
+  release_layer(index);
+}
+
+void Model::backward_layer(std::int64_t index, const Pass& pass, const float* x, float* dx,
+                           LinearObserver& observer) {
+  const std::int64_t hidden = config_.hidden_size;
+  const Layer& layer = acquire_layer(index);
+  for (const Pass::Micro& m : pass.micro) {
+    const std::int64_t base = pass.whole.offsets[m.first] * hidden;
+    LayerTape tape;
+    std::vector<float> out(m.layout.rows * hidden);
+    // Recompute the layer from its saved input; routing decisions are reported here.
+    layer_forward(layer, m.layout, x + base, out.data(), tape, &observer,
+                  /*report_linears=*/false);
+    layer_backward(layer, m.layout, tape, dx + base, observer);
+  }
+  release_layer(index);
+}
+
+std::vector<float> Model::final_hidden(const Pass& pass, LinearObserver* observer) {
+  const std::int64_t n = pass.whole.rows;
+  const std::int64_t hidden = config_.hidden_size;
+  std::vector<float> x(n * hidden), next(n * hidden);
+  embed(pass, x.data());
+  for (std::int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    forward_layer(l, pass, x.data(), next.data(), observer);
+    x.swap(next);
+  }
+  return x;
+}
+
 Model::Layout Model::make_layout(std::span<const Sequence> batch) const {
   Layout layout;
   layout.offsets.push_back(0);
@@ -827,32 +918,49 @@ Model::Layout Model::make_layout(std::span<const Sequence> batch) const {
   }
   // "dynamic" RoPE scaling depends on the longest sequence, as in transformers'
   // dynamic_rope_update (seq_len = largest position + 1).
-  layout.rope = std::make_unique<RopeTable>(config_, std::max<std::int64_t>(layout.max_length, 1));
+  layout.rope = std::make_shared<RopeTable>(config_, std::max<std::int64_t>(layout.max_length, 1));
   return layout;
+}
+
+void Model::for_each_logits_block(
+    const Pass& pass, const float* x, LinearObserver* observer,
+    const std::function<void(std::int64_t first, std::int64_t last, const float* input,
+                             const float* rstd, float* logits)>& block) {
+  const Layout& layout = pass.whole;
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t vocab = config_.vocab_size;
+  const Linear& head = acquire_head();
+  for (const auto& [first, last] : sequence_blocks(layout.offsets, options_.logits_block_rows)) {
+    const std::int64_t begin = layout.offsets[first];
+    const std::int64_t rows = layout.offsets[last] - begin;
+    // The final norm is per row, so normalizing block by block equals normalizing the batch.
+    std::vector<float> h(rows * hidden), rstd(rows), logits(rows * vocab);
+    rms_norm_forward(x + begin * hidden, final_norm_.data(), rows, hidden,
+                     static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
+    LayerTape tape;
+    linear_forward(head, h.data(), rows, logits.data(), &tape);
+    const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
+    const float* input = linear_input(head, h.data(), tape);
+    report(observer, head.name, -1, rows, hidden, vocab, input, nullptr, ranges);
+    block(first, last, input, rstd.data(), logits.data());
+  }
+  release_head();
 }
 
 void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
                     LinearObserver* observer) {
-  const Layout layout = make_layout(batch);
-  const std::int64_t hidden = config_.hidden_size;
+  const auto pass = begin_pass(batch);
+  const Layout& layout = pass->whole;
   const std::int64_t vocab = config_.vocab_size;
-  const std::vector<float> x = final_hidden(batch, layout, observer, nullptr);
-  std::vector<float> h(layout.rows * hidden), rstd(layout.rows);
-  rms_norm_forward(x.data(), final_norm_.data(), layout.rows, hidden,
-                   static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
-  for (const auto& [first, last] : sequence_blocks(layout.offsets, options_.logits_block_rows)) {
-    const std::int64_t begin = layout.offsets[first];
-    const std::int64_t rows = layout.offsets[last] - begin;
-    std::vector<float> logits(rows * vocab);
-    LayerTape tape;
-    linear_forward(*lm_head_, h.data() + begin * hidden, rows, logits.data(), &tape);
-    const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
-    report(observer, lm_head_->name, -1, rows, hidden, vocab,
-           linear_input(*lm_head_, h.data() + begin * hidden, tape), nullptr, ranges);
-    for (std::int64_t s = first; s < last; ++s) {
-      consume(s, logits.data() + (layout.offsets[s] - begin) * vocab, layout.length(s));
-    }
-  }
+  const std::vector<float> x = final_hidden(*pass, observer);
+  for_each_logits_block(
+      *pass, x.data(), observer,
+      [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
+        const std::int64_t begin = layout.offsets[first];
+        for (std::int64_t s = first; s < last; ++s) {
+          consume(s, logits + (layout.offsets[s] - begin) * vocab, layout.length(s));
+        }
+      });
 }
 
 std::vector<float> Model::logits(std::span<const std::int32_t> tokens) {
@@ -877,10 +985,10 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   const Sequence sequence{{tokens.begin(), tokens.end()}, {}};
   Layout layout = make_layout({&sequence, 1});
   const std::int64_t n = layout.rows;
-  layout.rope = std::make_unique<RopeTable>(config_, state.length + n);
+  layout.rope = std::make_shared<RopeTable>(config_, state.length + n);
   const std::int64_t hidden = config_.hidden_size;
-  std::vector<float> x = embed({&sequence, 1}, layout);
-  std::vector<float> next(n * hidden);
+  std::vector<float> x(n * hidden), next(n * hidden);
+  embed_tokens({&sequence, 1}, layout, x.data());
   for (std::int64_t l = 0; l < layers; ++l) {
     const Layer& layer = acquire_layer(l);
     LayerTape tape;
@@ -893,77 +1001,81 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
                    static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
   std::vector<float> logits(n * config_.vocab_size);
-  linear_forward(*lm_head_, h.data(), n, logits.data(), nullptr);
+  linear_forward(acquire_head(), h.data(), n, logits.data(), nullptr);
+  release_head();
   return logits;
 }
 
-double Model::score(std::span<const Sequence> batch, const Layout& layout, const float* h,
-                    float* dh, LinearObserver* observer) const {
+double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
+                            const LossWeighting& weighting) {
+  const Layout& layout = pass.whole;
   const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
   double loss = 0.0;
-  for (const auto& [first, last] : sequence_blocks(layout.offsets, options_.logits_block_rows)) {
-    const std::int64_t begin = layout.offsets[first];
-    const std::int64_t rows = layout.offsets[last] - begin;
-    // Position t of a sequence predicts token t + 1; its last position predicts nothing.
-    std::vector<std::int32_t> targets(rows, -1);
-    std::vector<float> weights(rows, 0.0f);
-    for (std::int64_t s = first; s < last; ++s) {
-      const Sequence& seq = batch[s];
-      for (std::int64_t t = 0; t + 1 < layout.length(s); ++t) {
-        const std::int64_t row = layout.offsets[s] - begin + t;
-        targets[row] = seq.tokens[t + 1];
-        weights[row] = seq.loss_weights.empty() ? 1.0f : seq.loss_weights[t];
-      }
-    }
-    std::vector<float> logits(rows * vocab);
-    LayerTape tape;
-    linear_forward(*lm_head_, h + begin * hidden, rows, logits.data(), &tape);
-    loss +=
-        cross_entropy_forward_backward(logits.data(), targets.data(), weights.data(), rows, vocab);
-    if (dh != nullptr) {
-      const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
-      report(observer, lm_head_->name, -1, rows, hidden, vocab,
-             linear_input(*lm_head_, h + begin * hidden, tape), logits.data(), ranges);
-      linear_backward_input(*lm_head_, logits.data(), rows, dh + begin * hidden, false);
-    }
-  }
+  for_each_logits_block(
+      pass, x, nullptr,
+      [&](std::int64_t first, std::int64_t last, const float* input, const float* rstd,
+          float* logits) {
+        const std::int64_t begin = layout.offsets[first];
+        const std::int64_t rows = layout.offsets[last] - begin;
+        // Position t of a sequence predicts token t + 1; its last position predicts nothing.
+        std::vector<std::int32_t> targets(rows, -1);
+        std::vector<float> weights(rows, 0.0f);
+        for (std::int64_t s = first; s < last; ++s) {
+          const Sequence& seq = pass.batch[s];
+          const std::int64_t offset = layout.offsets[s] - begin;
+          std::vector<float> computed;
+          if (weighting) {
+            computed = weighting(s, logits + offset * vocab, layout.length(s));
+            PQ_CHECK(static_cast<std::int64_t>(computed.size()) ==
+                         std::max<std::int64_t>(layout.length(s) - 1, 0),
+                     "sequence {}: the loss weighting gave {} weights for {} tokens", s,
+                     computed.size(), layout.length(s));
+          }
+          const std::vector<float>& given = weighting ? computed : seq.loss_weights;
+          for (std::int64_t t = 0; t + 1 < layout.length(s); ++t) {
+            targets[offset + t] = seq.tokens[t + 1];
+            weights[offset + t] = given.empty() ? 1.0f : given[t];
+          }
+        }
+        loss += cross_entropy_forward_backward(logits, targets.data(), weights.data(), rows, vocab);
+        if (dx == nullptr) return;
+        const Linear& head = *lm_head_;
+        const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
+        report(observer, head.name, -1, rows, hidden, vocab, input, logits, ranges);
+        std::vector<float> dh(rows * hidden);
+        linear_backward_input(head, logits, rows, dh.data(), false);
+        rms_norm_backward(x + begin * hidden, final_norm_.data(), rstd, dh.data(), rows, hidden,
+                          dx + begin * hidden, /*accumulate=*/false);
+      });
   return loss;
 }
 
 double Model::loss(std::span<const Sequence> batch) {
-  const Layout layout = make_layout(batch);
-  const std::int64_t hidden = config_.hidden_size;
-  const std::vector<float> x = final_hidden(batch, layout, nullptr, nullptr);
-  std::vector<float> h(layout.rows * hidden), rstd(layout.rows);
-  rms_norm_forward(x.data(), final_norm_.data(), layout.rows, hidden,
-                   static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
-  return score(batch, layout, h.data(), nullptr, nullptr);
+  const auto pass = begin_pass(batch);
+  const std::vector<float> x = final_hidden(*pass, nullptr);
+  return head_backward(*pass, x.data(), nullptr, nullptr);
 }
 
 double Model::backward(std::span<const Sequence> batch, LinearObserver& observer) {
-  const Layout layout = make_layout(batch);
-  const std::int64_t n = layout.rows;
+  const auto pass = begin_pass(batch);
+  const std::int64_t n = pass->whole.rows;
   const std::int64_t hidden = config_.hidden_size;
-  std::vector<std::vector<float>> layer_inputs(config_.num_hidden_layers);
-  const std::vector<float> x = final_hidden(batch, layout, nullptr, &layer_inputs);
-  std::vector<float> h(n * hidden), rstd(n), dh(n * hidden);
-  rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
-                   static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
-  const double loss = score(batch, layout, h.data(), dh.data(), &observer);
+  // Layer-boundary activations: input of every layer, then the last layer's output.
+  std::vector<std::vector<float>> inputs(config_.num_hidden_layers + 1);
+  inputs[0].resize(n * hidden);
+  embed(*pass, inputs[0].data());
+  for (std::int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    inputs[l + 1].resize(n * hidden);
+    forward_layer(l, *pass, inputs[l].data(), inputs[l + 1].data(), nullptr);
+  }
   std::vector<float> dx(n * hidden);
-  rms_norm_backward(x.data(), final_norm_.data(), rstd.data(), dh.data(), n, hidden, dx.data(),
-                    /*accumulate=*/false);
-  std::vector<float> out(n * hidden);
+  const double loss =
+      head_backward(*pass, inputs[config_.num_hidden_layers].data(), dx.data(), &observer);
+  inputs.pop_back();
   for (std::int64_t l = config_.num_hidden_layers - 1; l >= 0; --l) {
-    const Layer& layer = acquire_layer(l);
-    LayerTape tape;
-    // Recompute the layer from its saved input; routing decisions are reported here.
-    layer_forward(layer, layout, layer_inputs[l].data(), out.data(), tape, &observer,
-                  /*report_linears=*/false);
-    layer_backward(layer, layout, tape, dx.data(), observer);
-    release_layer(l);
-    layer_inputs[l] = {};
+    backward_layer(l, *pass, inputs[l].data(), dx.data(), observer);
+    inputs[l] = {};
   }
   return loss;
 }

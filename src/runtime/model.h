@@ -27,7 +27,16 @@ struct RuntimeOptions {
   // Rows of logits materialized at once when scoring (a block always holds whole sequences,
   // so a single longer sequence still gets a block of its own).
   std::int64_t logits_block_rows = 1024;
+  // Passes are layer-major: a layer is loaded once per pass and the batch's sequences go through
+  // it in micro-batches of whole sequences of at most this many rows (a longer sequence alone),
+  // so one micro-batch's intermediates, not the whole batch's, are what a layer's tape costs.
+  std::int64_t micro_batch_rows = 4096;
 };
+
+// Per-prediction loss weights of one sequence computed from its own logits [rows = its length,
+// vocab] (importance weighting): rows - 1 weights, as Sequence::loss_weights.
+using LossWeighting = std::function<std::vector<float>(std::int64_t sequence, const float* logits,
+                                                       std::int64_t rows)>;
 
 // One token sequence of a batch. Position ids restart at 0 for every sequence.
 struct Sequence {
@@ -45,12 +54,17 @@ struct DecodeState {
 };
 
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
-// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers are loaded from the
-// weight source when a pass reaches them and dropped afterwards (unless keep_layers_resident);
-// embeddings, the final norm and lm_head stay loaded. Passes are single-threaded at this level;
-// GEMMs and row loops use OpenMP inside.
+// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers and lm_head are loaded
+// from the weight source when a pass reaches them and dropped afterwards (unless
+// keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
+// resident memory is about one layer whatever the model size. Passes are single-threaded at this
+// level; GEMMs and row loops use OpenMP inside.
 class Model {
  public:
+  // A batch laid out for a layer-major pass: each sequence's rows in the concatenated
+  // [rows, hidden] activations, the micro-batches, the RoPE table. Refers to the batch it was
+  // made from, which must outlive it.
+  class Pass;
   // Throws pq::Error for an unsupported architecture or a missing/misshapen tensor.
   Model(model::ModelConfig config, const WeightSource& weights, RuntimeOptions options = {});
   ~Model();
@@ -87,6 +101,27 @@ class Model {
   // order, so only layer-boundary hidden states are kept across the pass.
   double backward(std::span<const Sequence> batch, LinearObserver& observer);
 
+  // ---- Layer-major building blocks (forward, loss and backward are made of them) ----
+  // A caller that keeps the layer-boundary activations elsewhere (the probe spills them to disk
+  // and resumes between layers) drives a pass with these. Activations are [rows(pass), hidden]
+  // float32, the batch's sequences concatenated.
+  std::shared_ptr<const Pass> begin_pass(std::span<const Sequence> batch) const;
+  static std::int64_t rows(const Pass& pass);
+  // The embedding rows of the batch's tokens; pq::Error for a token outside the vocabulary.
+  void embed(const Pass& pass, float* x) const;
+  // out = layer(x); the observer (optional) sees every Linear's input and every routing decision.
+  void forward_layer(std::int64_t layer, const Pass& pass, const float* x, float* out,
+                     LinearObserver* observer);
+  // The summed weighted next-token cross-entropy from the last layer's output x (final norm,
+  // lm_head); writes dx = dLoss/dx and reports lm_head to the observer. With `weighting`, each
+  // sequence's loss weights come from its logits instead of Sequence::loss_weights.
+  double head_backward(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
+                       const LossWeighting& weighting = {});
+  // Recomputes the layer from its input x, reports its Linears' inputs and output gradients and
+  // its routing to the observer, and turns dx from dLoss/d(output) into dLoss/d(input).
+  void backward_layer(std::int64_t layer, const Pass& pass, const float* x, float* dx,
+                      LinearObserver& observer);
+
  private:
   struct Layer;
   struct Linear;
@@ -94,7 +129,7 @@ class Model {
   struct LayerTape;
 
   Layout make_layout(std::span<const Sequence> batch) const;
-  std::vector<float> embed(std::span<const Sequence> batch, const Layout& layout) const;
+  void embed_tokens(std::span<const Sequence> batch, const Layout& layout, float* x) const;
   std::unique_ptr<Layer> load_layer(std::int64_t index) const;
   const Layer& acquire_layer(std::int64_t index);
   void release_layer(std::int64_t index);
@@ -128,21 +163,25 @@ class Model {
                    LinearObserver* observer, bool report_linears) const;
   void mlp_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dout,
                     float* dh2, LinearObserver& observer) const;
-  // Summed cross-entropy from the final normed hidden states h; with dh, also dLoss/dh and
-  // lm_head reports to the observer.
-  double score(std::span<const Sequence> batch, const Layout& layout, const float* h, float* dh,
-               LinearObserver* observer) const;
-  std::vector<float> final_hidden(std::span<const Sequence> batch, const Layout& layout,
-                                  LinearObserver* observer,
-                                  std::vector<std::vector<float>>* layer_inputs);
+  const Linear& acquire_head();
+  void release_head();
+  // Final norm and lm_head over blocks of whole sequences (logits_block_rows): calls `block`
+  // with the block's first sequence, its sequences' end, lm_head's input rows (normed, after any
+  // activation quantizer), the rows' 1/rms and the logits; reports lm_head to the observer.
+  void for_each_logits_block(
+      const Pass& pass, const float* x, LinearObserver* observer,
+      const std::function<void(std::int64_t first, std::int64_t last, const float* input,
+                               const float* rstd, float* logits)>& block);
+  // x = the last layer's output for the batch (every layer run forward, each loaded once).
+  std::vector<float> final_hidden(const Pass& pass, LinearObserver* observer);
 
   model::ModelConfig config_;
   const WeightSource& weights_;
   RuntimeOptions options_;
   bool qk_norm_ = false;
-  std::vector<float> embed_tokens_;  // [vocab, hidden]
   std::vector<float> final_norm_;
-  std::unique_ptr<Linear> lm_head_;
+  bool tied_head_ = false;           // lm_head's weight is the embedding's
+  std::unique_ptr<Linear> lm_head_;  // while a pass uses it (or resident)
   std::vector<std::unique_ptr<Layer>> resident_;
 };
 

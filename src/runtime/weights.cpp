@@ -1,6 +1,8 @@
 #include "runtime/weights.h"
 
+#include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include "common/error.h"
 
@@ -15,6 +17,50 @@ std::vector<float> CheckpointWeightSource::load_f32(std::string_view name) const
   PQ_CHECK(io::dtype_is_float(info.dtype), "{}: tensor {} has dtype {}, expected a float type",
            checkpoint_.directory().string(), name, io::dtype_name(info.dtype));
   return checkpoint_.to_f32(name);
+}
+
+namespace {
+
+// The [rows, columns] shape of a 2-D tensor, checking that every requested row exists.
+std::pair<std::int64_t, std::int64_t> checked_rows(std::string_view name,
+                                                   const std::vector<std::int64_t>& shape,
+                                                   std::span<const std::int64_t> rows) {
+  PQ_CHECK(shape.size() == 2, "tensor {}: rows requested from a {}-D tensor", name, shape.size());
+  for (const std::int64_t r : rows) {
+    PQ_CHECK(r >= 0 && r < shape[0], "tensor {}: row {} outside [0, {})", name, r, shape[0]);
+  }
+  return {shape[0], shape[1]};
+}
+
+}  // namespace
+
+std::vector<float> WeightSource::load_rows_f32(std::string_view name,
+                                               std::span<const std::int64_t> rows) const {
+  const auto [count, columns] = checked_rows(name, shape(name), rows);
+  const std::vector<float> all = load_f32(name);
+  std::vector<float> out(rows.size() * static_cast<std::size_t>(columns));
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    std::copy_n(all.data() + rows[i] * columns, columns, out.data() + i * columns);
+  }
+  return out;
+}
+
+std::vector<float> CheckpointWeightSource::load_rows_f32(std::string_view name,
+                                                         std::span<const std::int64_t> rows) const {
+  const io::TensorView view = checkpoint_.view(name);
+  PQ_CHECK(io::dtype_is_float(view.info->dtype),
+           "{}: tensor {} has dtype {}, expected a float type", checkpoint_.directory().string(),
+           name, io::dtype_name(view.info->dtype));
+  const auto [count, columns] = checked_rows(name, view.info->shape, rows);
+  const std::size_t row_bytes =
+      static_cast<std::size_t>(columns) * io::dtype_size(view.info->dtype);
+  std::vector<float> out(rows.size() * static_cast<std::size_t>(columns));
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    io::decode_to_f32(view.info->dtype,
+                      view.bytes.subspan(static_cast<std::size_t>(rows[i]) * row_bytes, row_bytes),
+                      {out.data() + i * columns, static_cast<std::size_t>(columns)});
+  }
+  return out;
 }
 
 void InMemoryWeightSource::set(std::string name, std::vector<std::int64_t> shape,
