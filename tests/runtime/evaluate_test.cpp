@@ -72,7 +72,10 @@ TEST_P(FixtureModels, KlAgainstReference) {
   EXPECT_GT(rounded.mean_kl(), 0.0);
   EXPECT_LT(rounded.mean_kl(), 1e-2);
   EXPECT_GT(rounded.top1_agreement(), 0.9);
-  EXPECT_NEAR(rounded.nll_sum, evaluate(bf16, windows).nll_sum, 1e-6 * rounded.nll_sum);
+  // Scoring against a reference leaves the model's own scores alone. (Compared at the same windows
+  // per pass: bf16 results depend on the GEMMs' row counts, by as much as bf16 rounding moves
+  // the logits, on CPUs without native bf16 where oneDNN and OpenBLAS split sums differently.)
+  EXPECT_EQ(rounded.nll_sum, evaluate(bf16, windows, nullptr, 1).nll_sum);
 }
 
 // Cached reference logits give exactly what running the reference alongside gives, for every
