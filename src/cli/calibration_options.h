@@ -15,7 +15,8 @@ void add_calibration_options(CLI::App* cmd, Job& job) {
       ->default_val(job.seqlen)
       ->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--seed", job.seed, "Seed of the window draw")->default_val(job.seed);
-  cmd->add_option("--batch-size", job.batch_size, "Sequences per backward pass")
+  cmd->add_option("--batch-size", job.batch_size,
+                  "Sequences per micro-batch (how many go through a layer at once)")
       ->default_val(job.batch_size)
       ->check(CLI::PositiveNumber);
 }

@@ -6,6 +6,7 @@
 
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
+#include "cli/memory_option.h"
 #include "probe/probe_stage.h"
 
 namespace pq::cli {
@@ -17,11 +18,13 @@ void register_probe(CLI::App& app) {
       "probe",
       "Measure per-Linear sensitivity on calibration data: per-sequence empirical Fisher traces, "
       "GPTQ Hessians per distinct input, activation second moments and MoE routing statistics; "
-      "writes probe.json and probe.safetensors (resumable after a kill: rerun the same command)");
+      "writes probe.json and one probe.<part>.safetensors per layer; one layer-major pass with "
+      "its activations on disk (resumable after a kill: rerun the same command)");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--data", job->data, "Calibration text (plain text or JSONL)")->required();
   cmd->add_option("--out", job->out, "Output directory, e.g. WORK/probe")->required();
   add_calibration_options(cmd, *job);
+  add_max_memory_option(cmd, job->max_memory);
   cmd->add_flag("--no-importance-weighting", *no_weighting,
                 "Weight every token's loss equally (default: clamp(CE_t / mean CE, 0.25, 4))");
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
@@ -29,11 +32,11 @@ void register_probe(CLI::App& app) {
   cmd->callback([job, no_weighting] {
     job->importance_weighting = !*no_weighting;
     const probe::ProbeOutcome outcome = probe::run_probe(*job);
-    std::fputs(fmt::format("probe {}: {} of {} batches{}{}, fingerprint {}\n",
-                           outcome.complete ? "complete" : "stopped", outcome.batches_done,
-                           outcome.batches_total, outcome.reused ? " (reused)" : "",
+    std::fputs(fmt::format("probe {}: {} of {} steps{}{}, fingerprint {}\n",
+                           outcome.complete ? "complete" : "stopped", outcome.steps_done,
+                           outcome.steps_total, outcome.reused ? " (reused)" : "",
                            outcome.resumed_from > 0
-                               ? fmt::format(" (resumed after batch {})", outcome.resumed_from)
+                               ? fmt::format(" (resumed after step {})", outcome.resumed_from)
                                : "",
                            outcome.fingerprint)
                    .c_str(),

@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "cli/gate_options.h"
 #include "cli/invocation.h"
+#include "cli/memory_option.h"
 #include "pipeline/quantize_pipeline.h"
 
 namespace pq::cli {
@@ -54,6 +55,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--pareto", job->pareto,
                   "Pareto targets (default 4,4.25,4.5,4.75,5,5.5,6,7,8 and --target-bits)");
   add_calibration_options(cmd, *job);
+  add_max_memory_option(cmd, job->max_memory);
   add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");

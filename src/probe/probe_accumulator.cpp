@@ -32,9 +32,10 @@ std::vector<T> read_tensor(const io::SafetensorsFile& file, const std::string& n
 
 }  // namespace
 
-ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec) {
+ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec,
+                                   const std::function<bool(const model::Linear&)>& keep) {
   for (const model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
+    if (!linear.is_candidate || (keep && !keep(linear))) continue;
     const std::string key = input_key(linear);
     linear_index_.emplace(linear.name, linears_.size());
     linears_.push_back({linear.name, key, linear.out_features, linear.in_features, 0.0, 0});

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -48,7 +49,10 @@ struct RoutingSums {
 // framed by begin_batch()/end_batch().
 class ProbeAccumulator final : public runtime::LinearObserver {
  public:
-  explicit ProbeAccumulator(const model::ModelSpec& spec);
+  // Accumulates the spec's candidate Linears for which `keep` is true (default: all); the probe
+  // keeps one decoder layer's at a time, so only that layer's Hessians are in memory.
+  explicit ProbeAccumulator(const model::ModelSpec& spec,
+                            const std::function<bool(const model::Linear&)>& keep = {});
 
   void begin_batch();
   // Counts the batch's sequences and checks that Linears sharing an input saw the same rows.

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -13,7 +16,9 @@
 #include "io/safetensors_writer.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
+#include "probe/input_key.h"
 #include "probe/probe_accumulator.h"
+#include "runtime/memory_estimate.h"
 #include "runtime/model.h"
 #include "runtime/weights.h"
 #include "tokenizer/tokenizer.h"
@@ -22,9 +27,9 @@ namespace pq::probe {
 
 namespace {
 
-constexpr std::string_view kProbeSchema = "prismaquant.probe/1";
-constexpr const char* kStateFile = "probe.state.safetensors";
-constexpr const char* kTensorsFile = "probe.safetensors";
+constexpr std::string_view kProbeSchema = "prismaquant.probe/2";
+constexpr const char* kPassDir = "pass";
+constexpr const char* kStateJson = "state.json";
 constexpr const char* kJsonFile = "probe.json";
 
 // Importance weights of one sequence's next-token predictions (method-facts.md §2):
@@ -89,69 +94,195 @@ std::optional<std::string> stored_fingerprint(const std::filesystem::path& json_
   }
 }
 
-void write_artifacts(const ProbeJob& job, const std::string& fingerprint,
-                     const ProbeAccumulator& sums, std::size_t batches) {
-  io::SafetensorsWriter tensors(job.out / kTensorsFile);
-  nlohmann::json linears = nlohmann::json::array();
-  nlohmann::json inputs = nlohmann::json::array();
-  std::map<std::string, std::vector<float>> moments;
+// The parts of a probe: one per decoder layer holding candidates, then "head" for Linears outside
+// the decoder layers (lm_head when it is a candidate). Each part's sums are final once its layer
+// has been through the backward, and are written to its own file.
+struct Part {
+  std::string name;                   // file stem: layer-0007, head
+  std::optional<std::int64_t> layer;  // absent for the head
+};
+
+std::vector<Part> probe_parts(const model::ModelSpec& spec) {
+  std::vector<Part> parts;
+  bool head = false;
+  std::set<std::int64_t> layers;
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.is_candidate) continue;
+    if (linear.layer) {
+      layers.insert(*linear.layer);
+    } else {
+      head = true;
+    }
+  }
+  for (const std::int64_t l : layers) parts.push_back({fmt::format("layer-{:04d}", l), l});
+  if (head) parts.push_back({"head", std::nullopt});
+  return parts;
+}
+
+std::filesystem::path part_file(const std::filesystem::path& dir, const Part& part) {
+  return dir / fmt::format("probe.{}.safetensors", part.name);
+}
+
+ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part) {
+  return ProbeAccumulator(spec,
+                          [&](const model::Linear& linear) { return linear.layer == part.layer; });
+}
+
+// A part's file: the accumulator's sums (ProbeAccumulator::save) and each input's second moments.
+void write_part(const std::filesystem::path& path, const ProbeAccumulator& sums) {
+  io::SafetensorsWriter tensors(path);
+  sums.save(tensors);
   for (const InputSums& input : sums.inputs()) {
-    std::vector<float> moment = second_moment(input);
-    tensors.add("hessian." + input.key, io::DType::F32,
-                std::vector<std::int64_t>{input.in_features, input.in_features},
-                {reinterpret_cast<const std::uint8_t*>(input.hessian.data()),
-                 input.hessian.size() * sizeof(float)});
+    const std::vector<float> moment = second_moment(input);
     tensors.add(
         "act_second_moment." + input.key, io::DType::F32,
         std::vector<std::int64_t>{input.in_features},
         {reinterpret_cast<const std::uint8_t*>(moment.data()), moment.size() * sizeof(float)});
-    inputs.push_back({{"key", input.key},
-                      {"in_features", input.in_features},
-                      {"tokens", input.tokens},
-                      {"amax", input.amax}});
-    moments.emplace(input.key, std::move(moment));
   }
   tensors.commit();
-  for (const LinearSums& linear : sums.linears()) {
-    const Summary act = summarize(moments.at(linear.input_key));
-    linears.push_back(
-        {{"name", linear.name},
-         {"shape", {linear.out_features, linear.in_features}},
-         {"input_key", linear.input_key},
-         {"fisher_trace",
-          sums.sequences() == 0 ? 0.0 : linear.fisher_sum / static_cast<double>(sums.sequences())},
-         {"tokens", linear.tokens},
-         {"act_second_moment", {{"mean", act.mean}, {"min", act.min}, {"max", act.max}}}});
+}
+
+// What the probe's observer holds at once: the largest layer's Hessians (one per distinct input)
+// and the per-sequence gradient scratch of its largest Linear.
+std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
+  std::map<std::optional<std::int64_t>, std::map<std::string, std::int64_t>> inputs;
+  std::int64_t largest = 0;
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.is_candidate) continue;
+    inputs[linear.layer][input_key(linear)] = linear.in_features * linear.in_features * 4;
+    largest = std::max(largest, linear.numel() * 4);
   }
+  std::int64_t peak = 0;
+  for (const auto& [layer, keys] : inputs) {
+    std::int64_t bytes = 0;
+    for (const auto& [key, size] : keys) bytes += size;
+    peak = std::max(peak, bytes);
+  }
+  return peak + largest;
+}
+
+std::int64_t memory_limit(std::int64_t max_memory) {
+  if (max_memory > 0) return max_memory;
+  const std::int64_t available = runtime::available_memory_bytes();
+  return available > 0 ? available / 5 * 4 : std::numeric_limits<std::int64_t>::max();
+}
+
+// Raw float32 [rows, hidden] activations of a pass boundary.
+void write_f32(const std::filesystem::path& path, std::span<const float> values) {
+  AtomicFileWriter file(path);
+  file.write(values.data(), values.size_bytes());
+  file.commit();
+}
+
+MappedFile map_f32(const std::filesystem::path& path, std::size_t count) {
+  MappedFile file(path);
+  PQ_CHECK(file.size() == count * sizeof(float), "{}: {} bytes, expected {}", path.string(),
+           file.size(), count * sizeof(float));
+  return file;
+}
+
+std::vector<float> read_f32(const std::filesystem::path& path, std::size_t count) {
+  const MappedFile file = map_f32(path, count);
+  std::vector<float> values(count);
+  std::memcpy(values.data(), file.data(), file.size());
+  return values;
+}
+
+// A layer's input for one step: mapped from its file (page cache, which the kernel can drop, not
+// anonymous memory) or, for layer 0, the embedding computed in memory.
+struct Boundary {
+  MappedFile file;
+  std::vector<float> computed;
+  const float* data() const {
+    return computed.empty() ? reinterpret_cast<const float*>(file.data()) : computed.data();
+  }
+};
+
+// probe.json from the finished parts, read back one at a time, in the spec's order.
+void write_summary(const ProbeJob& job, const std::string& fingerprint,
+                   const model::ModelSpec& spec, const std::vector<Part>& parts,
+                   std::int64_t sequences) {
+  std::map<std::string, nlohmann::json> linear_json;
+  std::map<std::string, nlohmann::json> input_json;
   nlohmann::json moe = nlohmann::json::array();
-  for (const auto& [layer, routing] : sums.routing()) {
-    std::vector<double> mean_probability;
-    for (const double p : routing.probability_sums) {
-      mean_probability.push_back(routing.tokens == 0 ? 0.0
-                                                     : p / static_cast<double>(routing.tokens));
+  nlohmann::json files = nlohmann::json::array();
+  for (const Part& part : parts) {
+    const std::filesystem::path path = part_file(job.out, part);
+    files.push_back(path.filename().string());
+    ProbeAccumulator sums = part_accumulator(spec, part);
+    const io::SafetensorsFile file(path);
+    sums.load(file);
+    std::map<std::string, Summary> moments;
+    for (const InputSums& input : sums.inputs()) {
+      moments.emplace(input.key, summarize(second_moment(input)));
+      input_json.emplace(input.key, nlohmann::json{{"key", input.key},
+                                                   {"in_features", input.in_features},
+                                                   {"tokens", input.tokens},
+                                                   {"amax", input.amax}});
     }
-    moe.push_back({{"layer", layer},
-                   {"top_k", routing.top_k},
-                   {"tokens", routing.tokens},
-                   {"route_counts", routing.route_counts},
-                   {"mean_probability", mean_probability}});
+    for (const LinearSums& linear : sums.linears()) {
+      const Summary& act = moments.at(linear.input_key);
+      linear_json.emplace(
+          linear.name,
+          nlohmann::json{
+              {"name", linear.name},
+              {"shape", {linear.out_features, linear.in_features}},
+              {"input_key", linear.input_key},
+              {"fisher_trace",
+               sequences == 0 ? 0.0 : linear.fisher_sum / static_cast<double>(sequences)},
+              {"tokens", linear.tokens},
+              {"act_second_moment", {{"mean", act.mean}, {"min", act.min}, {"max", act.max}}}});
+    }
+    for (const auto& [layer, routing] : sums.routing()) {
+      std::vector<double> mean_probability;
+      for (const double p : routing.probability_sums) {
+        mean_probability.push_back(routing.tokens == 0 ? 0.0
+                                                       : p / static_cast<double>(routing.tokens));
+      }
+      moe.push_back({{"layer", layer},
+                     {"top_k", routing.top_k},
+                     {"tokens", routing.tokens},
+                     {"route_counts", routing.route_counts},
+                     {"mean_probability", mean_probability}});
+    }
+  }
+  nlohmann::json linears = nlohmann::json::array();
+  nlohmann::json inputs = nlohmann::json::array();
+  std::set<std::string> listed_inputs;
+  for (const model::Linear& linear : spec.linears) {
+    const auto found = linear_json.find(linear.name);
+    if (found == linear_json.end()) continue;
+    const std::string key = found->second.at("input_key").get<std::string>();
+    if (listed_inputs.insert(key).second) inputs.push_back(input_json.at(key));
+    linears.push_back(found->second);
   }
   const nlohmann::json doc = {{"schema", kProbeSchema},
                               {"model", model_label(job.model)},
                               {"fingerprint", fingerprint},
                               {"calibration",
                                {{"data", job.data.string()},
-                                {"sequences", sums.sequences()},
+                                {"sequences", sequences},
                                 {"seqlen", job.seqlen},
                                 {"seed", job.seed},
                                 {"importance_weighting", job.importance_weighting},
-                                {"batch_size", job.batch_size},
-                                {"batches", batches}}},
+                                {"batch_size", job.batch_size}}},
+                              {"files", std::move(files)},
                               {"linears", std::move(linears)},
                               {"inputs", std::move(inputs)},
                               {"moe", std::move(moe)}};
   // probe.json last: its presence (with this fingerprint) marks the probe as complete.
   write_text_file_atomic(job.out / kJsonFile, doc.dump(1) + "\n");
+}
+
+// Where a pass stands: every step before steps_done is finished and its files are written.
+std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint) {
+  try {
+    const auto j = nlohmann::json::parse(read_text_file(pass_dir / kStateJson));
+    if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
+    return j.at("steps_done").get<std::size_t>();
+  } catch (const std::exception&) {
+    return 0;  // absent, damaged or foreign: start over
+  }
 }
 
 }  // namespace
@@ -164,7 +295,7 @@ std::string model_label(const std::filesystem::path& model_dir) {
 
 std::string probe_fingerprint(const ProbeJob& job) {
   Fingerprint f;
-  f.field("stage", "probe/1");
+  f.field("stage", "probe/2");
   f.checkpoint(job.model);
   f.file_content(job.model / "tokenizer.json");
   f.file_content(job.data);
@@ -186,91 +317,141 @@ ProbeOutcome run_probe(const ProbeJob& job) {
            job.data.string());
   ProbeOutcome outcome;
   outcome.fingerprint = probe_fingerprint(job);
-  outcome.batches_total = (job.nsamples + job.batch_size - 1) / job.batch_size;
-  if (stored_fingerprint(job.out / kJsonFile) == outcome.fingerprint &&
-      std::filesystem::exists(job.out / kTensorsFile)) {
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  const std::int64_t layers = config.num_hidden_layers;
+  // Steps: the forward of every layer, the head, the backward of every layer.
+  outcome.steps_total = static_cast<std::size_t>(2 * layers + 1);
+  if (stored_fingerprint(job.out / kJsonFile) == outcome.fingerprint) {
     outcome.complete = outcome.reused = true;
-    outcome.batches_done = outcome.batches_total;
+    outcome.steps_done = outcome.steps_total;
     return outcome;
   }
+  const std::filesystem::path pass_dir = job.out / kPassDir;
   std::error_code error;
   std::filesystem::create_directories(job.out, error);
   PQ_CHECK(!error, "{}: cannot create the output directory: {}", job.out.string(), error.message());
+  outcome.resumed_from = read_steps_done(pass_dir, outcome.fingerprint);
+  if (outcome.resumed_from == 0) std::filesystem::remove_all(pass_dir, error);
+  std::filesystem::create_directories(pass_dir, error);
+  PQ_CHECK(!error, "{}: cannot create the pass directory: {}", pass_dir.string(), error.message());
 
-  const model::ModelConfig config = model::ModelConfig::load(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
   const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(job.model / "tokenizer.json");
   const data::TokenDataset dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
-  const std::vector<std::vector<std::int32_t>> samples =
-      dataset.calibration(job.nsamples, job.seqlen, job.seed);
-
-  ProbeAccumulator sums(spec);
-  const std::filesystem::path state_path = job.out / kStateFile;
-  if (std::filesystem::exists(state_path)) {
-    try {
-      const io::SafetensorsFile state(state_path);
-      const auto& meta = state.metadata();
-      const auto fingerprint = meta.find("fingerprint");
-      const auto batches = meta.find("batches_done");
-      if (fingerprint != meta.end() && fingerprint->second == outcome.fingerprint &&
-          batches != meta.end()) {
-        sums.load(state);
-        outcome.resumed_from = std::stoull(batches->second);
-      }
-    } catch (const Error&) {
-      // An unreadable checkpoint (not ours, or damaged outside our atomic writes) is no reason to
-      // stop: start over, and the next batch overwrites it.
-      sums = ProbeAccumulator(spec);
-      outcome.resumed_from = 0;
-    }
+  std::vector<runtime::Sequence> sequences;
+  for (auto& tokens : dataset.calibration(job.nsamples, job.seqlen, job.seed)) {
+    sequences.push_back({std::move(tokens), {}});
   }
+  const std::vector<Part> parts = probe_parts(spec);
+  runtime::RuntimeOptions runtime_options;
+  runtime_options.micro_batch_rows = static_cast<std::int64_t>(job.batch_size * job.seqlen);
+  runtime::PassMemory memory = runtime::estimate_pass_memory(
+      config, static_cast<std::int64_t>(job.nsamples * job.seqlen),
+      runtime_options.micro_batch_rows, runtime_options.logits_block_rows, /*boundaries=*/2,
+      runtime_options.compute);
+  memory.statistics = layer_statistics_bytes(spec);
+  runtime::require_memory("the probe", memory, memory_limit(job.max_memory));
 
   const runtime::CheckpointWeightSource weights(checkpoint);
-  runtime::RuntimeOptions runtime_options;
   if (job.quantized) {
     runtime_options.weight_transform = job.quantized->weights;
     runtime_options.activation_quantizer = job.quantized->activations;
   }
   runtime::Model model(config, weights, runtime_options);
-  ProgressBar progress("probe", outcome.batches_total);
-  progress.advance(outcome.resumed_from);
-  std::size_t batch_index = outcome.resumed_from;
-  for (; batch_index < outcome.batches_total; ++batch_index) {
-    if (job.stop_after_batches && batch_index - outcome.resumed_from >= *job.stop_after_batches) {
-      break;
+  const auto pass = model.begin_pass(sequences);
+  const std::size_t values =
+      static_cast<std::size_t>(runtime::Model::rows(*pass) * config.hidden_size);
+  // Boundary b is the input of layer b (b = layers: the last layer's output); x.b and dx.b live
+  // in the pass directory until the backward no longer needs them. Layer 0's input is the
+  // embedding, cheaper to recompute than to store.
+  const auto x_path = [&](std::int64_t b) { return pass_dir / fmt::format("x.{}.f32", b); };
+  const auto dx_path = [&](std::int64_t b) { return pass_dir / fmt::format("dx.{}.f32", b); };
+  const auto boundary = [&](std::int64_t b) {
+    Boundary x;
+    if (b > 0) {
+      x.file = map_f32(x_path(b), values);
+    } else {
+      x.computed.resize(values);
+      model.embed(*pass, x.computed.data());
     }
-    const std::size_t first = batch_index * job.batch_size;
-    const std::size_t last = std::min(samples.size(), first + job.batch_size);
-    std::vector<runtime::Sequence> batch;
-    for (std::size_t s = first; s < last; ++s) batch.push_back({samples[s], {}});
-    if (job.importance_weighting) {
-      model.forward(batch, [&](std::int64_t sequence, const float* logits, std::int64_t) {
-        batch[sequence].loss_weights =
-            importance_weights(batch[sequence].tokens, logits, config.vocab_size);
-      });
+    return x;
+  };
+  const auto finish_step = [&](std::size_t step) {
+    write_text_file_atomic(
+        pass_dir / kStateJson,
+        nlohmann::json{{"fingerprint", outcome.fingerprint}, {"steps_done", step + 1}}.dump() +
+            "\n");
+  };
+  // A layer without candidates gets an unnamed part: its sums are empty and it writes no file.
+  const auto part_of = [&](std::optional<std::int64_t> layer) {
+    for (const Part& part : parts) {
+      if (part.layer == layer) return part;
     }
-    sums.begin_batch();
-    model.backward(batch, sums);
-    sums.end_batch(static_cast<std::int64_t>(batch.size()));
+    return Part{{}, layer};
+  };
+  const auto seq_count = static_cast<std::int64_t>(sequences.size());
 
-    io::SafetensorsMetadata meta = {{"fingerprint", outcome.fingerprint},
-                                    {"batches_done", std::to_string(batch_index + 1)}};
-    io::SafetensorsWriter state(state_path, std::move(meta));
-    sums.save(state);
-    state.commit();
+  ProgressBar progress("probe", outcome.steps_total);
+  progress.advance(outcome.resumed_from);
+  std::size_t step = outcome.resumed_from;
+  for (; step < outcome.steps_total; ++step) {
+    if (job.stop_after_steps && step - outcome.resumed_from >= *job.stop_after_steps) break;
+    const auto s = static_cast<std::int64_t>(step);
+    if (s < layers) {
+      const Boundary x = boundary(s);
+      std::vector<float> out(values);
+      model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
+      write_f32(x_path(s + 1), out);
+      finish_step(step);
+    } else if (s == layers) {
+      const Boundary x = boundary(layers);
+      std::vector<float> dx(values);
+      const Part head = part_of(std::nullopt);
+      ProbeAccumulator sums = part_accumulator(spec, head);
+      sums.begin_batch();
+      runtime::LossWeighting weighting;
+      if (job.importance_weighting) {
+        weighting = [&](std::int64_t sequence, const float* logits, std::int64_t) {
+          return importance_weights(sequences[sequence].tokens, logits, config.vocab_size);
+        };
+      }
+      model.head_backward(*pass, x.data(), dx.data(), &sums, weighting);
+      sums.end_batch(seq_count);
+      if (!head.name.empty()) write_part(part_file(pass_dir, head), sums);
+      write_f32(dx_path(layers), dx);
+      finish_step(step);
+      std::filesystem::remove(x_path(layers), error);
+    } else {
+      const std::int64_t layer = 2 * layers - s;
+      const Boundary x = boundary(layer);
+      std::vector<float> dx = read_f32(dx_path(layer + 1), values);
+      const Part part = part_of(layer);
+      ProbeAccumulator sums = part_accumulator(spec, part);
+      sums.begin_batch();
+      model.backward_layer(layer, *pass, x.data(), dx.data(), sums);
+      sums.end_batch(seq_count);
+      if (!part.name.empty()) write_part(part_file(pass_dir, part), sums);
+      if (layer > 0) write_f32(dx_path(layer), dx);
+      finish_step(step);
+      std::filesystem::remove(dx_path(layer + 1), error);
+      std::filesystem::remove(x_path(layer), error);
+    }
     progress.advance();
   }
-  outcome.batches_done = batch_index;
-  if (batch_index < outcome.batches_total) {
-    progress.finish(fmt::format("stopped after batch {} of {}; rerun to resume", batch_index,
-                                outcome.batches_total));
+  outcome.steps_done = step;
+  if (step < outcome.steps_total) {
+    progress.finish(
+        fmt::format("stopped after step {} of {}; rerun to resume", step, outcome.steps_total));
     return outcome;
   }
-  write_artifacts(job, outcome.fingerprint, sums, outcome.batches_total);
-  std::filesystem::remove(state_path, error);
-  progress.finish(fmt::format("{} sequences x {} tokens, {} Linears, {} inputs", sums.sequences(),
-                              job.seqlen, sums.linears().size(), sums.inputs().size()));
+  for (const Part& part : parts) {
+    std::filesystem::rename(part_file(pass_dir, part), part_file(job.out, part));
+  }
+  write_summary(job, outcome.fingerprint, spec, parts, seq_count);
+  std::filesystem::remove_all(pass_dir, error);
+  progress.finish(fmt::format("{} sequences x {} tokens, {} parts, layer-major", seq_count,
+                              job.seqlen, parts.size()));
   outcome.complete = true;
   return outcome;
 }
@@ -281,12 +462,18 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
            probe_dir.string());
   ProbeResult result;
   result.dir_ = probe_dir;
+  std::vector<std::string> files;
   try {
     const auto j = nlohmann::json::parse(read_text_file(json_path));
     PQ_CHECK(j.at("schema").get<std::string>() == kProbeSchema, "schema is not {}", kProbeSchema);
     result.model_ = j.at("model").get<std::string>();
     result.fingerprint_ = j.at("fingerprint").get<std::string>();
     result.sequences_ = j.at("calibration").at("sequences").get<std::int64_t>();
+    files = j.at("files").get<std::vector<std::string>>();
+    for (const std::string& name : files) {
+      PQ_CHECK(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..",
+               "files: \"{}\" is not a file name in the probe directory", name);
+    }
     for (const auto& l : j.at("linears")) {
       ProbedLinear linear;
       linear.name = l.at("name").get<std::string>();
@@ -317,13 +504,20 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
   } catch (const Error& e) {
     fail("{}: {}", json_path.string(), e.what());
   }
-  result.tensors_ = std::make_unique<io::SafetensorsFile>(probe_dir / kTensorsFile);
+  for (const std::string& name : files) {
+    auto file = std::make_unique<io::SafetensorsFile>(probe_dir / name);
+    for (const io::TensorInfo& info : file->tensors()) {
+      if (info.name.starts_with("hessian.") || info.name.starts_with("act_second_moment.")) {
+        result.tensor_file_.emplace(info.name, result.tensors_.size());
+      }
+    }
+    result.tensors_.push_back(std::move(file));
+  }
   for (const ProbedLinear& linear : result.linears_) {
     PQ_CHECK(result.hessian(linear.input_key).size() ==
                  static_cast<std::size_t>(linear.in_features * linear.in_features),
-             "{}: the Hessian of {} does not match {}'s input width {}",
-             (probe_dir / kTensorsFile).string(), linear.input_key, linear.name,
-             linear.in_features);
+             "{}: the Hessian of {} does not match {}'s input width {}", json_path.string(),
+             linear.input_key, linear.name, linear.in_features);
   }
   return result;
 }
@@ -336,10 +530,13 @@ const ProbedLinear& ProbeResult::linear(std::string_view name) const {
 }
 
 std::span<const float> ProbeResult::f32_tensor(const std::string& name) const {
-  const io::TensorInfo* info = tensors_->find(name);
-  PQ_CHECK(info != nullptr && info->dtype == io::DType::F32, "{}: no F32 tensor {}",
-           tensors_->path().string(), name);
-  const io::TensorView view = tensors_->view(name);
+  const auto found = tensor_file_.find(name);
+  PQ_CHECK(found != tensor_file_.end(), "{}: no tensor {} in the probe's files",
+           (dir_ / kJsonFile).string(), name);
+  const io::SafetensorsFile& file = *tensors_[found->second];
+  const io::TensorInfo* info = file.find(name);
+  PQ_CHECK(info->dtype == io::DType::F32, "{}: tensor {} is not F32", file.path().string(), name);
+  const io::TensorView view = file.view(name);
   return {reinterpret_cast<const float*>(view.bytes.data()), view.bytes.size() / sizeof(float)};
 }
 

@@ -36,21 +36,26 @@ struct ProbeJob {
   std::size_t seqlen = 1024;
   std::uint64_t seed = 42;
   bool importance_weighting = true;
-  std::size_t batch_size = 4;  // sequences per backward pass
+  // Sequences per micro-batch: the probe is one layer-major pass over all nsamples sequences,
+  // which go through each layer batch_size at a time.
+  std::size_t batch_size = 4;
   model::SpecOptions spec_options;
-  // Process at most this many batches in this run and keep the checkpoint for a later run
-  // (time-sliced runs on shared machines); unset: run to completion.
-  std::optional<std::size_t> stop_after_batches;
+  // Peak memory the run may use, in bytes (0: 80% of the memory available when it starts); the
+  // probe refuses to start, with its estimate, when it cannot fit.
+  std::int64_t max_memory = 0;
+  // Run at most this many steps (a layer's forward, the head, a layer's backward) and keep the
+  // pass for a later run (time-sliced runs on shared machines); unset: run to completion.
+  std::optional<std::size_t> stop_after_steps;
   // Unset: probe the source model.
   std::optional<QuantizedRun> quantized;
 };
 
 struct ProbeOutcome {
-  bool complete = false;         // probe.json and probe.safetensors are written
+  bool complete = false;         // probe.json and its parts' files are written
   bool reused = false;           // they already existed for the same fingerprint
-  std::size_t resumed_from = 0;  // batches taken from the checkpoint
-  std::size_t batches_done = 0;
-  std::size_t batches_total = 0;
+  std::size_t resumed_from = 0;  // steps found finished in the pass directory
+  std::size_t steps_done = 0;
+  std::size_t steps_total = 0;  // 2 x layers + 1
   std::string fingerprint;
 };
 
@@ -58,11 +63,12 @@ struct ProbeOutcome {
 // safetensors headers), tokenizer.json, the calibration file's content and every option.
 std::string probe_fingerprint(const ProbeJob& job);
 
-// Runs the probe (docs/probe-artifacts.md). Resumable: after every batch the running sums are
-// checkpointed atomically to out/probe.state.safetensors with the batch count and the
-// fingerprint; a later run with the same fingerprint continues from there, and the final
-// artifacts equal those of an uninterrupted run. With complete artifacts of the same fingerprint
-// already in `out`, nothing is recomputed.
+// Runs the probe (docs/probe-artifacts.md): one layer-major pass over every calibration sequence,
+// each layer read once forward and once backward, with the layer-boundary activations in
+// out/pass/ on disk, so memory holds about one layer whatever the model size. Resumable: every
+// finished step is recorded in out/pass/state.json with the fingerprint; a later run with the
+// same fingerprint continues from there, and the final artifacts equal those of an uninterrupted
+// run. With complete artifacts of the same fingerprint already in `out`, nothing is recomputed.
 ProbeOutcome run_probe(const ProbeJob& job);
 
 // One Linear of probe.json.
@@ -84,7 +90,7 @@ struct ProbedRouting {
   std::vector<double> mean_probability;
 };
 
-// A finished probe, read back: probe.json in memory, probe.safetensors mapped.
+// A finished probe, read back: probe.json in memory, its parts' safetensors files mapped.
 class ProbeResult {
  public:
   static ProbeResult read(const std::filesystem::path& probe_dir);
@@ -116,7 +122,8 @@ class ProbeResult {
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;
   std::map<std::string, float, std::less<>> input_amax_;
   std::vector<ProbedRouting> routing_;
-  std::unique_ptr<io::SafetensorsFile> tensors_;
+  std::vector<std::unique_ptr<io::SafetensorsFile>> tensors_;
+  std::map<std::string, std::size_t, std::less<>> tensor_file_;  // tensor -> index in tensors_
 };
 
 // The model identifier stages copy into their artifacts: the checkpoint directory's name.

@@ -1,6 +1,10 @@
 #include "probe/probe_stage.h"
 
+#include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <map>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -25,45 +29,61 @@ std::string file_bytes(const std::filesystem::path& path) {
   return read_text_file(path);
 }
 
-// A probe killed after k batches and restarted gives exactly the uninterrupted result; a
-// finished probe is reused, and a changed option invalidates both checkpoint and artifacts.
+// Every file of a finished probe directory, by name.
+std::map<std::string, std::string> directory_bytes(const std::filesystem::path& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    files.emplace(entry.path().filename().string(), file_bytes(entry.path()));
+  }
+  return files;
+}
+
+// A probe stopped after any step of its layer-major pass (forward, head, backward) and restarted
+// gives exactly the uninterrupted result; a finished probe is reused, and a changed option
+// invalidates both the pass and the artifacts.
 TEST(ProbeStage, ResumesAfterAStopWithTheSameResult) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const ProbeOutcome whole = run_probe(small_job(dir, "whole"));
   ASSERT_TRUE(whole.complete);
-  EXPECT_EQ(whole.batches_done, 3u);
+  // qwen3-dense-tiny has 8 layers: 8 forward steps, the head, 8 backward steps.
+  EXPECT_EQ(whole.steps_done, 17u);
+  EXPECT_FALSE(std::filesystem::exists(dir / "whole/pass"));
+  const auto expected = directory_bytes(dir / "whole");
+  // probe.json and one part per layer (the tied lm_head is no candidate).
+  EXPECT_EQ(expected.size(), 9u);
+  for (const std::size_t stop : {3u, 8u, 9u, 12u}) {
+    const std::string name = fmt::format("resumed-{}", stop);
+    ProbeJob interrupted = small_job(dir, name);
+    interrupted.stop_after_steps = stop;
+    const ProbeOutcome first = run_probe(interrupted);
+    EXPECT_FALSE(first.complete);
+    EXPECT_EQ(first.steps_done, stop);
+    EXPECT_FALSE(std::filesystem::exists(dir / name / "probe.json"));
+    EXPECT_TRUE(std::filesystem::exists(dir / name / "pass/state.json"));
 
-  ProbeJob interrupted = small_job(dir, "resumed");
-  interrupted.stop_after_batches = 1;
-  const ProbeOutcome first = run_probe(interrupted);
-  EXPECT_FALSE(first.complete);
-  EXPECT_EQ(first.batches_done, 1u);
-  EXPECT_FALSE(std::filesystem::exists(dir / "resumed/probe.json"));
-  EXPECT_TRUE(std::filesystem::exists(dir / "resumed/probe.state.safetensors"));
+    interrupted.stop_after_steps.reset();
+    const ProbeOutcome second = run_probe(interrupted);
+    EXPECT_TRUE(second.complete);
+    EXPECT_EQ(second.resumed_from, stop);
+    EXPECT_FALSE(std::filesystem::exists(dir / name / "pass"));
+    EXPECT_EQ(directory_bytes(dir / name), expected) << "stopped after step " << stop;
+  }
 
-  interrupted.stop_after_batches.reset();
-  const ProbeOutcome second = run_probe(interrupted);
-  EXPECT_TRUE(second.complete);
-  EXPECT_EQ(second.resumed_from, 1u);
-  EXPECT_FALSE(std::filesystem::exists(dir / "resumed/probe.state.safetensors"));
-  EXPECT_EQ(file_bytes(dir / "resumed/probe.safetensors"),
-            file_bytes(dir / "whole/probe.safetensors"));
-  EXPECT_EQ(file_bytes(dir / "resumed/probe.json"), file_bytes(dir / "whole/probe.json"));
-
+  ProbeJob interrupted = small_job(dir, "resumed-3");
   const ProbeOutcome again = run_probe(interrupted);
   EXPECT_TRUE(again.reused);
 
   ProbeJob changed = interrupted;
   changed.seed = 7;
-  changed.stop_after_batches = 1;
-  EXPECT_NE(probe_fingerprint(changed), second.fingerprint);
+  changed.stop_after_steps = 1;
+  EXPECT_NE(probe_fingerprint(changed), again.fingerprint);
   const ProbeOutcome rerun = run_probe(changed);
   EXPECT_FALSE(rerun.reused);
   EXPECT_EQ(rerun.resumed_from, 0u);
 }
 
-// A damaged checkpoint is ignored. probe.json reads back: every candidate Linear with a positive
+// A damaged pass state is ignored. probe.json reads back: every candidate Linear with a positive
 // Fisher trace, its input's Hessian and second moments of the right width, second moments equal to
 // diag(H) / tokens.
 TEST(ProbeStage, ArtifactsReadBack) {
@@ -72,9 +92,9 @@ TEST(ProbeStage, ArtifactsReadBack) {
   ProbeJob job = small_job(dir, "probe");
   job.nsamples = 2;
   job.batch_size = 2;
-  // A damaged checkpoint left in the directory is discarded, not trusted.
-  std::filesystem::create_directories(job.out);
-  write_text_file_atomic(job.out / "probe.state.safetensors", "not a safetensors file");
+  // A damaged pass state left in the directory is discarded, not trusted.
+  std::filesystem::create_directories(job.out / "pass");
+  write_text_file_atomic(job.out / "pass/state.json", "{\"steps_done\": \"abc\"}");
   const ProbeOutcome outcome = run_probe(job);
   ASSERT_TRUE(outcome.complete);
   EXPECT_EQ(outcome.resumed_from, 0u);
@@ -95,6 +115,24 @@ TEST(ProbeStage, ArtifactsReadBack) {
   }
   EXPECT_THROW(probe.linear("model.layers.0.mlp.nothing"), Error);
   EXPECT_THROW(ProbeResult::read(dir / "missing"), Error);
+}
+
+// A memory limit the pass cannot fit is refused before any step runs, with the estimate.
+TEST(ProbeStage, RefusesAMemoryLimitItCannotFit) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  ProbeJob job = small_job(dir, "probe");
+  job.max_memory = 1 << 20;
+  try {
+    run_probe(job);
+    FAIL() << "a 1 MiB limit was accepted";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("the probe needs about"));
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("--max-memory"));
+  }
+  EXPECT_FALSE(std::filesystem::exists(job.out / "pass/state.json"));
+  job.max_memory = std::int64_t{1} << 30;
+  EXPECT_TRUE(run_probe(job).complete);
 }
 
 }  // namespace

@@ -1,0 +1,92 @@
+#include "runtime/memory_estimate.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "common/error.h"
+
+namespace pq::runtime {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+double gib(std::int64_t bytes) {
+  return static_cast<double>(bytes) / kGiB;
+}
+
+}  // namespace
+
+std::int64_t PassMemory::peak() const {
+  const std::int64_t decoder = layer_weights + tape + activations + statistics;
+  const std::int64_t head_step = head + logits + activations + statistics;
+  return std::max(decoder, head_step);
+}
+
+std::string PassMemory::describe() const {
+  return fmt::format(
+      "{:.2f} GiB (decoder step: layer {:.2f}, tape {:.2f}, activations {:.2f}, statistics "
+      "{:.2f}; head step: lm_head {:.2f}, logits {:.2f})",
+      gib(peak()), gib(layer_weights), gib(tape), gib(activations), gib(statistics), gib(head),
+      gib(logits));
+}
+
+PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
+                                std::int64_t micro_batch_rows, std::int64_t logits_block_rows,
+                                std::int64_t boundaries, ComputeType compute) {
+  const std::int64_t hidden = c.hidden_size;
+  const std::int64_t q_width = c.num_attention_heads * c.head_dim;
+  const std::int64_t kv_width = c.num_key_value_heads * c.head_dim;
+  const std::int64_t weight_bytes = compute == ComputeType::kBF16 ? 2 : 4;
+  const bool moe = c.num_experts > 0;
+  // The MLP's widths per token: a dense layer's intermediate, or the routed experts' (top-k
+  // rows each, with their gathered input and output rows).
+  const std::int64_t mlp_width =
+      moe ? c.num_experts_per_tok * (c.moe_intermediate_size + 2 * hidden) + c.num_experts
+          : c.intermediate_size;
+  const std::int64_t mlp_params =
+      moe ? c.num_experts * 3 * c.moe_intermediate_size * hidden + c.num_experts * hidden
+          : 3 * c.intermediate_size * hidden;
+  const std::int64_t attention_params = 2 * q_width * hidden + 2 * kv_width * hidden;
+  // While a Linear is decoded its float32 values exist beside the layer's stored copy.
+  const std::int64_t largest_linear =
+      moe ? c.moe_intermediate_size * hidden : std::max(c.intermediate_size, q_width) * hidden;
+
+  PassMemory m;
+  m.layer_weights = (attention_params + mlp_params) * weight_bytes + largest_linear * 4;
+  m.head = c.vocab_size * hidden * weight_bytes + c.vocab_size * hidden * 4;
+  // Per row of a micro-batch, forward tape and backward temporaries (LayerTape, layer_backward):
+  // norms and residuals (about 8 hidden-wide rows), q/k/v before and after norm and RoPE and
+  // their gradients, the attention output, and 7 MLP-wide rows (gate, up, act and gradients).
+  const std::int64_t tape_floats =
+      8 * hidden + 4 * q_width + 6 * kv_width + 7 * mlp_width + c.num_attention_heads;
+  m.tape = std::min(rows, std::max<std::int64_t>(micro_batch_rows, 1)) * tape_floats * 4;
+  m.activations = boundaries * rows * hidden * 4;
+  const std::int64_t block = std::min(rows, logits_block_rows);
+  m.logits = block * c.vocab_size * 4 + 2 * block * hidden * 4;
+  return m;
+}
+
+std::int64_t available_memory_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string line;
+  while (std::getline(meminfo, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    std::int64_t kib = 0;
+    if (fields >> key >> kib && key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+void require_memory(const std::string& what, const PassMemory& estimate, std::int64_t limit) {
+  PQ_CHECK(estimate.peak() <= limit,
+           "{} needs about {} but the memory limit is {:.2f} GiB (--max-memory; a smaller "
+           "--batch-size shrinks the tape)",
+           what, estimate.describe(), gib(limit));
+}
+
+}  // namespace pq::runtime
