@@ -16,6 +16,7 @@ CpuFeatures detect() {
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(1, 0, eax, ebx, ecx, edx);
   const bool osxsave = (ecx >> 27) & 1;
+  const bool fma = (ecx >> 12) & 1;
   if (!osxsave) return f;
   // XCR0 tells whether the OS saves the wide registers (bits 1-2: SSE/AVX, 5-7: AVX-512,
   // 17-18: AMX tile state).
@@ -26,6 +27,7 @@ CpuFeatures detect() {
   const bool os_amx = (xcr0_lo & 0x60000) == 0x60000;
   __cpuid_count(7, 0, eax, ebx, ecx, edx);
   f.avx2 = os_avx && ((ebx >> 5) & 1);
+  f.fma = os_avx && fma;
   f.avx512f = os_avx512 && ((ebx >> 16) & 1);
   f.avx512dq = os_avx512 && ((ebx >> 17) & 1);
   f.avx512bw = os_avx512 && ((ebx >> 30) & 1);

@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -179,17 +180,37 @@ TEST(AttentionBackward, MatchesFiniteDifferences) {
   check(v, got.dv, "dv");
 }
 
-// The AVX-512 exponential is a polynomial approximation; the attention tolerances above rely on
-// it staying within a few ulp of libm.
-TEST(AttentionAvx512Kernels, ExpShiftedMatchesLibm) {
-  if (!cpu_features().has_avx512_core()) GTEST_SKIP() << "no AVX-512 on this CPU";
+// A SIMD implementation of the attention tile primitives, tested when the CPU runs it.
+struct TileKernels {
+  std::string name;
+  bool (*available)();
+  decltype(&avx512::tile_gemm) tile_gemm;
+  decltype(&avx512::exp_shifted) exp_shifted;
+};
+
+std::string kernels_name(const ::testing::TestParamInfo<TileKernels>& info) {
+  return info.param.name;
+}
+
+class AttentionSimdKernels : public ::testing::TestWithParam<TileKernels> {
+ protected:
+  void SetUp() override {
+    if (!GetParam().available())
+      GTEST_SKIP() << "this CPU does not run the " << GetParam().name << " kernels";
+  }
+};
+
+// The SIMD exponentials are polynomial approximations; the attention tolerances above rely on
+// them staying within a few ulp of libm.
+TEST_P(AttentionSimdKernels, ExpShiftedMatchesLibm) {
   std::vector<float> x;
   for (float v = -110.0f; v <= 80.0f; v += 0.0137f) x.push_back(v);
   x.push_back(-INFINITY);
   x.push_back(0.0f);
   std::vector<float> got = x;
   const float shift = 0.5f;
-  const float sum = avx512::exp_shifted(got.data(), static_cast<std::int64_t>(got.size()), shift);
+  const float sum =
+      GetParam().exp_shifted(got.data(), static_cast<std::int64_t>(got.size()), shift);
   double expected_sum = 0;
   for (std::size_t i = 0; i < x.size(); ++i) {
     const double want = std::exp(static_cast<double>(x[i] - shift));  // the shift is in float
@@ -205,8 +226,7 @@ TEST(AttentionAvx512Kernels, ExpShiftedMatchesLibm) {
   EXPECT_NEAR(sum / expected_sum, 1.0, 1e-5);
 }
 
-TEST(AttentionAvx512Kernels, TileGemmMatchesReferenceWithStridedAndTransposedA) {
-  if (!cpu_features().has_avx512_core()) GTEST_SKIP() << "no AVX-512 on this CPU";
+TEST_P(AttentionSimdKernels, TileGemmMatchesReferenceWithStridedAndTransposedA) {
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   for (const auto [m, n, k] : {std::array<std::int64_t, 3>{1, 1, 1},
@@ -222,8 +242,8 @@ TEST(AttentionAvx512Kernels, TileGemmMatchesReferenceWithStridedAndTransposedA) 
       for (float& e : c) e = dist(rng);
       const std::int64_t row_stride = transposed_a ? 1 : lda, col_stride = transposed_a ? lda : 1;
       std::vector<float> got = c;
-      avx512::tile_gemm(m, n, k, 0.75f, a.data(), row_stride, col_stride, b.data(), ldb, got.data(),
-                        ldc);
+      GetParam().tile_gemm(m, n, k, 0.75f, a.data(), row_stride, col_stride, b.data(), ldb,
+                           got.data(), ldc);
       for (std::int64_t i = 0; i < m; ++i) {
         for (std::int64_t j = 0; j < ldc; ++j) {
           if (j >= n) {  // C's padding is never written
@@ -243,6 +263,14 @@ TEST(AttentionAvx512Kernels, TileGemmMatchesReferenceWithStridedAndTransposedA) 
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Isas, AttentionSimdKernels,
+    ::testing::Values(TileKernels{"avx512", [] { return cpu_features().has_avx512_core(); },
+                                  avx512::tile_gemm, avx512::exp_shifted},
+                      TileKernels{"avx2", [] { return cpu_features().has_avx2_fma(); },
+                                  avx2::tile_gemm, avx2::exp_shifted}),
+    kernels_name);
 
 TEST(Attention, RejectsHeadsNotDivisibleByKvHeads) {
   const AttentionShape s = shape(4, 3, 2, 8, 0);

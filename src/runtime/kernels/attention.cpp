@@ -22,7 +22,8 @@ constexpr std::int64_t kQueryTile = 64;
 constexpr std::int64_t kKeyTile = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// ---- tile primitives (scalar versions; AVX-512 versions in attention_avx512.cpp) ------------
+// ---- tile primitives (scalar versions; AVX-512 and AVX2 versions in attention_avx512.cpp,
+// attention_avx2.cpp) ------------
 
 // C[m, n] += alpha * A[m, k] B[k, n] with A(i, p) = a[i * a_row_stride + p * a_col_stride] (so
 // transposed views of A are free), B rows contiguous (row p at b + p * ldb), C rows at c + i * ldc.
@@ -56,6 +57,7 @@ struct TileOps {
 
 TileOps tile_ops() {
   if (cpu_features().has_avx512_core()) return {avx512::tile_gemm, avx512::exp_shifted};
+  if (cpu_features().has_avx2_fma()) return {avx2::tile_gemm, avx2::exp_shifted};
   return {tile_gemm_scalar, exp_shifted_scalar};
 }
 
