@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -159,6 +160,37 @@ std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
     peak = std::max(peak, bytes);
   }
   return peak + largest;
+}
+
+// The part files of the whole model: every distinct input's Hessian.
+std::int64_t all_statistics_bytes(const model::ModelSpec& spec) {
+  std::map<std::string, std::int64_t> inputs;
+  for (const model::Linear& linear : spec.linears) {
+    if (linear.is_candidate)
+      inputs[input_key(linear)] = linear.in_features * linear.in_features * 4;
+  }
+  std::int64_t bytes = 0;
+  for (const auto& [key, size] : inputs) bytes += size;
+  return bytes;
+}
+
+// The pass writes every layer's boundary activations and every part before it frees any: refuse
+// to start, with the figures, when the disk cannot hold them (counting what a resumed pass has
+// already written).
+void require_disk(const std::filesystem::path& pass_dir, std::int64_t needed) {
+  std::error_code error;
+  const auto space = std::filesystem::space(pass_dir, error);
+  if (error) return;
+  std::int64_t written = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(pass_dir, error)) {
+    if (entry.is_regular_file()) written += static_cast<std::int64_t>(entry.file_size());
+  }
+  const auto available = static_cast<std::int64_t>(space.available) + written;
+  PQ_CHECK(available >= needed,
+           "{}: the probe's pass needs about {:.2f} GB of disk (boundary activations of every "
+           "layer and the Hessians) but {:.2f} GB are free",
+           pass_dir.string(), static_cast<double>(needed) / 1e9,
+           static_cast<double>(available) / 1e9);
 }
 
 std::int64_t memory_limit(std::int64_t max_memory) {
@@ -352,6 +384,10 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       runtime_options.compute);
   memory.statistics = layer_statistics_bytes(spec);
   runtime::require_memory("the probe", memory, memory_limit(job.max_memory));
+  require_disk(pass_dir, static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples *
+                                                   job.seqlen * config.hidden_size) *
+                                 4 +
+                             all_statistics_bytes(spec));
 
   const runtime::CheckpointWeightSource weights(checkpoint);
   if (job.quantized) {
@@ -383,14 +419,19 @@ ProbeOutcome run_probe(const ProbeJob& job) {
         nlohmann::json{{"fingerprint", outcome.fingerprint}, {"steps_done", step + 1}}.dump() +
             "\n");
   };
-  // A layer without candidates gets an unnamed part: its sums are empty and it writes no file.
-  const auto part_of = [&](std::optional<std::int64_t> layer) {
-    for (const Part& part : parts) {
-      if (part.layer == layer) return part;
-    }
-    return Part{{}, layer};
-  };
   const auto seq_count = static_cast<std::int64_t>(sequences.size());
+  // Runs one backward step under the accumulator of the layer's part (nullopt: the head) and
+  // writes the part's file; a layer without candidates has no part and writes none.
+  const auto observe_part = [&](std::optional<std::int64_t> layer,
+                                const std::function<void(ProbeAccumulator&)>& run) {
+    const auto part =
+        std::find_if(parts.begin(), parts.end(), [&](const Part& p) { return p.layer == layer; });
+    ProbeAccumulator sums = part_accumulator(spec, Part{{}, layer});
+    sums.begin_batch();
+    run(sums);
+    sums.end_batch(seq_count);
+    if (part != parts.end()) write_part(part_file(pass_dir, *part), sums);
+  };
 
   ProgressBar progress("probe", outcome.steps_total);
   progress.advance(outcome.resumed_from);
@@ -407,18 +448,15 @@ ProbeOutcome run_probe(const ProbeJob& job) {
     } else if (s == layers) {
       const Boundary x = boundary(layers);
       std::vector<float> dx(values);
-      const Part head = part_of(std::nullopt);
-      ProbeAccumulator sums = part_accumulator(spec, head);
-      sums.begin_batch();
       runtime::LossWeighting weighting;
       if (job.importance_weighting) {
         weighting = [&](std::int64_t sequence, const float* logits, std::int64_t) {
           return importance_weights(sequences[sequence].tokens, logits, config.vocab_size);
         };
       }
-      model.head_backward(*pass, x.data(), dx.data(), &sums, weighting);
-      sums.end_batch(seq_count);
-      if (!head.name.empty()) write_part(part_file(pass_dir, head), sums);
+      observe_part(std::nullopt, [&](ProbeAccumulator& sums) {
+        model.head_backward(*pass, x.data(), dx.data(), &sums, weighting);
+      });
       write_f32(dx_path(layers), dx);
       finish_step(step);
       std::filesystem::remove(x_path(layers), error);
@@ -426,12 +464,9 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       const std::int64_t layer = 2 * layers - s;
       const Boundary x = boundary(layer);
       std::vector<float> dx = read_f32(dx_path(layer + 1), values);
-      const Part part = part_of(layer);
-      ProbeAccumulator sums = part_accumulator(spec, part);
-      sums.begin_batch();
-      model.backward_layer(layer, *pass, x.data(), dx.data(), sums);
-      sums.end_batch(seq_count);
-      if (!part.name.empty()) write_part(part_file(pass_dir, part), sums);
+      observe_part(layer, [&](ProbeAccumulator& sums) {
+        model.backward_layer(layer, *pass, x.data(), dx.data(), sums);
+      });
       if (layer > 0) write_f32(dx_path(layer), dx);
       finish_step(step);
       std::filesystem::remove(dx_path(layer + 1), error);
