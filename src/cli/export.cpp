@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "cli/invocation.h"
+#include "common/error.h"
 #include "export/exporter.h"
 #include "export/gptq.h"
 #include "model/model_spec.h"
@@ -29,15 +30,31 @@ void register_export(CLI::App& app) {
   cmd->add_option("--out", job->out, "Checkpoint directory to create")->required();
   cmd->add_flag("--force", job->force, "Replace --out if it exists");
   cmd->add_option("--probe", *probe_dir,
-                  "Probe stage output (WORK/probe): calibration activation maxima, needed for W4A4 "
-                  "NVFP4's input_global_scale");
-  cmd->callback([job, probe_dir] {
+                  "Probe stage output (WORK/probe): the Hessians GPTQ rounds with and the "
+                  "activation maxima of W4A4 NVFP4's input_global_scale. Renders are reused from "
+                  "and stored in WORK/render");
+  cmd->add_option("--rounding", *rounding_name,
+                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe) or "
+                  "nearest (round to nearest)")
+      ->default_val(*rounding_name);
+  cmd->callback([job, probe_dir, rounding_name] {
+    PQ_CHECK(*rounding_name != "gptq" || !probe_dir->empty(),
+             "export: --rounding gptq (the default) needs the probe's Hessians: give --probe "
+             "WORK/probe, or --rounding nearest");
+    std::optional<probe::ProbeResult> probe;
     if (!probe_dir->empty()) {
+      probe = probe::ProbeResult::read(*probe_dir);
       const model::ModelSpec spec = model::load_model_spec(job->model_dir);
-      job->input_amax = exporter::input_amax_from_probe(spec, probe::ProbeResult::read(*probe_dir));
+      job->input_amax = exporter::input_amax_from_probe(spec, *probe);
+      // WORK/probe/ names WORK/probe: its parent is WORK.
+      std::filesystem::path work = std::filesystem::path(*probe_dir).lexically_normal();
+      if (!work.has_filename()) work = work.parent_path();
+      job->render_cache = work.parent_path() / "render";
     }
+    const std::unique_ptr<exporter::RoundingStrategy> rounding =
+        exporter::make_rounding(*rounding_name, probe ? &*probe : nullptr);
     job->command_line = invocation();
-    const exporter::ExportSummary summary = exporter::run_export(*job);
+    const exporter::ExportSummary summary = exporter::run_export(*job, *rounding);
     fmt::print(
         "wrote {} ({} files, {} tensor bytes, {:.3f} bits per parameter)\n", summary.out.string(),
         summary.files.size(), summary.tensor_bytes,

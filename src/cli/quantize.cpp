@@ -22,7 +22,8 @@ void register_quantize(CLI::App& app) {
       "quantize",
       "Quantize MODEL end to end: probe -> cost -> allocate -> measure -> export. DIR receives the "
       "compressed-tensors checkpoint (`vllm serve DIR`); stage artifacts go to --work (default "
-      "DIR.work), and probe and cost are reused when their inputs are unchanged");
+      "DIR.work), and probe, cost and the rounded Linears (WORK/render) are reused when their "
+      "inputs are unchanged");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--out", job->out, "Output directory DIR")->required();
   cmd->add_option("--formats", job->formats, "Format menu")

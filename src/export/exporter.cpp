@@ -401,7 +401,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
       model::load_model_spec(job.model_dir, {.quantize_lm_head = lm_head_assigned});
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model_dir);
   const Plan plan = make_plan(spec, assignment, job);
-  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax);
+  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.render_cache);
 
   PQ_CHECK(!job.out.empty(), "no output directory given");
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),

@@ -37,6 +37,9 @@ struct ExportJob {
   // (input_amax_from_probe); required for every Linear assigned a W4A4 format (NVFP4), whose
   // input_global_scale it sets.
   std::map<std::string, float> input_amax;
+  // WORK/render: encodings rendered before (quantize's measurement, scout) are copied from this
+  // RenderCache and new ones are stored there (LinearEncoder). Empty: every Linear is rendered.
+  std::filesystem::path render_cache;
   std::optional<MeasuredQuality> quality;  // for the model card
   // The allocator's Pareto sweep for the model card; empty: pareto.csv beside the assignment.
   std::filesystem::path pareto_csv;

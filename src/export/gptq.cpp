@@ -196,30 +196,17 @@ StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe) {
                     [&](const probe::ProbedLinear& p) { return p.input_key == key; });
     if (!measured) return std::nullopt;
     return CalibrationStatistics{probe.hessian(key), probe.input_tokens(key),
-                                 probe.act_second_moment(key)};
+                                 probe.act_second_moment(key), key};
   };
 }
 
-std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
-                                        const GroupLayout& layout,
-                                        const CalibrationStatistics& stats,
-                                        const GptqOptions& options) {
-  const std::int64_t out = shape.out;
-  const std::int64_t in = shape.in;
-  const std::int64_t group_size = layout.group_size;
-  PQ_CHECK(out > 0 && in > 0 && w.size() == static_cast<std::size_t>(shape.numel()),
-           "GPTQ: {} values for weight shape [{}, {}]", w.size(), out, in);
-  PQ_CHECK(group_size > 0 && in % group_size == 0 && layout.scale_rows > 0,
-           "GPTQ: {} columns do not split into groups of {}", in, group_size);
-  PQ_CHECK(options.block_size > 0 && options.damp >= 0.0, "GPTQ: block size {}, damping {}",
-           options.block_size, options.damp);
-  PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
-  check_statistics(stats, shape);
-  const GroupCodec& codec = layout.codec;
-  const Units units(shape, layout);
+std::optional<HessianFactor> factor_hessian(const CalibrationStatistics& stats, std::int64_t in,
+                                            const GptqOptions& options) {
+  PQ_CHECK(in > 0 && options.damp >= 0.0, "GPTQ: {} input features, damping {}", in, options.damp);
   const auto n = static_cast<std::size_t>(in);
-  const auto m = static_cast<std::size_t>(out);
-
+  PQ_CHECK(stats.hessian.size() == n * n && stats.act_second_moment.size() == n,
+           "calibration statistics of {} and {} values do not fit an input of {} features",
+           stats.hessian.size(), stats.act_second_moment.size(), in);
   if (formats::max_abs_bits(stats.hessian) >= 0x7F800000u) return std::nullopt;
   // H in double. A dead input (H_jj == 0: zero in every calibration token) gets H_jj = 1, as in
   // the reference, so H stays invertible and the column's error propagates nowhere. Unlike the
@@ -237,21 +224,62 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
   for (std::size_t j = 0; j < n; ++j) h[j * n + j] += damp;
 
   // Column order: original, or descending diag(H) (ties by index) with act_order.
-  std::vector<std::int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
+  HessianFactor factor;
+  factor.order.resize(n);
+  std::iota(factor.order.begin(), factor.order.end(), 0);
   if (options.act_order) {
-    std::stable_sort(order.begin(), order.end(),
+    std::stable_sort(factor.order.begin(), factor.order.end(),
                      [&](std::int64_t a, std::int64_t b) { return h[a * n + a] > h[b * n + b]; });
     std::vector<double> permuted(n * n);
     for (std::size_t a = 0; a < n; ++a) {
-      for (std::size_t b = 0; b < n; ++b) permuted[a * n + b] = h[order[a] * n + order[b]];
+      for (std::size_t b = 0; b < n; ++b) {
+        permuted[a * n + b] = h[factor.order[a] * n + factor.order[b]];
+      }
     }
     h = std::move(permuted);
   }
-  const std::optional<std::vector<double>> factor =
-      inverse_cholesky_upper(std::move(h), static_cast<int>(n));
+  std::optional<std::vector<double>> u = inverse_cholesky_upper(std::move(h), static_cast<int>(n));
+  if (!u) return std::nullopt;
+  factor.u = std::move(*u);
+  return factor;
+}
+
+std::optional<GroupedWeight> gptq_round(std::span<const float> w, Shape2D shape,
+                                        const GroupLayout& layout,
+                                        const CalibrationStatistics& stats,
+                                        const GptqOptions& options) {
+  PQ_CHECK(shape.in > 0 && w.size() == static_cast<std::size_t>(shape.numel()),
+           "GPTQ: {} values for weight shape [{}, {}]", w.size(), shape.out, shape.in);
+  PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
+  check_statistics(stats, shape);
+  const std::optional<HessianFactor> factor = factor_hessian(stats, shape.in, options);
   if (!factor) return std::nullopt;
-  const std::vector<double>& u = *factor;
+  return gptq_round(w, shape, layout, stats, *factor, options);
+}
+
+GroupedWeight gptq_round(std::span<const float> w, Shape2D shape, const GroupLayout& layout,
+                         const CalibrationStatistics& stats, const HessianFactor& factor,
+                         const GptqOptions& options) {
+  const std::int64_t out = shape.out;
+  const std::int64_t in = shape.in;
+  const std::int64_t group_size = layout.group_size;
+  PQ_CHECK(out > 0 && in > 0 && w.size() == static_cast<std::size_t>(shape.numel()),
+           "GPTQ: {} values for weight shape [{}, {}]", w.size(), out, in);
+  PQ_CHECK(group_size > 0 && in % group_size == 0 && layout.scale_rows > 0,
+           "GPTQ: {} columns do not split into groups of {}", in, group_size);
+  PQ_CHECK(options.block_size > 0 && options.damp >= 0.0, "GPTQ: block size {}, damping {}",
+           options.block_size, options.damp);
+  PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
+  check_statistics(stats, shape);
+  const GroupCodec& codec = layout.codec;
+  const Units units(shape, layout);
+  const auto n = static_cast<std::size_t>(in);
+  const auto m = static_cast<std::size_t>(out);
+  PQ_CHECK(factor.order.size() == n && factor.u.size() == n * n,
+           "GPTQ: a Hessian factor of {} columns for an input of {} features", factor.order.size(),
+           in);
+  const std::vector<std::int64_t>& order = factor.order;
+  const std::vector<double>& u = factor.u;
 
   // Working weights transposed, one contiguous row per column, in processing order.
   std::vector<double> wt(n * m);
@@ -346,8 +374,32 @@ nlohmann::json to_json(const RoundingReport& report) {
   return j;
 }
 
-GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
-    : statistics_(std::move(statistics)), options_(options) {
+RoundingReport rounding_report_from_json(const nlohmann::json& j) {
+  const auto optional_number = [&](const char* key) -> std::optional<double> {
+    const nlohmann::json& v = j.at(key);
+    if (v.is_null()) return std::nullopt;
+    return v.get<double>();
+  };
+  try {
+    RoundingReport report;
+    report.linear = j.at("linear").get<std::string>();
+    report.format = j.at("format").get<std::string>();
+    report.method = j.at("method").get<std::string>();
+    report.fallback = j.value("fallback", std::string());
+    report.nearest_output_mse = optional_number("nearest_output_mse");
+    report.output_mse = optional_number("output_mse");
+    report.groups_rescaled = j.at("groups_rescaled").get<std::int64_t>();
+    return report;
+  } catch (const nlohmann::json::exception& e) {
+    fail("not a GPTQ rounding report: {}", e.what());
+  }
+}
+
+GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options,
+                           std::string statistics_fingerprint)
+    : statistics_(std::move(statistics)),
+      options_(options),
+      statistics_fingerprint_(std::move(statistics_fingerprint)) {
   PQ_CHECK(static_cast<bool>(statistics_), "GPTQ needs a calibration statistics provider");
   PQ_CHECK(options_.damp >= 0.0 && std::isfinite(options_.damp),
            "GPTQ damping {} is not a non-negative number", options_.damp);
@@ -358,6 +410,41 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options)
                options_.sweep_lo <= options_.sweep_hi,
            "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
            options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
+}
+
+std::string GptqRounding::fingerprint() const {
+  // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ.
+  return fmt::format(
+      "gptq/1 damp={:016x} block={} min_tokens={} act_order={} sweep={} candidates={} "
+      "lo={:08x} hi={:08x} statistics={}",
+      std::bit_cast<std::uint64_t>(options_.damp), options_.block_size, options_.min_tokens,
+      options_.act_order, options_.scale_sweep, options_.sweep_candidates,
+      std::bit_cast<std::uint32_t>(options_.sweep_lo),
+      std::bit_cast<std::uint32_t>(options_.sweep_hi), statistics_fingerprint_);
+}
+
+const std::optional<HessianFactor>& GptqRounding::factor(const CalibrationStatistics& stats,
+                                                         std::int64_t in) const {
+  if (stats.key.empty() || stats.key != factor_key_ || in != factor_in_) {
+    factor_key_.clear();
+    factor_.reset();  // before the next one: memory holds one factor at a time
+    factor_ = factor_hessian(stats, in, options_);
+    factor_key_ = stats.key;
+    factor_in_ = in;
+    ++factorizations_;
+  }
+  return factor_;
+}
+
+nlohmann::json GptqRounding::encoding_report(std::string_view linear,
+                                             std::string_view format) const {
+  const auto it = report_index_.find({std::string(linear), std::string(format)});
+  if (it == report_index_.end()) return nullptr;
+  return to_json(reports_[it->second]);
+}
+
+void GptqRounding::restore_report(const nlohmann::json& entry) const {
+  if (!entry.is_null()) record(rounding_report_from_json(entry));
 }
 
 void GptqRounding::record(RoundingReport report) const {
@@ -410,17 +497,19 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     record(report);
     return nearest;
   }
-  const std::optional<GroupedWeight> grouped =
-      gptq_round(job.weight, job.shape, *layout, *stats, options_);
-  if (!grouped) {
+  PQ_CHECK(formats::max_abs_bits(job.weight) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
+  const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
+  if (!factor) {
     report.fallback = "the damped Hessian is not positive definite or not finite";
     warn(job.linear.name, report.fallback);
     report.output_mse = report.nearest_output_mse;
     record(report);
     return nearest;
   }
+  const GroupedWeight grouped =
+      gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_);
   formats::EncodedWeight encoded =
-      job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
+      job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
   const double gptq_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
   // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
   // damping); the stored weight is whichever of the two does better on the calibration set.
@@ -431,7 +520,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     return nearest;
   }
   report.output_mse = gptq_mse;
-  report.groups_rescaled = grouped->groups_rescaled;
+  report.groups_rescaled = grouped.groups_rescaled;
   report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
   record(report);
   return encoded;
@@ -493,7 +582,8 @@ std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
   PQ_CHECK(probe != nullptr,
            "GPTQ rounding needs the calibration Hessians of a probe (give the probe directory, or "
            "use nearest rounding)");
-  return std::make_unique<GptqRounding>(statistics_from_probe(*probe));
+  return std::make_unique<GptqRounding>(statistics_from_probe(*probe), GptqOptions{},
+                                        probe->fingerprint());
 }
 
 }  // namespace pq::exporter

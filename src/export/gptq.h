@@ -27,6 +27,9 @@ struct CalibrationStatistics {
   std::span<const float> hessian;            // [in, in] row-major: sum over the tokens of x x^T
   std::int64_t tokens = 0;                   // how many rows the sum holds
   std::span<const float> act_second_moment;  // [in]: E[x_j^2]
+  // Names the Hessian (probe::input_key): Linears whose statistics carry the same non-empty key
+  // read the same input, so GptqRounding factors that Hessian once for all of them.
+  std::string key;
 };
 
 // The statistics of a Linear, or nullopt when calibration did not see its input.
@@ -62,6 +65,20 @@ struct GptqOptions {
   float sweep_hi = 1.5f;
 };
 
+// The damped Hessian H + damp * mean(diag H) * I in GPTQ's column order, factored: U upper
+// triangular with U^T U = its inverse. Depends only on the statistics and options (damp,
+// act_order), so Linears that share an input share it.
+struct HessianFactor {
+  std::vector<std::int64_t> order;  // the columns in processing order
+  std::vector<double> u;            // [in, in] row-major, zero below the diagonal
+};
+
+// The factor of stats' Hessian for an input of `in` features (LAPACK dpotrf / dpotri / dpotrf in
+// double). nullopt when H holds Inf/NaN or the damped H is not positive definite. Throws
+// pq::Error for statistics that do not fit `in`.
+std::optional<HessianFactor> factor_hessian(const CalibrationStatistics& stats, std::int64_t in,
+                                            const GptqOptions& options);
+
 // A weight as element codes and per-(row, group) scales of a GroupLayout, the input of
 // WeightFormat::encode_groups.
 struct GroupedWeight {
@@ -80,6 +97,12 @@ std::optional<GroupedWeight> gptq_round(std::span<const float> w, formats::Shape
                                         const formats::GroupLayout& layout,
                                         const CalibrationStatistics& stats,
                                         const GptqOptions& options);
+
+// The same with the Hessian already factored (factor_hessian of these statistics and options):
+// the bytes equal gptq_round's.
+GroupedWeight gptq_round(std::span<const float> w, formats::Shape2D shape,
+                         const formats::GroupLayout& layout, const CalibrationStatistics& stats,
+                         const HessianFactor& factor, const GptqOptions& options);
 
 // Output error of a rounding over the calibration set: tr(dW H dW^T) / (tokens * out) with
 // dW = quantized - w (cost::measure_errors' output_mse).
@@ -103,6 +126,8 @@ struct RoundingReport {
 };
 
 nlohmann::json to_json(const RoundingReport& report);
+// The report to_json wrote (its derived ratio ignored). Throws pq::Error for anything else.
+RoundingReport rounding_report_from_json(const nlohmann::json& j);
 
 // GPTQ + scale sweep for every format with a group layout. Rounds to nearest
 // (WeightFormat::quantize) instead: formats without a layout (BF16, FP8_SOURCE); Linears without
@@ -111,13 +136,21 @@ nlohmann::json to_json(const RoundingReport& report);
 // silently, Linears calibrated on fewer than options.min_tokens tokens (rarely routed experts)
 // and Linears where GPTQ's calibration output error is not lower than nearest rounding's.
 // NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
-// RoundingReport per encoded (Linear, format) (not thread-safe).
+// RoundingReport per encoded (Linear, format) (not thread-safe). The factor of the last Hessian
+// (by CalibrationStatistics::key) is kept for the next Linear: siblings, encoded one after another,
+// share it, and memory holds one factor at a time.
 class GptqRounding final : public RoundingStrategy {
  public:
-  explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {});
+  // `statistics_fingerprint` identifies what the provider returns (the probe's fingerprint); it
+  // is part of fingerprint(), so caches of encodings follow the statistics.
+  explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {},
+                        std::string statistics_fingerprint = {});
 
   std::string_view name() const override { return "gptq"; }
+  std::string fingerprint() const override;
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
+  nlohmann::json encoding_report(std::string_view linear, std::string_view format) const override;
+  void restore_report(const nlohmann::json& entry) const override;
   // How many Linears GPTQ rounded, how many fell back to nearest rounding and why, and the
   // geometric mean of output_mse / nearest_output_mse over those with statistics.
   std::string describe(const std::map<std::string, std::string>& format_of) const override;
@@ -127,18 +160,29 @@ class GptqRounding final : public RoundingStrategy {
   // One report per (Linear, format) encoded, in the order first encoded; encoding a pair again
   // (LinearEncoder measures before it exports) replaces its report.
   const std::vector<RoundingReport>& reports() const { return reports_; }
+  // Hessians factored so far (a Hessian shared by consecutive Linears counts once).
+  std::int64_t factorizations() const { return factorizations_; }
 
  private:
   void record(RoundingReport report) const;
+  // The factor of stats' Hessian: the kept one when its key matches, else a new one (kept).
+  const std::optional<HessianFactor>& factor(const CalibrationStatistics& stats,
+                                             std::int64_t in) const;
 
   StatisticsProvider statistics_;
   GptqOptions options_;
+  std::string statistics_fingerprint_;
+  mutable std::string factor_key_;  // empty: none kept
+  mutable std::int64_t factor_in_ = 0;
+  mutable std::optional<HessianFactor> factor_;
+  mutable std::int64_t factorizations_ = 0;
   mutable std::vector<RoundingReport> reports_;
   mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
 };
 
 // The rounding strategy named `name`: "gptq" (GptqRounding over the probe's statistics; needs
-// `probe`, which must outlive it) or "nearest". pq::Error otherwise.
+// `probe`, which must outlive it; a null probe is a one-line pq::Error saying so) or "nearest".
+// pq::Error otherwise.
 std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
                                                 const probe::ProbeResult* probe);
 

@@ -20,6 +20,16 @@ bool is_nvfp4(const formats::WeightFormat& format) {
   return format.name() == "NVFP4" || format.name() == "NVFP4A16";
 }
 
+// The input rows of a Linear through its format's activation quantizer (null: it has none).
+void quantize_input(const formats::ActivationQuantizer* activations, std::string_view linear,
+                    std::int64_t rows, std::int64_t in_features, std::span<float> input) {
+  PQ_CHECK(activations != nullptr, "Linear '{}' has no activation quantizer", linear);
+  PQ_CHECK(static_cast<std::int64_t>(input.size()) == rows * in_features,
+           "Linear '{}': {} input values for [{}, {}]", linear, input.size(), rows, in_features);
+  const std::vector<float> x(input.begin(), input.end());
+  activations->fake_quantize(x, in_features, input);
+}
+
 float max_abs(std::span<const float> values) {
   float amax = 0.0f;
   for (const float v : values) amax = std::max(amax, std::fabs(v));
@@ -85,7 +95,8 @@ std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
 
 LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
                              const RoundingStrategy& rounding,
-                             std::map<std::string, float> input_amax)
+                             std::map<std::string, float> input_amax,
+                             const std::filesystem::path& render_cache)
     : spec_(spec),
       checkpoint_(checkpoint),
       rounding_(rounding),
@@ -95,6 +106,10 @@ LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint&
       weight_amax_(units_.size()) {
   for (std::size_t unit = 0; unit < units_.size(); ++unit) {
     for (const std::size_t member : units_[unit]) unit_of_[member] = unit;
+  }
+  if (!render_cache.empty() && !rounding_.fingerprint().empty()) {
+    cache_ = std::make_unique<RenderCache>(
+        render_cache, render_fingerprint(checkpoint_.directory(), rounding_, input_amax_));
   }
 }
 
@@ -138,6 +153,27 @@ formats::QuantizeOptions LinearEncoder::options(std::size_t index,
 }
 
 formats::EncodedWeight LinearEncoder::encode(std::size_t index,
+                                             const formats::WeightFormat& format) const {
+  const model::Linear& linear = spec_.linears.at(index);
+  // Formats without a group layout copy or cast the source: nothing to save by caching them.
+  const bool cached =
+      cache_ != nullptr && format.group_layout({linear.out_features, linear.in_features});
+  if (!cached) return render(index, format);
+  if (std::optional<RenderCache::Entry> entry = cache_->load(linear.name, format.name())) {
+    rounding_.restore_report(entry->report);
+    return std::move(entry->encoded);
+  }
+  formats::EncodedWeight encoded = render(index, format);
+  try {
+    cache_->store(linear.name, format.name(), encoded,
+                  rounding_.encoding_report(linear.name, format.name()));
+  } catch (const Error& e) {
+    fail("{}: cannot store its {} render: {}", linear.name, format.name(), e.what());
+  }
+  return encoded;
+}
+
+formats::EncodedWeight LinearEncoder::render(std::size_t index,
                                              const formats::WeightFormat& format) const {
   const model::Linear& linear = spec_.linears.at(index);
   try {
@@ -188,12 +224,48 @@ bool QuantizedLinears::applies_to(std::string_view linear) const {
 void QuantizedLinears::quantize(std::string_view linear, std::int64_t rows,
                                 std::int64_t in_features, std::span<float> input) const {
   const auto it = linears_.find(linear);
-  PQ_CHECK(it != linears_.end() && it->second.activations != nullptr,
-           "Linear '{}' has no activation quantizer", linear);
-  PQ_CHECK(static_cast<std::int64_t>(input.size()) == rows * in_features,
-           "Linear '{}': {} input values for [{}, {}]", linear, input.size(), rows, in_features);
-  const std::vector<float> x(input.begin(), input.end());
-  it->second.activations->fake_quantize(x, in_features, input);
+  quantize_input(it == linears_.end() ? nullptr : it->second.activations.get(), linear, rows,
+                 in_features, input);
+}
+
+EncodedLinears::EncodedLinears(const LinearEncoder& encoder,
+                               const std::map<std::string, std::string>& format_of)
+    : encoder_(encoder) {
+  const model::ModelSpec& spec = encoder.spec();
+  std::map<std::string_view, std::size_t> index_of;
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) index_of[spec.linears[i].name] = i;
+  for (const auto& [name, format_name] : format_of) {
+    const auto it = index_of.find(name);
+    PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
+    const formats::WeightFormat& format = formats::format_by_name(format_name);
+    linears_.emplace(name, Entry{it->second, &format,
+                                 format.activation_quantizer(encoder.options(it->second, format))});
+  }
+}
+
+void EncodedLinears::apply(std::string_view linear, std::int64_t out_features,
+                           std::int64_t in_features, std::span<float> weight) const {
+  const auto it = linears_.find(linear);
+  if (it == linears_.end()) return;
+  const std::vector<float> decoded =
+      it->second.format->dequantize(encoder_.encode(it->second.index, *it->second.format));
+  PQ_CHECK(static_cast<std::int64_t>(decoded.size()) == out_features * in_features &&
+               weight.size() == decoded.size(),
+           "Linear '{}': quantized weight has {} values, the model's is [{}, {}]", linear,
+           decoded.size(), out_features, in_features);
+  std::copy(decoded.begin(), decoded.end(), weight.begin());
+}
+
+bool EncodedLinears::applies_to(std::string_view linear) const {
+  const auto it = linears_.find(linear);
+  return it != linears_.end() && it->second.activations != nullptr;
+}
+
+void EncodedLinears::quantize(std::string_view linear, std::int64_t rows, std::int64_t in_features,
+                              std::span<float> input) const {
+  const auto it = linears_.find(linear);
+  quantize_input(it == linears_.end() ? nullptr : it->second.activations.get(), linear, rows,
+                 in_features, input);
 }
 
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,

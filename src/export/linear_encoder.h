@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "export/render_cache.h"
 #include "export/rounding.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
@@ -43,11 +44,17 @@ std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
 class LinearEncoder {
  public:
   // `input_amax` (Linear name -> amax) is needed only for Linears given a W4A4 NVFP4 format.
+  // With a `render_cache` root (WORK/render) and a rounding with a fingerprint, encodings of
+  // formats that round (every format with a group layout; BF16 and FP8_SOURCE only copy the
+  // source) are kept in a RenderCache there and read back instead of rendered again.
   LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
-                const RoundingStrategy& rounding, std::map<std::string, float> input_amax);
+                const RoundingStrategy& rounding, std::map<std::string, float> input_amax,
+                const std::filesystem::path& render_cache = {});
 
   const model::ModelSpec& spec() const { return spec_; }
   const RoundingStrategy& rounding() const { return rounding_; }
+  // Null without a render cache.
+  const RenderCache* render_cache() const { return cache_.get(); }
 
   // What spec.linears[index] is encoded with under `format`, its fused siblings assumed to get the
   // same format (the exporter refuses anything else). Throws pq::Error naming the Linear when a
@@ -55,11 +62,12 @@ class LinearEncoder {
   formats::QuantizeOptions options(std::size_t index, const formats::WeightFormat& format) const;
 
   // The stored tensors of spec.linears[index] under `format`. Deterministic: the same call gives
-  // the same bytes. Errors name the Linear.
+  // the same bytes, whether rendered or read from the render cache. Errors name the Linear.
   formats::EncodedWeight encode(std::size_t index, const formats::WeightFormat& format) const;
 
  private:
   float unit_weight_amax(std::size_t unit) const;
+  formats::EncodedWeight render(std::size_t index, const formats::WeightFormat& format) const;
 
   const model::ModelSpec& spec_;
   const io::Checkpoint& checkpoint_;
@@ -68,6 +76,7 @@ class LinearEncoder {
   std::vector<std::vector<std::size_t>> units_;
   std::vector<std::size_t> unit_of_;                       // per Linear
   mutable std::vector<std::optional<float>> weight_amax_;  // per unit, read on first use
+  std::unique_ptr<RenderCache> cache_;
 };
 
 // The Linears of a model replaced by decoded quantized weights, with the serving-time activation
@@ -96,6 +105,31 @@ class QuantizedLinears final : public runtime::WeightTransform,
     std::vector<float> weight;
     std::shared_ptr<const formats::ActivationQuantizer> activations;
   };
+  std::map<std::string, Entry, std::less<>> linears_;
+};
+
+// The Linears named in `format_of` (Linear name -> format name) replaced, as the runtime loads
+// each one, by the decoding of its LinearEncoder encoding, with its format's activation
+// quantization. Unlike QuantizedLinears nothing is decoded ahead: memory holds the Linear being
+// loaded, and with the encoder's render cache each load after the first reads the stored
+// tensors. Unknown names and formats are pq::Errors at construction.
+class EncodedLinears final : public runtime::WeightTransform, public runtime::ActivationQuantizer {
+ public:
+  EncodedLinears(const LinearEncoder& encoder, const std::map<std::string, std::string>& format_of);
+
+  void apply(std::string_view linear, std::int64_t out_features, std::int64_t in_features,
+             std::span<float> weight) const override;
+  bool applies_to(std::string_view linear) const override;
+  void quantize(std::string_view linear, std::int64_t rows, std::int64_t in_features,
+                std::span<float> input) const override;
+
+ private:
+  struct Entry {
+    std::size_t index;  // into the spec's Linears
+    const formats::WeightFormat* format;
+    std::shared_ptr<const formats::ActivationQuantizer> activations;
+  };
+  const LinearEncoder& encoder_;
   std::map<std::string, Entry, std::less<>> linears_;
 };
 

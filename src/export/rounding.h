@@ -28,7 +28,18 @@ class RoundingStrategy {
  public:
   virtual ~RoundingStrategy() = default;
   virtual std::string_view name() const = 0;
+  // Identifies the strategy with its options and statistics: strategies with one fingerprint
+  // encode a job to the same bytes, so a cache of encodings (RenderCache) keys on it. Empty: the
+  // encodings are not to be cached.
+  virtual std::string fingerprint() const { return {}; }
   virtual formats::EncodedWeight encode(const LinearToEncode& job) const = 0;
+  // The report() entry of the latest encoding of (linear, format); null when there is none.
+  virtual nlohmann::json encoding_report(std::string_view linear, std::string_view format) const {
+    return nullptr;
+  }
+  // Takes an entry encoding_report gave back, for an encoding read from a cache instead of made,
+  // so that describe() and report() cover it.
+  virtual void restore_report(const nlohmann::json& entry) const {}
   // What the strategy did to these encodings (Linear name -> format name), a short Markdown
   // paragraph for the model card.
   virtual std::string describe(const std::map<std::string, std::string>& format_of) const = 0;
@@ -41,6 +52,7 @@ class RoundingStrategy {
 class NearestRounding final : public RoundingStrategy {
  public:
   std::string_view name() const override { return "nearest"; }
+  std::string fingerprint() const override { return "nearest/1"; }
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
   std::string describe(const std::map<std::string, std::string>& format_of) const override;
   nlohmann::json report(const std::map<std::string, std::string>& format_of) const override;

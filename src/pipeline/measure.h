@@ -22,6 +22,8 @@ std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::pa
 
 // The held-out quality of an assignment (Linear name -> format name) run with the exact weights
 // the exporter writes for it (LinearEncoder), against the source model's logits, in float32.
+// Each Linear is decoded as the runtime loads it (EncodedLinears); with the encoder's render
+// cache, layers are not kept resident and each is rendered once, stored for the export.
 exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const io::Checkpoint& source,
                                              const exporter::LinearEncoder& encoder,

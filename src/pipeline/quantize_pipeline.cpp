@@ -123,17 +123,20 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The assignment's held-out quality with the exact weights export writes, measured before the
   // export so the model card can state it (validate measures the written checkpoint again).
   start = std::chrono::steady_clock::now();
-  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax);
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, work / "render");
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;
   }
   {
     const model::ModelConfig config = model::ModelConfig::load(job.model);
-    runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
-    const runtime::ReferenceLogits reference(
-        source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
-        runtime::kEvalWindowsPerPass);
+    // The source model goes once its logits are taken: the measurement holds about one layer.
+    const runtime::ReferenceLogits reference = [&] {
+      runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
+      return runtime::ReferenceLogits(
+          source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
+          runtime::kEvalWindowsPerPass);
+    }();
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
@@ -147,6 +150,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.out = job.out;
   export_job.force = job.force;
   export_job.input_amax = input_amax;
+  export_job.render_cache = work / "render";
   export_job.quality = outcome.measured;
   export_job.command_line = job.command_line;
   outcome.exported = exporter::run_export(export_job, *rounding);

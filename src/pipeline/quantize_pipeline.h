@@ -18,8 +18,8 @@ namespace pq::pipeline {
 struct QuantizeJob {
   std::filesystem::path model;
   std::filesystem::path out;  // the exported checkpoint (`vllm serve out`)
-  // Stage artifacts (probe/, cost/, alloc/, measure.json); default: `out` + ".work" beside it, so
-  // that replacing the checkpoint never touches them.
+  // Stage artifacts (probe/, cost/, alloc/, render/, rounding.json, validate.json); default:
+  // `out` + ".work" beside it, so that replacing the checkpoint never touches them.
   std::optional<std::filesystem::path> work;
   std::filesystem::path data;  // calibration text; its held-out tail is the evaluation text
   std::vector<std::string> formats = {"NVFP4", "MXFP8", "BF16"};
@@ -68,8 +68,10 @@ struct QuantizeOutcome {
 // probe -> cost -> allocate (-> scout) in the work directory, then the assignment's held-out
 // quality measured with the exact weights export writes, the export to job.out, and validate on
 // what was written (report in WORK/validate.json). Each of probe and cost stores the fingerprint of
-// its inputs and options; one whose artifact matches is skipped. Throws pq::Error when a validate
-// gate fails (the checkpoint stays: it is complete, the report says what failed).
+// its inputs and options; one whose artifact matches is skipped. Each (Linear, format) is rounded
+// once, by scout or the measurement, into WORK/render (exporter::RenderCache), which the export
+// copies and a later run with the same inputs reuses. Throws pq::Error when a validate gate fails
+// (the checkpoint stays: it is complete, the report says what failed).
 QuantizeOutcome run_quantize(const QuantizeJob& job);
 
 // The default Pareto targets for a main target: 4, 4.25, 4.5, 4.75, 5, 5.5, 6, 7, 8 and the

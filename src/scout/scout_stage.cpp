@@ -204,8 +204,10 @@ Scout::Scout(const ScoutJob& job)
   const probe::ProbeResult clean_probe = probe::ProbeResult::read(job.work / "probe");
   clean_probe_fingerprint_ = clean_probe.fingerprint();
   input_amax_ = exporter::input_amax_from_probe(spec_, clean_probe);
+  // Renders go to WORK/render, where quantize's measurement and export find them.
   encoder_ = std::make_unique<exporter::LinearEncoder>(
-      spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_);
+      spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_,
+      job.work / "render");
 
   const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(job.model / "tokenizer.json");
   const data::TokenDataset dataset = data::TokenDataset::from_text_file(job.data, tokenizer);

@@ -21,7 +21,8 @@ struct ScoutJob {
   // measured, and whose calibration split feeds the perturbed probes of L2. Use the file the
   // probe calibrated on, so the held-out windows are text the cost stages never saw.
   std::filesystem::path data;
-  // WORK: reads WORK/probe (clean probe) and WORK/cost/cost.json; writes WORK/scout/.
+  // WORK: reads WORK/probe (clean probe) and WORK/cost/cost.json; writes WORK/scout/, and the
+  // encodings it renders to WORK/render/ (exporter::RenderCache) for quantize and export.
   std::filesystem::path work;
   std::vector<std::string> formats;  // restrict the cost table's menu; empty: all of it
   std::vector<std::string> budgets = {"4.5", "4.75", "5", "5.5", "6"};  // L1 anchors, bits/param

@@ -17,9 +17,13 @@
 #include "alloc/assignment.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "export/gptq.h"
+#include "export/render_cache.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
+#include "probe/probe_stage.h"
+#include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
 
 namespace pq::exporter {
@@ -521,14 +525,15 @@ TEST(ExportCli, WritesCheckpointOrOneLineError) {
   const fs::path source = model("qwen3-dense-tiny");
   const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "FP8_E4M3"}));
   const fs::path path = save_assignment(work / "alloc", assignment);
-  const std::string args = fmt::format("'{}' --assignment '{}' --out '{}'", source.string(),
-                                       path.string(), (work / "out").string());
+  const std::string args = fmt::format("'{}' --assignment '{}' --out '{}' --rounding nearest",
+                                       source.string(), path.string(), (work / "out").string());
   ASSERT_EQ(run_cli(args, work.path()), 0) << read_text_file(work / "stderr");
   EXPECT_NE(read_text_file(work / "stdout").find("wrote"), std::string::npos);
   // The model card records the command as typed.
   EXPECT_NE(read_text_file(work / "out" / "README.md")
-                .find(fmt::format("{} export {} --assignment {} --out {}\n", PQ_PRISMAQUANT_BIN,
-                                  source.string(), path.string(), (work / "out").string())),
+                .find(fmt::format("{} export {} --assignment {} --out {} --rounding nearest\n",
+                                  PQ_PRISMAQUANT_BIN, source.string(), path.string(),
+                                  (work / "out").string())),
             std::string::npos);
   verify_export(source, work / "out", assignment);
 
@@ -537,6 +542,187 @@ TEST(ExportCli, WritesCheckpointOrOneLineError) {
   EXPECT_EQ(error.rfind("prismaquant: error: ", 0), 0u) << error;
   EXPECT_NE(error.find("already exists"), std::string::npos) << error;
   EXPECT_EQ(std::count(error.begin(), error.end(), '\n'), 1) << error;
+}
+
+// A probe of qwen3-dense-tiny over 2 x 32 WikiText tokens in `work`/probe: Hessians for GPTQ.
+probe::ProbeResult small_probe(const test::TempDir& work) {
+  probe::ProbeJob job;
+  job.model = model("qwen3-dense-tiny");
+  job.data = test::wikitext_excerpt(work);
+  job.out = work / "probe";
+  job.nsamples = 2;
+  job.seqlen = 32;
+  job.batch_size = 2;
+  EXPECT_TRUE(probe::run_probe(job).complete);
+  return probe::ProbeResult::read(job.out);
+}
+
+std::string file_bytes(const fs::path& path) {
+  return read_text_file(path);
+}
+
+// Every file of two checkpoint directories, byte for byte.
+void expect_same_files(const fs::path& a, const fs::path& b) {
+  std::set<std::string> names_a, names_b;
+  for (const auto& entry : fs::directory_iterator(a)) names_a.insert(entry.path().filename());
+  for (const auto& entry : fs::directory_iterator(b)) names_b.insert(entry.path().filename());
+  EXPECT_EQ(names_a, names_b);
+  for (const std::string& name : names_a) {
+    EXPECT_EQ(file_bytes(a / name), file_bytes(b / name)) << name;
+  }
+}
+
+// One render per (Linear, format) and fingerprint: a second encoder over the same inputs reads
+// every render back (no Hessian factored) with the same bytes and report; a changed rounding
+// option or calibration amax is a new fingerprint, whose cache replaces the stale one.
+TEST(RenderCache, HitsForTheSameFingerprintAndMissesWhenItChanges) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const probe::ProbeResult probe = small_probe(work);
+  const fs::path source = model("qwen3-dense-tiny");
+  const model::ModelSpec spec = model::load_model_spec(source);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(source);
+  const std::map<std::string, float> amax = input_amax_from_probe(spec, probe);
+  const fs::path root = work / "render";
+  const WeightFormat& nvfp4 = formats::format_by_name("NVFP4A16");
+  const WeightFormat& bf16 = formats::format_by_name("BF16");
+  const std::vector<std::size_t> linears = {0, 1, 2, 3};  // layer 0: q, k, v, o
+  ASSERT_EQ(spec.linears[2].name, "model.layers.0.self_attn.v_proj");
+
+  const auto gptq = [&](double damp) {
+    return GptqRounding(statistics_from_probe(probe), {.damp = damp}, probe.fingerprint());
+  };
+  const GptqRounding cold_rounding = gptq(0.01);
+  const LinearEncoder cold(spec, checkpoint, cold_rounding, amax, root);
+  ASSERT_NE(cold.render_cache(), nullptr);
+  std::vector<formats::EncodedWeight> rendered;
+  for (const std::size_t i : linears) rendered.push_back(cold.encode(i, nvfp4));
+  cold.encode(0, bf16);  // a copy of the source: not cached
+  EXPECT_EQ(cold.render_cache()->stores(), 4);
+  EXPECT_EQ(cold.render_cache()->hits(), 0);
+  EXPECT_EQ(cold_rounding.factorizations(), 2);  // q/k/v share one Hessian, o has its own
+  EXPECT_TRUE(fs::exists(cold.render_cache()->directory() /
+                         "model.layers.0.self_attn.k_proj.NVFP4A16.safetensors"));
+
+  const GptqRounding warm_rounding = gptq(0.01);
+  const LinearEncoder warm(spec, checkpoint, warm_rounding, amax, root);
+  EXPECT_EQ(warm.render_cache()->directory(), cold.render_cache()->directory());
+  for (std::size_t k = 0; k < linears.size(); ++k) {
+    const formats::EncodedWeight again = warm.encode(linears[k], nvfp4);
+    EXPECT_EQ(again.format, rendered[k].format);
+    EXPECT_EQ(again.shape.out, rendered[k].shape.out);
+    ASSERT_EQ(again.tensors.size(), rendered[k].tensors.size());
+    for (std::size_t t = 0; t < again.tensors.size(); ++t) {
+      EXPECT_EQ(again.tensors[t].spec.suffix, rendered[k].tensors[t].spec.suffix);
+      EXPECT_EQ(again.tensors[t].spec.dtype, rendered[k].tensors[t].spec.dtype);
+      EXPECT_EQ(again.tensors[t].spec.shape, rendered[k].tensors[t].spec.shape);
+      EXPECT_EQ(again.tensors[t].bytes, rendered[k].tensors[t].bytes);
+    }
+    const std::string& name = spec.linears[linears[k]].name;
+    EXPECT_EQ(warm_rounding.encoding_report(name, "NVFP4A16"),
+              cold_rounding.encoding_report(name, "NVFP4A16"));
+  }
+  EXPECT_EQ(warm.render_cache()->hits(), 4);
+  EXPECT_EQ(warm.render_cache()->stores(), 0);
+  EXPECT_EQ(warm_rounding.factorizations(), 0);
+  EXPECT_EQ(warm_rounding.reports().size(), 4u);
+
+  // Another damping: a new fingerprint; its renders replace the stale ones on disk.
+  const GptqRounding damped_rounding = gptq(0.02);
+  const LinearEncoder damped(spec, checkpoint, damped_rounding, amax, root);
+  EXPECT_NE(damped.render_cache()->fingerprint(), cold.render_cache()->fingerprint());
+  EXPECT_FALSE(fs::exists(cold.render_cache()->directory()));
+  damped.encode(1, nvfp4);
+  EXPECT_EQ(damped.render_cache()->hits(), 0);
+  EXPECT_EQ(damped.render_cache()->stores(), 1);
+
+  // Other calibration amax (W4A4 input scales): another fingerprint too.
+  std::map<std::string, float> other_amax = amax;
+  other_amax.begin()->second *= 2.0f;
+  EXPECT_NE(render_fingerprint(source, damped_rounding, other_amax),
+            damped.render_cache()->fingerprint());
+
+  // An entry that does not parse is a miss, rendered and stored again.
+  const fs::path entry =
+      damped.render_cache()->directory() / "model.layers.0.self_attn.k_proj.NVFP4A16.safetensors";
+  write_text_file_atomic(entry, "not safetensors");
+  const LinearEncoder repaired(spec, checkpoint, damped_rounding, amax, root);
+  repaired.encode(1, nvfp4);
+  EXPECT_EQ(repaired.render_cache()->hits(), 0);
+  EXPECT_EQ(repaired.render_cache()->stores(), 1);
+}
+
+// The checkpoint is the same bytes whether export renders every Linear itself, fills a cold
+// render cache, or copies every render from a warm one (where no Hessian is factored).
+TEST(RenderCache, ExportIsByteIdenticalWithAndWithoutAWarmCache) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const probe::ProbeResult probe = small_probe(work);
+  const fs::path source = model("qwen3-dense-tiny");
+  const model::ModelSpec spec = model::load_model_spec(source);
+  const alloc::AssignmentFile assignment =
+      make_assignment(source, cycle({"NVFP4", "MXFP8", "INT4_W4A16", "BF16"}));
+  const fs::path path = save_assignment(work / "alloc", assignment);
+  // Each run writes `out` (the model card names it) and is then moved aside to `kept`.
+  const auto export_to = [&](const std::string& kept, const fs::path& cache) {
+    const GptqRounding rounding(statistics_from_probe(probe), {}, probe.fingerprint());
+    ExportJob job = job_for(source, path, work / "out");
+    job.input_amax = input_amax_from_probe(spec, probe);
+    job.render_cache = cache;
+    run_export(job, rounding);
+    fs::rename(work / "out", work / kept);
+    return rounding.factorizations();
+  };
+  EXPECT_GT(export_to("uncached", {}), 0);
+  EXPECT_GT(export_to("cold", work / "render"), 0);
+  EXPECT_EQ(export_to("warm", work / "render"), 0);
+  expect_same_files(work / "uncached", work / "cold");
+  expect_same_files(work / "uncached", work / "warm");
+}
+
+// --rounding: gptq by default, which needs --probe (one-line error without it); nearest writes
+// what the library's nearest rounding writes; gptq what GptqRounding over the probe writes, its
+// renders kept in WORK/render beside WORK/probe.
+TEST(ExportCli, RoundingOptionIsHonoured) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const probe::ProbeResult probe = small_probe(work);
+  const fs::path source = model("qwen3-dense-tiny");
+  const model::ModelSpec spec = model::load_model_spec(source);
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4A16", "MXFP8"}));
+  const fs::path path = save_assignment(work / "alloc", assignment);
+  const auto args = [&](const std::string& out, const std::string& extra) {
+    return fmt::format("'{}' --assignment '{}' --out '{}' {}", source.string(), path.string(),
+                       (work / out).string(), extra);
+  };
+
+  EXPECT_EQ(run_cli(args("none", ""), work.path()), 1);
+  const std::string error = read_text_file(work / "stderr");
+  EXPECT_NE(error.find("--probe"), std::string::npos) << error;
+  EXPECT_EQ(std::count(error.begin(), error.end(), '\n'), 1) << error;
+  EXPECT_FALSE(fs::exists(work / "none"));
+
+  const std::string with_probe = fmt::format("--probe '{}'", (work / "probe").string());
+  ASSERT_EQ(run_cli(args("gptq", with_probe), work.path()), 0) << read_text_file(work / "stderr");
+  EXPECT_TRUE(fs::is_directory(work / "render"));
+  ASSERT_EQ(run_cli(args("nearest", with_probe + " --rounding nearest"), work.path()), 0)
+      << read_text_file(work / "stderr");
+  verify_export(source, work / "nearest", assignment);
+
+  ExportJob job = job_for(source, path, work / "library-gptq");
+  job.input_amax = input_amax_from_probe(spec, probe);
+  run_export(job, *make_rounding("gptq", &probe));
+  const io::Checkpoint cli = io::Checkpoint::open(work / "gptq");
+  const io::Checkpoint library = io::Checkpoint::open(work / "library-gptq");
+  const io::Checkpoint nearest = io::Checkpoint::open(work / "nearest");
+  ASSERT_EQ(cli.tensor_names(), library.tensor_names());
+  bool differs_from_nearest = false;
+  for (const std::string& name : cli.tensor_names()) {
+    EXPECT_EQ(bytes_of(cli.view(name)), bytes_of(library.view(name))) << name;
+    differs_from_nearest |= bytes_of(cli.view(name)) != bytes_of(nearest.view(name));
+  }
+  EXPECT_TRUE(differs_from_nearest);
+  EXPECT_NE(read_text_file(work / "gptq" / "README.md").find("GPTQ"), std::string::npos);
 }
 
 }  // namespace

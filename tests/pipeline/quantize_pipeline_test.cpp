@@ -122,12 +122,27 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   EXPECT_EQ(outcome.exported.tensor_bytes,
             assignment.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
 
+  const std::string rounding_json = read_text_file(dir / "out.work/rounding.json");
+  EXPECT_EQ(nlohmann::json::parse(rounding_json).at("linears").size(),
+            assignment.at("linears").size());
+
   EXPECT_THROW(run_quantize(job), Error);  // out exists
   job.force = true;
   const QuantizeOutcome again = run_quantize(job);
   EXPECT_TRUE(again.stages[0].reused);
   EXPECT_TRUE(again.stages[1].reused);
   EXPECT_EQ(read_text_file(dir / "out.work/alloc/assignment.json"), assignment_text);
+  // The second run reads every render back from WORK/render (one fingerprint directory): the same
+  // measurement and the same rounding report, restored from the cache.
+  EXPECT_EQ(again.measured.mean_kl, measured.mean_kl);
+  EXPECT_EQ(again.validated.mean_kl, measured.mean_kl);
+  EXPECT_EQ(read_text_file(dir / "out.work/rounding.json"), rounding_json);
+  std::size_t fingerprints = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir / "out.work/render")) {
+    ++fingerprints;
+    EXPECT_FALSE(std::filesystem::is_empty(entry.path()));
+  }
+  EXPECT_EQ(fingerprints, 1u);
 }
 
 // --select scout: the shipped assignment is scout's choice, and the KL scout measured for it is
