@@ -35,7 +35,7 @@ void print_report(const validate::ValidateReport& r) {
   std::printf("top-1 agreement: %.4f (gate >= %g)\n", r.top1_agreement, r.gates.min_top1);
   std::printf("perplexity: %.4f, reference %.4f, ratio %.4f (gate <= %g)\n", r.perplexity,
               r.reference_perplexity, r.perplexity / r.reference_perplexity, r.gates.max_ppl_ratio);
-  std::printf("prompt: %s\n", r.prompt.c_str());
+  std::printf("prompt (%s sample): %s\n", r.sample_mode.c_str(), r.prompt.c_str());
   std::printf("checkpoint: %s\n", r.sample.c_str());
   std::printf("reference:  %s\n", r.reference_sample.c_str());
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/error.h"
+#include "runtime/kernels/gemm.h"
 
 namespace pq::runtime {
 
@@ -112,19 +113,150 @@ EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> win
   return result;
 }
 
+// The reference's lm_head as Model builds it (Model::prepare_linear: the weight transform, then
+// bf16 rounding in bf16 mode) and as Model::linear_forward multiplies it. Its input needs no
+// activation quantizer: the observer reports the rows the GEMM multiplied, after the quantizer.
+// lm_head never has a bias (Model's constructor loads it with bias_allowed = false).
+struct ReferenceLogits::Head {
+  ComputeType compute = ComputeType::kF32;
+  std::int64_t vocab = 0, hidden = 0;
+  std::vector<float> weight;               // f32 compute
+  std::vector<std::uint16_t> weight_bf16;  // bf16 compute
+
+  Head(const Model& reference, const WeightSource& weights)
+      : compute(reference.options().compute),
+        vocab(reference.config().vocab_size),
+        hidden(reference.config().hidden_size) {
+    // A tied head reuses the embedding unless the checkpoint also stores lm_head (Model's rule).
+    const std::string name =
+        reference.config().tie_word_embeddings && !weights.contains("lm_head.weight")
+            ? "model.embed_tokens.weight"
+            : "lm_head.weight";
+    PQ_CHECK(weights.contains(name), "reference weights have no tensor {}", name);
+    PQ_CHECK(weights.shape(name) == std::vector<std::int64_t>({vocab, hidden}),
+             "{}: the reference weights do not match the reference model's [{}, {}]", name, vocab,
+             hidden);
+    weight = weights.load_f32(name);
+    weights.release(name);
+    if (reference.options().weight_transform != nullptr) {
+      reference.options().weight_transform->apply("lm_head", vocab, hidden, weight);
+    }
+    if (compute == ComputeType::kBF16) {
+      weight_bf16.resize(weight.size());
+      convert_f32_to_bf16(weight, weight_bf16);
+      weight = {};
+    }
+  }
+
+  void logits(const float* x, std::int64_t rows, float* y) const {
+    if (compute == ComputeType::kBF16) {
+      std::vector<std::uint16_t> x_bf16(rows * hidden);
+      convert_f32_to_bf16({x, x_bf16.size()}, x_bf16);
+      gemm_bf16(Transpose::kNo, Transpose::kYes, rows, vocab, hidden, 1.0f, x_bf16.data(), hidden,
+                weight_bf16.data(), hidden, 0.0f, y, vocab);
+    } else {
+      gemm_f32(Transpose::kNo, Transpose::kYes, rows, vocab, hidden, 1.0f, x, hidden, weight.data(),
+               hidden, 0.0f, y, vocab);
+    }
+  }
+
+  std::uint64_t bytes() const {
+    return weight.size() * sizeof(float) + weight_bf16.size() * sizeof(std::uint16_t);
+  }
+};
+
+// Records, during one forward pass over windows [first, ...), each lm_head call's input rows and
+// the windows they belong to.
+class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
+ public:
+  HeadInputRecorder(std::vector<Block>& blocks, std::size_t first_window)
+      : blocks_(blocks), first_window_(first_window) {}
+
+  void on_linear(const LinearActivity& activity) override {
+    if (activity.layer != -1) return;
+    Block block;
+    block.first_window =
+        first_window_ + static_cast<std::size_t>(activity.sequences.front().sequence);
+    block.end_window =
+        first_window_ + static_cast<std::size_t>(activity.sequences.back().sequence) + 1;
+    for (const RowRange& range : activity.sequences) block.window_rows.push_back(range.begin);
+    block.rows = activity.rows;
+    block.hidden.assign(activity.input, activity.input + activity.rows * activity.in_features);
+    blocks_.push_back(std::move(block));
+  }
+
+ private:
+  std::vector<Block>& blocks_;
+  std::size_t first_window_;
+};
+
+ReferenceLogits::ReferenceLogits(Model& reference, const WeightSource& weights,
+                                 std::vector<std::vector<std::int32_t>> windows,
+                                 std::int64_t windows_per_pass)
+    : windows_(std::move(windows)),
+      vocab_(reference.config().vocab_size),
+      windows_per_pass_(windows_per_pass),
+      head_(std::make_unique<Head>(reference, weights)) {
+  run_reference(reference);
+}
+
 ReferenceLogits::ReferenceLogits(Model& reference, std::vector<std::vector<std::int32_t>> windows,
                                  std::int64_t windows_per_pass)
     : windows_(std::move(windows)),
       vocab_(reference.config().vocab_size),
       windows_per_pass_(windows_per_pass),
       logits_(windows_.size()) {
-  forward_windows(reference, windows_, windows_per_pass_,
-                  [&](std::size_t w, const float* logits, std::int64_t rows) {
-                    logits_[w].assign(logits, logits + rows * vocab_);
-                    score_window(windows_[w], logits, rows, nullptr, vocab_, self_);
-                  });
+  run_reference(reference);
+}
+
+ReferenceLogits::~ReferenceLogits() = default;
+
+void ReferenceLogits::run_reference(Model& reference) {
+  PQ_CHECK(windows_per_pass_ > 0, "windows per pass must be positive");
+  for (std::size_t first = 0; first < windows_.size(); first += windows_per_pass_) {
+    const std::size_t last = std::min(windows_.size(), first + windows_per_pass_);
+    std::vector<Sequence> batch;
+    for (std::size_t w = first; w < last; ++w) batch.push_back({windows_[w], {}});
+    HeadInputRecorder recorder(blocks_, first);
+    reference.forward(
+        batch,
+        [&](std::int64_t s, const float* logits, std::int64_t rows) {
+          const std::size_t w = first + static_cast<std::size_t>(s);
+          score_window(windows_[w], logits, rows, nullptr, vocab_, self_);
+          if (!head_) logits_[w].assign(logits, logits + rows * vocab_);
+        },
+        head_ ? &recorder : nullptr);
+  }
   self_.windows = static_cast<std::int64_t>(windows_.size());
   PQ_CHECK(self_.predictions > 0, "nothing to evaluate: no window has two tokens");
+}
+
+std::size_t ReferenceLogits::block_of(std::size_t window) const {
+  const auto it = std::upper_bound(blocks_.begin(), blocks_.end(), window,
+                                   [](std::size_t w, const Block& b) { return w < b.end_window; });
+  PQ_CHECK(it != blocks_.end() && it->first_window <= window,
+           "reference logits: no lm_head block holds window {}", window);
+  return static_cast<std::size_t>(it - blocks_.begin());
+}
+
+std::uint64_t ReferenceLogits::bytes() const {
+  std::uint64_t total = head_ ? head_->bytes() : 0;
+  for (const Block& block : blocks_) total += block.hidden.size() * sizeof(float);
+  for (const auto& logits : logits_) total += logits.size() * sizeof(float);
+  return total;
+}
+
+const float* ReferenceLogits::Cursor::logits(std::size_t w) {
+  if (!reference_.head_) return reference_.logits_[w].data();
+  const std::size_t b = reference_.block_of(w);
+  const Block& block = reference_.blocks_[b];
+  const std::int64_t row = block.window_rows[w - block.first_window];
+  if (b != block_) {
+    logits_.resize(block.rows * reference_.vocab_);
+    reference_.head_->logits(block.hidden.data(), block.rows, logits_.data());
+    block_ = b;
+  }
+  return logits_.data() + row * reference_.vocab_;
 }
 
 EvalResult evaluate(Model& model, const ReferenceLogits& reference) {
@@ -132,9 +264,10 @@ EvalResult evaluate(Model& model, const ReferenceLogits& reference) {
            "reference logits have vocab size {}, the model {}", reference.vocab(),
            model.config().vocab_size);
   EvalResult result;
+  ReferenceLogits::Cursor cursor(reference);
   forward_windows(model, reference.windows(), reference.windows_per_pass(),
                   [&](std::size_t w, const float* logits, std::int64_t rows) {
-                    score_window(reference.windows()[w], logits, rows, reference.logits(w).data(),
+                    score_window(reference.windows()[w], logits, rows, cursor.logits(w),
                                  reference.vocab(), result);
                   });
   result.windows = static_cast<std::int64_t>(reference.windows().size());

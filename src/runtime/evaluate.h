@@ -1,11 +1,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <vector>
 
 #include "runtime/model.h"
+#include "runtime/weights.h"
 
 namespace pq::runtime {
 
@@ -43,24 +45,67 @@ inline constexpr std::int64_t kEvalWindowsPerPass = 4;
 
 // A reference model's logits on a fixed set of windows, computed once so that many candidate
 // models (scout's assignments, the pre-export measurement) are compared with it without running
-// it again. Memory: windows x length x vocab floats.
+// it again.
+//
+// Given the weight source the reference was built on, it keeps only the reference's lm_head
+// inputs (final normed hidden states, [tokens, hidden]) and a copy of its lm_head weight, and
+// recomputes the logits of one lm_head block at a time with the GEMM call the forward pass made
+// (same rows, same operands), so they are bit for bit the forward's logits. Memory: tokens x
+// hidden + vocab x hidden floats, plus one block of logits while scoring. Without the weight
+// source it keeps every logit: windows x length x vocab floats (5 GB for 16 x 512 tokens at a
+// 151936 vocabulary).
 class ReferenceLogits {
  public:
+  ReferenceLogits(Model& reference, const WeightSource& weights,
+                  std::vector<std::vector<std::int32_t>> windows,
+                  std::int64_t windows_per_pass = kEvalWindowsPerPass);
   ReferenceLogits(Model& reference, std::vector<std::vector<std::int32_t>> windows,
-                  std::int64_t windows_per_pass = 4);
+                  std::int64_t windows_per_pass = kEvalWindowsPerPass);
+  ~ReferenceLogits();
+  ReferenceLogits(const ReferenceLogits&) = delete;
+  ReferenceLogits& operator=(const ReferenceLogits&) = delete;
 
   const std::vector<std::vector<std::int32_t>>& windows() const { return windows_; }
   std::int64_t vocab() const { return vocab_; }
   std::int64_t windows_per_pass() const { return windows_per_pass_; }
-  // [window length, vocab] logits of window w.
-  std::span<const float> logits(std::size_t w) const { return logits_[w]; }
   // The reference scored against itself: perplexity (KL 0, top-1 agreement 1).
   const EvalResult& self() const { return self_; }
+  // Memory held: hidden states, head weight and stored logits.
+  std::uint64_t bytes() const;
+
+  // Reads the logits of window after window, in any order; a cursor holds the block of the last
+  // window asked for, recomputed when a window outside it is asked for.
+  class Cursor {
+   public:
+    explicit Cursor(const ReferenceLogits& reference) : reference_(reference) {}
+    // [window length, vocab] logits of window w, valid until the next call.
+    const float* logits(std::size_t w);
+
+   private:
+    const ReferenceLogits& reference_;
+    std::size_t block_ = static_cast<std::size_t>(-1);
+    std::vector<float> logits_;
+  };
 
  private:
+  struct Head;
+  // The rows of one lm_head call of the reference's forward passes: whole windows.
+  struct Block {
+    std::size_t first_window = 0, end_window = 0;
+    std::vector<std::int64_t> window_rows;  // first row of each window in the block
+    std::int64_t rows = 0;
+    std::vector<float> hidden;  // [rows, hidden], what the GEMM multiplied
+  };
+  class HeadInputRecorder;
+
+  void run_reference(Model& reference);
+  std::size_t block_of(std::size_t window) const;
+
   std::vector<std::vector<std::int32_t>> windows_;
   std::int64_t vocab_ = 0;
   std::int64_t windows_per_pass_ = 0;
+  std::unique_ptr<Head> head_;  // null: logits_ holds every window's logits
+  std::vector<Block> blocks_;
   std::vector<std::vector<float>> logits_;
   EvalResult self_;
 };

@@ -18,14 +18,12 @@ KlEvaluator::KlEvaluator(model::ModelConfig config, const runtime::WeightSource&
              window.size(), length);
   }
   runtime::Model reference(config_, source_, {.keep_layers_resident = true});
-  reference_ =
-      std::make_unique<runtime::ReferenceLogits>(reference, std::move(windows), windows_per_pass);
+  reference_ = std::make_unique<runtime::ReferenceLogits>(reference, source_, std::move(windows),
+                                                          windows_per_pass);
 }
 
 std::uint64_t KlEvaluator::reference_bytes() const {
-  std::uint64_t values = 0;
-  for (std::size_t w = 0; w < windows(); ++w) values += reference_->logits(w).size();
-  return values * sizeof(float);
+  return reference_->bytes();
 }
 
 KlMeasurement KlEvaluator::measure(const runtime::WeightTransform* weights,

@@ -45,7 +45,7 @@ class KlEvaluator {
   }
   // The reference's NLL per prediction (nats).
   double reference_nll() const { return reference_->self().mean_nll(); }
-  // Memory holding the reference's logits.
+  // Memory holding the reference's logits (its final hidden states and lm_head weight).
   std::uint64_t reference_bytes() const;
 
  private:

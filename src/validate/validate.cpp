@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <span>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -18,15 +20,46 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Models whose f32 weights fit this stay decoded in memory between passes (and for sampling).
-constexpr std::int64_t kResidentF32Bytes = 1ll << 30;
 // Tokens of the held-out split used as the default sampling prompt.
 constexpr std::int64_t kDefaultPromptTokens = 16;
 
-runtime::RuntimeOptions options_for(std::int64_t params) {
+runtime::RuntimeOptions options_for(std::int64_t params, std::int64_t resident_f32_bytes) {
   runtime::RuntimeOptions options;
-  options.keep_layers_resident = params * 4 <= kResidentF32Bytes;
+  options.keep_layers_resident = params * 4 <= resident_f32_bytes;
   return options;
+}
+
+// The text of a sample. Ids past the tokenizer's vocabulary (padding rows of an embedding larger
+// than the tokenizer, e.g. Qwen3's 151936 rows for 151669 tokens) are shown as <id N> rather than
+// refused: a broken checkpoint may well predict them, and the sample is there to show it.
+std::string sample_text(const tokenizer::Tokenizer& tokenizer, std::span<const std::int32_t> ids) {
+  std::string text;
+  std::vector<std::int32_t> known;
+  for (const std::int32_t id : ids) {
+    if (id >= 0 && id < tokenizer.vocab_size()) {
+      known.push_back(id);
+      continue;
+    }
+    text += tokenizer.decode(known, /*skip_special_tokens=*/true) + fmt::format("<id {}>", id);
+    known.clear();
+  }
+  return text + tokenizer.decode(known, /*skip_special_tokens=*/true);
+}
+
+// The arg-max next token at each position of `text` from `first` on, given the true text before
+// it: one forward pass. Greedy decoding of a streamed model would instead read every layer again
+// for each new token (a whole-model read per token).
+std::vector<std::int32_t> teacher_forced_predictions(runtime::Model& model,
+                                                     std::span<const std::int32_t> text,
+                                                     std::size_t first) {
+  const std::int64_t vocab = model.config().vocab_size;
+  const std::vector<float> logits = model.logits(text);
+  std::vector<std::int32_t> predicted;
+  for (std::size_t t = first; t < text.size(); ++t) {
+    const float* row = logits.data() + static_cast<std::int64_t>(t) * vocab;
+    predicted.push_back(static_cast<std::int32_t>(std::max_element(row, row + vocab) - row));
+  }
+  return predicted;
 }
 
 }  // namespace
@@ -46,6 +79,7 @@ nlohmann::json ValidateReport::to_json() const {
           {"reference_perplexity", reference_perplexity},
           {"perplexity_ratio", perplexity / reference_perplexity},
           {"prompt", prompt},
+          {"sample_mode", sample_mode},
           {"sample", sample},
           {"reference_sample", reference_sample},
           {"gates",
@@ -108,33 +142,6 @@ ValidateReport run_validate(const ValidateJob& job) {
   const auto dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
   const auto windows = heldout_windows(dataset, job.seqlen, job.max_seqs);
 
-  const DecodedCheckpointWeightSource decoded(checkpoint);
-  const CheckpointActivationQuantizer activations(checkpoint);
-  report.activation_quantized_linears = static_cast<std::int64_t>(activations.size());
-  runtime::RuntimeOptions options = options_for(checkpoint.spec().num_params());
-  if (activations.size() > 0) options.activation_quantizer = &activations;
-  runtime::Model model(checkpoint.config(), decoded, options);
-  runtime::CheckpointModel reference(job.reference, options_for(checkpoint.spec().num_params()));
-  PQ_CHECK(reference.model().config().vocab_size == model.config().vocab_size,
-           "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
-           reference.model().config().vocab_size, model.config().vocab_size);
-
-  // The pre-export measurement's batching (the batch shapes the GEMM arithmetic), so that a
-  // checkpoint that decodes to the measured weights reproduces the measured figures exactly. The
-  // reference is streamed pass by pass, not held for every window as runtime::ReferenceLogits
-  // would, so memory stays at one pass of logits whatever --max-seqs is.
-  const std::int64_t windows_per_pass = runtime::kEvalWindowsPerPass;
-  const runtime::EvalResult compared =
-      runtime::evaluate(model, windows, &reference.model(), windows_per_pass);
-  const runtime::EvalResult alone =
-      runtime::evaluate(reference.model(), windows, nullptr, windows_per_pass);
-  report.windows = compared.windows;
-  report.predictions = compared.predictions;
-  report.mean_kl = compared.mean_kl();
-  report.top1_agreement = compared.top1_agreement();
-  report.perplexity = compared.perplexity();
-  report.reference_perplexity = alone.perplexity();
-
   std::vector<std::int32_t> prompt;
   if (job.prompt) {
     prompt = tokenizer.encode(*job.prompt, /*add_special_tokens=*/true);
@@ -145,11 +152,56 @@ ValidateReport run_validate(const ValidateJob& job) {
   }
   PQ_CHECK(!prompt.empty(), "the sampling prompt is empty");
   report.prompt = tokenizer.decode(prompt, /*skip_special_tokens=*/true);
-  const auto& stop = model.config().eos_token_ids;
-  report.sample =
-      tokenizer.decode(runtime::greedy_generate(model, prompt, job.sample_tokens, stop), true);
-  report.reference_sample = tokenizer.decode(
-      runtime::greedy_generate(reference.model(), prompt, job.sample_tokens, stop), true);
+  const runtime::RuntimeOptions options =
+      options_for(checkpoint.spec().num_params(), job.resident_f32_bytes);
+  report.sample_mode = options.keep_layers_resident ? "greedy" : "teacher-forced";
+  // The text a teacher-forced sample is scored on: the prompt, then (for the default prompt) the
+  // held-out tokens that follow it.
+  std::vector<std::int32_t> text = prompt;
+  if (!job.prompt) {
+    const auto& first = windows.front();
+    text.insert(text.end(), first.begin() + static_cast<std::int64_t>(prompt.size()),
+                first.begin() +
+                    std::min<std::int64_t>(
+                        job.seqlen, static_cast<std::int64_t>(prompt.size()) + job.sample_tokens));
+  }
+  const auto& stop = checkpoint.config().eos_token_ids;
+  const auto sample = [&](runtime::Model& model) {
+    if (options.keep_layers_resident) {
+      return runtime::greedy_generate(model, prompt, job.sample_tokens, stop);
+    }
+    return teacher_forced_predictions(model, text, job.prompt ? 0 : prompt.size() - 1);
+  };
+
+  // The pre-export measurement's batching (the batch shapes the GEMM arithmetic), so that a
+  // checkpoint that decodes to the measured weights reproduces the measured figures exactly. The
+  // reference runs once, alone in memory: its held-out pass is kept as runtime::ReferenceLogits
+  // (final hidden states and lm_head, not every logit) and scores the checkpoint afterwards.
+  std::unique_ptr<runtime::ReferenceLogits> reference_logits;
+  {
+    runtime::CheckpointModel reference(job.reference, options);
+    PQ_CHECK(reference.model().config().vocab_size == checkpoint.config().vocab_size,
+             "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
+             reference.model().config().vocab_size, checkpoint.config().vocab_size);
+    reference_logits = std::make_unique<runtime::ReferenceLogits>(
+        reference.model(), reference.weights(), windows, runtime::kEvalWindowsPerPass);
+    report.reference_sample = sample_text(tokenizer, sample(reference.model()));
+  }
+
+  const DecodedCheckpointWeightSource decoded(checkpoint);
+  const CheckpointActivationQuantizer activations(checkpoint);
+  report.activation_quantized_linears = static_cast<std::int64_t>(activations.size());
+  runtime::RuntimeOptions model_options = options;
+  if (activations.size() > 0) model_options.activation_quantizer = &activations;
+  runtime::Model model(checkpoint.config(), decoded, model_options);
+  const runtime::EvalResult compared = runtime::evaluate(model, *reference_logits);
+  report.windows = compared.windows;
+  report.predictions = compared.predictions;
+  report.mean_kl = compared.mean_kl();
+  report.top1_agreement = compared.top1_agreement();
+  report.perplexity = compared.perplexity();
+  report.reference_perplexity = reference_logits->self().perplexity();
+  report.sample = sample_text(tokenizer, sample(model));
 
   report.failures = gate_failures(report, job.gates);
   return report;

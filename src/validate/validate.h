@@ -31,8 +31,12 @@ struct ValidateJob {
   std::int64_t seqlen = 512;
   std::int64_t max_seqs = 16;
   Gates gates;
-  std::optional<std::string> prompt;  // greedy sample prompt; default: the held-out split's start
-  std::int64_t sample_tokens = 32;
+  std::optional<std::string> prompt;  // sample prompt; default: the held-out split's start
+  std::int64_t sample_tokens = 32;    // greedy: tokens generated; teacher-forced: positions scored
+  // Models whose f32 weights fit this stay decoded in memory between passes and sample greedily
+  // with the key/value cache; larger ones stream one layer at a time (memory about one layer)
+  // and sample teacher-forced, since greedy decoding would read every layer again per token.
+  std::int64_t resident_f32_bytes = 1ll << 30;
 };
 
 struct ValidateReport {
@@ -51,7 +55,11 @@ struct ValidateReport {
   double reference_perplexity = 0.0;
 
   std::string prompt;  // decoded prompt text
-  std::string sample;  // greedy continuation of the checkpoint (text)
+  // "greedy": the checkpoint's greedy continuation of the prompt (models that stay resident).
+  // "teacher-forced": its arg-max prediction at each position of the prompt's held-out
+  // continuation (of the --prompt itself when given) in one pass (streamed models).
+  std::string sample_mode;
+  std::string sample;  // the checkpoint's sample (text)
   std::string reference_sample;
 
   Gates gates;

@@ -99,6 +99,40 @@ TEST_P(FixtureModels, CachedReferenceLogitsMatchStreamingReference) {
   }
 }
 
+// Reference logits recomputed from the reference's final hidden states and its lm_head (given the
+// weight source) are the forward pass's logits bit for bit: for f32 and bf16 references, and
+// when a pass's lm_head runs in several blocks (logits_block_rows below a window).
+TEST_P(FixtureModels, BoundedReferenceLogitsMatchStreamingReference) {
+  const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
+  const auto windows = token_windows(ids, 48, 3);
+  const model::ModelConfig config = model::ModelConfig::load(dir_);
+  for (const ComputeType compute : {ComputeType::kF32, ComputeType::kBF16}) {
+    for (const std::int64_t block_rows : {1024, 40}) {
+      Model reference(
+          config, *weights_,
+          {.compute = compute, .keep_layers_resident = true, .logits_block_rows = block_rows});
+      Model candidate =
+          make_model(compute == ComputeType::kF32 ? ComputeType::kBF16 : ComputeType::kF32);
+      const ReferenceLogits bounded(reference, *weights_, windows, 2);
+      const ReferenceLogits kept(reference, windows, 2);
+      EXPECT_EQ(bounded.self().nll_sum, kept.self().nll_sum);
+      const EvalResult streamed = evaluate(candidate, windows, &reference, 2);
+      for (const ReferenceLogits* cached : {&bounded, &kept}) {
+        const EvalResult reused = evaluate(candidate, *cached);
+        EXPECT_GT(reused.kl_sum, 0.0);
+        EXPECT_EQ(reused.kl_sum, streamed.kl_sum);
+        EXPECT_EQ(reused.nll_sum, streamed.nll_sum);
+        EXPECT_EQ(reused.top1_agreements, streamed.top1_agreements);
+        EXPECT_EQ(reused.predictions, streamed.predictions);
+      }
+      const std::uint64_t head_value_bytes = compute == ComputeType::kF32 ? 4 : 2;
+      EXPECT_EQ(bounded.bytes(), (3u * 48u * sizeof(float) + config.vocab_size * head_value_bytes) *
+                                     config.hidden_size);
+      EXPECT_EQ(kept.bytes(), 3u * 48u * config.vocab_size * sizeof(float));
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Qwen3, FixtureModels,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"),
                          [](const auto& info) {

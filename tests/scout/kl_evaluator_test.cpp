@@ -60,7 +60,8 @@ TEST_F(KlEvaluatorTest, TheSourceModelHasZeroKl) {
   EXPECT_NEAR(m.kl, 0.0, 1e-6);
   EXPECT_DOUBLE_EQ(m.top1_agreement, 1.0);
   EXPECT_EQ(m.nll, evaluator.reference_nll());
-  EXPECT_EQ(evaluator.reference_bytes(), 3u * 40u * config_.vocab_size * sizeof(float));
+  EXPECT_EQ(evaluator.reference_bytes(),
+            (3u * 40u + config_.vocab_size) * config_.hidden_size * sizeof(float));
 }
 
 TEST_F(KlEvaluatorTest, EqualsRuntimeEvaluateAgainstAReferenceModel) {

@@ -388,6 +388,25 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   EXPECT_EQ(report.top1_agreement, measured.top1_agreement);
 }
 
+// A model over the resident budget streams its layers and samples teacher-forced: the
+// held-out measurement is unchanged, and the sample is the arg-max at each of sample_tokens
+// positions after the prompt, for both models.
+TEST_F(ExportedCheckpoint, StreamedValidateSamplesTeacherForced) {
+  const ValidateReport resident = run_validate(validate_exported(8));
+  EXPECT_EQ(resident.sample_mode, "greedy");
+  ValidateJob job = validate_exported(8);
+  job.resident_f32_bytes = 0;
+  const ValidateReport streamed = run_validate(job);
+  EXPECT_EQ(streamed.sample_mode, "teacher-forced");
+  EXPECT_EQ(streamed.mean_kl, resident.mean_kl);
+  EXPECT_EQ(streamed.perplexity, resident.perplexity);
+  EXPECT_EQ(streamed.reference_perplexity, resident.reference_perplexity);
+  EXPECT_EQ(streamed.top1_agreement, resident.top1_agreement);
+  EXPECT_EQ(streamed.prompt, resident.prompt);
+  EXPECT_FALSE(streamed.sample.empty());
+  EXPECT_FALSE(streamed.reference_sample.empty());
+}
+
 TEST_F(ExportedCheckpoint, RegexAndClassTargetsResolveLikeCompressedTensors) {
   // q/k/v by one regex; o_proj of layer 0 additionally under a group targeting "Linear": the
   // exact name is more specific, so it keeps its own group.
