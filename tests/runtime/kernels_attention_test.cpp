@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cmath>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -187,6 +188,10 @@ struct TileKernels {
   decltype(&avx512::tile_gemm) tile_gemm;
   decltype(&avx512::exp_shifted) exp_shifted;
 };
+
+void PrintTo(const TileKernels& kernels, std::ostream* os) {
+  *os << kernels.name;
+}
 
 std::string kernels_name(const ::testing::TestParamInfo<TileKernels>& info) {
   return info.param.name;
