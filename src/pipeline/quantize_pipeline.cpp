@@ -132,9 +132,12 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     const model::ModelConfig config = model::ModelConfig::load(job.model);
     // The source model goes once its logits are taken: the measurement holds about one layer.
     const runtime::ReferenceLogits reference = [&] {
-      runtime::CheckpointModel source(job.model, {.keep_layers_resident = true});
+      // Streamed, not resident, and kept as lm_head inputs rather than logits: memory stays near
+      // one layer plus the head whatever the model's size.
+      runtime::CheckpointModel source(job.model);
       return runtime::ReferenceLogits(
-          source.model(), heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
+          source.model(), source.weights(),
+          heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
