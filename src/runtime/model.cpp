@@ -136,23 +136,13 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   qk_norm_ = architecture_has_qk_norm(arch);
 
   const std::int64_t hidden = config_.hidden_size;
-  const std::string embed_name = "model.embed_tokens.weight";
-  PQ_CHECK(weights_.contains(embed_name), "checkpoint has no tensor {}", embed_name);
-  const auto embed_shape = weights_.shape(embed_name);
-  PQ_CHECK(embed_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
-           "{}: shape [{}], expected [{}, {}]", embed_name, fmt::join(embed_shape, ", "),
-           config_.vocab_size, hidden);
+  check_matrix("model.embed_tokens.weight", config_.vocab_size, hidden);
   final_norm_ = load_vector("model.norm.weight", hidden);
   // A tied head reuses the embedding values (transformers tie_weights); it is still its own
   // Linear so that a weight transform can quantize the head without touching the embedding.
   tied_head_ = config_.tie_word_embeddings && !weights_.contains("lm_head.weight");
   if (!tied_head_) {
-    const std::string head_name = "lm_head.weight";
-    PQ_CHECK(weights_.contains(head_name), "checkpoint has no tensor {}", head_name);
-    const auto head_shape = weights_.shape(head_name);
-    PQ_CHECK(head_shape == std::vector<std::int64_t>({config_.vocab_size, hidden}),
-             "{}: shape [{}], expected [{}, {}]", head_name, fmt::join(head_shape, ", "),
-             config_.vocab_size, hidden);
+    check_matrix("lm_head.weight", config_.vocab_size, hidden);
     PQ_CHECK(!weights_.contains("lm_head.bias"), "lm_head.bias: unexpected bias tensor");
   }
   resident_.resize(config_.num_hidden_layers);
@@ -168,14 +158,17 @@ std::vector<float> Model::load_vector(const std::string& name, std::int64_t size
   return fetch(name);
 }
 
+void Model::check_matrix(const std::string& name, std::int64_t rows, std::int64_t columns) const {
+  PQ_CHECK(weights_.contains(name), "checkpoint has no tensor {}", name);
+  const auto shape = weights_.shape(name);
+  PQ_CHECK(shape == std::vector<std::int64_t>({rows, columns}), "{}: shape [{}], expected [{}, {}]",
+           name, fmt::join(shape, ", "), rows, columns);
+}
+
 void Model::load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                         std::int64_t in_features, bool bias_allowed) const {
   const std::string weight_name = name + ".weight";
-  PQ_CHECK(weights_.contains(weight_name), "checkpoint has no tensor {}", weight_name);
-  const auto shape = weights_.shape(weight_name);
-  PQ_CHECK(shape == std::vector<std::int64_t>({out_features, in_features}),
-           "{}: shape [{}], expected [{}, {}]", weight_name, fmt::join(shape, ", "), out_features,
-           in_features);
+  check_matrix(weight_name, out_features, in_features);
   linear.name = name;
   linear.out_features = out_features;
   linear.in_features = in_features;

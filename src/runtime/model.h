@@ -133,6 +133,8 @@ class Model {
   std::unique_ptr<Layer> load_layer(std::int64_t index) const;
   const Layer& acquire_layer(std::int64_t index);
   void release_layer(std::int64_t index);
+  // pq::Error unless the checkpoint holds `name` with shape [rows, columns].
+  void check_matrix(const std::string& name, std::int64_t rows, std::int64_t columns) const;
   void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                    std::int64_t in_features, bool bias_allowed) const;
   // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.
