@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <exception>
 #include <numeric>
 
 #include "common/error.h"
@@ -20,15 +21,15 @@
 #include "probe/input_key.h"
 #include "probe/probe_stage.h"
 
-// LAPACK Cholesky factorisation and inverse from a Cholesky factor (OpenBLAS ships LAPACK;
-// Debian's libopenblas-dev has no lapacke.h). Fortran ABI: every argument by reference, and the
-// hidden length of the character argument last (gfortran convention; OpenBLAS's C versions
-// ignore it).
+// LAPACK Cholesky factorisation and triangular inverse (OpenBLAS ships LAPACK; Debian's
+// libopenblas-dev has no lapacke.h). Fortran ABI: every argument by reference, and the hidden
+// lengths of the character arguments last (gfortran convention; OpenBLAS's C versions ignore
+// them).
 extern "C" {
 void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info,
              std::size_t uplo_length);
-void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info,
-             std::size_t uplo_length);
+void dtrtri_(const char* uplo, const char* diag, const int* n, double* a, const int* lda, int* info,
+             std::size_t uplo_length, std::size_t diag_length);
 }
 
 namespace pq::exporter {
@@ -39,30 +40,26 @@ using formats::GroupLayout;
 using formats::GroupScale;
 using formats::Shape2D;
 
-// In place Cholesky of a symmetric n x n matrix, row-major. LAPACK is column-major, so its
-// "lower" factor L (A = L L^T) lands in our upper triangle as L^T. False when not positive
-// definite.
-bool cholesky_upper(std::vector<double>& a, int n) {
-  int info = 0;
-  dpotrf_("L", &n, a.data(), &n, &info, 1);
-  return info == 0;
-}
-
-// U upper triangular with U^T U = H^-1, row-major, zero below the diagonal: GPTQ's
-// "Cholesky inverse" (reference: cholesky(H), cholesky_inverse, cholesky(upper=True)). nullopt
-// when H or H^-1 is not numerically positive definite.
+// U upper triangular with U^T U = H^-1, row-major, zero below the diagonal: GPTQ's "Cholesky
+// inverse" (the reference computes cholesky(H), cholesky_inverse, cholesky(upper=True): 4/3 n^3).
+// With J the reversal permutation, J H J = R R^T (R lower) gives H^-1 = (J R^-1 J)^T (J R^-1 J),
+// and J R^-1 J is upper triangular with a positive diagonal, so by the uniqueness of the Cholesky
+// factor it is U: one Cholesky and one triangular inverse, 2/3 n^3. For a row-major buffer,
+// reversing the flat array is J H J. nullopt when H is not numerically positive definite.
 std::optional<std::vector<double>> inverse_cholesky_upper(std::vector<double> h, int n) {
-  // dpotrf "L" leaves L^T (A = L L^T) in our upper triangle; dpotri "L" then writes the upper
-  // triangle (ours) of A^-1, which the second dpotrf "L" reads: A^-1 = L2 L2^T, i.e. U = L2^T
-  // in our upper triangle.
-  if (!cholesky_upper(h, n)) return std::nullopt;
+  std::reverse(h.begin(), h.end());
+  // LAPACK is column-major: its upper factor Uc (A = Uc^T Uc) is, read row-major, R = Uc^T lower
+  // with A = R R^T; dtrtri of Uc leaves Uc^-1, read row-major (Uc^T)^-1 = R^-1.
   int info = 0;
-  dpotri_("L", &n, h.data(), &n, &info, 1);
+  dpotrf_("U", &n, h.data(), &n, &info, 1);
   if (info != 0) return std::nullopt;
-  if (!cholesky_upper(h, n)) return std::nullopt;
+  dtrtri_("U", "N", &n, h.data(), &n, &info, 1, 1);
+  if (info != 0) return std::nullopt;
+  std::reverse(h.begin(), h.end());
   for (int r = 1; r < n; ++r) std::fill_n(h.data() + static_cast<std::size_t>(r) * n, r, 0.0);
   for (int r = 0; r < n; ++r) {
-    if (!(h[static_cast<std::size_t>(r) * n + r] > 0.0)) return std::nullopt;
+    const double d = h[static_cast<std::size_t>(r) * n + r];
+    if (!(d > 0.0) || !std::isfinite(d)) return std::nullopt;
   }
   return h;
 }
@@ -174,6 +171,101 @@ std::int64_t batch_columns(std::int64_t requested, std::int64_t group_size, std:
   return group_size;
 }
 
+// Rows per block of the GPTQ pass (gptq_round runs blocks in parallel).
+constexpr std::int64_t kRowsPerBlock = 128;
+
+struct BlockResult {
+  std::int64_t groups_rescaled = 0;
+  double damped_error = 0.0;
+  double added_error = 0.0;
+};
+
+// GPTQ of rows [r0, r0 + rows) of w: writes their codes and scales into `result` and returns
+// their share of the rescaled units and of the output error. With U upper triangular, U^T U the
+// inverse of the damped Hessian H', the pass's error terms err_p = (v_p - q_p) / U_pp sum to
+// tr(dW H' dW^T) exactly (each is the OBS loss of fixing one column, Frantar et al. 2022 eq. 3,
+// with the later columns updated optimally), so the output error needs no GEMM with H.
+BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const GroupLayout& layout,
+                            const CalibrationStatistics& stats, const HessianFactor& factor,
+                            const GptqOptions& options, std::int64_t batch, std::int64_t r0,
+                            std::int64_t rows, GroupedWeight& result) {
+  const std::int64_t in = shape.in;
+  const std::int64_t group_size = layout.group_size;
+  const GroupCodec& codec = layout.codec;
+  const Units units({rows, in}, layout);
+  const auto n = static_cast<std::size_t>(in);
+  const auto m = static_cast<std::size_t>(rows);
+  const std::vector<std::int64_t>& order = factor.order;
+  const std::vector<double>& u = factor.u;
+  const float* w0 = w.data() + r0 * in;
+  const std::span<GroupScale> scales(result.scales.data() + r0 * units.groups, m * units.groups);
+  std::uint8_t* codes = result.codes.data() + r0 * in;
+  BlockResult block;
+
+  // Working weights transposed, one contiguous row per column, in processing order.
+  std::vector<double> wt(n * m);
+  for (std::size_t p = 0; p < n; ++p) {
+    for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w0[r * n + order[p]];
+  }
+  // With act_order every group's scale comes from the original weights before the pass (static
+  // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
+  if (options.act_order) {
+    std::vector<double> original(n * m);
+    for (std::size_t r = 0; r < m; ++r) {
+      for (std::size_t c = 0; c < n; ++c) original[c * m + r] = w0[r * n + c];
+    }
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      block.groups_rescaled += choose_group_scales(
+          codec, units, rows, group_size, g, original.data() + g * group_size * m,
+          stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+    }
+  }
+
+  std::vector<double> errors(static_cast<std::size_t>(batch) * m);
+  for (std::int64_t i1 = 0; i1 < in; i1 += batch) {
+    const std::int64_t i2 = std::min(in, i1 + batch);
+    for (std::int64_t p = i1; p < i2; ++p) {
+      const std::int64_t j = order[p];
+      const std::int64_t g = j / group_size;
+      double* column = wt.data() + p * m;
+      if (!options.act_order && j % group_size == 0) {
+        block.groups_rescaled += choose_group_scales(
+            codec, units, rows, group_size, g, column,
+            stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+      }
+      const double d = u[p * n + p];
+      const double added = factor.added_diagonal[p];
+      double* error = errors.data() + (p - i1) * m;
+      for (std::size_t r = 0; r < m; ++r) {
+        const float x = static_cast<float>(column[r]);
+        const GroupScale& scale = scales[r * units.groups + g];
+        const std::uint8_t code = codec.quantize(x, scale);
+        const double q = codec.dequantize(code, scale);
+        codes[r * n + j] = code;
+        error[r] = (column[r] - q) / d;
+        block.damped_error += error[r] * error[r];
+        const double dw = q - double{w0[r * n + j]};
+        block.added_error += added * dw * dw;
+      }
+      // OBS update of the batch's later columns (a rank-1 update, Wt[k] -= U[p, k] err for
+      // p < k < i2); the rest of the matrix lazily below.
+      if (p + 1 < i2) {
+        cblas_dger(CblasRowMajor, static_cast<int>(i2 - p - 1), static_cast<int>(m), -1.0,
+                   u.data() + p * n + p + 1, 1, error, 1, wt.data() + (p + 1) * m,
+                   static_cast<int>(m));
+      }
+    }
+    if (i2 < in) {
+      // W[:, i2:] -= Err[:, i1:i2] U[i1:i2, i2:], transposed: Wt[i2:] -= U[i1:i2, i2:]^T Err.
+      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(in - i2),
+                  static_cast<int>(m), static_cast<int>(i2 - i1), -1.0, u.data() + i1 * n + i2,
+                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0, wt.data() + i2 * m,
+                  static_cast<int>(m));
+    }
+  }
+  return block;
+}
+
 void check_statistics(const CalibrationStatistics& stats, Shape2D shape) {
   const auto in = static_cast<std::size_t>(shape.in);
   PQ_CHECK(stats.hessian.size() == in * in && stats.act_second_moment.size() == in,
@@ -214,14 +306,18 @@ std::optional<HessianFactor> factor_hessian(const CalibrationStatistics& stats, 
   // calibration set says nothing about that input, and zeroing would delete it for every input
   // that does use it.
   std::vector<double> h(stats.hessian.begin(), stats.hessian.end());
+  std::vector<double> added(n, 0.0);
   double diag_sum = 0.0;
   for (std::size_t j = 0; j < n; ++j) {
     double& hjj = h[j * n + j];
-    if (hjj == 0.0) hjj = 1.0;
+    if (hjj == 0.0) hjj = added[j] = 1.0;
     diag_sum += hjj;
   }
   const double damp = options.damp * diag_sum / static_cast<double>(n);
-  for (std::size_t j = 0; j < n; ++j) h[j * n + j] += damp;
+  for (std::size_t j = 0; j < n; ++j) {
+    h[j * n + j] += damp;
+    added[j] += damp;
+  }
 
   // Column order: original, or descending diag(H) (ties by index) with act_order.
   HessianFactor factor;
@@ -241,6 +337,8 @@ std::optional<HessianFactor> factor_hessian(const CalibrationStatistics& stats, 
   std::optional<std::vector<double>> u = inverse_cholesky_upper(std::move(h), static_cast<int>(n));
   if (!u) return std::nullopt;
   factor.u = std::move(*u);
+  factor.added_diagonal.resize(n);
+  for (std::size_t p = 0; p < n; ++p) factor.added_diagonal[p] = added[factor.order[p]];
   return factor;
 }
 
@@ -271,79 +369,49 @@ GroupedWeight gptq_round(std::span<const float> w, Shape2D shape, const GroupLay
            options.block_size, options.damp);
   PQ_CHECK(formats::max_abs_bits(w) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
   check_statistics(stats, shape);
-  const GroupCodec& codec = layout.codec;
   const Units units(shape, layout);
   const auto n = static_cast<std::size_t>(in);
   const auto m = static_cast<std::size_t>(out);
-  PQ_CHECK(factor.order.size() == n && factor.u.size() == n * n,
-           "GPTQ: a Hessian factor of {} columns for an input of {} features", factor.order.size(),
-           in);
-  const std::vector<std::int64_t>& order = factor.order;
-  const std::vector<double>& u = factor.u;
-
-  // Working weights transposed, one contiguous row per column, in processing order.
-  std::vector<double> wt(n * m);
-  for (std::size_t p = 0; p < n; ++p) {
-    for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w[r * n + order[p]];
-  }
+  PQ_CHECK(
+      factor.order.size() == n && factor.u.size() == n * n && factor.added_diagonal.size() == n,
+      "GPTQ: a Hessian factor of {} columns for an input of {} features", factor.order.size(), in);
 
   GroupedWeight result;
   result.codes.resize(n * m);
   result.scales.resize(m * units.groups);
-  // With act_order every group's scale comes from the original weights before the pass (static
-  // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
-  if (options.act_order) {
-    std::vector<double> original(n * m);
-    for (std::size_t r = 0; r < m; ++r) {
-      for (std::size_t c = 0; c < n; ++c) original[c * m + r] = w[r * n + c];
-    }
-    for (std::int64_t g = 0; g < units.groups; ++g) {
-      result.groups_rescaled += choose_group_scales(
-          codec, units, out, group_size, g, original.data() + g * group_size * m,
-          stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
-    }
-  }
-
   const std::int64_t batch =
       options.act_order ? options.block_size : batch_columns(options.block_size, group_size, in);
-  std::vector<double> errors(static_cast<std::size_t>(batch) * m);
-  for (std::int64_t i1 = 0; i1 < in; i1 += batch) {
-    const std::int64_t i2 = std::min(in, i1 + batch);
-    for (std::int64_t p = i1; p < i2; ++p) {
-      const std::int64_t j = order[p];
-      const std::int64_t g = j / group_size;
-      double* column = wt.data() + p * m;
-      if (!options.act_order && j % group_size == 0) {
-        result.groups_rescaled += choose_group_scales(
-            codec, units, out, group_size, g, column,
-            stats.act_second_moment.subspan(g * group_size, group_size), options, result.scales);
-      }
-      const double d = u[p * n + p];
-      double* error = errors.data() + (p - i1) * m;
-      for (std::size_t r = 0; r < m; ++r) {
-        const float x = static_cast<float>(column[r]);
-        const GroupScale& scale = result.scales[r * units.groups + g];
-        const std::uint8_t code = codec.quantize(x, scale);
-        result.codes[r * n + j] = code;
-        error[r] = (column[r] - codec.dequantize(code, scale)) / d;
-      }
-      // OBS update of the batch's later columns (a rank-1 update, Wt[k] -= U[p, k] err for
-      // p < k < i2); the rest of the matrix lazily below.
-      if (p + 1 < i2) {
-        cblas_dger(CblasRowMajor, static_cast<int>(i2 - p - 1), static_cast<int>(m), -1.0,
-                   u.data() + p * n + p + 1, 1, error, 1, wt.data() + (p + 1) * m,
-                   static_cast<int>(m));
-      }
-    }
-    if (i2 < in) {
-      // W[:, i2:] -= Err[:, i1:i2] U[i1:i2, i2:], transposed: Wt[i2:] -= U[i1:i2, i2:]^T Err.
-      cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(in - i2),
-                  static_cast<int>(m), static_cast<int>(i2 - i1), -1.0, u.data() + i1 * n + i2,
-                  static_cast<int>(n), errors.data(), static_cast<int>(m), 1.0, wt.data() + i2 * m,
-                  static_cast<int>(m));
+  // Rows are independent in GPTQ (a row's rounding error only updates that row's later columns),
+  // so blocks of rows run in parallel. The block size is fixed, not one block per thread, so the
+  // arithmetic and the bytes do not depend on the thread count; it is a multiple of the layout's
+  // scale rows so that no scale unit spans two blocks.
+  const std::int64_t block_rows =
+      (kRowsPerBlock + layout.scale_rows - 1) / layout.scale_rows * layout.scale_rows;
+  const std::int64_t blocks = (out + block_rows - 1) / block_rows;
+  // Per-block sums, added in block order afterwards so that the totals do not depend on which
+  // thread ran which block.
+  std::vector<BlockResult> block_results(static_cast<std::size_t>(blocks));
+  std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    try {
+      const std::int64_t r0 = b * block_rows;
+      block_results[b] = gptq_round_rows(w, shape, layout, stats, factor, options, batch, r0,
+                                         std::min(out, r0 + block_rows) - r0, result);
+    } catch (...) {
+#pragma omp critical(pq_gptq_failure)
+      if (!failure) failure = std::current_exception();
     }
   }
-
+  if (failure) std::rethrow_exception(failure);
+  double damped_error = 0.0;  // the OBS error terms: tr(dW H' dW^T), H' damped
+  double added_error = 0.0;   // sum_j added_j |dW_j|^2: what damping and dead inputs add to it
+  for (const BlockResult& block : block_results) {
+    result.groups_rescaled += block.groups_rescaled;
+    damped_error += block.damped_error;
+    added_error += block.added_error;
+  }
+  result.output_error = std::max(0.0, damped_error - added_error);
   return result;
 }
 
@@ -510,7 +578,8 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
       gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_);
   formats::EncodedWeight encoded =
       job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
-  const double gptq_mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, *stats);
+  const double gptq_mse = grouped.output_error /
+                          (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
   // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
   // damping); the stored weight is whichever of the two does better on the calibration set.
   if (gptq_mse >= *report.nearest_output_mse) {

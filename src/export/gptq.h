@@ -69,11 +69,12 @@ struct GptqOptions {
 // triangular with U^T U = its inverse. Depends only on the statistics and options (damp,
 // act_order), so Linears that share an input share it.
 struct HessianFactor {
-  std::vector<std::int64_t> order;  // the columns in processing order
-  std::vector<double> u;            // [in, in] row-major, zero below the diagonal
+  std::vector<std::int64_t> order;     // the columns in processing order
+  std::vector<double> u;               // [in, in] row-major, zero below the diagonal
+  std::vector<double> added_diagonal;  // [in], processing order: damping, plus 1 for dead inputs
 };
 
-// The factor of stats' Hessian for an input of `in` features (LAPACK dpotrf / dpotri / dpotrf in
+// The factor of stats' Hessian for an input of `in` features (LAPACK dpotrf and dtrtri in
 // double). nullopt when H holds Inf/NaN or the damped H is not positive definite. Throws
 // pq::Error for statistics that do not fit `in`.
 std::optional<HessianFactor> factor_hessian(const CalibrationStatistics& stats, std::int64_t in,
@@ -85,6 +86,9 @@ struct GroupedWeight {
   std::vector<std::uint8_t> codes;          // [out, in], one per byte
   std::vector<formats::GroupScale> scales;  // [out, in / group_size]
   std::int64_t groups_rescaled = 0;         // scale units whose scale the sweep changed
+  // tr(dW H dW^T) over the calibration Hessian (undamped), dW = dequantized codes - w: the
+  // output error, from GPTQ's own error terms.
+  double output_error = 0.0;
 };
 
 // GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
@@ -92,7 +96,8 @@ struct GroupedWeight {
 // scale fixed (and swept, when asked) as the pass reaches its first column. Deterministic for a
 // given input and OpenBLAS thread count. Returns nullopt when H holds Inf/NaN or H + damp *
 // mean(diag H) * I is not positive definite. Throws pq::Error for a non-finite weight or statistics
-// that do not fit the shape.
+// that do not fit the shape. Blocks of rows run in parallel (OpenMP) over a fixed partition, so
+// the pass itself does not depend on the thread count.
 std::optional<GroupedWeight> gptq_round(std::span<const float> w, formats::Shape2D shape,
                                         const formats::GroupLayout& layout,
                                         const CalibrationStatistics& stats,

@@ -1,6 +1,7 @@
 #include "export/gptq.h"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <bit>
@@ -36,7 +37,7 @@ struct Calibration {
   std::vector<float> hessian;
   std::vector<float> moment;
   std::int64_t tokens = 0;
-  CalibrationStatistics view() const { return {hessian, tokens, moment}; }
+  CalibrationStatistics view() const { return {hessian, tokens, moment, {}}; }
 };
 
 Calibration from_activations(std::span<const float> x, std::int64_t tokens, std::int64_t in) {
@@ -236,6 +237,16 @@ TEST(EncodeGroups, RejectsWhatItCannotStore) {
   EXPECT_THROW(block.encode_groups(block_codes, block_scales, kShape), Error);
 }
 
+// GPTQ's output error from its own error terms (GroupedWeight::output_error) is the stored
+// weight's, computed directly with an f32 GEMM (relative error about 1e-7).
+void expect_output_error_of(const GroupedWeight& grouped, std::span<const float> w,
+                            std::span<const float> q, Shape2D shape,
+                            const Calibration& calibration) {
+  const double direct = output_mse(w, q, shape, calibration.view());
+  EXPECT_NEAR(grouped.output_error / static_cast<double>(calibration.tokens * shape.out), direct,
+              1e-6 * direct);
+}
+
 // The GPTQ result of a format, dequantized, and its output error; with the RTN error beside it.
 struct Compared {
   double gptq = 0.0;
@@ -253,6 +264,7 @@ Compared compare(const WeightFormat& format, std::span<const float> w, Shape2D s
   const std::vector<float> q =
       format.dequantize(format.encode_groups(grouped->codes, grouped->scales, shape, options));
   const std::vector<float> rtn = format.dequantize(format.quantize(w, shape, options));
+  expect_output_error_of(*grouped, w, q, shape, calibration);
   return {output_mse(w, q, shape, calibration.view()),
           output_mse(w, rtn, shape, calibration.view()), grouped->groups_rescaled};
 }
@@ -394,6 +406,10 @@ TEST(Gptq, KeepsTheWeightsOfDeadInputs) {
     nonzero += layout.codec.dequantize(code, scale) != 0.0f ? 1 : 0;
   }
   EXPECT_GT(nonzero, kShape.out / 2);
+  // The dead input's H_jj = 1 is no part of the calibration Hessian's output error.
+  expect_output_error_of(
+      *grouped, w, format.dequantize(format.encode_groups(grouped->codes, grouped->scales, kShape)),
+      kShape, calibration);
 }
 
 // Lazy batches only defer updates: batches of 128 columns round like column-at-a-time updates
@@ -425,6 +441,27 @@ TEST(Gptq, IsDeterministic) {
   ASSERT_TRUE(a && b);
   EXPECT_EQ(a->codes, b->codes);
   EXPECT_TRUE(a->scales == b->scales);
+}
+
+// Blocks of rows run in parallel over a fixed partition: with the Hessian factored once, the
+// bytes are the same on one thread as on three.
+TEST(Gptq, IsIndependentOfTheThreadCount) {
+  const std::vector<float> w = synthetic_weight(kShape, 12);
+  const Calibration calibration = correlated_calibration(kShape.in, 512, 13);
+  const WeightFormat& format = formats::format_by_name("NVFP4A16");
+  const formats::QuantizeOptions options = options_for(format, w);
+  const GroupLayout layout = layout_for(format, kShape, options);
+  const std::optional<HessianFactor> factor = factor_hessian(calibration.view(), kShape.in, {});
+  ASSERT_TRUE(factor.has_value());
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const GroupedWeight one = gptq_round(w, kShape, layout, calibration.view(), *factor, {});
+  omp_set_num_threads(3);
+  const GroupedWeight three = gptq_round(w, kShape, layout, calibration.view(), *factor, {});
+  omp_set_num_threads(threads);
+  EXPECT_EQ(one.codes, three.codes);
+  EXPECT_TRUE(one.scales == three.scales);
+  EXPECT_EQ(one.output_error, three.output_error);
 }
 
 // A Linear for GptqRounding jobs.
@@ -502,9 +539,10 @@ TEST(GptqRounding, EncodesWithTheGivenGlobalScaleAndReports) {
   EXPECT_EQ(report.method, "gptq+sweep");
   ASSERT_TRUE(report.ratio().has_value());
   EXPECT_LT(*report.ratio(), 1.0);
-  // The report's error is the stored weight's.
-  EXPECT_DOUBLE_EQ(*report.output_mse,
-                   output_mse(w, format.dequantize(encoded), kShape, calibration.view()));
+  // The report's error is the stored weight's (from GPTQ's error terms, so up to the f32 GEMM's
+  // rounding of the direct computation).
+  const double direct = output_mse(w, format.dequantize(encoded), kShape, calibration.view());
+  EXPECT_NEAR(*report.output_mse, direct, 1e-6 * direct);
   const nlohmann::json j = to_json(report);
   EXPECT_EQ(j["linear"], linear.name);
   EXPECT_DOUBLE_EQ(j["ratio"].get<double>(), *report.ratio());
