@@ -47,20 +47,23 @@ void score_window(std::span<const std::int32_t> tokens, const float* logits, std
   }
 }
 
-// Runs `model` over the windows, `windows_per_pass` at a time, handing each window's logits to
-// `consume(window index, logits, rows)`.
+// Runs `model` over the windows in one layer-major pass (the model is read once) whose
+// micro-batches are `windows_per_pass` windows: the arithmetic of one forward pass per group of
+// windows. Hands each window's logits to `consume(window index, logits, rows)`; `observer`
+// (optional) sees the pass's Linears.
 template <typename Consumer>
 void forward_windows(Model& model, std::span<const std::vector<std::int32_t>> windows,
-                     std::int64_t windows_per_pass, const Consumer& consume) {
+                     std::int64_t windows_per_pass, const Consumer& consume,
+                     LinearObserver* observer = nullptr) {
   PQ_CHECK(windows_per_pass > 0, "windows per pass must be positive");
-  for (std::size_t first = 0; first < windows.size(); first += windows_per_pass) {
-    const std::size_t last = std::min(windows.size(), first + windows_per_pass);
-    std::vector<Sequence> batch;
-    for (std::size_t w = first; w < last; ++w) batch.push_back({windows[w], {}});
-    model.forward(batch, [&](std::int64_t s, const float* logits, std::int64_t rows) {
-      consume(first + static_cast<std::size_t>(s), logits, rows);
-    });
-  }
+  std::vector<Sequence> batch;
+  for (const std::vector<std::int32_t>& window : windows) batch.push_back({window, {}});
+  model.forward(
+      batch,
+      [&](std::int64_t s, const float* logits, std::int64_t rows) {
+        consume(static_cast<std::size_t>(s), logits, rows);
+      },
+      observer, windows_per_pass);
 }
 
 }  // namespace
@@ -91,22 +94,29 @@ EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> win
            "reference model has vocab size {}, the model {}",
            reference == nullptr ? 0 : reference->config().vocab_size, vocab);
   EvalResult result;
+  if (reference == nullptr) {
+    forward_windows(model, windows, windows_per_pass,
+                    [&](std::size_t w, const float* logits, std::int64_t rows) {
+                      score_window(windows[w], logits, rows, nullptr, vocab, result);
+                    });
+    result.windows = static_cast<std::int64_t>(windows.size());
+    PQ_CHECK(result.predictions > 0, "nothing to evaluate: no window has two tokens");
+    return result;
+  }
+  // Both models, a group of windows at a time: only one group's reference logits are held.
   for (std::size_t first = 0; first < windows.size(); first += windows_per_pass) {
     const std::size_t last = std::min(windows.size(), first + windows_per_pass);
     const auto pass = windows.subspan(first, last - first);
     // The reference's logits of the whole pass, kept until the model's arrive.
     std::vector<std::vector<float>> reference_logits(pass.size());
-    if (reference != nullptr) {
-      forward_windows(*reference, pass, windows_per_pass,
-                      [&](std::size_t w, const float* logits, std::int64_t rows) {
-                        reference_logits[w].assign(logits, logits + rows * vocab);
-                      });
-    }
-    forward_windows(model, pass, windows_per_pass,
+    forward_windows(*reference, pass, windows_per_pass,
                     [&](std::size_t w, const float* logits, std::int64_t rows) {
-                      score_window(pass[w], logits, rows,
-                                   reference ? reference_logits[w].data() : nullptr, vocab, result);
+                      reference_logits[w].assign(logits, logits + rows * vocab);
                     });
+    forward_windows(
+        model, pass, windows_per_pass, [&](std::size_t w, const float* logits, std::int64_t rows) {
+          score_window(pass[w], logits, rows, reference_logits[w].data(), vocab, result);
+        });
     result.windows += static_cast<std::int64_t>(pass.size());
   }
   PQ_CHECK(result.predictions > 0, "nothing to evaluate: no window has two tokens");
@@ -165,20 +175,17 @@ struct ReferenceLogits::Head {
   }
 };
 
-// Records, during one forward pass over windows [first, ...), each lm_head call's input rows and
-// the windows they belong to.
+// Records, during the forward pass over the windows, each lm_head call's input rows and the
+// windows they belong to.
 class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
  public:
-  HeadInputRecorder(std::vector<Block>& blocks, std::size_t first_window)
-      : blocks_(blocks), first_window_(first_window) {}
+  explicit HeadInputRecorder(std::vector<Block>& blocks) : blocks_(blocks) {}
 
   void on_linear(const LinearActivity& activity) override {
     if (activity.layer != -1) return;
     Block block;
-    block.first_window =
-        first_window_ + static_cast<std::size_t>(activity.sequences.front().sequence);
-    block.end_window =
-        first_window_ + static_cast<std::size_t>(activity.sequences.back().sequence) + 1;
+    block.first_window = static_cast<std::size_t>(activity.sequences.front().sequence);
+    block.end_window = static_cast<std::size_t>(activity.sequences.back().sequence) + 1;
     for (const RowRange& range : activity.sequences) block.window_rows.push_back(range.begin);
     block.rows = activity.rows;
     block.hidden.assign(activity.input, activity.input + activity.rows * activity.in_features);
@@ -187,7 +194,6 @@ class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
 
  private:
   std::vector<Block>& blocks_;
-  std::size_t first_window_;
 };
 
 ReferenceLogits::ReferenceLogits(Model& reference, const WeightSource& weights,
@@ -212,21 +218,14 @@ ReferenceLogits::ReferenceLogits(Model& reference, std::vector<std::vector<std::
 ReferenceLogits::~ReferenceLogits() = default;
 
 void ReferenceLogits::run_reference(Model& reference) {
-  PQ_CHECK(windows_per_pass_ > 0, "windows per pass must be positive");
-  for (std::size_t first = 0; first < windows_.size(); first += windows_per_pass_) {
-    const std::size_t last = std::min(windows_.size(), first + windows_per_pass_);
-    std::vector<Sequence> batch;
-    for (std::size_t w = first; w < last; ++w) batch.push_back({windows_[w], {}});
-    HeadInputRecorder recorder(blocks_, first);
-    reference.forward(
-        batch,
-        [&](std::int64_t s, const float* logits, std::int64_t rows) {
-          const std::size_t w = first + static_cast<std::size_t>(s);
-          score_window(windows_[w], logits, rows, nullptr, vocab_, self_);
-          if (!head_) logits_[w].assign(logits, logits + rows * vocab_);
-        },
-        head_ ? &recorder : nullptr);
-  }
+  HeadInputRecorder recorder(blocks_);
+  forward_windows(
+      reference, windows_, windows_per_pass_,
+      [&](std::size_t w, const float* logits, std::int64_t rows) {
+        score_window(windows_[w], logits, rows, nullptr, vocab_, self_);
+        if (!head_) logits_[w].assign(logits, logits + rows * vocab_);
+      },
+      head_ ? &recorder : nullptr);
   self_.windows = static_cast<std::int64_t>(windows_.size());
   PQ_CHECK(self_.predictions > 0, "nothing to evaluate: no window has two tokens");
 }

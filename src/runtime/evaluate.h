@@ -33,9 +33,11 @@ struct EvalResult {
   }
 };
 
-// Scores every window independently (positions restart at 0), `windows_per_pass` windows per
-// forward pass. With `reference`, also compares each prediction's distribution with the
-// reference model's (both models see the same windows).
+// Scores every window independently (positions restart at 0) with the arithmetic of one forward
+// pass per `windows_per_pass` windows. Alone, the model runs one layer-major pass over all the
+// windows (it is read once). With `reference`, also compares each prediction's distribution with
+// the reference model's: both models then run group by group, so only one group's reference
+// logits are held (ReferenceLogits reads each model once).
 EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> windows,
                     Model* reference = nullptr, std::int64_t windows_per_pass = 4);
 

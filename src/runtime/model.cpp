@@ -791,12 +791,24 @@ struct Model::Pass {
   std::vector<Micro> micro;
 };
 
-std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> batch) const {
+std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> batch,
+                                                     std::int64_t sequences_per_micro_batch) const {
+  PQ_CHECK(sequences_per_micro_batch >= 0, "sequences per micro-batch {} is negative",
+           sequences_per_micro_batch);
   auto pass = std::make_shared<Pass>();
   pass->batch = batch;
   pass->whole = make_layout(batch);
   const Layout& whole = pass->whole;
-  for (const auto& [first, last] : sequence_blocks(whole.offsets, options_.micro_batch_rows)) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> groups;
+  if (sequences_per_micro_batch > 0) {
+    const std::int64_t count = whole.sequences();
+    for (std::int64_t first = 0; first < count; first += sequences_per_micro_batch) {
+      groups.emplace_back(first, std::min(count, first + sequences_per_micro_batch));
+    }
+  } else {
+    groups = sequence_blocks(whole.offsets, options_.micro_batch_rows);
+  }
+  for (const auto& [first, last] : groups) {
     Layout layout;
     const std::int64_t base = whole.offsets[first];
     for (std::int64_t s = first; s <= last; ++s) layout.offsets.push_back(whole.offsets[s] - base);
@@ -923,7 +935,16 @@ void Model::for_each_logits_block(
   const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
   const Linear& head = acquire_head();
-  for (const auto& [first, last] : sequence_blocks(layout.offsets, options_.logits_block_rows)) {
+  // Blocks within each micro-batch, so a pass of several micro-batches multiplies the rows that
+  // separate passes over them would.
+  std::vector<std::pair<std::int64_t, std::int64_t>> blocks;
+  for (const Pass::Micro& m : pass.micro) {
+    for (const auto& [first, last] :
+         sequence_blocks(m.layout.offsets, options_.logits_block_rows)) {
+      blocks.emplace_back(m.first + first, m.first + last);
+    }
+  }
+  for (const auto& [first, last] : blocks) {
     const std::int64_t begin = layout.offsets[first];
     const std::int64_t rows = layout.offsets[last] - begin;
     // The final norm is per row, so normalizing block by block equals normalizing the batch.
@@ -941,8 +962,8 @@ void Model::for_each_logits_block(
 }
 
 void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
-                    LinearObserver* observer) {
-  const auto pass = begin_pass(batch);
+                    LinearObserver* observer, std::int64_t sequences_per_micro_batch) {
+  const auto pass = begin_pass(batch, sequences_per_micro_batch);
   const Layout& layout = pass->whole;
   const std::int64_t vocab = config_.vocab_size;
   const std::vector<float> x = final_hidden(*pass, observer);

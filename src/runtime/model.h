@@ -80,9 +80,10 @@ class Model {
       std::function<void(std::int64_t sequence, const float* logits, std::int64_t rows)>;
 
   // Forward pass over the batch. The observer (optional) sees every Linear's input rows, with
-  // output_grad == nullptr, and every MoE routing decision.
+  // output_grad == nullptr, and every MoE routing decision. sequences_per_micro_batch > 0 makes
+  // the micro-batches exactly that many consecutive sequences (see begin_pass).
   void forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
-               LinearObserver* observer = nullptr);
+               LinearObserver* observer = nullptr, std::int64_t sequences_per_micro_batch = 0);
 
   // Logits [tokens.size(), vocab] of one sequence.
   std::vector<float> logits(std::span<const std::int32_t> tokens);
@@ -105,7 +106,12 @@ class Model {
   // A caller that keeps the layer-boundary activations elsewhere (the probe spills them to disk
   // and resumes between layers) drives a pass with these. Activations are [rows(pass), hidden]
   // float32, the batch's sequences concatenated.
-  std::shared_ptr<const Pass> begin_pass(std::span<const Sequence> batch) const;
+  // Micro-batches hold whole sequences, at most RuntimeOptions::micro_batch_rows rows, or with
+  // sequences_per_micro_batch > 0 exactly that many sequences (the last one fewer): a pass over
+  // many sequences then does the arithmetic of one pass per group, reading the model once.
+  // lm_head's logits blocks never span two micro-batches.
+  std::shared_ptr<const Pass> begin_pass(std::span<const Sequence> batch,
+                                         std::int64_t sequences_per_micro_batch = 0) const;
   static std::int64_t rows(const Pass& pass);
   // The embedding rows of the batch's tokens; pq::Error for a token outside the vocabulary.
   void embed(const Pass& pass, float* x) const;
