@@ -3,6 +3,9 @@
 // the same tensor measured in the same run (the memory-bound floor). Two paths per format:
 //   FakeQuantize/<format>:        fused quantize+dequantize (what the cost stage runs)
 //   QuantizeDequantize/<format>:  quantize() to the packed checkpoint tensors, then dequantize()
+// and the group codec's row kernels alone, on the same weight:
+//   QuantizeRows/<codec>:         scales and one code per byte (what export and GPTQ compute)
+//   DequantizeRows/<codec>:       those codes back to floats
 // Run with PQ_FORCE_SCALAR=1 to measure the scalar path.
 
 #include <benchmark/benchmark.h>
@@ -10,9 +13,11 @@
 #include <bit>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "formats/element.h"
+#include "formats/group_codec.h"
 #include "formats/weight_format.h"
 
 namespace {
@@ -105,7 +110,71 @@ void BM_QuantizeDequantize(benchmark::State& state, const pq::formats::WeightFor
   state.SetItemsProcessed(state.iterations() * kShape.numel());
 }
 
+struct RowCodec {
+  const char* name;
+  pq::formats::GroupCodec codec;
+  std::int64_t group_size;
+};
+
+// NVFP4's global scale is 448 * 6 / the tensor's amax (compressed-tensors); 0.2 bounds the
+// weight's normal(0, 0.02) values.
+const RowCodec kRowCodecs[] = {
+    {"NVFP4",
+     pq::formats::GroupCodec(
+         {pq::formats::ElementType::E2M1, 0},
+         {.kind = pq::formats::ScaleKind::kE4M3OverGlobal, .global_scale = 448.0f * 6.0f / 0.2f}),
+     16},
+    {"MXFP4",
+     pq::formats::GroupCodec({pq::formats::ElementType::E2M1, 0},
+                             {.kind = pq::formats::ScaleKind::kE8M0}),
+     32},
+    {"MXFP8",
+     pq::formats::GroupCodec({pq::formats::ElementType::E4M3, 0},
+                             {.kind = pq::formats::ScaleKind::kE8M0}),
+     32},
+};
+
+void BM_QuantizeRows(benchmark::State& state, const RowCodec* c) {
+  const auto& w = f32_weight();
+  std::vector<pq::formats::GroupScale> scales(w.size() / c->group_size);
+  std::vector<std::uint8_t> codes(w.size());
+  for (auto _ : state) {
+    pq::formats::quantize_rows(c->codec, {.weights = w,
+                                          .cols = kShape.in,
+                                          .group_size = c->group_size,
+                                          .scales = scales,
+                                          .codes = codes});
+    benchmark::DoNotOptimize(codes.data());
+  }
+  state.SetItemsProcessed(state.iterations() * kShape.numel());
+}
+
+void BM_DequantizeRows(benchmark::State& state, const RowCodec* c) {
+  const auto& w = f32_weight();
+  std::vector<pq::formats::GroupScale> scales(w.size() / c->group_size);
+  std::vector<std::uint8_t> codes(w.size());
+  pq::formats::quantize_rows(c->codec, {.weights = w,
+                                        .cols = kShape.in,
+                                        .group_size = c->group_size,
+                                        .scales = scales,
+                                        .codes = codes});
+  std::vector<float> out(w.size());
+  for (auto _ : state) {
+    pq::formats::dequantize_rows(c->codec, codes, scales, kShape.in, c->group_size, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations() * kShape.numel());
+}
+
 const bool kRegistered = [] {
+  for (const RowCodec& c : kRowCodecs) {
+    benchmark::RegisterBenchmark((std::string("BM_QuantizeRows/") + c.name).c_str(),
+                                 BM_QuantizeRows, &c)
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark((std::string("BM_DequantizeRows/") + c.name).c_str(),
+                                 BM_DequantizeRows, &c)
+        ->Unit(benchmark::kMillisecond);
+  }
   for (const pq::formats::WeightFormat* f : pq::formats::all_formats()) {
     const std::string name(f->name());
     benchmark::RegisterBenchmark(("BM_FakeQuantize/" + name).c_str(), BM_FakeQuantize, f)

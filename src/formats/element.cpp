@@ -25,8 +25,12 @@ constexpr std::array<ElementInfo, 7> kElements = {{
     {"BF16", 16, 8, 7, 127, true, 3.38953139e38f, 0x7F7F, 0x7FFF},
 }};
 
+// Callers ask these in this order: AVX-512 when the CPU has it, else AVX2, else scalar.
 bool use_avx512() {
   return cpu_features().has_avx512_core();
+}
+bool use_avx2() {
+  return cpu_features().has_avx2_fma();
 }
 
 void check_sizes(std::size_t values, std::size_t codes, const char* what) {
@@ -44,9 +48,9 @@ int floor_log2(float x) {
 }
 
 std::uint32_t encode_element(ElementType type, float value) {
-  // Integer arithmetic on the f32 bits, the same steps as the AVX-512 encoder
-  // (formats_avx512.cpp); tests check it against an independent ldexp/nearbyint reference and
-  // against CUDA's converters.
+  // Integer arithmetic on the f32 bits, the same steps as the SIMD encoders
+  // (formats_avx512.cpp, formats_avx2.cpp); tests check it against an independent ldexp/nearbyint
+  // reference and against CUDA's converters.
   const ElementInfo& f = element_info(type);
   const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
   const std::uint32_t magnitude = bits & 0x7FFFFFFFu;
@@ -102,6 +106,7 @@ void encode_elements(ElementType type, std::span<const float> values,
   PQ_CHECK(element_info(type).bits <= 8, "encode_elements: {} needs 16-bit codes",
            element_info(type).name);
   if (use_avx512()) return simd::encode_elements_avx512(type, values, codes);
+  if (use_avx2()) return simd::encode_elements_avx2(type, values, codes);
   for (std::size_t i = 0; i < values.size(); ++i) {
     codes[i] = static_cast<std::uint8_t>(encode_element(type, values[i]));
   }
@@ -113,6 +118,7 @@ void decode_elements(ElementType type, std::span<const std::uint8_t> codes,
   PQ_CHECK(element_info(type).bits <= 8, "decode_elements: {} needs 16-bit codes",
            element_info(type).name);
   if (use_avx512()) return simd::decode_elements_avx512(type, codes, values);
+  if (use_avx2()) return simd::decode_elements_avx2(type, codes, values);
   for (std::size_t i = 0; i < values.size(); ++i) values[i] = decode_element(type, codes[i]);
 }
 
@@ -122,6 +128,7 @@ void encode_elements16(ElementType type, std::span<const float> values,
   PQ_CHECK(element_info(type).bits == 16, "encode_elements16: {} has 8-bit-or-narrower codes",
            element_info(type).name);
   if (use_avx512()) return simd::encode_elements16_avx512(type, values, codes);
+  if (use_avx2()) return simd::encode_elements16_avx2(type, values, codes);
   for (std::size_t i = 0; i < values.size(); ++i) {
     codes[i] = static_cast<std::uint16_t>(encode_element(type, values[i]));
   }
@@ -133,6 +140,7 @@ void decode_elements16(ElementType type, std::span<const std::uint16_t> codes,
   PQ_CHECK(element_info(type).bits == 16, "decode_elements16: {} has 8-bit-or-narrower codes",
            element_info(type).name);
   if (use_avx512()) return simd::decode_elements16_avx512(type, codes, values);
+  if (use_avx2()) return simd::decode_elements16_avx2(type, codes, values);
   for (std::size_t i = 0; i < values.size(); ++i) values[i] = decode_element(type, codes[i]);
 }
 

@@ -49,8 +49,8 @@ std::uint32_t encode_element(ElementType type, float value);
 float decode_element(ElementType type, std::uint32_t code);
 
 // Bulk conversions of 8-bit-or-narrower elements (one code per byte) and of 16-bit ones. These
-// take the AVX-512 path when the CPU has it (pq::cpu_features()) and give the scalar reference's
-// bits exactly.
+// take the AVX-512 path when the CPU has it (pq::cpu_features()), else the AVX2 one, and give the
+// scalar reference's bits exactly.
 void encode_elements(ElementType type, std::span<const float> values,
                      std::span<std::uint8_t> codes);
 void decode_elements(ElementType type, std::span<const std::uint8_t> codes,

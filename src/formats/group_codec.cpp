@@ -11,8 +11,26 @@
 namespace pq::formats {
 namespace {
 
+// Callers ask these in this order: AVX-512 when the CPU has it, else AVX2, else scalar.
 bool use_avx512() {
   return cpu_features().has_avx512_core();
+}
+bool use_avx2() {
+  return cpu_features().has_avx2_fma();
+}
+
+// The row kernels of the ISA chosen as above; null selects the scalar loops.
+using QuantizeRow = decltype(&simd::quantize_row_avx512);
+using DequantizeRow = decltype(&simd::dequantize_row_avx512);
+QuantizeRow simd_quantize_row() {
+  if (use_avx512()) return simd::quantize_row_avx512;
+  if (use_avx2()) return simd::quantize_row_avx2;
+  return nullptr;
+}
+DequantizeRow simd_dequantize_row() {
+  if (use_avx512()) return simd::dequantize_row_avx512;
+  if (use_avx2()) return simd::dequantize_row_avx2;
+  return nullptr;
 }
 
 std::uint32_t store_float_scale(io::DType dtype, float scale) {
@@ -166,6 +184,7 @@ void GroupCodec::dequantize_group(std::span<const std::uint8_t> codes, const Gro
 
 std::uint32_t max_abs_bits(std::span<const float> x) {
   if (use_avx512()) return simd::max_abs_bits_avx512(x);
+  if (use_avx2()) return simd::max_abs_bits_avx2(x);
   std::uint32_t m = 0;
   for (float v : x) m = std::max(m, std::bit_cast<std::uint32_t>(v) & 0x7FFFFFFFu);
   return m;
@@ -186,7 +205,7 @@ void quantize_rows(const GroupCodec& codec, const RowsJob& job) {
            "quantize_rows: {} codes for {} values", job.codes.size(), job.weights.size());
   PQ_CHECK(job.dequantized.empty() || job.dequantized.size() == job.weights.size(),
            "quantize_rows: {} outputs for {} values", job.dequantized.size(), job.weights.size());
-  const bool simd = use_avx512();
+  const QuantizeRow simd_row = simd_quantize_row();
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* x = job.weights.data() + r * cols;
     GroupScale* scales = job.scales.data() + r * groups;
@@ -196,8 +215,8 @@ void quantize_rows(const GroupCodec& codec, const RowsJob& job) {
       const std::uint32_t row_max = max_abs_bits({x, static_cast<std::size_t>(cols)});
       PQ_CHECK(row_max < 0x7F800000u, "cannot quantize row {}: it holds Inf or NaN", r);
     }
-    if (simd) {
-      simd::quantize_row_avx512(codec, x, cols, g, job.scales_given, scales, codes, deq);
+    if (simd_row) {
+      simd_row(codec, x, cols, g, job.scales_given, scales, codes, deq);
       continue;
     }
     for (std::int64_t gi = 0; gi < groups; ++gi) {
@@ -224,13 +243,13 @@ void dequantize_rows(const GroupCodec& codec, std::span<const std::uint8_t> code
            codes.size(), scales.size(), out.size(), cols, group_size);
   const std::int64_t rows = static_cast<std::int64_t>(codes.size()) / cols;
   const std::int64_t groups = cols / group_size;
-  const bool simd = use_avx512();
+  const DequantizeRow simd_row = simd_dequantize_row();
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint8_t* row_codes = codes.data() + r * cols;
     const GroupScale* row_scales = scales.data() + r * groups;
     float* row_out = out.data() + r * cols;
-    if (simd) {
-      simd::dequantize_row_avx512(codec, row_codes, row_scales, cols, group_size, row_out);
+    if (simd_row) {
+      simd_row(codec, row_codes, row_scales, cols, group_size, row_out);
       continue;
     }
     for (std::int64_t i = 0; i < cols; ++i) {

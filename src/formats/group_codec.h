@@ -51,8 +51,8 @@ struct ScaleSpec {
 };
 
 // The per-group numeric core shared by the weight formats, the cost stage, GPTQ and scale
-// sweeps. Codes are one per byte here; formats pack them. Every path (scalar, AVX-512, row or
-// element at a time) gives the same bits.
+// sweeps. Codes are one per byte here; formats pack them. Every path (scalar, AVX-512, AVX2, row
+// or element at a time) gives the same bits.
 //
 // Rounding of elements: code = round(x / step) in the element type (RNE, saturating), the
 // division done in f32; dequantized = value(code) * step in f32.
@@ -101,7 +101,7 @@ class GroupCodec {
 // Row-major [rows, cols] weights quantized in groups of `group_size` consecutive columns
 // (cols % group_size == 0). With scales_given false each group's scale is scale_for_amax(its
 // amax) and is written to `scales`; with true, `scales` is read. `codes` and `dequantized` may
-// be empty when not wanted. Takes the AVX-512 path when available.
+// be empty when not wanted. Takes the AVX-512 path when available, else the AVX2 one.
 struct RowsJob {
   std::span<const float> weights = {};
   std::int64_t cols = 0;

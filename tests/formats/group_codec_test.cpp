@@ -5,55 +5,24 @@
 #include <bit>
 #include <cmath>
 #include <cstdlib>
-#include <string_view>
 #include <limits>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "common/cpu_features.h"
 #include "common/error.h"
+#include "formats/codecs.h"
 
 namespace pq::formats {
 namespace {
 
-GroupCodec nvfp4(float global) {
-  return GroupCodec({ElementType::E2M1, 0},
-                    {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global});
-}
-GroupCodec mx(ElementType e, MxScaleRule rule = MxScaleRule::kOcpFloor) {
-  return GroupCodec({e, 0}, {.kind = ScaleKind::kE8M0, .mx_rule = rule});
-}
-GroupCodec int_codec(int bits, io::DType scale_dtype = io::DType::BF16) {
-  return GroupCodec({ElementType::E2M1, bits},
-                    {.kind = ScaleKind::kFloat, .float_dtype = scale_dtype});
-}
-GroupCodec fp8_f32() {
-  return GroupCodec({ElementType::E4M3, 0},
-                    {.kind = ScaleKind::kFloat, .float_dtype = io::DType::F32});
-}
-
-std::vector<GroupCodec> all_codecs() {
-  return {nvfp4(448.0f * 6.0f / 3.0f),
-          nvfp4(1.0f),
-          mx(ElementType::E2M1),
-          mx(ElementType::E2M1, MxScaleRule::kRoundToPower2),
-          mx(ElementType::E2M3),
-          mx(ElementType::E3M2),
-          mx(ElementType::E4M3),
-          mx(ElementType::E4M3, MxScaleRule::kRoundToPower2),
-          fp8_f32(),
-          int_codec(4),
-          int_codec(8),
-          int_codec(4, io::DType::F16),
-          int_codec(8, io::DType::F32)};
-}
-
-std::string describe(const GroupCodec& c) {
-  return std::string(c.codes().int_bits ? "int" + std::to_string(c.codes().int_bits)
-                                        : std::string(element_info(c.codes().element).name)) +
-         " scale kind " + std::to_string(static_cast<int>(c.scale_spec().kind)) + " rule " +
-         std::to_string(static_cast<int>(c.scale_spec().mx_rule));
-}
+using test::all_codecs;
+using test::describe;
+using test::fp8_f32;
+using test::int_codec;
+using test::mx;
+using test::nvfp4;
 
 // The ".scalar" variants of these tests run with PQ_FORCE_SCALAR=1; make sure that reaches the
 // dispatcher, or they would silently test the SIMD paths twice.
@@ -193,7 +162,7 @@ TEST(GroupCodec, RowKernelsMatchTheScalarDefinition) {
                         .scales = scales,
                         .codes = codes,
                         .dequantized = deq});
-      // Without codes the AVX-512 path rounds on the value grid directly; same bits.
+      // Without codes the SIMD paths round on the value grid directly; same bits.
       std::vector<GroupScale> scales_only(scales.size());
       std::vector<float> deq_only(w.size());
       quantize_rows(c, {.weights = w,
