@@ -222,6 +222,11 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
   }
 
   std::vector<double> errors(static_cast<std::size_t>(batch) * m);
+  // One column at a time: its values in f32, each row's step in the column's group, its codes
+  // and their values.
+  std::vector<float> x(m), steps(m), dequantized(m);
+  std::vector<std::uint8_t> column_codes(m);
+  std::int64_t steps_group = -1;
   for (std::int64_t i1 = 0; i1 < in; i1 += batch) {
     const std::int64_t i2 = std::min(in, i1 + batch);
     for (std::int64_t p = i1; p < i2; ++p) {
@@ -232,16 +237,20 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
         block.groups_rescaled += choose_group_scales(
             codec, units, rows, group_size, g, column,
             stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+        steps_group = -1;
       }
+      if (g != steps_group) {
+        for (std::size_t r = 0; r < m; ++r) steps[r] = scales[r * units.groups + g].step;
+        steps_group = g;
+      }
+      for (std::size_t r = 0; r < m; ++r) x[r] = static_cast<float>(column[r]);
+      formats::quantize_with_steps(codec, x, steps, column_codes, dequantized);
       const double d = u[p * n + p];
       const double added = factor.added_diagonal[p];
       double* error = errors.data() + (p - i1) * m;
       for (std::size_t r = 0; r < m; ++r) {
-        const float x = static_cast<float>(column[r]);
-        const GroupScale& scale = scales[r * units.groups + g];
-        const std::uint8_t code = codec.quantize(x, scale);
-        const double q = codec.dequantize(code, scale);
-        codes[r * n + j] = code;
+        const double q = dequantized[r];
+        codes[r * n + j] = column_codes[r];
         error[r] = (column[r] - q) / d;
         block.damped_error += error[r] * error[r];
         const double dw = q - double{w0[r * n + j]};

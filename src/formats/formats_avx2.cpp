@@ -570,6 +570,23 @@ void quantize_row_avx2(const GroupCodec& codec, const float* x, std::int64_t col
   }
 }
 
+void quantize_with_steps_avx2(const GroupCodec& codec, const float* x, const float* steps,
+                              std::int64_t n, std::uint8_t* codes, float* dequantized) {
+  const CodeKernel kernel(codec);
+  for (std::int64_t i = 0; i < n; i += 8) {
+    const auto remaining = static_cast<std::size_t>(n - i);
+    const __m256 step = load_floats(steps + i, remaining);
+    // Lanes with step 0 (and the tail's, loaded as 0) take the zero code, as the scalar path;
+    // what their division gave is discarded.
+    const __m256i zero_step =
+        _mm256_castps_si256(_mm256_cmp_ps(step, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    const __m256i code = _mm256_blendv_epi8(kernel.quantize(load_floats(x + i, remaining), step),
+                                            kernel.zero_code(), zero_step);
+    store_codes(codes + i, code, remaining);
+    store_floats(dequantized + i, kernel.dequantize(code, step), remaining);
+  }
+}
+
 void dequantize_row_avx2(const GroupCodec& codec, const std::uint8_t* codes,
                          const GroupScale* scales, std::int64_t cols, std::int64_t group_size,
                          float* out) {

@@ -233,6 +233,25 @@ void quantize_rows(const GroupCodec& codec, const RowsJob& job) {
   }
 }
 
+void quantize_with_steps(const GroupCodec& codec, std::span<const float> x,
+                         std::span<const float> steps, std::span<std::uint8_t> codes,
+                         std::span<float> dequantized) {
+  PQ_CHECK(steps.size() == x.size() && codes.size() == x.size() && dequantized.size() == x.size(),
+           "quantize_with_steps: {} values, {} steps, {} codes, {} outputs", x.size(), steps.size(),
+           codes.size(), dequantized.size());
+  // Every AVX-512 CPU has AVX2 and FMA: one vector path serves both.
+  if (use_avx2()) {
+    return simd::quantize_with_steps_avx2(codec, x.data(), steps.data(),
+                                          static_cast<std::int64_t>(x.size()), codes.data(),
+                                          dequantized.data());
+  }
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const GroupScale scale{0, steps[i]};
+    codes[i] = codec.quantize(x[i], scale);
+    dequantized[i] = codec.dequantize(codes[i], scale);
+  }
+}
+
 void dequantize_rows(const GroupCodec& codec, std::span<const std::uint8_t> codes,
                      std::span<const GroupScale> scales, std::int64_t cols, std::int64_t group_size,
                      std::span<float> out) {

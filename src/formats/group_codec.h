@@ -113,6 +113,13 @@ struct RowsJob {
 };
 void quantize_rows(const GroupCodec& codec, const RowsJob& job);
 
+// Each x[i] against its own step (GroupScale::step; 0: the zero code): codes and dequantized
+// values, as GroupCodec::quantize and dequantize give them. GPTQ quantizes a column of a weight,
+// whose rows have different scales, this way.
+void quantize_with_steps(const GroupCodec& codec, std::span<const float> x,
+                         std::span<const float> steps, std::span<std::uint8_t> codes,
+                         std::span<float> dequantized);
+
 // Dequantizes row-major codes with their per-group scales.
 void dequantize_rows(const GroupCodec& codec, std::span<const std::uint8_t> codes,
                      std::span<const GroupScale> scales, std::int64_t cols, std::int64_t group_size,

@@ -50,5 +50,8 @@ void quantize_row_avx2(const GroupCodec& codec, const float* x, std::int64_t col
 void dequantize_row_avx2(const GroupCodec& codec, const std::uint8_t* codes,
                          const GroupScale* scales, std::int64_t cols, std::int64_t group_size,
                          float* out);
+// quantize_with_steps: n values, each against its own step. AVX-512 CPUs take this one too.
+void quantize_with_steps_avx2(const GroupCodec& codec, const float* x, const float* steps,
+                              std::int64_t n, std::uint8_t* codes, float* dequantized);
 
 }  // namespace pq::formats::simd

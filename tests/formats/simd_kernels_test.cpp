@@ -365,6 +365,38 @@ TEST_P(FormatsSimdKernels, QuantizeRowWithGivenScalesMatchesTheScalarCodecOnEver
   }
 }
 
+// GPTQ's column quantization: every value against its own step (zero steps included), every
+// pattern, every tail length. One AVX2 kernel serves AVX-512 CPUs too.
+TEST(QuantizeWithSteps, Avx2MatchesTheScalarCodecOnEveryPattern) {
+  if (!cpu_features().has_avx2_fma()) GTEST_SKIP() << "this CPU does not run the avx2 kernels";
+  for (const GroupCodec& c : codecs_under_test()) {
+    const auto values =
+        adversarial_values(c.codes().int_bits > 0 ? ElementType::E4M3 : c.codes().element);
+    std::vector<float> steps(values.size());
+    for (std::size_t i = 0; i < steps.size(); ++i) {
+      steps[i] = i % 7 == 0
+                     ? 0.0f
+                     : c.scale_for_amax(std::ldexp(1.0f, static_cast<int>(i % 41) - 20)).step;
+    }
+    for (std::size_t tail = 0; tail < 8; ++tail) {
+      const std::size_t n = values.size() - tail;
+      std::vector<std::uint8_t> codes(n + 1, 0xAB);
+      std::vector<float> deq(n + 1, -1.0f);
+      simd::quantize_with_steps_avx2(c, values.data(), steps.data(), static_cast<std::int64_t>(n),
+                                     codes.data(), deq.data());
+      const std::string where = describe(c) + ", " + std::to_string(n) + " values";
+      for (std::size_t i = 0; i < n; ++i) {
+        const GroupScale scale{0, steps[i]};
+        const std::uint8_t code = c.quantize(values[i], scale);
+        ASSERT_EQ(codes[i], code) << where << ", value bits " << std::hex << bits_of(values[i]);
+        ASSERT_EQ(bits_of(deq[i]), bits_of(c.dequantize(code, scale))) << where;
+      }
+      EXPECT_EQ(codes[n], 0xAB) << where << ": wrote past the end";
+      EXPECT_EQ(deq[n], -1.0f) << where << ": wrote past the end";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Isas, FormatsSimdKernels,
     ::testing::Values(FormatsKernels{"avx512", [] { return cpu_features().has_avx512_core(); },
