@@ -22,15 +22,12 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const exporter::LinearEncoder& encoder,
                                              const std::map<std::string, std::string>& format_of,
                                              const runtime::ReferenceLogits& reference) {
-  // With a render cache each layer is decoded from it whenever a pass reaches the layer, so
-  // memory holds about one layer; without one the layers stay resident, or every pass would
-  // render them again.
+  // Layers stream (memory about one layer): evaluate's single pass renders, or reads from the
+  // render cache, each Linear once.
   const exporter::EncodedLinears quantized(encoder, format_of);
   const runtime::CheckpointWeightSource weights(source);
   runtime::Model model(config, weights,
-                       {.weight_transform = &quantized,
-                        .activation_quantizer = &quantized,
-                        .keep_layers_resident = encoder.render_cache() == nullptr});
+                       {.weight_transform = &quantized, .activation_quantizer = &quantized});
   const runtime::EvalResult result = runtime::evaluate(model, reference);
   exporter::MeasuredQuality quality;
   quality.windows = result.windows;

@@ -17,7 +17,8 @@ KlEvaluator::KlEvaluator(model::ModelConfig config, const runtime::WeightSource&
     PQ_CHECK(window.size() == length, "scout: held-out windows differ in length ({} and {})",
              window.size(), length);
   }
-  runtime::Model reference(config_, source_, {.keep_layers_resident = true});
+  // Layers stream (memory about one layer): evaluate reads each of them once per measurement.
+  runtime::Model reference(config_, source_);
   reference_ = std::make_unique<runtime::ReferenceLogits>(reference, source_, std::move(windows),
                                                           windows_per_pass);
 }
@@ -29,9 +30,7 @@ std::uint64_t KlEvaluator::reference_bytes() const {
 KlMeasurement KlEvaluator::measure(const runtime::WeightTransform* weights,
                                    const runtime::ActivationQuantizer* activations) const {
   runtime::Model model(config_, source_,
-                       {.weight_transform = weights,
-                        .activation_quantizer = activations,
-                        .keep_layers_resident = true});
+                       {.weight_transform = weights, .activation_quantizer = activations});
   const runtime::EvalResult result = runtime::evaluate(model, *reference_);
   KlMeasurement m;
   m.predictions = result.predictions;
