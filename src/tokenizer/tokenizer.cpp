@@ -21,6 +21,22 @@ namespace {
 
 using Json = nlohmann::json;
 
+// Token ids index tables sized by the largest one, so each is read as an exact integer and bounded
+// before anything is allocated: 2^24 is 64 times the largest vocabulary in use (Gemma's 262,144).
+constexpr std::int64_t kMaxTokenId = (std::int64_t{1} << 24) - 1;
+
+// A token id from tokenizer.json: a JSON integer in [0, kMaxTokenId]. Floats (256.5, 1e308) and
+// out-of-range values are errors naming the file and what the id belongs to, never narrowed.
+std::int32_t read_token_id(const Json& value, const std::string& path, std::string_view what) {
+  PQ_CHECK(value.is_number_integer(), "{}: {} has id {}, which is not an integer", path, what,
+           value.dump());
+  const bool in_range = value.is_number_unsigned() ? value.get<std::uint64_t>() <= kMaxTokenId
+                                                   : value.get<std::int64_t>() >= 0 &&
+                                                         value.get<std::int64_t>() <= kMaxTokenId;
+  PQ_CHECK(in_range, "{}: {} has id {}, outside [0, {}]", path, what, value.dump(), kMaxTokenId);
+  return static_cast<std::int32_t>(value.get<std::int64_t>());
+}
+
 // Rust's char::is_whitespace (the Unicode White_Space property), which added tokens' lstrip and
 // rstrip use.
 bool is_unicode_whitespace(char32_t c) {
@@ -679,7 +695,8 @@ struct Tokenizer::Impl {
         PQ_CHECK(node.at("special_tokens").contains(name),
                  "{}: TemplateProcessing special token '{}' is not defined", path, name);
         for (const Json& id : node.at("special_tokens").at(name).at("ids")) {
-          (seen_sequence ? suffix_ids : prefix_ids).push_back(id.get<std::int32_t>());
+          (seen_sequence ? suffix_ids : prefix_ids)
+              .push_back(read_token_id(id, path, fmt::format("special token '{}'", name)));
         }
       }
     } else {
@@ -700,7 +717,7 @@ struct Tokenizer::Impl {
     Vocab vocab;
     vocab.reserve(node.at("vocab").size());
     for (const auto& [token, id] : node.at("vocab").items()) {
-      vocab.emplace(token, id.get<std::int32_t>());
+      vocab.emplace(token, read_token_id(id, path, fmt::format("token '{}'", token)));
     }
     // Merges are "left right" strings (older files) or [left, right] pairs.
     std::vector<std::pair<std::string, std::string>> merges;
@@ -742,7 +759,6 @@ struct Tokenizer::Impl {
     has_token.assign(size, false);
     is_special.assign(size, false);
     for (const auto& [token, id] : model->vocab()) {
-      PQ_CHECK(id >= 0, "{}: negative id {} for token '{}'", path, id, token);
       tokens[id] = token;
       has_token[id] = true;
     }
@@ -773,11 +789,15 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
     parse_decoder(root.value("decoder", Json()), path, impl->decoders);
     impl->parse_model(root.at("model"));
     for (const Json& entry : root.value("added_tokens", Json::array())) {
-      AddedToken token{entry.at("content").get<std::string>(), entry.at("id").get<std::int32_t>(),
-                       entry.value("special", false),          entry.value("lstrip", false),
-                       entry.value("rstrip", false),           entry.value("normalized", false)};
-      PQ_CHECK(!token.content.empty() && token.id >= 0, "{}: invalid added token {}", path,
-               entry.dump());
+      const auto content = entry.at("content").get<std::string>();
+      AddedToken token{
+          content,
+          read_token_id(entry.at("id"), path, fmt::format("added token '{}'", content)),
+          entry.value("special", false),
+          entry.value("lstrip", false),
+          entry.value("rstrip", false),
+          entry.value("normalized", false)};
+      PQ_CHECK(!token.content.empty(), "{}: invalid added token {}", path, entry.dump());
       PQ_CHECK(!entry.value("single_word", false),
                "{}: added token '{}' uses single_word, which is not supported", path,
                token.content);

@@ -349,6 +349,44 @@ TEST(Errors, UnsupportedOrBrokenFilesNameTheFileAndComponent) {
   EXPECT_THROW(Tokenizer::load(dir / "missing.json"), Error);
 }
 
+// Ids size the token table: each must be an exact integer in [0, 2^24), checked before any table
+// is allocated (negative, >= 2^31, 1e308 and 256.5 ids once corrupted the heap or were narrowed).
+TEST(Errors, TokenIdsMustBeIntegersInRange) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  const auto expect_error = [&](const std::string& content, const std::string& fragment) {
+    write_text_file_atomic(path, content);
+    try {
+      Tokenizer::load(path);
+      ADD_FAILURE() << "no error for " << content;
+    } catch (const Error& error) {
+      EXPECT_THAT(error.what(), HasSubstr(path.string()));
+      EXPECT_THAT(error.what(), HasSubstr(fragment));
+    }
+  };
+  const auto with_b_id = [](const std::string& id) {
+    return R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )" + id + R"(}, "merges": []}})";
+  };
+  for (const std::string id : {"-1", "2147483648", "4294967296", "16777216", "-9223372036854775808",
+                               "18446744073709551615"}) {
+    expect_error(with_b_id(id), "token 'b' has id " + id + ", outside [0, 16777215]");
+  }
+  for (const std::string id : {"1e308", "256.5", "1.0", "\"1\"", "null"}) {
+    expect_error(with_b_id(id), "token 'b' has id");
+  }
+  const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []})";
+  expect_error(R"({"added_tokens": [{"content": "<s>", "id": 2147483648}], )" + model + "}",
+               "added token '<s>' has id 2147483648");
+  expect_error(R"({"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken":
+                 {"id": "<s>"}}, {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"ids":
+                 [-7]}}}, )" +
+                   model + "}",
+               "special token '<s>' has id -7");
+  // The largest id allowed still loads.
+  write_text_file_atomic(path, with_b_id("16777215"));
+  EXPECT_EQ(Tokenizer::load(path).token_to_id("b"), 16777215);
+}
+
 TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {
   test::TempDir dir;
   const auto path = dir / "tokenizer.json";
