@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 
 namespace pq::alloc {
 
@@ -220,9 +221,7 @@ AssignmentFile assignment_from_json(const json& j, const std::string& label) {
 AssignmentFile read_assignment(const std::filesystem::path& path) {
   const std::filesystem::path file =
       std::filesystem::is_directory(path) ? path / "assignment.json" : path;
-  json j = json::parse(read_text_file(file), nullptr, /*allow_exceptions=*/false);
-  PQ_CHECK(!j.is_discarded(), "{}: not valid JSON", file.string());
-  return assignment_from_json(j, file.string());
+  return assignment_from_json(read_json_file(file), file.string());
 }
 
 void write_assignment(const std::filesystem::path& path, const AssignmentFile& file) {

@@ -10,6 +10,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "formats/weight_format.h"
 
 namespace pq::alloc {
@@ -216,10 +217,7 @@ json cost_table_to_json(const CostTable& table) {
 CostTable read_cost_table(const std::filesystem::path& path) {
   const std::filesystem::path file =
       std::filesystem::is_directory(path) ? path / "cost.json" : path;
-  const std::string text = read_text_file(file);
-  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  PQ_CHECK(!j.is_discarded(), "{}: not valid JSON", file.string());
-  return cost_table_from_json(j, file.string());
+  return cost_table_from_json(read_json_file(file), file.string());
 }
 
 void write_cost_table(const std::filesystem::path& path, const CostTable& table) {

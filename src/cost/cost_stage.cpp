@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "common/progress.h"
 #include "io/safetensors.h"
 #include "model/config.h"
@@ -52,10 +53,7 @@ float amax(std::span<const float> values) {
 std::optional<std::string> stored_fingerprint(const std::filesystem::path& path) {
   if (!std::filesystem::exists(path)) return std::nullopt;
   try {
-    return nlohmann::json::parse(read_text_file(path))
-        .at("meta")
-        .at("fingerprint")
-        .get<std::string>();
+    return read_json_file(path).at("meta").at("fingerprint").get<std::string>();
   } catch (const std::exception&) {
     return std::nullopt;  // unreadable or written without meta: recompute
   }

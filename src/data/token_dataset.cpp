@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "data/splitmix64.h"
 #include "tokenizer/unicode.h"
 
@@ -70,12 +71,7 @@ std::vector<std::string> read_jsonl(std::string_view content, const std::filesys
     const std::string_view line = content.substr(begin, end - begin);
     begin = end + 1;
     if (is_blank(line)) continue;
-    Json record;
-    try {
-      record = Json::parse(line);
-    } catch (const Json::parse_error& error) {
-      fail("{}:{}: invalid JSON: {}", path.string(), line_number, error.what());
-    }
+    const Json record = parse_json(line, fmt::format("{}:{}", path.string(), line_number));
     PQ_CHECK(record.is_object(), "{}:{}: expected a JSON object", path.string(), line_number);
     if (record.contains("text")) {
       PQ_CHECK(record.at("text").is_string(), "{}:{}: \"text\" is not a string", path.string(),

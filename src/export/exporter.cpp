@@ -15,6 +15,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/config.h"
@@ -436,7 +437,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
     }
   }
 
-  nlohmann::json config = nlohmann::json::parse(read_text_file(job.model_dir / "config.json"));
+  nlohmann::json config = read_json_file(job.model_dir / "config.json");
   config["quantization_config"] = quantization_config(spec, plan.format_name_of);
   write_text_file_atomic(staging.path() / "config.json", config.dump(2) + "\n");
   copy_side_files(job.model_dir, staging.path());

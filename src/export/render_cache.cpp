@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "probe/fingerprint.h"
@@ -65,17 +66,17 @@ std::optional<RenderCache::Entry> RenderCache::load(std::string_view linear,
     }
     Entry entry;
     entry.encoded.format = field("encoded_format");
-    const nlohmann::json shape = nlohmann::json::parse(field("shape"));
+    const nlohmann::json shape = parse_json(field("shape"), "render cache shape");
     entry.encoded.shape = {shape.at(0).get<std::int64_t>(), shape.at(1).get<std::int64_t>()};
     // The format's tensor order, which the writer (ordered by element size) does not keep.
-    for (const auto& suffix : nlohmann::json::parse(field("tensors"))) {
+    for (const auto& suffix : parse_json(field("tensors"), "render cache tensor list")) {
       const io::TensorView view = file.view(suffix.get<std::string>());
       formats::EncodedTensor tensor;
       tensor.spec = {view.info->name, view.info->dtype, view.info->shape};
       tensor.bytes.assign(view.bytes.begin(), view.bytes.end());
       entry.encoded.tensors.push_back(std::move(tensor));
     }
-    entry.report = nlohmann::json::parse(field("report"));
+    entry.report = parse_json(field("report"), "render cache report");
     ++hits_;
     return entry;
   } catch (const Error&) {

@@ -1,5 +1,7 @@
 #include "io/safetensors.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -7,6 +9,7 @@
 #include <set>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 
 namespace pq::io {
 
@@ -22,48 +25,12 @@ namespace {
 
 // Deepest nesting either file kind can legitimately have (a header is object -> entry -> shape
 // array; an index is object -> weight_map); anything deeper is rejected before it can cost memory.
-constexpr int kMaxJsonDepth = 16;
+constexpr int kMaxHeaderDepth = 16;
 
 // Error messages are one line, so names that reach them must not carry line breaks.
 bool has_control_character(std::string_view text) {
   return std::any_of(text.begin(), text.end(),
                      [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
-}
-
-// `text` as a quoted JSON string, control characters escaped.
-std::string escaped(std::string_view text) {
-  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
-// nlohmann keeps the last of duplicate keys silently; a checkpoint with two entries of one name
-// is ambiguous, so the parse callback rejects them at any depth.
-json parse_json_rejecting_duplicates(std::string_view text, std::string_view label,
-                                     std::string_view what) {
-  std::vector<std::set<std::string>> keys_by_depth;
-  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    PQ_CHECK(depth <= kMaxJsonDepth, "{}: {} nests deeper than {} levels", label, what,
-             kMaxJsonDepth);
-    const auto d = static_cast<std::size_t>(depth);
-    if (event == json::parse_event_t::object_start) {
-      if (keys_by_depth.size() <= d + 1) keys_by_depth.resize(d + 2);
-      keys_by_depth[d + 1].clear();
-    } else if (event == json::parse_event_t::key) {
-      if (keys_by_depth.size() <= d) keys_by_depth.resize(d + 1);
-      const auto& key = parsed.get_ref<const std::string&>();
-      PQ_CHECK(keys_by_depth[d].insert(key).second, "{}: {} has duplicate key {}", label, what,
-               escaped(key));
-    }
-    return true;
-  };
-  try {
-    return json::parse(text.begin(), text.end(), callback);
-  } catch (const json::parse_error& e) {
-    // e.byte is 1-based; the parser's own message may quote raw input bytes, so it stays out.
-    fail("{}: {} is not valid JSON (syntax error at byte {})", label, what, e.byte);
-  } catch (const json::out_of_range&) {
-    // Thrown for numbers beyond double range such as 1e400 (found by fuzz_safetensors_header).
-    fail("{}: {} is not valid JSON (a number is out of range)", label, what);
-  }
 }
 
 // Element and byte counts stay below 2^63 so TensorInfo::numel() (signed) cannot overflow.
@@ -78,14 +45,14 @@ TensorInfo parse_entry(const std::string& name, const json& entry, std::string_v
   PQ_CHECK(entry.is_object(), "{}: tensor \"{}\": entry is not an object", label, name);
   for (const auto& [key, value] : entry.items()) {
     PQ_CHECK(key == "dtype" || key == "shape" || key == "data_offsets",
-             "{}: tensor \"{}\": unknown field {}", label, name, escaped(key));
+             "{}: tensor \"{}\": unknown field {}", label, name, quoted_json_string(key));
   }
   PQ_CHECK(entry.contains("dtype") && entry["dtype"].is_string(),
            "{}: tensor \"{}\": missing or non-string dtype", label, name);
   const auto dtype_text = entry["dtype"].get<std::string>();
   const auto dtype = parse_dtype(dtype_text);
   PQ_CHECK(dtype.has_value(), "{}: tensor \"{}\": unsupported dtype {}", label, name,
-           escaped(dtype_text));
+           quoted_json_string(dtype_text));
   PQ_CHECK(entry.contains("shape") && entry["shape"].is_array(),
            "{}: tensor \"{}\": missing or non-array shape", label, name);
   PQ_CHECK(entry.contains("data_offsets") && entry["data_offsets"].is_array() &&
@@ -134,7 +101,7 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
            "{}: header length {} runs past the end of the {} byte file (truncated?)", label,
            header_len, file.size());
   const std::string_view text(reinterpret_cast<const char*>(file.data()) + 8, header_len);
-  const json root = parse_json_rejecting_duplicates(text, label, "header");
+  const json root = parse_json(text, fmt::format("{}: header", label), kMaxHeaderDepth);
   PQ_CHECK(root.is_object(), "{}: header is not a JSON object", label);
 
   SafetensorsHeader header;
@@ -145,14 +112,14 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::uint8_t> file,
       PQ_CHECK(entry.is_object(), "{}: __metadata__ is not an object", label);
       for (const auto& [key, value] : entry.items()) {
         PQ_CHECK(value.is_string(), "{}: __metadata__ value of {} is not a string", label,
-                 escaped(key));
+                 quoted_json_string(key));
         header.metadata[key] = value.get<std::string>();
       }
       continue;
     }
     PQ_CHECK(!name.empty(), "{}: a tensor has an empty name", label);
     PQ_CHECK(!has_control_character(name), "{}: tensor name {} contains a control character", label,
-             escaped(name));
+             quoted_json_string(name));
     header.tensors.push_back(parse_entry(name, entry, label));
   }
   std::sort(header.tensors.begin(), header.tensors.end(), [](const auto& a, const auto& b) {
@@ -220,7 +187,7 @@ bool is_plain_file_name(std::string_view name) {
 }  // namespace
 
 SafetensorsIndex parse_safetensors_index(std::string_view text, std::string_view label) {
-  const json root = parse_json_rejecting_duplicates(text, label, "index");
+  const json root = parse_json(text, fmt::format("{}: index", label), kMaxHeaderDepth);
   PQ_CHECK(root.is_object(), "{}: index is not a JSON object", label);
   const auto weight_map = root.find("weight_map");
   PQ_CHECK(weight_map != root.end() && weight_map->is_object(),
@@ -228,11 +195,12 @@ SafetensorsIndex parse_safetensors_index(std::string_view text, std::string_view
   SafetensorsIndex index;
   for (const auto& [tensor, file] : weight_map->items()) {
     PQ_CHECK(!has_control_character(tensor),
-             "{}: weight_map tensor name {} contains a control character", label, escaped(tensor));
+             "{}: weight_map tensor name {} contains a control character", label,
+             quoted_json_string(tensor));
     PQ_CHECK(file.is_string(), "{}: weight_map entry \"{}\" is not a file name", label, tensor);
     const auto& shard = file.get_ref<const std::string&>();
     PQ_CHECK(is_plain_file_name(shard), "{}: weight_map entry \"{}\" names an invalid shard {}",
-             label, tensor, escaped(shard));
+             label, tensor, quoted_json_string(shard));
     index.weight_map.emplace(tensor, shard);
   }
   PQ_CHECK(!index.weight_map.empty(), "{}: weight_map is empty", label);

@@ -4,6 +4,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 
 namespace pq::model {
 
@@ -133,10 +134,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
 
 ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
   const auto path = model_dir / "config.json";
-  const std::string text = read_text_file(path);
-  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  PQ_CHECK(!j.is_discarded(), "{}: not valid JSON", path.string());
-  return from_json(j, path.string());
+  return from_json(read_json_file(path), path.string());
 }
 
 }  // namespace pq::model

@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "common/progress.h"
 #include "data/token_dataset.h"
 #include "io/safetensors_writer.h"
@@ -88,7 +89,7 @@ std::vector<float> second_moment(const InputSums& input) {
 std::optional<std::string> stored_fingerprint(const std::filesystem::path& json_path) {
   if (!std::filesystem::exists(json_path)) return std::nullopt;
   try {
-    const auto j = nlohmann::json::parse(read_text_file(json_path));
+    const auto j = read_json_file(json_path);
     return j.at("fingerprint").get<std::string>();
   } catch (const std::exception&) {
     return std::nullopt;  // unreadable or foreign: recompute and overwrite
@@ -309,7 +310,7 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
 // Where a pass stands: every step before steps_done is finished and its files are written.
 std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint) {
   try {
-    const auto j = nlohmann::json::parse(read_text_file(pass_dir / kStateJson));
+    const auto j = read_json_file(pass_dir / kStateJson);
     if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
     return j.at("steps_done").get<std::size_t>();
   } catch (const std::exception&) {
@@ -499,7 +500,7 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
   result.dir_ = probe_dir;
   std::vector<std::string> files;
   try {
-    const auto j = nlohmann::json::parse(read_text_file(json_path));
+    const auto j = read_json_file(json_path);
     PQ_CHECK(j.at("schema").get<std::string>() == kProbeSchema, "schema is not {}", kProbeSchema);
     result.model_ = j.at("model").get<std::string>();
     result.fingerprint_ = j.at("fingerprint").get<std::string>();

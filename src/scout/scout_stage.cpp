@@ -18,6 +18,7 @@
 #include "alloc/knapsack.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "cost/cost_stage.h"
 #include "data/token_dataset.h"
 #include "export/linear_encoder.h"
@@ -174,7 +175,7 @@ Scout::Scout(const ScoutJob& job)
            "{}: not found; run `prismaquant probe` and `prismaquant cost` into {} first",
            cost_path.string(), job.work.string());
   table_ = alloc::read_cost_table(cost_path);
-  const json cost_doc = json::parse(read_text_file(cost_path));
+  const json cost_doc = read_json_file(cost_path);
   if (cost_doc.contains("meta") && cost_doc["meta"].contains("objective")) {
     objective_ = cost::objective_by_name(cost_doc["meta"]["objective"].get<std::string>());
   }

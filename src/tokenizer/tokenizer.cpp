@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/json_reader.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/unicode.h"
@@ -783,7 +784,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
   impl->path = tokenizer_json.string();
   const std::string& path = impl->path;
   try {
-    const Json root = Json::parse(read_text_file(tokenizer_json));
+    const Json root = read_json_file(tokenizer_json);
     parse_normalizer(root.value("normalizer", Json()), path, impl->normalizers);
     parse_pre_tokenizer(root.value("pre_tokenizer", Json()), path, impl->pre_tokenizers);
     parse_decoder(root.value("decoder", Json()), path, impl->decoders);
@@ -810,7 +811,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
 
     const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
     if (std::filesystem::exists(config_path)) {
-      const Json config = Json::parse(read_text_file(config_path));
+      const Json config = read_json_file(config_path);
       const auto resolve = [&](const char* key) -> std::optional<std::int32_t> {
         const auto name = special_token_name(config, key);
         if (!name) return std::nullopt;

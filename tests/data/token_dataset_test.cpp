@@ -114,7 +114,8 @@ TEST(ReadDocuments, JsonlErrorsNameFileAndLine) {
     expect_error([&] { read_documents(path, TextFormat::kAuto); }, fragments);
   };
   const std::string good = "{\"text\": \"ok\"}\n";
-  check(good + good + "{\"text\": \"unterminated}\n", {path.string() + ":3:", "invalid JSON"});
+  check(good + good + "{\"text\": \"unterminated}\n",
+        {path.string() + ":3 is not valid JSON (syntax error at byte"});
   check(good + "[1, 2]\n", {path.string() + ":2:", "object"});
   check(good + "{\"prompt\": \"x\"}\n", {path.string() + ":2:", "\"text\""});
   check("{\"text\": 5}\n", {path.string() + ":1:", "not a string"});

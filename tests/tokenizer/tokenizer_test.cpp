@@ -345,7 +345,8 @@ TEST(Errors, UnsupportedOrBrokenFilesNameTheFileAndComponent) {
   expect_error(R"({"normalizer": {"type": "Lowercase"}, "model": {"type": "BPE", )" + vocab +
                    R"(, "merges": []}})",
                "Lowercase");
-  expect_error(R"({"model": {"type": "BPE", )", "malformed");
+  expect_error(R"({"model": {"type": "BPE", )",
+               "tokenizer.json is not valid JSON (syntax error at byte 27)");
   EXPECT_THROW(Tokenizer::load(dir / "missing.json"), Error);
 }
 
