@@ -22,16 +22,52 @@ std::optional<T> optional_field(const json& j, const char* key, const std::strin
   }
 }
 
-template <typename T>
-T required_field(const json& j, const char* key, const std::string& label) {
-  auto value = optional_field<T>(j, key, label);
+// Bounds of the integer fields, generous beside the largest released models (hidden 16,384 and
+// 262,144 vocabulary entries, a few hundred layers, 512 experts), so that every shape product
+// fits in 64 bits and a hostile value is refused before anything is sized by it.
+constexpr std::int64_t kMaxDimension = std::int64_t{1} << 20;   // widths, head_dim
+constexpr std::int64_t kMaxCount = std::int64_t{1} << 14;       // layers, heads, experts
+constexpr std::int64_t kMaxVocabulary = std::int64_t{1} << 24;  // as tokenizer ids
+constexpr std::int64_t kMaxPositions = std::int64_t{1} << 30;
+
+// An integer field: a JSON integer (256.5 and 1e30 are refused, not truncated or wrapped) in
+// [lo, hi].
+std::int64_t checked_integer(const json& value, const char* key, const std::string& label,
+                             std::int64_t lo, std::int64_t hi) {
+  PQ_CHECK(value.is_number_integer(), "{}: field \"{}\" must be an integer, got {}", label, key,
+           value.dump());
+  bool in_range = false;
+  if (value.is_number_unsigned()) {
+    const auto u = value.get<std::uint64_t>();
+    in_range = u <= static_cast<std::uint64_t>(hi) && static_cast<std::int64_t>(u) >= lo;
+  } else {
+    const auto v = value.get<std::int64_t>();
+    in_range = v >= lo && v <= hi;
+  }
+  PQ_CHECK(in_range, "{}: field \"{}\" is {}, outside [{}, {}]", label, key, value.dump(), lo, hi);
+  return value.get<std::int64_t>();
+}
+
+std::optional<std::int64_t> optional_integer(const json& j, const char* key,
+                                             const std::string& label, std::int64_t lo,
+                                             std::int64_t hi) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  return checked_integer(j[key], key, label, lo, hi);
+}
+
+std::int64_t required_integer(const json& j, const char* key, const std::string& label,
+                              std::int64_t lo, std::int64_t hi) {
+  const auto value = optional_integer(j, key, label, lo, hi);
   PQ_CHECK(value.has_value(), "{}: missing required field \"{}\"", label, key);
   return *value;
 }
 
-std::int64_t positive(std::int64_t v, const char* key, const std::string& label) {
-  PQ_CHECK(v > 0, "{}: field \"{}\" must be positive, got {}", label, key, v);
-  return v;
+std::vector<std::int64_t> integer_list(const json& j, const char* key, const std::string& label,
+                                       std::int64_t lo, std::int64_t hi) {
+  PQ_CHECK(j[key].is_array(), "{}: field \"{}\" is not a list", label, key);
+  std::vector<std::int64_t> out;
+  for (const json& v : j[key]) out.push_back(checked_integer(v, key, label, lo, hi));
+  return out;
 }
 
 RopeScaling parse_rope_scaling(const json& j, const std::string& label) {
@@ -49,7 +85,7 @@ RopeScaling parse_rope_scaling(const json& j, const std::string& label) {
   r.low_freq_factor = optional_field<double>(s, "low_freq_factor", label).value_or(1.0);
   r.high_freq_factor = optional_field<double>(s, "high_freq_factor", label).value_or(4.0);
   r.original_max_position_embeddings =
-      optional_field<std::int64_t>(s, "original_max_position_embeddings", label).value_or(0);
+      optional_integer(s, "original_max_position_embeddings", label, 0, kMaxPositions).value_or(0);
   r.beta_fast = optional_field<double>(s, "beta_fast", label).value_or(32.0);
   r.beta_slow = optional_field<double>(s, "beta_slow", label).value_or(1.0);
   r.attention_factor = optional_field<double>(s, "attention_factor", label);
@@ -77,26 +113,22 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   PQ_CHECK(archs.has_value() && !archs->empty(), "{}: missing \"architectures\"", label);
   c.architecture = archs->front();
   c.model_type = optional_field<std::string>(j, "model_type", label).value_or("");
-  c.hidden_size =
-      positive(required_field<std::int64_t>(j, "hidden_size", label), "hidden_size", label);
-  c.intermediate_size = optional_field<std::int64_t>(j, "intermediate_size", label).value_or(0);
-  c.num_hidden_layers = positive(required_field<std::int64_t>(j, "num_hidden_layers", label),
-                                 "num_hidden_layers", label);
-  c.num_attention_heads = positive(required_field<std::int64_t>(j, "num_attention_heads", label),
-                                   "num_attention_heads", label);
-  c.num_key_value_heads = positive(
-      optional_field<std::int64_t>(j, "num_key_value_heads", label).value_or(c.num_attention_heads),
-      "num_key_value_heads", label);
+  c.hidden_size = required_integer(j, "hidden_size", label, 1, kMaxDimension);
+  c.intermediate_size =
+      optional_integer(j, "intermediate_size", label, 0, kMaxDimension).value_or(0);
+  c.num_hidden_layers = required_integer(j, "num_hidden_layers", label, 1, kMaxCount);
+  c.num_attention_heads = required_integer(j, "num_attention_heads", label, 1, kMaxCount);
+  c.num_key_value_heads = optional_integer(j, "num_key_value_heads", label, 1, kMaxCount)
+                              .value_or(c.num_attention_heads);
   PQ_CHECK(c.num_attention_heads % c.num_key_value_heads == 0,
            "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", label,
            c.num_attention_heads, c.num_key_value_heads);
-  c.head_dim = optional_field<std::int64_t>(j, "head_dim", label)
+  c.head_dim = optional_integer(j, "head_dim", label, 1, kMaxDimension)
                    .value_or(c.hidden_size / c.num_attention_heads);
-  positive(c.head_dim, "head_dim", label);
-  c.vocab_size =
-      positive(required_field<std::int64_t>(j, "vocab_size", label), "vocab_size", label);
+  PQ_CHECK(c.head_dim > 0, "{}: field \"head_dim\" must be positive, got {}", label, c.head_dim);
+  c.vocab_size = required_integer(j, "vocab_size", label, 1, kMaxVocabulary);
   c.max_position_embeddings =
-      optional_field<std::int64_t>(j, "max_position_embeddings", label).value_or(0);
+      optional_integer(j, "max_position_embeddings", label, 0, kMaxPositions).value_or(0);
   c.rms_norm_eps = optional_field<double>(j, "rms_norm_eps", label).value_or(1e-6);
   c.rope_theta = optional_field<double>(j, "rope_theta", label).value_or(10000.0);
   c.rope_scaling = parse_rope_scaling(j, label);
@@ -104,30 +136,29 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   c.attention_bias = optional_field<bool>(j, "attention_bias", label).value_or(false);
   c.mlp_bias = optional_field<bool>(j, "mlp_bias", label).value_or(false);
   const bool use_sliding = optional_field<bool>(j, "use_sliding_window", label).value_or(true);
-  if (use_sliding) c.sliding_window = optional_field<std::int64_t>(j, "sliding_window", label);
+  if (use_sliding) {
+    c.sliding_window = optional_integer(j, "sliding_window", label, 0, kMaxPositions);
+  }
   c.torch_dtype = optional_field<std::string>(j, "torch_dtype", label).value_or("");
-  c.bos_token_id = optional_field<std::int64_t>(j, "bos_token_id", label);
+  c.bos_token_id = optional_integer(j, "bos_token_id", label, 0, kMaxVocabulary - 1);
   if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
-    c.eos_token_ids = required_field<std::vector<std::int64_t>>(j, "eos_token_id", label);
-  } else if (auto eos = optional_field<std::int64_t>(j, "eos_token_id", label)) {
+    c.eos_token_ids = integer_list(j, "eos_token_id", label, 0, kMaxVocabulary - 1);
+  } else if (auto eos = optional_integer(j, "eos_token_id", label, 0, kMaxVocabulary - 1)) {
     c.eos_token_ids = {*eos};
   }
-  c.num_experts = optional_field<std::int64_t>(j, "num_experts", label).value_or(0);
+  c.num_experts = optional_integer(j, "num_experts", label, 0, kMaxCount).value_or(0);
   if (c.num_experts > 0) {
-    c.num_experts_per_tok = positive(required_field<std::int64_t>(j, "num_experts_per_tok", label),
-                                     "num_experts_per_tok", label);
+    c.num_experts_per_tok = required_integer(j, "num_experts_per_tok", label, 1, kMaxCount);
     PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
              "{}: num_experts_per_tok {} exceeds num_experts {}", label, c.num_experts_per_tok,
              c.num_experts);
-    c.moe_intermediate_size =
-        positive(required_field<std::int64_t>(j, "moe_intermediate_size", label),
-                 "moe_intermediate_size", label);
+    c.moe_intermediate_size = required_integer(j, "moe_intermediate_size", label, 1, kMaxDimension);
     c.norm_topk_prob = optional_field<bool>(j, "norm_topk_prob", label).value_or(false);
     c.decoder_sparse_step =
-        positive(optional_field<std::int64_t>(j, "decoder_sparse_step", label).value_or(1),
-                 "decoder_sparse_step", label);
-    c.mlp_only_layers = optional_field<std::vector<std::int64_t>>(j, "mlp_only_layers", label)
-                            .value_or(std::vector<std::int64_t>{});
+        optional_integer(j, "decoder_sparse_step", label, 1, kMaxCount).value_or(1);
+    if (j.contains("mlp_only_layers") && !j["mlp_only_layers"].is_null()) {
+      c.mlp_only_layers = integer_list(j, "mlp_only_layers", label, 0, kMaxCount - 1);
+    }
   }
   return c;
 }

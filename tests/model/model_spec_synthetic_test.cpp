@@ -242,6 +242,38 @@ TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
             "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM");
 }
 
+// Integer fields are exact JSON integers within bounds, checked before anything is sized by them:
+// 256.5 was read as 256, 1e30 as INT64_MIN, and 2^31 head_dim or 2^62 layers ran out of memory.
+TEST(ModelSpecSynthetic, RejectsNonIntegerAndOutOfRangeDimensions) {
+  const auto error_for = [](const char* key, const json& value) {
+    json config = tiny_config("Qwen3ForCausalLM");
+    config[key] = value;
+    try {
+      parse(config);
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(error_for("hidden_size", 256.5),
+            "config.json: field \"hidden_size\" must be an integer, got 256.5");
+  EXPECT_EQ(error_for("vocab_size", 1e30),
+            "config.json: field \"vocab_size\" must be an integer, got 1e+30");
+  EXPECT_EQ(error_for("head_dim", std::int64_t{1} << 31),
+            "config.json: field \"head_dim\" is 2147483648, outside [1, 1048576]");
+  EXPECT_EQ(error_for("num_hidden_layers", std::int64_t{1} << 62),
+            "config.json: field \"num_hidden_layers\" is 4611686018427387904, outside [1, 16384]");
+  EXPECT_EQ(error_for("num_attention_heads", -4),
+            "config.json: field \"num_attention_heads\" is -4, outside [1, 16384]");
+  EXPECT_EQ(error_for("vocab_size", std::uint64_t{18446744073709551615u}),
+            "config.json: field \"vocab_size\" is 18446744073709551615, outside [1, 16777216]");
+  EXPECT_EQ(error_for("eos_token_id", json::array({1, "2"})),
+            "config.json: field \"eos_token_id\" must be an integer, got \"2\"");
+  EXPECT_EQ(error_for("hidden_size", "32"),
+            "config.json: field \"hidden_size\" must be an integer, got \"32\"");
+  EXPECT_EQ(error_for("hidden_size", 32), "");
+}
+
 TEST(ModelSpecSynthetic, RejectsMissingTensor) {
   auto tensors = llama_tensors(/*untied=*/true);
   tensors.erase(std::find_if(tensors.begin(), tensors.end(), [](const TensorDesc& t) {
