@@ -326,18 +326,25 @@ TEST(Errors, InvalidInputIsAOneLineError) {
   EXPECT_EQ(qwen.token_to_id("definitely not a token"), std::nullopt);
 }
 
+// Writes `content` to `path` and expects Tokenizer::load to fail with a message that names the
+// file and holds `fragment`.
+void expect_load_error(const std::filesystem::path& path, const std::string& content,
+                       const std::string& fragment) {
+  write_text_file_atomic(path, content);
+  try {
+    Tokenizer::load(path);
+    ADD_FAILURE() << "no error for " << content;
+  } catch (const Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr(path.string()));
+    EXPECT_THAT(error.what(), HasSubstr(fragment));
+  }
+}
+
 TEST(Errors, UnsupportedOrBrokenFilesNameTheFileAndComponent) {
   test::TempDir dir;
   const auto path = dir / "tokenizer.json";
   const auto expect_error = [&](const std::string& content, const std::string& fragment) {
-    write_text_file_atomic(path, content);
-    try {
-      Tokenizer::load(path);
-      ADD_FAILURE() << "no error for " << content;
-    } catch (const Error& error) {
-      EXPECT_THAT(error.what(), HasSubstr(path.string()));
-      EXPECT_THAT(error.what(), HasSubstr(fragment));
-    }
+    expect_load_error(path, content, fragment);
   };
   const std::string vocab = R"("vocab": {"a": 0, "b": 1, "ab": 2})";
   expect_error(R"({"model": {"type": "WordPiece", )" + vocab + "}}", "WordPiece");
@@ -356,14 +363,7 @@ TEST(Errors, TokenIdsMustBeIntegersInRange) {
   test::TempDir dir;
   const auto path = dir / "tokenizer.json";
   const auto expect_error = [&](const std::string& content, const std::string& fragment) {
-    write_text_file_atomic(path, content);
-    try {
-      Tokenizer::load(path);
-      ADD_FAILURE() << "no error for " << content;
-    } catch (const Error& error) {
-      EXPECT_THAT(error.what(), HasSubstr(path.string()));
-      EXPECT_THAT(error.what(), HasSubstr(fragment));
-    }
+    expect_load_error(path, content, fragment);
   };
   const auto with_b_id = [](const std::string& id) {
     return R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )" + id + R"(}, "merges": []}})";
