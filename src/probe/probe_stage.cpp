@@ -307,12 +307,24 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   write_text_file_atomic(job.out / kJsonFile, doc.dump(1) + "\n");
 }
 
-// Where a pass stands: every step before steps_done is finished and its files are written.
-std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint) {
+// Where a pass stands: every step before steps_done is finished and its files are written. A
+// state whose count is not a step count of this pass (forged or damaged: 100 of 17, -1) is
+// discarded with a warning, never trusted.
+std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
+                            std::size_t steps_total) {
+  const std::filesystem::path path = pass_dir / kStateJson;
   try {
-    const auto j = read_json_file(pass_dir / kStateJson);
+    const auto j = read_json_file(path);
     if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
-    return j.at("steps_done").get<std::size_t>();
+    const nlohmann::json& done = j.at("steps_done");
+    if (!done.is_number_unsigned() || done.get<std::uint64_t>() > steps_total) {
+      fmt::print(stderr,
+                 "warning: {}: steps_done {} is not a step count of this pass (0 to {}); "
+                 "starting over\n",
+                 path.string(), done.dump(), steps_total);
+      return 0;
+    }
+    return static_cast<std::size_t>(done.get<std::uint64_t>());
   } catch (const std::exception&) {
     return 0;  // absent, damaged or foreign: start over
   }
@@ -363,7 +375,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   std::error_code error;
   std::filesystem::create_directories(job.out, error);
   PQ_CHECK(!error, "{}: cannot create the output directory: {}", job.out.string(), error.message());
-  outcome.resumed_from = read_steps_done(pass_dir, outcome.fingerprint);
+  outcome.resumed_from = read_steps_done(pass_dir, outcome.fingerprint, outcome.steps_total);
   if (outcome.resumed_from == 0) std::filesystem::remove_all(pass_dir, error);
   std::filesystem::create_directories(pass_dir, error);
   PQ_CHECK(!error, "{}: cannot create the pass directory: {}", pass_dir.string(), error.message());

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -68,6 +69,22 @@ TEST(ProbeStage, ResumesAfterAStopWithTheSameResult) {
     EXPECT_EQ(second.resumed_from, stop);
     EXPECT_FALSE(std::filesystem::exists(dir / name / "pass"));
     EXPECT_EQ(directory_bytes(dir / name), expected) << "stopped after step " << stop;
+  }
+
+  // A pass state with this probe's fingerprint but a count that is no step of it is discarded.
+  for (const std::string forged : {"100", "18", "-1"}) {
+    ProbeJob job = small_job(dir, "forged" + forged);
+    job.stop_after_steps = 3;
+    run_probe(job);
+    const auto state_path = dir / ("forged" + forged) / "pass/state.json";
+    nlohmann::json state = nlohmann::json::parse(read_text_file(state_path));
+    state["steps_done"] = nlohmann::json::parse(forged);
+    write_text_file_atomic(state_path, state.dump());
+    job.stop_after_steps.reset();
+    const ProbeOutcome rerun = run_probe(job);
+    EXPECT_TRUE(rerun.complete);
+    EXPECT_EQ(rerun.resumed_from, 0u) << "steps_done " << forged;
+    EXPECT_EQ(directory_bytes(dir / ("forged" + forged)), expected) << "steps_done " << forged;
   }
 
   ProbeJob interrupted = small_job(dir, "resumed-3");
