@@ -141,8 +141,7 @@ void AtomicFileWriter::append_from(int source_fd, std::uint64_t offset, std::uin
 
 void AtomicFileWriter::commit() {
   PQ_CHECK(fd_ >= 0, "{}: committed twice", destination_.string());
-  PQ_CHECK(::fsync(fd_) == 0, "{}: fsync failed: {}", destination_.string(),
-           std::strerror(errno));
+  PQ_CHECK(::fsync(fd_) == 0, "{}: fsync failed: {}", destination_.string(), std::strerror(errno));
   const int rc = ::close(fd_);
   fd_ = -1;
   if (rc != 0 || ::rename(temporary_.c_str(), destination_.c_str()) != 0) {
@@ -156,6 +155,13 @@ void write_text_file_atomic(const std::filesystem::path& path, std::string_view 
   AtomicFileWriter writer(path);
   writer.write(text);
   writer.commit();
+}
+
+bool is_within(const std::filesystem::path& inner, const std::filesystem::path& outer) {
+  const std::filesystem::path a = std::filesystem::weakly_canonical(inner);
+  const std::filesystem::path b = std::filesystem::weakly_canonical(outer);
+  const auto [ai, bi] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
+  return bi == b.end();
 }
 
 }  // namespace pq

@@ -65,4 +65,8 @@ class AtomicFileWriter {
 
 void write_text_file_atomic(const std::filesystem::path& path, std::string_view text);
 
+// Whether `inner` is `outer` or lies below it, after resolving links and "..", for paths that may
+// not exist yet.
+bool is_within(const std::filesystem::path& inner, const std::filesystem::path& outer);
+
 }  // namespace pq

@@ -310,13 +310,6 @@ void copy_side_files(const fs::path& from, const fs::path& to) {
   }
 }
 
-bool is_within(const fs::path& inner, const fs::path& outer) {
-  const fs::path a = fs::weakly_canonical(inner);
-  const fs::path b = fs::weakly_canonical(outer);
-  auto [ai, bi] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
-  return bi == b.end();
-}
-
 // A fresh directory beside `out` (same filesystem, so the final rename is atomic).
 fs::path make_staging_dir(const fs::path& out, const char* tag) {
   std::string pattern = out.string() + tag;

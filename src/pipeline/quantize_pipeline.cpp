@@ -10,6 +10,7 @@
 #include "common/file_util.h"
 #include "common/progress.h"
 #include "export/gptq.h"
+#include "formats/weight_format.h"
 #include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 
@@ -49,6 +50,20 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   PQ_CHECK(job.force || !std::filesystem::exists(job.out),
            "{} already exists (use --force to replace it)", job.out.string());
   const std::filesystem::path work = work_dir(job);
+  // What can be known now is refused now, not after minutes of probing (issue 13): locations that
+  // would write into the source, and formats quantize could not export.
+  PQ_CHECK(!is_within(job.out, job.model) && !is_within(job.model, job.out),
+           "quantize: output {} and source {} overlap; the source is never written to",
+           job.out.string(), job.model.string());
+  PQ_CHECK(!is_within(work, job.model) && !is_within(job.model, work),
+           "quantize: work directory {} and source {} overlap; the source is never written to",
+           work.string(), job.model.string());
+  for (const std::string& name : job.formats) {
+    PQ_CHECK(formats::format_by_name(name).exportable(),
+             "quantize: format {} has no compressed-tensors format (research only), so it cannot "
+             "be exported; use it with the cost stage alone",
+             name);
+  }
   QuantizeOutcome outcome;
 
   auto start = std::chrono::steady_clock::now();

@@ -176,6 +176,45 @@ TEST(QuantizePipelineScout, ShipsTheScoutChoiceWithTheKlScoutMeasured) {
 INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"));
 
+// Errors that can be known before the probe are reported before it: nothing is probed and no
+// work directory is created (issue 13 found them after minutes of probing).
+TEST(QuantizePipeline, RefusesWhatItCannotFinishBeforeProbing) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const std::filesystem::path model = test::shared_dir() / "models" / "qwen3-dense-tiny";
+  const auto error_of = [&](QuantizeJob job) {
+    job.model = model;
+    job.data = dir / "never-read.txt";
+    try {
+      run_quantize(job);
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  QuantizeJob research;
+  research.out = dir / "out";
+  research.formats = {"NVFP4", "MXFP6_E3M2", "BF16"};
+  EXPECT_EQ(error_of(research),
+            "quantize: format MXFP6_E3M2 has no compressed-tensors format (research only), so it "
+            "cannot be exported; use it with the cost stage alone");
+  QuantizeJob unknown;
+  unknown.out = dir / "out";
+  unknown.formats = {"NVFP5"};
+  EXPECT_NE(error_of(unknown).find("NVFP5"), std::string::npos);
+  QuantizeJob into_source;
+  into_source.out = model / "quantized";
+  EXPECT_NE(error_of(into_source).find("overlap; the source is never written to"),
+            std::string::npos);
+  QuantizeJob work_in_source;
+  work_in_source.out = dir / "out";
+  work_in_source.work = model;
+  EXPECT_NE(error_of(work_in_source).find("work directory"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.work"));
+  EXPECT_FALSE(std::filesystem::exists(model / "probe"));
+  EXPECT_FALSE(std::filesystem::exists(model / "quantized"));
+}
+
 TEST(QuantizePipeline, DefaultParetoTargetsIncludeTheTarget) {
   EXPECT_EQ(default_pareto_targets("4.75"), "4,4.25,4.5,4.75,5,5.5,6,7,8");
   EXPECT_EQ(default_pareto_targets("4.6"), "4,4.25,4.5,4.75,5,5.5,6,7,8,4.6");
