@@ -475,46 +475,47 @@ void compute_row_scales(const GroupCodec& codec, const float* x, std::int64_t gr
   }
 }
 
+// Element codes of any width (8- or 16-bit) to and from floats, 8 at a time.
+template <typename Code>
+void encode_all(ElementType type, std::span<const float> values, std::span<Code> codes) {
+  const Encoder encoder(type);
+  for (std::size_t i = 0; i < values.size(); i += 8) {
+    const std::size_t remaining = values.size() - i;
+    store_codes(codes.data() + i, encoder.encode(load_floats(values.data() + i, remaining)),
+                remaining);
+  }
+}
+
+template <typename Code>
+void decode_all(ElementType type, std::span<const Code> codes, std::span<float> values) {
+  const Decoder decoder(type);
+  for (std::size_t i = 0; i < codes.size(); i += 8) {
+    const std::size_t remaining = codes.size() - i;
+    store_floats(values.data() + i, decoder.decode(load_codes(codes.data() + i, remaining)),
+                 remaining);
+  }
+}
+
 }  // namespace
 
 void encode_elements_avx2(ElementType type, std::span<const float> values,
                           std::span<std::uint8_t> codes) {
-  const Encoder encoder(type);
-  for (std::size_t i = 0; i < values.size(); i += 8) {
-    const std::size_t remaining = values.size() - i;
-    store_codes(codes.data() + i, encoder.encode(load_floats(values.data() + i, remaining)),
-                remaining);
-  }
+  encode_all(type, values, codes);
 }
 
 void decode_elements_avx2(ElementType type, std::span<const std::uint8_t> codes,
                           std::span<float> values) {
-  const Decoder decoder(type);
-  for (std::size_t i = 0; i < codes.size(); i += 8) {
-    const std::size_t remaining = codes.size() - i;
-    store_floats(values.data() + i, decoder.decode(load_codes(codes.data() + i, remaining)),
-                 remaining);
-  }
+  decode_all(type, codes, values);
 }
 
 void encode_elements16_avx2(ElementType type, std::span<const float> values,
                             std::span<std::uint16_t> codes) {
-  const Encoder encoder(type);
-  for (std::size_t i = 0; i < values.size(); i += 8) {
-    const std::size_t remaining = values.size() - i;
-    store_codes(codes.data() + i, encoder.encode(load_floats(values.data() + i, remaining)),
-                remaining);
-  }
+  encode_all(type, values, codes);
 }
 
 void decode_elements16_avx2(ElementType type, std::span<const std::uint16_t> codes,
                             std::span<float> values) {
-  const Decoder decoder(type);
-  for (std::size_t i = 0; i < codes.size(); i += 8) {
-    const std::size_t remaining = codes.size() - i;
-    store_floats(values.data() + i, decoder.decode(load_codes(codes.data() + i, remaining)),
-                 remaining);
-  }
+  decode_all(type, codes, values);
 }
 
 std::uint32_t max_abs_bits_avx2(std::span<const float> x) {
