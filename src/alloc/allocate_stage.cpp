@@ -6,6 +6,7 @@
 #include "alloc/cost_table.h"
 #include "alloc/knapsack.h"
 #include "common/error.h"
+#include "common/location_lock.h"
 #include "report/pareto_report.h"
 
 namespace pq::alloc {
@@ -21,6 +22,7 @@ double bits_per_param(std::uint64_t bytes, std::uint64_t params) {
 AllocateOutcome run_allocate(const AllocateJob& job) {
   PQ_CHECK(job.target_bits.has_value() != job.target_bytes.has_value(),
            "give exactly one of --target-bits and --target-bytes");
+  const LocationLock lock(job.out);
   const CostTable table = read_cost_table(job.cost);
   AllocatorOptions options;
   options.formats = job.formats;

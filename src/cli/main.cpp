@@ -1,9 +1,14 @@
+#include <fmt/format.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "common/interrupt.h"
+#include "common/location_lock.h"
 
 int main(int argc, char** argv) {
   CLI::App app{
@@ -22,10 +27,17 @@ int main(int argc, char** argv) {
   pq::cli::register_generate(app);
   pq::cli::register_scout(app);
   pq::cli::register_validate(app);
+  std::string command_line = "prismaquant";
+  for (int i = 1; i < argc; ++i) command_line += fmt::format(" {}", argv[i]);
+  pq::set_run_description(command_line);
+  pq::install_interrupt_handlers();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const pq::Interrupted& e) {
+    std::fprintf(stderr, "prismaquant: %s\n", e.what());
+    return 128 + e.signal_number();  // the shell's status for a run ended by that signal
   } catch (const pq::Error& e) {
     std::fprintf(stderr, "prismaquant: error: %s\n", e.what());
     return 1;

@@ -11,7 +11,9 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/interrupt.h"
 #include "common/json_reader.h"
+#include "common/location_lock.h"
 #include "common/progress.h"
 #include "io/safetensors.h"
 #include "model/config.h"
@@ -128,6 +130,7 @@ CostOutcome run_cost(const CostJob& job) {
   std::vector<const formats::WeightFormat*> menu;
   for (const std::string& name : job.formats) menu.push_back(&formats::format_by_name(name));
 
+  const LocationLock lock(job.out);
   const probe::ProbeResult probed = probe::ProbeResult::read(job.probe);
   CostOutcome outcome;
   outcome.fingerprint = cost_fingerprint(job, probed.fingerprint());
@@ -176,6 +179,7 @@ CostOutcome run_cost(const CostJob& job) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (std::size_t g = 0; g < input_order.size(); ++g) {
     try {
+      throw_if_interrupted();
       const std::string& key = input_order[g];
       const std::vector<std::size_t>& members = by_input.at(key);
       std::vector<std::vector<float>> weights;

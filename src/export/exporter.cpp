@@ -15,7 +15,9 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/interrupt.h"
 #include "common/json_reader.h"
+#include "common/location_lock.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/config.h"
@@ -382,6 +384,37 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
           {"sparsity_config", nlohmann::json::object()}};
 }
 
+void remove_interrupted_exports(const fs::path& location) {
+  fs::path out = location.lexically_normal();
+  if (!out.has_filename()) out = out.parent_path();
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  const std::string name = out.filename().string();
+  // mkdtemp's names: the tag and six characters (make_staging_dir).
+  const auto is_leftover = [&](const std::string& entry) {
+    return entry.size() == name.size() + 11 && entry.starts_with(name) &&
+           (entry.compare(name.size(), 5, ".tmp-") == 0 ||
+            entry.compare(name.size(), 5, ".old-") == 0);
+  };
+  std::error_code ec;
+  std::vector<fs::path> found;
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    if (it->is_directory(ec) && is_leftover(it->path().filename().string())) {
+      found.push_back(it->path());
+    }
+  }
+  for (const fs::path& dir : found) {
+    if (!fs::exists(out, ec) && fs::is_directory(dir / "previous", ec)) {
+      fs::rename(dir / "previous", out, ec);
+      PQ_CHECK(!ec, "cannot restore {} from {}: {}", out.string(), dir.string(), ec.message());
+      fmt::print(stderr, "prismaquant: restored {} from {}, left by an interrupted export\n",
+                 out.string(), dir.string());
+    }
+    fs::remove_all(dir, ec);
+    PQ_CHECK(!ec, "cannot remove {}, left by an interrupted export: {}", dir.string(),
+             ec.message());
+  }
+}
+
 ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rounding) {
   // "DIR/" names DIR: staging and renames work on the directory's own name.
   ExportJob job = requested;
@@ -401,6 +434,8 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),
            "output {} and source {} overlap; the source is never written to", job.out.string(),
            job.model_dir.string());
+  const LocationLock lock(job.out);
+  remove_interrupted_exports(job.out);
   const bool replace = fs::exists(job.out);
   PQ_CHECK(!replace || job.force, "{} already exists (use --force to replace it)",
            job.out.string());
@@ -413,6 +448,7 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   {
     io::ShardedCheckpointWriter writer(staging.path(), {.max_shard_bytes = job.max_shard_bytes});
     for (const Step& step : stream_order(spec, plan)) {
+      throw_if_interrupted();
       if (step.unit.empty()) {
         const io::TensorView view = checkpoint.view(step.passthrough);
         writer.add(step.passthrough, view.info->dtype, view.info->shape, view.bytes);

@@ -63,6 +63,13 @@ struct ExportSummary {
 nlohmann::json quantization_config(const model::ModelSpec& spec,
                                    const std::map<std::string, std::string>& format_of);
 
+// Removes what an export killed before its end left beside `out`: its staging directory
+// OUT.tmp-XXXXXX, and OUT.old-XXXXXX, which holds the previous checkpoint as "previous" while the
+// new one is renamed into place. When `out` itself is missing, the kill came between the two
+// renames and "previous" is the only complete checkpoint: it goes back to `out` instead of being
+// removed. Only a run holding out's LocationLock may call it (run_export does).
+void remove_interrupted_exports(const std::filesystem::path& out);
+
 // Writes the quantized checkpoint: safetensors shards + index, config.json with
 // quantization_config, the tokenizer/generation files and a README.md model card. Everything is
 // built in a sibling temporary directory that is renamed to job.out only when complete; any error

@@ -8,6 +8,7 @@
 #include "alloc/budget.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/location_lock.h"
 #include "common/progress.h"
 #include "export/gptq.h"
 #include "formats/weight_format.h"
@@ -47,8 +48,6 @@ std::filesystem::path work_dir(const QuantizeJob& job) {
 
 QuantizeOutcome run_quantize(const QuantizeJob& job) {
   PQ_CHECK(!job.out.empty(), "quantize: no output directory given");
-  PQ_CHECK(job.force || !std::filesystem::exists(job.out),
-           "{} already exists (use --force to replace it)", job.out.string());
   const std::filesystem::path work = work_dir(job);
   // What can be known now is refused now, not after minutes of probing (issue 13): locations that
   // would write into the source, and formats quantize could not export.
@@ -64,6 +63,13 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
              "be exported; use it with the cost stage alone",
              name);
   }
+  // One run per location: a second run on the same output or work directory fails here, before
+  // any work, naming the run that holds it.
+  const LocationLock out_lock(job.out);
+  const LocationLock work_lock(work);
+  exporter::remove_interrupted_exports(job.out);
+  PQ_CHECK(job.force || !std::filesystem::exists(job.out),
+           "{} already exists (use --force to replace it)", job.out.string());
   QuantizeOutcome outcome;
 
   auto start = std::chrono::steady_clock::now();

@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/json_reader.h"
+#include "common/location_lock.h"
 #include "common/progress.h"
 #include "data/token_dataset.h"
 #include "io/safetensors_writer.h"
@@ -360,6 +361,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
            job.model.string());
   PQ_CHECK(std::filesystem::is_regular_file(job.data), "{}: calibration data file not found",
            job.data.string());
+  const LocationLock lock(job.out);
   ProbeOutcome outcome;
   outcome.fingerprint = probe_fingerprint(job);
   const model::ModelConfig config = model::ModelConfig::load(job.model);
@@ -498,8 +500,10 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   }
   write_summary(job, outcome.fingerprint, spec, parts, seq_count);
   std::filesystem::remove_all(pass_dir, error);
-  progress.finish(fmt::format("{} sequences x {} tokens, {} parts, layer-major", seq_count,
-                              job.seqlen, parts.size()));
+  progress.finish(fmt::format(
+      "{} sequences x {} tokens, {} parts, layer-major{}", seq_count, job.seqlen, parts.size(),
+      outcome.resumed_from > 0 ? fmt::format(", resumed after step {}", outcome.resumed_from)
+                               : ""));
   outcome.complete = true;
   return outcome;
 }

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/gemm.h"
 #include "runtime/ops.h"
@@ -264,6 +265,8 @@ void Model::release_head() {
 }
 
 const Model::Layer& Model::acquire_layer(std::int64_t index) {
+  // Every pass (eval, probe, scout, validate, generate) starts each layer here: a check point.
+  throw_if_interrupted();
   if (!resident_[index]) resident_[index] = load_layer(index);
   return *resident_[index];
 }

@@ -19,6 +19,7 @@
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/json_reader.h"
+#include "common/location_lock.h"
 #include "cost/cost_stage.h"
 #include "data/token_dataset.h"
 #include "export/linear_encoder.h"
@@ -750,6 +751,7 @@ ScoutOutcome run_scout(const ScoutJob& job) {
   PQ_CHECK(job.heldout_windows > 0 && job.heldout_seqlen >= 2,
            "scout: --heldout-windows must be positive and --heldout-seqlen at least 2");
   PQ_CHECK(fs::is_regular_file(job.data), "{}: data file not found", job.data.string());
+  const LocationLock lock(job.work);
   Scout scout(job);
   return scout.run();
 }

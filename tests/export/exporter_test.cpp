@@ -4,6 +4,7 @@
 #include "export/exporter.h"
 
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "alloc/assignment.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/interrupt.h"
 #include "export/gptq.h"
 #include "export/render_cache.h"
 #include "formats/weight_format.h"
@@ -461,7 +463,7 @@ TEST(Export, OutputDirectoryRules) {
     fs::permissions(work / "ro", fs::perms::owner_read | fs::perms::owner_exec);
     unwritable.out = work / "ro" / "out";
   }
-  expect_export_error(unwritable, "cannot create a directory beside");
+  expect_export_error(unwritable, "cannot be written");
   if (geteuid() != 0) fs::permissions(work / "ro", fs::perms::owner_all);
 }
 
@@ -510,6 +512,72 @@ TEST(Export, FailureMidStreamLeavesNothing) {
     EXPECT_NE(std::string(e.what()).find("model.layers."), std::string::npos) << e.what();
   }
   expect_only(work.path(), {"alloc"});
+}
+
+// Ctrl-C part-way (the rounding strategy raises the request after `linears` Linears, as the
+// signal handler would): the run stops at the next unit, and the previous checkpoint stays.
+class InterruptedAfter final : public RoundingStrategy {
+ public:
+  explicit InterruptedAfter(int linears) : left_(linears) {}
+  std::string_view name() const override { return "interrupted"; }
+  formats::EncodedWeight encode(const LinearToEncode& job) const override {
+    if (left_-- == 0) request_interrupt(SIGINT);
+    return NearestRounding{}.encode(job);
+  }
+  std::string describe(const std::map<std::string, std::string>&) const override { return {}; }
+  nlohmann::json report(const std::map<std::string, std::string>&) const override { return {}; }
+
+ private:
+  mutable int left_;
+};
+
+TEST(Export, InterruptionKeepsThePreviousCheckpointAndLeavesNothingElse) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile previous = make_assignment(source, cycle({"MXFP8", "BF16"}));
+  ExportJob job = job_for(source, save_assignment(work / "previous", previous), work / "out");
+  run_export(job);
+  const alloc::AssignmentFile next = make_assignment(source, cycle({"NVFP4A16", "MXFP8"}));
+  job.assignment = save_assignment(work / "alloc", next);
+  job.force = true;
+  EXPECT_THROW(run_export(job, InterruptedAfter(10)), Interrupted);
+  request_interrupt(0);
+  verify_export(source, job.out, previous);
+  expect_only(work.path(), {"alloc", "out", "previous"});
+}
+
+// What an export killed between its two renames leaves (its staging directory, and the previous
+// checkpoint moved aside with nothing yet at `out`): the next run on `out` puts the previous
+// checkpoint back and removes the rest, before deciding whether `out` exists.
+TEST(Export, LeftoversOfAKilledExportAreRepairedByTheNextRun) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile previous = make_assignment(source, cycle({"MXFP8", "BF16"}));
+  ExportJob job = job_for(source, save_assignment(work / "alloc", previous), work / "out");
+  run_export(job);
+  fs::create_directories(work / "out.old-Ab12Cd");
+  fs::rename(work / "out", work / "out.old-Ab12Cd" / "previous");
+  fs::create_directories(work / "out.tmp-Zz9Yx8");
+  write_text_file_atomic(work / "out.tmp-Zz9Yx8" / "model.safetensors", "half");
+  fs::create_directories(work / "out.tmp-not-ours");
+
+  try {
+    run_export(job);
+    ADD_FAILURE() << "replaced the restored checkpoint without --force";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("already exists"), std::string::npos) << e.what();
+  }
+  verify_export(source, job.out, previous);
+  expect_only(work.path(), {"alloc", "out", "out.tmp-not-ours"});
+
+  // With `out` in place, a moved-aside copy is stale: it goes.
+  fs::create_directories(work / "out.old-Qq7Rr6" / "previous");
+  job.force = true;
+  run_export(job);
+  verify_export(source, job.out, previous);
+  expect_only(work.path(), {"alloc", "out", "out.tmp-not-ours"});
 }
 
 int run_cli(const std::string& args, const fs::path& work) {
