@@ -1,12 +1,11 @@
 #include "common/progress.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-
-#include <fmt/format.h>
 
 namespace pq {
 
@@ -19,7 +18,9 @@ ProgressBar::ProgressBar(std::string label, std::uint64_t total)
       last_draw_(start_) {}
 
 ProgressBar::~ProgressBar() {
-  if (!finished_) finish();
+  // Unfinished: an error or an interruption is unwinding, and its message is the one line that
+  // reports it. A drawn bar only has its line ended so the message starts on a line of its own.
+  if (!finished_ && tty_ && !quiet_) std::fputc('\n', stderr);
 }
 
 void ProgressBar::advance(std::uint64_t n) {

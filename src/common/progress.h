@@ -7,7 +7,8 @@
 namespace pq {
 
 // Progress of one long stage. On a terminal it redraws a bar on stderr; otherwise it stays quiet
-// until finish(), which prints one summary line. PQ_QUIET=1 silences both.
+// until finish(), which prints one summary line. PQ_QUIET=1 silences both. A bar destroyed
+// unfinished (an error is unwinding) prints no summary.
 class ProgressBar {
  public:
   ProgressBar(std::string label, std::uint64_t total);

@@ -15,6 +15,7 @@
 #include "common/json_reader.h"
 #include "common/location_lock.h"
 #include "common/progress.h"
+#include "io/dtype.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
@@ -29,6 +30,7 @@ namespace {
 // The Linear's weight as float32 [out, in], cut out of a packed tensor where it shares one.
 std::vector<float> load_weight(const io::Checkpoint& checkpoint, const model::Linear& linear) {
   std::vector<float> values = checkpoint.to_f32(linear.weight_tensor);
+  io::require_finite(values, fmt::format("tensor {}", linear.weight_tensor));
   if (!linear.slice) return values;
   const io::TensorInfo& info = checkpoint.info(linear.weight_tensor);
   const std::int64_t rows_per_matrix = info.shape.at(1);

@@ -81,6 +81,8 @@ std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
                           static_cast<std::size_t>(linear.out_features) * row_bytes);
   }
   io::decode_to_f32(view.info->dtype, bytes, weight);
+  io::require_finite(weight,
+                     fmt::format("tensor {} (Linear {})", linear.weight_tensor, linear.name));
   return weight;
 }
 

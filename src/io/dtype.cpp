@@ -1,5 +1,6 @@
 #include "io/dtype.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -104,6 +105,31 @@ float f8e4m3_bits_to_f32(std::uint8_t bits) {
 float f8e5m2_bits_to_f32(std::uint8_t bits) {
   // E5M2 is the top byte of an IEEE half.
   return f16_bits_to_f32(static_cast<std::uint16_t>(bits) << 8);
+}
+
+std::size_t first_non_finite(std::span<const float> values) {
+  // Blocks with a branch-free test of the exponent bits (all ones: infinity or NaN), which the
+  // compiler vectorizes; only a block that holds one is searched again element by element.
+  constexpr std::size_t kBlock = 1024;
+  const std::size_t n = values.size();
+  for (std::size_t begin = 0; begin < n; begin += kBlock) {
+    const std::size_t end = std::min(n, begin + kBlock);
+    bool any = false;
+    for (std::size_t i = begin; i < end; ++i) {
+      any |= (std::bit_cast<std::uint32_t>(values[i]) & 0x7f800000u) == 0x7f800000u;
+    }
+    if (!any) continue;
+    for (std::size_t i = begin; i < end; ++i) {
+      if (!std::isfinite(values[i])) return i;
+    }
+  }
+  return n;
+}
+
+void require_finite(std::span<const float> values, std::string_view what) {
+  const std::size_t i = first_non_finite(values);
+  PQ_CHECK(i == values.size(), "{} holds a non-finite value ({} at element {} of {})", what,
+           values[i], i, values.size());
 }
 
 void decode_to_f32(DType dtype, std::span<const std::uint8_t> bytes, std::span<float> out) {

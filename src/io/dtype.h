@@ -43,6 +43,15 @@ bool dtype_is_float(DType dtype);
 // nearest even. Throws pq::Error for non-float dtypes.
 void decode_to_f32(DType dtype, std::span<const std::uint8_t> bytes, std::span<float> out);
 
+// The index of the first NaN or infinity in `values`, or values.size() when every value is
+// finite. Decoding keeps every value; the readers of weights for computing (the runtime's
+// CheckpointWeightSource, cost, export) check what they decode, for one more read of it, so a
+// damaged checkpoint stops with the tensor's name instead of becoming NaN results (issue 13).
+std::size_t first_non_finite(std::span<const float> values);
+
+// Throws pq::Error naming `what` (a tensor, a layer's output) and the first non-finite element.
+void require_finite(std::span<const float> values, std::string_view what);
+
 // Scalar conversions used by decode_to_f32; exact (every input value is representable in f32).
 float bf16_bits_to_f32(std::uint16_t bits);
 float f16_bits_to_f32(std::uint16_t bits);

@@ -195,12 +195,6 @@ void require_disk(const std::filesystem::path& pass_dir, std::int64_t needed) {
            static_cast<double>(available) / 1e9);
 }
 
-std::int64_t memory_limit(std::int64_t max_memory) {
-  if (max_memory > 0) return max_memory;
-  const std::int64_t available = runtime::available_memory_bytes();
-  return available > 0 ? available / 5 * 4 : std::numeric_limits<std::int64_t>::max();
-}
-
 // Raw float32 [rows, hidden] activations of a pass boundary.
 void write_f32(const std::filesystem::path& path, std::span<const float> values) {
   AtomicFileWriter file(path);
@@ -393,12 +387,13 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   const std::vector<Part> parts = probe_parts(spec);
   runtime::RuntimeOptions runtime_options;
   runtime_options.micro_batch_rows = static_cast<std::int64_t>(job.batch_size * job.seqlen);
+  runtime_options.max_memory = job.max_memory;
   runtime::PassMemory memory = runtime::estimate_pass_memory(
       config, static_cast<std::int64_t>(job.nsamples * job.seqlen),
       runtime_options.micro_batch_rows, runtime_options.logits_block_rows, /*boundaries=*/2,
       runtime_options.compute);
   memory.statistics = layer_statistics_bytes(spec);
-  runtime::require_memory("the probe", memory, memory_limit(job.max_memory));
+  runtime::require_memory("the probe", memory, runtime::memory_limit(job.max_memory));
   require_disk(pass_dir, static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples *
                                                    job.seqlen * config.hidden_size) *
                                  4 +

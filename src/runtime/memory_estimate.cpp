@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "common/error.h"
@@ -80,6 +81,12 @@ std::int64_t available_memory_bytes() {
     if (fields >> key >> kib && key == "MemAvailable:") return kib * 1024;
   }
   return 0;
+}
+
+std::int64_t memory_limit(std::int64_t max_memory) {
+  if (max_memory > 0) return max_memory;
+  const std::int64_t available = available_memory_bytes();
+  return available > 0 ? available / 5 * 4 : std::numeric_limits<std::int64_t>::max();
 }
 
 void require_memory(const std::string& what, const PassMemory& estimate, std::int64_t limit) {

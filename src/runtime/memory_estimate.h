@@ -34,6 +34,10 @@ PassMemory estimate_pass_memory(const model::ModelConfig& config, std::int64_t r
 // MemAvailable of /proc/meminfo in bytes (0 where it cannot be read).
 std::int64_t available_memory_bytes();
 
+// The limit a run checks its estimates against: `max_memory` when positive, else 80% of the
+// available memory (the rest is the page cache the streamed checkpoint reads through).
+std::int64_t memory_limit(std::int64_t max_memory);
+
 // pq::Error naming `what`, the estimate and the limit when the estimate exceeds `limit` bytes.
 void require_memory(const std::string& what, const PassMemory& estimate, std::int64_t limit);
 

@@ -9,8 +9,10 @@
 
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "io/dtype.h"
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/gemm.h"
+#include "runtime/memory_estimate.h"
 #include "runtime/ops.h"
 #include "runtime/rope.h"
 
@@ -826,6 +828,16 @@ std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> b
     layout.rope = whole.rope;
     pass->micro.push_back({first, last, std::move(layout)});
   }
+  std::int64_t largest_micro_batch = 0;
+  for (const Pass::Micro& m : pass->micro) {
+    largest_micro_batch = std::max(largest_micro_batch, m.layout.rows);
+  }
+  // A forward pass holds two boundary activations (a layer's input and output).
+  require_memory(
+      "a pass over this batch",
+      estimate_pass_memory(config_, whole.rows, largest_micro_batch, options_.logits_block_rows,
+                           /*boundaries=*/2, options_.compute),
+      memory_limit(options_.max_memory));
   return pass;
 }
 
@@ -864,6 +876,18 @@ void Model::embed(const Pass& pass, float* x) const {
   embed_tokens(pass.batch, pass.whole, x);
 }
 
+void Model::require_finite_activations(std::int64_t layer, std::string_view what,
+                                       const float* values, std::int64_t count) const {
+  // The weights were checked when they were decoded, so a non-finite value here is an overflow of
+  // float32 inside the layer (or a damaged quantized weight): named here rather than reported
+  // later as a NaN loss.
+  const std::size_t i = io::first_non_finite({values, static_cast<std::size_t>(count)});
+  PQ_CHECK(i == static_cast<std::size_t>(count),
+           "decoder layer {} produced a non-finite {} ({} at row {}, column {})", layer, what,
+           values[i], static_cast<std::int64_t>(i) / config_.hidden_size,
+           static_cast<std::int64_t>(i) % config_.hidden_size);
+}
+
 void Model::forward_layer(std::int64_t index, const Pass& pass, const float* x, float* out,
                           LinearObserver* observer) {
   const std::int64_t hidden = config_.hidden_size;
@@ -874,6 +898,7 @@ void Model::forward_layer(std::int64_t index, const Pass& pass, const float* x, 
     layer_forward(layer, m.layout, x + base, out + base, tape, observer, /*report_linears=*/true);
   }
   release_layer(index);
+  require_finite_activations(index, "output", out, rows(pass) * hidden);
 }
 
 void Model::backward_layer(std::int64_t index, const Pass& pass, const float* x, float* dx,
@@ -890,6 +915,7 @@ void Model::backward_layer(std::int64_t index, const Pass& pass, const float* x,
     layer_backward(layer, m.layout, tape, dx + base, observer);
   }
   release_layer(index);
+  require_finite_activations(index, "input gradient", dx, rows(pass) * hidden);
 }
 
 std::vector<float> Model::final_hidden(const Pass& pass, LinearObserver* observer) {
@@ -956,6 +982,7 @@ void Model::for_each_logits_block(
                      static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
     LayerTape tape;
     linear_forward(head, h.data(), rows, logits.data(), &tape);
+    io::require_finite(logits, "lm_head's output (the logits)");
     const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
     const float* input = linear_input(head, h.data(), tape);
     report(observer, head.name, -1, rows, hidden, vocab, input, nullptr, ranges);
@@ -1011,6 +1038,7 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
     LayerTape tape;
     layer_forward(layer, layout, x.data(), next.data(), tape, nullptr, false, &state);
     release_layer(l);
+    require_finite_activations(l, "output", next.data(), n * hidden);
     x.swap(next);
   }
   state.length += n;
@@ -1020,6 +1048,7 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   std::vector<float> logits(n * config_.vocab_size);
   linear_forward(acquire_head(), h.data(), n, logits.data(), nullptr);
   release_head();
+  io::require_finite(logits, "lm_head's output (the logits)");
   return logits;
 }
 

@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "model/config.h"
@@ -31,6 +32,10 @@ struct RuntimeOptions {
   // it in micro-batches of whole sequences of at most this many rows (a longer sequence alone),
   // so one micro-batch's intermediates, not the whole batch's, are what a layer's tape costs.
   std::int64_t micro_batch_rows = 4096;
+  // Peak memory a pass may use, in bytes; 0: 80% of the machine's available memory. begin_pass
+  // refuses a pass whose estimate (runtime::estimate_pass_memory) exceeds it, with the figures,
+  // before any layer is loaded, instead of being killed part-way.
+  std::int64_t max_memory = 0;
 };
 
 // Per-prediction loss weights of one sequence computed from its own logits [rows = its length,
@@ -141,6 +146,9 @@ class Model {
   void release_layer(std::int64_t index);
   // pq::Error unless the checkpoint holds `name` with shape [rows, columns].
   void check_matrix(const std::string& name, std::int64_t rows, std::int64_t columns) const;
+  // pq::Error naming the layer when one of `count` values of its `what` is NaN or infinite.
+  void require_finite_activations(std::int64_t layer, std::string_view what, const float* values,
+                                  std::int64_t count) const;
   void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                    std::int64_t in_features, bool bias_allowed) const;
   // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.

@@ -16,7 +16,9 @@ std::vector<float> CheckpointWeightSource::load_f32(std::string_view name) const
   const io::TensorInfo& info = checkpoint_.info(name);
   PQ_CHECK(io::dtype_is_float(info.dtype), "{}: tensor {} has dtype {}, expected a float type",
            checkpoint_.directory().string(), name, io::dtype_name(info.dtype));
-  return checkpoint_.to_f32(name);
+  std::vector<float> values = checkpoint_.to_f32(name);
+  io::require_finite(values, fmt::format("tensor {}", name));
+  return values;
 }
 
 namespace {
@@ -60,6 +62,7 @@ std::vector<float> CheckpointWeightSource::load_rows_f32(std::string_view name,
                       view.bytes.subspan(static_cast<std::size_t>(rows[i]) * row_bytes, row_bytes),
                       {out.data() + i * columns, static_cast<std::size_t>(columns)});
   }
+  io::require_finite(out, fmt::format("tensor {} (rows looked up)", name));
   return out;
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/error.h"
 
@@ -105,6 +106,41 @@ TEST(DType, DecodeRejectsIntegersAndSizeMismatch) {
   float out[1];
   EXPECT_THROW(decode_to_f32(DType::I32, bytes, out), Error);
   EXPECT_THROW(decode_to_f32(DType::F16, bytes, out), Error);
+}
+
+TEST(DType, FirstNonFiniteFindsEveryKindAtAnyPlace) {
+  std::vector<float> values(3000);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    values[i] = static_cast<float>(i % 7) - 3.0f;
+  }
+  // Extremes that are still finite.
+  values[5] = std::numeric_limits<float>::max();
+  values[6] = -std::numeric_limits<float>::max();
+  values[7] = std::numeric_limits<float>::denorm_min();
+  EXPECT_EQ(first_non_finite(values), values.size());
+  EXPECT_EQ(first_non_finite({}), 0u);
+  const float specials[] = {
+      std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+      std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  // First, last, and on both sides of the 1024-element blocks of the fast scan.
+  for (const std::size_t at : {std::size_t{0}, std::size_t{1023}, std::size_t{1024},
+                               std::size_t{2047}, std::size_t{2999}}) {
+    for (const float special : specials) {
+      std::vector<float> damaged = values;
+      damaged[at] = special;
+      EXPECT_EQ(first_non_finite(damaged), at) << special << " at " << at;
+      if (at + 5 < damaged.size()) damaged[at + 5] = special;
+      EXPECT_EQ(first_non_finite(damaged), at);
+    }
+  }
+  std::vector<float> damaged = values;
+  damaged[1500] = std::numeric_limits<float>::infinity();
+  try {
+    require_finite(damaged, "tensor w");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "tensor w holds a non-finite value (inf at element 1500 of 3000)");
+  }
 }
 
 }  // namespace
