@@ -13,6 +13,7 @@
 #include <set>
 #include <system_error>
 
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/interrupt.h"
@@ -415,6 +416,14 @@ void remove_interrupted_exports(const fs::path& location) {
   }
 }
 
+std::uint64_t export_disk_need(std::uint64_t tensor_bytes, std::uint64_t max_shard_bytes) {
+  // io::SafetensorsWriter stages the open shard's data in a spool and copies it behind the header
+  // on commit, so one shard exists twice for a moment; an existing checkpoint being replaced stays
+  // until the new one is complete. Headers, config and model card fit in the 64 MiB allowance.
+  constexpr std::uint64_t kAllowance = 64ull << 20;
+  return tensor_bytes + std::min(tensor_bytes, max_shard_bytes) + kAllowance;
+}
+
 ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rounding) {
   // "DIR/" names DIR: staging and renames work on the directory's own name.
   ExportJob job = requested;
@@ -439,6 +448,10 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   const bool replace = fs::exists(job.out);
   PQ_CHECK(!replace || job.force, "{} already exists (use --force to replace it)",
            job.out.string());
+  require_disk_space(job.out,
+                     export_disk_need(assignment.totals.checkpoint_bytes, job.max_shard_bytes),
+                     "the checkpoint (its tensors, one shard's data staged while that shard is "
+                     "written, and headers)");
 
   StagingDir staging(make_staging_dir(job.out, ".tmp-XXXXXX"));
   ExportSummary summary;

@@ -70,6 +70,10 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
 // removed. Only a run holding out's LocationLock may call it (run_export does).
 void remove_interrupted_exports(const std::filesystem::path& out);
 
+// Disk an export needs beside its output for a checkpoint of `tensor_bytes` in shards of at most
+// `max_shard_bytes`, checked before it writes anything.
+std::uint64_t export_disk_need(std::uint64_t tensor_bytes, std::uint64_t max_shard_bytes);
+
 // Writes the quantized checkpoint: safetensors shards + index, config.json with
 // quantization_config, the tokenizer/generation files and a README.md model card. Everything is
 // built in a sibling temporary directory that is renamed to job.out only when complete; any error

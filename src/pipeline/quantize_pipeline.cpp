@@ -2,22 +2,103 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <exception>
+#include <set>
+#include <system_error>
 
 #include "alloc/budget.h"
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/location_lock.h"
 #include "common/progress.h"
 #include "export/gptq.h"
 #include "formats/weight_format.h"
+#include "io/safetensors_writer.h"
+#include "model/model_spec.h"
 #include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
 
 namespace pq::pipeline {
 
 namespace {
+
+// A work directory this run creates goes again if the run fails before finishing any work worth
+// resuming (a probe step or more): an early failure leaves no trace (issue 13).
+class NewWorkDirectory {
+ public:
+  explicit NewWorkDirectory(std::filesystem::path work)
+      : work_(std::move(work)), created_(!std::filesystem::exists(work_)) {}
+  ~NewWorkDirectory() {
+    if (!created_ || std::uncaught_exceptions() == 0) return;
+    std::error_code ec;
+    const std::filesystem::path probe = work_ / "probe";
+    if (std::filesystem::exists(probe / "probe.json", ec) ||
+        std::filesystem::exists(probe / "pass" / "state.json", ec)) {
+      return;
+    }
+    std::filesystem::remove_all(work_, ec);
+  }
+  NewWorkDirectory(const NewWorkDirectory&) = delete;
+  NewWorkDirectory& operator=(const NewWorkDirectory&) = delete;
+
+ private:
+  std::filesystem::path work_;
+  bool created_;
+};
+
+std::uint64_t bytes_under(const std::filesystem::path& dir) {
+  std::uint64_t bytes = 0;
+  std::error_code ec;
+  for (std::filesystem::recursive_directory_iterator it(dir, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    if (it->is_regular_file(ec)) bytes += it->file_size(ec);
+  }
+  return bytes;
+}
+
+// Disk the run will fill, checked before it probes (issue 13): the checkpoint at the largest
+// budget it may ship (the candidate Linears at that many bits per parameter, every other tensor as
+// stored) with export's staging, and the rounded Linears kept in WORK/render, less what a
+// previous run already rendered there. The probe checks its own pass when it starts.
+void require_disk_for_outputs(const QuantizeJob& job, const std::filesystem::path& work) {
+  const model::ModelSpec spec = model::load_model_spec(job.model);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  std::uint64_t params = 0;
+  std::uint64_t stored_bytes = 0;  // the candidates' weight tensors as the source stores them
+  std::set<std::string> stored;
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.is_candidate) continue;
+    params += static_cast<std::uint64_t>(linear.numel());
+    if (stored.insert(linear.weight_tensor).second) {
+      stored_bytes += checkpoint.info(linear.weight_tensor).nbytes();
+    }
+  }
+  std::vector<std::string> budgets = {job.target_bits};
+  if (job.select == "scout") {
+    budgets.insert(budgets.end(), job.scout_budgets.begin(), job.scout_budgets.end());
+  }
+  std::uint64_t quantized = 0;
+  for (const std::string& budget : budgets) {
+    quantized = std::max(quantized, alloc::parse_bits_target(budget).budget_bytes(params));
+  }
+  const std::uint64_t checkpoint_bytes = checkpoint.total_tensor_bytes() -
+                                         std::min(stored_bytes, checkpoint.total_tensor_bytes()) +
+                                         quantized;
+  const std::uint64_t out_need =
+      exporter::export_disk_need(checkpoint_bytes, io::ShardedWriterOptions{}.max_shard_bytes);
+  const std::uint64_t render_need = quantized - std::min(quantized, bytes_under(work / "render"));
+  if (same_filesystem(job.out, work)) {
+    require_disk_space(job.out, out_need + render_need,
+                       "quantize (the checkpoint, and its rounded Linears in the work directory)");
+  } else {
+    require_disk_space(job.out, out_need, "quantize's checkpoint");
+    require_disk_space(work, render_need, "quantize's rounded Linears (WORK/render)");
+  }
+}
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -70,6 +151,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   exporter::remove_interrupted_exports(job.out);
   PQ_CHECK(job.force || !std::filesystem::exists(job.out),
            "{} already exists (use --force to replace it)", job.out.string());
+  const NewWorkDirectory new_work(work);
+  require_disk_for_outputs(job, work);
   QuantizeOutcome outcome;
 
   auto start = std::chrono::steady_clock::now();
