@@ -10,50 +10,17 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli/cli_runner.h"
 #include "support/test_support.h"
 
 namespace pq {
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
-// Runs prismaquant with `args` (already shell-quoted) and captures stdout, stderr and status.
-RunResult run_prismaquant(const std::string& args) {
-  test::TempDir dir;
-  const std::string command = fmt::format("'{}' {} > '{}' 2> '{}'", PQ_PRISMAQUANT_PATH, args,
-                                          (dir / "out").string(), (dir / "err").string());
-  const int status = std::system(command.c_str());
-  RunResult result;
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  result.out = read_file(dir / "out");
-  result.err = read_file(dir / "err");
-  return result;
-}
-
-std::string quoted(const std::filesystem::path& path) {
-  return fmt::format("'{}'", path.string());
-}
-
-// stderr holds exactly one line, "prismaquant: error: <what>".
-void expect_one_line_error(const RunResult& result, const std::string& fragment) {
-  EXPECT_NE(result.exit_code, 0);
-  EXPECT_TRUE(result.out.empty()) << result.out;
-  ASSERT_FALSE(result.err.empty());
-  EXPECT_EQ(result.err.find('\n'), result.err.size() - 1) << result.err;
-  EXPECT_TRUE(result.err.starts_with("prismaquant: error: ")) << result.err;
-  EXPECT_NE(result.err.find(fragment), std::string::npos) << result.err;
-}
+using test::expect_one_line_error;
+using test::quoted;
+using test::read_file;
+using test::run_prismaquant;
+using test::RunResult;
 
 TEST(InspectCli, JsonOnQwen3MoeTiny) {
   PQ_REQUIRE_SHARED();

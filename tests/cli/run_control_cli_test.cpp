@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli/cli_runner.h"
 #include "support/test_support.h"
 
 namespace pq {
@@ -24,12 +25,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
+using test::read_file;
 
 // A prismaquant process with its stdout and stderr in files.
 class ChildRun {
