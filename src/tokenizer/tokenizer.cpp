@@ -842,6 +842,16 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
     }
     impl->parse_post_processor(root.value("post_processor", Json()));
     impl->build_token_table();
+    // encode() emits these ids; one that names no token would be past the end of the model's
+    // embedding and could not be decoded.
+    for (const auto* ids : {&impl->prefix_ids, &impl->suffix_ids}) {
+      for (const std::int32_t id : *ids) {
+        PQ_CHECK(id < static_cast<std::int32_t>(impl->tokens.size()) && impl->has_token[id],
+                 "{}: the post_processor adds id {}, which is neither in the vocabulary nor an "
+                 "added token",
+                 path, id);
+      }
+    }
 
     const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
     if (std::filesystem::exists(config_path)) {

@@ -383,6 +383,13 @@ TEST(Errors, TokenIdsMustBeIntegersInRange) {
                  [-7]}}}, )" +
                    model + "}",
                "special token '<s>' has id -7");
+  // A post-processor id must name a token: encode() would emit an id it cannot decode.
+  expect_error(R"({"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken":
+                 {"id": "<s>"}}, {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"ids":
+                 [5000]}}}, )" +
+                   model + "}",
+               "the post_processor adds id 5000, which is neither in the vocabulary nor an added "
+               "token");
   // The largest id allowed still loads.
   write_text_file_atomic(path, with_b_id("16777215"));
   EXPECT_EQ(Tokenizer::load(path).token_to_id("b"), 16777215);
