@@ -10,7 +10,7 @@
 //      over a fixed one-layer Llama spec, as a resumed probe reads its finished parts.
 // The readers must throw pq::Error or return something consistent (checked here, abort
 // otherwise); every value an accepted probe exposes is read, so AddressSanitizer sees any span
-// that points outside its file.
+// that points outside its file and UndefinedBehaviorSanitizer any misaligned float.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -80,6 +80,24 @@ void assignment(std::string_view text) {
   }
 }
 
+void check_probe(const pq::probe::ProbeResult& probe, float& sum) {
+  for (const auto& linear : probe.linears()) {
+    if (&probe.linear(linear.name) != &linear || linear.out_features <= 0 ||
+        linear.in_features <= 0 || linear.tokens < 0 || !(linear.fisher_trace >= 0.0)) {
+      std::abort();
+    }
+    const auto in = static_cast<std::uint64_t>(linear.in_features);
+    const auto hessian = probe.hessian(linear.input_key);
+    const auto moments = probe.act_second_moment(linear.input_key);
+    if (hessian.size() != in * in || moments.size() != in ||
+        probe.input_tokens(linear.input_key) < 0 || !(probe.input_amax(linear.input_key) >= 0.0f)) {
+      std::abort();
+    }
+    for (const float value : hessian) sum += value;
+    for (const float value : moments) sum += value;
+  }
+}
+
 void probe_result(std::string_view bytes) {
   const fs::path dir = directory() / "probe";
   fs::create_directories(dir);
@@ -87,20 +105,14 @@ void probe_result(std::string_view bytes) {
   write_file(dir / "probe.json", bytes.substr(0, split));
   write_file(dir / "probe.layer-0000.safetensors", bytes.substr(std::min(split + 1, bytes.size())));
   const auto probe = pq::probe::ProbeResult::read(dir);
+  if (probe.sequences() < 0) std::abort();
+  // read() promises every statistic the stages ask for, with the Linear's widths: an accessor that
+  // throws after read() accepted the directory is a finding too.
   float sum = 0.0f;
-  for (const auto& linear : probe.linears()) {
-    if (&probe.linear(linear.name) != &linear) std::abort();
-    const auto hessian = probe.hessian(linear.input_key);
-    const auto in = static_cast<std::uint64_t>(linear.in_features);
-    if (hessian.size() != in * in) std::abort();
-    for (const float value : hessian) sum += value;
-    try {
-      for (const float value : probe.act_second_moment(linear.input_key)) sum += value;
-      sum += probe.input_amax(linear.input_key);
-      probe.input_tokens(linear.input_key);
-    } catch (const pq::Error&) {
-      // An input the file does not describe is reported by the accessor, not by read().
-    }
+  try {
+    check_probe(probe, sum);
+  } catch (const pq::Error&) {
+    std::abort();
   }
   static volatile float sink;
   sink = sum;  // keeps the reads

@@ -173,7 +173,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       config->num_attention_heads <= 0 || config->num_key_value_heads <= 0 ||
       config->head_dim <= 0 || config->vocab_size <= 0 ||
       config->num_attention_heads % config->num_key_value_heads != 0 ||
-      config->num_experts_per_tok > config->num_experts) {
+      config->num_experts_per_tok > config->num_experts || !(config->rms_norm_eps >= 0.0) ||
+      !(config->rms_norm_eps <= 1.0) || !(config->rope_theta > 0.0) ||
+      (config->rope_scaling.type != "default" && !(config->rope_scaling.factor > 0.0))) {
     std::abort();
   }
   for (const pq::model::ArchitectureProfile* profile : pq::model::all_profiles()) {
