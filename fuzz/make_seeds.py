@@ -166,7 +166,7 @@ def byte_level_tokenizer():
 
 
 def shrink(tokenizer, keep_ids):
-    """The tokenizer with its vocabulary cut to ids below keep_ids and the merges that stay valid."""
+    """The tokenizer with its vocabulary cut to ids below keep_ids and the merges still valid."""
     model = tokenizer["model"]
     vocab = {token: i for token, i in model["vocab"].items() if i < keep_ids}
     merges = []
@@ -261,7 +261,8 @@ def probe_json(moe):
         "linears": [{"name": name, "shape": shape, "input_key": key, "fisher_trace": 0.25,
                      "tokens": 64, "act_second_moment": {"mean": 0.125, "min": 0.125, "max": 0.125}}
                     for name, key, shape in PART_LINEARS],
-        "inputs": [{"key": key, "in_features": 8, "tokens": 64, "amax": 3.5} for key in PART_INPUTS],
+        "inputs": [{"key": key, "in_features": 8, "tokens": 64, "amax": 3.5}
+                   for key in PART_INPUTS],
         "moe": moe,
     }
 
