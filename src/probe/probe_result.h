@@ -39,6 +39,10 @@ struct ProbedRouting {
 // A finished probe, read back: probe.json in memory, its parts' safetensors files mapped.
 class ProbeResult {
  public:
+  // Reads probe_dir/probe.json and maps the files it lists. Its integers must be exact and within
+  // bounds, its Linears and inputs listed once, and every Linear's input described in "inputs" with
+  // a Hessian [in, in] and second moments [in] (F32, 4-byte aligned) in the files; anything else
+  // is a pq::Error naming probe.json, so the accessors below never fail for a listed Linear.
   static ProbeResult read(const std::filesystem::path& probe_dir);
 
   const std::string& model() const { return model_; }
