@@ -194,6 +194,13 @@ CostOutcome run_cost(const CostJob& job) {
       stats.act_second_moment = probed.act_second_moment(key);
       stats.hessian = probed.hessian(key);
       stats.tokens = probed.input_tokens(key);
+      // A probe of another checkpoint can name the same Linears with other widths; its
+      // statistics would be read past their end.
+      const auto in = static_cast<std::size_t>(spec.linears[members.front()].in_features);
+      PQ_CHECK(stats.act_second_moment.size() == in && stats.hessian.size() == in * in,
+               "{}: the probe measured input {} with {} features, but {} takes {} (a probe of "
+               "another model?)",
+               job.probe.string(), key, stats.act_second_moment.size(), job.model.string(), in);
       for (std::size_t m = 0; m < members.size(); ++m) {
         const model::Linear& linear = spec.linears[members[m]];
         const formats::Shape2D shape{linear.out_features, linear.in_features};

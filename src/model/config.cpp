@@ -89,9 +89,23 @@ RopeScaling parse_rope_scaling(const json& j, const std::string& label) {
   r.beta_fast = optional_field<double>(s, "beta_fast", label).value_or(32.0);
   r.beta_slow = optional_field<double>(s, "beta_slow", label).value_or(1.0);
   r.attention_factor = optional_field<double>(s, "attention_factor", label);
+  r.mscale = optional_field<double>(s, "mscale", label);
+  r.mscale_all_dim = optional_field<double>(s, "mscale_all_dim", label);
+  r.truncate = optional_field<bool>(s, "truncate", label).value_or(true);
   static const std::vector<std::string> kKnown = {"default", "linear", "dynamic", "llama3", "yarn"};
   PQ_CHECK(std::find(kKnown.begin(), kKnown.end(), r.type) != kKnown.end(),
-           "{}: unsupported rope_scaling type \"{}\"", label, r.type);
+           "{}: unsupported rope_scaling type {}", label, quoted_json_string(r.type));
+  // The frequencies are divided by factor, and the llama3 and yarn ramps divide by
+  // low_freq_factor and take logarithms of the beta rotation counts (transformers
+  // modeling_rope_utils.py); zero or negative values make them infinite or NaN.
+  if (r.type != "default") {
+    PQ_CHECK(r.factor > 0.0, "{}: rope_scaling factor {} is not positive", label, r.factor);
+  }
+  PQ_CHECK(r.type != "llama3" || r.low_freq_factor > 0.0,
+           "{}: rope_scaling low_freq_factor {} is not positive", label, r.low_freq_factor);
+  PQ_CHECK(r.type != "yarn" || (r.beta_fast > 0.0 && r.beta_slow > 0.0),
+           "{}: rope_scaling beta_fast {} and beta_slow {} must be positive", label, r.beta_fast,
+           r.beta_slow);
   return r;
 }
 
@@ -130,8 +144,19 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   c.max_position_embeddings =
       optional_integer(j, "max_position_embeddings", label, 0, kMaxPositions).value_or(0);
   c.rms_norm_eps = optional_field<double>(j, "rms_norm_eps", label).value_or(1e-6);
+  // RMSNorm divides by sqrt(mean(x^2) + eps), with eps as a float, and RoPE raises rope_theta to
+  // negative powers (and yarn takes its logarithm): a negative eps or a theta <= 0 (<= 1 for yarn)
+  // gives NaN logits, and an eps beyond float range is no float. Real models use 1e-5 or 1e-6.
+  PQ_CHECK(c.rms_norm_eps >= 0.0 && c.rms_norm_eps <= 1.0, "{}: rms_norm_eps {} is outside [0, 1]",
+           label, c.rms_norm_eps);
   c.rope_theta = optional_field<double>(j, "rope_theta", label).value_or(10000.0);
+  PQ_CHECK(c.rope_theta > 0.0, "{}: rope_theta {} is not positive", label, c.rope_theta);
   c.rope_scaling = parse_rope_scaling(j, label);
+  PQ_CHECK(c.rope_scaling.type != "yarn" || c.rope_theta > 1.0,
+           "{}: yarn rope_scaling needs rope_theta > 1, got {}", label, c.rope_theta);
+  c.partial_rotary_factor = optional_field<double>(j, "partial_rotary_factor", label).value_or(1.0);
+  c.hidden_act = optional_field<std::string>(j, "hidden_act", label).value_or("silu");
+  c.max_window_layers = optional_integer(j, "max_window_layers", label, 0, kMaxCount);
   c.tie_word_embeddings = optional_field<bool>(j, "tie_word_embeddings", label).value_or(false);
   c.attention_bias = optional_field<bool>(j, "attention_bias", label).value_or(false);
   c.mlp_bias = optional_field<bool>(j, "mlp_bias", label).value_or(false);

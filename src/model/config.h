@@ -20,6 +20,9 @@ struct RopeScaling {
   double beta_fast = 32.0;                            // yarn
   double beta_slow = 1.0;                             // yarn
   std::optional<double> attention_factor;             // yarn (mscale)
+  std::optional<double> mscale;                       // yarn, DeepSeek-style configs
+  std::optional<double> mscale_all_dim;               // yarn, DeepSeek-style configs
+  bool truncate = true;                               // yarn: round the correction range
 };
 
 // The fields of a Hugging Face config.json that the inventory and the runtime use. Parsed once,
@@ -38,6 +41,11 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
+  double partial_rotary_factor = 1.0;  // share of head_dim that is rotated
+  std::string hidden_act = "silu";
+  // Qwen2/Qwen3: layers from this one on use the sliding window (transformers
+  // configuration_qwen2.py layer_types); unset: none of them.
+  std::optional<std::int64_t> max_window_layers;
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v (and o for Llama) carry biases
   bool mlp_bias = false;

@@ -5,6 +5,7 @@
 #include <array>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 #include "model/profile.h"
 #include "model/profiles/profiles.h"
 
@@ -51,8 +52,8 @@ const ArchitectureProfile* find_profile(std::string_view architecture) {
 
 const ArchitectureProfile& require_profile(std::string_view architecture, std::string_view label) {
   const ArchitectureProfile* profile = find_profile(architecture);
-  PQ_CHECK(profile != nullptr, "{}: unsupported architecture \"{}\"; supported: {}", label,
-           architecture, fmt::join(supported_architectures(), ", "));
+  PQ_CHECK(profile != nullptr, "{}: unsupported architecture {}; supported: {}", label,
+           quoted_json_string(architecture), fmt::join(supported_architectures(), ", "));
   return *profile;
 }
 

@@ -1,11 +1,13 @@
 #include "probe/probe_accumulator.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstring>
 #include <span>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 #include "probe/input_key.h"
 #include "runtime/kernels/gemm.h"
 
@@ -210,13 +212,20 @@ void ProbeAccumulator::load(const io::SafetensorsFile& file) {
   for (const io::TensorInfo& info : file.tensors()) {
     if (!info.name.starts_with(prefix)) continue;
     const std::string suffix = info.name.substr(prefix.size());
+    // The suffix is the layer number save() wrote; std::stoll would throw std::invalid_argument
+    // (not pq::Error) for any other text and accept "7x".
+    std::int64_t layer = -1;
+    const auto [end, error] = std::from_chars(suffix.data(), suffix.data() + suffix.size(), layer);
+    PQ_CHECK(error == std::errc() && end == suffix.data() + suffix.size() && layer >= 0,
+             "{}: tensor {} does not name a layer", file.path().string(),
+             quoted_json_string(info.name));
     const auto header = read_tensor<std::int64_t>(file, info.name, io::DType::I64, 2);
     const io::TensorInfo* counts = file.find("route_counts." + suffix);
     PQ_CHECK(counts != nullptr && counts->shape.size() == 1, "{}: route_counts.{} is missing",
              file.path().string(), suffix);
     const auto experts = static_cast<std::size_t>(counts->shape[0]);
-    RoutingSums& sums = routing_[std::stoll(suffix)];
-    sums.layer = std::stoll(suffix);
+    RoutingSums& sums = routing_[layer];
+    sums.layer = layer;
     sums.top_k = header[0];
     sums.tokens = header[1];
     sums.route_counts =

@@ -278,6 +278,15 @@ std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int
                                           std::int64_t new_tokens,
                                           std::span<const std::int64_t> stop_tokens) {
   PQ_CHECK(!prompt.empty(), "generation needs a non-empty prompt");
+  // Positions past max_position_embeddings are ones the model never saw; and a prompt that long
+  // (a tokenizer.json can make a few words into 100,000 tokens) would cost a quadratic attention
+  // pass before the first token.
+  const std::int64_t context = model.config().max_position_embeddings;
+  const auto length = static_cast<std::int64_t>(prompt.size()) + new_tokens;
+  PQ_CHECK(context == 0 || length <= context,
+           "a prompt of {} tokens and {} new tokens exceed the model's context "
+           "(max_position_embeddings {})",
+           prompt.size(), new_tokens, context);
   const std::int64_t vocab = model.config().vocab_size;
   DecodeState state;
   std::vector<float> logits = model.extend(state, prompt);

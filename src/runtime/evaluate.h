@@ -118,7 +118,8 @@ class ReferenceLogits {
 EvalResult evaluate(Model& model, const ReferenceLogits& reference);
 
 // Greedy decoding: appends the arg-max token `new_tokens` times (stopping after a token in
-// `stop_tokens`), with a key/value cache (Model::extend). Returns only the new tokens.
+// `stop_tokens`), with a key/value cache (Model::extend). Returns only the new tokens; pq::Error
+// when the prompt and the new tokens exceed max_position_embeddings (where the config gives it).
 std::vector<std::int32_t> greedy_generate(Model& model, std::span<const std::int32_t> prompt,
                                           std::int64_t new_tokens,
                                           std::span<const std::int64_t> stop_tokens = {});

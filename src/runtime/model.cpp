@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "common/json_reader.h"
 #include "io/dtype.h"
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/gemm.h"
@@ -129,10 +130,10 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
                                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                       "Qwen3MoeForCausalLM"};
   PQ_CHECK(std::find(kSupported.begin(), kSupported.end(), arch) != kSupported.end(),
-           "architecture {} is not supported by the runtime (supported: {})", arch,
-           fmt::join(kSupported, ", "));
-  const std::string act = config_.raw.value("hidden_act", std::string("silu"));
-  PQ_CHECK(act == "silu", "{}: hidden_act \"{}\" is not supported (only silu)", arch, act);
+           "architecture {} is not supported by the runtime (supported: {})",
+           quoted_json_string(arch), fmt::join(kSupported, ", "));
+  PQ_CHECK(config_.hidden_act == "silu", "{}: hidden_act {} is not supported (only silu)", arch,
+           quoted_json_string(config_.hidden_act));
   PQ_CHECK(config_.num_experts == 0 || arch == "Qwen3MoeForCausalLM",
            "{}: num_experts is set but the architecture has no MoE support", arch);
   PQ_CHECK(options_.logits_block_rows > 0, "logits_block_rows must be positive");
@@ -211,7 +212,7 @@ std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
     // Qwen2/Qwen3 slide only from layer max_window_layers on (transformers
     // configuration_qwen2.py layer_types); Mistral slides on every layer.
     const bool qwen = c.architecture.rfind("Qwen", 0) == 0;
-    const std::int64_t first = qwen ? c.raw.value("max_window_layers", c.num_hidden_layers) : 0;
+    const std::int64_t first = qwen ? c.max_window_layers.value_or(c.num_hidden_layers) : 0;
     if (index >= first) layer->sliding_window = *c.sliding_window;
   }
 

@@ -48,7 +48,6 @@ void apply_llama3(const model::RopeScaling& s, std::vector<double>& inv_freq,
 // given by beta_fast/beta_slow; cos/sin are scaled by attention_factor.
 double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<double>& inv_freq) {
   const model::RopeScaling& s = c.rope_scaling;
-  const nlohmann::json& params = c.raw.at("rope_scaling");
   double factor = s.factor;
   double original_max = static_cast<double>(c.max_position_embeddings);
   if (s.original_max_position_embeddings > 0) {
@@ -62,9 +61,8 @@ double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<dou
   double attention_factor;
   if (s.attention_factor.has_value()) {
     attention_factor = *s.attention_factor;
-  } else if (params.value("mscale", 0.0) != 0.0 && params.value("mscale_all_dim", 0.0) != 0.0) {
-    attention_factor = get_mscale(factor, params["mscale"].get<double>()) /
-                       get_mscale(factor, params["mscale_all_dim"].get<double>());
+  } else if (s.mscale.value_or(0.0) != 0.0 && s.mscale_all_dim.value_or(0.0) != 0.0) {
+    attention_factor = get_mscale(factor, *s.mscale) / get_mscale(factor, *s.mscale_all_dim);
   } else {
     attention_factor = get_mscale(factor, 1.0);
   }
@@ -76,7 +74,7 @@ double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<dou
   };
   double low = correction_dim(s.beta_fast);
   double high = correction_dim(s.beta_slow);
-  if (params.value("truncate", true)) {
+  if (s.truncate) {
     low = std::floor(low);
     high = std::ceil(high);
   }
@@ -97,8 +95,8 @@ double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<dou
 
 RopeFrequencies rope_frequencies(const model::ModelConfig& c, std::int64_t seq_len) {
   const std::string label = "config.json of " + c.architecture;
-  const double partial = c.raw.value("partial_rotary_factor", 1.0);
-  PQ_CHECK(partial == 1.0, "{}: partial_rotary_factor {} is not supported", label, partial);
+  PQ_CHECK(c.partial_rotary_factor == 1.0, "{}: partial_rotary_factor {} is not supported", label,
+           c.partial_rotary_factor);
   PQ_CHECK(c.head_dim % 2 == 0, "{}: head_dim {} must be even for rotary embeddings", label,
            c.head_dim);
   const std::int64_t dim = c.head_dim;

@@ -178,7 +178,10 @@ Scout::Scout(const ScoutJob& job)
   table_ = alloc::read_cost_table(cost_path);
   const json cost_doc = read_json_file(cost_path);
   if (cost_doc.contains("meta") && cost_doc["meta"].contains("objective")) {
-    objective_ = cost::objective_by_name(cost_doc["meta"]["objective"].get<std::string>());
+    const json& objective = cost_doc["meta"]["objective"];
+    // get<std::string>() of another type would throw nlohmann's type_error, not a pq::Error.
+    PQ_CHECK(objective.is_string(), "{}: meta.objective is not a string", cost_path.string());
+    objective_ = cost::objective_by_name(objective.get<std::string>());
   }
   if (job.formats.empty()) {
     menu_.resize(table_.formats.size());

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <variant>
 
 #include "common/error.h"
@@ -61,17 +62,31 @@ Regex compile_pattern(const Json& pattern, const std::string& where) {
   return Regex(escaped);
 }
 
+// How much longer the normalizers may make a text, and a Replace decoder a token: NFKC and NFKD
+// lengthen UTF-8 text at most 11 times (Unicode Standard Annex #15, "Maximum Expansion Factors"),
+// and the Prepend and Replace steps of real files add one character or turn one into a few bytes.
+// A file that lengthens text further (a Replace whose content is kilobytes long) would have a
+// short input encoded as gigabytes, so this is an error naming the file.
+constexpr std::size_t kMaxGrowth = 64;
+
+std::size_t growth_limit(std::size_t size) {
+  return kMaxGrowth * (size + 1);
+}
+
 // Replaces every match of `regex` in `text` by `content` (normalizers/replace.rs,
-// decoders: Replace).
-std::string replace_all(const Regex& regex, std::string_view text, std::string_view content) {
+// decoders: Replace); nullopt as soon as the result would be longer than max_size bytes.
+std::optional<std::string> replace_all(const Regex& regex, std::string_view text,
+                                       std::string_view content, std::size_t max_size) {
   std::string out;
   out.reserve(text.size());
   std::size_t copied = 0;
   for (const auto& [begin, end] : regex.find_all(text)) {
+    if (out.size() + (begin - copied) + content.size() > max_size) return std::nullopt;
     out.append(text.substr(copied, begin - copied));
     out.append(content);
     copied = end;
   }
+  if (out.size() + (text.size() - copied) > max_size) return std::nullopt;
   out.append(text.substr(copied));
   return out;
 }
@@ -113,16 +128,28 @@ void parse_normalizer(const Json& node, const std::string& where, std::vector<No
   }
 }
 
-std::string apply_normalizers(const std::vector<Normalizer>& normalizers, std::string text) {
+std::string apply_normalizers(const std::vector<Normalizer>& normalizers, std::string text,
+                              const std::string& path) {
+  const std::size_t input = text.size();
+  const std::size_t limit = growth_limit(input);
+  const auto too_long = [&] {
+    fail("{}: the normalizers lengthen {} bytes of text past {} bytes ({} times as long)", path,
+         input, limit, kMaxGrowth);
+  };
   for (const Normalizer& step : normalizers) {
     if (const auto* unicode = std::get_if<UnicodeNormalizer>(&step)) {
       text = normalize(text, unicode->form);
+      if (text.size() > limit) too_long();
     } else if (const auto* prepend = std::get_if<PrependNormalizer>(&step)) {
       // normalizers/prepend.rs: only non-empty text gets the prefix.
-      if (!text.empty()) text.insert(0, prepend->prefix);
+      if (text.empty()) continue;
+      if (text.size() + prepend->prefix.size() > limit) too_long();
+      text.insert(0, prepend->prefix);
     } else {
       const auto& replace = std::get<ReplaceStep>(step);
-      text = replace_all(replace.pattern, text, replace.content);
+      auto replaced = replace_all(replace.pattern, text, replace.content, limit);
+      if (!replaced) too_long();
+      text = std::move(*replaced);
     }
   }
   return text;
@@ -417,7 +444,8 @@ int byte_fallback_value(std::string_view token) {
   return value;
 }
 
-std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::string> tokens) {
+std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::string> tokens,
+                                       const std::string& path) {
   if (std::holds_alternative<ByteLevelDecoder>(decoder)) {
     // decoders: ByteLevel maps each character back to its byte; a token with a character outside
     // the alphabet (an added token such as "<think>" is inside it) keeps its UTF-8 bytes.
@@ -440,8 +468,14 @@ std::vector<std::string> apply_decoder(const Decoder& decoder, std::vector<std::
     return {to_valid_utf8(bytes)};
   }
   if (const auto* replace = std::get_if<ReplaceStep>(&decoder)) {
-    for (std::string& token : tokens)
-      token = replace_all(replace->pattern, token, replace->content);
+    for (std::string& token : tokens) {
+      auto replaced =
+          replace_all(replace->pattern, token, replace->content, growth_limit(token.size()));
+      PQ_CHECK(replaced.has_value(),
+               "{}: the Replace decoder lengthens a token of {} bytes more than {} times", path,
+               token.size(), kMaxGrowth);
+      token = std::move(*replaced);
+    }
     return tokens;
   }
   if (std::holds_alternative<ByteFallbackDecoder>(decoder)) {
@@ -658,7 +692,7 @@ struct Tokenizer::Impl {
 
   // Encodes a piece of text that lies between added tokens; at_origin: it starts the input.
   void encode_text(std::string_view text, bool at_origin, std::vector<std::int32_t>& ids) const {
-    const std::string normalized = apply_normalizers(normalizers, std::string(text));
+    const std::string normalized = apply_normalizers(normalizers, std::string(text), path);
     for (const Segment& segment : split_added_tokens(normalized, normalized_matcher, added)) {
       if (segment.added >= 0) {
         ids.push_back(added[segment.added].id);
@@ -808,6 +842,16 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
     }
     impl->parse_post_processor(root.value("post_processor", Json()));
     impl->build_token_table();
+    // encode() emits these ids; one that names no token would be past the end of the model's
+    // embedding and could not be decoded.
+    for (const auto* ids : {&impl->prefix_ids, &impl->suffix_ids}) {
+      for (const std::int32_t id : *ids) {
+        PQ_CHECK(id < static_cast<std::int32_t>(impl->tokens.size()) && impl->has_token[id],
+                 "{}: the post_processor adds id {}, which is neither in the vocabulary nor an "
+                 "added token",
+                 path, id);
+      }
+    }
 
     const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
     if (std::filesystem::exists(config_path)) {
@@ -863,7 +907,9 @@ std::string Tokenizer::decode(std::span<const std::int32_t> ids, bool skip_speci
     }
     return joined;
   }
-  for (const Decoder& decoder : impl_->decoders) tokens = apply_decoder(decoder, std::move(tokens));
+  for (const Decoder& decoder : impl_->decoders) {
+    tokens = apply_decoder(decoder, std::move(tokens), impl_->path);
+  }
   std::string text;
   for (const std::string& token : tokens) text += token;
   return text;

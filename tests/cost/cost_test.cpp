@@ -1,4 +1,5 @@
 #include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,10 +9,12 @@
 #include <random>
 
 #include "alloc/cost_table.h"
+#include "common/error.h"
 #include "common/file_util.h"
 #include "cost/cost_stage.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
+#include "io/safetensors_writer.h"
 #include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
@@ -179,6 +182,62 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
   EXPECT_TRUE(run_cost(job).reused);
   job.formats = {"NVFP4", "BF16"};
   EXPECT_FALSE(run_cost(job).reused);
+}
+
+// A probe of another checkpoint can name the same Linears with other widths (here layer 0's
+// q/k/v input cut to 128 of its 256 features, probe.json agreeing, so the probe itself is
+// consistent): the stage once read the Hessian [128, 128] as [256, 256], past its end.
+TEST(CostStage, RefusesAProbeMeasuredAtOtherWidths) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
+  probe::ProbeJob probe_job;
+  probe_job.model = model_dir;
+  probe_job.data = test::wikitext_excerpt(dir);
+  probe_job.out = dir / "probe";
+  probe_job.nsamples = 2;
+  probe_job.seqlen = 64;
+  probe_job.batch_size = 2;
+  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+
+  const std::string key = "model.layers.0.self_attn.qkv_proj";
+  const std::int64_t width = 128;
+  const auto part = dir / "probe" / "probe.layer-0000.safetensors";
+  {
+    const io::SafetensorsFile file(part);
+    io::SafetensorsWriter writer(part);
+    for (const io::TensorInfo& info : file.tensors()) {
+      const auto bytes = file.view(info.name).bytes;
+      if (info.name == "hessian." + key) {
+        writer.add(info.name, info.dtype, std::vector<std::int64_t>{width, width},
+                   bytes.first(width * width * sizeof(float)));
+      } else if (info.name == "act_second_moment." + key) {
+        writer.add(info.name, info.dtype, std::vector<std::int64_t>{width},
+                   bytes.first(width * sizeof(float)));
+      } else {
+        writer.add(info.name, info.dtype, info.shape, bytes);
+      }
+    }
+    writer.commit();
+  }
+  const auto probe_json = dir / "probe" / "probe.json";
+  nlohmann::json doc = nlohmann::json::parse(read_text_file(probe_json));
+  for (auto& linear : doc["linears"]) {
+    if (linear["input_key"] == key) linear["shape"][1] = width;
+  }
+  write_text_file_atomic(probe_json, doc.dump());
+  ASSERT_EQ(probe::ProbeResult::read(dir / "probe").hessian(key).size(), 128u * 128u);
+
+  CostJob job;
+  job.model = model_dir;
+  job.probe = dir / "probe";
+  job.out = dir / "cost";
+  job.formats = {"NVFP4"};
+  EXPECT_THAT([&] { run_cost(job); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr(
+                  "the probe measured input model.layers.0.self_attn.qkv_proj with 128 features, "
+                  "but " +
+                  model_dir.string() + " takes 256 (a probe of another model?)")));
 }
 
 }  // namespace

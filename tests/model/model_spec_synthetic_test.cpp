@@ -240,6 +240,9 @@ TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
             "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM");
+  // The name is quoted as JSON: a line break in it once split the one-line error.
+  EXPECT_THAT(error_of(parse(tiny_config("Llama\nFor\x1b[31m")), llama_tensors(true)),
+              HasSubstr("unsupported architecture \"Llama\\nFor\\u001b[31m\"; supported"));
 }
 
 // Integer fields are exact JSON integers within bounds, checked before anything is sized by them:
@@ -272,6 +275,56 @@ TEST(ModelSpecSynthetic, RejectsNonIntegerAndOutOfRangeDimensions) {
   EXPECT_EQ(error_for("hidden_size", "32"),
             "config.json: field \"hidden_size\" must be an integer, got \"32\"");
   EXPECT_EQ(error_for("hidden_size", 32), "");
+}
+
+// Floating-point fields that made NaN logits (a negative rms_norm_eps, rope_theta <= 0, a zero
+// rope_scaling factor) and fields the runtime read with nlohmann's value(), which threw its
+// type_error (an "internal error") for another type; found by fuzz/mutate_inputs.py.
+TEST(ModelSpecSynthetic, RejectsValuesThatBreakTheRuntime) {
+  const auto error_for = [](const char* key, const json& value) {
+    json config = tiny_config("Qwen3ForCausalLM");
+    config[key] = value;
+    try {
+      parse(config);
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(error_for("rms_norm_eps", -1.0), "config.json: rms_norm_eps -1 is outside [0, 1]");
+  EXPECT_EQ(error_for("rms_norm_eps", 1e300), "config.json: rms_norm_eps 1e+300 is outside [0, 1]");
+  EXPECT_EQ(error_for("rms_norm_eps", 0.0), "");
+  EXPECT_EQ(error_for("rope_theta", 0.0), "config.json: rope_theta 0 is not positive");
+  EXPECT_EQ(error_for("rope_theta", -10000), "config.json: rope_theta -10000 is not positive");
+  EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "linear"}, {"factor", 0.0}}),
+            "config.json: rope_scaling factor 0 is not positive");
+  EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}, {"beta_slow", 0}}),
+            "config.json: rope_scaling beta_fast 32 and beta_slow 0 must be positive");
+  EXPECT_EQ(error_for("rope_scaling",
+                      {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", -1.0}}),
+            "config.json: rope_scaling low_freq_factor -1 is not positive");
+  EXPECT_EQ(error_for("rope_scaling", {{"type", "linear"}, {"factor", "2"}}),
+            "config.json: field \"factor\" has the wrong type");
+  EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"mscale", "1"}}),
+            "config.json: field \"mscale\" has the wrong type");
+  EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"truncate", 1}}),
+            "config.json: field \"truncate\" has the wrong type");
+  EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "longrope\n"}}),
+            "config.json: unsupported rope_scaling type \"longrope\\n\"");
+  EXPECT_EQ(error_for("hidden_act", 5), "config.json: field \"hidden_act\" has the wrong type");
+  EXPECT_EQ(error_for("partial_rotary_factor", "half"),
+            "config.json: field \"partial_rotary_factor\" has the wrong type");
+  EXPECT_EQ(error_for("max_window_layers", "28"),
+            "config.json: field \"max_window_layers\" must be an integer, got \"28\"");
+  json yarn = tiny_config("Qwen3ForCausalLM");
+  yarn["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  yarn["rope_theta"] = 1.0;
+  EXPECT_THROW(parse(yarn), Error);
+  yarn["rope_theta"] = 1e6;
+  const ModelConfig parsed = parse(yarn);
+  EXPECT_TRUE(parsed.rope_scaling.truncate);
+  EXPECT_EQ(parsed.hidden_act, "silu");
+  EXPECT_FALSE(parsed.max_window_layers.has_value());
 }
 
 TEST(ModelSpecSynthetic, RejectsMissingTensor) {

@@ -1,16 +1,21 @@
 #include "probe/probe_accumulator.h"
 
 #include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <map>
 #include <random>
 
+#include "common/error.h"
+#include "io/safetensors.h"
+#include "io/safetensors_writer.h"
 #include "model/model_spec.h"
 #include "probe/input_key.h"
 #include "runtime/model.h"
 #include "runtime/tiny_models.h"
+#include "support/test_support.h"
 
 namespace pq::probe {
 namespace {
@@ -236,6 +241,32 @@ TEST(ProbeAccumulator, MoeExpertsCountOnlyRoutedTokens) {
   }
   for (const float v : x) expected += static_cast<double>(v) * v;
   EXPECT_NEAR(trace, expected, 1e-4 * expected);
+}
+
+// A part file read back by a resumed probe names its MoE layers in tensor names
+// ("routing_header.3"); a name whose suffix is no layer number once escaped as
+// std::invalid_argument from std::stoll instead of a pq::Error.
+TEST(ProbeAccumulator, LoadRefusesARoutingTensorWithoutALayerNumber) {
+  TinyModel tiny =
+      runtime::synthetic::make_tiny_model(runtime::synthetic::tiny_config("LlamaForCausalLM"), 13);
+  const model::ModelSpec spec = spec_of(tiny);
+  test::TempDir dir;
+  const std::vector<std::int64_t> header = {2, 10};
+  const auto header_bytes = std::span(reinterpret_cast<const std::uint8_t*>(header.data()), 16);
+  for (const std::string suffix : {"x", "3x", "-1", "99999999999999999999", ""}) {
+    const auto path = dir / "part.safetensors";
+    {
+      io::SafetensorsWriter writer(path);
+      ProbeAccumulator(spec).save(writer);
+      writer.add("routing_header." + suffix, io::DType::I64, std::vector<std::int64_t>{2},
+                 header_bytes);
+      writer.commit();
+    }
+    ProbeAccumulator sums(spec);
+    EXPECT_THAT([&] { sums.load(io::SafetensorsFile(path)); },
+                ::testing::ThrowsMessage<Error>(::testing::HasSubstr("does not name a layer")))
+        << suffix;
+  }
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "io/safetensors.h"
+#include "runtime/tiny_models.h"
 #include "support/test_support.h"
 
 namespace pq::runtime {
@@ -140,6 +141,25 @@ INSTANTIATE_TEST_SUITE_P(Qwen3, FixtureModels,
                            std::replace(name.begin(), name.end(), '-', '_');
                            return name;
                          });
+
+// A tokenizer.json can make a short prompt into 100,000 tokens (a TemplateProcessing with that many
+// ids); generation refuses to run past max_position_embeddings instead of spending minutes on one
+// quadratic attention pass.
+TEST(GreedyGeneration, RefusesToRunPastTheContext) {
+  synthetic::TinyModel tiny = synthetic::make_tiny_model(
+      synthetic::tiny_config("LlamaForCausalLM", {{"max_position_embeddings", 16}}), 5);
+  Model model(tiny.config, tiny.weights, {.keep_layers_resident = true});
+  const std::vector<std::int32_t> prompt(12, 3);
+  EXPECT_EQ(greedy_generate(model, prompt, 4).size(), 4u);
+  try {
+    greedy_generate(model, prompt, 5);
+    ADD_FAILURE() << "generated past the context";
+  } catch (const Error& error) {
+    EXPECT_STREQ(error.what(),
+                 "a prompt of 12 tokens and 5 new tokens exceed the model's context "
+                 "(max_position_embeddings 16)");
+  }
+}
 
 TEST(TokenWindows, DropsPartialTailAndHonoursLimit) {
   const std::vector<std::int32_t> ids = {1, 2, 3, 4, 5, 6, 7};

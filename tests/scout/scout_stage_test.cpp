@@ -1,5 +1,6 @@
 #include "scout/scout_stage.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -115,6 +116,20 @@ TEST_F(ScoutStageTest, EndToEndOnQwen3DenseTiny) {
 TEST_F(ScoutStageTest, MissingCostTableIsAnError) {
   test::TempDir work;
   EXPECT_THROW(run_scout(small_job(work.path())), Error);
+}
+
+// cost.json's meta.objective of another type escaped as nlohmann's type_error (the CLI's
+// "internal error") instead of a pq::Error naming the file.
+TEST_F(ScoutStageTest, CostTableWithANonStringObjectiveIsAnError) {
+  test::TempDir work;
+  probe_and_cost(work.path());
+  const fs::path cost_json = work / "cost" / "cost.json";
+  nlohmann::json doc = nlohmann::json::parse(read_text_file(cost_json));
+  doc["meta"]["objective"] = 5;
+  write_text_file_atomic(cost_json, doc.dump());
+  EXPECT_THAT([&] { run_scout(small_job(work.path())); },
+              ::testing::ThrowsMessage<Error>(
+                  ::testing::HasSubstr(cost_json.string() + ": meta.objective is not a string")));
 }
 
 }  // namespace

@@ -383,9 +383,59 @@ TEST(Errors, TokenIdsMustBeIntegersInRange) {
                  [-7]}}}, )" +
                    model + "}",
                "special token '<s>' has id -7");
+  // A post-processor id must name a token: encode() would emit an id it cannot decode.
+  expect_error(R"({"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken":
+                 {"id": "<s>"}}, {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"ids":
+                 [5000]}}}, )" +
+                   model + "}",
+               "the post_processor adds id 5000, which is neither in the vocabulary nor an added "
+               "token");
   // The largest id allowed still loads.
   write_text_file_atomic(path, with_b_id("16777215"));
   EXPECT_EQ(Tokenizer::load(path).token_to_id("b"), 16777215);
+}
+
+// A Replace normalizer or decoder whose content is kilobytes long, or a huge Prepend, would make a
+// few words into gigabytes to encode (eval and generate ran for minutes); the text may grow at
+// most 64 times, and past that the error names the file.
+TEST(Errors, NormalizersAndDecodersMayNotMultiplyTheText) {
+  test::TempDir dir;
+  const auto path = dir / "tokenizer.json";
+  const auto load_with = [&](const std::string& normalizer, const std::string& decoder) {
+    write_text_file_atomic(path, R"({"normalizer": )" + normalizer + R"(, "decoder": )" + decoder +
+                                     R"(, "model": {"type": "BPE", "vocab": {"a": 0, "b": 1},
+                                     "merges": []}})");
+    return Tokenizer::load(path);
+  };
+  const auto replace = [](const std::string& content) {
+    return R"({"type": "Replace", "pattern": {"String": "a"}, "content": ")" + content + R"("})";
+  };
+  const std::string long_content(400, 'b');
+  const std::string expected = path.string() + ": the normalizers lengthen 4 bytes of text past " +
+                               "320 bytes (64 times as long)";
+  const Tokenizer grows = load_with(replace(long_content), "null");
+  try {
+    grows.encode("aaaa", false);
+    ADD_FAILURE() << "a 400-fold Replace was applied";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.what(), expected);
+  }
+  const Tokenizer prepends =
+      load_with(R"({"type": "Prepend", "prepend": ")" + long_content + R"("})", "null");
+  try {
+    prepends.encode("aaaa", false);
+    ADD_FAILURE() << "a 400-byte Prepend was applied to 4 bytes";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.what(), expected);
+  }
+  // Growth within the bound is the reference behaviour.
+  EXPECT_EQ(load_with(replace("bb"), "null").encode("ab", false),
+            (std::vector<std::int32_t>{1, 1, 1}));
+  const Tokenizer decodes = load_with("null", replace(long_content));
+  EXPECT_THAT([&] { decodes.decode(std::vector<std::int32_t>{0}); },
+              ::testing::ThrowsMessage<Error>(HasSubstr(
+                  path.string() + ": the Replace decoder lengthens a token of 1 bytes more than")));
+  EXPECT_EQ(load_with("null", replace("bb")).decode(std::vector<std::int32_t>{0, 1}), "bbb");
 }
 
 TEST(Bpe, AppliesLowestRankMergeFirstOnASyntheticVocabulary) {

@@ -1,0 +1,79 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace pq::probe {
+
+// probe.json (docs/probe-artifacts.md): written last by run_probe, read by ProbeResult::read.
+inline constexpr std::string_view kProbeSchema = "prismaquant.probe/2";
+inline constexpr const char* kProbeJsonFile = "probe.json";
+
+// One Linear of probe.json.
+struct ProbedLinear {
+  std::string name;
+  std::string input_key;
+  std::int64_t out_features = 0;
+  std::int64_t in_features = 0;
+  double fisher_trace = 0.0;  // mean over calibration sequences of ||dL_s/dW||_F^2
+  std::int64_t tokens = 0;
+};
+
+// One MoE layer's router statistics.
+struct ProbedRouting {
+  std::int64_t layer = 0;
+  std::int64_t top_k = 0;
+  std::int64_t tokens = 0;
+  std::vector<std::int64_t> route_counts;
+  std::vector<double> mean_probability;
+};
+
+// A finished probe, read back: probe.json in memory, its parts' safetensors files mapped.
+class ProbeResult {
+ public:
+  // Reads probe_dir/probe.json and maps the files it lists. Its integers must be exact and within
+  // bounds, its Linears and inputs listed once, and every Linear's input described in "inputs" with
+  // a Hessian [in, in] and second moments [in] (F32, 4-byte aligned) in the files; anything else
+  // is a pq::Error naming probe.json, so the accessors below never fail for a listed Linear.
+  static ProbeResult read(const std::filesystem::path& probe_dir);
+
+  const std::string& model() const { return model_; }
+  const std::string& fingerprint() const { return fingerprint_; }
+  std::int64_t sequences() const { return sequences_; }
+  const std::vector<ProbedLinear>& linears() const { return linears_; }
+  const std::vector<ProbedRouting>& routing() const { return routing_; }
+  // pq::Error naming the Linear when the probe did not measure it.
+  const ProbedLinear& linear(std::string_view name) const;
+  // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
+  std::span<const float> hessian(std::string_view input_key) const;
+  std::int64_t input_tokens(std::string_view input_key) const;
+  // max |x| over the input's tokens.
+  float input_amax(std::string_view input_key) const;
+  // E[x_j^2] over the input's tokens, [in].
+  std::span<const float> act_second_moment(std::string_view input_key) const;
+
+ private:
+  std::span<const float> f32_tensor(const std::string& name) const;
+
+  std::filesystem::path dir_;
+  std::string model_;
+  std::string fingerprint_;
+  std::int64_t sequences_ = 0;
+  std::vector<ProbedLinear> linears_;
+  std::map<std::string, std::size_t, std::less<>> linear_index_;
+  std::map<std::string, std::int64_t, std::less<>> input_tokens_;
+  std::map<std::string, float, std::less<>> input_amax_;
+  std::vector<ProbedRouting> routing_;
+  std::vector<std::unique_ptr<io::SafetensorsFile>> tensors_;
+  std::map<std::string, std::size_t, std::less<>> tensor_file_;  // tensor -> index in tensors_
+};
+
+}  // namespace pq::probe
