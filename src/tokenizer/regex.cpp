@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 #include "tokenizer/unicode.h"
 
 namespace pq::tokenizer {
@@ -34,8 +35,8 @@ Regex::Regex(std::string_view pattern) : pattern_(pattern) {
   PCRE2_SIZE offset = 0;
   code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                         PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
-  PQ_CHECK(code_ != nullptr, "regex '{}' does not compile at offset {}: {}", pattern_, offset,
-           pcre2_message(error));
+  PQ_CHECK(code_ != nullptr, "regex {} does not compile at offset {}: {}",
+           quoted_json_string(pattern_), offset, pcre2_message(error));
   // Without JIT support (some builds lack it) the interpreter gives the same matches, slower.
   pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);
 }

@@ -124,7 +124,7 @@ void parse_normalizer(const Json& node, const std::string& where, std::vector<No
     out.push_back(ReplaceStep{compile_pattern(node.at("pattern"), where),
                               node.at("content").get<std::string>()});
   } else {
-    fail("{}: unsupported normalizer type '{}'", where, type);
+    fail("{}: unsupported normalizer type {}", where, quoted_json_string(type));
   }
 }
 
@@ -192,7 +192,8 @@ struct Piece {
 std::string metaspace_replacement(const Json& node, const std::string& where) {
   const auto replacement = node.at("replacement").get<std::string>();
   PQ_CHECK(!replacement.empty() && decode_utf8(replacement, 0).length == replacement.size(),
-           "{}: Metaspace replacement '{}' is not one character", where, replacement);
+           "{}: Metaspace replacement {} is not one character", where,
+           quoted_json_string(replacement));
   return replacement;
 }
 
@@ -204,7 +205,7 @@ PrependScheme metaspace_prepend_scheme(const Json& node, const std::string& wher
   if (scheme == "always") return PrependScheme::kAlways;
   if (scheme == "first") return PrependScheme::kFirst;
   if (scheme == "never") return PrependScheme::kNever;
-  fail("{}: unknown Metaspace prepend_scheme '{}'", where, scheme);
+  fail("{}: unknown Metaspace prepend_scheme {}", where, quoted_json_string(scheme));
 }
 
 // The pattern ByteLevel applies when use_regex is true (pre_tokenizers/byte_level.rs, from
@@ -232,7 +233,7 @@ void parse_pre_tokenizer(const Json& node, const std::string& where,
     } else if (behavior == "Contiguous") {
       parsed = SplitBehavior::kContiguous;
     } else {
-      fail("{}: unsupported Split behavior '{}'", where, behavior);
+      fail("{}: unsupported Split behavior {}", where, quoted_json_string(behavior));
     }
     out.push_back(SplitPreTokenizer{compile_pattern(node.at("pattern"), where), parsed,
                                     node.value("invert", false)});
@@ -245,7 +246,7 @@ void parse_pre_tokenizer(const Json& node, const std::string& where,
                                         metaspace_prepend_scheme(node, where),
                                         node.value("split", true)});
   } else {
-    fail("{}: unsupported pre_tokenizer type '{}'", where, type);
+    fail("{}: unsupported pre_tokenizer type {}", where, quoted_json_string(type));
   }
 }
 
@@ -417,11 +418,12 @@ void parse_decoder(const Json& node, const std::string& where, std::vector<Decod
   } else if (type == "Strip") {
     const auto content = node.at("content").get<std::string>();
     PQ_CHECK(decode_utf8(content, 0).length == content.size() && !content.empty(),
-             "{}: Strip decoder content '{}' is not one character", where, content);
+             "{}: Strip decoder content {} is not one character", where,
+             quoted_json_string(content));
     out.push_back(StripDecoder{content, node.at("start").get<std::size_t>(),
                                node.at("stop").get<std::size_t>()});
   } else {
-    fail("{}: unsupported decoder type '{}'", where, type);
+    fail("{}: unsupported decoder type {}", where, quoted_json_string(type));
   }
 }
 
@@ -728,21 +730,23 @@ struct Tokenizer::Impl {
         }
         const auto name = item.at("SpecialToken").at("id").get<std::string>();
         PQ_CHECK(node.at("special_tokens").contains(name),
-                 "{}: TemplateProcessing special token '{}' is not defined", path, name);
+                 "{}: TemplateProcessing special token {} is not defined", path,
+                 quoted_json_string(name));
         for (const Json& id : node.at("special_tokens").at(name).at("ids")) {
           (seen_sequence ? suffix_ids : prefix_ids)
-              .push_back(read_token_id(id, path, fmt::format("special token '{}'", name)));
+              .push_back(read_token_id(id, path,
+                                       fmt::format("special token {}", quoted_json_string(name))));
         }
       }
     } else {
-      fail("{}: unsupported post_processor type '{}'", path, type);
+      fail("{}: unsupported post_processor type {}", path, quoted_json_string(type));
     }
   }
 
   void parse_model(const Json& node) {
     const auto type = node.value("type", std::string("BPE"));
-    PQ_CHECK(type == "BPE", "{}: unsupported tokenizer model type '{}' (only BPE is supported)",
-             path, type);
+    PQ_CHECK(type == "BPE", "{}: unsupported tokenizer model type {} (only BPE is supported)", path,
+             quoted_json_string(type));
     PQ_CHECK(node.value("dropout", Json()).is_null() || node.at("dropout").get<double>() == 0.0,
              "{}: BPE dropout is not supported", path);
     for (const char* affix : {"continuing_subword_prefix", "end_of_word_suffix"}) {
@@ -752,7 +756,8 @@ struct Tokenizer::Impl {
     Vocab vocab;
     vocab.reserve(node.at("vocab").size());
     for (const auto& [token, id] : node.at("vocab").items()) {
-      vocab.emplace(token, read_token_id(id, path, fmt::format("token '{}'", token)));
+      vocab.emplace(token,
+                    read_token_id(id, path, fmt::format("token {}", quoted_json_string(token))));
     }
     // Merges are "left right" strings (older files) or [left, right] pairs.
     std::vector<std::pair<std::string, std::string>> merges;
@@ -764,8 +769,8 @@ struct Tokenizer::Impl {
       } else {
         const auto text = merge.get<std::string>();
         const std::size_t space = text.find(' ');
-        PQ_CHECK(space != std::string::npos, "{}: merge {} ('{}') has no space", path,
-                 merges.size(), text);
+        PQ_CHECK(space != std::string::npos, "{}: merge {} ({}) has no space", path, merges.size(),
+                 quoted_json_string(text));
         merges.emplace_back(text.substr(0, space), text.substr(space + 1));
       }
     }
@@ -775,8 +780,8 @@ struct Tokenizer::Impl {
     options.fuse_unk = node.value("fuse_unk", false);
     if (const Json unk = node.value("unk_token", Json()); !unk.is_null()) {
       const auto it = vocab.find(unk.get<std::string>());
-      PQ_CHECK(it != vocab.end(), "{}: unk_token '{}' is not in the vocabulary", path,
-               unk.get<std::string>());
+      PQ_CHECK(it != vocab.end(), "{}: unk_token {} is not in the vocabulary", path,
+               quoted_json_string(unk.get<std::string>()));
       options.unk_id = it->second;
     }
     try {
@@ -825,17 +830,17 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
     impl->parse_model(root.at("model"));
     for (const Json& entry : root.value("added_tokens", Json::array())) {
       const auto content = entry.at("content").get<std::string>();
-      AddedToken token{
-          content,
-          read_token_id(entry.at("id"), path, fmt::format("added token '{}'", content)),
-          entry.value("special", false),
-          entry.value("lstrip", false),
-          entry.value("rstrip", false),
-          entry.value("normalized", false)};
+      AddedToken token{content,
+                       read_token_id(entry.at("id"), path,
+                                     fmt::format("added token {}", quoted_json_string(content))),
+                       entry.value("special", false),
+                       entry.value("lstrip", false),
+                       entry.value("rstrip", false),
+                       entry.value("normalized", false)};
       PQ_CHECK(!token.content.empty(), "{}: invalid added token {}", path, entry.dump());
       PQ_CHECK(!entry.value("single_word", false),
-               "{}: added token '{}' uses single_word, which is not supported", path,
-               token.content);
+               "{}: added token {} uses single_word, which is not supported", path,
+               quoted_json_string(token.content));
       (token.normalized ? impl->normalized_matcher : impl->raw_matcher)
           .add(token, impl->added.size());
       impl->added.push_back(std::move(token));
@@ -860,8 +865,8 @@ Tokenizer Tokenizer::load(const std::filesystem::path& file_or_directory) {
         const auto name = special_token_name(config, key);
         if (!name) return std::nullopt;
         const auto id = impl->token_to_id(*name);
-        PQ_CHECK(id.has_value(), "{}: {} '{}' is not in the vocabulary", config_path.string(), key,
-                 *name);
+        PQ_CHECK(id.has_value(), "{}: {} {} is not in the vocabulary", config_path.string(), key,
+                 quoted_json_string(*name));
         return id;
       };
       impl->bos = resolve("bos_token");

@@ -354,6 +354,10 @@ TEST(Errors, UnsupportedOrBrokenFilesNameTheFileAndComponent) {
                "Lowercase");
   expect_error(R"({"model": {"type": "BPE", )",
                "tokenizer.json is not valid JSON (syntax error at byte 27)");
+  // Names from the file are quoted with control characters escaped, so the error stays one line.
+  expect_error(R"({"pre_tokenizer": {"type": "Split\nBy"}, "model": {"type": "BPE", )" + vocab +
+                   R"(, "merges": []}})",
+               R"(unsupported pre_tokenizer type "Split\nBy")");
   EXPECT_THROW(Tokenizer::load(dir / "missing.json"), Error);
 }
 
@@ -370,19 +374,19 @@ TEST(Errors, TokenIdsMustBeIntegersInRange) {
   };
   for (const std::string id : {"-1", "2147483648", "4294967296", "16777216", "-9223372036854775808",
                                "18446744073709551615"}) {
-    expect_error(with_b_id(id), "token 'b' has id " + id + ", outside [0, 16777215]");
+    expect_error(with_b_id(id), "token \"b\" has id " + id + ", outside [0, 16777215]");
   }
   for (const std::string id : {"1e308", "256.5", "1.0", "\"1\"", "null"}) {
-    expect_error(with_b_id(id), "token 'b' has id");
+    expect_error(with_b_id(id), "token \"b\" has id");
   }
   const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []})";
   expect_error(R"({"added_tokens": [{"content": "<s>", "id": 2147483648}], )" + model + "}",
-               "added token '<s>' has id 2147483648");
+               "added token \"<s>\" has id 2147483648");
   expect_error(R"({"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken":
                  {"id": "<s>"}}, {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"ids":
                  [-7]}}}, )" +
                    model + "}",
-               "special token '<s>' has id -7");
+               "special token \"<s>\" has id -7");
   // A post-processor id must name a token: encode() would emit an id it cannot decode.
   expect_error(R"({"post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken":
                  {"id": "<s>"}}, {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"ids":
