@@ -240,7 +240,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
       // one layer plus the head whatever the model's size.
       runtime::CheckpointModel source(job.model);
       return runtime::ReferenceLogits(
-          source.model(), source.weights(),
+          source.model(), runtime::ReferenceLogits::Keep::kHeadInputs,
           heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();

@@ -20,8 +20,6 @@ class CheckpointModel {
 
   Model& model() { return model_; }
   const io::Checkpoint& checkpoint() const { return checkpoint_; }
-  // What model() reads its weights from (runtime::ReferenceLogits keeps its lm_head from it).
-  const WeightSource& weights() const { return weights_; }
 
  private:
   io::Checkpoint checkpoint_;

@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "common/error.h"
-#include "runtime/kernels/gemm.h"
 
 namespace pq::runtime {
 
@@ -123,58 +122,6 @@ EvalResult evaluate(Model& model, std::span<const std::vector<std::int32_t>> win
   return result;
 }
 
-// The reference's lm_head as Model builds it (Model::prepare_linear: the weight transform, then
-// bf16 rounding in bf16 mode) and as Model::linear_forward multiplies it. Its input needs no
-// activation quantizer: the observer reports the rows the GEMM multiplied, after the quantizer.
-// lm_head never has a bias (Model's constructor loads it with bias_allowed = false).
-struct ReferenceLogits::Head {
-  ComputeType compute = ComputeType::kF32;
-  std::int64_t vocab = 0, hidden = 0;
-  std::vector<float> weight;               // f32 compute
-  std::vector<std::uint16_t> weight_bf16;  // bf16 compute
-
-  Head(const Model& reference, const WeightSource& weights)
-      : compute(reference.options().compute),
-        vocab(reference.config().vocab_size),
-        hidden(reference.config().hidden_size) {
-    // A tied head reuses the embedding unless the checkpoint also stores lm_head (Model's rule).
-    const std::string name =
-        reference.config().tie_word_embeddings && !weights.contains("lm_head.weight")
-            ? "model.embed_tokens.weight"
-            : "lm_head.weight";
-    PQ_CHECK(weights.contains(name), "reference weights have no tensor {}", name);
-    PQ_CHECK(weights.shape(name) == std::vector<std::int64_t>({vocab, hidden}),
-             "{}: the reference weights do not match the reference model's [{}, {}]", name, vocab,
-             hidden);
-    weight = weights.load_f32(name);
-    weights.release(name);
-    if (reference.options().weight_transform != nullptr) {
-      reference.options().weight_transform->apply("lm_head", vocab, hidden, weight);
-    }
-    if (compute == ComputeType::kBF16) {
-      weight_bf16.resize(weight.size());
-      convert_f32_to_bf16(weight, weight_bf16);
-      weight = {};
-    }
-  }
-
-  void logits(const float* x, std::int64_t rows, float* y) const {
-    if (compute == ComputeType::kBF16) {
-      std::vector<std::uint16_t> x_bf16(rows * hidden);
-      convert_f32_to_bf16({x, x_bf16.size()}, x_bf16);
-      gemm_bf16(Transpose::kNo, Transpose::kYes, rows, vocab, hidden, 1.0f, x_bf16.data(), hidden,
-                weight_bf16.data(), hidden, 0.0f, y, vocab);
-    } else {
-      gemm_f32(Transpose::kNo, Transpose::kYes, rows, vocab, hidden, 1.0f, x, hidden, weight.data(),
-               hidden, 0.0f, y, vocab);
-    }
-  }
-
-  std::uint64_t bytes() const {
-    return weight.size() * sizeof(float) + weight_bf16.size() * sizeof(std::uint16_t);
-  }
-};
-
 // Records, during the forward pass over the windows, each lm_head call's input rows and the
 // windows they belong to.
 class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
@@ -196,22 +143,18 @@ class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
   std::vector<Block>& blocks_;
 };
 
-ReferenceLogits::ReferenceLogits(Model& reference, const WeightSource& weights,
+ReferenceLogits::ReferenceLogits(Model& reference, Keep keep,
                                  std::vector<std::vector<std::int32_t>> windows,
                                  std::int64_t windows_per_pass)
     : windows_(std::move(windows)),
       vocab_(reference.config().vocab_size),
-      windows_per_pass_(windows_per_pass),
-      head_(std::make_unique<Head>(reference, weights)) {
-  run_reference(reference);
-}
-
-ReferenceLogits::ReferenceLogits(Model& reference, std::vector<std::vector<std::int32_t>> windows,
-                                 std::int64_t windows_per_pass)
-    : windows_(std::move(windows)),
-      vocab_(reference.config().vocab_size),
-      windows_per_pass_(windows_per_pass),
-      logits_(windows_.size()) {
+      windows_per_pass_(windows_per_pass) {
+  // Taken before the pass, which then multiplies this copy: lm_head is loaded once.
+  if (keep == Keep::kHeadInputs) {
+    head_ = reference.share_head();
+  } else {
+    logits_.resize(windows_.size());
+  }
   run_reference(reference);
 }
 
@@ -239,7 +182,7 @@ std::size_t ReferenceLogits::block_of(std::size_t window) const {
 }
 
 std::uint64_t ReferenceLogits::bytes() const {
-  std::uint64_t total = head_ ? head_->bytes() : 0;
+  std::uint64_t total = head_ ? Model::weight_bytes(*head_) : 0;
   for (const Block& block : blocks_) total += block.hidden.size() * sizeof(float);
   for (const auto& logits : logits_) total += logits.size() * sizeof(float);
   return total;
@@ -252,7 +195,7 @@ const float* ReferenceLogits::Cursor::logits(std::size_t w) {
   const std::int64_t row = block.window_rows[w - block.first_window];
   if (b != block_) {
     logits_.resize(block.rows * reference_.vocab_);
-    reference_.head_->logits(block.hidden.data(), block.rows, logits_.data());
+    Model::multiply(*reference_.head_, block.hidden.data(), block.rows, logits_.data());
     block_ = b;
   }
   return logits_.data() + row * reference_.vocab_;

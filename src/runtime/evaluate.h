@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "runtime/model.h"
-#include "runtime/weights.h"
 
 namespace pq::runtime {
 
@@ -49,19 +48,17 @@ inline constexpr std::int64_t kEvalWindowsPerPass = 4;
 // models (scout's assignments, the pre-export measurement) are compared with it without running
 // it again.
 //
-// Given the weight source the reference was built on, it keeps only the reference's lm_head
-// inputs (final normed hidden states, [tokens, hidden]) and a copy of its lm_head weight, and
-// recomputes the logits of one lm_head block at a time with the GEMM call the forward pass made
-// (same rows, same operands), so they are bit for bit the forward's logits. Memory: tokens x
-// hidden + vocab x hidden floats, plus one block of logits while scoring. Without the weight
-// source it keeps every logit: windows x length x vocab floats (5 GB for 16 x 512 tokens at a
-// 151936 vocabulary).
+// Keeping kHeadInputs, it holds only the reference's lm_head inputs (final normed hidden states,
+// [tokens, hidden]) and the reference's own lm_head (Model::share_head: the one copy the forward
+// pass multiplied, kept after the model is gone), and recomputes the logits of one lm_head block
+// at a time with the GEMM call the forward pass made (same rows, same operands), so they are bit
+// for bit the forward's logits. Memory: tokens x hidden + vocab x hidden floats, plus one block
+// of logits while scoring. Keeping kLogits, it holds every logit: windows x length x vocab floats
+// (5 GB for 16 x 512 tokens at a 151936 vocabulary).
 class ReferenceLogits {
  public:
-  ReferenceLogits(Model& reference, const WeightSource& weights,
-                  std::vector<std::vector<std::int32_t>> windows,
-                  std::int64_t windows_per_pass = kEvalWindowsPerPass);
-  ReferenceLogits(Model& reference, std::vector<std::vector<std::int32_t>> windows,
+  enum class Keep { kHeadInputs, kLogits };
+  ReferenceLogits(Model& reference, Keep keep, std::vector<std::vector<std::int32_t>> windows,
                   std::int64_t windows_per_pass = kEvalWindowsPerPass);
   ~ReferenceLogits();
   ReferenceLogits(const ReferenceLogits&) = delete;
@@ -90,7 +87,6 @@ class ReferenceLogits {
   };
 
  private:
-  struct Head;
   // The rows of one lm_head call of the reference's forward passes: whole windows.
   struct Block {
     std::size_t first_window = 0, end_window = 0;
@@ -106,7 +102,7 @@ class ReferenceLogits {
   std::vector<std::vector<std::int32_t>> windows_;
   std::int64_t vocab_ = 0;
   std::int64_t windows_per_pass_ = 0;
-  std::unique_ptr<Head> head_;  // null: logits_ holds every window's logits
+  std::shared_ptr<const Model::Linear> head_;  // null: logits_ holds every window's logits
   std::vector<Block> blocks_;
   std::vector<std::vector<float>> logits_;
   EvalResult self_;

@@ -249,7 +249,7 @@ std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
 
 const Model::Linear& Model::acquire_head() {
   if (lm_head_) return *lm_head_;
-  lm_head_ = std::make_unique<Linear>();
+  lm_head_ = std::make_shared<Linear>();
   if (tied_head_) {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
@@ -261,6 +261,11 @@ const Model::Linear& Model::acquire_head() {
                 /*bias_allowed=*/false);
   }
   return *lm_head_;
+}
+
+std::shared_ptr<const Model::Linear> Model::share_head() {
+  acquire_head();
+  return lm_head_;
 }
 
 void Model::release_head() {
@@ -288,6 +293,28 @@ std::vector<float> Model::fetch(const std::string& name) const {
 
 // ---- Linear -------------------------------------------------------------------------------
 
+void Model::multiply(const Linear& linear, const float* x, std::int64_t rows, float* y) {
+  if (rows == 0) return;
+  // prepare_linear keeps only the bf16 rounding in bf16 compute mode.
+  if (!linear.weight_bf16.empty()) {
+    std::vector<std::uint16_t> x_bf16(rows * linear.in_features);
+    convert_f32_to_bf16({x, x_bf16.size()}, x_bf16);
+    gemm_bf16(Transpose::kNo, Transpose::kYes, rows, linear.out_features, linear.in_features, 1.0f,
+              x_bf16.data(), linear.in_features, linear.weight_bf16.data(), linear.in_features,
+              0.0f, y, linear.out_features);
+  } else {
+    gemm_f32(Transpose::kNo, Transpose::kYes, rows, linear.out_features, linear.in_features, 1.0f,
+             x, linear.in_features, linear.weight.data(), linear.in_features, 0.0f, y,
+             linear.out_features);
+  }
+  if (!linear.bias.empty()) add_bias(y, linear.bias.data(), rows, linear.out_features);
+}
+
+std::uint64_t Model::weight_bytes(const Linear& linear) {
+  return linear.weight.size() * sizeof(float) + linear.weight_bf16.size() * sizeof(std::uint16_t) +
+         linear.bias.size() * sizeof(float);
+}
+
 void Model::linear_forward(const Linear& linear, const float* x, std::int64_t rows, float* y,
                            LayerTape* tape) const {
   const ActivationQuantizer* quantizer = options_.activation_quantizer;
@@ -297,20 +324,7 @@ void Model::linear_forward(const Linear& linear, const float* x, std::int64_t ro
     quantizer->quantize(linear.name, rows, linear.in_features, quantized);
     x = quantized.data();
   }
-  if (rows > 0) {
-    if (options_.compute == ComputeType::kBF16) {
-      std::vector<std::uint16_t> x_bf16(rows * linear.in_features);
-      convert_f32_to_bf16({x, x_bf16.size()}, x_bf16);
-      gemm_bf16(Transpose::kNo, Transpose::kYes, rows, linear.out_features, linear.in_features,
-                1.0f, x_bf16.data(), linear.in_features, linear.weight_bf16.data(),
-                linear.in_features, 0.0f, y, linear.out_features);
-    } else {
-      gemm_f32(Transpose::kNo, Transpose::kYes, rows, linear.out_features, linear.in_features, 1.0f,
-               x, linear.in_features, linear.weight.data(), linear.in_features, 0.0f, y,
-               linear.out_features);
-    }
-    if (!linear.bias.empty()) add_bias(y, linear.bias.data(), rows, linear.out_features);
-  }
+  multiply(linear, x, rows, y);
   if (tape != nullptr && !quantized.empty()) tape->quantized_inputs[&linear] = std::move(quantized);
 }
 

@@ -79,6 +79,19 @@ class Model {
   const model::ModelConfig& config() const { return config_; }
   const RuntimeOptions& options() const { return options_; }
 
+  // One loaded Linear: its weight after the weight transform, bf16-rounded in bf16 compute mode.
+  // Opaque outside the runtime.
+  struct Linear;
+  // lm_head as passes multiply it, loaded now unless a pass holds it. The holder keeps the weight
+  // alive after the model lets it go (and after the model is gone), so a caller that reruns
+  // lm_head on recorded inputs (ReferenceLogits) shares the model's one copy instead of loading
+  // and preparing its own by the same rules.
+  std::shared_ptr<const Linear> share_head();
+  // y [rows, out] = x [rows, in] W^T (+ bias): the GEMM a pass makes for `linear` once its input
+  // is quantized (the observer reports that input), bit for bit.
+  static void multiply(const Linear& linear, const float* x, std::int64_t rows, float* y);
+  static std::uint64_t weight_bytes(const Linear& linear);
+
   // Called with each sequence's logits [rows = its length, vocab]; the pointer is valid only
   // during the call.
   using LogitsConsumer =
@@ -135,7 +148,6 @@ class Model {
 
  private:
   struct Layer;
-  struct Linear;
   struct Layout;
   struct LayerTape;
 
@@ -197,7 +209,7 @@ class Model {
   bool qk_norm_ = false;
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
-  std::unique_ptr<Linear> lm_head_;  // while a pass uses it (or resident)
+  std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)
   std::vector<std::unique_ptr<Layer>> resident_;
 };
 

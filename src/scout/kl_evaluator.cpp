@@ -19,8 +19,8 @@ KlEvaluator::KlEvaluator(model::ModelConfig config, const runtime::WeightSource&
   }
   // Layers stream (memory about one layer): evaluate reads each of them once per measurement.
   runtime::Model reference(config_, source_);
-  reference_ = std::make_unique<runtime::ReferenceLogits>(reference, source_, std::move(windows),
-                                                          windows_per_pass);
+  reference_ = std::make_unique<runtime::ReferenceLogits>(
+      reference, runtime::ReferenceLogits::Keep::kHeadInputs, std::move(windows), windows_per_pass);
 }
 
 std::uint64_t KlEvaluator::reference_bytes() const {

@@ -184,7 +184,8 @@ ValidateReport run_validate(const ValidateJob& job) {
              "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
              reference.model().config().vocab_size, checkpoint.config().vocab_size);
     reference_logits = std::make_unique<runtime::ReferenceLogits>(
-        reference.model(), reference.weights(), windows, runtime::kEvalWindowsPerPass);
+        reference.model(), runtime::ReferenceLogits::Keep::kHeadInputs, windows,
+        runtime::kEvalWindowsPerPass);
     report.reference_sample = sample_text(tokenizer, sample(reference.model()));
   }
 

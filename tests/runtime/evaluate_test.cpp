@@ -86,7 +86,7 @@ TEST_P(FixtureModels, CachedReferenceLogitsMatchStreamingReference) {
   Model bf16 = make_model(ComputeType::kBF16);
   const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
   const auto windows = token_windows(ids, 48, 3);
-  const ReferenceLogits cached(fp32, windows, 2);
+  const ReferenceLogits cached(fp32, ReferenceLogits::Keep::kLogits, windows, 2);
   EXPECT_EQ(cached.self().nll_sum, evaluate(fp32, windows, nullptr, 2).nll_sum);
   for (int repeat = 0; repeat < 2; ++repeat) {
     const EvalResult streamed = evaluate(bf16, windows, &fp32, 2);
@@ -100,9 +100,9 @@ TEST_P(FixtureModels, CachedReferenceLogitsMatchStreamingReference) {
   }
 }
 
-// Reference logits recomputed from the reference's final hidden states and its lm_head (given the
-// weight source) are the forward pass's logits bit for bit: for f32 and bf16 references, and
-// when a pass's lm_head runs in several blocks (logits_block_rows below a window).
+// Reference logits recomputed from the reference's final hidden states and its shared lm_head are
+// the forward pass's logits bit for bit: for f32 and bf16 references, and when a pass's lm_head
+// runs in several blocks (logits_block_rows below a window).
 TEST_P(FixtureModels, BoundedReferenceLogitsMatchStreamingReference) {
   const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
   const auto windows = token_windows(ids, 48, 3);
@@ -114,8 +114,8 @@ TEST_P(FixtureModels, BoundedReferenceLogitsMatchStreamingReference) {
           {.compute = compute, .keep_layers_resident = true, .logits_block_rows = block_rows});
       Model candidate =
           make_model(compute == ComputeType::kF32 ? ComputeType::kBF16 : ComputeType::kF32);
-      const ReferenceLogits bounded(reference, *weights_, windows, 2);
-      const ReferenceLogits kept(reference, windows, 2);
+      const ReferenceLogits bounded(reference, ReferenceLogits::Keep::kHeadInputs, windows, 2);
+      const ReferenceLogits kept(reference, ReferenceLogits::Keep::kLogits, windows, 2);
       EXPECT_EQ(bounded.self().nll_sum, kept.self().nll_sum);
       const EvalResult streamed = evaluate(candidate, windows, &reference, 2);
       for (const ReferenceLogits* cached : {&bounded, &kept}) {
