@@ -304,11 +304,11 @@ TEST(ModelSpecSynthetic, RejectsValuesThatBreakTheRuntime) {
                       {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", -1.0}}),
             "config.json: rope_scaling low_freq_factor -1 is not positive");
   EXPECT_EQ(error_for("rope_scaling", {{"type", "linear"}, {"factor", "2"}}),
-            "config.json: field \"factor\" has the wrong type");
+            "config.json: field \"rope_scaling.factor\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"mscale", "1"}}),
-            "config.json: field \"mscale\" has the wrong type");
+            "config.json: field \"rope_scaling.mscale\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"truncate", 1}}),
-            "config.json: field \"truncate\" has the wrong type");
+            "config.json: field \"rope_scaling.truncate\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "longrope\n"}}),
             "config.json: unsupported rope_scaling type \"longrope\\n\"");
   EXPECT_EQ(error_for("hidden_act", 5), "config.json: field \"hidden_act\" has the wrong type");
