@@ -36,9 +36,10 @@ std::int64_t component_layers(const ModelConfig& config, Component component) {
 }
 
 std::span<const ArchitectureProfile* const> all_profiles() {
-  static const std::array<const ArchitectureProfile*, 5> profiles = {
-      &profiles::llama(), &profiles::mistral(),   &profiles::qwen2(),
-      &profiles::qwen3(), &profiles::qwen3_moe(),
+  static const std::array<const ArchitectureProfile*, 8> profiles = {
+      &profiles::llama(),       &profiles::mistral(),    &profiles::qwen2(),
+      &profiles::qwen3(),       &profiles::qwen3_moe(),  &profiles::qwen3_5(),
+      &profiles::qwen3_5_moe(), &profiles::qwen3_next(),
   };
   return profiles;
 }

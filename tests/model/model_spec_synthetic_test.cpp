@@ -239,7 +239,9 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM");
+            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+            "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
+            "Qwen3_5MoeForConditionalGeneration");
   // The name is quoted as JSON: a line break in it once split the one-line error.
   EXPECT_THAT(error_of(parse(tiny_config("Llama\nFor\x1b[31m")), llama_tensors(true)),
               HasSubstr("unsupported architecture \"Llama\\nFor\\u001b[31m\"; supported"));
@@ -541,15 +543,16 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
-  EXPECT_EQ(names,
-            (std::vector<std::string>{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                      "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}));
+  EXPECT_EQ(names, (std::vector<std::string>{
+                       "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                       "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;
     EXPECT_FALSE(profile->linears.empty()) << name;
   }
-  EXPECT_EQ(find_profile("Qwen3_5ForConditionalGeneration"), nullptr);
+  EXPECT_EQ(find_profile("Gemma4ForConditionalGeneration"), nullptr);
 }
 
 }  // namespace
