@@ -14,6 +14,7 @@ namespace pq {
 namespace {
 
 namespace fs = std::filesystem;
+using test::data_file;
 using test::expect_one_line_error;
 using test::quoted;
 using test::run_prismaquant;
@@ -21,10 +22,6 @@ using test::RunResult;
 
 fs::path shared_model(const char* name) {
   return test::shared_dir() / "models" / name;
-}
-
-std::string data_file() {
-  return quoted(test::shared_dir() / "data" / "wikitext-2-test.txt");
 }
 
 TEST(HybridCli, InspectPrintsTheQwen3_5Inventory) {
