@@ -51,6 +51,8 @@ class Fields {
   const std::string& label() const { return label_; }
   // The key as messages show it, e.g. "text_config.hidden_size".
   std::string name(std::string_view key) const { return path_ + std::string(key); }
+  // This object's own name, e.g. "rope_scaling".
+  std::string own_name() const { return path_.substr(0, path_.empty() ? 0 : path_.size() - 1); }
 
   bool has(const char* key) const { return object_.contains(key) && !object_[key].is_null(); }
 
@@ -102,8 +104,7 @@ class Fields {
 // (qwen3_5-architecture-facts.md §5), and transformers skips them when validating.
 RopeScaling parse_rope_scaling(const Fields& s) {
   const std::string& label = s.label();
-  const std::string object = s.name("");
-  const std::string_view what = std::string_view(object).substr(0, object.size() - 1);
+  const std::string what = s.own_name();
   RopeScaling r;
   // transformers accepts both "rope_type" and the older "type".
   if (auto t = s.optional<std::string>("rope_type")) {
