@@ -63,18 +63,36 @@ class ExpectedTensors {
   std::optional<std::vector<TensorDesc>> build() {
     const auto per_layer = profile_.tensors.size() + 2 * profile_.linears.size();
     const auto experts = static_cast<std::size_t>(config_.num_experts) + 1;
-    if (per_layer * experts * static_cast<std::size_t>(config_.num_hidden_layers) > kMaxTensors) {
-      return std::nullopt;
+    std::size_t layers = 0;
+    for (const auto component : pq::model::kComponents) {
+      layers += static_cast<std::size_t>(pq::model::component_layers(config_, component));
     }
+    if (per_layer * experts * layers > kMaxTensors) return std::nullopt;
+    for (const auto component : pq::model::kComponents) add_component(component);
+    if (!valid_) return std::nullopt;
+    return std::move(tensors_);
+  }
+
+ private:
+  // "{layer}" runs over the layer stack of the rule's component.
+  void add_component(pq::model::Component component) {
     for (const auto& rule : profile_.tensors) {
-      if (!has(rule.name, "{layer}") && rule.present(config_, -1)) add_tensor(rule, -1);
+      if (rule.component == component && !has(rule.name, "{layer}") && rule.present(config_, -1)) {
+        add_tensor(rule, -1);
+      }
     }
-    for (std::int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    for (std::int64_t layer = 0; layer < pq::model::component_layers(config_, component); ++layer) {
       for (const auto& rule : profile_.tensors) {
-        if (has(rule.name, "{layer}") && rule.present(config_, layer)) add_tensor(rule, layer);
+        if (rule.component == component && has(rule.name, "{layer}") &&
+            rule.present(config_, layer)) {
+          add_tensor(rule, layer);
+        }
       }
       for (const auto& rule : profile_.linears) {
-        if (!has(rule.module, "{layer}") || !rule.present(config_, layer)) continue;
+        if (rule.component != component || !has(rule.module, "{layer}") ||
+            !rule.present(config_, layer)) {
+          continue;
+        }
         if (!has(rule.module, "{expert}")) {
           add_linear(rule, layer, -1);
           continue;
@@ -85,13 +103,13 @@ class ExpectedTensors {
       }
     }
     for (const auto& rule : profile_.linears) {
-      if (!has(rule.module, "{layer}") && rule.present(config_, -1)) add_linear(rule, -1, -1);
+      if (rule.component == component && !has(rule.module, "{layer}") &&
+          rule.present(config_, -1)) {
+        add_linear(rule, -1, -1);
+      }
     }
-    if (!valid_) return std::nullopt;
-    return std::move(tensors_);
   }
 
- private:
   std::int64_t dim(std::string_view expression) {
     const std::int64_t value = pq::model::evaluate_dimension(expression, config_, "expected");
     if (value <= 0) valid_ = false;

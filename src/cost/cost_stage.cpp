@@ -22,6 +22,7 @@
 #include "probe/input_key.h"
 #include "probe/probe_stage.h"
 #include "runtime/kernels/gemm.h"
+#include "runtime/model.h"
 
 namespace pq::cost {
 
@@ -132,6 +133,9 @@ CostOutcome run_cost(const CostJob& job) {
   std::vector<const formats::WeightFormat*> menu;
   for (const std::string& name : job.formats) menu.push_back(&formats::format_by_name(name));
 
+  // The statistics each error is weighed by come from a probe, which runs the model.
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  runtime::require_runtime_support(config);
   const LocationLock lock(job.out);
   const probe::ProbeResult probed = probe::ProbeResult::read(job.probe);
   CostOutcome outcome;
@@ -143,7 +147,6 @@ CostOutcome run_cost(const CostJob& job) {
     return outcome;
   }
 
-  const model::ModelConfig config = model::ModelConfig::load(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
 

@@ -1,6 +1,8 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <iterator>
+#include <map>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -12,16 +14,6 @@ using nlohmann::json;
 
 namespace {
 
-template <typename T>
-std::optional<T> optional_field(const json& j, const char* key, const std::string& label) {
-  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    fail("{}: field \"{}\" has the wrong type", label, key);
-  }
-}
-
 // Bounds of the integer fields, generous beside the largest released models (hidden 16,384 and
 // 262,144 vocabulary entries, a few hundred layers, 512 experts), so that every shape product
 // fits in 64 bits and a hostile value is refused before anything is sized by it.
@@ -31,10 +23,10 @@ constexpr std::int64_t kMaxVocabulary = std::int64_t{1} << 24;  // as tokenizer 
 constexpr std::int64_t kMaxPositions = std::int64_t{1} << 30;
 
 // An integer field: a JSON integer (256.5 and 1e30 are refused, not truncated or wrapped) in
-// [lo, hi].
-std::int64_t checked_integer(const json& value, const char* key, const std::string& label,
+// [lo, hi]. `name` is the key as messages show it.
+std::int64_t checked_integer(const json& value, const std::string& name, const std::string& label,
                              std::int64_t lo, std::int64_t hi) {
-  PQ_CHECK(value.is_number_integer(), "{}: field \"{}\" must be an integer, got {}", label, key,
+  PQ_CHECK(value.is_number_integer(), "{}: field \"{}\" must be an integer, got {}", label, name,
            value.dump());
   bool in_range = false;
   if (value.is_number_unsigned()) {
@@ -44,69 +36,194 @@ std::int64_t checked_integer(const json& value, const char* key, const std::stri
     const auto v = value.get<std::int64_t>();
     in_range = v >= lo && v <= hi;
   }
-  PQ_CHECK(in_range, "{}: field \"{}\" is {}, outside [{}, {}]", label, key, value.dump(), lo, hi);
+  PQ_CHECK(in_range, "{}: field \"{}\" is {}, outside [{}, {}]", label, name, value.dump(), lo, hi);
   return value.get<std::int64_t>();
 }
 
-std::optional<std::int64_t> optional_integer(const json& j, const char* key,
-                                             const std::string& label, std::int64_t lo,
-                                             std::int64_t hi) {
-  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
-  return checked_integer(j[key], key, label, lo, hi);
-}
+// One JSON object of config.json and the path messages name its keys by: "" at the top level,
+// "text_config." for the text model of a multimodal config, "rope_scaling." inside it.
+class Fields {
+ public:
+  Fields(const json& object, std::string path, const std::string& label)
+      : object_(object), path_(std::move(path)), label_(label) {}
 
-std::int64_t required_integer(const json& j, const char* key, const std::string& label,
-                              std::int64_t lo, std::int64_t hi) {
-  const auto value = optional_integer(j, key, label, lo, hi);
-  PQ_CHECK(value.has_value(), "{}: missing required field \"{}\"", label, key);
-  return *value;
-}
+  const json& object() const { return object_; }
+  const std::string& label() const { return label_; }
+  // The key as messages show it, e.g. "text_config.hidden_size".
+  std::string name(std::string_view key) const { return path_ + std::string(key); }
+  // This object's own name, e.g. "rope_scaling".
+  std::string own_name() const { return path_.substr(0, path_.empty() ? 0 : path_.size() - 1); }
 
-std::vector<std::int64_t> integer_list(const json& j, const char* key, const std::string& label,
-                                       std::int64_t lo, std::int64_t hi) {
-  PQ_CHECK(j[key].is_array(), "{}: field \"{}\" is not a list", label, key);
-  std::vector<std::int64_t> out;
-  for (const json& v : j[key]) out.push_back(checked_integer(v, key, label, lo, hi));
-  return out;
-}
+  bool has(const char* key) const { return object_.contains(key) && !object_[key].is_null(); }
 
-RopeScaling parse_rope_scaling(const json& j, const std::string& label) {
+  // The object under `key`, which must be present.
+  Fields child(const char* key) const {
+    PQ_CHECK(has(key), "{}: missing required field \"{}\"", label_, name(key));
+    PQ_CHECK(object_[key].is_object(), "{}: field \"{}\" is not an object", label_, name(key));
+    return Fields(object_[key], name(key) + ".", label_);
+  }
+
+  template <typename T>
+  std::optional<T> optional(const char* key) const {
+    if (!has(key)) return std::nullopt;
+    try {
+      return object_[key].get<T>();
+    } catch (const json::exception&) {
+      fail("{}: field \"{}\" has the wrong type", label_, name(key));
+    }
+  }
+
+  std::optional<std::int64_t> optional_integer(const char* key, std::int64_t lo,
+                                               std::int64_t hi) const {
+    if (!has(key)) return std::nullopt;
+    return checked_integer(object_[key], name(key), label_, lo, hi);
+  }
+
+  std::int64_t required_integer(const char* key, std::int64_t lo, std::int64_t hi) const {
+    const auto value = optional_integer(key, lo, hi);
+    PQ_CHECK(value.has_value(), "{}: missing required field \"{}\"", label_, name(key));
+    return *value;
+  }
+
+  std::vector<std::int64_t> integer_list(const char* key, std::int64_t lo, std::int64_t hi) const {
+    PQ_CHECK(object_[key].is_array(), "{}: field \"{}\" is not a list", label_, name(key));
+    std::vector<std::int64_t> out;
+    for (const json& v : object_[key]) out.push_back(checked_integer(v, name(key), label_, lo, hi));
+    return out;
+  }
+
+ private:
+  const json& object_;
+  std::string path_;
+  const std::string& label_;
+};
+
+// rope_scaling, or transformers v5's rope_parameters (which also holds rope_theta and
+// partial_rotary_factor, read by the caller). Qwen3.5's mrope_section and mrope_interleaved are
+// not read: for text, whose three position rows are equal, M-RoPE is plain RoPE
+// (qwen3_5-architecture-facts.md §5), and transformers skips them when validating.
+RopeScaling parse_rope_scaling(const Fields& s) {
+  const std::string& label = s.label();
+  const std::string what = s.own_name();
   RopeScaling r;
-  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return r;
-  const json& s = j["rope_scaling"];
-  PQ_CHECK(s.is_object(), "{}: rope_scaling is not an object", label);
   // transformers accepts both "rope_type" and the older "type".
-  if (auto t = optional_field<std::string>(s, "rope_type", label)) {
+  if (auto t = s.optional<std::string>("rope_type")) {
     r.type = *t;
-  } else if (auto t2 = optional_field<std::string>(s, "type", label)) {
+  } else if (auto t2 = s.optional<std::string>("type")) {
     r.type = *t2;
   }
-  r.factor = optional_field<double>(s, "factor", label).value_or(1.0);
-  r.low_freq_factor = optional_field<double>(s, "low_freq_factor", label).value_or(1.0);
-  r.high_freq_factor = optional_field<double>(s, "high_freq_factor", label).value_or(4.0);
+  r.factor = s.optional<double>("factor").value_or(1.0);
+  r.low_freq_factor = s.optional<double>("low_freq_factor").value_or(1.0);
+  r.high_freq_factor = s.optional<double>("high_freq_factor").value_or(4.0);
   r.original_max_position_embeddings =
-      optional_integer(s, "original_max_position_embeddings", label, 0, kMaxPositions).value_or(0);
-  r.beta_fast = optional_field<double>(s, "beta_fast", label).value_or(32.0);
-  r.beta_slow = optional_field<double>(s, "beta_slow", label).value_or(1.0);
-  r.attention_factor = optional_field<double>(s, "attention_factor", label);
-  r.mscale = optional_field<double>(s, "mscale", label);
-  r.mscale_all_dim = optional_field<double>(s, "mscale_all_dim", label);
-  r.truncate = optional_field<bool>(s, "truncate", label).value_or(true);
+      s.optional_integer("original_max_position_embeddings", 0, kMaxPositions).value_or(0);
+  r.beta_fast = s.optional<double>("beta_fast").value_or(32.0);
+  r.beta_slow = s.optional<double>("beta_slow").value_or(1.0);
+  r.attention_factor = s.optional<double>("attention_factor");
+  r.mscale = s.optional<double>("mscale");
+  r.mscale_all_dim = s.optional<double>("mscale_all_dim");
+  r.truncate = s.optional<bool>("truncate").value_or(true);
   static const std::vector<std::string> kKnown = {"default", "linear", "dynamic", "llama3", "yarn"};
   PQ_CHECK(std::find(kKnown.begin(), kKnown.end(), r.type) != kKnown.end(),
-           "{}: unsupported rope_scaling type {}", label, quoted_json_string(r.type));
+           "{}: unsupported {} type {}", label, what, quoted_json_string(r.type));
   // The frequencies are divided by factor, and the llama3 and yarn ramps divide by
   // low_freq_factor and take logarithms of the beta rotation counts (transformers
   // modeling_rope_utils.py); zero or negative values make them infinite or NaN.
   if (r.type != "default") {
-    PQ_CHECK(r.factor > 0.0, "{}: rope_scaling factor {} is not positive", label, r.factor);
+    PQ_CHECK(r.factor > 0.0, "{}: {} factor {} is not positive", label, what, r.factor);
   }
   PQ_CHECK(r.type != "llama3" || r.low_freq_factor > 0.0,
-           "{}: rope_scaling low_freq_factor {} is not positive", label, r.low_freq_factor);
+           "{}: {} low_freq_factor {} is not positive", label, what, r.low_freq_factor);
   PQ_CHECK(r.type != "yarn" || (r.beta_fast > 0.0 && r.beta_slow > 0.0),
-           "{}: rope_scaling beta_fast {} and beta_slow {} must be positive", label, r.beta_fast,
+           "{}: {} beta_fast {} and beta_slow {} must be positive", label, what, r.beta_fast,
            r.beta_slow);
   return r;
+}
+
+// A value rope_parameters and the text config may both give (transformers v5 moves
+// partial_rotary_factor into rope_parameters and some files keep both): they must agree.
+std::optional<double> rope_value(const Fields& text, const Fields& rope, const char* key) {
+  const auto outer = text.optional<double>(key);
+  const auto inner = rope.optional<double>(key);
+  PQ_CHECK(!outer || !inner || *outer == *inner, "{}: field \"{}\" is {} but \"{}\" is {}",
+           text.label(), text.name(key), *outer, rope.name(key), *inner);
+  return inner ? inner : outer;
+}
+
+// Text config classes with hybrid Gated DeltaNet / gated attention layers, whose defaults
+// (layer_types from full_attention_interval, the linear_* fields, a gated q_proj, head_dim 256,
+// partial_rotary_factor 0.25, renormalised top-k routing) differ from the Llama-style ones
+// (transformers configuration_qwen3_next.py, configuration_qwen3_5.py and _moe.py;
+// qwen3_5-architecture-facts.md §1, §6.2).
+bool is_hybrid_model_type(std::string_view model_type) {
+  return model_type == "qwen3_next" || model_type == "qwen3_5_text" ||
+         model_type == "qwen3_5_moe_text";
+}
+
+LayerType layer_type(const json& value, const Fields& text, std::size_t index) {
+  static const std::map<std::string, LayerType, std::less<>> kTypes = {
+      {"full_attention", LayerType::kFullAttention},
+      {"sliding_attention", LayerType::kSlidingAttention},
+      {"linear_attention", LayerType::kLinearAttention}};
+  const auto it = value.is_string() ? kTypes.find(value.get<std::string>()) : kTypes.end();
+  PQ_CHECK(it != kTypes.end(),
+           "{}: field \"{}\" has {} at index {}; known: full_attention, sliding_attention, "
+           "linear_attention",
+           text.label(), text.name("layer_types"), value.dump(), index);
+  return it->second;
+}
+
+std::vector<LayerType> parse_layer_types(const Fields& text, std::int64_t layers, bool hybrid) {
+  std::vector<LayerType> types;
+  if (text.has("layer_types")) {
+    const json& list = text.object()["layer_types"];
+    PQ_CHECK(list.is_array(), "{}: field \"{}\" is not a list", text.label(),
+             text.name("layer_types"));
+    PQ_CHECK(std::ssize(list) == layers, "{}: field \"{}\" has {} entries for {} layers",
+             text.label(), text.name("layer_types"), list.size(), layers);
+    for (std::size_t i = 0; i < list.size(); ++i) types.push_back(layer_type(list[i], text, i));
+  } else if (hybrid) {
+    const std::int64_t interval =
+        text.optional_integer("full_attention_interval", 1, kMaxCount).value_or(4);
+    for (std::int64_t i = 0; i < layers; ++i) {
+      types.push_back((i + 1) % interval == 0 ? LayerType::kFullAttention
+                                              : LayerType::kLinearAttention);
+    }
+  }
+  return types;
+}
+
+LinearAttentionConfig parse_linear_attention(const Fields& text) {
+  LinearAttentionConfig a;
+  a.conv_kernel_dim =
+      text.optional_integer("linear_conv_kernel_dim", 1, kMaxCount).value_or(a.conv_kernel_dim);
+  a.key_head_dim =
+      text.optional_integer("linear_key_head_dim", 1, kMaxDimension).value_or(a.key_head_dim);
+  a.value_head_dim =
+      text.optional_integer("linear_value_head_dim", 1, kMaxDimension).value_or(a.value_head_dim);
+  a.num_key_heads =
+      text.optional_integer("linear_num_key_heads", 1, kMaxCount).value_or(a.num_key_heads);
+  a.num_value_heads =
+      text.optional_integer("linear_num_value_heads", 1, kMaxCount).value_or(a.num_value_heads);
+  // Value head h reads q/k head h / (num_value_heads / num_key_heads) (facts §4.2).
+  PQ_CHECK(a.num_value_heads % a.num_key_heads == 0, "{}: {} {} is not a multiple of {} {}",
+           text.label(), text.name("linear_num_value_heads"), a.num_value_heads,
+           text.name("linear_num_key_heads"), a.num_key_heads);
+  return a;
+}
+
+VisionConfig parse_vision(const Fields& v) {
+  VisionConfig c;
+  c.depth = v.required_integer("depth", 1, kMaxCount);
+  c.hidden_size = v.required_integer("hidden_size", 1, kMaxDimension);
+  c.intermediate_size = v.required_integer("intermediate_size", 1, kMaxDimension);
+  c.out_hidden_size = v.required_integer("out_hidden_size", 1, kMaxDimension);
+  c.in_channels = v.required_integer("in_channels", 1, kMaxCount);
+  c.patch_size = v.required_integer("patch_size", 1, kMaxCount);
+  c.temporal_patch_size = v.required_integer("temporal_patch_size", 1, kMaxCount);
+  c.spatial_merge_size = v.required_integer("spatial_merge_size", 1, kMaxCount);
+  c.num_position_embeddings = v.required_integer("num_position_embeddings", 1, kMaxPositions);
+  return c;
 }
 
 }  // namespace
@@ -119,71 +236,133 @@ bool ModelConfig::is_moe_layer(std::int64_t layer) const {
   return (layer + 1) % decoder_sparse_step == 0;
 }
 
+bool ModelConfig::is_linear_attention_layer(std::int64_t layer) const {
+  return layer >= 0 && layer < std::ssize(layer_types) &&
+         layer_types[static_cast<std::size_t>(layer)] == LayerType::kLinearAttention;
+}
+
 ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   PQ_CHECK(j.is_object(), "{}: config is not a JSON object", label);
   ModelConfig c;
   c.raw = j;
-  const auto archs = optional_field<std::vector<std::string>>(j, "architectures", label);
+  const Fields top(j, "", label);
+  const auto archs = top.optional<std::vector<std::string>>("architectures");
   PQ_CHECK(archs.has_value() && !archs->empty(), "{}: missing \"architectures\"", label);
   c.architecture = archs->front();
-  c.model_type = optional_field<std::string>(j, "model_type", label).value_or("");
-  c.hidden_size = required_integer(j, "hidden_size", label, 1, kMaxDimension);
-  c.intermediate_size =
-      optional_integer(j, "intermediate_size", label, 0, kMaxDimension).value_or(0);
-  c.num_hidden_layers = required_integer(j, "num_hidden_layers", label, 1, kMaxCount);
-  c.num_attention_heads = required_integer(j, "num_attention_heads", label, 1, kMaxCount);
-  c.num_key_value_heads = optional_integer(j, "num_key_value_heads", label, 1, kMaxCount)
-                              .value_or(c.num_attention_heads);
+  c.model_type = top.optional<std::string>("model_type").value_or("");
+  // transformers' get_text_config(): a multimodal config keeps its text model under text_config.
+  const bool nested = top.has("text_config");
+  const Fields text = nested ? top.child("text_config") : top;
+  const std::string text_model_type = text.optional<std::string>("model_type").value_or("");
+  const bool hybrid = is_hybrid_model_type(text_model_type);
+
+  c.hidden_size = text.required_integer("hidden_size", 1, kMaxDimension);
+  c.intermediate_size = text.optional_integer("intermediate_size", 0, kMaxDimension).value_or(0);
+  c.num_hidden_layers = text.required_integer("num_hidden_layers", 1, kMaxCount);
+  c.num_attention_heads = text.required_integer("num_attention_heads", 1, kMaxCount);
+  c.num_key_value_heads =
+      text.optional_integer("num_key_value_heads", 1, kMaxCount).value_or(c.num_attention_heads);
   PQ_CHECK(c.num_attention_heads % c.num_key_value_heads == 0,
            "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", label,
            c.num_attention_heads, c.num_key_value_heads);
-  c.head_dim = optional_integer(j, "head_dim", label, 1, kMaxDimension)
-                   .value_or(c.hidden_size / c.num_attention_heads);
-  PQ_CHECK(c.head_dim > 0, "{}: field \"head_dim\" must be positive, got {}", label, c.head_dim);
-  c.vocab_size = required_integer(j, "vocab_size", label, 1, kMaxVocabulary);
+  c.head_dim = text.optional_integer("head_dim", 1, kMaxDimension)
+                   .value_or(hybrid ? 256 : c.hidden_size / c.num_attention_heads);
+  PQ_CHECK(c.head_dim > 0, "{}: field \"{}\" must be positive, got {}", label,
+           text.name("head_dim"), c.head_dim);
+  c.vocab_size = text.required_integer("vocab_size", 1, kMaxVocabulary);
   c.max_position_embeddings =
-      optional_integer(j, "max_position_embeddings", label, 0, kMaxPositions).value_or(0);
-  c.rms_norm_eps = optional_field<double>(j, "rms_norm_eps", label).value_or(1e-6);
+      text.optional_integer("max_position_embeddings", 0, kMaxPositions).value_or(0);
+  c.rms_norm_eps = text.optional<double>("rms_norm_eps").value_or(1e-6);
   // RMSNorm divides by sqrt(mean(x^2) + eps), with eps as a float, and RoPE raises rope_theta to
   // negative powers (and yarn takes its logarithm): a negative eps or a theta <= 0 (<= 1 for yarn)
   // gives NaN logits, and an eps beyond float range is no float. Real models use 1e-5 or 1e-6.
   PQ_CHECK(c.rms_norm_eps >= 0.0 && c.rms_norm_eps <= 1.0, "{}: rms_norm_eps {} is outside [0, 1]",
            label, c.rms_norm_eps);
-  c.rope_theta = optional_field<double>(j, "rope_theta", label).value_or(10000.0);
+  std::optional<double> rope_theta;
+  std::optional<double> partial_rotary_factor;
+  if (text.has("rope_parameters")) {
+    PQ_CHECK(!text.has("rope_scaling"), "{}: both \"{}\" and \"{}\" are given", label,
+             text.name("rope_parameters"), text.name("rope_scaling"));
+    const Fields rope = text.child("rope_parameters");
+    // Gemma-style files nest one parameter set per layer type.
+    for (const auto& [key, value] : rope.object().items()) {
+      PQ_CHECK(!value.is_object(),
+               "{}: field \"{}\" holds parameters per layer type (\"{}\"), which are not supported",
+               label, text.name("rope_parameters"), key);
+    }
+    c.rope_scaling = parse_rope_scaling(rope);
+    rope_theta = rope_value(text, rope, "rope_theta");
+    partial_rotary_factor = rope_value(text, rope, "partial_rotary_factor");
+  } else {
+    if (text.has("rope_scaling")) c.rope_scaling = parse_rope_scaling(text.child("rope_scaling"));
+    rope_theta = text.optional<double>("rope_theta");
+    partial_rotary_factor = text.optional<double>("partial_rotary_factor");
+  }
+  c.rope_theta = rope_theta.value_or(10000.0);
   PQ_CHECK(c.rope_theta > 0.0, "{}: rope_theta {} is not positive", label, c.rope_theta);
-  c.rope_scaling = parse_rope_scaling(j, label);
   PQ_CHECK(c.rope_scaling.type != "yarn" || c.rope_theta > 1.0,
            "{}: yarn rope_scaling needs rope_theta > 1, got {}", label, c.rope_theta);
-  c.partial_rotary_factor = optional_field<double>(j, "partial_rotary_factor", label).value_or(1.0);
-  c.hidden_act = optional_field<std::string>(j, "hidden_act", label).value_or("silu");
-  c.max_window_layers = optional_integer(j, "max_window_layers", label, 0, kMaxCount);
-  c.tie_word_embeddings = optional_field<bool>(j, "tie_word_embeddings", label).value_or(false);
-  c.attention_bias = optional_field<bool>(j, "attention_bias", label).value_or(false);
-  c.mlp_bias = optional_field<bool>(j, "mlp_bias", label).value_or(false);
-  const bool use_sliding = optional_field<bool>(j, "use_sliding_window", label).value_or(true);
-  if (use_sliding) {
-    c.sliding_window = optional_integer(j, "sliding_window", label, 0, kMaxPositions);
+  c.partial_rotary_factor = partial_rotary_factor.value_or(hybrid ? 0.25 : 1.0);
+  c.hidden_act = text.optional<std::string>("hidden_act").value_or("silu");
+  c.max_window_layers = text.optional_integer("max_window_layers", 0, kMaxCount);
+  // The wrapper and its text config may both say; vLLM ties by the text config's value.
+  const auto tie = text.optional<bool>("tie_word_embeddings");
+  if (nested) {
+    const auto outer = top.optional<bool>("tie_word_embeddings");
+    PQ_CHECK(!tie || !outer || *tie == *outer,
+             "{}: field \"tie_word_embeddings\" is {} but \"{}\" is {}", label, *outer,
+             text.name("tie_word_embeddings"), *tie);
+    c.tie_word_embeddings = tie.value_or(outer.value_or(false));
+  } else {
+    c.tie_word_embeddings = tie.value_or(false);
   }
-  c.torch_dtype = optional_field<std::string>(j, "torch_dtype", label).value_or("");
-  c.bos_token_id = optional_integer(j, "bos_token_id", label, 0, kMaxVocabulary - 1);
-  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
-    c.eos_token_ids = integer_list(j, "eos_token_id", label, 0, kMaxVocabulary - 1);
-  } else if (auto eos = optional_integer(j, "eos_token_id", label, 0, kMaxVocabulary - 1)) {
+  c.attention_bias = text.optional<bool>("attention_bias").value_or(false);
+  c.mlp_bias = text.optional<bool>("mlp_bias").value_or(false);
+  const bool use_sliding = text.optional<bool>("use_sliding_window").value_or(true);
+  if (use_sliding) {
+    c.sliding_window = text.optional_integer("sliding_window", 0, kMaxPositions);
+  }
+  c.torch_dtype = text.optional<std::string>("torch_dtype").value_or("");
+  c.bos_token_id = text.optional_integer("bos_token_id", 0, kMaxVocabulary - 1);
+  if (text.has("eos_token_id") && text.object()["eos_token_id"].is_array()) {
+    c.eos_token_ids = text.integer_list("eos_token_id", 0, kMaxVocabulary - 1);
+  } else if (auto eos = text.optional_integer("eos_token_id", 0, kMaxVocabulary - 1)) {
     c.eos_token_ids = {*eos};
   }
-  c.num_experts = optional_integer(j, "num_experts", label, 0, kMaxCount).value_or(0);
+  c.num_experts = text.optional_integer("num_experts", 0, kMaxCount).value_or(0);
   if (c.num_experts > 0) {
-    c.num_experts_per_tok = required_integer(j, "num_experts_per_tok", label, 1, kMaxCount);
+    c.num_experts_per_tok = text.required_integer("num_experts_per_tok", 1, kMaxCount);
     PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
              "{}: num_experts_per_tok {} exceeds num_experts {}", label, c.num_experts_per_tok,
              c.num_experts);
-    c.moe_intermediate_size = required_integer(j, "moe_intermediate_size", label, 1, kMaxDimension);
-    c.norm_topk_prob = optional_field<bool>(j, "norm_topk_prob", label).value_or(false);
-    c.decoder_sparse_step =
-        optional_integer(j, "decoder_sparse_step", label, 1, kMaxCount).value_or(1);
-    if (j.contains("mlp_only_layers") && !j["mlp_only_layers"].is_null()) {
-      c.mlp_only_layers = integer_list(j, "mlp_only_layers", label, 0, kMaxCount - 1);
+    c.moe_intermediate_size = text.required_integer("moe_intermediate_size", 1, kMaxDimension);
+    // Qwen3.5-MoE has no flag and always renormalises; vLLM defaults it to true (facts §6.2).
+    c.norm_topk_prob = text.optional<bool>("norm_topk_prob").value_or(hybrid);
+    c.decoder_sparse_step = text.optional_integer("decoder_sparse_step", 1, kMaxCount).value_or(1);
+    if (text.has("mlp_only_layers")) {
+      c.mlp_only_layers = text.integer_list("mlp_only_layers", 0, kMaxCount - 1);
     }
+    c.shared_expert_intermediate_size =
+        text.optional_integer("shared_expert_intermediate_size", 0, kMaxDimension).value_or(0);
+  }
+
+  c.layer_types = parse_layer_types(text, c.num_hidden_layers, hybrid);
+  if (std::find(c.layer_types.begin(), c.layer_types.end(), LayerType::kLinearAttention) !=
+      c.layer_types.end()) {
+    c.linear_attention = parse_linear_attention(text);
+  }
+  c.attn_output_gate = text.optional<bool>("attn_output_gate").value_or(hybrid);
+  // Qwen3-Next configs have no mtp_num_hidden_layers; vLLM reads num_nextn_predict_layers,
+  // default 1 (facts §1).
+  const bool next = text_model_type == "qwen3_next";
+  c.mtp_num_hidden_layers =
+      text.optional_integer(next ? "num_nextn_predict_layers" : "mtp_num_hidden_layers", 0,
+                            kMaxCount)
+          .value_or(next ? 1 : 0);
+  // The Qwen3.5/3.6 wrappers hold a Qwen3-VL-style vision tower (facts §8); other multimodal
+  // configs describe theirs with other fields.
+  if (c.model_type == "qwen3_5" || c.model_type == "qwen3_5_moe") {
+    c.vision = parse_vision(top.child("vision_config"));
   }
   return c;
 }

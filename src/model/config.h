@@ -25,8 +25,38 @@ struct RopeScaling {
   bool truncate = true;                               // yarn: round the correction range
 };
 
+// How a decoder layer mixes tokens (transformers config "layer_types").
+enum class LayerType { kFullAttention, kSlidingAttention, kLinearAttention };
+
+// The Gated DeltaNet of "linear_attention" layers (Qwen3-Next, Qwen3.5/3.6), with the defaults of
+// their transformers config classes (qwen3_5-architecture-facts.md §1). Key and value dims are
+// num_*_heads * *_head_dim; each key head serves num_value_heads / num_key_heads value heads.
+struct LinearAttentionConfig {
+  std::int64_t conv_kernel_dim = 4;
+  std::int64_t key_head_dim = 128;
+  std::int64_t value_head_dim = 128;
+  std::int64_t num_key_heads = 16;
+  std::int64_t num_value_heads = 32;
+};
+
+// The vision tower of Qwen3.5/3.6 ("vision_config"): what names and shapes its tensors
+// (qwen3_5-architecture-facts.md §8).
+struct VisionConfig {
+  std::int64_t depth = 0;  // transformer blocks
+  std::int64_t hidden_size = 0;
+  std::int64_t intermediate_size = 0;
+  std::int64_t out_hidden_size = 0;  // the merger's output: the text model's hidden_size
+  std::int64_t in_channels = 0;
+  std::int64_t patch_size = 0;
+  std::int64_t temporal_patch_size = 0;
+  std::int64_t spatial_merge_size = 0;  // the merger joins merge x merge patches
+  std::int64_t num_position_embeddings = 0;
+};
+
 // The fields of a Hugging Face config.json that the inventory and the runtime use. Parsed once,
 // strictly: a missing required field or a nonsensical value is a pq::Error naming the file.
+// Multimodal configs (Qwen3.5/3.6) keep the text model's fields under "text_config"; they are
+// read from there, and messages name them as "text_config.<key>".
 struct ModelConfig {
   std::string architecture;  // architectures[0], e.g. "Qwen3ForCausalLM"
   std::string model_type;
@@ -61,6 +91,20 @@ struct ModelConfig {
   bool norm_topk_prob = false;
   std::int64_t decoder_sparse_step = 1;
   std::vector<std::int64_t> mlp_only_layers;
+  std::int64_t shared_expert_intermediate_size = 0;  // Qwen3-Next, Qwen3.5/3.6-MoE; 0: none
+
+  // Per layer, from "layer_types"; for Qwen3-Next and Qwen3.5/3.6 without it, every
+  // full_attention_interval-th layer is full attention and the others linear attention (facts
+  // §1). Empty when the config gives neither: the family decides (full, or sliding as
+  // max_window_layers and sliding_window say).
+  std::vector<LayerType> layer_types;
+  std::optional<LinearAttentionConfig> linear_attention;  // set when a layer is linear_attention
+  // Full attention's q_proj also yields a per-head output gate: 2 * num_attention_heads *
+  // head_dim rows (Qwen3-Next, Qwen3.5/3.6; facts §5).
+  bool attn_output_gate = false;
+  // Decoder layers of the multi-token-prediction head, stored as "mtp.layers.N.*" (facts §7).
+  std::int64_t mtp_num_hidden_layers = 0;
+  std::optional<VisionConfig> vision;
 
   nlohmann::json raw;  // the whole config.json, for fields a profile needs beyond these
 
@@ -68,6 +112,7 @@ struct ModelConfig {
   // (transformers Qwen3MoeDecoderLayer: not in mlp_only_layers, experts > 0 and
   // (layer + 1) % decoder_sparse_step == 0).
   bool is_moe_layer(std::int64_t layer) const;
+  bool is_linear_attention_layer(std::int64_t layer) const;
 
   static ModelConfig from_json(const nlohmann::json& json, const std::string& label);
   static ModelConfig load(const std::filesystem::path& model_dir);

@@ -21,6 +21,25 @@ std::optional<std::int64_t> config_field(const ModelConfig& config, std::string_
   if (name == "vocab_size") return config.vocab_size;
   if (name == "num_experts") return config.num_experts;
   if (name == "moe_intermediate_size") return config.moe_intermediate_size;
+  if (name == "shared_expert_intermediate_size") return config.shared_expert_intermediate_size;
+  if (name == "attn_output_gate") return config.attn_output_gate ? 1 : 0;
+  if (const auto& linear = config.linear_attention) {
+    if (name == "linear_conv_kernel_dim") return linear->conv_kernel_dim;
+    if (name == "linear_key_head_dim") return linear->key_head_dim;
+    if (name == "linear_value_head_dim") return linear->value_head_dim;
+    if (name == "linear_num_key_heads") return linear->num_key_heads;
+    if (name == "linear_num_value_heads") return linear->num_value_heads;
+  }
+  if (const auto& vision = config.vision) {
+    if (name == "vision_config.hidden_size") return vision->hidden_size;
+    if (name == "vision_config.intermediate_size") return vision->intermediate_size;
+    if (name == "vision_config.out_hidden_size") return vision->out_hidden_size;
+    if (name == "vision_config.in_channels") return vision->in_channels;
+    if (name == "vision_config.patch_size") return vision->patch_size;
+    if (name == "vision_config.temporal_patch_size") return vision->temporal_patch_size;
+    if (name == "vision_config.spatial_merge_size") return vision->spatial_merge_size;
+    if (name == "vision_config.num_position_embeddings") return vision->num_position_embeddings;
+  }
   const std::string key(name);
   if (config.raw.is_object() && config.raw.contains(key) && config.raw[key].is_number_integer()) {
     return config.raw[key].get<std::int64_t>();
@@ -65,8 +84,8 @@ class DimensionParser {
       }
       return value;
     }
-    while (pos_ < text_.size() &&
-           (std::isalnum(static_cast<unsigned char>(text_[pos_])) || text_[pos_] == '_')) {
+    while (pos_ < text_.size() && (std::isalnum(static_cast<unsigned char>(text_[pos_])) ||
+                                   text_[pos_] == '_' || text_[pos_] == '.')) {
       ++pos_;
     }
     if (pos_ == begin) malformed("expected a number or a config field");

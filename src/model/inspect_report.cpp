@@ -4,6 +4,8 @@
 #include <fmt/ranges.h>
 
 #include <map>
+#include <utility>
+#include <vector>
 
 namespace pq::model {
 
@@ -31,9 +33,41 @@ struct RoleSummary {
   std::int64_t params = 0;
 };
 
+// A role as the text report lists it: the MTP head's and the vision tower's tensors apart from the
+// text model's ("mtp q_proj").
+std::string role_label(std::string_view role, Component component) {
+  if (component == Component::kText) return std::string(role);
+  return fmt::format("{} {}", component_name(component), role);
+}
+
+// Parameters of each component the checkpoint has, in kComponents order.
+std::vector<std::pair<Component, std::int64_t>> params_by_component(const ModelSpec& spec) {
+  std::vector<std::pair<Component, std::int64_t>> params;
+  for (const Component component : kComponents) {
+    std::int64_t sum = 0;
+    bool present = false;
+    for (const Linear& linear : spec.linears) {
+      if (linear.component != component) continue;
+      sum += linear.numel();
+      present = true;
+    }
+    for (const OtherTensor& tensor : spec.others) {
+      if (tensor.component != component) continue;
+      sum += tensor.numel();
+      present = true;
+    }
+    if (present) params.emplace_back(component, sum);
+  }
+  return params;
+}
+
 }  // namespace
 
 nlohmann::ordered_json inspect_json(const ModelSpec& spec) {
+  json components = json::object();
+  for (const auto& [component, params] : params_by_component(spec)) {
+    components[component_name(component)] = params;
+  }
   json linears = json::array();
   for (const Linear& linear : spec.linears) {
     json slice = nullptr;
@@ -89,6 +123,7 @@ nlohmann::ordered_json inspect_json(const ModelSpec& spec) {
       {"num_sibling_groups", spec.groups.size()},
       {"params_by_role", spec.params_by_role()},
       {"params_by_dtype", spec.params_by_dtype()},
+      {"params_by_component", components},
       {"linears", linears},
       {"sibling_groups", groups},
       {"passthrough", passthrough},
@@ -100,12 +135,14 @@ std::string inspect_text(const ModelSpec& spec) {
   std::map<std::string, RoleSummary> candidate_roles;
   std::map<std::string, RoleSummary> passthrough_roles;
   for (const Linear& linear : spec.linears) {
-    RoleSummary& summary = (linear.is_candidate ? candidate_roles : passthrough_roles)[linear.role];
+    RoleSummary& summary =
+        (linear.is_candidate ? candidate_roles
+                             : passthrough_roles)[role_label(linear.role, linear.component)];
     ++summary.count;
     summary.params += linear.numel();
   }
   for (const OtherTensor& tensor : spec.others) {
-    RoleSummary& summary = passthrough_roles[tensor.role];
+    RoleSummary& summary = passthrough_roles[role_label(tensor.role, tensor.component)];
     ++summary.count;
     summary.params += tensor.numel();
   }
@@ -121,7 +158,7 @@ std::string inspect_text(const ModelSpec& spec) {
 
   std::string out;
   const auto row = [&out](std::string_view label, std::string_view count, std::string_view params) {
-    fmt::format_to(std::back_inserter(out), "  {:<26}{:>8}{:>16}\n", label, count, params);
+    fmt::format_to(std::back_inserter(out), "  {:<32}{:>8}{:>16}\n", label, count, params);
   };
   fmt::format_to(std::back_inserter(out), "architecture  {} (profile {}), {} embeddings\n",
                  spec.architecture, spec.family, spec.tie_word_embeddings ? "tied" : "untied");
@@ -129,6 +166,14 @@ std::string inspect_text(const ModelSpec& spec) {
                  spec.num_tensors());
   for (const auto& [dtype, params] : spec.params_by_dtype()) {
     row(dtype, "", group_digits(params));
+  }
+  const auto components = params_by_component(spec);
+  if (components.size() > 1) {
+    std::vector<std::string> parts;
+    for (const auto& [component, params] : components) {
+      parts.push_back(fmt::format("{} {}", component_name(component), group_digits(params)));
+    }
+    fmt::format_to(std::back_inserter(out), "components    {}\n", fmt::join(parts, ", "));
   }
   const std::int64_t candidate_params = sum_params(candidate_roles);
   fmt::format_to(std::back_inserter(out),

@@ -62,45 +62,56 @@ class SpecBuilder {
     spec_.family = std::string(profile.family);
     spec_.tie_word_embeddings = config_.tie_word_embeddings;
 
-    for (const TensorRule& rule : profile.tensors) {
-      if (!has_placeholder(rule.name, kLayerPlaceholder) && rule.present(config_, kNoLayer)) {
-        add_other(rule, std::nullopt);
-      }
-    }
-    for (std::int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
-      for (const TensorRule& rule : profile.tensors) {
-        if (has_placeholder(rule.name, kLayerPlaceholder) && rule.present(config_, layer)) {
-          add_other(rule, layer);
-        }
-      }
-      add_layer_linears(profile, layer);
-    }
-    for (const LinearRule& rule : profile.linears) {
-      if (!has_placeholder(rule.module, kLayerPlaceholder) && rule.present(config_, kNoLayer)) {
-        add_linear(rule, std::nullopt, std::nullopt);
-      }
-    }
+    for (const Component component : kComponents) add_component(profile, component);
     check_packed_coverage();
     reject_unclaimed();
     return std::move(spec_);
   }
 
  private:
+  // The rules of one component: its single tensors, its layer stack layer by layer, then its
+  // Linears outside the stack (lm_head, mtp.fc, the vision merger).
+  void add_component(const ArchitectureProfile& profile, Component component) {
+    for (const TensorRule& rule : profile.tensors) {
+      if (rule.component == component && !has_placeholder(rule.name, kLayerPlaceholder) &&
+          rule.present(config_, kNoLayer)) {
+        add_other(rule, std::nullopt);
+      }
+    }
+    for (std::int64_t layer = 0; layer < component_layers(config_, component); ++layer) {
+      for (const TensorRule& rule : profile.tensors) {
+        if (rule.component == component && has_placeholder(rule.name, kLayerPlaceholder) &&
+            rule.present(config_, layer)) {
+          add_other(rule, layer);
+        }
+      }
+      add_layer_linears(profile, component, layer);
+    }
+    for (const LinearRule& rule : profile.linears) {
+      if (rule.component == component && !has_placeholder(rule.module, kLayerPlaceholder) &&
+          rule.present(config_, kNoLayer)) {
+        add_linear(rule, std::nullopt, std::nullopt);
+      }
+    }
+  }
+
   // Linears of one layer in profile order; routed experts expert by expert (gate, up, down of
   // expert 0, then expert 1, ...), which is how checkpoints list them.
-  void add_layer_linears(const ArchitectureProfile& profile, std::int64_t layer) {
+  void add_layer_linears(const ArchitectureProfile& profile, Component component,
+                         std::int64_t layer) {
+    const auto in_layer = [&](const LinearRule& rule) {
+      return rule.component == component && has_placeholder(rule.module, kLayerPlaceholder) &&
+             rule.present(config_, layer);
+    };
     std::vector<const LinearRule*> expert_rules;
     for (const LinearRule& rule : profile.linears) {
-      if (has_placeholder(rule.module, kLayerPlaceholder) &&
-          has_placeholder(rule.module, kExpertPlaceholder) && rule.present(config_, layer)) {
+      if (in_layer(rule) && has_placeholder(rule.module, kExpertPlaceholder)) {
         expert_rules.push_back(&rule);
       }
     }
     bool experts_done = false;
     for (const LinearRule& rule : profile.linears) {
-      if (!has_placeholder(rule.module, kLayerPlaceholder) || !rule.present(config_, layer)) {
-        continue;
-      }
+      if (!in_layer(rule)) continue;
       if (!has_placeholder(rule.module, kExpertPlaceholder)) {
         add_linear(rule, layer, std::nullopt);
       } else if (!experts_done) {

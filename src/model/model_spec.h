@@ -46,7 +46,9 @@ struct Linear {
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
   io::DType dtype = io::DType::BF16;
-  std::optional<std::int64_t> layer;   // absent for lm_head
+  // Index in its component's layer stack (decoder layer, mtp.layers.N, vision block); absent
+  // outside a stack (lm_head, mtp.fc, the vision merger).
+  std::optional<std::int64_t> layer;
   std::optional<std::int64_t> expert;  // set for routed-expert projections
   std::optional<std::string> bias_tensor;
   std::optional<std::string> group;  // sibling group name (SiblingGroup::name); absent if alone
@@ -88,7 +90,9 @@ struct ModelSpec {
   std::string architecture;
   std::string family;
   bool tie_word_embeddings = false;
-  std::vector<Linear> linears;  // layer by layer in profile order; lm_head last
+  // Component by component (text, mtp, vision); in each, layer by layer in profile order, then
+  // the Linears outside the layer stack (lm_head last of the text ones).
+  std::vector<Linear> linears;
   std::vector<OtherTensor> others;
   std::vector<SiblingGroup> groups;
 

@@ -15,9 +15,11 @@ namespace pq::model {
 // as name patterns with expected shapes; build_model_spec() expands the patterns over the
 // config's layers and experts and matches them one to one against the checkpoint.
 //
-// Pattern placeholders: "{layer}" expands over 0..num_hidden_layers-1 and "{expert}" over
-// 0..num_experts-1 (only inside a layer pattern). A rule without placeholders names one tensor.
-// Shapes are dimension expressions (model/dimension.h) such as "num_attention_heads*head_dim".
+// Pattern placeholders: "{layer}" expands over the layer stack of the rule's component
+// (component_layers(): the decoder layers for kText, "mtp.layers.N" for kMtp, the vision blocks
+// for kVision), and "{expert}" over 0..num_experts-1 (only inside a layer pattern). A rule without
+// placeholders names one tensor. Shapes are dimension expressions (model/dimension.h) such as
+// "num_attention_heads*head_dim".
 
 // Decides per layer whether a rule applies (e.g. only MoE layers, only untied checkpoints).
 // A plain function so profiles stay tables; captureless lambdas convert to it.
@@ -32,9 +34,13 @@ inline bool never(const ModelConfig&, std::int64_t) {
 
 // Whether the quantizer may choose a format for a Linear.
 enum class Candidacy {
-  kCandidate,    // every projection inside attention and MLP blocks
-  kPassthrough,  // kept in its stored dtype: routers (vLLM builds them with quant_config=None)
-  kOptIn,        // kept unless the user asks (lm_head: SpecOptions::quantize_lm_head)
+  kCandidate,  // every projection inside attention, linear-attention and MLP blocks
+  // Kept in its stored dtype: routers and shared-expert gates (vLLM builds them with
+  // quant_config=None), and the vision tower's Linears, which are listed (with
+  // Component::kVision) so that one format for the whole tower can be applied to them, but are
+  // never weighed against the text model's Linears.
+  kPassthrough,
+  kOptIn,  // kept unless the user asks (lm_head: SpecOptions::quantize_lm_head)
 };
 
 // Which part of the model a tensor belongs to. Text-only families use kText throughout; the
@@ -43,7 +49,13 @@ enum class Candidacy {
 // the vision tower BF16 by default: qwen3_5-architecture-facts.md §8).
 enum class Component { kText, kMtp, kVision };
 
+inline constexpr Component kComponents[] = {Component::kText, Component::kMtp, Component::kVision};
+
 std::string_view component_name(Component component);
+
+// Layers of the stack "{layer}" expands over in rules of `component`: num_hidden_layers,
+// mtp_num_hidden_layers, or the vision tower's depth (0 without one).
+std::int64_t component_layers(const ModelConfig& config, Component component);
 
 // Where a routed expert's Linear lives when the checkpoint packs all experts of a layer into one
 // 3-D tensor [num_experts, rows, in] (Qwen3.5/3.6 "mlp.experts.gate_up_proj" [E, 2I, H] holds

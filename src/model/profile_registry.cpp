@@ -23,10 +23,23 @@ std::string_view component_name(Component component) {
   return "text";
 }
 
+std::int64_t component_layers(const ModelConfig& config, Component component) {
+  switch (component) {
+    case Component::kText:
+      return config.num_hidden_layers;
+    case Component::kMtp:
+      return config.mtp_num_hidden_layers;
+    case Component::kVision:
+      return config.vision ? config.vision->depth : 0;
+  }
+  return 0;
+}
+
 std::span<const ArchitectureProfile* const> all_profiles() {
-  static const std::array<const ArchitectureProfile*, 5> profiles = {
-      &profiles::llama(), &profiles::mistral(),   &profiles::qwen2(),
-      &profiles::qwen3(), &profiles::qwen3_moe(),
+  static const std::array<const ArchitectureProfile*, 8> profiles = {
+      &profiles::llama(),       &profiles::mistral(),    &profiles::qwen2(),
+      &profiles::qwen3(),       &profiles::qwen3_moe(),  &profiles::qwen3_5(),
+      &profiles::qwen3_5_moe(), &profiles::qwen3_next(),
   };
   return profiles;
 }

@@ -348,6 +348,8 @@ std::string probe_fingerprint(const ProbeJob& job) {
 ProbeOutcome run_probe(const ProbeJob& job) {
   PQ_CHECK(job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  runtime::require_runtime_support(config);
   PQ_CHECK(std::filesystem::is_regular_file(job.model / "tokenizer.json"),
            "{}: no tokenizer.json (the probe tokenizes the calibration data with it)",
            job.model.string());
@@ -356,7 +358,6 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   const LocationLock lock(job.out);
   ProbeOutcome outcome;
   outcome.fingerprint = probe_fingerprint(job);
-  const model::ModelConfig config = model::ModelConfig::load(job.model);
   const std::int64_t layers = config.num_hidden_layers;
   // Steps: the forward of every layer, the head, the backward of every layer.
   outcome.steps_total = static_cast<std::size_t>(2 * layers + 1);

@@ -123,15 +123,34 @@ void report(LinearObserver* observer, const std::string& name, std::int64_t laye
 
 }  // namespace
 
-Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOptions options)
-    : config_(std::move(config)), weights_(weights), options_(options) {
-  const std::string& arch = config_.architecture;
+void require_runtime_support(const model::ModelConfig& config) {
+  const std::string& arch = config.architecture;
+  // The hybrid families' parts (qwen3_5-architecture-facts.md §4, §5, §6.2).
+  std::vector<std::string_view> missing;
+  if (std::find(config.layer_types.begin(), config.layer_types.end(),
+                model::LayerType::kLinearAttention) != config.layer_types.end()) {
+    missing.push_back("linear_attention layers");
+  }
+  if (config.attn_output_gate) missing.push_back("gated attention");
+  if (config.shared_expert_intermediate_size > 0) missing.push_back("shared experts");
+  if (!missing.empty()) {
+    const std::string_view last = missing.back();
+    missing.pop_back();
+    fail("the runtime does not support the {}{}{} of {} yet", fmt::join(missing, ", "),
+         missing.empty() ? "" : " and ", last, quoted_json_string(arch));
+  }
   static const std::vector<std::string> kSupported = {"LlamaForCausalLM", "MistralForCausalLM",
                                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                                       "Qwen3MoeForCausalLM"};
   PQ_CHECK(std::find(kSupported.begin(), kSupported.end(), arch) != kSupported.end(),
            "architecture {} is not supported by the runtime (supported: {})",
            quoted_json_string(arch), fmt::join(kSupported, ", "));
+}
+
+Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOptions options)
+    : config_(std::move(config)), weights_(weights), options_(options) {
+  require_runtime_support(config_);
+  const std::string& arch = config_.architecture;
   PQ_CHECK(config_.hidden_act == "silu", "{}: hidden_act {} is not supported (only silu)", arch,
            quoted_json_string(config_.hidden_act));
   PQ_CHECK(config_.num_experts == 0 || arch == "Qwen3MoeForCausalLM",

@@ -58,6 +58,12 @@ struct DecodeState {
   std::int64_t length = 0;
 };
 
+// pq::Error unless Model can run `config`: an architecture below, without layers it has no
+// kernels for. `prismaquant inspect` reads more architectures than this runs (Qwen3-Next,
+// Qwen3.5/3.6); for those the message names what the runtime lacks, and the stages that compute
+// call this before any other work.
+void require_runtime_support(const model::ModelConfig& config);
+
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
 // Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers and lm_head are loaded
 // from the weight source when a pass reaches them and dropped afterwards (unless

@@ -29,6 +29,7 @@
 #include "probe/fingerprint.h"
 #include "probe/probe_stage.h"
 #include "report/scout_report.h"
+#include "runtime/model.h"
 #include "runtime/weights.h"
 #include "scout/frontier.h"
 #include "scout/neighbourhood.h"
@@ -171,6 +172,7 @@ Scout::Scout(const ScoutJob& job)
       checkpoint_(io::Checkpoint::open(job.model)),
       spec_(model::build_model_spec(config_, checkpoint_, job.spec_options)),
       source_(checkpoint_) {
+  runtime::require_runtime_support(config_);
   const fs::path cost_path = job.work / "cost" / "cost.json";
   PQ_CHECK(fs::is_regular_file(cost_path),
            "{}: not found; run `prismaquant probe` and `prismaquant cost` into {} first",

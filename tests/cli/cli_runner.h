@@ -32,6 +32,11 @@ inline std::string quoted(const std::filesystem::path& path) {
   return fmt::format("'{}'", path.string());
 }
 
+// The shared WikiText-2 test text, shell-quoted, for commands that take --data.
+inline std::string data_file() {
+  return quoted(shared_dir() / "data" / "wikitext-2-test.txt");
+}
+
 // Runs prismaquant with `args` (already shell-quoted) and captures stdout, stderr and status.
 inline RunResult run_prismaquant(const std::string& args) {
   TempDir dir;

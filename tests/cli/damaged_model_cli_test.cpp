@@ -17,6 +17,7 @@ namespace pq {
 namespace {
 
 namespace fs = std::filesystem;
+using test::data_file;
 using test::expect_one_line_error;
 using test::quoted;
 using test::run_prismaquant;
@@ -46,10 +47,6 @@ void write_damaged_copy(const fs::path& dir, const std::string& tensor, std::int
 
 constexpr std::uint16_t kBf16Nan = 0x7fc0;
 constexpr std::uint16_t kBf16Max = 0x7f7f;  // 3.39e38, the largest finite BF16
-
-std::string data_file() {
-  return quoted(test::shared_dir() / "data" / "wikitext-2-test.txt");
-}
 
 TEST(DamagedModelCli, NanWeightIsNamedByEvalGenerateAndQuantize) {
   PQ_REQUIRE_SHARED();

@@ -1,5 +1,7 @@
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -365,6 +367,46 @@ TEST(WeightFormats, ShapeConstraints) {
   EXPECT_FALSE(format_by_name("INT4_W4A16").rejects({128, 4096}));
   EXPECT_TRUE(format_by_name("FP8_BLOCK").rejects({128, 100}));
   EXPECT_FALSE(format_by_name("FP8_E4M3").rejects({3, 7}));
+}
+
+// The few-row Linears of the hybrid families (in_proj_b and in_proj_a have one row per value
+// head: 4 and 6 in the tiny checkpoints, 32 and 48 in Qwen3.6-35B-A3B and -27B, twice that in
+// Qwen3-Next's fused in_proj_ba; qwen3_5-architecture-facts.md §4.1), and a single row: every
+// format refuses the shape up front, which keeps the cost stage from offering it, or holds it
+// exactly as it promises.
+TEST(WeightFormats, FewRowShapesAreRefusedOrHeld) {
+  for (const Shape2D s : {Shape2D{1, 64}, Shape2D{4, 64}, Shape2D{6, 64}, Shape2D{32, 2048},
+                          Shape2D{48, 5120}, Shape2D{64, 2048}}) {
+    const auto w = random_weights(s, 5);
+    for (const WeightFormat* f : all_formats()) {
+      SCOPED_TRACE(fmt::format("{} [{}, {}]", f->name(), s.out, s.in));
+      if (const auto why = f->rejects(s)) {
+        EXPECT_FALSE(why->empty());
+        continue;
+      }
+      Fp8SourceFixture src(s);
+      const EncodedWeight e = quantize_any(*f, w, s, src);
+      EXPECT_EQ(f->bytes(s), e.byte_size());
+      const std::vector<float> back = f->dequantize(e);
+      ASSERT_EQ(back.size(), w.size());
+      EXPECT_TRUE(std::all_of(back.begin(), back.end(), [](float v) { return std::isfinite(v); }));
+      QuantizeOptions o = options_for(*f);
+      o.fp8_source = &src.view;
+      std::vector<float> fused(w.size());
+      f->fake_quantize(w, s, fused, o);
+      for (std::size_t i = 0; i < w.size(); ++i) {
+        ASSERT_EQ(std::bit_cast<std::uint32_t>(fused[i]), std::bit_cast<std::uint32_t>(back[i]))
+            << i;
+      }
+    }
+  }
+  // Kernels that want whole row tiles refuse them (MXFP8 out % 128, Marlin out % 64), and the
+  // tiny checkpoints' 64 input columns fill no 128-column block or group.
+  EXPECT_TRUE(format_by_name("MXFP8").rejects({48, 5120}));
+  EXPECT_TRUE(format_by_name("INT4_W4A16").rejects({48, 5120}));
+  EXPECT_TRUE(format_by_name("INT8_W8A16").rejects({32, 2048}));
+  EXPECT_TRUE(format_by_name("FP8_BLOCK").rejects({6, 64}));
+  EXPECT_FALSE(format_by_name("NVFP4").rejects({6, 64}));
 }
 
 TEST(WeightFormats, ConfigGroupsFollowTheCompressedTensorsPresets) {

@@ -239,7 +239,9 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM");
+            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+            "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
+            "Qwen3_5MoeForConditionalGeneration");
   // The name is quoted as JSON: a line break in it once split the one-line error.
   EXPECT_THAT(error_of(parse(tiny_config("Llama\nFor\x1b[31m")), llama_tensors(true)),
               HasSubstr("unsupported architecture \"Llama\\nFor\\u001b[31m\"; supported"));
@@ -304,11 +306,11 @@ TEST(ModelSpecSynthetic, RejectsValuesThatBreakTheRuntime) {
                       {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", -1.0}}),
             "config.json: rope_scaling low_freq_factor -1 is not positive");
   EXPECT_EQ(error_for("rope_scaling", {{"type", "linear"}, {"factor", "2"}}),
-            "config.json: field \"factor\" has the wrong type");
+            "config.json: field \"rope_scaling.factor\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"mscale", "1"}}),
-            "config.json: field \"mscale\" has the wrong type");
+            "config.json: field \"rope_scaling.mscale\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "yarn"}, {"truncate", 1}}),
-            "config.json: field \"truncate\" has the wrong type");
+            "config.json: field \"rope_scaling.truncate\" has the wrong type");
   EXPECT_EQ(error_for("rope_scaling", {{"rope_type", "longrope\n"}}),
             "config.json: unsupported rope_scaling type \"longrope\\n\"");
   EXPECT_EQ(error_for("hidden_act", 5), "config.json: field \"hidden_act\" has the wrong type");
@@ -541,15 +543,16 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
-  EXPECT_EQ(names,
-            (std::vector<std::string>{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                      "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}));
+  EXPECT_EQ(names, (std::vector<std::string>{
+                       "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                       "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;
     EXPECT_FALSE(profile->linears.empty()) << name;
   }
-  EXPECT_EQ(find_profile("Qwen3_5ForConditionalGeneration"), nullptr);
+  EXPECT_EQ(find_profile("Gemma4ForConditionalGeneration"), nullptr);
 }
 
 }  // namespace

@@ -11,5 +11,8 @@ const ArchitectureProfile& mistral();
 const ArchitectureProfile& qwen2();
 const ArchitectureProfile& qwen3();
 const ArchitectureProfile& qwen3_moe();
+const ArchitectureProfile& qwen3_5();
+const ArchitectureProfile& qwen3_5_moe();
+const ArchitectureProfile& qwen3_next();
 
 }  // namespace pq::model::profiles
