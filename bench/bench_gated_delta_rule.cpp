@@ -6,9 +6,10 @@
 // masked triangles included; the exps, the triangular inverse and the elementwise work are not
 // counted). Per chunk of C tokens and value head (gated_delta_rule.cpp):
 //   forward   2 C^2 (3 dk + 2 dv) + 6 C dk dv
-//             (K K^T, Q K^T, U, W;  V_new, Q S, M V_new, state update)
+//             (K K^T, Q K^T, U, W; W S, Q S, M V_new, state update; run as 5 GEMMs)
 //   backward  C^2 (16 dk + 10 dv) + 16 C dk dv + 4 C^3
-//             (the recomputed forward without O: 2 C^2 (3 dk + dv) + 4 C dk dv; then 17 products)
+//             (the recomputed forward without O, 2 C^2 (3 dk + dv) + 4 C dk dv, then 17 products
+//             run as 12 GEMMs)
 // For C = 64 and dk = dv = 128: 180,224 FLOPs per token and value head forward, 491,520 backward.
 // The token-by-token recurrence needs 7 dk dv = 114,688 forward; chunking trades more FLOPs for
 // GEMM-shaped ones.

@@ -53,8 +53,9 @@ void gated_delta_rule_forward(const GatedDeltaShape& shape, const GatedDeltaInpu
                               float* final_state);
 
 // Gradients of the forward above, given dout [T, Hv * dv] and d_final_state [Hv, dk, dv]
-// (nullptr when S_T is not used downstream). Recomputes the forward's chunk states; scratch memory
-// is O(T / 64 * dk * dv + T * (dk + dv + 192)) per thread.
+// (nullptr when S_T is not used downstream). Recomputes the forward's chunk states and keeps them
+// with each chunk's state-independent quantities: about (T / 64) dk dv + T (dk + dv + 256)
+// floats of scratch per thread.
 void gated_delta_rule_backward(const GatedDeltaShape& shape, const GatedDeltaInputs& in,
                                const float* dout, const float* d_final_state,
                                const GatedDeltaGradients& grads);
