@@ -200,17 +200,23 @@ void prepare_chunk(const Chunk& c, const Dims& d, const ChunkForm& f, ChunkOpera
     std::fill(kkd_row + i, kkd_row + L, 0.0f);
   }
   // (I + A) P = I by forward substitution, one row at a time: row i of P is
-  // e_i - sum_{m < i} A_im (row m of P) with A_im = beta_i kkd_im, and row m is zero right of
-  // column m.
+  // e_i - sum_{m < i} A_im (row m of P) with A_im = beta_i kkd_im. Each block of 16 columns is
+  // summed in registers (updating the row in memory would chain every m through a store and a
+  // load), and rows m < j0 are zero in the block from column j0 on.
+  constexpr std::int64_t kColumnBlock = 16;
   for (std::int64_t i = 0; i < L; ++i) {
     float* row = f.p + i * kChunk;
-    std::fill(row, row + L, 0.0f);
-    row[i] = 1.0f;
-    for (std::int64_t m = 0; m < i; ++m) {
-      const float a = c.beta[i] * kkd[i * kChunk + m];
-      const float* p_row = f.p + m * kChunk;
-      for (std::int64_t j = 0; j <= m; ++j) row[j] -= a * p_row[j];
+    const float* a_row = kkd + i * kChunk;
+    for (std::int64_t j0 = 0; j0 < kChunk; j0 += kColumnBlock) {
+      std::array<float, kColumnBlock> block{};
+      for (std::int64_t m = j0; m < i; ++m) {
+        const float a = c.beta[i] * a_row[m];
+        const float* p_row = f.p + m * kChunk + j0;
+        for (std::int64_t j = 0; j < kColumnBlock; ++j) block[j] -= a * p_row[j];
+      }
+      std::copy(block.begin(), block.end(), row + j0);
     }
+    row[i] = 1.0f;
   }
   // [U | W] = (P diag(beta)) [V | diag(e^gamma) K].
   for (std::int64_t i = 0; i < L; ++i)
