@@ -109,7 +109,7 @@ struct ChunkOperands {
   std::vector<float> vk;        // [L x (dv + dk)]: row i is [v_i | e^gamma_i k_i]
   std::vector<float> uw;        // [L x (dv + dk)]
   std::vector<float> scaled_p;  // [C x C]
-  std::vector<float> stacked;   // [2L x dv]: [W; Q] S, then diag(tail) V_new
+  std::vector<float> stacked;   // [2L x dv]: [W; Q] S, then [diag(tail) V_new; O]
 
   explicit ChunkOperands(const Dims& d)
       : wqk(3 * kChunk * d.dk),
@@ -241,10 +241,11 @@ void advance_chunk(const Chunk& c, const Dims& d, const ChunkForm& f, ChunkOpera
   gemm_f32(kNo, kNo, 2 * L, d.dv, d.dk, 1.0f, ops.w_rows(), d.dk, state, d.dv, 0.0f, ws, d.dv);
   for (std::int64_t i = 0; i < L * d.dv; ++i) f.v_new[i] -= ws[i];
   if (out != nullptr) {
+    float* o = qs;
     for (std::int64_t i = 0; i < L; ++i)
-      for (std::int64_t j = 0; j < d.dv; ++j)
-        out[i * d.v_stride + j] = c.decay[i] * qs[i * d.dv + j];
-    gemm_f32(kNo, kNo, L, d.dv, L, 1.0f, f.qkd(), kChunk, f.v_new, d.dv, 1.0f, out, d.v_stride);
+      for (std::int64_t j = 0; j < d.dv; ++j) o[i * d.dv + j] *= c.decay[i];
+    gemm_f32(kNo, kNo, L, d.dv, L, 1.0f, f.qkd(), kChunk, f.v_new, d.dv, 1.0f, o, d.dv);
+    scatter_rows(o, L, d.dv, out, d.v_stride, false);
   }
   float* tail_v_new = ws;
   for (std::int64_t i = 0; i < L; ++i)
