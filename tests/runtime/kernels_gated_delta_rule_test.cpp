@@ -303,6 +303,17 @@ TEST(GatedDeltaRule, NullStatesAreZeros) {
   }
 }
 
+// With no tokens the state passes through, and so does its gradient.
+TEST(GatedDeltaRule, EmptySequencePassesTheStateThrough) {
+  const Case c{"empty", shape(0, 1, 2, 8, 4)};
+  const InputSet<float> in = random_inputs(c, 17);
+  const LossWeights w = random_loss_weights(c.shape, 18);
+  for (const Algorithm a : {Algorithm::kRecurrent, Algorithm::kChunked}) {
+    EXPECT_EQ(run_forward(a, c.shape, in).final_state, in[kState]);
+    EXPECT_EQ(run_backward(a, c.shape, in, w)[kState], w.d_final);
+  }
+}
+
 TEST(GatedDeltaRule, RejectsValueHeadsNotAMultipleOfKeyHeads) {
   const GatedDeltaShape s = shape(4, 2, 3, 8, 8);
   std::vector<float> x(4 * 3 * 8);
