@@ -10,7 +10,8 @@ namespace pq::runtime {
 //   S~_t = exp(g_t) S_{t-1},  p_t = S~_t^T k_t,  u_t = beta_t (v_t - p_t),
 //   S_t = S~_t + k_t u_t^T,   o_t = S_t^T q_t.
 // Value head h reads key head h / (Hv / Hk) (§4.2 step 6); the backward sums the q and k
-// gradients of the value heads sharing a key head.
+// gradients of the value heads sharing a key head. Packed documents are separate calls: each
+// starts from its own state (§4.5).
 //
 // q and k are taken as the core uses them: L2-normalised, and q also scaled by dk^-1/2 (§4.2
 // step 7). The caller runs l2_normalize_forward (gated_delta_net_norms.h) before and
@@ -55,7 +56,8 @@ void gated_delta_rule_forward(const GatedDeltaShape& shape, const GatedDeltaInpu
 // Gradients of the forward above, given dout [T, Hv * dv] and d_final_state [Hv, dk, dv]
 // (nullptr when S_T is not used downstream). Recomputes the forward's chunk states and keeps them
 // with each chunk's state-independent quantities: about (T / 64) dk dv + T (dk + dv + 256)
-// floats of scratch per thread.
+// floats of scratch per thread. Value heads add into their key head's dq and dk in the order they
+// finish, so with three or more per key head the sums may differ between runs by rounding.
 void gated_delta_rule_backward(const GatedDeltaShape& shape, const GatedDeltaInputs& in,
                                const float* dout, const float* d_final_state,
                                const GatedDeltaGradients& grads);

@@ -48,7 +48,7 @@ void write(const HeadRows& r, Dims d, std::int64_t t, const float* decayed, cons
       next[i * d.dv + j] = decayed[i * d.dv + j] + k[i] * u[j];
 }
 
-// dq_t += S_t do_t for one value head's contribution to its key head's row.
+// out += state x (state [dk, dv], x [dv]): one value head's share of its key head's dq_t or dk_t.
 void add_state_times(Dims d, const float* state, const float* x, float* out) {
   for (std::int64_t i = 0; i < d.dk; ++i) {
     float sum = 0.0f;
@@ -135,7 +135,7 @@ void gated_delta_rule_backward_recurrent(const GatedDeltaShape& s, const GatedDe
           const float beta = r.beta[t * r.gate_stride];
           float* dq = grads.dq + t * qk_stride + key_head * d.dk;
           float* dk = grads.dk + t * qk_stride + key_head * d.dk;
-          // o_t = S_t^T q_t: dS += q_t do_t^T, dq_t = S_t do_t.
+          // o_t = S_t^T q_t: dS += q_t do_t^T, dq_t += S_t do_t.
           for (std::int64_t a = 0; a < d.dk; ++a)
             for (std::int64_t b = 0; b < d.dv; ++b) ds[a * d.dv + b] += q[a] * dO[b];
           add_state_times(d, state, dO, dq);
