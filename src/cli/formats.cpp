@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 
 namespace pq::cli {
@@ -42,6 +43,33 @@ std::string tensor_list(const formats::WeightFormat& f, formats::Shape2D shape) 
   return out;
 }
 
+// What stock vLLM does with the format, by target then layer kind (docs/formats.md
+// "Serving model"); null for research-only formats.
+nlohmann::json serving_json(const formats::WeightFormat& f) {
+  if (!f.exportable()) return nullptr;
+  nlohmann::json out = nlohmann::json::object();
+  for (const formats::ServingTarget target : formats::all_serving_targets()) {
+    nlohmann::json by_layer = nlohmann::json::object();
+    for (const formats::LayerKind kind : formats::all_layer_kinds()) {
+      const formats::ServingBehaviour& b = formats::serving_behaviour(f, kind, target);
+      by_layer[std::string(formats::layer_kind_name(kind))] = {
+          {"loads", b.loads},
+          {"activations", formats::activation_path_name(b.activations)},
+          {"kernel", b.kernel},
+          {"marlin", b.marlin},
+          {"global_scale_bf16", b.global_scale_bf16},
+          {"flushes_subnormal_scales", b.flushes_subnormal_scales},
+          {"min_versions", b.min_versions},
+          {"source", b.source},
+          {"note", b.note},
+          {"confirmed", b.confirmed()},
+          {"unconfirmed", b.unconfirmed}};
+    }
+    out[std::string(formats::serving_target_name(target))] = std::move(by_layer);
+  }
+  return out;
+}
+
 void run_formats(const FormatsOptions& options) {
   const formats::Shape2D shape = parse_shape(options.shape);
   if (options.json) {
@@ -65,7 +93,8 @@ void run_formats(const FormatsOptions& options) {
                      {"exportable", f->exportable()},
                      {"vllm_servable", f->exportable() && !rejection.has_value()},
                      {"quantizes_activations", f->quantizes_activations()},
-                     {"tensors", tensors}});
+                     {"tensors", tensors},
+                     {"serving", serving_json(*f)}});
     }
     std::printf("%s\n", out.dump(2).c_str());
     return;
