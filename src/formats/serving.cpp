@@ -52,7 +52,7 @@ constexpr std::string_view kLmHeadUnconfirmed =
 constexpr std::string_view kFlushUnconfirmed =
     "subnormal group-scale flush is stated by issue 12; marlin_utils_fp4.py::"
     "nvfp4_marlin_process_scales (x2^7 into an S0E5M3 byte) does not show it";
-constexpr std::string_view kFp4ScaleDtype =
+constexpr std::string_view kScaleDtypeVersions =
     "compressed-tensors >= 0.13 for the scale_dtype key (issue 12); vLLM: unknown";
 
 constexpr std::string_view kNvfp4Marlin = "Marlin FP4 (weight-only)";
@@ -104,7 +104,7 @@ const std::array kTable = {
     Row{"NVFP4", kDense, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "FlashInfer / CUTLASS FP4 GEMM (W4A4, activations quantized per 16)",
-         .min_versions = kFp4ScaleDtype,
+         .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors.py::_get_scheme_from_parts -> CompressedTensorsW4A4Fp4; "
                    "kernels/linear/__init__.py::_POSSIBLE_NVFP4_KERNELS; "
                    "kernels/linear/nvfp4/cutlass.py (scaled_fp4_quant of the input)",
@@ -112,12 +112,12 @@ const std::array kTable = {
     Row{"NVFP4", kDense, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
-         .min_versions = kFp4ScaleDtype, .source = kNvfp4MarlinSource,
+         .min_versions = kScaleDtypeVersions, .source = kNvfp4MarlinSource,
          .note = "input_global_scale is loaded but unused: activations are not quantized",
          .unconfirmed = kFlushUnconfirmed}},
     Row{"NVFP4", kExperts, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
-         .kernel = "FlashInfer / CUTLASS NVFP4 MoE (W4A4)", .min_versions = kFp4ScaleDtype,
+         .kernel = "FlashInfer / CUTLASS NVFP4 MoE (W4A4)", .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Nvfp4MoEMethod (select_nvfp4_moe_backend, activation "
                    "kNvfp4Dynamic)",
@@ -125,7 +125,7 @@ const std::array kTable = {
     Row{"NVFP4", kExperts, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin NVFP4 MoE (weight-only)", .marlin = true, .global_scale_bf16 = true,
-         .flushes_subnormal_scales = true, .min_versions = kFp4ScaleDtype,
+         .flushes_subnormal_scales = true, .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Nvfp4MoEMethod; marlin_utils_fp4.py "
                    "(prepare_nvfp4_moe_weights_for_marlin)",
@@ -134,24 +134,24 @@ const std::array kTable = {
     Row{"NVFP4", kLmHead, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "as Linear: FlashInfer / CUTLASS FP4 GEMM (W4A4)",
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
     Row{"NVFP4", kLmHead, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
 
     // NVFP4A16: weight-only everywhere, always through Marlin.
     Row{"NVFP4A16", kDense, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
-         .min_versions = kFp4ScaleDtype, .source = kNvfp4A16Source, .note = kNvfp4FusedNote,
+         .min_versions = kScaleDtypeVersions, .source = kNvfp4A16Source, .note = kNvfp4FusedNote,
          .unconfirmed = kFlushUnconfirmed}},
     Row{"NVFP4A16", kExperts, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin NVFP4 MoE (weight-only)", .marlin = true, .global_scale_bf16 = true,
-         .flushes_subnormal_scales = true, .min_versions = kFp4ScaleDtype,
+         .flushes_subnormal_scales = true, .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Nvfp4MoEMethod(use_a16=True) (activation key None)",
          .unconfirmed = "the weight-only backend of fused_moe/oracle/nvfp4.py was not read; "
@@ -159,7 +159,7 @@ const std::array kTable = {
     Row{"NVFP4A16", kLmHead, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
 
     // MXFP4 and MXFP4A16 share one scheme: the checkpoint's input_activations are not read.
@@ -167,20 +167,20 @@ const std::array kTable = {
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "FlashInfer MXFP4 GEMM (W4A4, activations quantized per 32); Marlin "
                    "weight-only without FlashInfer",
-         .min_versions = kFp4ScaleDtype, .source = kMxfp4Source,
+         .min_versions = kScaleDtypeVersions, .source = kMxfp4Source,
          .note = "MXFP4A16 is run W4A4 too; sm120: the scheme file gates FlashInfer on the sm100 "
                  "family, the newer kernels/linear/mxfp4/flashinfer.py on >= sm100 with "
                  "FlashInfer cute-dsl"}},
     Row{"MXFP4 MXFP4A16", kDense, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin FP4 (weight-only, E8M0 scales)", .marlin = true,
-         .min_versions = kFp4ScaleDtype,
+         .min_versions = kScaleDtypeVersions,
          .source = "schemes/compressed_tensors_w4a4_mxfp4.py (Marlin below sm100, min "
                    "capability 80); marlin_utils_fp4.py::prepare_fp4_layer_for_marlin",
          .note = "MXFP4: the activation quantization the checkpoint declares is not applied"}},
     Row{"MXFP4 MXFP4A16", kExperts, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
-         .kernel = "CUTLASS / FlashInfer MXFP4 MoE (W4A4)", .min_versions = kFp4ScaleDtype,
+         .kernel = "CUTLASS / FlashInfer MXFP4 MoE (W4A4)", .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Mxfp4MoEMethod (select_mxfp4_moe_backend, activation "
                    "kMxfp4Dynamic)",
@@ -188,38 +188,38 @@ const std::array kTable = {
     Row{"MXFP4 MXFP4A16", kExperts, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin / Triton MXFP4 MoE (weight-only)", .marlin = true,
-         .min_versions = kFp4ScaleDtype,
+         .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Mxfp4MoEMethod (select_mxfp4_moe_backend)",
          .unconfirmed = "fused_moe/oracle/mxfp4.py was not read: which weight-only backend "
                         "(Marlin or Triton) runs below sm100, and whether sm80 has one"}},
     Row{"MXFP4 MXFP4A16", kLmHead, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
-         .kernel = "as Linear: FlashInfer MXFP4 GEMM (W4A4)", .min_versions = kFp4ScaleDtype,
+         .kernel = "as Linear: FlashInfer MXFP4 GEMM (W4A4)", .min_versions = kScaleDtypeVersions,
          .source = kLmHeadSource, .unconfirmed = kLmHeadUnconfirmed}},
     Row{"MXFP4 MXFP4A16", kLmHead, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "as Linear: Marlin FP4 (weight-only)", .marlin = true,
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
 
     // MXFP8 and MXFP8A16 share one scheme.
     Row{"MXFP8 MXFP8A16", kDense, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "FlashInfer CUTLASS MXFP8 GEMM (W8A8, activations quantized per 32)",
-         .min_versions = kFp4ScaleDtype, .source = kMxfp8Source, .note = kMxfp8Note,
+         .min_versions = kScaleDtypeVersions, .source = kMxfp8Source, .note = kMxfp8Note,
          .unconfirmed = "FlashInferCutlassMxfp8LinearKernel.is_supported (sm100 and sm120?) was "
                         "not read"}},
     Row{"MXFP8 MXFP8A16", kDense, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin MXFP8 (W8A16, weight-only)", .marlin = true,
-         .min_versions = kFp4ScaleDtype, .source = kMxfp8Source,
+         .min_versions = kScaleDtypeVersions, .source = kMxfp8Source,
          .note = "MXFP8: the activation quantization the checkpoint declares is not applied",
          .unconfirmed = "the release that added MarlinMxfp8LinearKernel is not established; "
                         "before it nothing below sm100 could run the scheme"}},
     Row{"MXFP8 MXFP8A16", kExperts, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
-         .kernel = "FlashInfer TRT-LLM MXFP8 MoE (W8A8)", .min_versions = kFp4ScaleDtype,
+         .kernel = "FlashInfer TRT-LLM MXFP8 MoE (W8A8)", .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe_w8a8_mxfp8.py "
                    "(CompressedTensorsW8A8Mxfp8MoEMethod: FlashInfer TRT-LLM or Marlin, "
                    "select_mxfp8_moe_backend)",
@@ -228,19 +228,19 @@ const std::array kTable = {
     Row{"MXFP8 MXFP8A16", kExperts, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin MXFP8 MoE (weight-only)", .marlin = true,
-         .min_versions = kFp4ScaleDtype,
+         .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe_w8a8_mxfp8.py "
                    "(CompressedTensorsW8A8Mxfp8MoEMethod: FlashInfer TRT-LLM or Marlin)",
          .unconfirmed = "the per-GPU choice of fused_moe/oracle/mxfp8.py was not read"}},
     Row{"MXFP8 MXFP8A16", kLmHead, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "as Linear: FlashInfer CUTLASS MXFP8 GEMM (W8A8)",
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
     Row{"MXFP8 MXFP8A16", kLmHead, kBelowSm100,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "as Linear: Marlin MXFP8 (W8A16)", .marlin = true,
-         .min_versions = kFp4ScaleDtype, .source = kLmHeadSource,
+         .min_versions = kScaleDtypeVersions, .source = kLmHeadSource,
          .unconfirmed = kLmHeadUnconfirmed}},
 
     // FP8 W8A8: channel or tensor weights, dynamic per-token activations.
