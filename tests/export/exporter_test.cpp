@@ -29,6 +29,7 @@
 #include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
+#include "validate/ct_checkpoint.h"
 
 namespace pq::exporter {
 namespace {
@@ -1042,9 +1043,11 @@ void expect_qwen3_5_export(const std::string& name) {
   config.erase("quantization_config");
   EXPECT_EQ(config, read_json_file(source / "config.json"));
   expect_vllm_resolves(spec, qconfig, format_of(assignment));
-  // The exported inventory is the source's, experts per expert instead of packed.
-  const model::ModelSpec exported = model::load_model_spec(work / "out");
-  EXPECT_EQ(exported.linears.size(), spec.linears.size());
+  // A consumer's reading of the export finds the source's inventory, experts per expert instead
+  // of packed.
+  const validate::CompressedTensorsCheckpoint exported =
+      validate::CompressedTensorsCheckpoint::open(work / "out");
+  EXPECT_EQ(exported.spec().linears.size(), spec.linears.size());
 }
 
 TEST(Qwen3_5Export, DenseWritesCheckpointNamesThatVllmResolves) {
