@@ -33,6 +33,10 @@ void register_export(CLI::App& app) {
                   "Probe stage output (WORK/probe): the Hessians GPTQ rounds with and the "
                   "activation maxima of W4A4 NVFP4's input_global_scale. Renders are reused from "
                   "and stored in WORK/render");
+  cmd->add_option(
+      "--vision-format", job->vision_format,
+      "Store every vision-tower Linear in this format, rounded to nearest (default: kept as "
+      "stored, BF16)");
   cmd->add_option("--rounding", *rounding_name,
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe) or "
                   "nearest (round to nearest)")

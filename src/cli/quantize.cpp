@@ -44,6 +44,10 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--scout-budgets", job->scout_budgets, "scout's anchor budgets (bits)")
       ->delimiter(',')
       ->default_val(job->scout_budgets);
+  cmd->add_option(
+      "--vision-format", job->vision_format,
+      "Store every vision-tower Linear in this format, rounded to nearest (default: kept as "
+      "stored, BF16)");
   cmd->add_option("--rounding", job->rounding,
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians) or nearest")
       ->default_val(job->rounding);

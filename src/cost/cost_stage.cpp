@@ -212,7 +212,7 @@ CostOutcome run_cost(const CostJob& job) {
         std::vector<float> quantized(weights[m].size());
         for (std::size_t f = 0; f < menu.size(); ++f) {
           const formats::WeightFormat& format = *menu[f];
-          if (!format.accepts(shape)) continue;
+          if (!format.accepts(shape) || !linear.allows(format.name())) continue;
           formats::QuantizeOptions options;
           // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
           // scales, so every shard is quantized against the one from the largest amax.

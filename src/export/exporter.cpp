@@ -58,6 +58,9 @@ Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assign
     const model::Linear& linear = spec.linears[it->second];
     PQ_CHECK(linear.is_candidate, "{}: Linear '{}' (role {}) is not quantizable", label,
              assigned.name, linear.role);
+    PQ_CHECK(linear.allows(assigned.format),
+             "{}: Linear '{}' is assigned {}, which vLLM cannot serve for it (it serves {})", label,
+             assigned.name, assigned.format, fmt::join(linear.formats, ", "));
     const formats::WeightFormat& format = formats::format_by_name(assigned.format);
     PQ_CHECK(format.exportable(),
              "{}: Linear '{}' is assigned {}, which has no compressed-tensors format (research "
@@ -73,6 +76,22 @@ Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assign
              assigned.bytes, assigned.format, format.bytes(shape));
     plan.format_of[it->second] = &format;
     plan.format_name_of[assigned.name] = std::string(format.name());
+  }
+  if (!job.vision_format.empty() && job.vision_format != "BF16") {
+    const formats::WeightFormat& format = formats::format_by_name(job.vision_format);
+    PQ_CHECK(format.exportable(), "--vision-format {} has no compressed-tensors format",
+             job.vision_format);
+    for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+      const model::Linear& linear = spec.linears[i];
+      if (linear.component != model::Component::kVision) continue;
+      const formats::Shape2D shape{linear.out_features, linear.in_features};
+      if (auto why = format.rejects(shape)) {
+        fail("--vision-format {}: vision Linear '{}' [{}, {}] cannot take it: {}",
+             job.vision_format, linear.name, shape.out, shape.in, *why);
+      }
+      plan.format_of[i] = &format;
+      plan.format_name_of[linear.name] = std::string(format.name());
+    }
   }
   for (std::size_t i = 0; i < spec.linears.size(); ++i) {
     const model::Linear& linear = spec.linears[i];
@@ -355,7 +374,7 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
   nlohmann::json ignore = nlohmann::json::array();
   for (const model::Linear& linear : spec.linears) {
     const auto it = format_of.find(linear.name);
-    if (!linear.is_candidate || it == format_of.end() || it->second == "BF16") {
+    if (it == format_of.end() || it->second == "BF16") {
       ignore.push_back(linear.name);
       continue;
     }
@@ -438,6 +457,10 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model_dir);
   const Plan plan = make_plan(spec, assignment, job);
   const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.render_cache);
+  // The vision tower is rounded to nearest whatever the text model's strategy: it has no
+  // calibration statistics. Its renders stay out of the render cache, which holds one rounding.
+  const NearestRounding nearest;
+  const LinearEncoder vision_encoder(spec, checkpoint, nearest, {});
 
   PQ_CHECK(!job.out.empty(), "no output directory given");
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),
@@ -469,7 +492,9 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
         checkpoint.release(step.passthrough);
         continue;
       }
-      summary.tensor_bytes += write_unit(step, spec, plan, checkpoint, encoder, writer);
+      const bool vision = spec.linears[step.unit.front()].component == model::Component::kVision;
+      summary.tensor_bytes +=
+          write_unit(step, spec, plan, checkpoint, vision ? vision_encoder : encoder, writer);
     }
     writer.commit();
   }

@@ -44,6 +44,10 @@ struct ExportJob {
   // The allocator's Pareto sweep for the model card; empty: pareto.csv beside the assignment.
   std::filesystem::path pareto_csv;
   std::string command_line;  // recorded in the model card
+  // The format of every vision-tower Linear (model::Component::kVision), rounded to nearest: the
+  // tower has no calibration statistics and is never weighed against the text model. Empty or
+  // "BF16": the tower is copied as stored, byte for byte.
+  std::string vision_format;
   std::uint64_t max_shard_bytes = 5'000'000'000;
 };
 
@@ -59,7 +63,11 @@ struct ExportSummary {
 // The compressed-tensors `quantization_config` for an assignment (format-facts.md A.0, A.4): one
 // config group per format with the explicit HF names of its Linears as targets, "format" the
 // single group format or "mixed-precision", and every Linear left unquantized (BF16, non-candidate
-// such as lm_head and routers) in `ignore`. `format_of` maps every candidate Linear to its format.
+// such as lm_head and routers) in `ignore`. `format_of` maps every quantized Linear (the
+// candidates, and the vision tower's under ExportJob::vision_format) to its format. vLLM maps the
+// names through the model's hf_to_vllm_mapper before matching (compressed_tensors.py
+// apply_vllm_mapper: "model.language_model." -> "language_model.model.", "model.visual." ->
+// "visual."; "mtp." names are the MTP drafter's own module names).
 nlohmann::json quantization_config(const model::ModelSpec& spec,
                                    const std::map<std::string, std::string>& format_of);
 

@@ -139,14 +139,16 @@ class SpecBuilder {
     Linear linear;
     linear.name = expand(rule.module, layer, expert);
     linear.role = std::string(rule.role);
+    // A Linear the profile packs may be stored per expert instead (LinearRule::packed).
+    const bool packed = rule.packed && !by_name_.contains(linear.name + ".weight");
     linear.weight_tensor =
-        rule.packed ? expand(rule.packed->tensor, layer, std::nullopt) : linear.name + ".weight";
+        packed ? expand(rule.packed->tensor, layer, std::nullopt) : linear.name + ".weight";
     linear.out_features = dimension(rule.out_features, linear.weight_tensor);
     linear.in_features = dimension(rule.in_features, linear.weight_tensor);
     const TensorDesc& weight =
-        rule.packed ? claim_packed(rule, linear, expert)
-                    : claim(linear.weight_tensor, {linear.out_features, linear.in_features},
-                            {rule.out_features, rule.in_features});
+        packed ? claim_packed(rule, linear, expert)
+               : claim(linear.weight_tensor, {linear.out_features, linear.in_features},
+                       {rule.out_features, rule.in_features});
     PQ_CHECK(io::dtype_is_float(weight.dtype),
              "{}: tensor \"{}\" has dtype {}; a Linear weight must be unquantized floating point",
              label_, weight.name, io::dtype_name(weight.dtype));
@@ -154,6 +156,7 @@ class SpecBuilder {
     linear.layer = layer;
     linear.expert = expert;
     linear.component = rule.component;
+    linear.formats.assign(rule.formats.begin(), rule.formats.end());
     switch (rule.candidacy) {
       case Candidacy::kCandidate:
         linear.is_candidate = true;
@@ -271,6 +274,10 @@ std::int64_t TensorDesc::numel() const {
 }
 std::int64_t OtherTensor::numel() const {
   return product(shape);
+}
+
+bool Linear::allows(std::string_view format) const {
+  return formats.empty() || std::find(formats.begin(), formats.end(), format) != formats.end();
 }
 
 std::int64_t ModelSpec::num_params() const {

@@ -54,8 +54,12 @@ struct Linear {
   std::optional<std::string> group;  // sibling group name (SiblingGroup::name); absent if alone
   bool is_candidate = false;
   Component component = Component::kText;
+  // LinearRule::formats: the only formats vLLM serves this Linear in; empty: no such limit.
+  std::vector<std::string> formats;
 
   std::int64_t numel() const { return out_features * in_features; }
+  // Whether the architecture lets vLLM serve this Linear in `format` (its shape aside).
+  bool allows(std::string_view format) const;
 };
 
 // Linears that vLLM loads as one module and that therefore need one quantization scheme

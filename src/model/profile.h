@@ -83,8 +83,14 @@ struct LinearRule {
   RulePredicate present = always;
   RulePredicate has_bias = never;
   Component component = Component::kText;
-  // Set for per-expert Linears ("{expert}" in `module`) stored in a packed 3-D tensor.
+  // Set for per-expert Linears ("{expert}" in `module`) stored in a packed 3-D tensor. A
+  // checkpoint may store the same Linears one tensor per expert instead ("<module>.weight", as
+  // the exporter writes them and vLLM's Qwen3.5 loader accepts): the inventory takes either.
   std::optional<PackedWeight> packed = std::nullopt;
+  // The formats (formats registry names) vLLM can serve this Linear in, where its architecture
+  // allows fewer than every format its shape takes; empty: no such limit. The cost stage offers
+  // and the exporter accepts only these.
+  std::span<const std::string_view> formats = {};
 };
 
 // A tensor that is not part of a Linear (embeddings, norms, conv kernels); kept as stored.

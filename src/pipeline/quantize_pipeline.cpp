@@ -261,6 +261,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.render_cache = work / "render";
   export_job.quality = outcome.measured;
   export_job.command_line = job.command_line;
+  export_job.vision_format = job.vision_format;
   outcome.exported = exporter::run_export(export_job, *rounding);
   outcome.rounding = rounding->describe(format_of);
   write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");

@@ -41,9 +41,10 @@ struct QuantizeJob {
   std::vector<std::string> scout_budgets = {"4.5", "4.75", "5", "5.5", "6"};
   // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
   std::string rounding = "gptq";
-  validate::Gates gates;     // validate's gates on the written checkpoint
-  bool force = false;        // replace an existing `out`
-  std::string command_line;  // recorded in the model card
+  std::string vision_format;  // ExportJob::vision_format
+  validate::Gates gates;      // validate's gates on the written checkpoint
+  bool force = false;         // replace an existing `out`
+  std::string command_line;   // recorded in the model card
 };
 
 // Where a job's stage artifacts go.

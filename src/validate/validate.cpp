@@ -11,6 +11,7 @@
 #include "common/file_util.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
+#include "runtime/model.h"
 #include "tokenizer/tokenizer.h"
 #include "validate/ct_checkpoint.h"
 #include "validate/ct_decode.h"
@@ -124,6 +125,14 @@ std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gat
 ValidateReport run_validate(const ValidateJob& job) {
   PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
   const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
+  // The structural checks above cover every architecture the inventory knows; scoring runs the
+  // model, which the runtime may not support yet (Qwen3.5/3.6).
+  try {
+    runtime::require_runtime_support(checkpoint.config());
+  } catch (const Error& e) {
+    fail("{}: its tensors and quantization_config check out, but it cannot be scored: {}",
+         job.checkpoint.string(), e.what());
+  }
   ValidateReport report;
   report.checkpoint = job.checkpoint.string();
   report.reference = job.reference.string();

@@ -13,12 +13,14 @@
 #include <bit>
 #include <cstring>
 #include <functional>
+#include <regex>
 #include <set>
 
 #include "alloc/assignment.h"
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/interrupt.h"
+#include "common/json_reader.h"
 #include "export/gptq.h"
 #include "export/render_cache.h"
 #include "formats/weight_format.h"
@@ -27,6 +29,7 @@
 #include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
+#include "validate/ct_checkpoint.h"
 
 namespace pq::exporter {
 namespace {
@@ -791,6 +794,332 @@ TEST(ExportCli, RoundingOptionIsHonoured) {
   }
   EXPECT_TRUE(differs_from_nearest);
   EXPECT_NE(read_text_file(work / "gptq" / "README.md").find("GPTQ"), std::string::npos);
+}
+
+// ---- Qwen3.5 / Qwen3.6: checkpoint names, per-expert experts, vLLM's view of the config ----
+
+// How vLLM resolves a quantization_config for one model class: it maps every layer-path target
+// and ignore entry through the class's hf_to_vllm_mapper (compressed_tensors.py
+// apply_vllm_mapper; WeightsMapper orig_to_new_prefix), then asks, per module it builds, for a
+// scheme (compressed_tensors/utils.py should_ignore_layer, find_matched_target,
+// _match_fused_layer), fused modules through their packed_modules_mapping shards and the fused MoE
+// module through the unfused names of expert 0 (compressed_tensors_moe.py get_moe_method).
+struct VllmModelClass {
+  std::vector<std::pair<std::string, std::string>> prefix_map;          // hf -> vLLM, in order
+  std::vector<std::pair<std::string, std::vector<std::string>>> fused;  // packed_modules_mapping
+};
+
+// Qwen3_5(Moe)ForConditionalGeneration: the Qwen3-VL mapper (qwen3_vl.py) and qwen3_5.py's
+// packed_modules_mapping.
+const VllmModelClass kQwen3_5Main{{{"model.visual.", "visual."},
+                                   {"lm_head.", "language_model.lm_head."},
+                                   {"model.language_model.", "language_model.model."}},
+                                  {{"qkv_proj", {"q_proj", "k_proj", "v_proj"}},
+                                   {"gate_up_proj", {"gate_proj", "up_proj"}},
+                                   {"in_proj_qkvz", {"in_proj_qkv", "in_proj_z"}},
+                                   {"in_proj_ba", {"in_proj_b", "in_proj_a"}}}};
+// Qwen3_5(Moe)MTP (qwen3_5_mtp.py): modules under "mtp.", no mapper, q/k/v and gate/up fused.
+const VllmModelClass kQwen3_5Mtp{
+    {}, {{"qkv_proj", {"q_proj", "k_proj", "v_proj"}}, {"gate_up_proj", {"gate_proj", "up_proj"}}}};
+
+std::string replace_all(std::string text, const std::string& from, const std::string& to) {
+  for (std::size_t at = text.find(from); at != std::string::npos;
+       at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
+
+class VllmSchemes {
+ public:
+  VllmSchemes(const nlohmann::json& config, VllmModelClass model) : model_(std::move(model)) {
+    for (const auto& [group, body] : config.at("config_groups").items()) {
+      for (const std::string target : body.at("targets")) {
+        const std::string mapped = map(target);
+        // A dict keyed by target: a later group replaces an earlier one's entry.
+        const auto it = std::find_if(targets_.begin(), targets_.end(),
+                                     [&](const auto& t) { return t.first == mapped; });
+        if (it == targets_.end()) {
+          targets_.emplace_back(mapped, group);
+        } else {
+          it->second = group;
+        }
+      }
+    }
+    for (const std::string entry : config.at("ignore")) ignore_.push_back(map(entry));
+  }
+
+  // The config group of a vLLM module, nullopt when it is left unquantized.
+  std::optional<std::string> scheme_of(const std::string& module) const {
+    if (ignored(module)) return std::nullopt;
+    if (const auto target = matched_target(module)) return group_of(*target);
+    return std::nullopt;
+  }
+  // The fused MoE module's scheme: its three projections of expert 0 must agree.
+  std::optional<std::string> moe_scheme_of(const std::string& experts) const {
+    const auto gate = scheme_of(experts + ".0.gate_proj");
+    EXPECT_EQ(scheme_of(experts + ".0.up_proj"), gate) << experts;
+    EXPECT_EQ(scheme_of(experts + ".0.down_proj"), gate) << experts;
+    return gate;
+  }
+  // How many config groups, plus the ignore list, name this (unfused) module.
+  int coverage(const std::string& module) const {
+    std::set<std::string> groups;
+    for (const auto& [target, group] : targets_) {
+      if (matches(module, target)) groups.insert(group);
+    }
+    return static_cast<int>(groups.size()) + (matches_any(module, ignore_) ? 1 : 0);
+  }
+  std::string map(const std::string& name) const {
+    if (name.find('.') == std::string::npos || name.starts_with("re:")) return name;
+    std::string mapped = name;
+    for (const auto& [from, to] : model_.prefix_map) {
+      if (mapped.starts_with(from)) mapped = to + mapped.substr(from.size());
+    }
+    return mapped;
+  }
+
+ private:
+  static bool matches(const std::string& value, const std::string& target) {
+    if (target.starts_with("re:")) {
+      return std::regex_search(value, std::regex(target.substr(3)),
+                               std::regex_constants::match_continuous);
+    }
+    return value == target;
+  }
+  static bool matches_any(const std::string& value, const std::vector<std::string>& targets) {
+    return std::any_of(targets.begin(), targets.end(),
+                       [&](const std::string& t) { return matches(value, t); });
+  }
+  const std::vector<std::string>* shards_of(const std::string& proj) const {
+    for (const auto& [fused, shards] : model_.fused) {
+      if (fused == proj) return &shards;
+    }
+    return nullptr;
+  }
+  bool ignored(const std::string& module) const {
+    const std::string proj = module.substr(module.rfind('.') + 1);
+    const std::vector<std::string>* shards = shards_of(proj);
+    if (shards == nullptr || std::find(ignore_.begin(), ignore_.end(), module) != ignore_.end()) {
+      return matches_any(module, ignore_);
+    }
+    std::optional<bool> all;
+    for (const std::string& shard : *shards) {
+      const bool shard_ignored = matches_any(replace_all(module, proj, shard), ignore_);
+      if (all && *all != shard_ignored) {
+        ADD_FAILURE() << "vLLM: different quantization schemes for the shards of " << module;
+      }
+      all = shard_ignored;
+    }
+    return *all;
+  }
+  std::optional<std::string> matched_target(const std::string& module) const {
+    for (const auto& [target, group] : targets_) {
+      if (matches(module, target)) return target;
+    }
+    for (const auto& [fused, shards] : model_.fused) {
+      if (!module.ends_with(fused)) continue;
+      std::optional<std::string> first;
+      for (const std::string& shard : shards) {
+        const std::string unfused = replace_all(module, fused, shard);
+        const auto it = std::find_if(targets_.begin(), targets_.end(),
+                                     [&](const auto& t) { return matches(unfused, t.first); });
+        if (it == targets_.end()) return std::nullopt;
+        if (!first) first = it->first;
+      }
+      return first;
+    }
+    return std::nullopt;
+  }
+  std::string group_of(const std::string& target) const {
+    return std::find_if(targets_.begin(), targets_.end(),
+                        [&](const auto& t) { return t.first == target; })
+        ->second;
+  }
+
+  VllmModelClass model_;
+  std::vector<std::pair<std::string, std::string>> targets_;
+  std::vector<std::string> ignore_;
+};
+
+// The module vLLM builds a Linear into, in HF naming: the fused MoE module of an expert, the
+// fused module of a sibling group (qkv_proj, gate_up_proj, in_proj_qkvz, in_proj_ba), else
+// itself.
+std::string vllm_module(const model::Linear& linear) {
+  if (linear.expert) return linear.name.substr(0, linear.name.rfind(".experts.") + 8);
+  return linear.group.value_or(linear.name);
+}
+
+// Checks that vLLM gives every Linear of `spec` the scheme `format_of` says (a Linear absent
+// from it, or BF16, unquantized), and that config groups and ignore list name each unfused
+// Linear exactly once.
+void expect_vllm_resolves(const model::ModelSpec& spec, const nlohmann::json& qconfig,
+                          const std::map<std::string, std::string>& format_of) {
+  const VllmSchemes main(qconfig, kQwen3_5Main);
+  const VllmSchemes mtp(qconfig, kQwen3_5Mtp);
+  for (const model::Linear& linear : spec.linears) {
+    const VllmSchemes& view = linear.component == model::Component::kMtp ? mtp : main;
+    const std::string module = view.map(vllm_module(linear));
+    EXPECT_EQ(view.coverage(view.map(linear.name)), 1) << linear.name;
+    const std::optional<std::string> group =
+        linear.expert ? view.moe_scheme_of(module) : view.scheme_of(module);
+    const auto it = format_of.find(linear.name);
+    if (it == format_of.end() || it->second == "BF16") {
+      EXPECT_FALSE(group.has_value()) << linear.name << " -> " << module << " is quantized";
+      continue;
+    }
+    ASSERT_TRUE(group.has_value()) << linear.name << " -> " << module << " has no scheme";
+    nlohmann::json body = qconfig.at("config_groups").at(*group);
+    body.erase("targets");
+    EXPECT_EQ(body, formats::format_by_name(it->second).config_group())
+        << linear.name << " is served as " << *group << ", not " << it->second;
+  }
+}
+
+// A format per Qwen3.5 Linear that vLLM serves for it, several formats per model; the experts of
+// layer 1 stay BF16 so that an ignored fused MoE module is covered too.
+std::string qwen3_5_format(std::size_t, const model::Linear& first) {
+  if (first.expert) return first.layer == 1 ? "BF16" : "NVFP4A16";
+  if (first.role == "in_proj_b" || first.role == "in_proj_a") return "FP8_E4M3";
+  if (first.role == "q_proj" || first.role == "down_proj") return "FP8_E4M3";
+  if (first.role == "out_proj") return "BF16";
+  if (first.role.starts_with("shared_expert")) return "FP8_E4M3";
+  return "NVFP4A16";
+}
+
+std::map<std::string, std::string> format_of(const alloc::AssignmentFile& assignment) {
+  std::map<std::string, std::string> formats;
+  for (const alloc::AssignedLinear& linear : assignment.linears) {
+    formats[linear.name] = linear.format;
+  }
+  return formats;
+}
+
+void expect_qwen3_5_export(const std::string& name) {
+  test::TempDir work;
+  const fs::path source = model(name);
+  const model::ModelSpec spec = model::load_model_spec(source);
+  const alloc::AssignmentFile assignment = make_assignment(source, qwen3_5_format);
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  job.max_shard_bytes = 300'000;
+  const ExportSummary summary = run_export(job);
+  // Bits charged are bytes on disk, experts written one tensor set per expert included.
+  EXPECT_EQ(summary.tensor_bytes, assignment.totals.checkpoint_bytes);
+
+  const io::Checkpoint in = io::Checkpoint::open(source);
+  const io::Checkpoint out = io::Checkpoint::open(work / "out");
+  for (const std::string& tensor : out.tensor_names()) {
+    EXPECT_TRUE(tensor.starts_with("model.language_model.") || tensor.starts_with("mtp.") ||
+                tensor.starts_with("model.visual.") || tensor == "lm_head.weight")
+        << tensor;
+    EXPECT_FALSE(tensor.ends_with("mlp.experts.gate_up_proj") ||
+                 tensor.ends_with("mlp.experts.down_proj"))
+        << tensor;
+  }
+  // Passthrough tensors (norms, conv1d, A_log in F32, dt_bias, routers, embeddings, the vision
+  // tower) are the source's bytes under the source's names.
+  for (const std::string& tensor : passthrough_names(spec)) {
+    ASSERT_TRUE(out.contains(tensor)) << tensor;
+    EXPECT_EQ(out.info(tensor).dtype, in.info(tensor).dtype) << tensor;
+    EXPECT_EQ(bytes_of(out.view(tensor)), bytes_of(in.view(tensor))) << tensor;
+  }
+  // Experts: per-expert tensors as vLLM's Qwen3.5 loader maps them (expert_params_mapping
+  // "experts.{e}.gate_proj." -> w13 shard w1, up_proj -> w3, down_proj -> w2); BF16 ones are the
+  // source's rows.
+  for (const model::Linear& linear : spec.linears) {
+    if (!linear.expert) continue;
+    if (linear.layer == 1 && linear.component == model::Component::kText) {
+      EXPECT_EQ(out.info(linear.name + ".weight").dtype, io::DType::BF16) << linear.name;
+      EXPECT_TRUE(
+          bit_identical(out.to_f32(linear.name + ".weight"), read_source_weight(in, linear)))
+          << linear.name;
+    } else {
+      EXPECT_TRUE(out.contains(linear.name + ".weight_packed")) << linear.name;
+    }
+  }
+  // config.json keeps every source field and adds quantization_config.
+  nlohmann::json config = read_json_file(work / "out" / "config.json");
+  const nlohmann::json qconfig = config.at("quantization_config");
+  config.erase("quantization_config");
+  EXPECT_EQ(config, read_json_file(source / "config.json"));
+  expect_vllm_resolves(spec, qconfig, format_of(assignment));
+  // A consumer's reading of the export finds the source's inventory, experts per expert instead
+  // of packed.
+  const validate::CompressedTensorsCheckpoint exported =
+      validate::CompressedTensorsCheckpoint::open(work / "out");
+  EXPECT_EQ(exported.spec().linears.size(), spec.linears.size());
+}
+
+TEST(Qwen3_5Export, DenseWritesCheckpointNamesThatVllmResolves) {
+  PQ_REQUIRE_SHARED();
+  expect_qwen3_5_export("qwen3_5-tiny-random");
+}
+
+TEST(Qwen3_5Export, MoeWritesExpertsPerExpertUnderNamesThatVllmResolves) {
+  PQ_REQUIRE_SHARED();
+  expect_qwen3_5_export("qwen3_5-moe-tiny-random");
+}
+
+TEST(Qwen3_5Export, FormatsVllmCannotServeAreNeverOfferedNorExported) {
+  PQ_REQUIRE_SHARED();
+  const fs::path source = model("qwen3_5-moe-tiny-random");
+  const model::ModelSpec spec = model::load_model_spec(source);
+  for (const model::Linear& linear : spec.linears) {
+    if (linear.role == "in_proj_b" || linear.role == "in_proj_a") {
+      EXPECT_FALSE(linear.allows("NVFP4A16")) << linear.name;
+      EXPECT_FALSE(linear.allows("FP8_BLOCK")) << linear.name;
+      EXPECT_TRUE(linear.allows("FP8_E4M3")) << linear.name;
+    } else if (linear.expert) {
+      EXPECT_TRUE(linear.allows("NVFP4A16")) << linear.name;
+      EXPECT_FALSE(linear.allows("INT4_W4A16")) << linear.name;
+      EXPECT_FALSE(linear.allows("FP8_E4M3A16")) << linear.name;
+    } else {
+      EXPECT_TRUE(linear.formats.empty()) << linear.name;
+    }
+  }
+  test::TempDir work;
+  const alloc::AssignmentFile beta_alpha_nvfp4 =
+      make_assignment(source, [](std::size_t unit, const model::Linear& first) {
+        return first.role == "in_proj_b" ? std::string("NVFP4A16") : qwen3_5_format(unit, first);
+      });
+  expect_export_error(job_for(source, save_assignment(work / "a", beta_alpha_nvfp4), work / "out"),
+                      "which vLLM cannot serve for it");
+}
+
+TEST(Qwen3_5Export, VisionFormatStoresTheTowerRoundedToNearest) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3_5-tiny-random");
+  const model::ModelSpec spec = model::load_model_spec(source);
+  const alloc::AssignmentFile assignment = make_assignment(source, qwen3_5_format);
+  ExportJob job = job_for(source, save_assignment(work / "alloc", assignment), work / "out");
+  job.vision_format = "FP8_E4M3";
+  run_export(job);
+  const io::Checkpoint in = io::Checkpoint::open(source);
+  const io::Checkpoint out = io::Checkpoint::open(work / "out");
+  const WeightFormat& fp8 = formats::format_by_name("FP8_E4M3");
+  std::map<std::string, std::string> formats = format_of(assignment);
+  int vision = 0;
+  for (const model::Linear& linear : spec.linears) {
+    if (linear.component != model::Component::kVision) continue;
+    ++vision;
+    formats[linear.name] = "FP8_E4M3";
+    const Shape2D shape{linear.out_features, linear.in_features};
+    const formats::EncodedWeight expected = fp8.quantize(in.to_f32(linear.weight_tensor), shape);
+    for (const formats::EncodedTensor& tensor : expected.tensors) {
+      EXPECT_EQ(bytes_of(out.view(linear.name + "." + tensor.spec.suffix)), tensor.bytes)
+          << linear.name << "." << tensor.spec.suffix;
+    }
+    // Its bias stays as stored.
+    EXPECT_EQ(bytes_of(out.view(*linear.bias_tensor)), bytes_of(in.view(*linear.bias_tensor)));
+  }
+  EXPECT_EQ(vision, 4 * 2 + 2);
+  const nlohmann::json config = read_json_file(work / "out" / "config.json");
+  expect_vllm_resolves(spec, config.at("quantization_config"), formats);
+  test::TempDir bad;
+  job.out = bad / "out";
+  job.vision_format = "MXFP6_E2M3A16";
+  expect_export_error(job, "--vision-format MXFP6_E2M3A16");
 }
 
 }  // namespace

@@ -77,6 +77,8 @@ alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::C
       index = format_of_group.at(*linear.group);
     } else {
       index = units++ % cycle.size();
+      // The next format of the cycle that vLLM serves for this Linear (model::Linear::formats).
+      while (!linear.allows(cycle[index])) index = (index + 1) % cycle.size();
       if (linear.group) format_of_group[*linear.group] = index;
     }
     allocation.format_of_linear.push_back(index);
@@ -140,7 +142,7 @@ void expect_decodes_like_formats_library(const fs::path& exported, const fs::pat
   for (const alloc::AssignedLinear& a : assignment.linears) format_of[a.name] = a.format;
   std::set<std::string> formats_seen;
   for (const model::Linear& linear : spec.linears) {
-    const std::vector<float> weight = source.to_f32(linear.weight_tensor);
+    const std::vector<float> weight = exporter::read_source_weight(source, linear);
     const std::vector<float> got = decoded.load_f32(linear.name + ".weight");
     ASSERT_EQ(got.size(), weight.size()) << linear.name;
     const auto it = format_of.find(linear.name);
@@ -157,7 +159,7 @@ void expect_decodes_like_formats_library(const fs::path& exported, const fs::pat
       float amax = 0.0f;
       for (const model::Linear& other : spec.linears) {
         if (!shares_global_scale(linear, other)) continue;
-        for (const float v : source.to_f32(other.weight_tensor))
+        for (const float v : exporter::read_source_weight(source, other))
           amax = std::max(amax, std::fabs(v));
       }
       options.weight_global_scale = formats::nvfp4_global_scale(amax);
@@ -298,6 +300,35 @@ TEST(MoeExport, DecodesExpertsWithPerExpertGlobalScales) {
   // Routers stay unquantized (vLLM builds them without a quant_config).
   EXPECT_EQ(ct.scheme_of("model.layers.0.mlp.gate"), nullptr);
   expect_decodes_like_formats_library(dir / "exported", model_dir, assignment, cycle.size());
+}
+
+// Qwen3.5-MoE: body experts exported one tensor set per expert, the MTP layer quantized like the
+// body, A_log and the gated norm in F32. The reader resolves and decodes every Linear; scoring
+// needs the runtime, which does not run the family yet, and is refused in one line.
+TEST(Qwen3_5MoeExport, ReadsBackEveryLinearAndRefusesToScoreInOneLine) {
+  PQ_REQUIRE_SHARED();
+  const fs::path model_dir = test::shared_dir() / "models" / "qwen3_5-moe-tiny-random";
+  const test::TempDir dir;
+  const std::vector<std::string> cycle = {"NVFP4", "NVFP4A16", "FP8_E4M3", "MXFP4A16", "BF16"};
+  const alloc::AssignmentFile assignment =
+      export_cycle(model_dir, cycle, dir.path(), dir / "exported");
+  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(dir / "exported");
+  EXPECT_EQ(ct.scheme_of("model.language_model.layers.0.mlp.gate"), nullptr);
+  EXPECT_EQ(ct.scheme_of("model.visual.blocks.0.attn.qkv"), nullptr);
+  EXPECT_NE(ct.scheme_of("mtp.fc"), nullptr);
+  for (const model::Linear& linear : ct.spec().linears) EXPECT_FALSE(linear.slice) << linear.name;
+  expect_decodes_like_formats_library(dir / "exported", model_dir, assignment, cycle.size() - 1);
+  ValidateJob job;
+  job.checkpoint = dir / "exported";
+  job.reference = model_dir;
+  try {
+    run_validate(job);
+    ADD_FAILURE() << "scored a model the runtime does not run";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("cannot be scored"), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
 }
 
 TEST_F(ExportedCheckpoint, QuantizesActivationsOfTheW8A8AndW4A4Schemes) {

@@ -52,6 +52,7 @@ struct LayerPlan {
   RulePredicate dense_mlp;
   RulePredicate sparse_mlp;
   bool packed_experts;
+  std::span<const std::string_view> expert_formats;
 };
 
 LayerPlan body_plan(const HybridLayout& layout) {
@@ -61,7 +62,8 @@ LayerPlan body_plan(const HybridLayout& layout) {
                  .linear_attention = linear_attention_layer,
                  .dense_mlp = always,
                  .sparse_mlp = never,
-                 .packed_experts = layout.packed_experts};
+                 .packed_experts = layout.packed_experts,
+                 .expert_formats = layout.expert_formats};
   switch (layout.body_mlp) {
     case BodyMlp::kDense:
       break;
@@ -77,13 +79,34 @@ LayerPlan body_plan(const HybridLayout& layout) {
   return plan;
 }
 
-constexpr LayerPlan kMtpPlan{.prefix = "mtp.layers.{layer}.",
-                             .component = Component::kMtp,
-                             .full_attention = always,
-                             .linear_attention = never,
-                             .dense_mlp = has_no_experts,
-                             .sparse_mlp = has_experts,
-                             .packed_experts = false};
+LayerPlan mtp_plan(const HybridLayout& layout) {
+  return {.prefix = "mtp.layers.{layer}.",
+          .component = Component::kMtp,
+          .full_attention = always,
+          .linear_attention = never,
+          .dense_mlp = has_no_experts,
+          .sparse_mlp = has_experts,
+          .packed_experts = false,
+          .expert_formats = layout.expert_formats};
+}
+
+// in_proj_b and in_proj_a have linear_num_value_heads rows each (32 in Qwen3.5/3.6-35B-A3B, 48 in
+// Qwen3.6-27B); vLLM serves them as one MergedColumnParallelLinear in_proj_ba of 2 * Hv rows
+// (qwen3_5.py packed_modules_mapping, gdn_linear_attn.py create_ba_proj). What stock vLLM can
+// serve there, for every TP degree and on Hopper:
+// - FP8_BLOCK: no. A merged layer's non-last member needs a multiple of 128 rows
+//   (fp8_utils.py validate_fp8_block_shape; gdn_linear_attn.py: "ba_proj doesn't support
+//   blockwise fp8 quantization"; sglang issue #19045: partition 8 not divisible by block_n 128).
+// - NVFP4, NVFP4A16, MXFP4, MXFP4A16, INT4_W4A16, INT8_W8A16 and FP8_E4M3A16: no. On Hopper they
+//   run through Marlin, whose output partition must be a multiple of 64 (marlin_utils.py
+//   GPTQ_MARLIN_MIN_THREAD_N): 96 rows (27B) never are, 64 (35B) only at TP 1 (vLLM issue
+//   #35924, fixed for the unquantized path by splitting the layer in PR #36199 / #36329).
+// - MXFP8: no; its kernels need out % 128 == 0 (the format's own shape rule).
+// - FP8_E4M3 (W8A8, per-channel scales), FP8_E4M3_TENSOR (W8A8, per-tensor) and BF16: yes.
+//   cutlass scaled_mm on sm89+ needs 16-aligned dimensions only, channel scales load per shard
+//   and per-tensor ones are requantised to their max (format-facts.md A.3.3).
+// Together the two are about 0.01% of the parameters, so nothing is lost by the limit.
+constexpr std::string_view kBetaAlphaFormats[] = {"BF16", "FP8_E4M3", "FP8_E4M3_TENSOR"};
 
 // conv1d runs over q, k and v: 2 * key_dim + value_dim channels (§4.1).
 constexpr std::string_view kConvChannels =
@@ -154,10 +177,13 @@ std::vector<LinearRule> layer_linears(const LayerPlan& plan, bool fused_gdn_proj
                            "linear_attn.in_proj_qkvz", plan.linear_attention));
     rules.push_back(linear("linear_attn.in_proj_z", "in_proj_z", kValueDim, "hidden_size",
                            "linear_attn.in_proj_qkvz", plan.linear_attention));
-    rules.push_back(linear("linear_attn.in_proj_b", "in_proj_b", "linear_num_value_heads",
-                           "hidden_size", "linear_attn.in_proj_ba", plan.linear_attention));
-    rules.push_back(linear("linear_attn.in_proj_a", "in_proj_a", "linear_num_value_heads",
-                           "hidden_size", "linear_attn.in_proj_ba", plan.linear_attention));
+    for (const std::string_view projection : {"in_proj_b", "in_proj_a"}) {
+      LinearRule rule =
+          linear(pattern("linear_attn.", projection), projection, "linear_num_value_heads",
+                 "hidden_size", "linear_attn.in_proj_ba", plan.linear_attention);
+      rule.formats = kBetaAlphaFormats;
+      rules.push_back(rule);
+    }
   }
   rules.push_back(linear("linear_attn.out_proj", "out_proj", "hidden_size", kValueDim, "",
                          plan.linear_attention));
@@ -194,6 +220,7 @@ std::vector<LinearRule> layer_linears(const LayerPlan& plan, bool fused_gdn_proj
                          "hidden_size", "mlp.experts", plan.sparse_mlp);
   LinearRule down = linear("mlp.experts.{expert}.down_proj", "expert_down_proj", "hidden_size",
                            "moe_intermediate_size", "mlp.experts", plan.sparse_mlp);
+  for (LinearRule* expert : {&gate, &up, &down}) expert->formats = plan.expert_formats;
   if (plan.packed_experts) {
     // Expert e's gate is rows [0, I) of gate_up_proj[e], its up rows [I, 2I) (§6.3).
     const std::string_view gate_up = pattern(plan.prefix, "mlp.experts.gate_up_proj");
@@ -232,7 +259,7 @@ std::vector<TensorRule> hybrid_tensors(const HybridLayout& layout) {
        .present = has_mtp,
        .component = Component::kMtp},
   };
-  return concat(single, layer_tensors(body_plan(layout)), layer_tensors(kMtpPlan));
+  return concat(single, layer_tensors(body_plan(layout)), layer_tensors(mtp_plan(layout)));
 }
 
 std::vector<LinearRule> hybrid_linears(const HybridLayout& layout) {
@@ -244,7 +271,7 @@ std::vector<LinearRule> hybrid_linears(const HybridLayout& layout) {
                                            .present = has_mtp,
                                            .component = Component::kMtp}};
   return concat(layer_linears(body_plan(layout), layout.fused_gdn_projections), lm_head(),
-                layer_linears(kMtpPlan, false), mtp_fc);
+                layer_linears(mtp_plan(layout), false), mtp_fc);
 }
 
 }  // namespace pq::model::profiles

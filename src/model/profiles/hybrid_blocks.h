@@ -1,5 +1,6 @@
 #pragma once
 
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -33,6 +34,8 @@ struct HybridLayout {
   // [E, H, I] (Qwen3.5/3.6-MoE); otherwise one tensor per expert and projection. MTP experts are
   // always stored per expert (§6.3).
   bool packed_experts = false;
+  // LinearRule::formats of every routed-expert projection, body and MTP head; empty: no limit.
+  std::span<const std::string_view> expert_formats = {};
 };
 
 // Embedding, final norm, per-layer norms, q/k norms of full-attention layers, the Gated

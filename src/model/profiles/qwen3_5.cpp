@@ -75,8 +75,17 @@ std::vector<LinearRule> vision_linears() {
 // Both wrappers nest the text model under model.language_model and store Qwen3.5's split Gated
 // DeltaNet projections (§4.1, §9).
 constexpr HybridLayout kDense{.text_prefix = "model.language_model.", .body_mlp = BodyMlp::kDense};
-constexpr HybridLayout kMoe{
-    .text_prefix = "model.language_model.", .body_mlp = BodyMlp::kMoe, .packed_experts = true};
+// vLLM serves the routed experts as one fused MoE module whose compressed-tensors methods
+// (compressed_tensors_moe.py get_moe_method) the upstream quantizer limits, in its
+// vllm_qwen3_5_packed_moe profile, to NVFP4, FP8_E4M3, FP8_E5M2, BF16 and MXFP4 on ".mlp.experts"
+// (method-facts.md §4). In this registry: NVFP4 (W4A4 or A16), MXFP4 (W4A4 or A16), FP8_E4M3
+// (W8A8; the MoE FP8 method needs quantized activations, so FP8_E4M3A16 is not served) and BF16.
+constexpr std::string_view kExpertFormats[] = {"NVFP4",    "NVFP4A16", "MXFP4",
+                                               "MXFP4A16", "FP8_E4M3", "BF16"};
+constexpr HybridLayout kMoe{.text_prefix = "model.language_model.",
+                            .body_mlp = BodyMlp::kMoe,
+                            .packed_experts = true,
+                            .expert_formats = kExpertFormats};
 
 }  // namespace
 
