@@ -1,6 +1,7 @@
 #include "runtime/memory_estimate.h"
 
 #include <fmt/format.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <fstream>
@@ -45,26 +46,61 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
   const bool moe = c.num_experts > 0;
   // The MLP's widths per token: a dense layer's intermediate, or the routed experts' (top-k
   // rows each, with their gathered input and output rows).
+  // A shared expert (facts §6.2) adds its intermediate, output row and gate per token.
+  const std::int64_t shared = c.shared_expert_intermediate_size;
   const std::int64_t mlp_width =
-      moe ? c.num_experts_per_tok * (c.moe_intermediate_size + 2 * hidden) + c.num_experts
+      moe ? c.num_experts_per_tok * (c.moe_intermediate_size + 2 * hidden) + c.num_experts +
+                (shared > 0 ? shared + hidden + 1 : 0)
           : c.intermediate_size;
-  const std::int64_t mlp_params =
-      moe ? c.num_experts * 3 * c.moe_intermediate_size * hidden + c.num_experts * hidden
-          : 3 * c.intermediate_size * hidden;
-  const std::int64_t attention_params = 2 * q_width * hidden + 2 * kv_width * hidden;
+  const std::int64_t mlp_params = moe ? c.num_experts * 3 * c.moe_intermediate_size * hidden +
+                                            c.num_experts * hidden +
+                                            (shared > 0 ? 3 * shared * hidden + hidden : 0)
+                                      : 3 * c.intermediate_size * hidden;
+  // With an output gate q_proj has twice the rows (query and gate per head).
+  const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
+  std::int64_t mixer_params = (q_rows + q_width + 2 * kv_width) * hidden;
   // While a Linear is decoded its float32 values exist beside the layer's stored copy.
-  const std::int64_t largest_linear =
+  std::int64_t largest_linear =
       moe ? c.moe_intermediate_size * hidden : std::max(c.intermediate_size, q_width) * hidden;
+  if (c.attn_output_gate) largest_linear = std::max(largest_linear, q_rows * hidden);
+  // Per row of a micro-batch, forward tape and backward temporaries (LayerTape, layer_backward):
+  // q/k/v before and after norm and RoPE and their gradients, the attention output, the output
+  // gate's input, gated value and gradient and q_proj's packed output.
+  std::int64_t mixer_tape_floats =
+      4 * q_width + 6 * kv_width + c.num_attention_heads + (c.attn_output_gate ? 4 * q_width : 0);
+  // Scratch of the delta rule's backward for one micro-batch (gated_delta_rule.h), per thread.
+  std::int64_t gdn_scratch_floats = 0;
+  std::int64_t gdn_tape_floats = 0;
+  if (c.linear_attention.has_value()) {
+    // Gated DeltaNet layers (facts §4): their projections, and per row the conv input and output,
+    // q/k before and after the L2 norm, v, z, the core's and the gated norm's outputs, decay
+    // terms, and the backward's gradients of each.
+    const model::LinearAttentionConfig& la = *c.linear_attention;
+    const std::int64_t keys = la.num_key_heads * la.key_head_dim;
+    const std::int64_t values = la.num_value_heads * la.value_head_dim;
+    const std::int64_t channels = 2 * keys + values;
+    mixer_params =
+        std::max(mixer_params, (channels + 2 * values + 2 * la.num_value_heads) * hidden +
+                                   channels * la.conv_kernel_dim);
+    largest_linear = std::max(largest_linear, channels * hidden);
+    gdn_tape_floats = 4 * channels + 8 * keys + 8 * values + 8 * la.num_value_heads;
+    const std::int64_t threads = std::min<std::int64_t>(omp_get_max_threads(), la.num_value_heads);
+    const std::int64_t rows_per_micro_batch =
+        std::min(rows, std::max<std::int64_t>(micro_batch_rows, 1));
+    gdn_scratch_floats =
+        threads * ((rows_per_micro_batch / 64 + 1) * la.key_head_dim * la.value_head_dim +
+                   rows_per_micro_batch * (la.key_head_dim + la.value_head_dim + 256));
+  }
+  mixer_tape_floats = std::max(mixer_tape_floats, gdn_tape_floats);
 
   PassMemory m;
-  m.layer_weights = (attention_params + mlp_params) * weight_bytes + largest_linear * 4;
+  m.layer_weights = (mixer_params + mlp_params) * weight_bytes + largest_linear * 4;
   m.head = c.vocab_size * hidden * weight_bytes + c.vocab_size * hidden * 4;
-  // Per row of a micro-batch, forward tape and backward temporaries (LayerTape, layer_backward):
-  // norms and residuals (about 8 hidden-wide rows), q/k/v before and after norm and RoPE and
-  // their gradients, the attention output, and 7 MLP-wide rows (gate, up, act and gradients).
-  const std::int64_t tape_floats =
-      8 * hidden + 4 * q_width + 6 * kv_width + 7 * mlp_width + c.num_attention_heads;
-  m.tape = std::min(rows, std::max<std::int64_t>(micro_batch_rows, 1)) * tape_floats * 4;
+  // Plus norms and residuals (about 8 hidden-wide rows) and 7 MLP-wide rows (gate, up, act and
+  // gradients).
+  const std::int64_t tape_floats = 8 * hidden + mixer_tape_floats + 7 * mlp_width;
+  m.tape = std::min(rows, std::max<std::int64_t>(micro_batch_rows, 1)) * tape_floats * 4 +
+           gdn_scratch_floats * 4;
   m.activations = boundaries * rows * hidden * 4;
   const std::int64_t block = std::min(rows, logits_block_rows);
   m.logits = block * c.vocab_size * 4 + 2 * block * hidden * 4;

@@ -12,6 +12,9 @@
 #include "common/json_reader.h"
 #include "io/dtype.h"
 #include "runtime/kernels/attention.h"
+#include "runtime/kernels/causal_conv1d.h"
+#include "runtime/kernels/gated_delta_net_norms.h"
+#include "runtime/kernels/gated_delta_rule.h"
 #include "runtime/kernels/gemm.h"
 #include "runtime/memory_estimate.h"
 #include "runtime/ops.h"
@@ -34,8 +37,17 @@ struct Model::Linear {
 struct Model::Layer {
   std::int64_t index = 0;
   std::int64_t sliding_window = 0;  // 0: full causal attention
+  // Norm weights as multiplied: 1 + w for the hybrid families' zero-centred norms (facts §3.1).
   std::vector<float> input_norm, post_attention_norm, q_norm, k_norm;
-  Linear q_proj, k_proj, v_proj, o_proj;
+  Linear q_proj, k_proj, v_proj, o_proj;  // attention layers
+  // The token mixer of "linear_attention" layers (facts §4.1), in place of q/k/v/o_proj.
+  struct GatedDeltaNet {
+    Linear in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj;
+    std::vector<float> conv_weight;  // [conv channels, 1, kernel]
+    std::vector<float> a_log, dt_bias;
+    std::vector<float> norm;  // linear_attn.norm: plain w, not zero-centred (§3.2)
+  };
+  std::unique_ptr<GatedDeltaNet> linear_attention;  // null on attention layers
   bool moe = false;
   struct Mlp {
     Linear gate_proj, up_proj, down_proj;
@@ -43,6 +55,11 @@ struct Model::Layer {
   Mlp mlp;                   // dense layers
   Linear router;             // MoE: mlp.gate
   std::vector<Mlp> experts;  // MoE: mlp.experts.N
+  // MoE with a shared expert (facts §6.2 step 3): mlp.shared_expert, scaled per token by
+  // sigmoid(mlp.shared_expert_gate x).
+  bool has_shared_expert = false;
+  Mlp shared_expert;
+  Linear shared_expert_gate;
 };
 
 // Where each sequence's rows sit in the concatenated [rows, hidden] activations.
@@ -66,8 +83,17 @@ struct Model::LayerTape {
   std::vector<float> q_rstd, k_rstd;  // per (row, head)
   std::vector<float> q, k, v;         // what attention multiplied (normed, rotated)
   std::vector<float> attn, lse;       // attention output [rows, H*D] and lse [H, T] per seq
-  std::vector<float> x2;              // residual stream after attention
-  std::vector<float> h2, rstd2;       // post_attention_layernorm output and 1/rms
+  // Gated attention (facts §5): the sigmoid gate's input and attn * sigmoid(gate), o_proj's
+  // input. Gated DeltaNet (§4.2): in_proj_z's output and the gated norm's output (out_proj's
+  // input). On Gated DeltaNet layers q_proj/k_proj hold the conv's q and k before the L2 norm,
+  // q/k/v what the delta rule multiplied and attn its output.
+  std::vector<float> gate, gated;
+  std::vector<float> mixed;            // Gated DeltaNet: in_proj_qkv's output, the conv input
+  std::vector<float> decay_input;      // Gated DeltaNet: a + dt_bias [rows, Hv]
+  std::vector<float> g, beta;          // Gated DeltaNet: log decay and sigmoid(b) [rows, Hv]
+  std::vector<float> gated_norm_rstd;  // Gated DeltaNet: [rows * Hv]
+  std::vector<float> x2;               // residual stream after attention
+  std::vector<float> h2, rstd2;        // post_attention_layernorm output and 1/rms
   struct MlpTape {
     std::vector<float> input, gate, up, act, out;  // input/out: gathered rows (MoE experts)
     std::vector<std::int64_t> rows;                // MoE: token rows routed here, ascending
@@ -76,19 +102,54 @@ struct Model::LayerTape {
   };
   MlpTape mlp;
   std::vector<MlpTape> experts;
-  std::vector<float> router_probs;     // [rows, E]
-  std::vector<std::int32_t> chosen;    // [rows, k]
-  std::vector<float> routing_weights;  // [rows, k]
+  MlpTape shared_expert;                   // out: the shared expert's output rows
+  std::vector<float> shared_expert_scale;  // sigmoid(shared_expert_gate x) [rows]
+  std::vector<float> router_probs;         // [rows, E]
+  std::vector<std::int32_t> chosen;        // [rows, k]
+  std::vector<float> routing_weights;      // [rows, k]
   // Inputs rewritten by the activation quantizer, per Linear.
   std::map<const Linear*, std::vector<float>> quantized_inputs;
 };
 
 namespace {
 
-bool architecture_has_qk_norm(const std::string& arch) {
-  // Qwen3Attention applies q_norm/k_norm (RMSNorm over head_dim) before RoPE
-  // (transformers models/qwen3/modeling_qwen3.py).
-  return arch == "Qwen3ForCausalLM" || arch == "Qwen3MoeForCausalLM";
+// What differs between the architectures the runtime runs, beyond the config's fields.
+struct ArchitectureTraits {
+  std::string_view name;
+  // Prefix of embed_tokens, norm and layers.N: Qwen3.5/3.6 nest the text model under
+  // "model.language_model." (facts §9).
+  std::string_view text_prefix;
+  // q_norm/k_norm (RMSNorm over head_dim) before RoPE: Qwen3Attention
+  // (transformers models/qwen3/modeling_qwen3.py) and the hybrid families' attention (facts §5).
+  bool qk_norm;
+  // RMSNorms multiply by 1 + w (facts §3.1), except the Gated DeltaNet's gated norm.
+  bool zero_centred_norms;
+  // Sparse MoE blocks where the config has experts.
+  bool moe;
+  // Body experts packed as mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and
+  // mlp.experts.down_proj [E, H, I] (facts §6.3).
+  bool packed_experts;
+};
+
+constexpr ArchitectureTraits kArchitectures[] = {
+    {"LlamaForCausalLM", "model.", false, false, false, false},
+    {"MistralForCausalLM", "model.", false, false, false, false},
+    {"Qwen2ForCausalLM", "model.", false, false, false, false},
+    {"Qwen3ForCausalLM", "model.", true, false, false, false},
+    {"Qwen3MoeForCausalLM", "model.", true, false, true, false},
+    {"Qwen3_5ForConditionalGeneration", "model.language_model.", true, true, false, false},
+    {"Qwen3_5MoeForConditionalGeneration", "model.language_model.", true, true, true, true},
+};
+
+const ArchitectureTraits* find_architecture(std::string_view arch) {
+  for (const ArchitectureTraits& traits : kArchitectures) {
+    if (traits.name == arch) return &traits;
+  }
+  return nullptr;
+}
+
+float logistic(float x) {
+  return 1.0f / (1.0f + std::exp(-x));
 }
 
 std::vector<RowRange> ranges_of_rows(std::span<const std::int64_t> rows,
@@ -125,26 +186,18 @@ void report(LinearObserver* observer, const std::string& name, std::int64_t laye
 
 void require_runtime_support(const model::ModelConfig& config) {
   const std::string& arch = config.architecture;
-  // The hybrid families' parts (qwen3_5-architecture-facts.md §4, §5, §6.2).
-  std::vector<std::string_view> missing;
-  if (std::find(config.layer_types.begin(), config.layer_types.end(),
-                model::LayerType::kLinearAttention) != config.layer_types.end()) {
-    missing.push_back("linear_attention layers");
-  }
-  if (config.attn_output_gate) missing.push_back("gated attention");
-  if (config.shared_expert_intermediate_size > 0) missing.push_back("shared experts");
-  if (!missing.empty()) {
-    const std::string_view last = missing.back();
-    missing.pop_back();
-    fail("the runtime does not support the {}{}{} of {} yet", fmt::join(missing, ", "),
-         missing.empty() ? "" : " and ", last, quoted_json_string(arch));
-  }
-  static const std::vector<std::string> kSupported = {"LlamaForCausalLM", "MistralForCausalLM",
-                                                      "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                                                      "Qwen3MoeForCausalLM"};
-  PQ_CHECK(std::find(kSupported.begin(), kSupported.end(), arch) != kSupported.end(),
-           "architecture {} is not supported by the runtime (supported: {})",
-           quoted_json_string(arch), fmt::join(kSupported, ", "));
+  if (find_architecture(arch) != nullptr) return;
+  std::vector<std::string_view> supported;
+  for (const ArchitectureTraits& traits : kArchitectures) supported.push_back(traits.name);
+  // A hybrid family the runtime has no layout for (Qwen3-Next: fused, interleaved in_proj_qkvz
+  // and in_proj_ba, facts §4.1).
+  const bool hybrid = config.linear_attention.has_value() || config.attn_output_gate;
+  PQ_CHECK(!hybrid,
+           "the runtime does not support the Gated DeltaNet and gated attention layout of {} yet "
+           "(it runs Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration)",
+           quoted_json_string(arch));
+  fail("architecture {} is not supported by the runtime (supported: {})", quoted_json_string(arch),
+       fmt::join(supported, ", "));
 }
 
 Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOptions options)
@@ -153,14 +206,20 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   const std::string& arch = config_.architecture;
   PQ_CHECK(config_.hidden_act == "silu", "{}: hidden_act {} is not supported (only silu)", arch,
            quoted_json_string(config_.hidden_act));
-  PQ_CHECK(config_.num_experts == 0 || arch == "Qwen3MoeForCausalLM",
+  PQ_CHECK(config_.num_experts == 0 || find_architecture(arch)->moe,
            "{}: num_experts is set but the architecture has no MoE support", arch);
   PQ_CHECK(options_.logits_block_rows > 0, "logits_block_rows must be positive");
-  qk_norm_ = architecture_has_qk_norm(arch);
+  const ArchitectureTraits& traits = *find_architecture(arch);
+  qk_norm_ = traits.qk_norm;
+  zero_centred_norms_ = traits.zero_centred_norms;
+  packed_experts_ = traits.packed_experts;
+  text_prefix_ = traits.text_prefix;
+  PQ_CHECK(!config_.attn_output_gate || qk_norm_,
+           "{}: attn_output_gate is set but the architecture has no gated attention", arch);
 
   const std::int64_t hidden = config_.hidden_size;
-  check_matrix("model.embed_tokens.weight", config_.vocab_size, hidden);
-  final_norm_ = load_vector("model.norm.weight", hidden);
+  check_matrix(embedding_name(), config_.vocab_size, hidden);
+  final_norm_ = load_norm(text_prefix_ + "norm.weight", hidden);
   // A tied head reuses the embedding values (transformers tie_weights); it is still its own
   // Linear so that a weight transform can quantize the head without touching the embedding.
   tied_head_ = config_.tie_word_embeddings && !weights_.contains("lm_head.weight");
@@ -179,6 +238,19 @@ std::vector<float> Model::load_vector(const std::string& name, std::int64_t size
   PQ_CHECK(shape == std::vector<std::int64_t>({size}), "{}: shape [{}], expected [{}]", name,
            fmt::join(shape, ", "), size);
   return fetch(name);
+}
+
+std::vector<float> Model::load_norm(const std::string& name, std::int64_t size) const {
+  std::vector<float> weight = load_vector(name, size);
+  // y = x_hat * (1 + w), in float32 (facts §3.1): the same product as a plain norm by 1 + w.
+  if (zero_centred_norms_) {
+    for (float& w : weight) w += 1.0f;
+  }
+  return weight;
+}
+
+std::string Model::embedding_name() const {
+  return text_prefix_ + "embed_tokens.weight";
 }
 
 void Model::check_matrix(const std::string& name, std::int64_t rows, std::int64_t columns) const {
@@ -206,6 +278,26 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   }
 }
 
+void Model::load_packed_linear(Linear& linear, const std::string& name, const std::string& tensor,
+                               std::int64_t index, std::int64_t first_row,
+                               std::int64_t rows_per_matrix, std::int64_t out_features,
+                               std::int64_t in_features) const {
+  PQ_CHECK(weights_.contains(tensor), "checkpoint has no tensor {}", tensor);
+  const auto shape = weights_.shape(tensor);
+  const std::int64_t experts = config_.num_experts;
+  PQ_CHECK(shape == std::vector<std::int64_t>({experts, rows_per_matrix, in_features}),
+           "{}: shape [{}], expected [{}, {}, {}]", tensor, fmt::join(shape, ", "), experts,
+           rows_per_matrix, in_features);
+  PQ_CHECK(!weights_.contains(name + ".bias"), "{}.bias: unexpected bias tensor", name);
+  std::vector<std::int64_t> rows(out_features);
+  std::iota(rows.begin(), rows.end(), index * rows_per_matrix + first_row);
+  linear.name = name;
+  linear.out_features = out_features;
+  linear.in_features = in_features;
+  linear.weight = weights_.load_rows_f32(tensor, rows);
+  prepare_linear(linear);
+}
+
 void Model::prepare_linear(Linear& linear) const {
   if (options_.weight_transform != nullptr) {
     options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
@@ -219,10 +311,16 @@ void Model::prepare_linear(Linear& linear) const {
 }
 
 std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
+  return load_decoder_layer(index, fmt::format("{}layers.{}.", text_prefix_, index),
+                            packed_experts_);
+}
+
+std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
+                                                        const std::string& prefix,
+                                                        bool packed_experts) const {
   const model::ModelConfig& c = config_;
   auto layer = std::make_unique<Layer>();
   layer->index = index;
-  const std::string prefix = fmt::format("model.layers.{}.", index);
   const std::int64_t hidden = c.hidden_size;
   const std::int64_t q_width = c.num_attention_heads * c.head_dim;
   const std::int64_t kv_width = c.num_key_value_heads * c.head_dim;
@@ -235,15 +333,46 @@ std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
     if (index >= first) layer->sliding_window = *c.sliding_window;
   }
 
-  layer->input_norm = load_vector(prefix + "input_layernorm.weight", hidden);
-  layer->post_attention_norm = load_vector(prefix + "post_attention_layernorm.weight", hidden);
-  load_linear(layer->q_proj, prefix + "self_attn.q_proj", q_width, hidden, true);
-  load_linear(layer->k_proj, prefix + "self_attn.k_proj", kv_width, hidden, true);
-  load_linear(layer->v_proj, prefix + "self_attn.v_proj", kv_width, hidden, true);
-  load_linear(layer->o_proj, prefix + "self_attn.o_proj", hidden, q_width, true);
-  if (qk_norm_) {
-    layer->q_norm = load_vector(prefix + "self_attn.q_norm.weight", c.head_dim);
-    layer->k_norm = load_vector(prefix + "self_attn.k_norm.weight", c.head_dim);
+  layer->input_norm = load_norm(prefix + "input_layernorm.weight", hidden);
+  layer->post_attention_norm = load_norm(prefix + "post_attention_layernorm.weight", hidden);
+  if (c.is_linear_attention_layer(index)) {
+    // Gated DeltaNet parameters (facts §4.1); A_log and the norm may be stored in fp32 (§9).
+    const model::LinearAttentionConfig& la = *c.linear_attention;
+    const std::int64_t key_dim = la.num_key_heads * la.key_head_dim;
+    const std::int64_t value_dim = la.num_value_heads * la.value_head_dim;
+    const std::int64_t channels = 2 * key_dim + value_dim;
+    PQ_CHECK(la.num_key_heads > 0 && la.num_value_heads % la.num_key_heads == 0,
+             "config.json: linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+             la.num_value_heads, la.num_key_heads);
+    auto gdn = std::make_unique<Layer::GatedDeltaNet>();
+    const std::string p = prefix + "linear_attn.";
+    load_linear(gdn->in_proj_qkv, p + "in_proj_qkv", channels, hidden, false);
+    load_linear(gdn->in_proj_z, p + "in_proj_z", value_dim, hidden, false);
+    load_linear(gdn->in_proj_b, p + "in_proj_b", la.num_value_heads, hidden, false);
+    load_linear(gdn->in_proj_a, p + "in_proj_a", la.num_value_heads, hidden, false);
+    load_linear(gdn->out_proj, p + "out_proj", hidden, value_dim, false);
+    const std::string conv = p + "conv1d.weight";
+    PQ_CHECK(weights_.contains(conv), "checkpoint has no tensor {}", conv);
+    const auto conv_shape = weights_.shape(conv);
+    PQ_CHECK(conv_shape == std::vector<std::int64_t>({channels, 1, la.conv_kernel_dim}),
+             "{}: shape [{}], expected [{}, 1, {}]", conv, fmt::join(conv_shape, ", "), channels,
+             la.conv_kernel_dim);
+    gdn->conv_weight = fetch(conv);
+    gdn->a_log = load_vector(p + "A_log", la.num_value_heads);
+    gdn->dt_bias = load_vector(p + "dt_bias", la.num_value_heads);
+    gdn->norm = load_vector(p + "norm.weight", la.value_head_dim);
+    layer->linear_attention = std::move(gdn);
+  } else {
+    // With an output gate q_proj yields query and gate per head (facts §5 step 1).
+    const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
+    load_linear(layer->q_proj, prefix + "self_attn.q_proj", q_rows, hidden, true);
+    load_linear(layer->k_proj, prefix + "self_attn.k_proj", kv_width, hidden, true);
+    load_linear(layer->v_proj, prefix + "self_attn.v_proj", kv_width, hidden, true);
+    load_linear(layer->o_proj, prefix + "self_attn.o_proj", hidden, q_width, true);
+    if (qk_norm_) {
+      layer->q_norm = load_norm(prefix + "self_attn.q_norm.weight", c.head_dim);
+      layer->k_norm = load_norm(prefix + "self_attn.k_norm.weight", c.head_dim);
+    }
   }
   const auto load_mlp = [&](Layer::Mlp& mlp, const std::string& mlp_prefix,
                             std::int64_t intermediate) {
@@ -255,9 +384,33 @@ std::unique_ptr<Model::Layer> Model::load_layer(std::int64_t index) const {
   if (layer->moe) {
     load_linear(layer->router, prefix + "mlp.gate", c.num_experts, hidden, false);
     layer->experts.resize(c.num_experts);
-    for (std::int64_t e = 0; e < c.num_experts; ++e) {
-      load_mlp(layer->experts[e], fmt::format("{}mlp.experts.{}.", prefix, e),
-               c.moe_intermediate_size);
+    const std::int64_t inter = c.moe_intermediate_size;
+    if (packed_experts) {
+      // Expert e's Linears are slices of matrix e: gate rows [0, I) and up rows [I, 2I) of
+      // gate_up_proj, all of down_proj (facts §6.3); each slice is decoded on its own.
+      const std::string gate_up = prefix + "mlp.experts.gate_up_proj";
+      const std::string down = prefix + "mlp.experts.down_proj";
+      for (std::int64_t e = 0; e < c.num_experts; ++e) {
+        Layer::Mlp& mlp = layer->experts[e];
+        const std::string name = fmt::format("{}mlp.experts.{}.", prefix, e);
+        load_packed_linear(mlp.gate_proj, name + "gate_proj", gate_up, e, 0, 2 * inter, inter,
+                           hidden);
+        load_packed_linear(mlp.up_proj, name + "up_proj", gate_up, e, inter, 2 * inter, inter,
+                           hidden);
+        load_packed_linear(mlp.down_proj, name + "down_proj", down, e, 0, hidden, hidden, inter);
+      }
+      weights_.release(gate_up);
+      weights_.release(down);
+    } else {
+      for (std::int64_t e = 0; e < c.num_experts; ++e) {
+        load_mlp(layer->experts[e], fmt::format("{}mlp.experts.{}.", prefix, e), inter);
+      }
+    }
+    if (c.shared_expert_intermediate_size > 0) {
+      layer->has_shared_expert = true;
+      load_mlp(layer->shared_expert, prefix + "mlp.shared_expert.",
+               c.shared_expert_intermediate_size);
+      load_linear(layer->shared_expert_gate, prefix + "mlp.shared_expert_gate", 1, hidden, false);
     }
   } else {
     PQ_CHECK(c.intermediate_size > 0, "config.json: intermediate_size is missing");
@@ -273,7 +426,7 @@ const Model::Linear& Model::acquire_head() {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = config_.hidden_size;
-    lm_head_->weight = fetch("model.embed_tokens.weight");
+    lm_head_->weight = fetch(embedding_name());
     prepare_linear(*lm_head_);
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, config_.hidden_size,
@@ -390,7 +543,19 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
     t.k_proj.resize(t.k.size());
     t.q_rstd.resize(n * heads);
     t.k_rstd.resize(n * kv_heads);
-    linear_forward(layer.q_proj, t.h1.data(), n, t.q_proj.data(), &t);
+    if (c.attn_output_gate) {
+      // Per head, columns [0, D) of q_proj's output are the query and [D, 2D) the gate
+      // (facts §5 step 1).
+      std::vector<float> packed(n * 2 * heads * d);
+      linear_forward(layer.q_proj, t.h1.data(), n, packed.data(), &t);
+      t.gate.resize(n * heads * d);
+      for (std::int64_t rh = 0; rh < n * heads; ++rh) {
+        std::copy_n(packed.data() + 2 * rh * d, d, t.q_proj.data() + rh * d);
+        std::copy_n(packed.data() + (2 * rh + 1) * d, d, t.gate.data() + rh * d);
+      }
+    } else {
+      linear_forward(layer.q_proj, t.h1.data(), n, t.q_proj.data(), &t);
+    }
     linear_forward(layer.k_proj, t.h1.data(), n, t.k_proj.data(), &t);
     rms_norm_forward(t.q_proj.data(), layer.q_norm.data(), n * heads, d, eps, t.q.data(),
                      t.q_rstd.data());
@@ -491,11 +656,21 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
   const std::int64_t d = c.head_dim;
   const std::int64_t hidden = c.hidden_size;
 
-  // o_proj: dY = d(attention output of the layer), X = attention values.
+  // o_proj: dY = d(attention output of the layer), X = attention values (gated).
   report(&observer, layer.o_proj.name, layer.index, n, heads * d, hidden,
-         linear_input(layer.o_proj, t.attn.data(), t), dattn_out, layout.ranges);
+         linear_input(layer.o_proj, mixer_output_input(layer, t), t), dattn_out, layout.ranges);
   std::vector<float> dattn(n * heads * d);
   linear_backward_input(layer.o_proj, dattn_out, n, dattn.data(), false);
+  std::vector<float> dgate;
+  if (c.attn_output_gate) {
+    // out = attn * s, s = sigmoid(gate): dattn = dout * s, dgate = dout * attn * s (1 - s).
+    dgate.resize(dattn.size());
+    for (std::size_t i = 0; i < dattn.size(); ++i) {
+      const float s = logistic(t.gate[i]);
+      dgate[i] = dattn[i] * t.attn[i] * s * (1.0f - s);
+      dattn[i] *= s;
+    }
+  }
 
   std::vector<float> dq(t.q.size()), dk(t.k.size()), dv(t.v.size());
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
@@ -522,10 +697,236 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
+  if (c.attn_output_gate) {
+    // q_proj's output gradient, query and gate interleaved per head as its rows are.
+    std::vector<float> packed(2 * dq.size());
+    for (std::int64_t rh = 0; rh < n * heads; ++rh) {
+      std::copy_n(dq.data() + rh * d, d, packed.data() + 2 * rh * d);
+      std::copy_n(dgate.data() + rh * d, d, packed.data() + (2 * rh + 1) * d);
+    }
+    dq.swap(packed);
+  }
   const struct {
     const Linear& linear;
     const std::vector<float>& grad;
   } projections[] = {{layer.q_proj, dq}, {layer.k_proj, dk}, {layer.v_proj, dv}};
+  bool first = true;
+  for (const auto& p : projections) {
+    report(&observer, p.linear.name, layer.index, n, hidden, p.linear.out_features,
+           linear_input(p.linear, t.h1.data(), t), p.grad.data(), layout.ranges);
+    linear_backward_input(p.linear, p.grad.data(), n, dh1, !first);
+    first = false;
+  }
+}
+
+// ---- Gated DeltaNet -----------------------------------------------------------------------
+
+const Model::Linear& Model::mixer_output(const Layer& layer) const {
+  return layer.linear_attention ? layer.linear_attention->out_proj : layer.o_proj;
+}
+
+const float* Model::mixer_output_input(const Layer& layer, const LayerTape& t) const {
+  return layer.linear_attention || config_.attn_output_gate ? t.gated.data() : t.attn.data();
+}
+
+namespace {
+
+// The L2 norm's eps inside the square root of the sum of squares (facts §3.3, §11 point 3).
+constexpr float kL2NormEps = 1e-6f;
+
+struct GatedDeltaDims {
+  std::int64_t key_heads, value_heads, key_dim, value_dim, kernel;
+  std::int64_t keys() const { return key_heads * key_dim; }
+  std::int64_t values() const { return value_heads * value_dim; }
+  std::int64_t channels() const { return 2 * keys() + values(); }
+  float query_scale() const { return 1.0f / std::sqrt(static_cast<float>(key_dim)); }
+  GatedDeltaShape shape(std::int64_t len) const {
+    return {len, key_heads, value_heads, key_dim, value_dim};
+  }
+};
+
+GatedDeltaDims gated_delta_dims(const model::ModelConfig& c) {
+  const model::LinearAttentionConfig& la = *c.linear_attention;
+  return {la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim,
+          la.conv_kernel_dim};
+}
+
+// softplus with torch's defaults (beta 1, threshold 20: x itself above 20; facts §3.4).
+float softplus(float x) {
+  return x > 20.0f ? x : std::log1p(std::exp(x));
+}
+
+}  // namespace
+
+void Model::gated_delta_net_forward(const Layer& layer, const Layout& layout, LayerTape& t,
+                                    LinearObserver* observer, DecodeState* cache) const {
+  const Layer::GatedDeltaNet& gdn = *layer.linear_attention;
+  const GatedDeltaDims dims = gated_delta_dims(config_);
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t channels = dims.channels();
+  const std::int64_t keys = dims.keys();
+  const std::int64_t values = dims.values();
+  const std::int64_t hv = dims.value_heads;
+
+  // Projections of the normed input (facts §4.2 step 1).
+  t.mixed.resize(n * channels);
+  t.gate.resize(n * values);
+  t.beta.resize(n * hv);
+  t.decay_input.resize(n * hv);
+  linear_forward(gdn.in_proj_qkv, t.h1.data(), n, t.mixed.data(), &t);
+  linear_forward(gdn.in_proj_z, t.h1.data(), n, t.gate.data(), &t);
+  linear_forward(gdn.in_proj_b, t.h1.data(), n, t.beta.data(), &t);
+  linear_forward(gdn.in_proj_a, t.h1.data(), n, t.decay_input.data(), &t);
+  for (const Linear* p : {&gdn.in_proj_qkv, &gdn.in_proj_z, &gdn.in_proj_b, &gdn.in_proj_a}) {
+    report(observer, p->name, layer.index, n, hidden, p->out_features,
+           linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
+  }
+
+  // Causal conv + SiLU over q/k/v channels, per sequence (step 2), then the split (step 3).
+  std::vector<float> conv(n * channels);
+  if (cache != nullptr) {
+    // The new tokens after the cached K - 1 inputs: the conv over both gives, in its last n
+    // rows, what a pass over the whole sequence gives the new tokens.
+    std::vector<float>& history = cache->conv_inputs[layer.index];
+    const std::int64_t past = dims.kernel - 1;
+    if (history.empty()) history.assign(past * channels, 0.0f);
+    std::vector<float> inputs(history);
+    inputs.insert(inputs.end(), t.mixed.begin(), t.mixed.end());
+    std::vector<float> outputs(inputs.size());
+    causal_conv1d_silu_forward(inputs.data(), gdn.conv_weight.data(), past + n, channels,
+                               dims.kernel, outputs.data());
+    std::copy(outputs.begin() + past * channels, outputs.end(), conv.begin());
+    history.assign(inputs.end() - past * channels, inputs.end());
+  } else {
+    for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+      const std::int64_t off = layout.offsets[s];
+      causal_conv1d_silu_forward(t.mixed.data() + off * channels, gdn.conv_weight.data(),
+                                 layout.length(s), channels, dims.kernel,
+                                 conv.data() + off * channels);
+    }
+  }
+  t.q_proj.resize(n * keys);
+  t.k_proj.resize(n * keys);
+  t.v.resize(n * values);
+  for (std::int64_t r = 0; r < n; ++r) {
+    const float* row = conv.data() + r * channels;
+    std::copy_n(row, keys, t.q_proj.data() + r * keys);
+    std::copy_n(row + keys, keys, t.k_proj.data() + r * keys);
+    std::copy_n(row + 2 * keys, values, t.v.data() + r * values);
+  }
+  // L2 norms, q scaled by dk^-1/2 after its norm (step 7).
+  t.q.resize(n * keys);
+  t.k.resize(n * keys);
+  l2_normalize_forward(t.q_proj.data(), n * dims.key_heads, dims.key_dim, kL2NormEps,
+                       dims.query_scale(), t.q.data());
+  l2_normalize_forward(t.k_proj.data(), n * dims.key_heads, dims.key_dim, kL2NormEps, 1.0f,
+                       t.k.data());
+  // beta = sigmoid(b) (step 4); g = -exp(A_log) softplus(a + dt_bias), fp32 (step 5).
+  t.g.resize(n * hv);
+  for (std::int64_t r = 0; r < n; ++r) {
+    for (std::int64_t h = 0; h < hv; ++h) {
+      float& a = t.decay_input[r * hv + h];
+      a += gdn.dt_bias[h];
+      t.g[r * hv + h] = -std::exp(gdn.a_log[h]) * softplus(a);
+      t.beta[r * hv + h] = logistic(t.beta[r * hv + h]);
+    }
+  }
+  // The delta rule from a zero state for every sequence (step 8, §4.5), or from the cached
+  // state when decoding.
+  t.attn.resize(n * values);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    GatedDeltaInputs in{t.q.data() + off * keys, t.k.data() + off * keys, t.v.data() + off * values,
+                        t.g.data() + off * hv, t.beta.data() + off * hv};
+    if (cache == nullptr) {
+      gated_delta_rule_forward(dims.shape(layout.length(s)), in, t.attn.data() + off * values,
+                               nullptr);
+      continue;
+    }
+    std::vector<float>& state = cache->recurrent_states[layer.index];
+    std::vector<float> next(hv * dims.key_dim * dims.value_dim);
+    if (!state.empty()) in.initial_state = state.data();
+    gated_delta_rule_forward(dims.shape(layout.length(s)), in, t.attn.data() + off * values,
+                             next.data());
+    state.swap(next);
+  }
+  // Gated RMSNorm per value head, norm before gate (step 9, §3.2).
+  t.gated.resize(n * values);
+  t.gated_norm_rstd.resize(n * hv);
+  gated_rms_norm_forward(t.attn.data(), t.gate.data(), gdn.norm.data(), n * hv, dims.value_dim,
+                         static_cast<float>(config_.rms_norm_eps), t.gated.data(),
+                         t.gated_norm_rstd.data());
+}
+
+void Model::gated_delta_net_backward(const Layer& layer, const Layout& layout, LayerTape& t,
+                                     const float* dout, float* dh1,
+                                     LinearObserver& observer) const {
+  const Layer::GatedDeltaNet& gdn = *layer.linear_attention;
+  const GatedDeltaDims dims = gated_delta_dims(config_);
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t channels = dims.channels();
+  const std::int64_t keys = dims.keys();
+  const std::int64_t values = dims.values();
+  const std::int64_t hv = dims.value_heads;
+
+  report(&observer, gdn.out_proj.name, layer.index, n, values, hidden,
+         linear_input(gdn.out_proj, t.gated.data(), t), dout, layout.ranges);
+  std::vector<float> dnormed(n * values);
+  linear_backward_input(gdn.out_proj, dout, n, dnormed.data(), false);
+  std::vector<float> dcore(n * values), dz(n * values);
+  gated_rms_norm_backward(t.attn.data(), t.gate.data(), gdn.norm.data(), t.gated_norm_rstd.data(),
+                          dnormed.data(), n * hv, dims.value_dim, dcore.data(), dz.data());
+
+  std::vector<float> dq(n * keys), dk(n * keys), dv(n * values), dg(n * hv), dbeta(n * hv);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const GatedDeltaInputs in{t.q.data() + off * keys, t.k.data() + off * keys,
+                              t.v.data() + off * values, t.g.data() + off * hv,
+                              t.beta.data() + off * hv};
+    const GatedDeltaGradients grads{dq.data() + off * keys, dk.data() + off * keys,
+                                    dv.data() + off * values, dg.data() + off * hv,
+                                    dbeta.data() + off * hv};
+    gated_delta_rule_backward(dims.shape(layout.length(s)), in, dcore.data() + off * values,
+                              nullptr, grads);
+  }
+  // Back through the L2 norms to the conv output, then through the conv (§4.6).
+  std::vector<float> dq_conv(n * keys), dk_conv(n * keys);
+  l2_normalize_backward(t.q_proj.data(), dq.data(), n * dims.key_heads, dims.key_dim, kL2NormEps,
+                        dims.query_scale(), dq_conv.data());
+  l2_normalize_backward(t.k_proj.data(), dk.data(), n * dims.key_heads, dims.key_dim, kL2NormEps,
+                        1.0f, dk_conv.data());
+  std::vector<float> dconv(n * channels);
+  for (std::int64_t r = 0; r < n; ++r) {
+    float* row = dconv.data() + r * channels;
+    std::copy_n(dq_conv.data() + r * keys, keys, row);
+    std::copy_n(dk_conv.data() + r * keys, keys, row + keys);
+    std::copy_n(dv.data() + r * values, values, row + 2 * keys);
+  }
+  std::vector<float> dmixed(n * channels);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    causal_conv1d_silu_backward(t.mixed.data() + off * channels, gdn.conv_weight.data(),
+                                dconv.data() + off * channels, layout.length(s), channels,
+                                dims.kernel, dmixed.data() + off * channels);
+  }
+  // db = dbeta beta (1 - beta); da = dg (-exp(A_log)) softplus'(a + dt_bias), softplus' being
+  // sigmoid below torch's threshold and 1 above it (§4.6).
+  std::vector<float> db(n * hv), da(n * hv);
+  for (std::int64_t r = 0; r < n; ++r) {
+    for (std::int64_t h = 0; h < hv; ++h) {
+      const std::int64_t i = r * hv + h;
+      db[i] = dbeta[i] * t.beta[i] * (1.0f - t.beta[i]);
+      const float x = t.decay_input[i];
+      da[i] = dg[i] * -std::exp(gdn.a_log[h]) * (x > 20.0f ? 1.0f : logistic(x));
+    }
+  }
+  const struct {
+    const Linear& linear;
+    const std::vector<float>& grad;
+  } projections[] = {
+      {gdn.in_proj_qkv, dmixed}, {gdn.in_proj_z, dz}, {gdn.in_proj_b, db}, {gdn.in_proj_a, da}};
   bool first = true;
   for (const auto& p : projections) {
     report(&observer, p.linear.name, layer.index, n, hidden, p.linear.out_features,
@@ -632,6 +1033,23 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
       for (std::int64_t h = 0; h < hidden; ++h) dst[h] += w * src[h];
     }
   }
+  if (layer.has_shared_expert) {
+    // out += sigmoid(shared_expert_gate x) * SharedMLP(x), a scalar per token (facts §6.2).
+    LayerTape::MlpTape& m = t.shared_expert;
+    m.out.resize(n * hidden);
+    run_mlp(layer.shared_expert, m, t.h2.data(), n, m.out.data(), layout.ranges);
+    t.shared_expert_scale.resize(n);
+    linear_forward(layer.shared_expert_gate, t.h2.data(), n, t.shared_expert_scale.data(), &t);
+    report(linear_observer, layer.shared_expert_gate.name, layer.index, n, hidden, 1,
+           linear_input(layer.shared_expert_gate, t.h2.data(), t), nullptr, layout.ranges);
+    for (std::int64_t r = 0; r < n; ++r) {
+      const float s = logistic(t.shared_expert_scale[r]);
+      t.shared_expert_scale[r] = s;
+      float* dst = out + r * hidden;
+      const float* src = m.out.data() + r * hidden;
+      for (std::int64_t h = 0; h < hidden; ++h) dst[h] += s * src[h];
+    }
+  }
   if (observer != nullptr) {
     RoutingActivity routing;
     routing.layer = layer.index;
@@ -730,6 +1148,25 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   report(&observer, layer.router.name, layer.index, n, hidden, experts,
          linear_input(layer.router, t.h2.data(), t), dlogits.data(), layout.ranges);
   linear_backward_input(layer.router, dlogits.data(), n, dh2, true);
+
+  if (layer.has_shared_expert) {
+    // out += s * y with s = sigmoid(gate logit): dy = s dout, dlogit = <dout, y> s (1 - s).
+    LayerTape::MlpTape& m = t.shared_expert;
+    std::vector<float> dy(n * hidden), dlogit(n);
+    for (std::int64_t r = 0; r < n; ++r) {
+      const float s = t.shared_expert_scale[r];
+      double dot = 0.0;
+      for (std::int64_t h = 0; h < hidden; ++h) {
+        dy[r * hidden + h] = s * dout[r * hidden + h];
+        dot += static_cast<double>(dout[r * hidden + h]) * m.out[r * hidden + h];
+      }
+      dlogit[r] = static_cast<float>(dot) * s * (1.0f - s);
+    }
+    run_mlp_backward(layer.shared_expert, m, t.h2.data(), n, dy.data(), dh2, true, layout.ranges);
+    report(&observer, layer.shared_expert_gate.name, layer.index, n, hidden, 1,
+           linear_input(layer.shared_expert_gate, t.h2.data(), t), dlogit.data(), layout.ranges);
+    linear_backward_input(layer.shared_expert_gate, dlogit.data(), n, dh2, true);
+  }
 }
 
 // ---- Layer --------------------------------------------------------------------------------
@@ -747,19 +1184,30 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   t.h1.resize(n * hidden);
   t.rstd1.resize(n);
   rms_norm_forward(x, layer.input_norm.data(), n, hidden, eps, t.h1.data(), t.rstd1.data());
-  if (cache != nullptr) {
-    attention_forward_cached(layer, layout, t, *cache);
+  if (layer.linear_attention) {
+    gated_delta_net_forward(layer, layout, t, linear_observer, cache);
   } else {
-    attention_forward(layer, layout, t);
+    if (cache != nullptr) {
+      attention_forward_cached(layer, layout, t, *cache);
+    } else {
+      attention_forward(layer, layout, t);
+    }
+    if (config_.attn_output_gate) {
+      // out = attn * sigmoid(gate) over the whole q-head width, before o_proj (facts §5 step 5).
+      t.gated.resize(t.attn.size());
+      for (std::size_t i = 0; i < t.attn.size(); ++i) t.gated[i] = t.attn[i] * logistic(t.gate[i]);
+    }
+    for (const Linear* p : {&layer.q_proj, &layer.k_proj, &layer.v_proj}) {
+      report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
+             linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
+    }
   }
-  for (const Linear* p : {&layer.q_proj, &layer.k_proj, &layer.v_proj}) {
-    report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
-           linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
-  }
+  const Linear& output_proj = mixer_output(layer);
+  const float* mixed_values = mixer_output_input(layer, t);
   t.x2.resize(n * hidden);
-  linear_forward(layer.o_proj, t.attn.data(), n, t.x2.data(), &t);
-  report(linear_observer, layer.o_proj.name, layer.index, n, layer.o_proj.in_features, hidden,
-         linear_input(layer.o_proj, t.attn.data(), t), nullptr, layout.ranges);
+  linear_forward(output_proj, mixed_values, n, t.x2.data(), &t);
+  report(linear_observer, output_proj.name, layer.index, n, output_proj.in_features, hidden,
+         linear_input(output_proj, mixed_values, t), nullptr, layout.ranges);
   add_inplace(t.x2.data(), x, n * hidden);
 
   t.h2.resize(n * hidden);
@@ -781,7 +1229,11 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   rms_norm_backward(t.x2.data(), layer.post_attention_norm.data(), t.rstd2.data(), dh.data(), n,
                     hidden, dx, /*accumulate=*/true);
   // x2 = x + o_proj(attn(norm(x))): dx = dx2 + norm_backward(attention_backward(dx2)).
-  attention_backward(layer, layout, t, dx, dh.data(), observer);
+  if (layer.linear_attention) {
+    gated_delta_net_backward(layer, layout, t, dx, dh.data(), observer);
+  } else {
+    attention_backward(layer, layout, t, dx, dh.data(), observer);
+  }
   rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx,
                     /*accumulate=*/true);
 }
@@ -828,6 +1280,24 @@ struct Model::Pass {
     Layout layout;
   };
   std::vector<Micro> micro;
+};
+
+// The multi-token-prediction head's parameters (facts §7), loaded for an MTP pass.
+struct Model::Mtp {
+  Linear fc;  // [hidden, 2 hidden]: columns [0, H) take the embedding, [H, 2H) the hidden state
+  std::vector<float> embedding_norm, hidden_norm, norm;  // zero-centred, as multiplied
+  std::unique_ptr<Layer> layer;
+};
+
+// One MTP pass: the batch it scores (each sequence without its first token: row t's embedding
+// is token t + 1's and its next-token target token t + 2), the fc input and the layer's input and
+// output [rows, hidden].
+struct Model::MtpRun {
+  std::vector<Sequence> batch;
+  std::shared_ptr<const Pass> pass;
+  std::vector<float> fc_input;  // [rows, 2 hidden]
+  LayerTape fc_tape;            // fc's input after any activation quantizer
+  std::vector<float> input, output;
 };
 
 std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> batch,
@@ -897,7 +1367,7 @@ void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout, 
   std::vector<std::int64_t> unique = ids;
   std::sort(unique.begin(), unique.end());
   unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
-  const std::string name = "model.embed_tokens.weight";
+  const std::string name = embedding_name();
   const std::vector<float> rows = weights_.load_rows_f32(name, unique);
   weights_.release(name);
   for (std::size_t r = 0; r < ids.size(); ++r) {
@@ -991,7 +1461,7 @@ Model::Layout Model::make_layout(std::span<const Sequence> batch) const {
 }
 
 void Model::for_each_logits_block(
-    const Pass& pass, const float* x, LinearObserver* observer,
+    const Pass& pass, const float* x, const float* norm, LinearObserver* observer,
     const std::function<void(std::int64_t first, std::int64_t last, const float* input,
                              const float* rstd, float* logits)>& block) {
   const Layout& layout = pass.whole;
@@ -1012,7 +1482,7 @@ void Model::for_each_logits_block(
     const std::int64_t rows = layout.offsets[last] - begin;
     // The final norm is per row, so normalizing block by block equals normalizing the batch.
     std::vector<float> h(rows * hidden), rstd(rows), logits(rows * vocab);
-    rms_norm_forward(x + begin * hidden, final_norm_.data(), rows, hidden,
+    rms_norm_forward(x + begin * hidden, norm, rows, hidden,
                      static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
     LayerTape tape;
     linear_forward(head, h.data(), rows, logits.data(), &tape);
@@ -1032,7 +1502,7 @@ void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consu
   const std::int64_t vocab = config_.vocab_size;
   const std::vector<float> x = final_hidden(*pass, observer);
   for_each_logits_block(
-      *pass, x.data(), observer,
+      *pass, x.data(), final_norm_.data(), observer,
       [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
         const std::int64_t begin = layout.offsets[first];
         for (std::int64_t s = first; s < last; ++s) {
@@ -1056,8 +1526,13 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   if (state.keys.empty()) {
     state.keys.resize(layers);
     state.values.resize(layers);
+    state.conv_inputs.resize(layers);
+    state.recurrent_states.resize(layers);
   }
-  PQ_CHECK(static_cast<std::int64_t>(state.keys.size()) == layers,
+  PQ_CHECK(static_cast<std::int64_t>(state.keys.size()) == layers &&
+               state.values.size() == state.keys.size() &&
+               state.conv_inputs.size() == state.keys.size() &&
+               state.recurrent_states.size() == state.keys.size(),
            "extend: the decode state belongs to a model with {} layers, not {}", state.keys.size(),
            layers);
   const Sequence sequence{{tokens.begin(), tokens.end()}, {}};
@@ -1088,12 +1563,17 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
 
 double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
                             const LossWeighting& weighting) {
+  return score_logits(pass, x, final_norm_, dx, observer, weighting);
+}
+
+double Model::score_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
+                           float* dx, LinearObserver* observer, const LossWeighting& weighting) {
   const Layout& layout = pass.whole;
   const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
   double loss = 0.0;
   for_each_logits_block(
-      pass, x, nullptr,
+      pass, x, norm.data(), nullptr,
       [&](std::int64_t first, std::int64_t last, const float* input, const float* rstd,
           float* logits) {
         const std::int64_t begin = layout.offsets[first];
@@ -1125,10 +1605,135 @@ double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearO
         report(observer, head.name, -1, rows, hidden, vocab, input, logits, ranges);
         std::vector<float> dh(rows * hidden);
         linear_backward_input(head, logits, rows, dh.data(), false);
-        rms_norm_backward(x + begin * hidden, final_norm_.data(), rstd, dh.data(), rows, hidden,
+        rms_norm_backward(x + begin * hidden, norm.data(), rstd, dh.data(), rows, hidden,
                           dx + begin * hidden, /*accumulate=*/false);
       });
   return loss;
+}
+
+// ---- Multi-token prediction ------------------------------------------------------------------
+
+const Model::Mtp& Model::acquire_mtp() {
+  PQ_CHECK(has_mtp(), "{} has no multi-token-prediction head (mtp_num_hidden_layers is 0)",
+           config_.architecture);
+  throw_if_interrupted();
+  if (mtp_) return *mtp_;
+  const std::int64_t hidden = config_.hidden_size;
+  auto mtp = std::make_unique<Mtp>();
+  load_linear(mtp->fc, "mtp.fc", hidden, 2 * hidden, false);
+  mtp->embedding_norm = load_norm("mtp.pre_fc_norm_embedding.weight", hidden);
+  mtp->hidden_norm = load_norm("mtp.pre_fc_norm_hidden.weight", hidden);
+  mtp->norm = load_norm("mtp.norm.weight", hidden);
+  mtp->layer = load_decoder_layer(config_.num_hidden_layers, "mtp.layers.0.", false);
+  PQ_CHECK(!mtp->layer->linear_attention, "mtp.layers.0 must be a full-attention layer");
+  mtp_ = std::move(mtp);
+  return *mtp_;
+}
+
+void Model::release_mtp() {
+  if (!options_.keep_layers_resident) mtp_.reset();
+}
+
+void Model::mtp_prepare(const Pass& pass, const float* x, LinearObserver* observer, MtpRun& run) {
+  const std::int64_t hidden = config_.hidden_size;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const Layout& body = pass.whole;
+  for (const Sequence& sequence : pass.batch) {
+    Sequence shifted;
+    if (!sequence.tokens.empty()) {
+      shifted.tokens.assign(sequence.tokens.begin() + 1, sequence.tokens.end());
+    }
+    // Row t's target t + 2 is the body's prediction t + 1's target: it keeps that weight.
+    if (sequence.loss_weights.size() > 1) {
+      shifted.loss_weights.assign(sequence.loss_weights.begin() + 1, sequence.loss_weights.end());
+    }
+    run.batch.push_back(std::move(shifted));
+  }
+  run.pass = begin_pass(run.batch);
+  const Layout& layout = run.pass->whole;
+  const std::int64_t n = layout.rows;
+  const Mtp& mtp = acquire_mtp();
+
+  // h_t: the final norm of the body's rows 0 .. T - 2 of each sequence.
+  std::vector<float> h(n * hidden), normed(n * hidden), rstd(n), e(n * hidden);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    std::copy_n(x + body.offsets[s] * hidden, layout.length(s) * hidden,
+                h.data() + layout.offsets[s] * hidden);
+  }
+  rms_norm_forward(h.data(), final_norm_.data(), n, hidden, eps, normed.data(), rstd.data());
+  embed(*run.pass, e.data());
+  // fc input [pre_fc_norm_embedding(e) | pre_fc_norm_hidden(h)], embedding first (§7).
+  std::vector<float> e_normed(n * hidden), h_normed(n * hidden);
+  rms_norm_forward(e.data(), mtp.embedding_norm.data(), n, hidden, eps, e_normed.data(),
+                   rstd.data());
+  rms_norm_forward(normed.data(), mtp.hidden_norm.data(), n, hidden, eps, h_normed.data(),
+                   rstd.data());
+  run.fc_input.resize(n * 2 * hidden);
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::copy_n(e_normed.data() + r * hidden, hidden, run.fc_input.data() + r * 2 * hidden);
+    std::copy_n(h_normed.data() + r * hidden, hidden,
+                run.fc_input.data() + r * 2 * hidden + hidden);
+  }
+  run.input.resize(n * hidden);
+  linear_forward(mtp.fc, run.fc_input.data(), n, run.input.data(), &run.fc_tape);
+  report(observer, mtp.fc.name, mtp.layer->index, n, 2 * hidden, hidden,
+         linear_input(mtp.fc, run.fc_input.data(), run.fc_tape), nullptr, layout.ranges);
+  run.output.resize(n * hidden);
+  for (const Pass::Micro& m : run.pass->micro) {
+    const std::int64_t base = layout.offsets[m.first] * hidden;
+    LayerTape tape;
+    layer_forward(*mtp.layer, m.layout, run.input.data() + base, run.output.data() + base, tape,
+                  observer, /*report_linears=*/true);
+  }
+  require_finite_activations(mtp.layer->index, "output", run.output.data(), n * hidden);
+}
+
+void Model::mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& consume,
+                        LinearObserver* observer) {
+  MtpRun run;
+  mtp_prepare(pass, x, observer, run);
+  const Layout& layout = run.pass->whole;
+  const std::int64_t vocab = config_.vocab_size;
+  for_each_logits_block(
+      *run.pass, run.output.data(), mtp_->norm.data(), nullptr,
+      [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
+        const std::int64_t begin = layout.offsets[first];
+        for (std::int64_t s = first; s < last; ++s) {
+          consume(s, logits + (layout.offsets[s] - begin) * vocab, layout.length(s));
+        }
+      });
+  release_mtp();
+}
+
+double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& observer) {
+  MtpRun run;
+  mtp_prepare(pass, x, nullptr, run);
+  const Layout& layout = run.pass->whole;
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t n = layout.rows;
+  const Mtp& mtp = *mtp_;
+  std::vector<float> dx(n * hidden);
+  const double loss = score_logits(*run.pass, run.output.data(), mtp.norm, dx.data(), nullptr, {});
+  for (const Pass::Micro& m : run.pass->micro) {
+    const std::int64_t base = layout.offsets[m.first] * hidden;
+    LayerTape tape;
+    std::vector<float> out(m.layout.rows * hidden);
+    // Recompute the layer from its saved input; routing decisions are reported here.
+    layer_forward(*mtp.layer, m.layout, run.input.data() + base, out.data(), tape, &observer,
+                  /*report_linears=*/false);
+    layer_backward(*mtp.layer, m.layout, tape, dx.data() + base, observer);
+  }
+  require_finite_activations(mtp.layer->index, "input gradient", dx.data(), n * hidden);
+  report(&observer, mtp.fc.name, mtp.layer->index, n, 2 * hidden, hidden,
+         linear_input(mtp.fc, run.fc_input.data(), run.fc_tape), dx.data(), layout.ranges);
+  release_mtp();
+  return loss;
+}
+
+double Model::mtp_loss_backward(std::span<const Sequence> batch, LinearObserver& observer) {
+  const auto pass = begin_pass(batch);
+  const std::vector<float> x = final_hidden(*pass, nullptr);
+  return mtp_backward(*pass, x.data(), observer);
 }
 
 double Model::loss(std::span<const Sequence> batch) {

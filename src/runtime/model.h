@@ -51,21 +51,26 @@ struct Sequence {
   std::vector<float> loss_weights;
 };
 
-// Keys and values (after RoPE) of every layer for the tokens decoded so far: [length,
-// num_key_value_heads * head_dim] per layer.
+// What decoding one more token needs of the tokens decoded so far, per layer: on attention
+// layers the keys and values (after RoPE), [length, num_key_value_heads * head_dim]; on Gated
+// DeltaNet layers (facts §4.4) the last conv_kernel_dim - 1 conv inputs (in_proj_qkv outputs,
+// [K - 1, channels], zeros before the first token) and the recurrent state [Hv, dk, dv] in fp32.
 struct DecodeState {
   std::vector<std::vector<float>> keys, values;
+  std::vector<std::vector<float>> conv_inputs, recurrent_states;
   std::int64_t length = 0;
 };
 
 // pq::Error unless Model can run `config`: an architecture below, without layers it has no
-// kernels for. `prismaquant inspect` reads more architectures than this runs (Qwen3-Next,
-// Qwen3.5/3.6); for those the message names what the runtime lacks, and the stages that compute
-// call this before any other work.
+// kernels for. `prismaquant inspect` reads more architectures than this runs (Qwen3-Next); for
+// those the message names what the runtime lacks, and the stages that compute call this before
+// any other work.
 void require_runtime_support(const model::ModelConfig& config);
 
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
-// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM. Decoder layers and lm_head are loaded
+// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, and the text model of
+// Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (Qwen3.5/3.6: Gated
+// DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head are loaded
 // from the weight source when a pass reaches them and dropped afterwards (unless
 // keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
 // resident memory is about one layer whatever the model size. Passes are single-threaded at this
@@ -152,14 +157,46 @@ class Model {
   void backward_layer(std::int64_t layer, const Pass& pass, const float* x, float* dx,
                       LinearObserver& observer);
 
+  // ---- Multi-token prediction head (Qwen3.5/3.6 "mtp.*", facts §7) ----
+  // Row t of a sequence takes the body's final hidden state h_t (the final norm of the last
+  // layer's output) and the embedding of token t + 1, runs fc over [norm(embedding) | norm(h_t)],
+  // the head's full-attention decoder layer at position t (causal over the sequence's MTP rows)
+  // and its norm, and scores lm_head's logits against token t + 2. A sequence of length T has
+  // T - 1 MTP rows. The head reuses the body's pass: `x` is the last layer's output for `pass`
+  // ([rows(pass), hidden], what forward_layer of the last layer wrote), so a caller runs the body
+  // once for both losses. Only the first MTP layer is run (mtp_num_hidden_layers is 1 in every
+  // known checkpoint; vLLM cycles the layers over speculative steps).
+  bool has_mtp() const { return config_.mtp_num_hidden_layers > 0; }
+  // The MTP logits of each sequence [length - 1, vocab] (row t predicts token t + 2). The
+  // observer (optional) sees mtp.fc and the head layer's Linears (reported as decoder layer
+  // num_hidden_layers) and its routing; lm_head is not reported.
+  void mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& consume,
+                   LinearObserver* observer = nullptr);
+  // The summed weighted MTP cross-entropy (row t against token t + 2 with weight
+  // Sequence::loss_weights[t + 1], the weight of that token in the next-token loss) and its
+  // backward through the head: the observer receives mtp.fc and the head layer's Linears with
+  // their inputs and output gradients, and the head's routing. The gradient stops at the head's
+  // inputs: the body's Linears take their Fisher from the next-token loss (backward,
+  // head_backward), the MTP head's from this one; lm_head, shared by both, is reported only by
+  // the next-token loss.
+  double mtp_backward(const Pass& pass, const float* x, LinearObserver& observer);
+  // Runs the body forward over the batch, then mtp_backward; returns the MTP loss.
+  double mtp_loss_backward(std::span<const Sequence> batch, LinearObserver& observer);
+
  private:
   struct Layer;
   struct Layout;
   struct LayerTape;
+  struct Mtp;
+  struct MtpRun;
 
   Layout make_layout(std::span<const Sequence> batch) const;
   void embed_tokens(std::span<const Sequence> batch, const Layout& layout, float* x) const;
   std::unique_ptr<Layer> load_layer(std::int64_t index) const;
+  // A decoder layer whose tensors are named `prefix`*: a body layer, or the MTP head's
+  // ("mtp.layers.0.", always full attention, experts stored one tensor each: facts §6.3, §7).
+  std::unique_ptr<Layer> load_decoder_layer(std::int64_t index, const std::string& prefix,
+                                            bool packed_experts) const;
   const Layer& acquire_layer(std::int64_t index);
   void release_layer(std::int64_t index);
   // pq::Error unless the checkpoint holds `name` with shape [rows, columns].
@@ -169,10 +206,18 @@ class Model {
                                   std::int64_t count) const;
   void load_linear(Linear& linear, const std::string& name, std::int64_t out_features,
                    std::int64_t in_features, bool bias_allowed) const;
+  // Rows [first_row, first_row + out_features) of matrix `index` of the packed 3-D tensor
+  // [num_experts, rows_per_matrix, in_features], as the Linear `name`.
+  void load_packed_linear(Linear& linear, const std::string& name, const std::string& tensor,
+                          std::int64_t index, std::int64_t first_row, std::int64_t rows_per_matrix,
+                          std::int64_t out_features, std::int64_t in_features) const;
   // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.
   void prepare_linear(Linear& linear) const;
   std::vector<float> fetch(const std::string& name) const;
   std::vector<float> load_vector(const std::string& name, std::int64_t size) const;
+  // An RMSNorm weight as multiplied: 1 + w where the architecture's norms are zero-centred.
+  std::vector<float> load_norm(const std::string& name, std::int64_t size) const;
+  std::string embedding_name() const;
 
   void linear_forward(const Linear& linear, const float* x, std::int64_t rows, float* y,
                       LayerTape* tape) const;
@@ -193,17 +238,36 @@ class Model {
                                 DecodeState& state) const;
   void attention_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
                           const float* dattn_out, float* dh1, LinearObserver& observer) const;
+  // The token mixer's output projection (o_proj or linear_attn.out_proj) and what it multiplies.
+  const Linear& mixer_output(const Layer& layer) const;
+  const float* mixer_output_input(const Layer& layer, const LayerTape& tape) const;
+  // Gated DeltaNet of a linear_attention layer (facts §4.2), from tape.h1 to tape.gated, and its
+  // backward from d(out_proj output) to dh1 (overwritten).
+  // With `cache` (one sequence, extend) it continues from and updates the cached conv inputs
+  // and recurrent state.
+  void gated_delta_net_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                               LinearObserver* observer, DecodeState* cache = nullptr) const;
+  void gated_delta_net_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                                const float* dout, float* dh1, LinearObserver& observer) const;
   void mlp_forward(const Layer& layer, const Layout& layout, LayerTape& tape, float* out,
                    LinearObserver* observer, bool report_linears) const;
   void mlp_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dout,
                     float* dh2, LinearObserver& observer) const;
+  const Mtp& acquire_mtp();
+  void release_mtp();
+  // The MTP head's forward up to its layer's output (run.output), over the pass of `pass`'s
+  // sequences without their first token.
+  void mtp_prepare(const Pass& pass, const float* x, LinearObserver* observer, MtpRun& run);
   const Linear& acquire_head();
   void release_head();
+  // head_backward with the norm `norm` before lm_head (the final norm, or the MTP head's).
+  double score_logits(const Pass& pass, const float* x, const std::vector<float>& norm, float* dx,
+                      LinearObserver* observer, const LossWeighting& weighting);
   // Final norm and lm_head over blocks of whole sequences (logits_block_rows): calls `block`
   // with the block's first sequence, its sequences' end, lm_head's input rows (normed, after any
   // activation quantizer), the rows' 1/rms and the logits; reports lm_head to the observer.
   void for_each_logits_block(
-      const Pass& pass, const float* x, LinearObserver* observer,
+      const Pass& pass, const float* x, const float* norm, LinearObserver* observer,
       const std::function<void(std::int64_t first, std::int64_t last, const float* input,
                                const float* rstd, float* logits)>& block);
   // x = the last layer's output for the batch (every layer run forward, each loaded once).
@@ -213,10 +277,14 @@ class Model {
   const WeightSource& weights_;
   RuntimeOptions options_;
   bool qk_norm_ = false;
+  bool zero_centred_norms_ = false;
+  bool packed_experts_ = false;
+  std::string text_prefix_;  // "model." or "model.language_model."
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
   std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)
   std::vector<std::unique_ptr<Layer>> resident_;
+  std::unique_ptr<Mtp> mtp_;  // while an MTP pass uses it (or resident)
 };
 
 }  // namespace pq::runtime

@@ -93,13 +93,26 @@ double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<dou
 
 }  // namespace
 
+std::int64_t rotary_dim(const model::ModelConfig& c) {
+  const std::string label = "config.json of " + c.architecture;
+  // Only the hybrid families' attention rotates a leading part of each head (facts §5 step 3);
+  // elsewhere a partial factor would silently mean something the runtime does not do.
+  const bool hybrid = c.attn_output_gate || c.linear_attention.has_value();
+  PQ_CHECK(c.partial_rotary_factor == 1.0 || hybrid,
+           "{}: partial_rotary_factor {} is not supported", label, c.partial_rotary_factor);
+  // transformers: dim = int(head_dim * partial_rotary_factor).
+  const auto dim =
+      static_cast<std::int64_t>(static_cast<double>(c.head_dim) * c.partial_rotary_factor);
+  PQ_CHECK(dim > 0 && dim % 2 == 0 && dim <= c.head_dim,
+           "{}: rotary dimension {} (head_dim {} x partial_rotary_factor {}) must be even and "
+           "within the head",
+           label, dim, c.head_dim, c.partial_rotary_factor);
+  return dim;
+}
+
 RopeFrequencies rope_frequencies(const model::ModelConfig& c, std::int64_t seq_len) {
   const std::string label = "config.json of " + c.architecture;
-  PQ_CHECK(c.partial_rotary_factor == 1.0, "{}: partial_rotary_factor {} is not supported", label,
-           c.partial_rotary_factor);
-  PQ_CHECK(c.head_dim % 2 == 0, "{}: head_dim {} must be even for rotary embeddings", label,
-           c.head_dim);
-  const std::int64_t dim = c.head_dim;
+  const std::int64_t dim = rotary_dim(c);
   const model::RopeScaling& s = c.rope_scaling;
   RopeFrequencies r;
   if (s.type == "dynamic") {
@@ -125,9 +138,9 @@ RopeFrequencies rope_frequencies(const model::ModelConfig& c, std::int64_t seq_l
 }
 
 RopeTable::RopeTable(const model::ModelConfig& config, std::int64_t positions)
-    : positions_(positions), head_dim_(config.head_dim) {
+    : positions_(positions), head_dim_(config.head_dim), rotary_dim_(rotary_dim(config)) {
   const RopeFrequencies freqs = rope_frequencies(config, positions);
-  const std::int64_t half = head_dim_ / 2;
+  const std::int64_t half = rotary_dim_ / 2;
   cos_.resize(positions * half);
   sin_.resize(positions * half);
   for (std::int64_t p = 0; p < positions; ++p) {
@@ -141,8 +154,9 @@ RopeTable::RopeTable(const model::ModelConfig& config, std::int64_t positions)
 
 void RopeTable::rotate(float* x, std::int64_t rows, std::int64_t heads, std::int64_t first_position,
                        float sin_sign) const {
-  const std::int64_t half = head_dim_ / 2;
-  // out_i = x_i cos - x_{i+half} sin;  out_{i+half} = x_{i+half} cos + x_i sin
+  const std::int64_t half = rotary_dim_ / 2;
+  // out_i = x_i cos - x_{i+half} sin;  out_{i+half} = x_{i+half} cos + x_i sin, over the first
+  // rotary_dim dimensions of each head; the rest pass through.
 #pragma omp parallel for if (rows * heads * head_dim_ > kParallelElements)
   for (std::int64_t t = 0; t < rows; ++t) {
     const float* cs = cos_.data() + (first_position + t) * half;

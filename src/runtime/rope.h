@@ -8,13 +8,18 @@
 namespace pq::runtime {
 
 // Rotary position embedding in the Hugging Face "rotate_half" layout: dimension i of a head is
-// paired with dimension i + head_dim/2 (transformers modeling_llama.py, rotate_half and
-// apply_rotary_pos_emb). Frequencies follow transformers modeling_rope_utils.py for the
-// rope_scaling types ModelConfig accepts.
+// paired with dimension i + rotary_dim/2 (rotary_dim = head_dim unless partial) (transformers
+// modeling_llama.py, rotate_half and apply_rotary_pos_emb). Frequencies follow transformers
+// modeling_rope_utils.py for the rope_scaling types ModelConfig accepts.
 struct RopeFrequencies {
-  std::vector<double> inv_freq;   // [head_dim / 2]
+  std::vector<double> inv_freq;   // [rotary_dim / 2]
   double attention_factor = 1.0;  // multiplies cos and sin (yarn)
 };
+
+// Dimensions rotated at the start of each head: head_dim, or head_dim * partial_rotary_factor for
+// the hybrid families (Qwen3-Next, Qwen3.5/3.6: the first 64 of 256, facts §5 step 3); pq::Error
+// for a partial factor elsewhere or an odd result.
+std::int64_t rotary_dim(const model::ModelConfig& config);
 
 // `seq_len` matters only for "dynamic" scaling, which rescales the base once a sequence is longer
 // than max_position_embeddings (modeling_rope_utils.py _compute_dynamic_ntk_parameters).
@@ -39,7 +44,8 @@ class RopeTable {
 
   std::int64_t positions_ = 0;
   std::int64_t head_dim_ = 0;
-  std::vector<float> cos_;  // [positions, head_dim / 2]
+  std::int64_t rotary_dim_ = 0;
+  std::vector<float> cos_;  // [positions, rotary_dim / 2]
   std::vector<float> sin_;
 };
 

@@ -23,15 +23,18 @@ std::vector<float> CheckpointWeightSource::load_f32(std::string_view name) const
 
 namespace {
 
-// The [rows, columns] shape of a 2-D tensor, checking that every requested row exists.
+// The [rows, columns] shape of a tensor of 2 or more dimensions seen as a matrix (its leading
+// dimensions flattened into rows), checking that every requested row exists.
 std::pair<std::int64_t, std::int64_t> checked_rows(std::string_view name,
                                                    const std::vector<std::int64_t>& shape,
                                                    std::span<const std::int64_t> rows) {
-  PQ_CHECK(shape.size() == 2, "tensor {}: rows requested from a {}-D tensor", name, shape.size());
+  PQ_CHECK(shape.size() >= 2, "tensor {}: rows requested from a {}-D tensor", name, shape.size());
+  const std::int64_t count =
+      std::accumulate(shape.begin(), shape.end() - 1, std::int64_t{1}, std::multiplies<>());
   for (const std::int64_t r : rows) {
-    PQ_CHECK(r >= 0 && r < shape[0], "tensor {}: row {} outside [0, {})", name, r, shape[0]);
+    PQ_CHECK(r >= 0 && r < count, "tensor {}: row {} outside [0, {})", name, r, count);
   }
-  return {shape[0], shape[1]};
+  return {count, shape.back()};
 }
 
 }  // namespace

@@ -22,8 +22,10 @@ class WeightSource {
   // The tensor's values widened to float32; throws pq::Error naming the tensor if it is absent or
   // not a floating-point tensor.
   virtual std::vector<float> load_f32(std::string_view name) const = 0;
-  // Rows `rows` of a 2-D floating-point tensor widened to float32, [rows.size(), columns]: an
-  // embedding lookup decodes only the rows a batch uses. This default decodes the whole tensor.
+  // Rows `rows` of a floating-point tensor widened to float32, [rows.size(), columns], where a
+  // tensor of more than 2 dimensions counts as [product of the leading ones, last]: an embedding
+  // lookup decodes only the rows a batch uses, a packed expert tensor [E, R, in] only one
+  // expert's slice. This default decodes the whole tensor.
   virtual std::vector<float> load_rows_f32(std::string_view name,
                                            std::span<const std::int64_t> rows) const;
   // Hint that the tensor will not be read again soon (drops mapped pages); a no-op by default.
