@@ -129,30 +129,46 @@ struct ArchitectureTraits {
   std::string_view name;
   // Prefix of embed_tokens, norm and layers.N: Qwen3.5/3.6 nest the text model under
   // "model.language_model." (facts §9).
-  std::string_view text_prefix;
+  std::string_view text_prefix = "model.";
   // q_norm/k_norm (RMSNorm over head_dim) before RoPE: Qwen3Attention
   // (transformers models/qwen3/modeling_qwen3.py) and the hybrid families' attention (facts §5).
-  bool qk_norm;
+  bool qk_norm = false;
   // RMSNorms multiply by 1 + w (facts §3.1), except the Gated DeltaNet's gated norm.
-  bool zero_centred_norms;
+  bool zero_centred_norms = false;
   // Sparse MoE blocks where the config has experts.
-  bool moe;
+  bool moe = false;
+  // The top-k routing weights are renormalised whatever norm_topk_prob says: Qwen3.5-MoE has no
+  // such flag (facts §6.2 step 1).
+  bool always_renormalize = false;
   // Body experts packed as mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and
   // mlp.experts.down_proj [E, H, I] (facts §6.3).
-  bool packed_experts;
+  bool packed_experts = false;
   // Gated DeltaNet projections fused as in_proj_qkvz and in_proj_ba (Qwen3-Next, facts §4.1).
-  bool fused_gdn_projections;
+  bool fused_gdn_projections = false;
 };
 
 constexpr ArchitectureTraits kArchitectures[] = {
-    {"LlamaForCausalLM", "model.", false, false, false, false, false},
-    {"MistralForCausalLM", "model.", false, false, false, false, false},
-    {"Qwen2ForCausalLM", "model.", false, false, false, false, false},
-    {"Qwen3ForCausalLM", "model.", true, false, false, false, false},
-    {"Qwen3MoeForCausalLM", "model.", true, false, true, false, false},
-    {"Qwen3NextForCausalLM", "model.", true, true, true, false, true},
-    {"Qwen3_5ForConditionalGeneration", "model.language_model.", true, true, false, false, false},
-    {"Qwen3_5MoeForConditionalGeneration", "model.language_model.", true, true, true, true, false},
+    {.name = "LlamaForCausalLM"},
+    {.name = "MistralForCausalLM"},
+    {.name = "Qwen2ForCausalLM"},
+    {.name = "Qwen3ForCausalLM", .qk_norm = true},
+    {.name = "Qwen3MoeForCausalLM", .qk_norm = true, .moe = true},
+    {.name = "Qwen3NextForCausalLM",
+     .qk_norm = true,
+     .zero_centred_norms = true,
+     .moe = true,
+     .fused_gdn_projections = true},
+    {.name = "Qwen3_5ForConditionalGeneration",
+     .text_prefix = "model.language_model.",
+     .qk_norm = true,
+     .zero_centred_norms = true},
+    {.name = "Qwen3_5MoeForConditionalGeneration",
+     .text_prefix = "model.language_model.",
+     .qk_norm = true,
+     .zero_centred_norms = true,
+     .moe = true,
+     .always_renormalize = true,
+     .packed_experts = true},
 };
 
 const ArchitectureTraits* find_architecture(std::string_view arch) {
@@ -221,6 +237,7 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   zero_centred_norms_ = traits.zero_centred_norms;
   packed_experts_ = traits.packed_experts;
   fused_gdn_projections_ = traits.fused_gdn_projections;
+  renormalize_top_k_ = config_.norm_topk_prob || traits.always_renormalize;
   text_prefix_ = traits.text_prefix;
   PQ_CHECK(!config_.attn_output_gate || qk_norm_,
            "{}: attn_output_gate is set but the architecture has no gated attention", arch);
@@ -1059,7 +1076,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
     for (std::int64_t j = 0; j < top_k; ++j) {
       t.chosen[r * top_k + j] = order[j];
       t.routing_weights[r * top_k + j] =
-          c.norm_topk_prob ? static_cast<float>(p[order[j]] / chosen_sum) : p[order[j]];
+          renormalize_top_k_ ? static_cast<float>(p[order[j]] / chosen_sum) : p[order[j]];
     }
   }
 
@@ -1195,7 +1212,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     }
     for (std::int64_t j = 0; j < top_k; ++j) {
       const double g = dweights[r * top_k + j];
-      dp[t.chosen[r * top_k + j]] = c.norm_topk_prob ? (g - gw) / chosen_sum : g;
+      dp[t.chosen[r * top_k + j]] = renormalize_top_k_ ? (g - gw) / chosen_sum : g;
     }
     double dot = 0.0;
     for (std::int64_t e = 0; e < experts; ++e) dot += p[e] * dp[e];

@@ -68,8 +68,8 @@ void require_runtime_support(const model::ModelConfig& config);
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
 // Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3NextForCausalLM, and the text
 // model of Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (the hybrid
-// families: Gated DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head are loaded
-// from the weight source when a pass reaches them and dropped afterwards (unless
+// families: Gated DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head
+// are loaded from the weight source when a pass reaches them and dropped afterwards (unless
 // keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
 // resident memory is about one layer whatever the model size. Passes are single-threaded at this
 // level; GEMMs and row loops use OpenMP inside.
@@ -278,7 +278,8 @@ class Model {
   bool zero_centred_norms_ = false;
   bool packed_experts_ = false;
   bool fused_gdn_projections_ = false;
-  std::string text_prefix_;  // "model." or "model.language_model."
+  bool renormalize_top_k_ = false;  // norm_topk_prob, or always (Qwen3.5-MoE)
+  std::string text_prefix_;         // "model." or "model.language_model."
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
   std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)

@@ -6,12 +6,14 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
 #include <set>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "common/error.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model_spec.h"
@@ -495,6 +497,64 @@ TEST(Qwen3_5Fixture, Bf16StaysWithinMeasuredTolerance) {
     std::printf("[%s] bf16 vs fp32 dW: worst relative Frobenius error %.3g (%s)\n", name, worst,
                 worst_name.c_str());
     EXPECT_LE(worst, 5e-2) << worst_name;
+  }
+}
+
+// One micro-batch per sequence gives the logits of one micro-batch holding both: the conv and the
+// delta rule restart for every sequence either way (facts §4.5).
+TEST(Qwen3_5Fixture, MicroBatchesDoNotChangeTheLogits) {
+  PQ_REQUIRE_SHARED();
+  for (const char* name : kModels) {
+    SCOPED_TRACE(name);
+    const Fixture f(name);
+    const CheckpointWeightSource weights(f.checkpoint);
+    std::vector<std::vector<float>> together, apart;
+    const auto collect = [&](std::vector<std::vector<float>>& out) {
+      return [&out, &f](std::int64_t, const float* logits, std::int64_t rows) {
+        out.emplace_back(logits, logits + rows * f.config.vocab_size);
+      };
+    };
+    Model(f.config, weights).forward(f.batch, collect(together));
+    Model(f.config, weights, {.micro_batch_rows = 24}).forward(f.batch, collect(apart));
+    ASSERT_EQ(together.size(), apart.size());
+    for (std::size_t s = 0; s < together.size(); ++s) {
+      for (std::size_t i = 0; i < together[s].size(); ++i) {
+        ASSERT_NEAR(together[s][i], apart[s][i], 1e-5) << "sequence " << s << " value " << i;
+      }
+    }
+  }
+}
+
+// A Gated DeltaNet tensor that is missing or misshapen is a one-line error naming it.
+TEST(Qwen3_5Fixture, MisshapenGatedDeltaNetTensorsAreNamed) {
+  PQ_REQUIRE_SHARED();
+  const Fixture f("qwen3_5-tiny-random");
+  const std::string prefix = "model.language_model.layers.1.linear_attn.";
+  for (const auto& [tensor, shape] : std::vector<std::pair<std::string, std::vector<std::int64_t>>>{
+           {prefix + "conv1d.weight", {320, 4}},
+           {prefix + "A_log", {5}},
+           {prefix + "in_proj_z.weight", {64, 64}},
+           {prefix + "norm.weight", {64}}}) {
+    SCOPED_TRACE(tensor);
+    InMemoryWeightSource weights;
+    for (const std::string& name : f.checkpoint.tensor_names()) {
+      if (name == tensor) {
+        const std::int64_t numel =
+            std::accumulate(shape.begin(), shape.end(), std::int64_t{1}, std::multiplies<>());
+        weights.set(name, shape, std::vector<float>(numel, 0.5f));
+      } else {
+        weights.set(name, f.checkpoint.info(name).shape, f.checkpoint.to_f32(name));
+      }
+    }
+    Model model(f.config, weights);
+    try {
+      model.logits(f.batch[0].tokens);
+      FAIL() << "expected pq::Error";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      EXPECT_NE(message.find(tensor), std::string::npos) << message;
+      EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    }
   }
 }
 
