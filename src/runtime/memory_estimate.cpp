@@ -82,8 +82,10 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
     mixer_params =
         std::max(mixer_params, (channels + 2 * values + 2 * la.num_value_heads) * hidden +
                                    channels * la.conv_kernel_dim);
-    largest_linear = std::max(largest_linear, channels * hidden);
-    gdn_tape_floats = 4 * channels + 8 * keys + 8 * values + 8 * la.num_value_heads;
+    largest_linear = std::max(largest_linear, (channels + values) * hidden);  // in_proj_qkvz
+    // Qwen3-Next adds its fused projections' outputs and their gradients.
+    gdn_tape_floats = 4 * channels + 8 * keys + 8 * values + 8 * la.num_value_heads +
+                      2 * (channels + values + 2 * la.num_value_heads);
     const std::int64_t threads = std::min<std::int64_t>(omp_get_max_threads(), la.num_value_heads);
     const std::int64_t rows_per_micro_batch =
         std::min(rows, std::max<std::int64_t>(micro_batch_rows, 1));

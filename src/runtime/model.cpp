@@ -42,10 +42,21 @@ struct Model::Layer {
   Linear q_proj, k_proj, v_proj, o_proj;  // attention layers
   // The token mixer of "linear_attention" layers (facts §4.1), in place of q/k/v/o_proj.
   struct GatedDeltaNet {
-    Linear in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj;
+    // Qwen3-Next fuses q/k/v/z into in_proj_qkvz and b/a into in_proj_ba, interleaved per key-head
+    // group (§4.1); Qwen3.5/3.6 store in_proj_qkv, in_proj_z, in_proj_b and in_proj_a.
+    bool fused = false;
+    Linear in_proj_qkv, in_proj_z, in_proj_b, in_proj_a;
+    Linear in_proj_qkvz, in_proj_ba;
+    Linear out_proj;
     std::vector<float> conv_weight;  // [conv channels, 1, kernel]
     std::vector<float> a_log, dt_bias;
     std::vector<float> norm;  // linear_attn.norm: plain w, not zero-centred (§3.2)
+
+    // The input projections in the order the passes report them.
+    std::vector<const Linear*> input_projections() const {
+      if (fused) return {&in_proj_qkvz, &in_proj_ba};
+      return {&in_proj_qkv, &in_proj_z, &in_proj_b, &in_proj_a};
+    }
   };
   std::unique_ptr<GatedDeltaNet> linear_attention;  // null on attention layers
   bool moe = false;
@@ -118,27 +129,46 @@ struct ArchitectureTraits {
   std::string_view name;
   // Prefix of embed_tokens, norm and layers.N: Qwen3.5/3.6 nest the text model under
   // "model.language_model." (facts §9).
-  std::string_view text_prefix;
+  std::string_view text_prefix = "model.";
   // q_norm/k_norm (RMSNorm over head_dim) before RoPE: Qwen3Attention
   // (transformers models/qwen3/modeling_qwen3.py) and the hybrid families' attention (facts §5).
-  bool qk_norm;
+  bool qk_norm = false;
   // RMSNorms multiply by 1 + w (facts §3.1), except the Gated DeltaNet's gated norm.
-  bool zero_centred_norms;
+  bool zero_centred_norms = false;
   // Sparse MoE blocks where the config has experts.
-  bool moe;
+  bool moe = false;
+  // The top-k routing weights are renormalised whatever norm_topk_prob says: Qwen3.5-MoE has no
+  // such flag (facts §6.2 step 1).
+  bool always_renormalize = false;
   // Body experts packed as mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and
   // mlp.experts.down_proj [E, H, I] (facts §6.3).
-  bool packed_experts;
+  bool packed_experts = false;
+  // Gated DeltaNet projections fused as in_proj_qkvz and in_proj_ba (Qwen3-Next, facts §4.1).
+  bool fused_gdn_projections = false;
 };
 
 constexpr ArchitectureTraits kArchitectures[] = {
-    {"LlamaForCausalLM", "model.", false, false, false, false},
-    {"MistralForCausalLM", "model.", false, false, false, false},
-    {"Qwen2ForCausalLM", "model.", false, false, false, false},
-    {"Qwen3ForCausalLM", "model.", true, false, false, false},
-    {"Qwen3MoeForCausalLM", "model.", true, false, true, false},
-    {"Qwen3_5ForConditionalGeneration", "model.language_model.", true, true, false, false},
-    {"Qwen3_5MoeForConditionalGeneration", "model.language_model.", true, true, true, true},
+    {.name = "LlamaForCausalLM"},
+    {.name = "MistralForCausalLM"},
+    {.name = "Qwen2ForCausalLM"},
+    {.name = "Qwen3ForCausalLM", .qk_norm = true},
+    {.name = "Qwen3MoeForCausalLM", .qk_norm = true, .moe = true},
+    {.name = "Qwen3NextForCausalLM",
+     .qk_norm = true,
+     .zero_centred_norms = true,
+     .moe = true,
+     .fused_gdn_projections = true},
+    {.name = "Qwen3_5ForConditionalGeneration",
+     .text_prefix = "model.language_model.",
+     .qk_norm = true,
+     .zero_centred_norms = true},
+    {.name = "Qwen3_5MoeForConditionalGeneration",
+     .text_prefix = "model.language_model.",
+     .qk_norm = true,
+     .zero_centred_norms = true,
+     .moe = true,
+     .always_renormalize = true,
+     .packed_experts = true},
 };
 
 const ArchitectureTraits* find_architecture(std::string_view arch) {
@@ -189,13 +219,6 @@ void require_runtime_support(const model::ModelConfig& config) {
   if (find_architecture(arch) != nullptr) return;
   std::vector<std::string_view> supported;
   for (const ArchitectureTraits& traits : kArchitectures) supported.push_back(traits.name);
-  // A hybrid family the runtime has no layout for (Qwen3-Next: fused, interleaved in_proj_qkvz
-  // and in_proj_ba, facts §4.1).
-  const bool hybrid = config.linear_attention.has_value() || config.attn_output_gate;
-  PQ_CHECK(!hybrid,
-           "the runtime does not support the Gated DeltaNet and gated attention layout of {} yet "
-           "(it runs Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration)",
-           quoted_json_string(arch));
   fail("architecture {} is not supported by the runtime (supported: {})", quoted_json_string(arch),
        fmt::join(supported, ", "));
 }
@@ -213,6 +236,8 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   qk_norm_ = traits.qk_norm;
   zero_centred_norms_ = traits.zero_centred_norms;
   packed_experts_ = traits.packed_experts;
+  fused_gdn_projections_ = traits.fused_gdn_projections;
+  renormalize_top_k_ = config_.norm_topk_prob || traits.always_renormalize;
   text_prefix_ = traits.text_prefix;
   PQ_CHECK(!config_.attn_output_gate || qk_norm_,
            "{}: attn_output_gate is set but the architecture has no gated attention", arch);
@@ -346,10 +371,16 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
              la.num_value_heads, la.num_key_heads);
     auto gdn = std::make_unique<Layer::GatedDeltaNet>();
     const std::string p = prefix + "linear_attn.";
-    load_linear(gdn->in_proj_qkv, p + "in_proj_qkv", channels, hidden, false);
-    load_linear(gdn->in_proj_z, p + "in_proj_z", value_dim, hidden, false);
-    load_linear(gdn->in_proj_b, p + "in_proj_b", la.num_value_heads, hidden, false);
-    load_linear(gdn->in_proj_a, p + "in_proj_a", la.num_value_heads, hidden, false);
+    gdn->fused = fused_gdn_projections_;
+    if (gdn->fused) {
+      load_linear(gdn->in_proj_qkvz, p + "in_proj_qkvz", channels + value_dim, hidden, false);
+      load_linear(gdn->in_proj_ba, p + "in_proj_ba", 2 * la.num_value_heads, hidden, false);
+    } else {
+      load_linear(gdn->in_proj_qkv, p + "in_proj_qkv", channels, hidden, false);
+      load_linear(gdn->in_proj_z, p + "in_proj_z", value_dim, hidden, false);
+      load_linear(gdn->in_proj_b, p + "in_proj_b", la.num_value_heads, hidden, false);
+      load_linear(gdn->in_proj_a, p + "in_proj_a", la.num_value_heads, hidden, false);
+    }
     load_linear(gdn->out_proj, p + "out_proj", hidden, value_dim, false);
     const std::string conv = p + "conv1d.weight";
     PQ_CHECK(weights_.contains(conv), "checkpoint has no tensor {}", conv);
@@ -751,6 +782,38 @@ GatedDeltaDims gated_delta_dims(const model::ModelConfig& c) {
           la.conv_kernel_dim};
 }
 
+// Qwen3-Next's fused outputs (facts §4.1): in_proj_qkvz rows [q_g | k_g | v_g | z_g] and
+// in_proj_ba rows [b_g | a_g] per key-head group g, v_g, z_g, b_g and a_g covering the group's
+// r value heads. Copies them into Qwen3.5's layout (mixed = [q | k | v], z, b, a), or with
+// to_fused the other way (the backward's gradients).
+void move_fused_projections(const GatedDeltaDims& dims, std::int64_t rows, float* qkvz, float* ba,
+                            float* mixed, float* z, float* b, float* a, bool to_fused) {
+  const std::int64_t r = dims.value_heads / dims.key_heads;
+  const std::int64_t dk = dims.key_dim;
+  const std::int64_t group_values = r * dims.value_dim;
+  const auto move = [to_fused](float* fused, float* split, std::int64_t count) {
+    if (to_fused) {
+      std::copy_n(split, count, fused);
+    } else {
+      std::copy_n(fused, count, split);
+    }
+  };
+  for (std::int64_t row = 0; row < rows; ++row) {
+    float* f = qkvz + row * (dims.channels() + dims.values());
+    float* m = mixed + row * dims.channels();
+    float* fba = ba + row * 2 * dims.value_heads;
+    for (std::int64_t g = 0; g < dims.key_heads; ++g) {
+      float* group = f + g * (2 * dk + 2 * group_values);
+      move(group, m + g * dk, dk);
+      move(group + dk, m + dims.keys() + g * dk, dk);
+      move(group + 2 * dk, m + 2 * dims.keys() + g * group_values, group_values);
+      move(group + 2 * dk + group_values, z + row * dims.values() + g * group_values, group_values);
+      move(fba + g * 2 * r, b + row * dims.value_heads + g * r, r);
+      move(fba + g * 2 * r + r, a + row * dims.value_heads + g * r, r);
+    }
+  }
+}
+
 // softplus with torch's defaults (beta 1, threshold 20: x itself above 20; facts §3.4).
 float softplus(float x) {
   return x > 20.0f ? x : std::log1p(std::exp(x));
@@ -774,11 +837,19 @@ void Model::gated_delta_net_forward(const Layer& layer, const Layout& layout, La
   t.gate.resize(n * values);
   t.beta.resize(n * hv);
   t.decay_input.resize(n * hv);
-  linear_forward(gdn.in_proj_qkv, t.h1.data(), n, t.mixed.data(), &t);
-  linear_forward(gdn.in_proj_z, t.h1.data(), n, t.gate.data(), &t);
-  linear_forward(gdn.in_proj_b, t.h1.data(), n, t.beta.data(), &t);
-  linear_forward(gdn.in_proj_a, t.h1.data(), n, t.decay_input.data(), &t);
-  for (const Linear* p : {&gdn.in_proj_qkv, &gdn.in_proj_z, &gdn.in_proj_b, &gdn.in_proj_a}) {
+  if (gdn.fused) {
+    std::vector<float> qkvz(n * (channels + values)), ba(n * 2 * hv);
+    linear_forward(gdn.in_proj_qkvz, t.h1.data(), n, qkvz.data(), &t);
+    linear_forward(gdn.in_proj_ba, t.h1.data(), n, ba.data(), &t);
+    move_fused_projections(dims, n, qkvz.data(), ba.data(), t.mixed.data(), t.gate.data(),
+                           t.beta.data(), t.decay_input.data(), /*to_fused=*/false);
+  } else {
+    linear_forward(gdn.in_proj_qkv, t.h1.data(), n, t.mixed.data(), &t);
+    linear_forward(gdn.in_proj_z, t.h1.data(), n, t.gate.data(), &t);
+    linear_forward(gdn.in_proj_b, t.h1.data(), n, t.beta.data(), &t);
+    linear_forward(gdn.in_proj_a, t.h1.data(), n, t.decay_input.data(), &t);
+  }
+  for (const Linear* p : gdn.input_projections()) {
     report(observer, p->name, layer.index, n, hidden, p->out_features,
            linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
   }
@@ -922,17 +993,21 @@ void Model::gated_delta_net_backward(const Layer& layer, const Layout& layout, L
       da[i] = dg[i] * -std::exp(gdn.a_log[h]) * (x > 20.0f ? 1.0f : logistic(x));
     }
   }
-  const struct {
-    const Linear& linear;
-    const std::vector<float>& grad;
-  } projections[] = {
-      {gdn.in_proj_qkv, dmixed}, {gdn.in_proj_z, dz}, {gdn.in_proj_b, db}, {gdn.in_proj_a, da}};
-  bool first = true;
-  for (const auto& p : projections) {
-    report(&observer, p.linear.name, layer.index, n, hidden, p.linear.out_features,
-           linear_input(p.linear, t.h1.data(), t), p.grad.data(), layout.ranges);
-    linear_backward_input(p.linear, p.grad.data(), n, dh1, !first);
-    first = false;
+  std::vector<std::vector<float>> grads;
+  if (gdn.fused) {
+    // The fused projections' output gradients, interleaved as their rows are.
+    grads.assign({std::vector<float>(n * (channels + values)), std::vector<float>(n * 2 * hv)});
+    move_fused_projections(dims, n, grads[0].data(), grads[1].data(), dmixed.data(), dz.data(),
+                           db.data(), da.data(), /*to_fused=*/true);
+  } else {
+    grads = {std::move(dmixed), std::move(dz), std::move(db), std::move(da)};
+  }
+  const std::vector<const Linear*> projections = gdn.input_projections();
+  for (std::size_t i = 0; i < projections.size(); ++i) {
+    const Linear& p = *projections[i];
+    report(&observer, p.name, layer.index, n, hidden, p.out_features,
+           linear_input(p, t.h1.data(), t), grads[i].data(), layout.ranges);
+    linear_backward_input(p, grads[i].data(), n, dh1, i > 0);
   }
 }
 
@@ -1001,7 +1076,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
     for (std::int64_t j = 0; j < top_k; ++j) {
       t.chosen[r * top_k + j] = order[j];
       t.routing_weights[r * top_k + j] =
-          c.norm_topk_prob ? static_cast<float>(p[order[j]] / chosen_sum) : p[order[j]];
+          renormalize_top_k_ ? static_cast<float>(p[order[j]] / chosen_sum) : p[order[j]];
     }
   }
 
@@ -1137,7 +1212,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     }
     for (std::int64_t j = 0; j < top_k; ++j) {
       const double g = dweights[r * top_k + j];
-      dp[t.chosen[r * top_k + j]] = c.norm_topk_prob ? (g - gw) / chosen_sum : g;
+      dp[t.chosen[r * top_k + j]] = renormalize_top_k_ ? (g - gw) / chosen_sum : g;
     }
     double dot = 0.0;
     for (std::int64_t e = 0; e < experts; ++e) dot += p[e] * dp[e];

@@ -61,17 +61,15 @@ struct DecodeState {
   std::int64_t length = 0;
 };
 
-// pq::Error unless Model can run `config`: an architecture below, without layers it has no
-// kernels for. `prismaquant inspect` reads more architectures than this runs (Qwen3-Next); for
-// those the message names what the runtime lacks, and the stages that compute call this before
-// any other work.
+// pq::Error unless Model can run `config`'s architecture (one of those below): the stages that
+// compute call this before any other work.
 void require_runtime_support(const model::ModelConfig& config);
 
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
-// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, and the text model of
-// Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (Qwen3.5/3.6: Gated
-// DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head are loaded
-// from the weight source when a pass reaches them and dropped afterwards (unless
+// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3NextForCausalLM, and the text
+// model of Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (the hybrid
+// families: Gated DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head
+// are loaded from the weight source when a pass reaches them and dropped afterwards (unless
 // keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
 // resident memory is about one layer whatever the model size. Passes are single-threaded at this
 // level; GEMMs and row loops use OpenMP inside.
@@ -279,7 +277,9 @@ class Model {
   bool qk_norm_ = false;
   bool zero_centred_norms_ = false;
   bool packed_experts_ = false;
-  std::string text_prefix_;  // "model." or "model.language_model."
+  bool fused_gdn_projections_ = false;
+  bool renormalize_top_k_ = false;  // norm_topk_prob, or always (Qwen3.5-MoE)
+  std::string text_prefix_;         // "model." or "model.language_model."
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
   std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)

@@ -1,5 +1,5 @@
 // The hybrid checkpoints through the built binary: `inspect` lists the Qwen3.5/3.6 inventory,
-// eval runs them, and Qwen3-Next, which the runtime lacks, is refused in one line.
+// eval and generate run them and Qwen3-Next.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -7,14 +7,13 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/cli_runner.h"
+#include "support/qwen3_next_checkpoint.h"
 #include "support/test_support.h"
 
 namespace pq {
 namespace {
 
 namespace fs = std::filesystem;
-using test::data_file;
-using test::expect_one_line_error;
 using test::quoted;
 using test::run_prismaquant;
 using test::RunResult;
@@ -64,59 +63,23 @@ TEST(HybridCli, InspectJsonListsPackedExpertSlices) {
   EXPECT_EQ(vision, 10u);
 }
 
-// Qwen3.5/3.6 run: eval scores the dense and the MoE tiny checkpoints.
-TEST(HybridCli, EvalRunsQwen3_5) {
+// The hybrid families run: eval scores the dense and the MoE Qwen3.5 tiny checkpoints and the
+// MoE one rewritten as Qwen3-Next, and generate decodes with their Gated DeltaNet states.
+TEST(HybridCli, EvalAndGenerateRunTheHybridFamilies) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   std::ofstream(dir / "ids.txt") << "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n";
-  for (const char* name : {"qwen3_5-tiny-random", "qwen3_5-moe-tiny-random"}) {
-    const RunResult result =
-        run_prismaquant("eval " + quoted(shared_model(name)) + " --token-ids " +
-                        quoted(dir / "ids.txt") + " --seqlen 8");
-    EXPECT_EQ(result.exit_code, 0) << name << ": " << result.err;
-    EXPECT_NE(result.out.find("perplexity"), std::string::npos) << result.out;
-  }
-}
-
-// Qwen3-Next (a config.json of that architecture beside the MoE tiny weights) is still refused:
-// the commands that run the model stop at once with one line naming what the runtime lacks, and
-// leave nothing behind.
-TEST(HybridCli, RuntimeCommandsNameWhatTheRuntimeLacks) {
-  PQ_REQUIRE_SHARED();
-  test::TempDir dir;
-  std::ofstream(dir / "ids.txt") << "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n";
-  const fs::path next_dir = dir / "next";
-  fs::create_directory(next_dir);
-  nlohmann::json config = nlohmann::json::parse(
-      std::ifstream(shared_model("qwen3_5-moe-tiny-random") / "config.json"))["text_config"];
-  config.erase("rope_parameters");
-  config["architectures"] = {"Qwen3NextForCausalLM"};
-  config["model_type"] = "qwen3_next";
-  std::ofstream(next_dir / "config.json") << config.dump(2);
-  fs::copy_file(shared_model("qwen3_5-moe-tiny-random") / "model.safetensors",
-                next_dir / "model.safetensors");
-  const std::string next = quoted(next_dir);
-  const std::string lacks =
-      "the runtime does not support the Gated DeltaNet and gated attention layout of "
-      "\"Qwen3NextForCausalLM\" yet (it runs Qwen3_5ForConditionalGeneration and "
-      "Qwen3_5MoeForConditionalGeneration)";
-  expect_one_line_error(
-      run_prismaquant("eval " + next + " --token-ids " + quoted(dir / "ids.txt") + " --seqlen 8"),
-      lacks);
-  expect_one_line_error(run_prismaquant("generate " + next + " --prompt-ids 1,2,3 -n 2"), lacks);
-  // The stages that write refuse before creating anything.
-  expect_one_line_error(run_prismaquant("probe " + next + " --data " + data_file() + " --out " +
-                                        quoted(dir / "probe")),
-                        lacks);
-  expect_one_line_error(run_prismaquant("cost " + next + " --probe " + quoted(dir / "probe") +
-                                        " --formats NVFP4,BF16 --out " + quoted(dir / "cost")),
-                        lacks);
-  expect_one_line_error(
-      run_prismaquant("quantize " + next + " --out " + quoted(dir / "q") +
-                      " --formats NVFP4,BF16 --target-bits 6 --data " + data_file()),
-      lacks);
-  for (const char* name : {"probe", "cost", "q", "q.work"}) {
-    EXPECT_FALSE(fs::exists(dir / name)) << name;
+  fs::create_directory(dir / "next");
+  test::write_qwen3_next(dir / "next");
+  for (const fs::path& model : {shared_model("qwen3_5-tiny-random"),
+                                shared_model("qwen3_5-moe-tiny-random"), dir / "next"}) {
+    const RunResult eval = run_prismaquant("eval " + quoted(model) + " --token-ids " +
+                                           quoted(dir / "ids.txt") + " --seqlen 8");
+    EXPECT_EQ(eval.exit_code, 0) << model << ": " << eval.err;
+    EXPECT_NE(eval.out.find("perplexity"), std::string::npos) << eval.out;
+    const RunResult generate =
+        run_prismaquant("generate " + quoted(model) + " --prompt-ids 1,2,3 -n 4 --print-ids");
+    EXPECT_EQ(generate.exit_code, 0) << model << ": " << generate.err;
   }
 }
 

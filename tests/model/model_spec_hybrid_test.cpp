@@ -15,6 +15,7 @@
 #include "io/safetensors_writer.h"
 #include "model/inspect_report.h"
 #include "model/model_spec.h"
+#include "support/qwen3_next_checkpoint.h"
 #include "support/test_support.h"
 
 namespace pq::model {
@@ -294,115 +295,10 @@ TEST(ModelSpecHybrid, InspectTextSeparatesMtpAndVision) {
 
 // ---- Qwen3-Next, derived from the Qwen3.5 MoE tiny checkpoint ---------------------------------
 
-// The BF16/F32 rows [begin, end) of a 2-D tensor, or of matrix `index` of a 3-D one.
-std::vector<std::uint8_t> rows_of(const io::Checkpoint& checkpoint, const std::string& name,
-                                  std::int64_t begin, std::int64_t end, std::int64_t index = 0) {
-  const io::TensorView view = checkpoint.view(name);
-  const std::vector<std::int64_t>& shape = view.info->shape;
-  const std::size_t row_bytes =
-      static_cast<std::size_t>(shape.back()) * io::dtype_size(view.info->dtype);
-  const std::int64_t rows = shape[shape.size() - 2];
-  const std::size_t first = static_cast<std::size_t>(index * rows + begin) * row_bytes;
-  return {view.bytes.begin() + first,
-          view.bytes.begin() + first + static_cast<std::size_t>(end - begin) * row_bytes};
-}
-
-void append(std::vector<std::uint8_t>& out, const std::vector<std::uint8_t>& more) {
-  out.insert(out.end(), more.begin(), more.end());
-}
-
-// Writes `dir` as a Qwen3NextForCausalLM checkpoint holding the MoE tiny model's text model and
-// MTP head: flat config, "model." prefix, no vision tower, experts one tensor per expert (the
-// inverse of transformers' qwen3_next conversion, §6.3), and the GDN projections fused and
-// interleaved per key-head group g (§4.1): in_proj_qkvz rows [q_g | k_g | v_g | z_g], v_g and z_g
-// holding value heads g*r .. g*r+r-1, and in_proj_ba rows [b_g | a_g].
-void write_qwen3_next(const std::filesystem::path& dir) {
-  const auto source_dir = shared_model("qwen3_5-moe-tiny-random");
-  const io::Checkpoint source = io::Checkpoint::open(source_dir);
-  const json source_config = read_json_file(source_dir / "config.json");
-  json config = source_config.at("text_config");
-  for (const char* key : {"layer_types", "attn_output_gate", "mtp_num_hidden_layers",
-                          "mtp_use_dedicated_embeddings", "rope_parameters", "dtype"}) {
-    config.erase(key);
-  }
-  config["architectures"] = {"Qwen3NextForCausalLM"};
-  config["model_type"] = "qwen3_next";
-  config["rope_theta"] = 10000000;
-  config["norm_topk_prob"] = true;
-  config["decoder_sparse_step"] = 1;
-  config["mlp_only_layers"] = json::array();
-  config["intermediate_size"] = 128;
-  std::ofstream(dir / "config.json") << config.dump(2);
-
-  constexpr std::int64_t kKeyHeads = 2, kKeyDim = 32, kValueDim = 32, kRatio = 2, kExperts = 8,
-                         kWidth = 64, kHidden = 64;
-  io::ShardedCheckpointWriter writer(dir);
-  const auto add = [&](const std::string& name, io::DType dtype, std::vector<std::int64_t> shape,
-                       const std::vector<std::uint8_t>& bytes) {
-    writer.add(name, dtype, shape, bytes);
-  };
-  const std::string text_prefix = "model.language_model.";
-  for (const std::string& name : source.tensor_names()) {
-    if (name.starts_with("model.visual.")) continue;
-    const io::TensorView view = source.view(name);
-    const std::string renamed =
-        name.starts_with(text_prefix) ? "model." + name.substr(text_prefix.size()) : name;
-    // The module's parent: "...linear_attn." or "...mlp.experts.".
-    const auto parent = [](const std::string& tensor, std::string_view leaf) {
-      return tensor.substr(0, tensor.rfind(leaf));
-    };
-    if (name.ends_with("linear_attn.in_proj_qkv.weight")) {
-      const std::string z = parent(name, "in_proj_qkv") + "in_proj_z.weight";
-      std::vector<std::uint8_t> fused;
-      const std::int64_t key_dim = kKeyHeads * kKeyDim;
-      const std::int64_t group_values = kRatio * kValueDim;
-      for (std::int64_t g = 0; g < kKeyHeads; ++g) {
-        append(fused, rows_of(source, name, g * kKeyDim, (g + 1) * kKeyDim));
-        append(fused, rows_of(source, name, key_dim + g * kKeyDim, key_dim + (g + 1) * kKeyDim));
-        append(fused, rows_of(source, name, 2 * key_dim + g * group_values,
-                              2 * key_dim + (g + 1) * group_values));
-        append(fused, rows_of(source, z, g * group_values, (g + 1) * group_values));
-      }
-      add(parent(renamed, "in_proj_qkv") + "in_proj_qkvz.weight", io::DType::BF16,
-          {2 * key_dim + 2 * kKeyHeads * group_values, kHidden}, fused);
-    } else if (name.ends_with("linear_attn.in_proj_b.weight")) {
-      const std::string a = parent(name, "in_proj_b") + "in_proj_a.weight";
-      std::vector<std::uint8_t> fused;
-      for (std::int64_t g = 0; g < kKeyHeads; ++g) {
-        append(fused, rows_of(source, name, g * kRatio, (g + 1) * kRatio));
-        append(fused, rows_of(source, a, g * kRatio, (g + 1) * kRatio));
-      }
-      add(parent(renamed, "in_proj_b") + "in_proj_ba.weight", io::DType::BF16,
-          {2 * kKeyHeads * kRatio, kHidden}, fused);
-    } else if (name.ends_with("in_proj_z.weight") || name.ends_with("in_proj_a.weight")) {
-      continue;  // fused above
-    } else if (name.ends_with("mlp.experts.gate_up_proj")) {
-      const std::string experts = parent(renamed, "gate_up_proj");
-      for (std::int64_t e = 0; e < kExperts; ++e) {
-        const std::string prefix = experts + std::to_string(e) + ".";
-        add(prefix + "gate_proj.weight", io::DType::BF16, {kWidth, kHidden},
-            rows_of(source, name, 0, kWidth, e));
-        add(prefix + "up_proj.weight", io::DType::BF16, {kWidth, kHidden},
-            rows_of(source, name, kWidth, 2 * kWidth, e));
-      }
-    } else if (name.ends_with("mlp.experts.down_proj")) {
-      const std::string experts = parent(renamed, "down_proj");
-      for (std::int64_t e = 0; e < kExperts; ++e) {
-        add(experts + std::to_string(e) + ".down_proj.weight", io::DType::BF16, {kHidden, kWidth},
-            rows_of(source, name, 0, kHidden, e));
-      }
-    } else {
-      add(renamed, view.info->dtype, view.info->shape,
-          std::vector<std::uint8_t>(view.bytes.begin(), view.bytes.end()));
-    }
-  }
-  writer.commit();
-}
-
 TEST(ModelSpecHybrid, Qwen3NextFromInterleavedProjections) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  write_qwen3_next(dir.path());
+  test::write_qwen3_next(dir.path());
   const ModelConfig config = ModelConfig::load(dir.path());
   // Flat config without layer_types: full attention every full_attention_interval = 4 layers;
   // no attn_output_gate key: gated, as vLLM defaults it; no MTP key: one MTP layer (§1).
@@ -436,10 +332,11 @@ TEST(ModelSpecHybrid, Qwen3NextFromInterleavedProjections) {
   EXPECT_FALSE(ba->group.has_value());
   // Group 1's z block (value heads 2 and 3) sits after its q, k and v rows.
   const std::vector<std::uint8_t> z_rows =
-      rows_of(checkpoint, "model.layers.1.linear_attn.in_proj_qkvz.weight", 192 + 128, 384);
+      test::rows_of(checkpoint, "model.layers.1.linear_attn.in_proj_qkvz.weight", 192 + 128, 384);
   const io::Checkpoint source = io::Checkpoint::open(shared_model("qwen3_5-moe-tiny-random"));
-  EXPECT_EQ(z_rows,
-            rows_of(source, "model.language_model.layers.1.linear_attn.in_proj_z.weight", 64, 128));
+  EXPECT_EQ(
+      z_rows,
+      test::rows_of(source, "model.language_model.layers.1.linear_attn.in_proj_z.weight", 64, 128));
 
   EXPECT_EQ(spec.num_candidate_linears(), 159 - 3 * 2);  // qkv+z and b+a fused in 3 GDN layers
   const SiblingGroup* experts = find_group(spec, "model.layers.0.mlp.experts");
@@ -459,7 +356,7 @@ TEST(ModelSpecHybrid, Qwen3NextFromInterleavedProjections) {
 TEST(ModelSpecHybrid, Qwen3NextDenseLayerFromMlpOnlyLayers) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  write_qwen3_next(dir.path());
+  test::write_qwen3_next(dir.path());
   json raw = read_json_file(dir / "config.json");
   raw["mlp_only_layers"] = {1};
   const ModelConfig config = ModelConfig::from_json(raw, "config.json");

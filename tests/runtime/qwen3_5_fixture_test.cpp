@@ -6,16 +6,19 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
 #include <set>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "common/error.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model_spec.h"
 #include "runtime/model.h"
+#include "support/qwen3_next_checkpoint.h"
 #include "support/test_support.h"
 
 // Qwen3.5/3.6 checkpoints against the float64 fixtures of an independent NumPy implementation
@@ -495,6 +498,193 @@ TEST(Qwen3_5Fixture, Bf16StaysWithinMeasuredTolerance) {
                 worst_name.c_str());
     EXPECT_LE(worst, 5e-2) << worst_name;
   }
+}
+
+// One micro-batch per sequence gives the logits of one micro-batch holding both: the conv and the
+// delta rule restart for every sequence either way (facts §4.5).
+TEST(Qwen3_5Fixture, MicroBatchesDoNotChangeTheLogits) {
+  PQ_REQUIRE_SHARED();
+  for (const char* name : kModels) {
+    SCOPED_TRACE(name);
+    const Fixture f(name);
+    const CheckpointWeightSource weights(f.checkpoint);
+    std::vector<std::vector<float>> together, apart;
+    const auto collect = [&](std::vector<std::vector<float>>& out) {
+      return [&out, &f](std::int64_t, const float* logits, std::int64_t rows) {
+        out.emplace_back(logits, logits + rows * f.config.vocab_size);
+      };
+    };
+    Model(f.config, weights).forward(f.batch, collect(together));
+    Model(f.config, weights, {.micro_batch_rows = 24}).forward(f.batch, collect(apart));
+    ASSERT_EQ(together.size(), apart.size());
+    for (std::size_t s = 0; s < together.size(); ++s) {
+      for (std::size_t i = 0; i < together[s].size(); ++i) {
+        ASSERT_NEAR(together[s][i], apart[s][i], 1e-5) << "sequence " << s << " value " << i;
+      }
+    }
+  }
+}
+
+// A Gated DeltaNet tensor that is missing or misshapen is a one-line error naming it.
+TEST(Qwen3_5Fixture, MisshapenGatedDeltaNetTensorsAreNamed) {
+  PQ_REQUIRE_SHARED();
+  const Fixture f("qwen3_5-tiny-random");
+  const std::string prefix = "model.language_model.layers.1.linear_attn.";
+  for (const auto& [tensor, shape] : std::vector<std::pair<std::string, std::vector<std::int64_t>>>{
+           {prefix + "conv1d.weight", {320, 4}},
+           {prefix + "A_log", {5}},
+           {prefix + "in_proj_z.weight", {64, 64}},
+           {prefix + "norm.weight", {64}}}) {
+    SCOPED_TRACE(tensor);
+    InMemoryWeightSource weights;
+    for (const std::string& name : f.checkpoint.tensor_names()) {
+      if (name == tensor) {
+        const std::int64_t numel =
+            std::accumulate(shape.begin(), shape.end(), std::int64_t{1}, std::multiplies<>());
+        weights.set(name, shape, std::vector<float>(numel, 0.5f));
+      } else {
+        weights.set(name, f.checkpoint.info(name).shape, f.checkpoint.to_f32(name));
+      }
+    }
+    Model model(f.config, weights);
+    try {
+      model.logits(f.batch[0].tokens);
+      FAIL() << "expected pq::Error";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      EXPECT_NE(message.find(tensor), std::string::npos) << message;
+      EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    }
+  }
+}
+
+// Qwen3-Next: the MoE tiny model rewritten in its layout (flat config, "model." prefix, per-expert
+// tensors, in_proj_qkvz and in_proj_ba interleaved per key-head group;
+// tests/support/qwen3_next_checkpoint.h) computes what the Qwen3.5 original does: the fixture's
+// logits and MTP logits, and weight gradients equal to the original's, the fused projections'
+// being the original projections' rows interleaved. Measured: logits identical to the Qwen3.5
+// model's (the bound allows another GEMM library's summation order), gradients within 4.9e-7
+// (dY W sums the fused projections' outputs in another order).
+TEST(Qwen3NextRuntime, DerivedCheckpointComputesTheQwen3_5Model) {
+  PQ_REQUIRE_SHARED();
+  const Fixture original("qwen3_5-moe-tiny-random");
+  test::TempDir dir;
+  test::write_qwen3_next(dir.path());
+  const auto config = model::ModelConfig::load(dir.path());
+  const auto checkpoint = io::Checkpoint::open(dir.path());
+  ASSERT_EQ(config.architecture, "Qwen3NextForCausalLM");
+  const CheckpointWeightSource next_weights(checkpoint), original_weights(original.checkpoint);
+  Model next(config, next_weights);
+  Model qwen3_5(original.config, original_weights);
+
+  double error = 0.0, max_diff = 0.0, max_logit = 0.0;
+  std::vector<std::vector<float>> original_logits;
+  qwen3_5.forward(original.batch, [&](std::int64_t, const float* logits, std::int64_t rows) {
+    original_logits.emplace_back(logits, logits + rows * config.vocab_size);
+  });
+  next.forward(original.batch, [&](std::int64_t s, const float* logits, std::int64_t rows) {
+    error = std::max(error, relative_max_error(logits, original.json["logits"][s]));
+    for (std::int64_t i = 0; i < rows * config.vocab_size; ++i) {
+      max_diff =
+          std::max(max_diff, static_cast<double>(std::abs(logits[i] - original_logits[s][i])));
+      max_logit = std::max(max_logit, static_cast<double>(std::abs(original_logits[s][i])));
+    }
+  });
+  std::printf("Qwen3-Next vs Qwen3.5 logits: max diff / max logit %.3g\n", max_diff / max_logit);
+  EXPECT_LE(max_diff, 1e-6 * max_logit);
+  const auto pass = next.begin_pass(original.batch);
+  const std::int64_t hidden = config.hidden_size;
+  std::vector<float> x(Model::rows(*pass) * hidden), after(x.size());
+  next.embed(*pass, x.data());
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    next.forward_layer(l, *pass, x.data(), after.data(), nullptr);
+    x.swap(after);
+  }
+  double mtp_error = 0.0;
+  next.mtp_forward(*pass, x.data(), [&](std::int64_t s, const float* logits, std::int64_t) {
+    mtp_error = std::max(mtp_error, relative_max_error(logits, original.json["mtp_logits"][s]));
+  });
+  std::printf("Qwen3-Next vs the Qwen3.5 fixture: logits %.3g, MTP logits %.3g\n", error,
+              mtp_error);
+  EXPECT_LE(error, 1e-4);
+  EXPECT_LE(mtp_error, 1e-4);
+
+  WeightGradientCollector next_grads, original_grads;
+  ReportCounter body, mtp;
+  next.backward(original.batch, next_grads);
+  next.mtp_loss_backward(original.batch, next_grads);
+  next.backward(original.batch, body);
+  next.mtp_loss_backward(original.batch, mtp);
+  // Every Linear of the Qwen3-Next spec is reported once by the pass of its component.
+  std::set<std::string> expected, reported;
+  for (const model::Linear& linear : model::build_model_spec(config, checkpoint).linears) {
+    expected.insert(linear.name);
+  }
+  for (const ReportCounter* counter : {&body, &mtp}) {
+    for (const auto& [linear, count] : counter->with_gradient) {
+      EXPECT_EQ(count, 1) << linear;
+      EXPECT_TRUE(reported.insert(linear).second) << linear;
+    }
+  }
+  EXPECT_EQ(reported, expected);
+  qwen3_5.backward(original.batch, original_grads);
+  qwen3_5.mtp_loss_backward(original.batch, original_grads);
+  const auto& g = original_grads.gradients();
+  // The original's gradient of Linear `name`, rows [begin, begin + count).
+  const auto rows = [&](const std::string& name, std::int64_t begin, std::int64_t count) {
+    const std::vector<float>& all = g.at(name);
+    return std::vector<float>(all.begin() + begin * hidden, all.begin() + (begin + count) * hidden);
+  };
+  const model::LinearAttentionConfig& la = *config.linear_attention;
+  const std::int64_t r = la.num_value_heads / la.num_key_heads;
+  const std::int64_t keys = la.num_key_heads * la.key_head_dim;
+  const std::int64_t group_values = r * la.value_head_dim;
+  double worst = 0.0;
+  std::size_t compared = 0;
+  for (const auto& [name, gradient] : next_grads.gradients()) {
+    std::vector<float> expected;
+    const std::string original_name =
+        name.starts_with("model.") ? "model.language_model." + name.substr(6) : name;
+    if (name.ends_with("in_proj_qkvz")) {
+      const std::string base = original_name.substr(0, original_name.size() - 4);
+      for (std::int64_t k = 0; k < la.num_key_heads; ++k) {
+        for (const auto& part : {rows(base + "qkv", k * la.key_head_dim, la.key_head_dim),
+                                 rows(base + "qkv", keys + k * la.key_head_dim, la.key_head_dim),
+                                 rows(base + "qkv", 2 * keys + k * group_values, group_values),
+                                 rows(base + "z", k * group_values, group_values)}) {
+          expected.insert(expected.end(), part.begin(), part.end());
+        }
+      }
+    } else if (name.ends_with("in_proj_ba")) {
+      const std::string base = original_name.substr(0, original_name.size() - 2);
+      for (std::int64_t k = 0; k < la.num_key_heads; ++k) {
+        for (const auto& part : {rows(base + "b", k * r, r), rows(base + "a", k * r, r)}) {
+          expected.insert(expected.end(), part.begin(), part.end());
+        }
+      }
+    } else {
+      ASSERT_TRUE(g.contains(original_name)) << name;
+      expected = g.at(original_name);
+    }
+    ASSERT_EQ(gradient.size(), expected.size()) << name;
+    double diff = 0.0, norm = 0.0;
+    for (std::size_t i = 0; i < gradient.size(); ++i) {
+      diff += (static_cast<double>(gradient[i]) - expected[i]) *
+              (static_cast<double>(gradient[i]) - expected[i]);
+      norm += static_cast<double>(expected[i]) * expected[i];
+    }
+    if (norm > 0.0) worst = std::max(worst, std::sqrt(diff / norm));
+    ++compared;
+  }
+  std::printf("Qwen3-Next vs Qwen3.5 weight gradients: %zu Linears, worst relative error %.3g\n",
+              compared, worst);
+  // Each Gated DeltaNet layer has two fused projections where Qwen3.5 has four.
+  std::size_t linear_attention_layers = 0;
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    linear_attention_layers += config.is_linear_attention_layer(l) ? 1 : 0;
+  }
+  EXPECT_EQ(compared + 2 * linear_attention_layers, g.size());
+  EXPECT_LE(worst, 1e-5);
 }
 
 }  // namespace
