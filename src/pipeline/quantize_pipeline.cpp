@@ -144,7 +144,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
              "be exported; use it with the cost stage alone",
              name);
   }
-  runtime::require_runtime_support(model::ModelConfig::load(job.model));
+  probe::require_probe_support(model::ModelConfig::load(job.model));
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.
   const LocationLock out_lock(job.out);

@@ -345,11 +345,18 @@ std::string probe_fingerprint(const ProbeJob& job) {
   return f.hex();
 }
 
+void require_probe_support(const model::ModelConfig& config) {
+  runtime::require_runtime_support(config);
+  PQ_CHECK(config.mtp_num_hidden_layers == 0,
+           "the probe does not measure the multi-token-prediction head (mtp.*) of {} yet",
+           quoted_json_string(config.architecture));
+}
+
 ProbeOutcome run_probe(const ProbeJob& job) {
   PQ_CHECK(job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
   const model::ModelConfig config = model::ModelConfig::load(job.model);
-  runtime::require_runtime_support(config);
+  require_probe_support(config);
   PQ_CHECK(std::filesystem::is_regular_file(job.model / "tokenizer.json"),
            "{}: no tokenizer.json (the probe tokenizes the calibration data with it)",
            job.model.string());

@@ -59,6 +59,12 @@ struct ProbeOutcome {
 // safetensors headers), tokenizer.json, the calibration file's content and every option.
 std::string probe_fingerprint(const ProbeJob& job);
 
+// pq::Error unless the probe can measure every candidate Linear of `config`'s model: the runtime
+// runs it (runtime::require_runtime_support) and it has no multi-token-prediction head, whose
+// Linears take their statistics from the MTP loss (runtime::Model::mtp_backward), a pass the
+// probe does not run yet. The probe and quantize call it before any other work.
+void require_probe_support(const model::ModelConfig& config);
+
 // Runs the probe (docs/probe-artifacts.md): one layer-major pass over every calibration sequence,
 // each layer read once forward and once backward, with the layer-boundary activations in
 // out/pass/ on disk, so memory holds about one layer whatever the model size. Resumable: every

@@ -1780,7 +1780,8 @@ void Model::mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& 
   release_mtp();
 }
 
-double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& observer) {
+double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& observer,
+                           const LossWeighting& weighting) {
   MtpRun run;
   mtp_prepare(pass, x, nullptr, run);
   const Layout& layout = run.pass->whole;
@@ -1788,7 +1789,8 @@ double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& obs
   const std::int64_t n = layout.rows;
   const Mtp& mtp = *mtp_;
   std::vector<float> dx(n * hidden);
-  const double loss = score_logits(*run.pass, run.output.data(), mtp.norm, dx.data(), nullptr, {});
+  const double loss =
+      score_logits(*run.pass, run.output.data(), mtp.norm, dx.data(), nullptr, weighting);
   for (const Pass::Micro& m : run.pass->micro) {
     const std::int64_t base = layout.offsets[m.first] * hidden;
     LayerTape tape;

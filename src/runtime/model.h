@@ -171,13 +171,15 @@ class Model {
   void mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& consume,
                    LinearObserver* observer = nullptr);
   // The summed weighted MTP cross-entropy (row t against token t + 2 with weight
-  // Sequence::loss_weights[t + 1], the weight of that token in the next-token loss) and its
-  // backward through the head: the observer receives mtp.fc and the head layer's Linears with
+  // Sequence::loss_weights[t + 1], the weight of that token in the next-token loss; with
+  // `weighting`, the weights it computes from each sequence's MTP logits [length - 1, vocab]) and
+  // its backward through the head: the observer receives mtp.fc and the head layer's Linears with
   // their inputs and output gradients, and the head's routing. The gradient stops at the head's
   // inputs: the body's Linears take their Fisher from the next-token loss (backward,
   // head_backward), the MTP head's from this one; lm_head, shared by both, is reported only by
   // the next-token loss.
-  double mtp_backward(const Pass& pass, const float* x, LinearObserver& observer);
+  double mtp_backward(const Pass& pass, const float* x, LinearObserver& observer,
+                      const LossWeighting& weighting = {});
   // Runs the body forward over the batch, then mtp_backward; returns the MTP loss.
   double mtp_loss_backward(std::span<const Sequence> batch, LinearObserver& observer);
 

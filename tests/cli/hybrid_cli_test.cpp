@@ -1,5 +1,6 @@
 // The hybrid checkpoints through the built binary: `inspect` lists the Qwen3.5/3.6 inventory,
-// eval and generate run them and Qwen3-Next.
+// eval and generate run them and Qwen3-Next; the probe and quantize refuse the MTP head they do
+// not measure yet.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -80,6 +81,27 @@ TEST(HybridCli, EvalAndGenerateRunTheHybridFamilies) {
     const RunResult generate =
         run_prismaquant("generate " + quoted(model) + " --prompt-ids 1,2,3 -n 4 --print-ids");
     EXPECT_EQ(generate.exit_code, 0) << model << ": " << generate.err;
+  }
+}
+
+// The probe does not run the MTP loss yet, so it and quantize refuse models with an MTP head in
+// one line, before creating anything, instead of leaving the head's Linears unmeasured.
+TEST(HybridCli, ProbeAndQuantizeRefuseTheMtpHead) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const std::string dense = quoted(shared_model("qwen3_5-tiny-random"));
+  const std::string lacks =
+      "the probe does not measure the multi-token-prediction head (mtp.*) "
+      "of \"Qwen3_5ForConditionalGeneration\" yet";
+  test::expect_one_line_error(run_prismaquant("probe " + dense + " --data " + test::data_file() +
+                                              " --out " + quoted(dir / "probe")),
+                              lacks);
+  test::expect_one_line_error(
+      run_prismaquant("quantize " + dense + " --out " + quoted(dir / "q") +
+                      " --formats NVFP4,BF16 --target-bits 6 --data " + test::data_file()),
+      lacks);
+  for (const char* name : {"probe", "q", "q.work"}) {
+    EXPECT_FALSE(fs::exists(dir / name)) << name;
   }
 }
 

@@ -98,6 +98,31 @@ TEST(Rope, BackwardIsTheInverseRotation) {
   for (std::size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y[i], x[i], 1e-5);
 }
 
+// The hybrid families rotate the first head_dim * partial_rotary_factor dims of each head,
+// pairing i with i + rotary_dim / 2 at frequencies base^(-2i / rotary_dim); the rest pass through
+// (facts §5 step 3).
+TEST(Rope, PartialRotaryOfTheHybridFamilies) {
+  auto json = synthetic::tiny_config(
+      "Qwen3NextForCausalLM",
+      {{"model_type", "qwen3_next"}, {"head_dim", 16}, {"partial_rotary_factor", 0.25}});
+  const model::ModelConfig config = model::ModelConfig::from_json(json, "x");
+  EXPECT_EQ(rotary_dim(config), 4);
+  const RopeFrequencies freqs = rope_frequencies(config, 8);
+  ASSERT_EQ(freqs.inv_freq.size(), 2u);
+  EXPECT_NEAR(freqs.inv_freq[1], std::pow(config.rope_theta, -0.5), 1e-12);
+  const RopeTable table(config, 8);
+  std::vector<float> x(16), y(16);
+  for (int i = 0; i < 16; ++i) x[i] = static_cast<float>(i + 1);
+  y = x;
+  table.apply(y.data(), 1, 1, 5);
+  for (int i = 0; i < 2; ++i) {
+    const double angle = 5.0 * freqs.inv_freq[i];
+    EXPECT_NEAR(y[i], x[i] * std::cos(angle) - x[i + 2] * std::sin(angle), 1e-5);
+    EXPECT_NEAR(y[i + 2], x[i + 2] * std::cos(angle) + x[i] * std::sin(angle), 1e-5);
+  }
+  for (int i = 4; i < 16; ++i) EXPECT_EQ(y[i], x[i]);
+}
+
 TEST(Rope, RefusesPartialRotary) {
   auto json = synthetic::tiny_config("LlamaForCausalLM", {{"partial_rotary_factor", 0.5}});
   EXPECT_THROW(rope_frequencies(model::ModelConfig::from_json(json, "x"), 4), Error);
