@@ -21,7 +21,7 @@ void register_probe(CLI::App& app) {
       "writes probe.json and one probe.<part>.safetensors per layer; one layer-major pass with "
       "its activations on disk (resumable after a kill: rerun the same command)");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
-  cmd->add_option("--data", job->data, "Calibration text (plain text or JSONL)")->required();
+  add_data_options(cmd, *job, "Calibration text (plain text or JSONL)");
   cmd->add_option("--out", job->out, "Output directory, e.g. WORK/probe")->required();
   add_calibration_options(cmd, *job);
   add_max_memory_option(cmd, job->max_memory);

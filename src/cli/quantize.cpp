@@ -31,10 +31,9 @@ void register_quantize(CLI::App& app) {
       ->default_val(std::vector<std::string>{"NVFP4", "MXFP8", "BF16"});
   cmd->add_option("--target-bits", job->target_bits, "Bits per quantizable parameter")
       ->default_val(job->target_bits);
-  cmd->add_option("--data", job->data,
-                  "Calibration text (plain text or .jsonl); its last 10% is held out for "
-                  "evaluation")
-      ->required();
+  add_data_options(cmd, *job,
+                   "Calibration text (plain text or .jsonl); its last 10% is held out for "
+                   "evaluation");
   cmd->add_option("--work", job->work, "Work directory for the stage artifacts (default DIR.work)");
   cmd->add_flag("--force", job->force, "Replace DIR if it exists");
   cmd->add_option("--select", job->select,

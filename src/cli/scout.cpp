@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "alloc/budget.h"
+#include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "common/error.h"
 #include "export/gptq.h"
@@ -34,10 +35,9 @@ void register_scout(CLI::App& app) {
       "coordinate-descent polish; writes WORK/scout/{scout.json,scout.svg,assignment.json}");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--work", job->work, "WORK directory holding probe/ and cost/")->required();
-  cmd->add_option("--data", job->data,
-                  "Text file: KL on its held-out split (last 10%), L2 probes on the rest; the "
-                  "probe's calibration file")
-      ->required();
+  add_data_options(cmd, *job,
+                   "Text file: KL on its held-out split (last 10%), L2 probes on the rest; the "
+                   "probe's calibration file");
   cmd->add_option("--formats", job->formats, "Restrict the cost table's format menu")
       ->delimiter(',');
   cmd->add_option("--budgets", *budgets, "L1 anchor budgets, bits per quantizable parameter")

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "cli/gate_options.h"
 #include "common/error.h"
@@ -61,9 +62,8 @@ void register_validate(CLI::App& app) {
       "greedy sample); exits non-zero when a gate fails");
   cmd->add_option("checkpoint", job.checkpoint, "exported checkpoint directory")->required();
   cmd->add_option("--reference", job.reference, "the unquantized source checkpoint")->required();
-  cmd->add_option("--data", job.data,
-                  "text file (plain text or .jsonl); its last 10% of tokens are evaluated")
-      ->required();
+  add_data_options(cmd, job,
+                   "text file (plain text or .jsonl); its last 10% of tokens are evaluated");
   cmd->add_option("--seqlen", job.seqlen, "tokens per window")
       ->check(CLI::Range(2, 1 << 20))
       ->capture_default_str();

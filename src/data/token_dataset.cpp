@@ -212,4 +212,21 @@ std::vector<std::vector<std::int32_t>> TokenDataset::heldout(std::size_t count,
   return sequences;
 }
 
+void require_dataset(const std::filesystem::path& data, bool token_ids,
+                     const std::filesystem::path& model_dir) {
+  PQ_CHECK(std::filesystem::is_regular_file(data), "{}: data file not found", data.string());
+  PQ_CHECK(token_ids || std::filesystem::is_regular_file(model_dir / "tokenizer.json"),
+           "{}: no tokenizer.json to tokenize {} with (give token ids with --token-ids)",
+           model_dir.string(), data.string());
+}
+
+TokenDataset load_token_dataset(const std::filesystem::path& data, bool token_ids,
+                                const std::filesystem::path& model_dir,
+                                std::optional<std::int32_t> vocab_size) {
+  require_dataset(data, token_ids, model_dir);
+  if (token_ids) return TokenDataset::from_token_id_file(data, vocab_size);
+  return TokenDataset::from_text_file(data,
+                                      tokenizer::Tokenizer::load(model_dir / "tokenizer.json"));
+}
+
 }  // namespace pq::data

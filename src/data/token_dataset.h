@@ -66,4 +66,15 @@ class TokenDataset {
   std::string source_;  // names the data in error messages
 };
 
+// The dataset of a data file given to a stage: with `token_ids`, whitespace-separated token ids
+// (below vocab_size when given), for checkpoints without a tokenizer; otherwise text (plain or
+// JSONL) tokenized with model_dir/tokenizer.json, a one-line pq::Error when it is absent.
+// The checks load_token_dataset makes before reading: the file exists and, for text, the
+// tokenizer does; stages that read the data late call it before any other work.
+void require_dataset(const std::filesystem::path& data, bool token_ids,
+                     const std::filesystem::path& model_dir);
+TokenDataset load_token_dataset(const std::filesystem::path& data, bool token_ids,
+                                const std::filesystem::path& model_dir,
+                                std::optional<std::int32_t> vocab_size);
+
 }  // namespace pq::data

@@ -10,11 +10,11 @@ namespace pq::pipeline {
 
 std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::path& model_dir,
                                                        const std::filesystem::path& data,
-                                                       std::size_t count, std::size_t seqlen) {
-  const auto tokenizer = tokenizer::Tokenizer::load(model_dir / "tokenizer.json");
-  return validate::heldout_windows(data::TokenDataset::from_text_file(data, tokenizer),
-                                   static_cast<std::int64_t>(seqlen),
-                                   static_cast<std::int64_t>(count));
+                                                       bool token_ids, std::size_t count,
+                                                       std::size_t seqlen) {
+  return validate::heldout_windows(
+      data::load_token_dataset(data, token_ids, model_dir, std::nullopt),
+      static_cast<std::int64_t>(seqlen), static_cast<std::int64_t>(count));
 }
 
 exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,

@@ -15,10 +15,12 @@
 namespace pq::pipeline {
 
 // The first `count` windows of `seqlen` tokens of the data's held-out split
-// (validate::heldout_windows), tokenized with model_dir/tokenizer.json.
+// (validate::heldout_windows): token ids, or text tokenized with model_dir/tokenizer.json
+// (data::load_token_dataset).
 std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::path& model_dir,
                                                        const std::filesystem::path& data,
-                                                       std::size_t count, std::size_t seqlen);
+                                                       bool token_ids, std::size_t count,
+                                                       std::size_t seqlen);
 
 // The held-out quality of an assignment (Linear name -> format name) run with the exact weights
 // the exporter writes for it (LinearEncoder), against the source model's logits, in float32.

@@ -15,6 +15,7 @@
 #include "common/file_util.h"
 #include "common/location_lock.h"
 #include "common/progress.h"
+#include "data/token_dataset.h"
 #include "export/gptq.h"
 #include "formats/weight_format.h"
 #include "io/safetensors_writer.h"
@@ -145,6 +146,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
              name);
   }
   probe::require_probe_support(model::ModelConfig::load(job.model));
+  data::require_dataset(job.data, job.token_ids, job.model);
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.
   const LocationLock out_lock(job.out);
@@ -161,6 +163,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   probe_job.model = job.model;
   probe_job.out = work / "probe";
   probe_job.data = job.data;
+  probe_job.token_ids = job.token_ids;
   probe_job.nsamples = job.nsamples;
   probe_job.seqlen = job.seqlen;
   probe_job.seed = job.seed;
@@ -211,6 +214,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     scout::ScoutJob scout_job;
     scout_job.model = job.model;
     scout_job.data = job.data;
+    scout_job.token_ids = job.token_ids;
     scout_job.work = work;
     scout_job.formats = job.formats;
     scout_job.budgets = job.scout_budgets;
@@ -242,7 +246,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
       runtime::CheckpointModel source(job.model);
       return runtime::ReferenceLogits(
           source.model(), runtime::ReferenceLogits::Keep::kHeadInputs,
-          heldout_windows(job.model, job.data, job.eval_windows, job.eval_seqlen),
+          heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
@@ -272,6 +276,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   validate_job.checkpoint = job.out;
   validate_job.reference = job.model;
   validate_job.data = job.data;
+  validate_job.token_ids = job.token_ids;
   validate_job.seqlen = static_cast<std::int64_t>(job.eval_seqlen);
   validate_job.max_seqs = static_cast<std::int64_t>(job.eval_windows);
   validate_job.gates = job.gates;

@@ -22,6 +22,7 @@ struct QuantizeJob {
   // `out` + ".work" beside it, so that replacing the checkpoint never touches them.
   std::optional<std::filesystem::path> work;
   std::filesystem::path data;  // calibration text; its held-out tail is the evaluation text
+  bool token_ids = false;      // `data` holds whitespace-separated token ids, not text
   std::vector<std::string> formats = {"NVFP4", "MXFP8", "BF16"};
   std::string target_bits = "4.75";
   std::optional<std::string> pareto;  // default: a ladder from 4 to 8 bits plus the target

@@ -24,7 +24,6 @@
 #include "runtime/memory_estimate.h"
 #include "runtime/model.h"
 #include "runtime/weights.h"
-#include "tokenizer/tokenizer.h"
 
 namespace pq::probe {
 
@@ -32,6 +31,8 @@ namespace {
 
 constexpr const char* kPassDir = "pass";
 constexpr const char* kStateJson = "state.json";
+// The losses the head step computed, kept in the pass directory until probe.json records them.
+constexpr const char* kLossesJson = "losses.json";
 
 // Importance weights of one sequence's next-token predictions (method-facts.md §2):
 // w_t = clamp(CE_t / mean CE, 0.25, 4), with the mean over this sequence's predictions, so a
@@ -57,6 +58,13 @@ std::vector<float> importance_weights(std::span<const std::int32_t> tokens, cons
     weights[t] = static_cast<float>(std::clamp(ce[t] / mean, 0.25, 4.0));
   }
   return weights;
+}
+
+// The MTP head's importance weights: its row t predicts token t + 2, so they are the next-token
+// weights of the sequence without its first token.
+std::vector<float> mtp_importance_weights(std::span<const std::int32_t> tokens, const float* logits,
+                                          std::int64_t vocab) {
+  return importance_weights(tokens.subspan(1), logits, vocab);
 }
 
 struct Summary {
@@ -95,27 +103,37 @@ std::optional<std::string> stored_fingerprint(const std::filesystem::path& json_
   }
 }
 
-// The parts of a probe: one per decoder layer holding candidates, then "head" for Linears outside
-// the decoder layers (lm_head when it is a candidate). Each part's sums are final once its layer
-// has been through the backward, and are written to its own file.
+// The parts of a probe: one per decoder layer holding candidates, then "mtp" for the
+// multi-token-prediction head's Linears (their spec layer counts within the MTP stack, so they
+// never join a body layer's part), then "head" for the text Linears outside the decoder layers
+// (lm_head when it is a candidate). Each part's sums are final once its step has run, and are
+// written to its own file.
 struct Part {
-  std::string name;                   // file stem: layer-0007, head
-  std::optional<std::int64_t> layer;  // absent for the head
+  std::string name;                   // file stem: layer-0007, mtp, head
+  std::optional<std::int64_t> layer;  // body decoder layer; absent for mtp and head
+  bool mtp = false;
+  bool holds(const model::Linear& linear) const {
+    return (linear.component == model::Component::kMtp) == mtp && (mtp || linear.layer == layer);
+  }
 };
 
 std::vector<Part> probe_parts(const model::ModelSpec& spec) {
   std::vector<Part> parts;
   bool head = false;
+  bool mtp = false;
   std::set<std::int64_t> layers;
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
-    if (linear.layer) {
+    if (linear.component == model::Component::kMtp) {
+      mtp = true;
+    } else if (linear.layer) {
       layers.insert(*linear.layer);
     } else {
       head = true;
     }
   }
   for (const std::int64_t l : layers) parts.push_back({fmt::format("layer-{:04d}", l), l});
+  if (mtp) parts.push_back({"mtp", std::nullopt, true});
   if (head) parts.push_back({"head", std::nullopt});
   return parts;
 }
@@ -125,8 +143,7 @@ std::filesystem::path part_file(const std::filesystem::path& dir, const Part& pa
 }
 
 ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part) {
-  return ProbeAccumulator(spec,
-                          [&](const model::Linear& linear) { return linear.layer == part.layer; });
+  return ProbeAccumulator(spec, [&](const model::Linear& linear) { return part.holds(linear); });
 }
 
 // A part's file: the accumulator's sums (ProbeAccumulator::save) and each input's second moments.
@@ -146,11 +163,14 @@ void write_part(const std::filesystem::path& path, const ProbeAccumulator& sums)
 // What the probe's observer holds at once: the largest layer's Hessians (one per distinct input)
 // and the per-sequence gradient scratch of its largest Linear.
 std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
-  std::map<std::optional<std::int64_t>, std::map<std::string, std::int64_t>> inputs;
+  std::map<std::pair<model::Component, std::optional<std::int64_t>>,
+           std::map<std::string, std::int64_t>>
+      inputs;
   std::int64_t largest = 0;
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
-    inputs[linear.layer][input_key(linear)] = linear.in_features * linear.in_features * 4;
+    inputs[{linear.component, linear.layer}][input_key(linear)] =
+        linear.in_features * linear.in_features * 4;
     largest = std::max(largest, linear.numel() * 4);
   }
   std::int64_t peak = 0;
@@ -227,7 +247,7 @@ struct Boundary {
 // probe.json from the finished parts, read back one at a time, in the spec's order.
 void write_summary(const ProbeJob& job, const std::string& fingerprint,
                    const model::ModelSpec& spec, const std::vector<Part>& parts,
-                   std::int64_t sequences) {
+                   std::int64_t sequences, const nlohmann::json& losses) {
   std::map<std::string, nlohmann::json> linear_json;
   std::map<std::string, nlohmann::json> input_json;
   nlohmann::json moe = nlohmann::json::array();
@@ -287,11 +307,13 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
                               {"fingerprint", fingerprint},
                               {"calibration",
                                {{"data", job.data.string()},
+                                {"token_ids", job.token_ids},
                                 {"sequences", sequences},
                                 {"seqlen", job.seqlen},
                                 {"seed", job.seed},
                                 {"importance_weighting", job.importance_weighting},
                                 {"batch_size", job.batch_size}}},
+                              {"losses", losses},
                               {"files", std::move(files)},
                               {"linears", std::move(linears)},
                               {"inputs", std::move(inputs)},
@@ -333,9 +355,14 @@ std::string model_label(const std::filesystem::path& model_dir) {
 
 std::string probe_fingerprint(const ProbeJob& job) {
   Fingerprint f;
-  f.field("stage", "probe/2");
+  f.field("stage", "probe/3");
   f.checkpoint(job.model);
-  f.file_content(job.model / "tokenizer.json");
+  // Token ids are read as they are; text depends on the tokenizer that turns it into tokens.
+  if (job.token_ids) {
+    f.field("token_ids", 1);
+  } else {
+    f.file_content(job.model / "tokenizer.json");
+  }
   f.file_content(job.data);
   f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
   f.field("importance_weighting", job.importance_weighting ? 1 : 0);
@@ -347,9 +374,6 @@ std::string probe_fingerprint(const ProbeJob& job) {
 
 void require_probe_support(const model::ModelConfig& config) {
   runtime::require_runtime_support(config);
-  PQ_CHECK(config.mtp_num_hidden_layers == 0,
-           "the probe does not measure the multi-token-prediction head (mtp.*) of {} yet",
-           quoted_json_string(config.architecture));
 }
 
 ProbeOutcome run_probe(const ProbeJob& job) {
@@ -357,11 +381,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   require_probe_support(config);
-  PQ_CHECK(std::filesystem::is_regular_file(job.model / "tokenizer.json"),
-           "{}: no tokenizer.json (the probe tokenizes the calibration data with it)",
-           job.model.string());
-  PQ_CHECK(std::filesystem::is_regular_file(job.data), "{}: calibration data file not found",
-           job.data.string());
+  data::require_dataset(job.data, job.token_ids, job.model);
   const LocationLock lock(job.out);
   ProbeOutcome outcome;
   outcome.fingerprint = probe_fingerprint(job);
@@ -384,8 +404,8 @@ ProbeOutcome run_probe(const ProbeJob& job) {
 
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
-  const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(job.model / "tokenizer.json");
-  const data::TokenDataset dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
+  const data::TokenDataset dataset = data::load_token_dataset(
+      job.data, job.token_ids, job.model, static_cast<std::int32_t>(config.vocab_size));
   std::vector<runtime::Sequence> sequences;
   for (auto& tokens : dataset.calibration(job.nsamples, job.seqlen, job.seed)) {
     sequences.push_back({std::move(tokens), {}});
@@ -436,13 +456,15 @@ ProbeOutcome run_probe(const ProbeJob& job) {
             "\n");
   };
   const auto seq_count = static_cast<std::int64_t>(sequences.size());
-  // Runs one backward step under the accumulator of the layer's part (nullopt: the head) and
-  // writes the part's file; a layer without candidates has no part and writes none.
-  const auto observe_part = [&](std::optional<std::int64_t> layer,
+  // Runs one backward pass under the accumulator of a part (a body layer's, the MTP head's, or
+  // the head's: `where`) and writes the part's file; a layer without candidates has no part and
+  // writes none.
+  const auto observe_part = [&](const Part& where,
                                 const std::function<void(ProbeAccumulator&)>& run) {
-    const auto part =
-        std::find_if(parts.begin(), parts.end(), [&](const Part& p) { return p.layer == layer; });
-    ProbeAccumulator sums = part_accumulator(spec, Part{{}, layer});
+    const auto part = std::find_if(parts.begin(), parts.end(), [&](const Part& p) {
+      return p.layer == where.layer && p.mtp == where.mtp;
+    });
+    ProbeAccumulator sums = part_accumulator(spec, where);
     sums.begin_batch();
     run(sums);
     sums.end_batch(seq_count);
@@ -465,14 +487,27 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       const Boundary x = boundary(layers);
       std::vector<float> dx(values);
       runtime::LossWeighting weighting;
+      runtime::LossWeighting mtp_weighting;
       if (job.importance_weighting) {
         weighting = [&](std::int64_t sequence, const float* logits, std::int64_t) {
           return importance_weights(sequences[sequence].tokens, logits, config.vocab_size);
         };
+        mtp_weighting = [&](std::int64_t sequence, const float* logits, std::int64_t) {
+          return mtp_importance_weights(sequences[sequence].tokens, logits, config.vocab_size);
+        };
       }
-      observe_part(std::nullopt, [&](ProbeAccumulator& sums) {
-        model.head_backward(*pass, x.data(), dx.data(), &sums, weighting);
+      nlohmann::json losses;
+      observe_part(Part{}, [&](ProbeAccumulator& sums) {
+        losses["next_token"] = model.head_backward(*pass, x.data(), dx.data(), &sums, weighting);
       });
+      // The MTP head learns from its own loss on the body's last-layer output (facts §7); its
+      // gradient stops at its inputs, so the body's Fisher stays the next-token loss's.
+      if (model.has_mtp()) {
+        observe_part(Part{"mtp", std::nullopt, true}, [&](ProbeAccumulator& sums) {
+          losses["mtp"] = model.mtp_backward(*pass, x.data(), sums, mtp_weighting);
+        });
+      }
+      write_text_file_atomic(pass_dir / kLossesJson, losses.dump() + "\n");
       write_f32(dx_path(layers), dx);
       finish_step(step);
       std::filesystem::remove(x_path(layers), error);
@@ -480,7 +515,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       const std::int64_t layer = 2 * layers - s;
       const Boundary x = boundary(layer);
       std::vector<float> dx = read_f32(dx_path(layer + 1), values);
-      observe_part(layer, [&](ProbeAccumulator& sums) {
+      observe_part(Part{{}, layer}, [&](ProbeAccumulator& sums) {
         model.backward_layer(layer, *pass, x.data(), dx.data(), sums);
       });
       if (layer > 0) write_f32(dx_path(layer), dx);
@@ -499,7 +534,8 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   for (const Part& part : parts) {
     std::filesystem::rename(part_file(pass_dir, part), part_file(job.out, part));
   }
-  write_summary(job, outcome.fingerprint, spec, parts, seq_count);
+  write_summary(job, outcome.fingerprint, spec, parts, seq_count,
+                read_json_file(pass_dir / kLossesJson));
   std::filesystem::remove_all(pass_dir, error);
   progress.finish(fmt::format(
       "{} sequences x {} tokens, {} parts, layer-major{}", seq_count, job.seqlen, parts.size(),

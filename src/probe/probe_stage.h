@@ -26,7 +26,8 @@ struct QuantizedRun {
 struct ProbeJob {
   std::filesystem::path
       model;                   // HF checkpoint directory (config.json, safetensors, tokenizer.json)
-  std::filesystem::path data;  // calibration text (plain text or JSONL, src/data)
+  std::filesystem::path data;  // calibration text (plain text or JSONL, src/data) or token ids
+  bool token_ids = false;      // `data` holds whitespace-separated token ids, not text
   std::filesystem::path out;   // WORK/probe; created when missing
   std::size_t nsamples = 32;
   std::size_t seqlen = 1024;
@@ -56,13 +57,14 @@ struct ProbeOutcome {
 };
 
 // Digest of everything the probe's result depends on: the checkpoint (config.json and the
-// safetensors headers), tokenizer.json, the calibration file's content and every option.
+// safetensors headers), tokenizer.json (for text data), the calibration file's content and every
+// option.
 std::string probe_fingerprint(const ProbeJob& job);
 
 // pq::Error unless the probe can measure every candidate Linear of `config`'s model: the runtime
-// runs it (runtime::require_runtime_support) and it has no multi-token-prediction head, whose
-// Linears take their statistics from the MTP loss (runtime::Model::mtp_backward), a pass the
-// probe does not run yet. The probe and quantize call it before any other work.
+// runs it (runtime::require_runtime_support), its multi-token-prediction head included, whose
+// Linears take their statistics from the MTP loss (runtime::Model::mtp_backward). The probe and
+// quantize call it before any other work.
 void require_probe_support(const model::ModelConfig& config);
 
 // Runs the probe (docs/probe-artifacts.md): one layer-major pass over every calibration sequence,

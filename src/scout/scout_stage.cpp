@@ -216,8 +216,8 @@ Scout::Scout(const ScoutJob& job)
       spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_,
       job.work / "render");
 
-  const tokenizer::Tokenizer tokenizer = tokenizer::Tokenizer::load(job.model / "tokenizer.json");
-  const data::TokenDataset dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
+  const data::TokenDataset dataset = data::load_token_dataset(
+      job.data, job.token_ids, job.model, static_cast<std::int32_t>(config_.vocab_size));
   evaluator_ = std::make_unique<KlEvaluator>(
       config_, source_, dataset.heldout(job.heldout_windows, job.heldout_seqlen));
 }
@@ -327,6 +327,7 @@ std::vector<std::size_t> Scout::run_l2(const alloc::BitsTarget& target,
     probe::ProbeJob probe_job;
     probe_job.model = job_.model;
     probe_job.data = job_.data;
+    probe_job.token_ids = job_.token_ids;
     probe_job.out = pass_dir / "probe";
     probe_job.nsamples = job_.l2_nsamples;
     probe_job.seqlen = job_.l2_seqlen;

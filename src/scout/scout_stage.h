@@ -21,6 +21,7 @@ struct ScoutJob {
   // measured, and whose calibration split feeds the perturbed probes of L2. Use the file the
   // probe calibrated on, so the held-out windows are text the cost stages never saw.
   std::filesystem::path data;
+  bool token_ids = false;  // `data` holds whitespace-separated token ids, not text
   // WORK: reads WORK/probe (clean probe) and WORK/cost/cost.json; writes WORK/scout/, and the
   // encodings it renders to WORK/render/ (exporter::RenderCache) for quantize and export.
   std::filesystem::path work;

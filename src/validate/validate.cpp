@@ -2,9 +2,12 @@
 // with its source on held-out text.
 #include "validate/validate.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <span>
 
 #include "common/error.h"
@@ -32,19 +35,21 @@ runtime::RuntimeOptions options_for(std::int64_t params, std::int64_t resident_f
 
 // The text of a sample. Ids past the tokenizer's vocabulary (padding rows of an embedding larger
 // than the tokenizer, e.g. Qwen3's 151936 rows for 151669 tokens) are shown as <id N> rather than
-// refused: a broken checkpoint may well predict them, and the sample is there to show it.
-std::string sample_text(const tokenizer::Tokenizer& tokenizer, std::span<const std::int32_t> ids) {
+// refused: a broken checkpoint may well predict them, and the sample is there to show it. Without
+// a tokenizer (data given as token ids) every id is shown so.
+std::string sample_text(const tokenizer::Tokenizer* tokenizer, std::span<const std::int32_t> ids) {
+  if (tokenizer == nullptr) return fmt::format("<id {}>", fmt::join(ids, "> <id "));
   std::string text;
   std::vector<std::int32_t> known;
   for (const std::int32_t id : ids) {
-    if (id >= 0 && id < tokenizer.vocab_size()) {
+    if (id >= 0 && id < tokenizer->vocab_size()) {
       known.push_back(id);
       continue;
     }
-    text += tokenizer.decode(known, /*skip_special_tokens=*/true) + fmt::format("<id {}>", id);
+    text += tokenizer->decode(known, /*skip_special_tokens=*/true) + fmt::format("<id {}>", id);
     known.clear();
   }
-  return text + tokenizer.decode(known, /*skip_special_tokens=*/true);
+  return text + tokenizer->decode(known, /*skip_special_tokens=*/true);
 }
 
 // The arg-max next token at each position of `text` from `first` on, given the true text before
@@ -144,23 +149,28 @@ ValidateReport run_validate(const ValidateJob& job) {
     report.linears_by_format[scheme == nullptr ? "ignored" : scheme->format] += 1;
   }
 
-  const fs::path tokenizer_path = job.checkpoint / "tokenizer.json";
-  PQ_CHECK(fs::exists(tokenizer_path), "{}: no tokenizer.json to tokenize {} with",
-           job.checkpoint.string(), job.data.string());
-  const auto tokenizer = tokenizer::Tokenizer::load(tokenizer_path);
-  const auto dataset = data::TokenDataset::from_text_file(job.data, tokenizer);
+  const auto dataset =
+      data::load_token_dataset(job.data, job.token_ids, job.checkpoint,
+                               static_cast<std::int32_t>(checkpoint.config().vocab_size));
   const auto windows = heldout_windows(dataset, job.seqlen, job.max_seqs);
+  // Samples are shown as text when the checkpoint has a tokenizer, as ids otherwise.
+  const fs::path tokenizer_path = job.checkpoint / "tokenizer.json";
+  std::optional<tokenizer::Tokenizer> tokenizer;
+  if (fs::is_regular_file(tokenizer_path)) tokenizer = tokenizer::Tokenizer::load(tokenizer_path);
+  const tokenizer::Tokenizer* text_of = tokenizer ? &*tokenizer : nullptr;
 
   std::vector<std::int32_t> prompt;
   if (job.prompt) {
-    prompt = tokenizer.encode(*job.prompt, /*add_special_tokens=*/true);
+    PQ_CHECK(tokenizer, "{}: no tokenizer.json to encode the sampling prompt with",
+             job.checkpoint.string());
+    prompt = tokenizer->encode(*job.prompt, /*add_special_tokens=*/true);
   } else {
     const auto& first = windows.front();
     prompt.assign(first.begin(),
                   first.begin() + std::min<std::int64_t>(kDefaultPromptTokens, job.seqlen));
   }
   PQ_CHECK(!prompt.empty(), "the sampling prompt is empty");
-  report.prompt = tokenizer.decode(prompt, /*skip_special_tokens=*/true);
+  report.prompt = sample_text(text_of, prompt);
   const runtime::RuntimeOptions options =
       options_for(checkpoint.spec().num_params(), job.resident_f32_bytes);
   report.sample_mode = options.keep_layers_resident ? "greedy" : "teacher-forced";
@@ -195,7 +205,7 @@ ValidateReport run_validate(const ValidateJob& job) {
     reference_logits = std::make_unique<runtime::ReferenceLogits>(
         reference.model(), runtime::ReferenceLogits::Keep::kHeadInputs, windows,
         runtime::kEvalWindowsPerPass);
-    report.reference_sample = sample_text(tokenizer, sample(reference.model()));
+    report.reference_sample = sample_text(text_of, sample(reference.model()));
   }
 
   const DecodedCheckpointWeightSource decoded(checkpoint);
@@ -211,7 +221,7 @@ ValidateReport run_validate(const ValidateJob& job) {
   report.top1_agreement = compared.top1_agreement();
   report.perplexity = compared.perplexity();
   report.reference_perplexity = reference_logits->self().perplexity();
-  report.sample = sample_text(tokenizer, sample(model));
+  report.sample = sample_text(text_of, sample(model));
 
   report.failures = gate_failures(report, job.gates);
   return report;

@@ -25,6 +25,7 @@ struct ValidateJob {
   std::filesystem::path checkpoint;  // the compressed-tensors checkpoint directory
   std::filesystem::path reference;   // the unquantized source checkpoint
   std::filesystem::path data;        // text (or .jsonl); tokenized with checkpoint/tokenizer.json
+  bool token_ids = false;            // `data` holds whitespace-separated token ids instead
   // Held-out windows scored: at most max_seqs (0: every one that fits) of seqlen tokens. The
   // defaults are the quantize pipeline's pre-export measurement (QuantizeJob eval_windows and
   // eval_seqlen), so the two report the same figures.

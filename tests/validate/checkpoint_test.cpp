@@ -405,9 +405,9 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   const runtime::CheckpointWeightSource source_weights(source);
   runtime::Model reference_model(model::ModelConfig::load(source_dir()), source_weights,
                                  {.keep_layers_resident = true});
-  const runtime::ReferenceLogits reference(reference_model, runtime::ReferenceLogits::Keep::kLogits,
-                                           pipeline::heldout_windows(source_dir(), data(), 3, 64),
-                                           runtime::kEvalWindowsPerPass);
+  const runtime::ReferenceLogits reference(
+      reference_model, runtime::ReferenceLogits::Keep::kLogits,
+      pipeline::heldout_windows(source_dir(), data(), false, 3, 64), runtime::kEvalWindowsPerPass);
   const exporter::MeasuredQuality measured = pipeline::measure_assignment(
       model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
 

@@ -1,0 +1,91 @@
+// quantize on the tiny Qwen3.5 checkpoints, which have an MTP head and no tokenizer: calibration
+// and held-out data given as token ids, the MTP head probed from its own loss, and the exported
+// checkpoint scored by validate exactly as measured before export.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "common/file_util.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "pipeline/quantize_pipeline.h"
+#include "support/test_support.h"
+
+namespace pq::pipeline {
+namespace {
+
+namespace fs = std::filesystem;
+
+// `count` deterministic token ids below `vocab` (a 64-bit LCG, Knuth's MMIX constants).
+fs::path write_token_ids(const fs::path& path, std::int64_t vocab, std::size_t count) {
+  std::ofstream out(path);
+  std::uint64_t state = 1;
+  for (std::size_t i = 0; i < count; ++i) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    out << (state >> 33) % static_cast<std::uint64_t>(vocab) << (i % 16 == 15 ? '\n' : ' ');
+  }
+  return path;
+}
+
+// Tensors the exporter keeps as stored: the vision tower, the DeltaNet's A_log and conv1d, norms.
+bool passthrough(const std::string& name) {
+  return name.find("visual") != std::string::npos || name.find("A_log") != std::string::npos ||
+         name.find("conv1d") != std::string::npos || name.find("norm") != std::string::npos;
+}
+
+class HybridQuantize : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  QuantizeJob job;
+  job.model = test::shared_dir() / "models" / GetParam();
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  ASSERT_GT(config.mtp_num_hidden_layers, 0);
+  job.data = write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
+  job.token_ids = true;
+  job.out = dir / "out";
+  job.nsamples = 4;
+  job.seqlen = 64;
+  job.eval_windows = 2;
+  job.eval_seqlen = 64;
+  const QuantizeOutcome outcome = run_quantize(job);
+
+  const auto probe = nlohmann::json::parse(read_text_file(dir / "out.work/probe/probe.json"));
+  EXPECT_GT(probe.at("losses").at("next_token").get<double>(), 0.0);
+  EXPECT_GT(probe.at("losses").at("mtp").get<double>(), 0.0);
+  bool mtp_measured = false;
+  for (const auto& linear : probe.at("linears")) {
+    if (!linear.at("name").get<std::string>().starts_with("mtp.")) continue;
+    mtp_measured = true;
+    EXPECT_GT(linear.at("fisher_trace").get<double>(), 0.0) << linear.at("name");
+  }
+  EXPECT_TRUE(mtp_measured);
+  EXPECT_TRUE(fs::exists(dir / "out.work/probe/probe.mtp.safetensors"));
+
+  EXPECT_GT(outcome.measured.mean_kl, 0.0);
+  EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
+
+  const io::Checkpoint source = io::Checkpoint::open(job.model);
+  const io::Checkpoint exported = io::Checkpoint::open(job.out);
+  std::size_t compared = 0;
+  for (const std::string& name : source.tensor_names()) {
+    if (!passthrough(name)) continue;
+    ASSERT_TRUE(exported.contains(name)) << name;
+    const auto a = source.view(name).bytes;
+    const auto b = exported.view(name).bytes;
+    EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end())) << name;
+    ++compared;
+  }
+  EXPECT_GT(compared, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(TinyQwen3_5, HybridQuantize,
+                         ::testing::Values("qwen3_5-tiny-random", "qwen3_5-moe-tiny-random"));
+
+}  // namespace
+}  // namespace pq::pipeline
