@@ -416,11 +416,13 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
     load_linear(layer->router, prefix + "mlp.gate", c.num_experts, hidden, false);
     layer->experts.resize(c.num_experts);
     const std::int64_t inter = c.moe_intermediate_size;
-    if (packed_experts) {
+    const std::string gate_up = prefix + "mlp.experts.gate_up_proj";
+    const std::string down = prefix + "mlp.experts.down_proj";
+    // A source of a packed family may still name its experts one by one: an exported checkpoint
+    // and the decoded weights that measure and validate run hold per-expert Linears.
+    if (packed_experts && weights_.contains(gate_up)) {
       // Expert e's Linears are slices of matrix e: gate rows [0, I) and up rows [I, 2I) of
       // gate_up_proj, all of down_proj (facts §6.3); each slice is decoded on its own.
-      const std::string gate_up = prefix + "mlp.experts.gate_up_proj";
-      const std::string down = prefix + "mlp.experts.down_proj";
       for (std::int64_t e = 0; e < c.num_experts; ++e) {
         Layer::Mlp& mlp = layer->experts[e];
         const std::string name = fmt::format("{}mlp.experts.{}.", prefix, e);
