@@ -22,6 +22,7 @@
 #include "model/model_spec.h"
 #include "pipeline/measure.h"
 #include "runtime/checkpoint_model.h"
+#include "runtime/model.h"
 
 namespace pq::pipeline {
 
@@ -145,7 +146,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
              "be exported; use it with the cost stage alone",
              name);
   }
-  probe::require_probe_support(model::ModelConfig::load(job.model));
+  runtime::require_runtime_support(model::ModelConfig::load(job.model));
   data::require_dataset(job.data, job.token_ids, job.model);
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.

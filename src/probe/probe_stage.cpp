@@ -372,15 +372,11 @@ std::string probe_fingerprint(const ProbeJob& job) {
   return f.hex();
 }
 
-void require_probe_support(const model::ModelConfig& config) {
-  runtime::require_runtime_support(config);
-}
-
 ProbeOutcome run_probe(const ProbeJob& job) {
   PQ_CHECK(job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
   const model::ModelConfig config = model::ModelConfig::load(job.model);
-  require_probe_support(config);
+  runtime::require_runtime_support(config);
   data::require_dataset(job.data, job.token_ids, job.model);
   const LocationLock lock(job.out);
   ProbeOutcome outcome;

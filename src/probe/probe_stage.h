@@ -61,12 +61,6 @@ struct ProbeOutcome {
 // option.
 std::string probe_fingerprint(const ProbeJob& job);
 
-// pq::Error unless the probe can measure every candidate Linear of `config`'s model: the runtime
-// runs it (runtime::require_runtime_support), its multi-token-prediction head included, whose
-// Linears take their statistics from the MTP loss (runtime::Model::mtp_backward). The probe and
-// quantize call it before any other work.
-void require_probe_support(const model::ModelConfig& config);
-
 // Runs the probe (docs/probe-artifacts.md): one layer-major pass over every calibration sequence,
 // each layer read once forward and once backward, with the layer-boundary activations in
 // out/pass/ on disk, so memory holds about one layer whatever the model size. Resumable: every
