@@ -13,6 +13,7 @@
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "pipeline/quantize_pipeline.h"
+#include "support/qwen3_next_checkpoint.h"
 #include "support/test_support.h"
 
 namespace pq::pipeline {
@@ -37,13 +38,22 @@ bool passthrough(const std::string& name) {
          name.find("conv1d") != std::string::npos || name.find("norm") != std::string::npos;
 }
 
+// The MoE tiny checkpoint rewritten in Qwen3-Next's layout (tests/support/qwen3_next_checkpoint.h).
+constexpr const char* kDerivedQwen3Next = "qwen3_next-derived";
+
 class HybridQuantize : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   QuantizeJob job;
-  job.model = test::shared_dir() / "models" / GetParam();
+  if (GetParam() == kDerivedQwen3Next) {
+    job.model = dir / "qwen3_next";
+    fs::create_directory(job.model);
+    test::write_qwen3_next(job.model);
+  } else {
+    job.model = test::shared_dir() / "models" / GetParam();
+  }
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   ASSERT_GT(config.mtp_num_hidden_layers, 0);
   job.data = write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
@@ -69,6 +79,11 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
 
   EXPECT_GT(outcome.measured.mean_kl, 0.0);
   EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
+  // Bits charged == bytes on disk, the vision tower and the MTP head included.
+  const auto assignment =
+      nlohmann::json::parse(read_text_file(dir / "out.work/alloc/assignment.json"));
+  EXPECT_EQ(outcome.exported.tensor_bytes,
+            assignment.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
 
   const io::Checkpoint source = io::Checkpoint::open(job.model);
   const io::Checkpoint exported = io::Checkpoint::open(job.out);
@@ -85,7 +100,13 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyQwen3_5, HybridQuantize,
-                         ::testing::Values("qwen3_5-tiny-random", "qwen3_5-moe-tiny-random"));
+                         ::testing::Values("qwen3_5-tiny-random", "qwen3_5-moe-tiny-random",
+                                           kDerivedQwen3Next),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
 
 }  // namespace
 }  // namespace pq::pipeline

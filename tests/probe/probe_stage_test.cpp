@@ -100,6 +100,43 @@ TEST(ProbeStage, ResumesAfterAStopWithTheSameResult) {
   EXPECT_EQ(rerun.resumed_from, 0u);
 }
 
+// A probe of a model with an MTP head, stopped at the head step (where the MTP loss runs and its
+// part is written) or around it, resumes to exactly the uninterrupted result.
+TEST(ProbeStage, ResumesAroundTheMtpHead) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  std::string ids;
+  for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
+  write_text_file_atomic(dir / "ids.txt", ids);
+  const auto job = [&](const std::string& out) {
+    ProbeJob job;
+    job.model = test::shared_dir() / "models/qwen3_5-moe-tiny-random";
+    job.data = dir / "ids.txt";
+    job.token_ids = true;
+    job.out = dir / out;
+    job.nsamples = 3;
+    job.seqlen = 32;
+    return job;
+  };
+  const ProbeOutcome whole = run_probe(job("whole"));
+  ASSERT_TRUE(whole.complete);
+  // 4 layers: 4 forward steps, the head (next-token and MTP losses), 4 backward steps.
+  EXPECT_EQ(whole.steps_done, 9u);
+  const auto expected = directory_bytes(dir / "whole");
+  EXPECT_EQ(expected.count("probe.mtp.safetensors"), 1u);
+  for (const std::size_t stop : {4u, 5u, 6u}) {
+    const std::string name = fmt::format("resumed-{}", stop);
+    ProbeJob interrupted = job(name);
+    interrupted.stop_after_steps = stop;
+    EXPECT_FALSE(run_probe(interrupted).complete);
+    interrupted.stop_after_steps.reset();
+    const ProbeOutcome second = run_probe(interrupted);
+    EXPECT_TRUE(second.complete);
+    EXPECT_EQ(second.resumed_from, stop);
+    EXPECT_EQ(directory_bytes(dir / name), expected) << "stopped after step " << stop;
+  }
+}
+
 // A damaged pass state is ignored. probe.json reads back: every candidate Linear with a positive
 // Fisher trace, its input's Hessian and second moments of the right width, second moments equal to
 // diag(H) / tokens.
