@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 
 #include "common/file_util.h"
 #include "io/safetensors.h"
@@ -38,8 +39,9 @@ bool passthrough(const std::string& name) {
          name.find("conv1d") != std::string::npos || name.find("norm") != std::string::npos;
 }
 
-// The MoE tiny checkpoint rewritten in Qwen3-Next's layout (tests/support/qwen3_next_checkpoint.h).
-constexpr const char* kDerivedQwen3Next = "qwen3_next-derived";
+// A parameter "qwen3_next-from-<model>" is the shared <model> rewritten in Qwen3-Next's layout
+// (tests/support/qwen3_next_checkpoint.h).
+constexpr std::string_view kDerivedQwen3Next = "qwen3_next-from-";
 
 class HybridQuantize : public ::testing::TestWithParam<std::string> {};
 
@@ -47,10 +49,10 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   QuantizeJob job;
-  if (GetParam() == kDerivedQwen3Next) {
+  if (GetParam().starts_with(kDerivedQwen3Next)) {
     job.model = dir / "qwen3_next";
     fs::create_directory(job.model);
-    test::write_qwen3_next(job.model);
+    test::write_qwen3_next(job.model, GetParam().substr(kDerivedQwen3Next.size()));
   } else {
     job.model = test::shared_dir() / "models" / GetParam();
   }
@@ -101,7 +103,8 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
 
 INSTANTIATE_TEST_SUITE_P(TinyQwen3_5, HybridQuantize,
                          ::testing::Values("qwen3_5-tiny-random", "qwen3_5-moe-tiny-random",
-                                           kDerivedQwen3Next),
+                                           "qwen3_next-from-qwen3_5-tiny-random",
+                                           "qwen3_next-from-qwen3_5-moe-tiny-random"),
                          [](const auto& info) {
                            std::string name = info.param;
                            std::replace(name.begin(), name.end(), '-', '_');
