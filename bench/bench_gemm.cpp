@@ -1,6 +1,7 @@
 // GEMM throughput at the Linear shapes of a 1B-class model (hidden 2048, intermediate 6144) for
 // the forward and both backward products, in fp32 and bf16. OpenBLAS sgemm at the same shapes is
-// the in-run baseline; the best bf16 figure is the peak that bench_runtime compares against.
+// the in-run baseline; the best bf16 figure is the peak that bench_runtime compares against. The
+// probe's Hessians: one triangle (gram_upper_f32) against the full product (gemm_f32).
 // Rates are per second of main-thread CPU time, as in bench_runtime.cpp (robust on a shared
 // machine; equal to wall time on an idle one).
 #include <benchmark/benchmark.h>
@@ -101,6 +102,38 @@ void BM_OpenBlasSgemmBaseline(benchmark::State& state) {
   set_flops(state, g);
 }
 
+// The probe's Hessian X^T X of `tokens` rows of width `in`, two ways: the full product by gemm_f32
+// (the baseline) and the upper triangle by gram_upper_f32. Both are rated at the full product's
+// 2 tokens in^2 FLOPs, so the ratio of their rates is the speed-up in time to the same Hessian.
+void BM_HessianByGemmF32(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), in = state.range(1);
+  const auto x = random_floats(tokens * in, 1);
+  std::vector<float> h(in * in);
+  for (auto _ : state) {
+    pq::runtime::gemm_f32(Transpose::kYes, Transpose::kNo, in, in, tokens, 1.0f, x.data(), in,
+                          x.data(), in, 0.0f, h.data(), in);
+    benchmark::DoNotOptimize(h.data());
+  }
+  set_flops(state, {Transpose::kYes, Transpose::kNo, in, in, tokens});
+}
+
+void BM_HessianByGramUpperF32(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), in = state.range(1);
+  const auto x = random_floats(tokens * in, 1);
+  std::vector<float> h(in * in);
+  for (auto _ : state) {
+    pq::runtime::gram_upper_f32(in, tokens, 1.0f, x.data(), in, 0.0f, h.data(), in);
+    benchmark::DoNotOptimize(h.data());
+  }
+  set_flops(state, {Transpose::kYes, Transpose::kNo, in, in, tokens});
+}
+
+void hessian_shapes(benchmark::internal::Benchmark* bench) {
+  bench->ArgNames({"tokens", "in"});
+  for (std::int64_t in : {2048, 6144}) bench->Args({4096, in});
+  bench->Unit(benchmark::kMillisecond);
+}
+
 void linear_shapes(benchmark::internal::Benchmark* bench) {
   bench->ArgNames({"tokens", "in", "out", "gemm"});
   for (std::int64_t tokens : {512, 2048})
@@ -113,6 +146,8 @@ void linear_shapes(benchmark::internal::Benchmark* bench) {
 BENCHMARK(BM_OpenBlasSgemmBaseline)->Apply(linear_shapes);
 BENCHMARK(BM_GemmF32)->Apply(linear_shapes);
 BENCHMARK(BM_GemmBf16)->Apply(linear_shapes);
+BENCHMARK(BM_HessianByGemmF32)->Apply(hessian_shapes);
+BENCHMARK(BM_HessianByGramUpperF32)->Apply(hessian_shapes);
 
 }  // namespace
 

@@ -257,9 +257,9 @@ std::vector<LinearShape> layer_linears(const Shape& s) {
 struct FlopModel {
   double active_params = 0;  // Linear weights (lm_head included) that one token multiplies
   double head_params = 0;
-  double hessian_per_token = 0;            // sum over distinct inputs of 2 in^2
-  double weight_cubic = 0;                 // sum over Linears of 2 out in^2 (dW H, GPTQ updates)
-  double inverse_cubic = 0;                // sum over distinct inputs of in^3 (Cholesky + inverse)
+  double hessian_per_token = 0;  // sum over distinct inputs of in^2 (X^T X's one triangle)
+  double weight_cubic = 0;       // sum over Linears of 2 out in^2 (dW H, GPTQ updates)
+  double inverse_cubic = 0;      // sum over distinct inputs of in^3 (Cholesky + inverse)
   double attention_per_token_context = 0;  // 4 H D per layer: QK^T and AV per (token, key)
 
   explicit FlopModel(const Shape& s) {
@@ -270,7 +270,7 @@ struct FlopModel {
       active_params += w * l.per_token * s.layers;
       weight_cubic += 2.0 * w * l.in * s.layers;
       if (!l.shares_previous_input) {
-        hessian_per_token += 2.0 * l.in * l.in * l.per_token * s.layers;
+        hessian_per_token += static_cast<double>(l.in) * l.in * l.per_token * s.layers;
         inverse_cubic += static_cast<double>(l.in) * l.in * l.in * s.layers;
       }
     }
@@ -286,6 +286,7 @@ struct RunOptions {
   std::int64_t nsamples = 4, seqlen = 256, eval_windows = 4, eval_seqlen = 256;
   std::int64_t sample_tokens = 32, prompt_tokens = 16;
   std::size_t formats = 3;
+  std::string compute;  // the stages' --compute; empty: their default
 };
 
 // The FLOPs a stage cannot avoid (docs/scaling.md), 0 for allocate (no tensor arithmetic).
@@ -406,18 +407,16 @@ std::vector<std::string> stage_command(const std::string& stage, const std::stri
                                        const fs::path& work, const RunOptions& o,
                                        const std::string& formats, const std::string& target_bits) {
   const std::string m = model.string(), w = work.string(), d = data.string();
+  const auto with_compute = [&](std::vector<std::string> args) {
+    if (!o.compute.empty()) {
+      args.push_back("--compute");
+      args.push_back(o.compute);
+    }
+    return args;
+  };
   if (stage == "probe") {
-    return {cli,
-            "probe",
-            m,
-            "--data",
-            d,
-            "--out",
-            w + "/probe",
-            "--nsamples",
-            std::to_string(o.nsamples),
-            "--seqlen",
-            std::to_string(o.seqlen)};
+    return with_compute({cli, "probe", m, "--data", d, "--out", w + "/probe", "--nsamples",
+                         std::to_string(o.nsamples), "--seqlen", std::to_string(o.seqlen)});
   }
   if (stage == "cost") {
     return {cli, "cost", m, "--probe", w + "/probe", "--formats", formats, "--out", w + "/cost"};
@@ -487,6 +486,7 @@ int main(int argc, char** argv) {
   run->add_option("--eval-windows", o.eval_windows, "validate --max-seqs")->capture_default_str();
   run->add_option("--eval-seqlen", o.eval_seqlen, "validate --seqlen")->capture_default_str();
   run->add_option("--formats", formats)->capture_default_str();
+  run->add_option("--compute", o.compute, "f32 or bf16, passed to the probe (default: its own)");
   run->add_option("--target-bits", target_bits)->capture_default_str();
   run->add_option("--data", data)->capture_default_str();
   run->add_option("--prismaquant", cli)->capture_default_str();

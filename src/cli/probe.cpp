@@ -6,6 +6,7 @@
 
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
+#include "cli/compute_option.h"
 #include "cli/memory_option.h"
 #include "probe/probe_stage.h"
 
@@ -25,6 +26,9 @@ void register_probe(CLI::App& app) {
   cmd->add_option("--out", job->out, "Output directory, e.g. WORK/probe")->required();
   add_calibration_options(cmd, *job);
   add_max_memory_option(cmd, job->max_memory);
+  add_compute_option(cmd, job->compute,
+                     "f32, or bf16: bf16 inputs with fp32 accumulation for the forward, backward "
+                     "and weight-gradient GEMMs (Hessians and sums stay fp32)");
   cmd->add_flag("--no-importance-weighting", *no_weighting,
                 "Weight every token's loss equally (default: clamp(CE_t / mean CE, 0.25, 4))");
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,

@@ -60,6 +60,11 @@ void register_quantize(CLI::App& app) {
                   "Pareto targets (default 4,4.25,4.5,4.75,5,5.5,6,7,8 and --target-bits)");
   add_calibration_options(cmd, *job);
   add_max_memory_option(cmd, job->max_memory);
+  cmd->add_option_function<std::string>(
+      "--probe-compute",
+      [job](const std::string& name) { job->probe_compute = runtime::parse_compute_type(name); },
+      "The probe's --compute: f32, or bf16 GEMM inputs with fp32 accumulation (default " +
+          std::string(runtime::compute_type_name(job->probe_compute)) + ")");
   add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");

@@ -171,6 +171,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   probe_job.importance_weighting = job.importance_weighting;
   probe_job.batch_size = job.batch_size;
   probe_job.max_memory = job.max_memory;
+  probe_job.compute = job.probe_compute;
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});

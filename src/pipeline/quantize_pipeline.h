@@ -32,6 +32,7 @@ struct QuantizeJob {
   bool importance_weighting = true;
   std::size_t batch_size = 4;
   std::int64_t max_memory = 0;  // bytes; 0: 80% of available memory (ProbeJob::max_memory)
+  runtime::ComputeType probe_compute = probe::ProbeJob{}.compute;  // ProbeJob::compute
   cost::Objective objective = cost::Objective::kFisher;
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
   std::size_t eval_windows = 16;

@@ -32,10 +32,19 @@ std::vector<T> read_tensor(const io::SafetensorsFile& file, const std::string& n
   return values;
 }
 
+// Appends `values` rounded to bf16 (runtime::convert_f32_to_bf16) to `out`.
+void append_bf16(std::span<const float> values, std::vector<std::uint16_t>& out) {
+  const std::size_t at = out.size();
+  out.resize(at + values.size());
+  runtime::convert_f32_to_bf16(values, std::span(out).subspan(at));
+}
+
 }  // namespace
 
 ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec,
-                                   const std::function<bool(const model::Linear&)>& keep) {
+                                   const std::function<bool(const model::Linear&)>& keep,
+                                   runtime::ComputeType compute)
+    : compute_(compute) {
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate || (keep && !keep(linear))) continue;
     const std::string key = input_key(linear);
@@ -71,6 +80,9 @@ void ProbeAccumulator::end_batch(std::int64_t sequences) {
              linears_[i].name, batch_rows_linear_[i], linears_[i].input_key,
              batch_rows_input_[input]);
   }
+  for (InputSums& input : inputs_) {
+    runtime::mirror_upper_triangle(input.in_features, input.hessian.data(), input.in_features);
+  }
   sequences_ += sequences;
 }
 
@@ -93,6 +105,26 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
   for (std::size_t r = 0; r < ranges.size(); ++r) {
     if (done[r]) continue;
     float beta = 0.0f;
+    if (compute_ == runtime::ComputeType::kBF16) {
+      // One GEMM over the sequence's rows gathered in bf16 (fp32 accumulation).
+      dy_bf16_.clear();
+      x_bf16_.clear();
+      for (std::size_t q = r; q < ranges.size(); ++q) {
+        if (done[q] || ranges[q].sequence != ranges[r].sequence) continue;
+        done[q] = true;
+        append_bf16({activity.output_grad + ranges[q].begin * out,
+                     static_cast<std::size_t>((ranges[q].end - ranges[q].begin) * out)},
+                    dy_bf16_);
+        append_bf16({activity.input + ranges[q].begin * in,
+                     static_cast<std::size_t>((ranges[q].end - ranges[q].begin) * in)},
+                    x_bf16_);
+      }
+      const auto rows = static_cast<std::int64_t>(x_bf16_.size()) / in;
+      if (rows == 0) continue;
+      runtime::gemm_bf16(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows, 1.0f,
+                         dy_bf16_.data(), out, x_bf16_.data(), in, 0.0f, gradient_.data(), in);
+      beta = 1.0f;
+    }
     for (std::size_t q = r; q < ranges.size(); ++q) {
       if (done[q] || ranges[q].sequence != ranges[r].sequence) continue;
       done[q] = true;
@@ -119,8 +151,9 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
   const auto [owner, first] = input_owner_.emplace(input_index, index);
   if (!first && owner->second != index) return;
   InputSums& input = inputs_[input_index];
-  runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, in, in, activity.rows, 1.0f,
-                    activity.input, in, activity.input, in, 1.0f, input.hessian.data(), in);
+  // Upper triangle only (half the arithmetic); end_batch() mirrors it.
+  runtime::gram_upper_f32(in, activity.rows, 1.0f, activity.input, in, 1.0f, input.hessian.data(),
+                          in);
   input.tokens += activity.rows;
   batch_rows_input_[input_index] += activity.rows;
   const std::int64_t values = activity.rows * in;

@@ -9,6 +9,7 @@
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
+#include "runtime/model.h"
 #include "runtime/observer.h"
 
 namespace pq::probe {
@@ -51,11 +52,15 @@ class ProbeAccumulator final : public runtime::LinearObserver {
  public:
   // Accumulates the spec's candidate Linears for which `keep` is true (default: all); the probe
   // keeps one decoder layer's at a time, so only that layer's Hessians are in memory.
+  // With ComputeType::kBF16 the per-sequence weight gradients dY^T X take bf16 inputs (fp32
+  // accumulation and squares in double, as in fp32); the Hessians are always fp32.
   explicit ProbeAccumulator(const model::ModelSpec& spec,
-                            const std::function<bool(const model::Linear&)>& keep = {});
+                            const std::function<bool(const model::Linear&)>& keep = {},
+                            runtime::ComputeType compute = runtime::ComputeType::kF32);
 
   void begin_batch();
-  // Counts the batch's sequences and checks that Linears sharing an input saw the same rows.
+  // Counts the batch's sequences, checks that Linears sharing an input saw the same rows and
+  // completes the Hessians (accumulated in their upper triangles) to full symmetric matrices.
   void end_batch(std::int64_t sequences);
 
   void on_linear(const runtime::LinearActivity& activity) override;
@@ -73,6 +78,7 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   void load(const io::SafetensorsFile& file);
 
  private:
+  runtime::ComputeType compute_;
   std::vector<LinearSums> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
   std::vector<InputSums> inputs_;
@@ -83,7 +89,8 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   std::map<std::size_t, std::size_t> input_owner_;
   std::vector<std::int64_t> batch_rows_linear_;
   std::vector<std::int64_t> batch_rows_input_;
-  std::vector<float> gradient_;  // scratch G_s
+  std::vector<float> gradient_;                  // scratch G_s
+  std::vector<std::uint16_t> dy_bf16_, x_bf16_;  // scratch: one sequence's rows in bf16
 };
 
 }  // namespace pq::probe

@@ -142,8 +142,10 @@ std::filesystem::path part_file(const std::filesystem::path& dir, const Part& pa
   return dir / fmt::format("probe.{}.safetensors", part.name);
 }
 
-ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part) {
-  return ProbeAccumulator(spec, [&](const model::Linear& linear) { return part.holds(linear); });
+ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part,
+                                  runtime::ComputeType compute) {
+  return ProbeAccumulator(
+      spec, [&](const model::Linear& linear) { return part.holds(linear); }, compute);
 }
 
 // A part's file: the accumulator's sums (ProbeAccumulator::save) and each input's second moments.
@@ -255,7 +257,7 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   for (const Part& part : parts) {
     const std::filesystem::path path = part_file(job.out, part);
     files.push_back(path.filename().string());
-    ProbeAccumulator sums = part_accumulator(spec, part);
+    ProbeAccumulator sums = part_accumulator(spec, part, job.compute);
     const io::SafetensorsFile file(path);
     sums.load(file);
     std::map<std::string, Summary> moments;
@@ -312,7 +314,8 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
                                 {"seqlen", job.seqlen},
                                 {"seed", job.seed},
                                 {"importance_weighting", job.importance_weighting},
-                                {"batch_size", job.batch_size}}},
+                                {"batch_size", job.batch_size},
+                                {"compute", runtime::compute_type_name(job.compute)}}},
                               {"losses", losses},
                               {"files", std::move(files)},
                               {"linears", std::move(linears)},
@@ -367,6 +370,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
   f.field("importance_weighting", job.importance_weighting ? 1 : 0);
   f.field("batch_size", job.batch_size);
+  f.field("compute", runtime::compute_type_name(job.compute));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   if (job.quantized) f.field("quantized", job.quantized->tag);
   return f.hex();
@@ -410,6 +414,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   runtime::RuntimeOptions runtime_options;
   runtime_options.micro_batch_rows = static_cast<std::int64_t>(job.batch_size * job.seqlen);
   runtime_options.max_memory = job.max_memory;
+  runtime_options.compute = job.compute;
   runtime::PassMemory memory = runtime::estimate_pass_memory(
       config, static_cast<std::int64_t>(job.nsamples * job.seqlen),
       runtime_options.micro_batch_rows, runtime_options.logits_block_rows, /*boundaries=*/2,
@@ -460,7 +465,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
     const auto part = std::find_if(parts.begin(), parts.end(), [&](const Part& p) {
       return p.layer == where.layer && p.mtp == where.mtp;
     });
-    ProbeAccumulator sums = part_accumulator(spec, where);
+    ProbeAccumulator sums = part_accumulator(spec, where, job.compute);
     sums.begin_batch();
     run(sums);
     sums.end_batch(seq_count);

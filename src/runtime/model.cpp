@@ -22,6 +22,16 @@
 
 namespace pq::runtime {
 
+std::string_view compute_type_name(ComputeType compute) {
+  return compute == ComputeType::kBF16 ? "bf16" : "f32";
+}
+
+ComputeType parse_compute_type(std::string_view name) {
+  if (name == "f32") return ComputeType::kF32;
+  if (name == "bf16") return ComputeType::kBF16;
+  fail("unknown compute type {}: expected f32 or bf16", quoted_json_string(name));
+}
+
 // A Linear y = x W^T (+ b), W [out_features, in_features] as Hugging Face stores it.
 struct Model::Linear {
   std::string name;  // tensor name without ".weight"

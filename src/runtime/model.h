@@ -18,6 +18,11 @@ namespace pq::runtime {
 // run in float32.
 enum class ComputeType { kF32, kBF16 };
 
+// "f32" / "bf16", as options and artifacts spell them; parse_compute_type throws pq::Error for
+// any other name.
+std::string_view compute_type_name(ComputeType compute);
+ComputeType parse_compute_type(std::string_view name);
+
 struct RuntimeOptions {
   ComputeType compute = ComputeType::kF32;
   const WeightTransform* weight_transform = nullptr;          // optional, not owned

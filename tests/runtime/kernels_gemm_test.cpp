@@ -105,6 +105,46 @@ TEST(GemmF32, MatchesReferenceForEveryTransposeAndOddSizes) {
         }
 }
 
+// gram_upper_f32 writes the upper triangle of alpha A^T A + beta C and leaves the strict lower
+// triangle (here NaN) and C's padding untouched; mirror_upper_triangle then completes the matrix.
+TEST(GramUpperF32, MatchesReferenceOnTheUpperTriangleOnly) {
+  std::uint32_t seed = 100;
+  for (const std::int64_t n : {1, 7, 65, 130}) {
+    for (const auto& [alpha, beta] : kAlphaBeta) {
+      const Shape shape{n, n, 37};
+      const Operands ops = make_operands(Transpose::kYes, Transpose::kNo, shape, seed++);
+      std::vector<float> got = ops.c, ref = ops.c;
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t j = 0; j < i; ++j) got[i * ops.ldc + j] = nan;
+      }
+      gram_upper_f32(n, 37, alpha, ops.a.data(), ops.lda, beta, got.data(), ops.ldc);
+      gemm_reference(Transpose::kYes, Transpose::kNo, n, n, 37, alpha, ops.a.data(), ops.lda,
+                     ops.a.data(), ops.lda, beta, ref.data(), ops.ldc);
+      Operands gram = ops;
+      gram.b = ops.a;
+      gram.ldb = ops.lda;
+      const std::vector<double> mag =
+          magnitude(Transpose::kYes, Transpose::kNo, shape, alpha, gram, beta);
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t j = 0; j < i; ++j) ASSERT_TRUE(std::isnan(got[i * ops.ldc + j]));
+        for (std::int64_t j = i; j < n; ++j) {
+          const double err =
+              std::abs(static_cast<double>(got[i * ops.ldc + j]) - ref[i * ops.ldc + j]);
+          EXPECT_LT(err / std::max(mag[i * n + j], 1e-30), 1e-6) << i << "," << j;
+        }
+        for (std::int64_t j = n; j < ops.ldc; ++j) EXPECT_TRUE(std::isnan(got[i * ops.ldc + j]));
+      }
+      mirror_upper_triangle(n, got.data(), ops.ldc);
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t j = 0; j < n; ++j) {
+          ASSERT_EQ(got[i * ops.ldc + j], got[j * ops.ldc + i]) << i << "," << j;
+        }
+      }
+    }
+  }
+}
+
 // Rounds every value to bf16 (and keeps the bit patterns) so both paths see identical inputs.
 std::vector<std::uint16_t> to_bf16(std::vector<float>& x) {
   std::vector<std::uint16_t> bits(x.size());

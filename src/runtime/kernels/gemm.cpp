@@ -191,6 +191,33 @@ void gemm_f32(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::i
               c, static_cast<int>(ldc));
 }
 
+void gram_upper_f32(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                    float beta, float* c, std::int64_t ldc) {
+  PQ_CHECK(n >= 0 && k >= 0 && lda >= std::max<std::int64_t>(n, 1) &&
+               ldc >= std::max<std::int64_t>(n, 1),
+           "gram_upper_f32: bad arguments (n={} k={} lda={} ldc={})", n, k, lda, ldc);
+  PQ_CHECK(std::max({n, k, lda, ldc}) <= INT_MAX,
+           "gram_upper_f32: size exceeds the BLAS integer range (n={} k={})", n, k);
+  if (n == 0) return;
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(n), static_cast<int>(k),
+              alpha, a, static_cast<int>(lda), beta, c, static_cast<int>(ldc));
+}
+
+void mirror_upper_triangle(std::int64_t n, float* c, std::int64_t ldc) {
+  // Tiles keep both the rows read and the rows written in cache.
+  constexpr std::int64_t kTile = 64;
+#pragma omp parallel for schedule(dynamic)
+  for (std::int64_t i0 = 0; i0 < n; i0 += kTile) {
+    for (std::int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      for (std::int64_t i = i0; i < std::min(i0 + kTile, n); ++i) {
+        for (std::int64_t j = j0; j < std::min({j0 + kTile, i, n}); ++j) {
+          c[i * ldc + j] = c[j * ldc + i];
+        }
+      }
+    }
+  }
+}
+
 void gemm_bf16(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
                float alpha, const std::uint16_t* a, std::int64_t lda, const std::uint16_t* b,
                std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
