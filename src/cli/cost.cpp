@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/serve_on_option.h"
 #include "cost/cost_stage.h"
 
 namespace pq::cli {
@@ -30,6 +31,7 @@ void register_cost(CLI::App& app) {
       ->default_val("fisher");
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
                 "Also make lm_head a candidate (the probe must have measured it)");
+  add_serve_on_option(cmd, job->serve_on);
   cmd->callback([job, objective] {
     job->objective = cost::objective_by_name(*objective);
     const cost::CostOutcome outcome = cost::run_cost(*job);

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "cli/invocation.h"
+#include "cli/serve_on_option.h"
 #include "common/error.h"
 #include "export/exporter.h"
 #include "export/gptq.h"
@@ -41,6 +42,7 @@ void register_export(CLI::App& app) {
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe) or "
                   "nearest (round to nearest)")
       ->default_val(*rounding_name);
+  add_serve_on_option(cmd, job->serve_on);
   cmd->callback([job, probe_dir, rounding_name] {
     PQ_CHECK(*rounding_name != "gptq" || !probe_dir->empty(),
              "export: --rounding gptq (the default) needs the probe's Hessians: give --probe "

@@ -10,6 +10,7 @@
 #include "cli/gate_options.h"
 #include "cli/invocation.h"
 #include "cli/memory_option.h"
+#include "cli/serve_on_option.h"
 #include "pipeline/quantize_pipeline.h"
 
 namespace pq::cli {
@@ -68,6 +69,7 @@ void register_quantize(CLI::App& app) {
   add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");
+  add_serve_on_option(cmd, job->serve_on);
   cmd->callback([job, no_weighting, objective] {
     job->importance_weighting = !*no_weighting;
     job->objective = cost::objective_by_name(*objective);

@@ -5,6 +5,7 @@
 #include "alloc/budget.h"
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
+#include "cli/serve_on_option.h"
 #include "common/error.h"
 #include "export/gptq.h"
 #include "probe/probe_stage.h"
@@ -73,6 +74,7 @@ void register_scout(CLI::App& app) {
       ->check(CLI::IsMember({"nearest", "gptq"}));
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
                 "lm_head is a candidate (the cost table must have it)");
+  add_serve_on_option(cmd, job->serve_on);
   cmd->callback([job, budgets, rounding] {
     scout::ScoutJob run = *job;
     run.budgets = split_list(*budgets);

@@ -124,6 +124,7 @@ std::string cost_fingerprint(const CostJob& job, const std::string& probe_finger
   f.field("probe", probe_fingerprint);
   for (const std::string& format : job.formats) f.field("format", format);
   f.field("objective", objective_name(job.objective));
+  f.field("serve_on", formats::serving_target_name(job.serve_on));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   return f.hex();
 }
@@ -213,6 +214,9 @@ CostOutcome run_cost(const CostJob& job) {
         for (std::size_t f = 0; f < menu.size(); ++f) {
           const formats::WeightFormat& format = *menu[f];
           if (!format.accepts(shape) || !linear.allows(format.name())) continue;
+          if (format.exportable() && !formats::serves(format, linear.layer_kind(), job.serve_on)) {
+            continue;
+          }
           formats::QuantizeOptions options;
           // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
           // scales, so every shard is quantized against the one from the largest amax.
@@ -236,8 +240,9 @@ CostOutcome run_cost(const CostJob& job) {
         }
         PQ_CHECK(std::any_of(row.costs.begin(), row.costs.end(),
                              [](const auto& c) { return c.has_value(); }),
-                 "{} [{}, {}]: no format of --formats can hold it", linear.name,
-                 linear.out_features, linear.in_features);
+                 "{} [{}, {}]: no format of --formats can hold it that vLLM serves on {}",
+                 linear.name, linear.out_features, linear.in_features,
+                 formats::serving_target_name(job.serve_on));
       }
 #pragma omp critical(pq_cost_progress)
       progress.advance();
@@ -264,7 +269,8 @@ CostOutcome run_cost(const CostJob& job) {
   nlohmann::json doc = alloc::cost_table_to_json(table);
   doc["meta"] = {{"fingerprint", outcome.fingerprint},
                  {"probe_fingerprint", probed.fingerprint()},
-                 {"objective", objective_name(job.objective)}};
+                 {"objective", objective_name(job.objective)},
+                 {"serve_on", formats::serving_target_name(job.serve_on)}};
   write_text_file_atomic(cost_path, doc.dump(1) + "\n");
   progress.finish(fmt::format("{} Linears x {} formats", table.linears.size(), menu.size()));
   return outcome;

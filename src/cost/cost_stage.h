@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "alloc/cost_table.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "model/model_spec.h"
 
@@ -55,6 +56,9 @@ struct CostJob {
   std::vector<std::string> formats;
   Objective objective = Objective::kFisher;
   model::SpecOptions spec_options;
+  // The GPU vLLM serves the checkpoint on: a Linear is offered only the formats vLLM loads there
+  // for its layer kind (formats::serves; research-only formats are measured as asked).
+  formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
 };
 
 struct CostOutcome {

@@ -71,6 +71,13 @@ Plan make_plan(const model::ModelSpec& spec, const alloc::AssignmentFile& assign
       fail("{}: Linear '{}' [{}, {}] cannot take {}: {}", label, assigned.name, shape.out, shape.in,
            assigned.format, *why);
     }
+    if (!formats::serves(format, linear.layer_kind(), job.serve_on)) {
+      const formats::ServingBehaviour& cell =
+          formats::serving_behaviour(format, linear.layer_kind(), job.serve_on);
+      fail("{}: Linear '{}' is assigned {}, which vLLM on {} does not load for {} layers ({})",
+           label, assigned.name, assigned.format, formats::serving_target_name(job.serve_on),
+           formats::layer_kind_name(linear.layer_kind()), cell.note);
+    }
     PQ_CHECK(assigned.bytes == format.bytes(shape),
              "{}: Linear '{}' is charged {} bytes but {} stores {}", label, assigned.name,
              assigned.bytes, assigned.format, format.bytes(shape));
@@ -319,7 +326,22 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
   }
   card += fmt::format("## How it was made\n\n```\n{}\n```\n\n{}\n\n", job.command_line,
                       rounding.describe(plan.format_name_of));
-  card += fmt::format("## Serve\n\n```\nvllm serve {}\n```\n", job.out.string());
+  const std::string_view target = formats::serving_target_name(job.serve_on);
+  card += fmt::format(
+      "## Serve\n\nExported for vLLM on {} GPUs (`--serve-on {}`): every quantized Linear's "
+      "scheme is one stock vLLM loads there for its kind of layer.\n\n",
+      target, target);
+  std::set<std::string_view> needs;
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    if (plan.format_of[i] == nullptr) continue;
+    const std::string_view versions =
+        formats::serving_behaviour(*plan.format_of[i], spec.linears[i].layer_kind(), job.serve_on)
+            .min_versions;
+    if (!versions.empty()) needs.insert(versions);
+  }
+  for (const std::string_view versions : needs) card += fmt::format("- Needs {}.\n", versions);
+  if (!needs.empty()) card += "\n";
+  card += fmt::format("```\nvllm serve {}\n```\n", job.out.string());
   return card;
 }
 

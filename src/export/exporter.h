@@ -11,6 +11,7 @@
 #include "alloc/assignment.h"
 #include "export/linear_encoder.h"
 #include "export/rounding.h"
+#include "formats/serving.h"
 #include "model/model_spec.h"
 
 namespace pq::exporter {
@@ -49,6 +50,9 @@ struct ExportJob {
   // "BF16": the tower is copied as stored, byte for byte.
   std::string vision_format;
   std::uint64_t max_shard_bytes = 5'000'000'000;
+  // The GPU vLLM serves the checkpoint on: an assignment with a format vLLM does not load there
+  // for that Linear's layer kind is refused before anything is written; the model card names it.
+  formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
 };
 
 struct ExportSummary {

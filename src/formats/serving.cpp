@@ -401,6 +401,10 @@ ServingTarget parse_serving_target(std::string_view name) {
   fail("unknown serving target '{}' (known: {})", name, known);
 }
 
+bool serves(const WeightFormat& format, LayerKind kind, ServingTarget target) {
+  return format.exportable() && serving_behaviour(format, kind, target).loads;
+}
+
 const ServingBehaviour& serving_behaviour(const WeightFormat& format, LayerKind kind,
                                           ServingTarget target) {
   // Every name in the table is a registered, exportable format (a misspelt row would otherwise

@@ -3,6 +3,7 @@
 #include <span>
 #include <string_view>
 
+#include "common/layer_kind.h"
 #include "formats/weight_format.h"
 
 namespace pq::formats {
@@ -21,13 +22,7 @@ enum class ServingTarget {
   kAmpere,     // sm80/sm86 (A100, A10, RTX 30): neither FP8 nor FP4 tensor cores
 };
 
-// Where a Linear's weight lives in vLLM: the module class decides which quantization method runs.
-enum class LayerKind {
-  kLinear,       // RowParallel/ColumnParallelLinear of one checkpoint module (o_proj, down_proj)
-  kFusedLinear,  // QKVParallelLinear / MergedColumnParallelLinear shards (q/k/v, gate/up)
-  kMoeExperts,   // FusedMoE (RoutedExperts) expert weights
-  kLmHead,       // ParallelLMHead
-};
+using LayerKind = pq::LayerKind;
 
 // How activations reach the GEMM.
 enum class ActivationPath {
@@ -66,6 +61,10 @@ std::string_view activation_path_name(ActivationPath path);  // "not_loaded", "1
 
 // Throws pq::Error (one line, listing the known names) for an unknown target.
 ServingTarget parse_serving_target(std::string_view name);
+
+// Whether stock vLLM on `target` loads `format` for a Linear of `kind`: the format is exportable
+// and its cell loads.
+bool serves(const WeightFormat& format, LayerKind kind, ServingTarget target);
 
 // What stock vLLM does with `format` on `kind` on `target`. Throws pq::Error for a format that
 // is not exportable (research only: there is nothing for vLLM to load).

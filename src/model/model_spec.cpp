@@ -280,6 +280,13 @@ bool Linear::allows(std::string_view format) const {
   return formats.empty() || std::find(formats.begin(), formats.end(), format) != formats.end();
 }
 
+LayerKind Linear::layer_kind() const {
+  if (expert) return LayerKind::kMoeExperts;
+  if (role == "lm_head") return LayerKind::kLmHead;
+  if (group) return LayerKind::kFusedLinear;
+  return LayerKind::kLinear;
+}
+
 std::int64_t ModelSpec::num_params() const {
   std::int64_t total = 0;
   for (const Linear& linear : linears) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/layer_kind.h"
 #include "io/dtype.h"
 #include "model/config.h"
 #include "model/profile.h"
@@ -60,6 +61,9 @@ struct Linear {
   std::int64_t numel() const { return out_features * in_features; }
   // Whether the architecture lets vLLM serve this Linear in `format` (its shape aside).
   bool allows(std::string_view format) const;
+  // The vLLM module class holding it: FusedMoE for a routed expert, ParallelLMHead for lm_head,
+  // a fused (QKV / merged) Linear for a member of a sibling group, else a plain Linear.
+  LayerKind layer_kind() const;
 };
 
 // Linears that vLLM loads as one module and that therefore need one quantization scheme

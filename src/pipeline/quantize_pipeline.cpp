@@ -183,6 +183,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   cost_job.out = work / "cost";
   cost_job.formats = job.formats;
   cost_job.objective = job.objective;
+  cost_job.serve_on = job.serve_on;
   const cost::CostOutcome costed = cost::run_cost(cost_job);
   outcome.stages.push_back({"cost", seconds_since(start), costed.reused});
 
@@ -219,6 +220,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     scout_job.token_ids = job.token_ids;
     scout_job.work = work;
     scout_job.formats = job.formats;
+    scout_job.serve_on = job.serve_on;
     scout_job.budgets = job.scout_budgets;
     scout_job.target = job.target_bits;
     scout_job.rounding = rounding.get();
@@ -268,6 +270,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.quality = outcome.measured;
   export_job.command_line = job.command_line;
   export_job.vision_format = job.vision_format;
+  export_job.serve_on = job.serve_on;
   outcome.exported = exporter::run_export(export_job, *rounding);
   outcome.rounding = rounding->describe(format_of);
   write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");

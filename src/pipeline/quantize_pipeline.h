@@ -44,9 +44,11 @@ struct QuantizeJob {
   // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
   std::string rounding = "gptq";
   std::string vision_format;  // ExportJob::vision_format
-  validate::Gates gates;      // validate's gates on the written checkpoint
-  bool force = false;         // replace an existing `out`
-  std::string command_line;   // recorded in the model card
+  // The GPU vLLM serves the checkpoint on (cost::CostJob::serve_on, ExportJob::serve_on).
+  formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
+  validate::Gates gates;     // validate's gates on the written checkpoint
+  bool force = false;        // replace an existing `out`
+  std::string command_line;  // recorded in the model card
 };
 
 // Where a job's stage artifacts go.

@@ -343,6 +343,7 @@ std::vector<std::size_t> Scout::run_l2(const alloc::BitsTarget& target,
     cost_job.formats = table_.formats;
     cost_job.objective = objective_;
     cost_job.spec_options = job_.spec_options;
+    cost_job.serve_on = job_.serve_on;
     alloc::CostTable table = cost::run_cost(cost_job).table;
     if (smoothed) {
       for (std::size_t i = 0; i < table.linears.size(); ++i) {

@@ -9,6 +9,7 @@
 
 #include "alloc/assignment.h"
 #include "export/rounding.h"
+#include "formats/serving.h"
 #include "model/model_spec.h"
 #include "scout/kl_evaluator.h"
 
@@ -26,6 +27,8 @@ struct ScoutJob {
   // encodings it renders to WORK/render/ (exporter::RenderCache) for quantize and export.
   std::filesystem::path work;
   std::vector<std::string> formats;  // restrict the cost table's menu; empty: all of it
+  // The target the cost table was made for (cost::CostJob::serve_on); L2's re-costs use it too.
+  formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
   std::vector<std::string> budgets = {"4.5", "4.75", "5", "5.5", "6"};  // L1 anchors, bits/param
   std::string target = "4.75";  // bits per quantizable parameter the pick must fit
   // How Linears are encoded, as the exporter will (GPTQ plugs in here); null: nearest rounding.

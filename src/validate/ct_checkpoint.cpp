@@ -559,6 +559,20 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
     ct.scheme_index_[i] = at_best.front();
   }
 
+  // vLLM's FusedMoE takes weight-only experts only as pack-quantized integers or FP4: FP8
+  // weights with 16-bit activations fail to load ("For Fused MoE layers, only format
+  // 'pack-quantized' and bits [4, 8] are supported": compressed_tensors_moe.py get_moe_method,
+  // the FP8_E4M3A16 expert cell of formats/serving.cpp), whatever the GPU.
+  for (std::size_t i = 0; i < ct.spec_.linears.size(); ++i) {
+    const model::Linear& linear = ct.spec_.linears[i];
+    if (!linear.expert || ct.scheme_index_[i] < 0) continue;
+    const Scheme& scheme = ct.schemes_[static_cast<std::size_t>(ct.scheme_index_[i])];
+    PQ_CHECK(scheme.layout != Layout::kFp8 || scheme.input_activations.has_value(),
+             "{}: MoE expert {} has FP8 weights with 16-bit activations ({}), which vLLM's "
+             "FusedMoE does not load (weight-only experts must be pack-quantized INT4/INT8 or FP4)",
+             label, linear.name, scheme.group);
+  }
+
   // Each module holds exactly the tensors its scheme stores.
   for (std::size_t i = 0; i < ct.spec_.linears.size(); ++i) {
     const model::Linear& linear = ct.spec_.linears[i];

@@ -12,9 +12,11 @@
 #include "common/error.h"
 #include "common/file_util.h"
 #include "cost/cost_stage.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
+#include "model/model_spec.h"
 #include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
@@ -187,6 +189,53 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
 // A probe of another checkpoint can name the same Linears with other widths (here layer 0's
 // q/k/v input cut to 128 of its 256 features, probe.json agreeing, so the probe itself is
 // consistent): the stage once read the Hessian [128, 128] as [256, 256], past its end.
+// With every exportable format on the menu, each Linear of the MoE model is offered exactly the
+// formats its shape admits that vLLM loads for its layer kind on the target: routed experts never
+// FP8_E4M3A16 (FusedMoE refuses weight-only FP8), dense Linears still do; the target is recorded.
+TEST(CostStage, OffersOnlyWhatVllmLoadsOnTheTarget) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-moe-tiny";
+  probe::ProbeJob probe_job;
+  probe_job.model = model_dir;
+  probe_job.data = test::wikitext_excerpt(dir);
+  probe_job.out = dir / "probe";
+  probe_job.nsamples = 2;
+  probe_job.seqlen = 32;
+  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  std::vector<std::string> menu;
+  for (const formats::WeightFormat* format : formats::all_formats()) {
+    // FP8_SOURCE keeps a source's FP8 bytes; this checkpoint is BF16.
+    if (format->exportable() && format->name() != "FP8_SOURCE") menu.emplace_back(format->name());
+  }
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  for (const formats::ServingTarget target : formats::all_serving_targets()) {
+    const std::string name(formats::serving_target_name(target));
+    CostJob job;
+    job.model = model_dir;
+    job.probe = dir / "probe";
+    job.out = dir / ("cost-" + name);
+    job.formats = menu;
+    job.serve_on = target;
+    const alloc::CostTable table = run_cost(job).table;
+    EXPECT_EQ(nlohmann::json::parse(read_text_file(job.out / "cost.json"))["meta"]["serve_on"],
+              name);
+    std::size_t experts = 0;
+    for (const alloc::LinearCost& row : table.linears) {
+      const model::Linear& linear = *spec.find_linear(row.name);
+      experts += linear.expert ? 1 : 0;
+      for (std::size_t f = 0; f < menu.size(); ++f) {
+        const formats::WeightFormat& format = formats::format_by_name(menu[f]);
+        const bool offered = format.accepts({linear.out_features, linear.in_features}) &&
+                             formats::serves(format, linear.layer_kind(), target);
+        EXPECT_EQ(row.costs[f].has_value(), offered) << name << " " << row.name << " " << menu[f];
+        if (menu[f] == "FP8_E4M3A16") EXPECT_EQ(offered, !linear.expert) << row.name;
+      }
+    }
+    EXPECT_GT(experts, 0u);
+  }
+}
+
 TEST(CostStage, RefusesAProbeMeasuredAtOtherWidths) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;

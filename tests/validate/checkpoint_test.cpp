@@ -302,6 +302,51 @@ TEST(MoeExport, DecodesExpertsWithPerExpertGlobalScales) {
   expect_decodes_like_formats_library(dir / "exported", model_dir, assignment, cycle.size());
 }
 
+// The exporter never writes weight-only FP8 experts: an assignment that gives them FP8_E4M3A16 is
+// refused in one line naming the expert and the target, before the output exists.
+TEST(MoeExport, NeverWritesExpertsVllmCannotLoad) {
+  PQ_REQUIRE_SHARED();
+  const fs::path model_dir = test::shared_dir() / "models" / "qwen3-moe-tiny";
+  const test::TempDir dir;
+  try {
+    export_cycle(model_dir, {"FP8_E4M3A16"}, dir.path(), dir / "exported");
+    FAIL() << "FP8_E4M3A16 experts were exported";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("model.layers.0.mlp.experts."), std::string::npos) << message;
+    EXPECT_NE(message.find("which vLLM on blackwell does not load for moe_experts layers"),
+              std::string::npos)
+        << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
+  EXPECT_FALSE(fs::exists(dir / "exported"));
+}
+
+// A hand-made MoE checkpoint whose experts hold FP8 weights with 16-bit activations (an FP8 W8A8
+// export with input_activations removed from its config group): vLLM's FusedMoE refuses that
+// scheme, so the reader does, naming the expert. The unedited export opens.
+TEST(MoeExport, RefusesWeightOnlyFp8Experts) {
+  PQ_REQUIRE_SHARED();
+  const fs::path model_dir = test::shared_dir() / "models" / "qwen3-moe-tiny";
+  const test::TempDir dir;
+  export_cycle(model_dir, {"FP8_E4M3"}, dir.path(), dir / "exported");
+  EXPECT_NO_THROW(CompressedTensorsCheckpoint::open(dir / "exported"));
+  json config = json::parse(read_text_file(dir / "exported" / "config.json"));
+  for (auto& [key, group] : config["quantization_config"]["config_groups"].items()) {
+    group.erase("input_activations");
+  }
+  write_text_file_atomic(dir / "exported" / "config.json", config.dump(2));
+  try {
+    CompressedTensorsCheckpoint::open(dir / "exported");
+    FAIL() << "weight-only FP8 experts were accepted";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("MoE expert model.layers.0.mlp.experts."), std::string::npos) << message;
+    EXPECT_NE(message.find("FusedMoE does not load"), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
+}
+
 // Qwen3.5-MoE: body experts exported one tensor set per expert, the MTP layer quantized like the
 // body, A_log and the gated norm in F32. The reader resolves and decodes every Linear; scoring
 // tokenizes held-out text, and the tiny checkpoint has no tokenizer: one line says so.
