@@ -9,6 +9,7 @@
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "cli/gate_options.h"
+#include "cli/serve_on_option.h"
 #include "common/error.h"
 
 namespace pq::cli {
@@ -72,6 +73,7 @@ void register_validate(CLI::App& app) {
       ->capture_default_str();
   add_gate_options(cmd, job.gates);
   cmd->add_option("--json", args->json, "write the report as JSON here");
+  add_serve_on_option(cmd, job.serve_on);
   cmd->add_option("--prompt", args->prompt,
                   "prompt of the greedy sample (default: the start of the held-out split)");
   cmd->callback([args] { run(*args); });

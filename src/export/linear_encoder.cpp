@@ -231,7 +231,8 @@ void QuantizedLinears::quantize(std::string_view linear, std::int64_t rows,
 }
 
 EncodedLinears::EncodedLinears(const LinearEncoder& encoder,
-                               const std::map<std::string, std::string>& format_of)
+                               const std::map<std::string, std::string>& format_of,
+                               formats::ServingTarget target)
     : encoder_(encoder) {
   const model::ModelSpec& spec = encoder.spec();
   std::map<std::string_view, std::size_t> index_of;
@@ -240,8 +241,8 @@ EncodedLinears::EncodedLinears(const LinearEncoder& encoder,
     const auto it = index_of.find(name);
     PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
     const formats::WeightFormat& format = formats::format_by_name(format_name);
-    linears_.emplace(name, Entry{it->second, &format,
-                                 format.activation_quantizer(encoder.options(it->second, format))});
+    linears_.emplace(
+        name, Entry{it->second, &format, serving_activations(encoder, it->second, format, target)});
   }
 }
 
@@ -270,17 +271,29 @@ void EncodedLinears::quantize(std::string_view linear, std::int64_t rows, std::i
                  in_features, input);
 }
 
+std::shared_ptr<const formats::ActivationQuantizer> serving_activations(
+    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format,
+    formats::ServingTarget target) {
+  if (!format.exportable()) return format.activation_quantizer(encoder.options(index, format));
+  const formats::ServingBehaviour& served =
+      formats::serving_behaviour(format, encoder.spec().linears[index].layer_kind(), target);
+  if (served.activations != formats::ActivationPath::kQuantized) return nullptr;
+  const formats::WeightFormat& quantizing = formats::served_activation_format(format);
+  return quantizing.activation_quantizer(encoder.options(index, quantizing));
+}
+
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format) {
+                            const formats::WeightFormat& format, formats::ServingTarget target) {
   const formats::EncodedWeight encoded = encoder.encode(index, format);
   DecodedLinear decoded;
   decoded.weight = format.dequantize(encoded);
-  decoded.activations = format.activation_quantizer(encoder.options(index, format));
+  decoded.activations = serving_activations(encoder, index, format, target);
   return decoded;
 }
 
 QuantizedLinears quantize_linears(const LinearEncoder& encoder,
-                                  const std::map<std::string, std::string>& format_of) {
+                                  const std::map<std::string, std::string>& format_of,
+                                  formats::ServingTarget target) {
   const model::ModelSpec& spec = encoder.spec();
   std::map<std::string_view, std::size_t> index_of;
   for (std::size_t i = 0; i < spec.linears.size(); ++i) index_of[spec.linears[i].name] = i;
@@ -289,7 +302,7 @@ QuantizedLinears quantize_linears(const LinearEncoder& encoder,
     const auto it = index_of.find(name);
     PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
     DecodedLinear decoded =
-        decode_linear(encoder, it->second, formats::format_by_name(format_name));
+        decode_linear(encoder, it->second, formats::format_by_name(format_name), target);
     quantized.set(name, std::move(decoded.weight), std::move(decoded.activations));
   }
   return quantized;

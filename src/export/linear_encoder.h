@@ -11,6 +11,7 @@
 
 #include "export/render_cache.h"
 #include "export/rounding.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
@@ -109,13 +110,14 @@ class QuantizedLinears final : public runtime::WeightTransform,
 };
 
 // The Linears named in `format_of` (Linear name -> format name) replaced, as the runtime loads
-// each one, by the decoding of its LinearEncoder encoding, with its format's activation
-// quantization. Unlike QuantizedLinears nothing is decoded ahead: memory holds the Linear being
-// loaded, and with the encoder's render cache each load after the first reads the stored
-// tensors. Unknown names and formats are pq::Errors at construction.
+// each one, by the decoding of its LinearEncoder encoding, with the activation quantization
+// `target` runs for it (serving_activations). Unlike QuantizedLinears nothing is decoded ahead:
+// memory holds the Linear being loaded, and with the encoder's render cache each load after the
+// first reads the stored tensors. Unknown names and formats are pq::Errors at construction.
 class EncodedLinears final : public runtime::WeightTransform, public runtime::ActivationQuantizer {
  public:
-  EncodedLinears(const LinearEncoder& encoder, const std::map<std::string, std::string>& format_of);
+  EncodedLinears(const LinearEncoder& encoder, const std::map<std::string, std::string>& format_of,
+                 formats::ServingTarget target);
 
   void apply(std::string_view linear, std::int64_t out_features, std::int64_t in_features,
              std::span<float> weight) const override;
@@ -133,18 +135,28 @@ class EncodedLinears final : public runtime::WeightTransform, public runtime::Ac
   std::map<std::string, Entry, std::less<>> linears_;
 };
 
+// The activation quantization vLLM on `target` runs for spec.linears[index] stored in `format`
+// (formats/serving.h): none where it serves the format weight-only (FP4 and MXFP8 through Marlin
+// below sm100, FP8 on Ampere), the format's W-A quantization where it quantizes activations
+// (MXFP4A16 and MXFP8A16 on Blackwell included); a research-only format's own.
+std::shared_ptr<const formats::ActivationQuantizer> serving_activations(
+    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format,
+    formats::ServingTarget target);
+
 // The decoded weight of spec.linears[index] under `format` (format.dequantize of the encoding)
-// and its activation quantizer (null for weight-only formats).
+// and the activation quantization `target` runs for it (serving_activations).
 struct DecodedLinear {
   std::vector<float> weight;
   std::shared_ptr<const formats::ActivationQuantizer> activations;
 };
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format);
+                            const formats::WeightFormat& format, formats::ServingTarget target);
 
 // Every Linear named in `format_of` (Linear name -> format name) replaced by its decoded exporter
-// weights. Unknown names and formats are pq::Errors.
+// weights, with the activation quantization `target` runs. Unknown names and formats are
+// pq::Errors.
 QuantizedLinears quantize_linears(const LinearEncoder& encoder,
-                                  const std::map<std::string, std::string>& format_of);
+                                  const std::map<std::string, std::string>& format_of,
+                                  formats::ServingTarget target);
 
 }  // namespace pq::exporter

@@ -401,6 +401,12 @@ ServingTarget parse_serving_target(std::string_view name) {
   fail("unknown serving target '{}' (known: {})", name, known);
 }
 
+const WeightFormat& served_activation_format(const WeightFormat& format) {
+  if (format.name() == "MXFP4A16") return format_by_name("MXFP4");
+  if (format.name() == "MXFP8A16") return format_by_name("MXFP8");
+  return format;
+}
+
 bool serves(const WeightFormat& format, LayerKind kind, ServingTarget target) {
   return format.exportable() && serving_behaviour(format, kind, target).loads;
 }

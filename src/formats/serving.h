@@ -66,6 +66,12 @@ ServingTarget parse_serving_target(std::string_view name);
 // and its cell loads.
 bool serves(const WeightFormat& format, LayerKind kind, ServingTarget target);
 
+// The format whose activation quantization vLLM runs when it serves `format` with quantized
+// activations: the format itself, or the W-A twin of a weight-only MX format that vLLM serves
+// exactly like it (MXFP4A16 -> MXFP4, MXFP8A16 -> MXFP8: one scheme each, whose
+// input_activations vLLM does not read; the MX rows of the table cite the files).
+const WeightFormat& served_activation_format(const WeightFormat& format);
+
 // What stock vLLM does with `format` on `kind` on `target`. Throws pq::Error for a format that
 // is not exportable (research only: there is nothing for vLLM to load).
 const ServingBehaviour& serving_behaviour(const WeightFormat& format, LayerKind kind,

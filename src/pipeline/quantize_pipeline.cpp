@@ -253,7 +253,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
           heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
-    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
+    outcome.measured =
+        measure_assignment(config, checkpoint, encoder, format_of, reference, job.serve_on);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
   outcome.stages.push_back({"measure", seconds_since(start), false});
@@ -285,6 +286,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   validate_job.seqlen = static_cast<std::int64_t>(job.eval_seqlen);
   validate_job.max_seqs = static_cast<std::int64_t>(job.eval_windows);
   validate_job.gates = job.gates;
+  validate_job.serve_on = job.serve_on;
   outcome.validated = validate::run_validate(validate_job);
   validate::write_report(work / "validate.json", outcome.validated);
   outcome.stages.push_back({"validate", seconds_since(start), false});

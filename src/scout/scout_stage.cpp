@@ -230,7 +230,8 @@ exporter::QuantizedLinears Scout::quantized_linears(
     const formats::WeightFormat& format =
         formats::format_by_name(table_.formats[format_of_linear[i]]);
     if (!cached) {
-      exporter::DecodedLinear decoded = exporter::decode_linear(encoder, spec_index_[i], format);
+      exporter::DecodedLinear decoded =
+          exporter::decode_linear(encoder, spec_index_[i], format, job_.serve_on);
       quantized.set(table_.linears[i].name, std::move(decoded.weight),
                     std::move(decoded.activations));
       continue;
@@ -239,7 +240,7 @@ exporter::QuantizedLinears Scout::quantized_linears(
     if (it == decoded_.end()) {
       it = decoded_
                .emplace(std::make_pair(i, format_of_linear[i]),
-                        exporter::decode_linear(encoder, spec_index_[i], format))
+                        exporter::decode_linear(encoder, spec_index_[i], format, job_.serve_on))
                .first;
     }
     quantized.set(table_.linears[i].name, it->second.weight, it->second.activations);

@@ -269,8 +269,44 @@ void DecodedCheckpointWeightSource::release(std::string_view name) const {
   }
 }
 
+namespace {
+
+// The prismaquant format a scheme stores (the serving table's key): the layout, whether it
+// quantizes activations, and for FP8 the weight strategy and for integers the width.
+std::string_view format_of_scheme(const Scheme& scheme) {
+  const bool quantized_inputs = scheme.activations != ActivationKind::kNone;
+  switch (scheme.layout) {
+    case Layout::kNvfp4:
+      return quantized_inputs ? "NVFP4" : "NVFP4A16";
+    case Layout::kMxfp4:
+      return quantized_inputs ? "MXFP4" : "MXFP4A16";
+    case Layout::kMxfp8:
+      return quantized_inputs ? "MXFP8" : "MXFP8A16";
+    case Layout::kFp8:
+      if (!quantized_inputs) return "FP8_E4M3A16";
+      if (scheme.weights.strategy == Strategy::kBlock) return "FP8_BLOCK";
+      return scheme.weights.strategy == Strategy::kTensor ? "FP8_E4M3_TENSOR" : "FP8_E4M3";
+    case Layout::kPackedInt:
+      return scheme.weights.num_bits == 4 ? "INT4_W4A16" : "INT8_W8A16";
+  }
+  return "";
+}
+
+// The activations vLLM on `target` quantizes for `linear` stored in `scheme`.
+ActivationKind served_activations(const Scheme& scheme, const model::Linear& linear,
+                                  formats::ServingTarget target) {
+  const formats::ServingBehaviour& served = formats::serving_behaviour(
+      formats::format_by_name(format_of_scheme(scheme)), linear.layer_kind(), target);
+  if (served.activations != formats::ActivationPath::kQuantized) return ActivationKind::kNone;
+  if (scheme.activations != ActivationKind::kNone) return scheme.activations;
+  // A weight-only MX scheme that the target runs with its W-A twin's activations.
+  return scheme.layout == Layout::kMxfp4 ? ActivationKind::kMxfp4 : ActivationKind::kMxfp8;
+}
+
+}  // namespace
+
 CheckpointActivationQuantizer::CheckpointActivationQuantizer(
-    const CompressedTensorsCheckpoint& checkpoint) {
+    const CompressedTensorsCheckpoint& checkpoint, formats::ServingTarget target) {
   using formats::ElementType;
   using formats::GroupCodec;
   using formats::ScaleKind;
@@ -282,7 +318,7 @@ CheckpointActivationQuantizer::CheckpointActivationQuantizer(
   for (const model::Linear& linear : checkpoint.spec().linears) {
     const Scheme* scheme = checkpoint.scheme_of(linear.name);
     if (scheme == nullptr) continue;
-    switch (scheme->activations) {
+    switch (served_activations(*scheme, linear, target)) {
       case ActivationKind::kNone:
         break;
       case ActivationKind::kNvfp4: {

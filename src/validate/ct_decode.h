@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "formats/group_codec.h"
+#include "formats/serving.h"
 #include "runtime/weights.h"
 #include "validate/ct_checkpoint.h"
 
@@ -60,8 +61,11 @@ class DecodedCheckpointWeightSource final : public runtime::WeightSource {
   const CompressedTensorsCheckpoint& checkpoint_;
 };
 
-// What a serving kernel does to the inputs of each quantized Linear whose scheme quantizes
-// activations (fake quantization in f32, per token row):
+// What a serving kernel on `target` does to the inputs of each quantized Linear that vLLM runs
+// with quantized activations there (formats/serving.h, looked up by the prismaquant format the
+// scheme is: none where vLLM serves the scheme weight-only, e.g. FP4 through Marlin below sm100;
+// MXFP4/MXFP8 activations for the weight-only MX schemes, which Blackwell runs W4A4/W8A8).
+// Fake quantization in f32, per token row:
 //   NVFP4 W4A4   E2M1 per 16 columns, E4M3 group scale over the stored input_global_scale
 //   MXFP4/MXFP8  E2M1/E4M3 per 32 columns, dynamic E8M0 scale (compressed-tensors'
 //                round_to_power_2 exponent rule, as for weights)
@@ -70,7 +74,8 @@ class DecodedCheckpointWeightSource final : public runtime::WeightSource {
 // also uses); the checkpoint supplies only the scheme and input_global_scale.
 class CheckpointActivationQuantizer final : public runtime::ActivationQuantizer {
  public:
-  explicit CheckpointActivationQuantizer(const CompressedTensorsCheckpoint& checkpoint);
+  CheckpointActivationQuantizer(const CompressedTensorsCheckpoint& checkpoint,
+                                formats::ServingTarget target);
 
   bool applies_to(std::string_view linear) const override;
   void quantize(std::string_view linear, std::int64_t rows, std::int64_t in_features,

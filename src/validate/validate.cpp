@@ -75,6 +75,7 @@ nlohmann::json ValidateReport::to_json() const {
           {"reference", reference},
           {"format", format},
           {"linears_by_format", linears_by_format},
+          {"serve_on", serve_on},
           {"activation_quantized_linears", activation_quantized_linears},
           {"seqlen", seqlen},
           {"windows", windows},
@@ -142,6 +143,7 @@ ValidateReport run_validate(const ValidateJob& job) {
   report.checkpoint = job.checkpoint.string();
   report.reference = job.reference.string();
   report.format = checkpoint.format();
+  report.serve_on = std::string(formats::serving_target_name(job.serve_on));
   report.gates = job.gates;
   report.seqlen = job.seqlen;
   for (const model::Linear& linear : checkpoint.spec().linears) {
@@ -209,7 +211,7 @@ ValidateReport run_validate(const ValidateJob& job) {
   }
 
   const DecodedCheckpointWeightSource decoded(checkpoint);
-  const CheckpointActivationQuantizer activations(checkpoint);
+  const CheckpointActivationQuantizer activations(checkpoint, job.serve_on);
   report.activation_quantized_linears = static_cast<std::int64_t>(activations.size());
   runtime::RuntimeOptions model_options = options;
   if (activations.size() > 0) model_options.activation_quantizer = &activations;

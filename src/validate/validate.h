@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "data/token_dataset.h"
+#include "formats/serving.h"
 
 namespace pq::validate {
 
@@ -32,6 +33,9 @@ struct ValidateJob {
   std::int64_t seqlen = 512;
   std::int64_t max_seqs = 16;
   Gates gates;
+  // The GPU vLLM serves the checkpoint on: which Linears' activations are quantized in the
+  // measurement (CheckpointActivationQuantizer).
+  formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
   std::optional<std::string> prompt;  // sample prompt; default: the held-out split's start
   std::int64_t sample_tokens = 32;    // greedy: tokens generated; teacher-forced: positions scored
   // Models whose f32 weights fit this stay decoded in memory between passes and sample greedily
@@ -45,7 +49,8 @@ struct ValidateReport {
   std::string reference;
   std::string format;                                     // quantization_config.format
   std::map<std::string, std::int64_t> linears_by_format;  // storage format (or "ignored") -> count
-  std::int64_t activation_quantized_linears = 0;
+  std::string serve_on;                                   // formats::serving_target_name
+  std::int64_t activation_quantized_linears = 0;          // on serve_on
 
   std::int64_t seqlen = 0;
   std::int64_t windows = 0;

@@ -106,7 +106,8 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
     for (const auto& linear : assignment.at("linears")) {
       format_of[linear.at("name").get<std::string>()] = linear.at("format").get<std::string>();
     }
-    const exporter::QuantizedLinears evaluated = exporter::quantize_linears(encoder, format_of);
+    const exporter::QuantizedLinears evaluated =
+        exporter::quantize_linears(encoder, format_of, formats::ServingTarget::kBlackwell);
     const auto written = validate::CompressedTensorsCheckpoint::open(dir / "out");
     for (const auto& [name, format] : format_of) {
       if (format == "BF16") continue;

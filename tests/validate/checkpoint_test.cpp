@@ -7,9 +7,11 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 
 #include "alloc/assignment.h"
@@ -17,12 +19,14 @@
 #include "common/file_util.h"
 #include "export/exporter.h"
 #include "export/linear_encoder.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
 #include "pipeline/measure.h"
 #include "runtime/evaluate.h"
+#include "runtime/model.h"
 #include "runtime/weights.h"
 #include "support/test_support.h"
 #include "validate/ct_checkpoint.h"
@@ -379,7 +383,7 @@ TEST(Qwen3_5MoeExport, ReadsBackEveryLinearAndNamesTheMissingTokenizer) {
 
 TEST_F(ExportedCheckpoint, QuantizesActivationsOfTheW8A8AndW4A4Schemes) {
   const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(exported());
-  const CheckpointActivationQuantizer quantizer(ct);
+  const CheckpointActivationQuantizer quantizer(ct, formats::ServingTarget::kBlackwell);
   EXPECT_TRUE(quantizer.applies_to(kQ0));     // NVFP4
   EXPECT_FALSE(quantizer.applies_to(kO0));    // NVFP4A16
   EXPECT_TRUE(quantizer.applies_to(kGate0));  // MXFP8
@@ -398,13 +402,16 @@ TEST_F(ExportedCheckpoint, QuantizesActivationsOfTheW8A8AndW4A4Schemes) {
   EXPECT_EQ(x[0], 6.0f * (72.0f / 448.0f));
   EXPECT_EQ(x[1], 0.0f);
   EXPECT_EQ(x[17], -6.0f * (22.0f / 448.0f));
-  // Exactly the Linears whose assigned format quantizes activations, per the formats library.
-  std::size_t w_and_a = 0;
+  // Exactly the Linears whose assigned format quantizes activations, per the formats library,
+  // and on Blackwell also the weight-only MX ones, which vLLM runs W4A4 / W8A8 there.
+  std::size_t w_and_a = 0, mx_weight_only = 0;
   for (const alloc::AssignedLinear& a : assignment_->linears) {
     w_and_a += formats::format_by_name(a.format).quantizes_activations() ? 1 : 0;
+    mx_weight_only += a.format == "MXFP4A16" || a.format == "MXFP8A16" ? 1 : 0;
   }
   EXPECT_GT(w_and_a, 0u);
-  EXPECT_EQ(quantizer.size(), w_and_a);
+  EXPECT_GT(mx_weight_only, 0u);
+  EXPECT_EQ(quantizer.size(), w_and_a + mx_weight_only);
 }
 
 TEST_F(ExportedCheckpoint, RunValidateMeasuresTheDecodedModel) {
@@ -440,7 +447,9 @@ TEST_F(ExportedCheckpoint, RunValidateMeasuresTheDecodedModel) {
 TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   // The quantize pipeline measures an assignment before export by fake-quantizing the source
   // (exporter::LinearEncoder, the formats library). The checkpoint decoded here, independently,
-  // must give the same logits, hence the same KL, perplexity and top-1, bit for bit.
+  // must give the same logits, hence the same KL, perplexity and top-1, bit for bit, on every
+  // serving target: both sides quantize the activations of exactly the Linears vLLM runs with
+  // quantized activations there.
   const model::ModelSpec spec = model::load_model_spec(source_dir());
   const io::Checkpoint source = io::Checkpoint::open(source_dir());
   const exporter::NearestRounding rounding;
@@ -453,16 +462,47 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   const runtime::ReferenceLogits reference(
       reference_model, runtime::ReferenceLogits::Keep::kLogits,
       pipeline::heldout_windows(source_dir(), data(), false, 3, 64), runtime::kEvalWindowsPerPass);
-  const exporter::MeasuredQuality measured = pipeline::measure_assignment(
-      model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
-
-  const ValidateJob job = validate_exported(1);
-  const ValidateReport report = run_validate(job);
-  EXPECT_EQ(report.predictions, measured.predictions);
-  EXPECT_EQ(report.mean_kl, measured.mean_kl);
-  EXPECT_EQ(report.perplexity, measured.perplexity);
-  EXPECT_EQ(report.reference_perplexity, measured.source_perplexity);
-  EXPECT_EQ(report.top1_agreement, measured.top1_agreement);
+  std::map<formats::ServingTarget, double> kl;
+  for (const formats::ServingTarget target : formats::all_serving_targets()) {
+    const std::string name(formats::serving_target_name(target));
+    const exporter::MeasuredQuality measured = pipeline::measure_assignment(
+        model::ModelConfig::load(source_dir()), source, encoder, format_of, reference, target);
+    ValidateJob job = validate_exported(1);
+    job.serve_on = target;
+    const ValidateReport report = run_validate(job);
+    EXPECT_EQ(report.serve_on, name);
+    EXPECT_EQ(report.predictions, measured.predictions) << name;
+    EXPECT_EQ(report.mean_kl, measured.mean_kl) << name;
+    EXPECT_EQ(report.perplexity, measured.perplexity) << name;
+    EXPECT_EQ(report.reference_perplexity, measured.source_perplexity) << name;
+    EXPECT_EQ(report.top1_agreement, measured.top1_agreement) << name;
+    // Exactly the Linears whose serving cell quantizes activations.
+    std::int64_t quantized = 0;
+    for (const alloc::AssignedLinear& a : assignment_->linears) {
+      const formats::WeightFormat& format = formats::format_by_name(a.format);
+      if (!format.exportable() || a.format == "BF16") continue;
+      quantized +=
+          formats::serving_behaviour(format, spec.find_linear(a.name)->layer_kind(), target)
+                      .activations == formats::ActivationPath::kQuantized
+              ? 1
+              : 0;
+    }
+    EXPECT_EQ(report.activation_quantized_linears, quantized) << name;
+    kl[target] = report.mean_kl;
+  }
+  // Ampere runs every scheme of the cycle weight-only (Marlin): its KL is that of the decoded
+  // weights with 16-bit activations. Blackwell quantizes the FP4, MX and FP8 activations.
+  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(exported());
+  const DecodedCheckpointWeightSource decoded(ct);
+  runtime::Model weight_only(ct.config(), decoded, {});
+  EXPECT_EQ(runtime::evaluate(weight_only, reference).mean_kl(),
+            kl.at(formats::ServingTarget::kAmpere));
+  EXPECT_NE(kl.at(formats::ServingTarget::kBlackwell), kl.at(formats::ServingTarget::kAmpere));
+  std::printf(
+      "held-out KL of the format cycle: blackwell %.6f, hopper %.6f, ada %.6f, ampere "
+      "%.6f\n",
+      kl.at(formats::ServingTarget::kBlackwell), kl.at(formats::ServingTarget::kHopper),
+      kl.at(formats::ServingTarget::kAda), kl.at(formats::ServingTarget::kAmpere));
 }
 
 // A model over the resident budget streams its layers and samples teacher-forced: the
