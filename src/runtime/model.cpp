@@ -28,10 +28,13 @@ struct Model::Linear {
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
   // float32 values after the weight transform; in bf16 compute mode only their rounded copy
-  // weight_bf16 is kept.
+  // weight_bf16 is kept, unless keep_f32.
   std::vector<float> weight;
   std::vector<std::uint16_t> weight_bf16;
   std::vector<float> bias;  // empty when the Linear has none
+  // Multiplied in float32 in bf16 compute mode too: MiniMax-M2's router, which vLLM holds in
+  // fp32 and feeds an fp32 input (minimax_m2-architecture-facts.md §4 step 1).
+  bool keep_f32 = false;
 };
 
 struct Model::Layer {
@@ -354,7 +357,7 @@ void Model::prepare_linear(Linear& linear) const {
     options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
                                      linear.weight);
   }
-  if (options_.compute == ComputeType::kBF16) {
+  if (options_.compute == ComputeType::kBF16 && !linear.keep_f32) {
     linear.weight_bf16.resize(linear.weight.size());
     convert_f32_to_bf16(linear.weight, linear.weight_bf16);
     linear.weight = {};
@@ -447,6 +450,7 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
   layer->moe = c.is_moe_layer(index);
   if (layer->moe) {
     const std::string moe = prefix + moe_block_;
+    layer->router.keep_f32 = sigmoid_router_;
     load_linear(layer->router, moe + "gate", c.num_experts, hidden, false);
     if (sigmoid_router_) {
       layer->router_selection_bias = load_vector(moe + "e_score_correction_bias", c.num_experts);
@@ -582,7 +586,7 @@ void Model::linear_backward_input(const Linear& linear, const float* dy, std::in
   // dX [rows, in] (+)= dY [rows, out] W [out, in]
   if (rows == 0) return;
   const float beta = accumulate ? 1.0f : 0.0f;
-  if (options_.compute == ComputeType::kBF16) {
+  if (!linear.weight_bf16.empty()) {
     std::vector<std::uint16_t> dy_bf16(rows * linear.out_features);
     convert_f32_to_bf16({dy, dy_bf16.size()}, dy_bf16);
     gemm_bf16(Transpose::kNo, Transpose::kNo, rows, linear.in_features, linear.out_features, 1.0f,
