@@ -27,7 +27,8 @@ void register_quantize(CLI::App& app) {
       "inputs are unchanged");
   cmd->add_option("model", job->model, "Hugging Face checkpoint directory")->required();
   cmd->add_option("--out", job->out, "Output directory DIR")->required();
-  cmd->add_option("--formats", job->formats, "Format menu")
+  cmd->add_option("--formats", job->formats,
+                  "Format menu (FP8_SOURCE is added for a source with block-scaled FP8 weights)")
       ->delimiter(',')
       ->default_val(std::vector<std::string>{"NVFP4", "MXFP8", "BF16"});
   cmd->add_option("--target-bits", job->target_bits, "Bits per quantizable parameter")

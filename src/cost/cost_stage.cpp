@@ -7,6 +7,7 @@
 #include <exception>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <optional>
 
 #include "common/error.h"
@@ -16,6 +17,7 @@
 #include "common/location_lock.h"
 #include "common/progress.h"
 #include "io/dtype.h"
+#include "io/fp8_block.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
@@ -28,17 +30,28 @@ namespace pq::cost {
 
 namespace {
 
-// The Linear's weight as float32 [out, in], cut out of a packed tensor where it shares one.
+// The Linear's weight as float32 [out, in] (block-scaled FP8 sources dequantized), cut out of a
+// packed tensor where it shares one.
 std::vector<float> load_weight(const io::Checkpoint& checkpoint, const model::Linear& linear) {
-  std::vector<float> values = checkpoint.to_f32(linear.weight_tensor);
+  std::vector<float> values;
+  if (linear.slice) {
+    const std::int64_t rows_per_matrix = checkpoint.info(linear.weight_tensor).shape.at(1);
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(linear.out_features));
+    std::iota(rows.begin(), rows.end(),
+              linear.slice->index * rows_per_matrix + linear.slice->row_begin);
+    values = io::decode_weight_rows(checkpoint, linear.weight_tensor, rows);
+  } else {
+    values = io::decode_weight(checkpoint, linear.weight_tensor);
+  }
   io::require_finite(values, fmt::format("tensor {}", linear.weight_tensor));
-  if (!linear.slice) return values;
-  const io::TensorInfo& info = checkpoint.info(linear.weight_tensor);
-  const std::int64_t rows_per_matrix = info.shape.at(1);
-  const std::int64_t in = linear.in_features;
-  const auto begin =
-      values.begin() + (linear.slice->index * rows_per_matrix + linear.slice->row_begin) * in;
-  return std::vector<float>(begin, begin + linear.numel());
+  return values;
+}
+
+// The source bytes FP8_SOURCE keeps, viewed in the mapped checkpoint.
+formats::Fp8SourceWeight fp8_source_weight(const io::Checkpoint& checkpoint,
+                                           const model::Linear& linear) {
+  const io::TensorView scale = checkpoint.view(*linear.scale_tensor);
+  return {checkpoint.view(linear.weight_tensor).bytes, scale.info->dtype, scale.bytes};
 }
 
 // Whether the format stores the tensor `suffix` (NVFP4: weight_global_scale, which fused
@@ -227,6 +240,13 @@ CostOutcome run_cost(const CostJob& job) {
           if (stores(format, shape, "input_global_scale")) {
             options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(key));
           }
+          // FP8_SOURCE's weights are the source's own bytes: its codec reads them, not
+          // weights[m] (their dequantization, which it reproduces exactly).
+          std::optional<formats::Fp8SourceWeight> fp8_source;
+          if (format.name() == "FP8_SOURCE") {
+            fp8_source = fp8_source_weight(checkpoint, linear);
+            options.fp8_source = &*fp8_source;
+          }
           format.fake_quantize(weights[m], shape, quantized, options);
           const QuantizationErrors e = measure_errors(weights[m], quantized, shape, stats);
           alloc::FormatCost cost;
@@ -255,7 +275,10 @@ CostOutcome run_cost(const CostJob& job) {
 
   // Passthrough: every stored tensor no candidate Linear takes its weight from, as stored.
   std::map<std::string, bool, std::less<>> quantized_tensors;
-  for (const std::size_t i : candidates) quantized_tensors[spec.linears[i].weight_tensor] = true;
+  for (const std::size_t i : candidates) {
+    quantized_tensors[spec.linears[i].weight_tensor] = true;
+    if (spec.linears[i].scale_tensor) quantized_tensors[*spec.linears[i].scale_tensor] = true;
+  }
   for (const std::string& name : checkpoint.tensor_names()) {
     if (quantized_tensors.count(name) != 0) continue;
     const io::TensorInfo& info = checkpoint.info(name);

@@ -151,6 +151,9 @@ std::vector<Step> stream_order(const model::ModelSpec& spec, const Plan& plan) {
     if (plan.format_of[unit.front()] == nullptr) {
       for (const std::size_t member : unit) {
         add_passthrough(spec.linears[member].weight_tensor, first.layer, LLONG_MAX);
+        if (spec.linears[member].scale_tensor) {
+          add_passthrough(*spec.linears[member].scale_tensor, first.layer, LLONG_MAX);
+        }
       }
     } else {
       steps.push_back({first.layer.value_or(LLONG_MAX), "", unit});
@@ -176,6 +179,7 @@ std::uint64_t write_unit(const Step& step, const model::ModelSpec& spec, const P
       written += tensor.bytes.size();
     }
     checkpoint.release(linear.weight_tensor);
+    if (linear.scale_tensor) checkpoint.release(*linear.scale_tensor);
   }
   return written;
 }
@@ -396,12 +400,13 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
   nlohmann::json ignore = nlohmann::json::array();
   for (const model::Linear& linear : spec.linears) {
     const auto it = format_of.find(linear.name);
+    // vLLM matches targets and ignore against its own module names (LinearRule::serving_module).
     if (it == format_of.end() || it->second == "BF16") {
-      ignore.push_back(linear.name);
+      ignore.push_back(linear.serving_name);
       continue;
     }
     if (!targets.contains(it->second)) group_formats.push_back(it->second);
-    targets[it->second].push_back(linear.name);
+    targets[it->second].push_back(linear.serving_name);
   }
   nlohmann::json groups = nlohmann::json::object();
   std::set<std::string> storage_formats;

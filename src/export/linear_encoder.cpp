@@ -4,9 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "common/error.h"
 #include "io/dtype.h"
+#include "io/fp8_block.h"
 #include "probe/input_key.h"
 
 namespace pq::exporter {
@@ -65,22 +67,17 @@ std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec&
 
 std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
                                       const model::Linear& linear) {
-  const io::TensorView view = checkpoint.view(linear.weight_tensor);
-  std::vector<float> weight(static_cast<std::size_t>(linear.numel()));
-  std::span<const std::uint8_t> bytes = view.bytes;
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(linear.out_features));
+  std::int64_t first_row = 0;
   if (linear.slice) {
-    const std::vector<std::int64_t>& shape = view.info->shape;
+    const std::vector<std::int64_t>& shape = checkpoint.info(linear.weight_tensor).shape;
     PQ_CHECK(shape.size() == 3 && shape[2] == linear.in_features,
              "{}: tensor {} is not [E, rows, {}]", linear.name, linear.weight_tensor,
              linear.in_features);
-    const std::size_t row_bytes =
-        static_cast<std::size_t>(shape[2]) * io::dtype_size(view.info->dtype);
-    const std::size_t first_row =
-        static_cast<std::size_t>(linear.slice->index * shape[1] + linear.slice->row_begin);
-    bytes = bytes.subspan(first_row * row_bytes,
-                          static_cast<std::size_t>(linear.out_features) * row_bytes);
+    first_row = linear.slice->index * shape[1] + linear.slice->row_begin;
   }
-  io::decode_to_f32(view.info->dtype, bytes, weight);
+  std::iota(rows.begin(), rows.end(), first_row);
+  std::vector<float> weight = io::decode_weight_rows(checkpoint, linear.weight_tensor, rows);
   io::require_finite(weight,
                      fmt::format("tensor {} (Linear {})", linear.weight_tensor, linear.name));
   return weight;
@@ -109,6 +106,14 @@ LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint&
   for (std::size_t unit = 0; unit < units_.size(); ++unit) {
     for (const std::size_t member : units_[unit]) unit_of_[member] = unit;
   }
+  fp8_sources_.resize(spec.linears.size());
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const model::Linear& linear = spec.linears[i];
+    if (!linear.scale_tensor) continue;
+    const io::TensorView scale = checkpoint_.view(*linear.scale_tensor);
+    fp8_sources_[i] = formats::Fp8SourceWeight{checkpoint_.view(linear.weight_tensor).bytes,
+                                               scale.info->dtype, scale.bytes};
+  }
   if (!render_cache.empty() && !rounding_.fingerprint().empty()) {
     cache_ = std::make_unique<RenderCache>(
         render_cache, render_fingerprint(checkpoint_.directory(), rounding_, input_amax_));
@@ -132,6 +137,15 @@ formats::QuantizeOptions LinearEncoder::options(std::size_t index,
   PQ_CHECK(index < spec_.linears.size(), "Linear index {} out of range ({} Linears)", index,
            spec_.linears.size());
   formats::QuantizeOptions options;
+  if (format.name() == "FP8_SOURCE") {
+    const std::optional<formats::Fp8SourceWeight>& source = fp8_sources_[index];
+    PQ_CHECK(source.has_value(),
+             "Linear '{}' is not stored as block-scaled FP8: FP8_SOURCE has no "
+             "source bytes to keep",
+             spec_.linears[index].name);
+    options.fp8_source = &*source;
+    return options;
+  }
   if (!is_nvfp4(format)) return options;
   const std::size_t unit = unit_of_[index];
   options.weight_global_scale = formats::nvfp4_global_scale(unit_weight_amax(unit));

@@ -28,8 +28,9 @@ namespace pq::exporter {
 // (method-facts.md §7, "Packed experts": each expert's global scale = max(gate, up)).
 std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec& spec);
 
-// The source weight of one Linear decoded to f32, [out, in]; a slice of a packed 3-D tensor when
-// the Linear shares its tensor (Qwen3.5 packed experts).
+// The source weight of one Linear decoded to f32, [out, in] (a block-scaled FP8 source
+// dequantized); a slice of a packed 3-D tensor when the Linear shares its tensor (Qwen3.5 packed
+// experts).
 std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
                                       const model::Linear& linear);
 
@@ -77,6 +78,8 @@ class LinearEncoder {
   std::vector<std::vector<std::size_t>> units_;
   std::vector<std::size_t> unit_of_;                       // per Linear
   mutable std::vector<std::optional<float>> weight_amax_;  // per unit, read on first use
+  // Per Linear: its FP8 bytes and block scale in the mapped source, for FP8_SOURCE.
+  std::vector<std::optional<formats::Fp8SourceWeight>> fp8_sources_;
   std::unique_ptr<RenderCache> cache_;
 };
 

@@ -226,6 +226,52 @@ VisionConfig parse_vision(const Fields& v) {
   return c;
 }
 
+// quant_method "fp8" in quantization_config: DeepSeek-V3-style block-scaled FP8 weights (E4M3,
+// 128x128 weight blocks; minimax_m2-architecture-facts.md §1, §6), the only FP8 layout read.
+// Other methods (a compressed-tensors export's own config) say nothing about a source here.
+bool parse_fp8_block_weights(const Fields& top) {
+  if (!top.has("quantization_config")) return false;
+  const Fields q = top.child("quantization_config");
+  if (q.optional<std::string>("quant_method").value_or("") != "fp8") return false;
+  const std::string format = q.optional<std::string>("fmt").value_or("float8_e4m3fn");
+  PQ_CHECK(format == "float8_e4m3fn", "{}: field \"{}\" is {}; only float8_e4m3fn is read",
+           q.label(), q.name("fmt"), quoted_json_string(format));
+  const auto block = q.optional<std::vector<std::int64_t>>("weight_block_size");
+  PQ_CHECK(block == std::vector<std::int64_t>({128, 128}),
+           "{}: field \"{}\" must be [128, 128] (per-tensor or other block sizes are not read)",
+           q.label(), q.name("weight_block_size"));
+  return true;
+}
+
+// MiniMaxM2Config (minimax_m2-architecture-facts.md §1): experts are "num_local_experts" of width
+// "intermediate_size" on every layer, top-k weights always renormalised (§4 step 5), and RoPE
+// covers "rotary_dim" of head_dim (partial_rotary_factor rotary_dim / head_dim, default half:
+// §3). The q/k norm and router variants the facts do not describe are refused.
+void parse_minimax_m2(const Fields& text, ModelConfig& c) {
+  c.num_experts = text.required_integer("num_local_experts", 1, kMaxCount);
+  c.num_experts_per_tok = text.required_integer("num_experts_per_tok", 1, kMaxCount);
+  PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
+           "{}: num_experts_per_tok {} exceeds num_local_experts {}", text.label(),
+           c.num_experts_per_tok, c.num_experts);
+  c.moe_intermediate_size = c.intermediate_size;
+  PQ_CHECK(c.moe_intermediate_size > 0, "{}: missing required field \"{}\"", text.label(),
+           text.name("intermediate_size"));
+  c.norm_topk_prob = true;
+  const std::string scoring = text.optional<std::string>("scoring_func").value_or("sigmoid");
+  PQ_CHECK(scoring == "sigmoid", "{}: field \"{}\" is {}; MiniMax-M2 routes with sigmoid",
+           text.label(), text.name("scoring_func"), quoted_json_string(scoring));
+  const std::string qk_norm = text.optional<std::string>("qk_norm_type").value_or("per_layer");
+  PQ_CHECK(qk_norm == "per_layer",
+           "{}: field \"{}\" is {}; only the per_layer (whole-projection) q/k norm is supported",
+           text.label(), text.name("qk_norm_type"), quoted_json_string(qk_norm));
+  PQ_CHECK(text.optional_integer("shared_intermediate_size", 0, kMaxDimension).value_or(0) == 0,
+           "{}: field \"{}\" is set; MiniMax-M2 has no shared expert", text.label(),
+           text.name("shared_intermediate_size"));
+  const std::int64_t rotary_dim =
+      text.optional_integer("rotary_dim", 2, c.head_dim).value_or(c.head_dim / 2);
+  c.partial_rotary_factor = static_cast<double>(rotary_dim) / static_cast<double>(c.head_dim);
+}
+
 }  // namespace
 
 bool ModelConfig::is_moe_layer(std::int64_t layer) const {
@@ -345,6 +391,11 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
     c.shared_expert_intermediate_size =
         text.optional_integer("shared_expert_intermediate_size", 0, kMaxDimension).value_or(0);
   }
+
+  if (text_model_type == "minimax_m2" || c.architecture == "MiniMaxM2ForCausalLM") {
+    parse_minimax_m2(text, c);
+  }
+  c.fp8_block_weights = parse_fp8_block_weights(top);
 
   c.layer_types = parse_layer_types(text, c.num_hidden_layers, hybrid);
   if (std::find(c.layer_types.begin(), c.layer_types.end(), LayerType::kLinearAttention) !=

@@ -92,6 +92,9 @@ struct ModelConfig {
   std::int64_t decoder_sparse_step = 1;
   std::vector<std::int64_t> mlp_only_layers;
   std::int64_t shared_expert_intermediate_size = 0;  // Qwen3-Next, Qwen3.5/3.6-MoE; 0: none
+  // The checkpoint stores Linear weights as block-scaled FP8 (quantization_config quant_method
+  // "fp8" with weight_block_size [128, 128]: facts §1, §6).
+  bool fp8_block_weights = false;
 
   // Per layer, from "layer_types"; for Qwen3-Next and Qwen3.5/3.6 without it, every
   // full_attention_interval-th layer is full attention and the others linear attention (facts

@@ -88,6 +88,7 @@ nlohmann::ordered_json inspect_json(const ModelSpec& spec) {
         {"group", optional_json(linear.group)},
         {"candidate", linear.is_candidate},
         {"bias", optional_json(linear.bias_tensor)},
+        {"fp8_source_scale", optional_json(linear.scale_tensor)},
         {"component", component_name(linear.component)},
     });
   }
@@ -183,6 +184,19 @@ std::string inspect_text(const ModelSpec& spec) {
   row("role", "count", "parameters");
   for (const auto& [role, summary] : candidate_roles) {
     row(role, std::to_string(summary.count), group_digits(summary.params));
+  }
+  std::int64_t fp8_linears = 0;
+  std::int64_t fp8_params = 0;
+  for (const Linear& linear : spec.linears) {
+    if (!linear.is_fp8_source()) continue;
+    ++fp8_linears;
+    fp8_params += linear.numel();
+  }
+  if (fp8_linears > 0) {
+    fmt::format_to(std::back_inserter(out),
+                   "fp8 source    {} Linears stored as 128x128 block-scaled FP8, {} parameters "
+                   "(FP8_SOURCE keeps their bytes)\n",
+                   fp8_linears, group_digits(fp8_params));
   }
   const std::int64_t passthrough_params = sum_params(passthrough_roles);
   fmt::format_to(std::back_inserter(out),

@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "common/error.h"
+#include "io/fp8_block.h"
 #include "io/safetensors.h"
 #include "model/dimension.h"
 
@@ -138,6 +139,8 @@ class SpecBuilder {
                   std::optional<std::int64_t> expert) {
     Linear linear;
     linear.name = expand(rule.module, layer, expert);
+    linear.serving_name =
+        rule.serving_module.empty() ? linear.name : expand(rule.serving_module, layer, expert);
     linear.role = std::string(rule.role);
     // A Linear the profile packs may be stored per expert instead (LinearRule::packed).
     const bool packed = rule.packed && !by_name_.contains(linear.name + ".weight");
@@ -149,9 +152,18 @@ class SpecBuilder {
         packed ? claim_packed(rule, linear, expert)
                : claim(linear.weight_tensor, {linear.out_features, linear.in_features},
                        {rule.out_features, rule.in_features});
-    PQ_CHECK(io::dtype_is_float(weight.dtype),
-             "{}: tensor \"{}\" has dtype {}; a Linear weight must be unquantized floating point",
-             label_, weight.name, io::dtype_name(weight.dtype));
+    if (weight.dtype == io::DType::F8_E4M3 && config_.fp8_block_weights) {
+      PQ_CHECK(!packed, "{}: tensor \"{}\" packs FP8 experts; only per-expert FP8 weights are read",
+               label_, weight.name);
+      linear.scale_tensor = claim_block_scale(linear);
+      linear.scale_dtype = by_name_.at(*linear.scale_tensor)->dtype;
+    } else {
+      PQ_CHECK(io::dtype_is_float(weight.dtype) && weight.dtype != io::DType::F8_E4M3 &&
+                   weight.dtype != io::DType::F8_E5M2,
+               "{}: tensor \"{}\" has dtype {}; a Linear weight must be unquantized floating point "
+               "or block-scaled FP8 (quantization_config quant_method \"fp8\")",
+               label_, weight.name, io::dtype_name(weight.dtype));
+    }
     linear.dtype = weight.dtype;
     linear.layer = layer;
     linear.expert = expert;
@@ -183,6 +195,32 @@ class SpecBuilder {
       linear.group = group_name;
     }
     spec_.linears.push_back(std::move(linear));
+  }
+
+  // Claims the "<weight>_scale_inv" of a block-scaled FP8 weight: [ceil(out/128), ceil(in/128)],
+  // F32 or BF16 (io/fp8_block.h).
+  std::string claim_block_scale(const Linear& linear) {
+    const std::string name = io::fp8_block_scale_name(linear.weight_tensor);
+    const auto it = by_name_.find(name);
+    PQ_CHECK(it != by_name_.end(),
+             "{}: missing tensor \"{}\" (the block scale of FP8 weight \"{}\")", label_, name,
+             linear.weight_tensor);
+    PQ_CHECK(claimed_.insert(name).second, "{}: tensor \"{}\" claimed twice by the {} profile",
+             label_, name, config_.architecture);
+    const TensorDesc& scale = *it->second;
+    const auto blocks = [](std::int64_t n) {
+      return (n + io::kFp8BlockSize - 1) / io::kFp8BlockSize;
+    };
+    const std::vector<std::int64_t> expected = {blocks(linear.out_features),
+                                                blocks(linear.in_features)};
+    PQ_CHECK(scale.shape == expected,
+             "{}: tensor \"{}\" has shape [{}], expected [{}] (128x128 blocks of [{}, {}])", label_,
+             name, fmt::join(scale.shape, ", "), fmt::join(expected, ", "), linear.out_features,
+             linear.in_features);
+    PQ_CHECK(scale.dtype == io::DType::F32 || scale.dtype == io::DType::BF16,
+             "{}: tensor \"{}\" has dtype {}; a block scale must be F32 or BF16", label_, name,
+             io::dtype_name(scale.dtype));
+    return name;
   }
 
   // Claims the packed tensor once for all the Linears it holds and records linear's slice.
@@ -267,6 +305,13 @@ std::int64_t product(const std::vector<std::int64_t>& shape) {
   return n;
 }
 
+std::int64_t block_scale_numel(const Linear& linear) {
+  const auto blocks = [](std::int64_t n) {
+    return (n + io::kFp8BlockSize - 1) / io::kFp8BlockSize;
+  };
+  return blocks(linear.out_features) * blocks(linear.in_features);
+}
+
 }  // namespace
 
 std::int64_t TensorDesc::numel() const {
@@ -277,6 +322,8 @@ std::int64_t OtherTensor::numel() const {
 }
 
 bool Linear::allows(std::string_view format) const {
+  // FP8_SOURCE keeps the source's FP8 bytes: only a Linear stored that way has them.
+  if (format == "FP8_SOURCE" && !is_fp8_source()) return false;
   return formats.empty() || std::find(formats.begin(), formats.end(), format) != formats.end();
 }
 
@@ -293,6 +340,7 @@ std::int64_t ModelSpec::num_params() const {
     // The slices of a packed tensor cover it exactly (checked when building), so this counts
     // each stored element once.
     total += linear.numel();
+    if (linear.scale_tensor) total += block_scale_numel(linear);
   }
   for (const OtherTensor& tensor : others) total += tensor.numel();
   return total;
@@ -300,7 +348,10 @@ std::int64_t ModelSpec::num_params() const {
 
 std::size_t ModelSpec::num_tensors() const {
   std::set<std::string_view> weights;
-  for (const Linear& linear : linears) weights.insert(linear.weight_tensor);
+  for (const Linear& linear : linears) {
+    weights.insert(linear.weight_tensor);
+    if (linear.scale_tensor) weights.insert(*linear.scale_tensor);
+  }
   return weights.size() + others.size();
 }
 
@@ -318,8 +369,12 @@ std::map<std::string, std::int64_t> ModelSpec::params_by_role() const {
 
 std::map<std::string, std::int64_t> ModelSpec::params_by_dtype() const {
   std::map<std::string, std::int64_t> by_dtype;
-  for (const Linear& linear : linears)
+  for (const Linear& linear : linears) {
     by_dtype[std::string(io::dtype_name(linear.dtype))] += linear.numel();
+    if (linear.scale_tensor) {
+      by_dtype[std::string(io::dtype_name(linear.scale_dtype))] += block_scale_numel(linear);
+    }
+  }
   for (const OtherTensor& tensor : others) {
     by_dtype[std::string(io::dtype_name(tensor.dtype))] += tensor.numel();
   }
@@ -333,6 +388,7 @@ std::vector<std::string> ModelSpec::passthrough_tensors() const {
   for (const Linear& linear : linears) {
     if (!linear.is_candidate && listed.insert(linear.weight_tensor).second) {
       names.push_back(linear.weight_tensor);
+      if (linear.scale_tensor) names.push_back(*linear.scale_tensor);
     }
   }
   return names;

@@ -40,7 +40,10 @@ struct TensorSlice {
 
 // One Linear of the model: the unit the quantizer assigns a format to.
 struct Linear {
-  std::string name;                  // HF module name, e.g. "model.layers.3.self_attn.q_proj"
+  std::string name;  // HF module name, e.g. "model.layers.3.self_attn.q_proj"
+  // The name vLLM's quantization config targets and ignore list must use (LinearRule::
+  // serving_module); equal to `name` for every family but MiniMax-M2's experts.
+  std::string serving_name;
   std::string role;                  // profile role, e.g. "q_proj", "expert_up_proj", "router"
   std::string weight_tensor;         // checkpoint tensor holding the weight
   std::optional<TensorSlice> slice;  // set when weight_tensor holds more than this Linear
@@ -52,6 +55,10 @@ struct Linear {
   std::optional<std::int64_t> layer;
   std::optional<std::int64_t> expert;  // set for routed-expert projections
   std::optional<std::string> bias_tensor;
+  // The "<weight>_scale_inv" block scale of a weight stored as block-scaled FP8
+  // (io/fp8_block.h): the Linear may keep its source bytes (format FP8_SOURCE).
+  std::optional<std::string> scale_tensor;
+  io::DType scale_dtype = io::DType::F32;  // its dtype, F32 or BF16
   std::optional<std::string> group;  // sibling group name (SiblingGroup::name); absent if alone
   bool is_candidate = false;
   Component component = Component::kText;
@@ -59,7 +66,9 @@ struct Linear {
   std::vector<std::string> formats;
 
   std::int64_t numel() const { return out_features * in_features; }
-  // Whether the architecture lets vLLM serve this Linear in `format` (its shape aside).
+  bool is_fp8_source() const { return scale_tensor.has_value(); }
+  // Whether the architecture lets vLLM serve this Linear in `format` (its shape aside), and, for
+  // FP8_SOURCE, whether it is stored as block-scaled FP8 at source.
   bool allows(std::string_view format) const;
   // The vLLM module class holding it: FusedMoE for a routed expert, ParallelLMHead for lm_head,
   // a fused (QKV / merged) Linear for a member of a sibling group, else a plain Linear.
@@ -93,7 +102,8 @@ struct SpecOptions {
 };
 
 // The inventory of a checkpoint: every tensor accounted for exactly once, either as a Linear
-// weight (linears) or as another tensor (others: embeddings, norms, biases).
+// weight or its FP8 block scale (linears) or as another tensor (others: embeddings, norms,
+// biases).
 struct ModelSpec {
   std::string architecture;
   std::string family;

@@ -91,6 +91,11 @@ struct LinearRule {
   // allows fewer than every format its shape takes; empty: no such limit. The cost stage offers
   // and the exporter accepts only these.
   std::span<const std::string_view> formats = {};
+  // The module name pattern vLLM's quantization config lookups see for this Linear, where it
+  // differs from `module` (MiniMax-M2's experts: the checkpoint's "block_sparse_moe.experts.E.w1"
+  // is looked up as "mlp.experts.E.gate_proj", minimax_m2-architecture-facts.md §8.2, §8.4).
+  // Empty: `module`. Tensors keep the checkpoint's names either way.
+  std::string_view serving_module = {};
 };
 
 // A tensor that is not part of a Linear (embeddings, norms, conv kernels); kept as stored.

@@ -78,6 +78,7 @@ void require_disk_for_outputs(const QuantizeJob& job, const std::filesystem::pat
     if (stored.insert(linear.weight_tensor).second) {
       stored_bytes += checkpoint.info(linear.weight_tensor).nbytes();
     }
+    if (linear.scale_tensor) stored_bytes += checkpoint.info(*linear.scale_tensor).nbytes();
   }
   std::vector<std::string> budgets = {job.target_bits};
   if (job.select == "scout") {
@@ -147,6 +148,16 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
              name);
   }
   runtime::require_runtime_support(model::ModelConfig::load(job.model));
+  // FP8_SOURCE is on the menu wherever the source stores Linears as block-scaled FP8: keeping
+  // their bytes is the one choice without error against the source (docs/formats.md); the cost
+  // stage offers it to those Linears only (model::Linear::allows).
+  std::vector<std::string> menu = job.formats;
+  const model::ModelSpec source_spec = model::load_model_spec(job.model);
+  const bool fp8_source = std::any_of(source_spec.linears.begin(), source_spec.linears.end(),
+                                      [](const model::Linear& l) { return l.is_fp8_source(); });
+  if (fp8_source && std::find(menu.begin(), menu.end(), "FP8_SOURCE") == menu.end()) {
+    menu.push_back("FP8_SOURCE");
+  }
   data::require_dataset(job.data, job.token_ids, job.model);
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.
@@ -181,7 +192,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   cost_job.model = job.model;
   cost_job.probe = probe_job.out;
   cost_job.out = work / "cost";
-  cost_job.formats = job.formats;
+  cost_job.formats = menu;
   cost_job.objective = job.objective;
   cost_job.serve_on = job.serve_on;
   const cost::CostOutcome costed = cost::run_cost(cost_job);
@@ -219,7 +230,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     scout_job.data = job.data;
     scout_job.token_ids = job.token_ids;
     scout_job.work = work;
-    scout_job.formats = job.formats;
+    scout_job.formats = menu;
     scout_job.serve_on = job.serve_on;
     scout_job.budgets = job.scout_budgets;
     scout_job.target = job.target_bits;

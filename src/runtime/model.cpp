@@ -38,10 +38,13 @@ struct Model::Linear {
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
   // float32 values after the weight transform; in bf16 compute mode only their rounded copy
-  // weight_bf16 is kept.
+  // weight_bf16 is kept, unless keep_f32.
   std::vector<float> weight;
   std::vector<std::uint16_t> weight_bf16;
   std::vector<float> bias;  // empty when the Linear has none
+  // Multiplied in float32 in bf16 compute mode too: MiniMax-M2's router, which vLLM holds in
+  // fp32 and feeds an fp32 input (minimax_m2-architecture-facts.md §4 step 1).
+  bool keep_f32 = false;
 };
 
 struct Model::Layer {
@@ -73,8 +76,10 @@ struct Model::Layer {
   struct Mlp {
     Linear gate_proj, up_proj, down_proj;
   };
-  Mlp mlp;                   // dense layers
-  Linear router;             // MoE: mlp.gate
+  Mlp mlp;        // dense layers
+  Linear router;  // MoE: mlp.gate (MiniMax-M2: block_sparse_moe.gate)
+  // MiniMax-M2's e_score_correction_bias [E]: added to the router scores to choose experts only.
+  std::vector<float> router_selection_bias;
   std::vector<Mlp> experts;  // MoE: mlp.experts.N
   // MoE with a shared expert (facts §6.2 step 3): mlp.shared_expert, scaled per token by
   // sigmoid(mlp.shared_expert_gate x).
@@ -155,6 +160,16 @@ struct ArchitectureTraits {
   bool packed_experts = false;
   // Gated DeltaNet projections fused as in_proj_qkvz and in_proj_ba (Qwen3-Next, facts §4.1).
   bool fused_gdn_projections = false;
+  // q_norm/k_norm span a token's whole q (k) projection, all heads at once, instead of each
+  // head (MiniMax-M2's "per_layer" norm, minimax_m2-architecture-facts.md §3).
+  bool qk_norm_over_all_heads = false;
+  // Router scores are sigmoid(logits); experts are chosen by score + e_score_correction_bias
+  // and weighted by their unbiased scores, renormalised (MiniMax-M2, facts §4). Otherwise
+  // softmax scores, chosen and weighted as they are.
+  bool sigmoid_router = false;
+  // The MoE block's module under the layer, and its experts' gate, up and down projections.
+  std::string_view moe_block = "mlp.";
+  std::array<std::string_view, 3> expert_projections = {"gate_proj", "up_proj", "down_proj"};
 };
 
 constexpr ArchitectureTraits kArchitectures[] = {
@@ -179,6 +194,16 @@ constexpr ArchitectureTraits kArchitectures[] = {
      .moe = true,
      .always_renormalize = true,
      .packed_experts = true},
+    // MiniMax-M2 / M2.5 / M2.7: block_sparse_moe with experts w1 = gate, w3 = up, w2 = down
+    // (minimax_m2-architecture-facts.md §5), renormalised top-k (§4 step 5).
+    {.name = "MiniMaxM2ForCausalLM",
+     .qk_norm = true,
+     .moe = true,
+     .always_renormalize = true,
+     .qk_norm_over_all_heads = true,
+     .sigmoid_router = true,
+     .moe_block = "block_sparse_moe.",
+     .expert_projections = {"w1", "w3", "w2"}},
 };
 
 const ArchitectureTraits* find_architecture(std::string_view arch) {
@@ -248,6 +273,10 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   packed_experts_ = traits.packed_experts;
   fused_gdn_projections_ = traits.fused_gdn_projections;
   renormalize_top_k_ = config_.norm_topk_prob || traits.always_renormalize;
+  qk_norm_over_all_heads_ = traits.qk_norm_over_all_heads;
+  sigmoid_router_ = traits.sigmoid_router;
+  moe_block_ = traits.moe_block;
+  expert_projections_ = traits.expert_projections;
   text_prefix_ = traits.text_prefix;
   PQ_CHECK(!config_.attn_output_gate || qk_norm_,
            "{}: attn_output_gate is set but the architecture has no gated attention", arch);
@@ -338,7 +367,7 @@ void Model::prepare_linear(Linear& linear) const {
     options_.weight_transform->apply(linear.name, linear.out_features, linear.in_features,
                                      linear.weight);
   }
-  if (options_.compute == ComputeType::kBF16) {
+  if (options_.compute == ComputeType::kBF16 && !linear.keep_f32) {
     linear.weight_bf16.resize(linear.weight.size());
     convert_f32_to_bf16(linear.weight, linear.weight_bf16);
     linear.weight = {};
@@ -411,19 +440,31 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
     load_linear(layer->v_proj, prefix + "self_attn.v_proj", kv_width, hidden, true);
     load_linear(layer->o_proj, prefix + "self_attn.o_proj", hidden, q_width, true);
     if (qk_norm_) {
-      layer->q_norm = load_norm(prefix + "self_attn.q_norm.weight", c.head_dim);
-      layer->k_norm = load_norm(prefix + "self_attn.k_norm.weight", c.head_dim);
+      layer->q_norm = load_norm(prefix + "self_attn.q_norm.weight",
+                                qk_norm_over_all_heads_ ? q_width : c.head_dim);
+      layer->k_norm = load_norm(prefix + "self_attn.k_norm.weight",
+                                qk_norm_over_all_heads_ ? kv_width : c.head_dim);
     }
   }
+  const auto load_named_mlp = [&](Layer::Mlp& mlp, const std::string& mlp_prefix,
+                                  std::int64_t intermediate,
+                                  const std::array<std::string_view, 3>& names) {
+    load_linear(mlp.gate_proj, mlp_prefix + std::string(names[0]), intermediate, hidden, true);
+    load_linear(mlp.up_proj, mlp_prefix + std::string(names[1]), intermediate, hidden, true);
+    load_linear(mlp.down_proj, mlp_prefix + std::string(names[2]), hidden, intermediate, true);
+  };
   const auto load_mlp = [&](Layer::Mlp& mlp, const std::string& mlp_prefix,
                             std::int64_t intermediate) {
-    load_linear(mlp.gate_proj, mlp_prefix + "gate_proj", intermediate, hidden, true);
-    load_linear(mlp.up_proj, mlp_prefix + "up_proj", intermediate, hidden, true);
-    load_linear(mlp.down_proj, mlp_prefix + "down_proj", hidden, intermediate, true);
+    load_named_mlp(mlp, mlp_prefix, intermediate, {"gate_proj", "up_proj", "down_proj"});
   };
   layer->moe = c.is_moe_layer(index);
   if (layer->moe) {
-    load_linear(layer->router, prefix + "mlp.gate", c.num_experts, hidden, false);
+    const std::string moe = prefix + moe_block_;
+    layer->router.keep_f32 = sigmoid_router_;
+    load_linear(layer->router, moe + "gate", c.num_experts, hidden, false);
+    if (sigmoid_router_) {
+      layer->router_selection_bias = load_vector(moe + "e_score_correction_bias", c.num_experts);
+    }
     layer->experts.resize(c.num_experts);
     const std::int64_t inter = c.moe_intermediate_size;
     const std::string gate_up = prefix + "mlp.experts.gate_up_proj";
@@ -446,7 +487,8 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
       weights_.release(down);
     } else {
       for (std::int64_t e = 0; e < c.num_experts; ++e) {
-        load_mlp(layer->experts[e], fmt::format("{}mlp.experts.{}.", prefix, e), inter);
+        load_named_mlp(layer->experts[e], fmt::format("{}experts.{}.", moe, e), inter,
+                       expert_projections_);
       }
     }
     if (c.shared_expert_intermediate_size > 0) {
@@ -554,7 +596,7 @@ void Model::linear_backward_input(const Linear& linear, const float* dy, std::in
   // dX [rows, in] (+)= dY [rows, out] W [out, in]
   if (rows == 0) return;
   const float beta = accumulate ? 1.0f : 0.0f;
-  if (options_.compute == ComputeType::kBF16) {
+  if (!linear.weight_bf16.empty()) {
     std::vector<std::uint16_t> dy_bf16(rows * linear.out_features);
     convert_f32_to_bf16({dy, dy_bf16.size()}, dy_bf16);
     gemm_bf16(Transpose::kNo, Transpose::kNo, rows, linear.in_features, linear.out_features, 1.0f,
@@ -577,6 +619,9 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
   const std::int64_t kv_heads = c.num_key_value_heads;
   const std::int64_t d = c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
+  // Rows each token's q (k) projection is normalised in: one per head, or one for all heads.
+  const std::int64_t q_norm_groups = qk_norm_over_all_heads_ ? 1 : heads;
+  const std::int64_t kv_norm_groups = qk_norm_over_all_heads_ ? 1 : kv_heads;
 
   t.q.resize(n * heads * d);
   t.k.resize(n * kv_heads * d);
@@ -584,8 +629,8 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
   if (qk_norm_) {
     t.q_proj.resize(t.q.size());
     t.k_proj.resize(t.k.size());
-    t.q_rstd.resize(n * heads);
-    t.k_rstd.resize(n * kv_heads);
+    t.q_rstd.resize(n * q_norm_groups);
+    t.k_rstd.resize(n * kv_norm_groups);
     if (c.attn_output_gate) {
       // Per head, columns [0, D) of q_proj's output are the query and [D, 2D) the gate
       // (facts §5 step 1).
@@ -600,10 +645,10 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
       linear_forward(layer.q_proj, t.h1.data(), n, t.q_proj.data(), &t);
     }
     linear_forward(layer.k_proj, t.h1.data(), n, t.k_proj.data(), &t);
-    rms_norm_forward(t.q_proj.data(), layer.q_norm.data(), n * heads, d, eps, t.q.data(),
-                     t.q_rstd.data());
-    rms_norm_forward(t.k_proj.data(), layer.k_norm.data(), n * kv_heads, d, eps, t.k.data(),
-                     t.k_rstd.data());
+    rms_norm_forward(t.q_proj.data(), layer.q_norm.data(), n * q_norm_groups,
+                     heads * d / q_norm_groups, eps, t.q.data(), t.q_rstd.data());
+    rms_norm_forward(t.k_proj.data(), layer.k_norm.data(), n * kv_norm_groups,
+                     kv_heads * d / kv_norm_groups, eps, t.k.data(), t.k_rstd.data());
   } else {
     linear_forward(layer.q_proj, t.h1.data(), n, t.q.data(), &t);
     linear_forward(layer.k_proj, t.h1.data(), n, t.k.data(), &t);
@@ -733,10 +778,12 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
   if (qk_norm_) {
     // dq, dk now hold gradients of the normalized values; take them back through the norms.
     std::vector<float> dq_proj(dq.size()), dk_proj(dk.size());
-    rms_norm_backward(t.q_proj.data(), layer.q_norm.data(), t.q_rstd.data(), dq.data(), n * heads,
-                      d, dq_proj.data(), false);
+    const std::int64_t q_norm_groups = qk_norm_over_all_heads_ ? 1 : heads;
+    const std::int64_t kv_norm_groups = qk_norm_over_all_heads_ ? 1 : kv_heads;
+    rms_norm_backward(t.q_proj.data(), layer.q_norm.data(), t.q_rstd.data(), dq.data(),
+                      n * q_norm_groups, heads * d / q_norm_groups, dq_proj.data(), false);
     rms_norm_backward(t.k_proj.data(), layer.k_norm.data(), t.k_rstd.data(), dk.data(),
-                      n * kv_heads, d, dk_proj.data(), false);
+                      n * kv_norm_groups, kv_heads * d / kv_norm_groups, dk_proj.data(), false);
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
@@ -1058,7 +1105,8 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
 
   // Qwen3MoeSparseMoeBlock (transformers models/qwen3_moe/modeling_qwen3_moe.py): softmax of
   // the router logits in float32, top-k, optional renormalization of the k weights, then the
-  // weighted sum of the chosen experts' SwiGLU outputs.
+  // weighted sum of the chosen experts' SwiGLU outputs. MiniMax-M2 scores with a sigmoid and
+  // chooses with a selection bias (minimax_m2-architecture-facts.md §4).
   const std::int64_t experts = c.num_experts;
   const std::int64_t top_k = c.num_experts_per_tok;
   t.router_probs.resize(n * experts);
@@ -1070,19 +1118,31 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
 #pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
     float* p = t.router_probs.data() + r * experts;
-    const float max_logit = *std::max_element(p, p + experts);
-    double sum = 0.0;
-    for (std::int64_t e = 0; e < experts; ++e)
-      sum += std::exp(static_cast<double>(p[e]) - max_logit);
-    for (std::int64_t e = 0; e < experts; ++e) {
-      p[e] = static_cast<float>(std::exp(static_cast<double>(p[e]) - max_logit) / sum);
+    // What the experts are chosen by: the scores, or (MiniMax-M2) the scores plus the selection
+    // bias, which never enters the weights (facts §4 steps 3-5).
+    std::vector<float> choice(experts);
+    if (sigmoid_router_) {
+      for (std::int64_t e = 0; e < experts; ++e) {
+        p[e] = logistic(p[e]);
+        choice[e] = p[e] + layer.router_selection_bias[e];
+      }
+    } else {
+      const float max_logit = *std::max_element(p, p + experts);
+      double sum = 0.0;
+      for (std::int64_t e = 0; e < experts; ++e)
+        sum += std::exp(static_cast<double>(p[e]) - max_logit);
+      for (std::int64_t e = 0; e < experts; ++e) {
+        p[e] = static_cast<float>(std::exp(static_cast<double>(p[e]) - max_logit) / sum);
+        choice[e] = p[e];
+      }
     }
     std::vector<std::int32_t> order(experts);
     std::iota(order.begin(), order.end(), 0);
-    // Highest probability first; equal probabilities keep the lower expert index first.
+    // Highest choice first; equal choices keep the lower expert index first.
+    const float* q = choice.data();
     std::partial_sort(
         order.begin(), order.begin() + top_k, order.end(),
-        [p](std::int32_t a, std::int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+        [q](std::int32_t a, std::int32_t b) { return q[a] > q[b] || (q[a] == q[b] && a < b); });
     double chosen_sum = 0.0;
     for (std::int64_t j = 0; j < top_k; ++j) chosen_sum += p[order[j]];
     for (std::int64_t j = 0; j < top_k; ++j) {
@@ -1208,7 +1268,8 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     }
   }
 
-  // Through the (optionally renormalized) top-k selection and the softmax to the router logits.
+  // Through the (optionally renormalized) top-k selection and the softmax (or sigmoid) to the
+  // router logits.
   // With S = sum of the chosen probabilities and w_j = p_j / S:
   // dL/dp_j = (g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise; then
   // dL/dlogit = p * (dL/dp - sum(p * dL/dp)).
@@ -1225,6 +1286,13 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     for (std::int64_t j = 0; j < top_k; ++j) {
       const double g = dweights[r * top_k + j];
       dp[t.chosen[r * top_k + j]] = renormalize_top_k_ ? (g - gw) / chosen_sum : g;
+    }
+    if (sigmoid_router_) {
+      // p = sigmoid(logit) element by element; the selection bias carries no gradient (facts §4).
+      for (std::int64_t e = 0; e < experts; ++e) {
+        dlogits[r * experts + e] = static_cast<float>(dp[e] * p[e] * (1.0 - p[e]));
+      }
+      continue;
     }
     double dot = 0.0;
     for (std::int64_t e = 0; e < experts; ++e) dot += p[e] * dp[e];

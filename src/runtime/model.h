@@ -1,5 +1,6 @@
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -71,9 +72,10 @@ struct DecodeState {
 void require_runtime_support(const model::ModelConfig& config);
 
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
-// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3NextForCausalLM, and the text
-// model of Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (the hybrid
-// families: Gated DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head
+// Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MiniMaxM2ForCausalLM,
+// Qwen3NextForCausalLM, and the text model of Qwen3_5ForConditionalGeneration and
+// Qwen3_5MoeForConditionalGeneration (the hybrid families: Gated DeltaNet and gated attention
+// layers, docs/runtime.md). Decoder layers and lm_head
 // are loaded from the weight source when a pass reaches them and dropped afterwards (unless
 // keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
 // resident memory is about one layer whatever the model size. Passes are single-threaded at this
@@ -286,7 +288,14 @@ class Model {
   bool packed_experts_ = false;
   bool fused_gdn_projections_ = false;
   bool renormalize_top_k_ = false;  // norm_topk_prob, or always (Qwen3.5-MoE)
-  std::string text_prefix_;         // "model." or "model.language_model."
+  // MiniMax-M2 (minimax_m2-architecture-facts.md §3-§5): one q/k norm over all heads, a sigmoid
+  // router whose selection bias picks the experts but not their weights, the MoE block and its
+  // experts named block_sparse_moe / w1, w3, w2.
+  bool qk_norm_over_all_heads_ = false;
+  bool sigmoid_router_ = false;
+  std::string moe_block_;                               // "mlp." or "block_sparse_moe."
+  std::array<std::string_view, 3> expert_projections_;  // gate, up, down
+  std::string text_prefix_;                             // "model." or "model.language_model."
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
   std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)

@@ -39,7 +39,9 @@ struct RoutingActivity {
   std::int64_t tokens = 0;
   std::int64_t num_experts = 0;
   std::int64_t top_k = 0;
-  const float* probabilities = nullptr;   // [tokens, num_experts], softmax of the router logits
+  // [tokens, num_experts], the router scores: softmax of the logits, or their sigmoid
+  // (MiniMax-M2, before the selection bias)
+  const float* probabilities = nullptr;
   const std::int32_t* experts = nullptr;  // [tokens, top_k], chosen experts, best first
   const float* weights = nullptr;         // [tokens, top_k], mixing weights actually used
   std::span<const std::int64_t> expert_token_counts;  // [num_experts]

@@ -95,10 +95,12 @@ double apply_yarn(const model::ModelConfig& c, std::int64_t dim, std::vector<dou
 
 std::int64_t rotary_dim(const model::ModelConfig& c) {
   const std::string label = "config.json of " + c.architecture;
-  // Only the hybrid families' attention rotates a leading part of each head (facts §5 step 3);
+  // Only the hybrid families' attention (qwen3_5 facts §5 step 3) and MiniMax-M2's (rotary_dim
+  // of head_dim, minimax_m2-architecture-facts.md §3) rotate a leading part of each head;
   // elsewhere a partial factor would silently mean something the runtime does not do.
-  const bool hybrid = c.attn_output_gate || c.linear_attention.has_value();
-  PQ_CHECK(c.partial_rotary_factor == 1.0 || hybrid,
+  const bool partial = c.attn_output_gate || c.linear_attention.has_value() ||
+                       c.architecture == "MiniMaxM2ForCausalLM";
+  PQ_CHECK(c.partial_rotary_factor == 1.0 || partial,
            "{}: partial_rotary_factor {} is not supported", label, c.partial_rotary_factor);
   // transformers: dim = int(head_dim * partial_rotary_factor).
   const auto dim =

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "common/error.h"
+#include "io/fp8_block.h"
 
 namespace pq::runtime {
 
@@ -13,12 +14,15 @@ std::vector<std::int64_t> CheckpointWeightSource::shape(std::string_view name) c
 }
 
 std::vector<float> CheckpointWeightSource::load_f32(std::string_view name) const {
-  const io::TensorInfo& info = checkpoint_.info(name);
-  PQ_CHECK(io::dtype_is_float(info.dtype), "{}: tensor {} has dtype {}, expected a float type",
-           checkpoint_.directory().string(), name, io::dtype_name(info.dtype));
-  std::vector<float> values = checkpoint_.to_f32(name);
+  std::vector<float> values = io::decode_weight(checkpoint_, name);
   io::require_finite(values, fmt::format("tensor {}", name));
   return values;
+}
+
+void CheckpointWeightSource::release(std::string_view name) const {
+  checkpoint_.release(name);
+  const std::string scale = io::fp8_block_scale_name(name);
+  if (checkpoint_.contains(scale)) checkpoint_.release(scale);
 }
 
 namespace {
@@ -52,19 +56,7 @@ std::vector<float> WeightSource::load_rows_f32(std::string_view name,
 
 std::vector<float> CheckpointWeightSource::load_rows_f32(std::string_view name,
                                                          std::span<const std::int64_t> rows) const {
-  const io::TensorView view = checkpoint_.view(name);
-  PQ_CHECK(io::dtype_is_float(view.info->dtype),
-           "{}: tensor {} has dtype {}, expected a float type", checkpoint_.directory().string(),
-           name, io::dtype_name(view.info->dtype));
-  const auto [count, columns] = checked_rows(name, view.info->shape, rows);
-  const std::size_t row_bytes =
-      static_cast<std::size_t>(columns) * io::dtype_size(view.info->dtype);
-  std::vector<float> out(rows.size() * static_cast<std::size_t>(columns));
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    io::decode_to_f32(view.info->dtype,
-                      view.bytes.subspan(static_cast<std::size_t>(rows[i]) * row_bytes, row_bytes),
-                      {out.data() + i * columns, static_cast<std::size_t>(columns)});
-  }
+  std::vector<float> out = io::decode_weight_rows(checkpoint_, name, rows);
   io::require_finite(out, fmt::format("tensor {} (rows looked up)", name));
   return out;
 }

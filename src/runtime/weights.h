@@ -32,7 +32,8 @@ class WeightSource {
   virtual void release(std::string_view name) const {}
 };
 
-// Reads tensors from a safetensors checkpoint, decoding the stored dtype exactly (io::DType).
+// Reads tensors from a safetensors checkpoint, decoding the stored dtype exactly (io::DType);
+// block-scaled FP8 weights come dequantized (io::decode_weight).
 class CheckpointWeightSource final : public WeightSource {
  public:
   explicit CheckpointWeightSource(const io::Checkpoint& checkpoint) : checkpoint_(checkpoint) {}
@@ -42,7 +43,7 @@ class CheckpointWeightSource final : public WeightSource {
   std::vector<float> load_f32(std::string_view name) const override;
   std::vector<float> load_rows_f32(std::string_view name,
                                    std::span<const std::int64_t> rows) const override;
-  void release(std::string_view name) const override { checkpoint_.release(name); }
+  void release(std::string_view name) const override;
 
  private:
   const io::Checkpoint& checkpoint_;

@@ -534,15 +534,17 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   ct.scheme_index_.assign(ct.spec_.linears.size(), -1);
   for (std::size_t i = 0; i < ct.spec_.linears.size(); ++i) {
     const std::string& name = ct.spec_.linears[i].name;
+    // vLLM matches its own module names (model::Linear::serving_name).
+    const std::string& serving_name = ct.spec_.linears[i].serving_name;
     MatchKind ignored = MatchKind::kNone;
-    for (const std::string& entry : ignore) ignored = std::max(ignored, match(name, entry));
+    for (const std::string& entry : ignore) ignored = std::max(ignored, match(serving_name, entry));
     if (ignored != MatchKind::kNone) continue;
     MatchKind best = MatchKind::kNone;
     std::vector<int> at_best;
     for (std::size_t s = 0; s < ct.schemes_.size(); ++s) {
       MatchKind kind = MatchKind::kNone;
       for (const std::string& target : ct.schemes_[s].targets) {
-        kind = std::max(kind, match(name, target));
+        kind = std::max(kind, match(serving_name, target));
       }
       if (kind == MatchKind::kNone || kind < best) continue;
       if (kind > best) at_best.clear();

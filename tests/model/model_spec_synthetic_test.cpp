@@ -239,7 +239,8 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+            "MiniMaxM2ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+            "Qwen3MoeForCausalLM, "
             "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
             "Qwen3_5MoeForConditionalGeneration");
   // The name is quoted as JSON: a line break in it once split the one-line error.
@@ -383,7 +384,8 @@ TEST(ModelSpecSynthetic, RejectsDuplicateAndQuantizedTensors) {
   }
   EXPECT_EQ(error_of(parse(tiny_config("LlamaForCausalLM")), quantized),
             "ckpt: tensor \"model.layers.0.mlp.down_proj.weight\" has dtype I8; a Linear weight "
-            "must be unquantized floating point");
+            "must be unquantized floating point or block-scaled FP8 (quantization_config "
+            "quant_method \"fp8\")");
 }
 
 TEST(ModelSpecSynthetic, RejectsZeroWidthFromConfig) {
@@ -544,9 +546,10 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
   EXPECT_EQ(names, (std::vector<std::string>{
-                       "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                       "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
+                       "LlamaForCausalLM", "MiniMaxM2ForCausalLM", "MistralForCausalLM",
+                       "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                       "Qwen3NextForCausalLM", "Qwen3_5ForConditionalGeneration",
+                       "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;

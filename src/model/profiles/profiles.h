@@ -14,5 +14,6 @@ const ArchitectureProfile& qwen3_moe();
 const ArchitectureProfile& qwen3_5();
 const ArchitectureProfile& qwen3_5_moe();
 const ArchitectureProfile& qwen3_next();
+const ArchitectureProfile& minimax_m2();
 
 }  // namespace pq::model::profiles
