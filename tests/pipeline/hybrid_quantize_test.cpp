@@ -22,17 +22,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// `count` deterministic token ids below `vocab` (a 64-bit LCG, Knuth's MMIX constants).
-fs::path write_token_ids(const fs::path& path, std::int64_t vocab, std::size_t count) {
-  std::ofstream out(path);
-  std::uint64_t state = 1;
-  for (std::size_t i = 0; i < count; ++i) {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    out << (state >> 33) % static_cast<std::uint64_t>(vocab) << (i % 16 == 15 ? '\n' : ' ');
-  }
-  return path;
-}
-
 // Tensors the exporter keeps as stored: the vision tower, the DeltaNet's A_log and conv1d, norms.
 bool passthrough(const std::string& name) {
   return name.find("visual") != std::string::npos || name.find("A_log") != std::string::npos ||
@@ -58,7 +47,7 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
   }
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   ASSERT_GT(config.mtp_num_hidden_layers, 0);
-  job.data = write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
+  job.data = test::write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
   job.token_ids = true;
   job.out = dir / "out";
   job.nsamples = 4;

@@ -23,24 +23,13 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// `count` deterministic token ids below `vocab` (a 64-bit LCG, Knuth's MMIX constants).
-fs::path write_token_ids(const fs::path& path, std::int64_t vocab, std::size_t count) {
-  std::ofstream out(path);
-  std::uint64_t state = 3;
-  for (std::size_t i = 0; i < count; ++i) {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    out << (state >> 33) % static_cast<std::uint64_t>(vocab) << (i % 16 == 15 ? '\n' : ' ');
-  }
-  return path;
-}
-
 TEST(MiniMaxM2Quantize, TokenIdsEndToEndWithFp8SourceKeptByteForByte) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   QuantizeJob job;
   job.model = test::shared_dir() / "models" / "minimax_m2-tiny-random";
   const model::ModelConfig config = model::ModelConfig::load(job.model);
-  job.data = write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
+  job.data = test::write_token_ids(dir / "ids.txt", config.vocab_size, 4000, 3);
   job.token_ids = true;
   job.out = dir / "out";
   job.nsamples = 4;

@@ -4,12 +4,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "runtime/model.h"
+#include "runtime/weights.h"
+#include "support/test_support.h"
+
 // Reading the float64 reference fixtures of ../shared/fixtures (their "about" keys describe the
-// fields), shared by the runtime's fixture tests.
+// fields) and the forward checks every family's fixture test makes, shared by those tests.
 namespace pq::runtime {
 
 // Little-endian float32 values written as base64 (the fixtures' gradient probe directions V).
@@ -56,6 +63,59 @@ inline double relative_max_error(const float* actual, const nlohmann::json& refe
     }
   }
   return diff / scale;
+}
+
+// A family's tiny checkpoint under ../shared/models with its fixture's token batch.
+struct Fixture {
+  std::string model;
+  nlohmann::json json;
+  model::ModelConfig config;
+  io::Checkpoint checkpoint;
+  std::vector<Sequence> batch;
+
+  explicit Fixture(const std::string& name)
+      : model(name),
+        json(nlohmann::json::parse(
+            std::ifstream(test::shared_dir() / "fixtures" / (name + "-logits.json")))),
+        config(model::ModelConfig::load(test::shared_dir() / "models" / name)),
+        checkpoint(io::Checkpoint::open(test::shared_dir() / "models" / name)) {
+    for (const auto& ids : json["token_ids"]) {
+      batch.push_back({ids.get<std::vector<std::int32_t>>(), {}});
+    }
+  }
+};
+
+// The logits of the batch (both sequences in one pass, so the packed layout is exercised) and
+// of every layer's residual stream, as max error over max magnitude.
+struct ForwardErrors {
+  double logits = 0.0;
+  double residuals = 0.0;
+};
+
+inline ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
+  const CheckpointWeightSource weights(f.checkpoint);
+  Model model(f.config, weights, {.compute = compute});
+  ForwardErrors errors;
+  model.forward(f.batch, [&](std::int64_t s, const float* logits, std::int64_t) {
+    errors.logits = std::max(errors.logits, relative_max_error(logits, f.json["logits"][s]));
+  });
+  const auto pass = model.begin_pass(f.batch);
+  const std::int64_t hidden = f.config.hidden_size;
+  const std::int64_t rows = Model::rows(*pass);
+  std::vector<float> x(rows * hidden), next(rows * hidden);
+  model.embed(*pass, x.data());
+  for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
+    model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
+    x.swap(next);
+    std::int64_t offset = 0;
+    for (std::size_t s = 0; s < f.batch.size(); ++s) {
+      errors.residuals = std::max(
+          errors.residuals,
+          relative_max_error(x.data() + offset * hidden, f.json["residual_after_layer"][s][l]));
+      offset += static_cast<std::int64_t>(f.batch[s].tokens.size());
+    }
+  }
+  return errors;
 }
 
 }  // namespace pq::runtime

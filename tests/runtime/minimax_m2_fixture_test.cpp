@@ -29,28 +29,11 @@ namespace {
 
 constexpr const char* kModel = "minimax_m2-tiny-random";
 
-struct Fixture {
-  nlohmann::json json;
-  model::ModelConfig config;
-  io::Checkpoint checkpoint;
-  std::vector<Sequence> batch;
-
-  Fixture()
-      : config(model::ModelConfig::load(test::shared_dir() / "models" / kModel)),
-        checkpoint(io::Checkpoint::open(test::shared_dir() / "models" / kModel)) {
-    std::ifstream in(test::shared_dir() / "fixtures" / (std::string(kModel) + "-logits.json"));
-    json = nlohmann::json::parse(in);
-    for (const auto& ids : json["token_ids"]) {
-      batch.push_back({ids.get<std::vector<std::int32_t>>(), {}});
-    }
-  }
-};
-
 // Every dequantized value is the E4M3 value times its block's float32 scale rounded once to
 // float32, so it is within half an ulp of the fixture's exact float64 product.
 TEST(MiniMaxM2Fixture, DequantizedWeightsMatchTheExactProducts) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   ASSERT_TRUE(f.config.fp8_block_weights);
   ASSERT_FALSE(f.json["dequant_checks"].empty());
   for (const auto& check : f.json["dequant_checks"]) {
@@ -95,45 +78,9 @@ TEST(MiniMaxM2Fixture, DequantizedWeightsMatchTheExactProducts) {
   }
 }
 
-// Both sequences in one pass (the packed layout): the logits and every layer's residual stream
-// as max error / max magnitude.
-struct ForwardErrors {
-  double logits = 0.0;
-  double residuals = 0.0;
-};
-
-ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
-  const CheckpointWeightSource weights(f.checkpoint);
-  Model model(f.config, weights, {.compute = compute});
-  ForwardErrors errors;
-  int sequences = 0;
-  model.forward(f.batch, [&](std::int64_t s, const float* logits, std::int64_t) {
-    errors.logits = std::max(errors.logits, relative_max_error(logits, f.json["logits"][s]));
-    ++sequences;
-  });
-  EXPECT_EQ(sequences, 2);
-  const auto pass = model.begin_pass(f.batch);
-  const std::int64_t hidden = f.config.hidden_size;
-  const std::int64_t rows = Model::rows(*pass);
-  std::vector<float> x(rows * hidden), next(rows * hidden);
-  model.embed(*pass, x.data());
-  for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
-    model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
-    x.swap(next);
-    std::int64_t offset = 0;
-    for (std::size_t s = 0; s < f.batch.size(); ++s) {
-      errors.residuals = std::max(
-          errors.residuals,
-          relative_max_error(x.data() + offset * hidden, f.json["residual_after_layer"][s][l]));
-      offset += static_cast<std::int64_t>(f.batch[s].tokens.size());
-    }
-  }
-  return errors;
-}
-
 TEST(MiniMaxM2Fixture, Fp32LogitsAndResidualsMatchFloat64Reference) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   const ForwardErrors e = forward_errors(f, ComputeType::kF32);
   std::printf("[%s] fp32 max error / max magnitude: logits %.3g, residuals %.3g\n", kModel,
               e.logits, e.residuals);
@@ -167,7 +114,7 @@ class RoutingRecorder final : public LinearObserver {
 // for weighting.
 TEST(MiniMaxM2Fixture, RoutingMatchesFloat64Reference) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   ASSERT_GT(f.json["routing"]["selections_changed_if_bias_ignored"].get<int>(), 0);
   const CheckpointWeightSource weights(f.checkpoint);
   Model model(f.config, weights, {.compute = ComputeType::kF32});
@@ -214,7 +161,7 @@ TEST(MiniMaxM2Fixture, RoutingMatchesFloat64Reference) {
 // differences of the dequantized weights (q_proj, o_proj, w1, w2, w3 and the F32 router).
 TEST(MiniMaxM2Fixture, DirectionalDerivativesMatchFiniteDifferences) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   const CheckpointWeightSource weights(f.checkpoint);
   Model model(f.config, weights);
   WeightGradientCollector gradients;
@@ -249,7 +196,7 @@ TEST(MiniMaxM2Fixture, DirectionalDerivativesMatchFiniteDifferences) {
 // and the partial RoPE): any chunking gives the logits of a full forward pass.
 TEST(MiniMaxM2Fixture, CachedDecodingMatchesFullForward) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   const CheckpointWeightSource weights(f.checkpoint);
   Model model(f.config, weights, {.keep_layers_resident = true});
   const std::vector<std::int32_t>& tokens = f.batch[1].tokens;
@@ -281,7 +228,7 @@ TEST(MiniMaxM2Fixture, CachedDecodingMatchesFullForward) {
 // leave about 2x margin; a wrong operand gives errors of order 1.
 TEST(MiniMaxM2Fixture, Bf16StaysWithinMeasuredTolerance) {
   PQ_REQUIRE_SHARED();
-  const Fixture f;
+  const Fixture f(kModel);
   const ForwardErrors e = forward_errors(f, ComputeType::kBF16);
   std::printf("[%s] bf16 max error / max magnitude: logits %.3g, residuals %.3g\n", kModel,
               e.logits, e.residuals);

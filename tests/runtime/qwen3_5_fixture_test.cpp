@@ -30,29 +30,6 @@
 namespace pq::runtime {
 namespace {
 
-nlohmann::json load_fixture(const std::string& model) {
-  std::ifstream in(test::shared_dir() / "fixtures" / (model + "-logits.json"));
-  return nlohmann::json::parse(in);
-}
-
-struct Fixture {
-  std::string model;
-  nlohmann::json json;
-  model::ModelConfig config;
-  io::Checkpoint checkpoint;
-  std::vector<Sequence> batch;
-
-  explicit Fixture(const std::string& name)
-      : model(name),
-        json(load_fixture(name)),
-        config(model::ModelConfig::load(test::shared_dir() / "models" / name)),
-        checkpoint(io::Checkpoint::open(test::shared_dir() / "models" / name)) {
-    for (const auto& ids : json["token_ids"]) {
-      batch.push_back({ids.get<std::vector<std::int32_t>>(), {}});
-    }
-  }
-};
-
 const char* const kModels[] = {"qwen3_5-tiny-random", "qwen3_5-moe-tiny-random"};
 
 // <gradient, direction> with gradient [rows, columns] against rows [first_row, first_row + rows)
@@ -64,39 +41,6 @@ double slice_dot(const std::vector<float>& gradient, const std::vector<float>& d
   const float* v = direction.data() + (index * rows_per_matrix + first_row) * columns;
   for (std::size_t i = 0; i < gradient.size(); ++i) dot += static_cast<double>(gradient[i]) * v[i];
   return dot;
-}
-
-// The logits of the batch (both sequences in one pass, so the packed layout is exercised) and
-// of every layer's residual stream, as max error over max magnitude.
-struct ForwardErrors {
-  double logits = 0.0;
-  double residuals = 0.0;
-};
-
-ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
-  const CheckpointWeightSource weights(f.checkpoint);
-  Model model(f.config, weights, {.compute = compute});
-  ForwardErrors errors;
-  model.forward(f.batch, [&](std::int64_t s, const float* logits, std::int64_t) {
-    errors.logits = std::max(errors.logits, relative_max_error(logits, f.json["logits"][s]));
-  });
-  const auto pass = model.begin_pass(f.batch);
-  const std::int64_t hidden = f.config.hidden_size;
-  const std::int64_t rows = Model::rows(*pass);
-  std::vector<float> x(rows * hidden), next(rows * hidden);
-  model.embed(*pass, x.data());
-  for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
-    model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
-    x.swap(next);
-    std::int64_t offset = 0;
-    for (std::size_t s = 0; s < f.batch.size(); ++s) {
-      errors.residuals = std::max(
-          errors.residuals,
-          relative_max_error(x.data() + offset * hidden, f.json["residual_after_layer"][s][l]));
-      offset += static_cast<std::int64_t>(f.batch[s].tokens.size());
-    }
-  }
-  return errors;
 }
 
 // <dL/dW, V> from a backward pass for every probe of the next-token loss, as relative errors

@@ -7,6 +7,7 @@
 
 #include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <random>
 
 #include "common/error.h"
@@ -20,6 +21,17 @@ std::filesystem::path shared_dir() {
 
 bool have_shared() {
   return std::filesystem::exists(shared_dir() / "models");
+}
+
+std::filesystem::path write_token_ids(const std::filesystem::path& path, std::int64_t vocab,
+                                      std::size_t count, std::uint64_t seed) {
+  std::ofstream out(path);
+  std::uint64_t state = seed;
+  for (std::size_t i = 0; i < count; ++i) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    out << (state >> 33) % static_cast<std::uint64_t>(vocab) << (i % 16 == 15 ? '\n' : ' ');
+  }
+  return path;
 }
 
 TempDir::TempDir() {

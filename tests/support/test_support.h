@@ -27,6 +27,12 @@ class TempDir {
   std::filesystem::path path_;
 };
 
+// Writes `count` deterministic token ids below `vocab` to `path`, whitespace-separated (a 64-bit
+// LCG with Knuth's MMIX constants from `seed`: calibration data for checkpoints without a
+// tokenizer); returns `path`.
+std::filesystem::path write_token_ids(const std::filesystem::path& path, std::int64_t vocab,
+                                      std::size_t count, std::uint64_t seed = 1);
+
 enum class FileSizeLimitOutcome { kReturned, kThrewError, kCrashedOrOther };
 
 // Runs `body` in a child process whose files may not grow past `max_file_bytes` (writes past it
