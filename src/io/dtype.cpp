@@ -132,6 +132,15 @@ void require_finite(std::span<const float> values, std::string_view what) {
            values[i], i, values.size());
 }
 
+void require_finite_bf16(std::span<const std::uint16_t> values, std::string_view what) {
+  const auto bad = std::find_if(values.begin(), values.end(),
+                                [](std::uint16_t v) { return (v & 0x7f80u) == 0x7f80u; });
+  if (bad == values.end()) return;
+  const auto i = static_cast<std::size_t>(bad - values.begin());
+  fail("{} holds a non-finite value ({} at element {} of {})", what,
+       std::bit_cast<float>(static_cast<std::uint32_t>(*bad) << 16), i, values.size());
+}
+
 void decode_to_f32(DType dtype, std::span<const std::uint8_t> bytes, std::span<float> out) {
   const std::size_t size = dtype_size(dtype);
   PQ_CHECK(bytes.size() == out.size() * size, "decode_to_f32: {} bytes for {} {} elements",

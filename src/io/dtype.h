@@ -51,6 +51,8 @@ std::size_t first_non_finite(std::span<const float> values);
 
 // Throws pq::Error naming `what` (a tensor, a layer's output) and the first non-finite element.
 void require_finite(std::span<const float> values, std::string_view what);
+// The same for bfloat16 bit patterns (non-finite: every exponent bit set).
+void require_finite_bf16(std::span<const std::uint16_t> values, std::string_view what);
 
 // Scalar conversions used by decode_to_f32; exact (every input value is representable in f32).
 float bf16_bits_to_f32(std::uint16_t bits);

@@ -331,8 +331,16 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.name = name;
   linear.out_features = out_features;
   linear.in_features = in_features;
-  linear.weight = fetch(weight_name);
-  prepare_linear(linear);
+  if (options_.compute == ComputeType::kBF16 && options_.weight_transform == nullptr &&
+      !linear.keep_f32) {
+    // The bf16 operand straight from the source: no float32 copy of the weight is made (for a
+    // BF16 checkpoint these are its stored bits, what rounding the float32 decode would give).
+    linear.weight_bf16 = weights_.load_bf16(weight_name);
+    weights_.release(weight_name);
+  } else {
+    linear.weight = fetch(weight_name);
+    prepare_linear(linear);
+  }
   // Biases are used exactly when the checkpoint has them: Qwen2 always has q/k/v biases,
   // Llama/Qwen3 have them when attention_bias / mlp_bias are set (transformers modeling_*.py).
   const std::string bias_name = name + ".bias";
@@ -511,8 +519,13 @@ const Model::Linear& Model::acquire_head() {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = config_.hidden_size;
-    lm_head_->weight = fetch(embedding_name());
-    prepare_linear(*lm_head_);
+    if (options_.compute == ComputeType::kBF16 && options_.weight_transform == nullptr) {
+      lm_head_->weight_bf16 = weights_.load_bf16(embedding_name());
+      weights_.release(embedding_name());
+    } else {
+      lm_head_->weight = fetch(embedding_name());
+      prepare_linear(*lm_head_);
+    }
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, config_.hidden_size,
                 /*bias_allowed=*/false);

@@ -1,11 +1,13 @@
 #include "runtime/weights.h"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <utility>
 
 #include "common/error.h"
 #include "io/fp8_block.h"
+#include "runtime/kernels/gemm.h"
 
 namespace pq::runtime {
 
@@ -17,6 +19,23 @@ std::vector<float> CheckpointWeightSource::load_f32(std::string_view name) const
   std::vector<float> values = io::decode_weight(checkpoint_, name);
   io::require_finite(values, fmt::format("tensor {}", name));
   return values;
+}
+
+std::vector<std::uint16_t> WeightSource::load_bf16(std::string_view name) const {
+  const std::vector<float> values = load_f32(name);
+  std::vector<std::uint16_t> rounded(values.size());
+  convert_f32_to_bf16(values, rounded);
+  return rounded;
+}
+
+std::vector<std::uint16_t> CheckpointWeightSource::load_bf16(std::string_view name) const {
+  const io::TensorInfo& info = checkpoint_.info(name);
+  if (info.dtype != io::DType::BF16) return WeightSource::load_bf16(name);
+  const io::TensorView view = checkpoint_.view(name);
+  std::vector<std::uint16_t> bits(static_cast<std::size_t>(info.numel()));
+  std::memcpy(bits.data(), view.bytes.data(), bits.size() * sizeof(std::uint16_t));
+  io::require_finite_bf16(bits, fmt::format("tensor {}", name));
+  return bits;
 }
 
 void CheckpointWeightSource::release(std::string_view name) const {

@@ -28,6 +28,9 @@ class WeightSource {
   // expert's slice. This default decodes the whole tensor.
   virtual std::vector<float> load_rows_f32(std::string_view name,
                                            std::span<const std::int64_t> rows) const;
+  // The tensor rounded to bfloat16 (nearest even), as bf16 compute multiplies it. This default
+  // rounds load_f32; a source that stores bfloat16 returns its bits without a float32 copy.
+  virtual std::vector<std::uint16_t> load_bf16(std::string_view name) const;
   // Hint that the tensor will not be read again soon (drops mapped pages); a no-op by default.
   virtual void release(std::string_view name) const {}
 };
@@ -43,6 +46,7 @@ class CheckpointWeightSource final : public WeightSource {
   std::vector<float> load_f32(std::string_view name) const override;
   std::vector<float> load_rows_f32(std::string_view name,
                                    std::span<const std::int64_t> rows) const override;
+  std::vector<std::uint16_t> load_bf16(std::string_view name) const override;
   void release(std::string_view name) const override;
 
  private:
