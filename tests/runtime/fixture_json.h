@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -92,6 +93,22 @@ struct ForwardErrors {
   double residuals = 0.0;
 };
 
+// The residual stream after the last decoder layer for the pass's batch, [rows, hidden];
+// `after_layer`, when given, sees it after every layer.
+inline std::vector<float> body_output(
+    Model& model, const Model::Pass& pass, const model::ModelConfig& config,
+    const std::function<void(std::int64_t layer, const float* x)>& after_layer = {}) {
+  const std::int64_t hidden = config.hidden_size;
+  std::vector<float> x(Model::rows(pass) * hidden), next(x.size());
+  model.embed(pass, x.data());
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    model.forward_layer(l, pass, x.data(), next.data(), nullptr);
+    x.swap(next);
+    if (after_layer) after_layer(l, x.data());
+  }
+  return x;
+}
+
 inline ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
   const CheckpointWeightSource weights(f.checkpoint);
   Model model(f.config, weights, {.compute = compute});
@@ -101,20 +118,15 @@ inline ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
   });
   const auto pass = model.begin_pass(f.batch);
   const std::int64_t hidden = f.config.hidden_size;
-  const std::int64_t rows = Model::rows(*pass);
-  std::vector<float> x(rows * hidden), next(rows * hidden);
-  model.embed(*pass, x.data());
-  for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
-    model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
-    x.swap(next);
+  body_output(model, *pass, f.config, [&](std::int64_t l, const float* x) {
     std::int64_t offset = 0;
     for (std::size_t s = 0; s < f.batch.size(); ++s) {
-      errors.residuals = std::max(
-          errors.residuals,
-          relative_max_error(x.data() + offset * hidden, f.json["residual_after_layer"][s][l]));
+      errors.residuals =
+          std::max(errors.residuals,
+                   relative_max_error(x + offset * hidden, f.json["residual_after_layer"][s][l]));
       offset += static_cast<std::int64_t>(f.batch[s].tokens.size());
     }
-  }
+  });
   return errors;
 }
 

@@ -118,14 +118,7 @@ TEST(Qwen3_5Fixture, Fp32MtpLogitsMatchFloat64Reference) {
     Model model(f.config, weights);
     ASSERT_TRUE(model.has_mtp());
     const auto pass = model.begin_pass(f.batch);
-    const std::int64_t hidden = f.config.hidden_size;
-    const std::int64_t rows = Model::rows(*pass);
-    std::vector<float> x(rows * hidden), next(rows * hidden);
-    model.embed(*pass, x.data());
-    for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
-      model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
-      x.swap(next);
-    }
+    const std::vector<float> x = body_output(model, *pass, f.config);
     double error = 0.0;
     std::int64_t sequences = 0;
     model.mtp_forward(*pass, x.data(), [&](std::int64_t s, const float* logits, std::int64_t n) {
@@ -217,13 +210,7 @@ TEST(Qwen3_5Fixture, Fp32RoutingEqualsReference) {
   const std::int64_t mtp_layer = f.config.num_hidden_layers;
   RoutingRecorder mtp_routing;
   const auto pass = model.begin_pass(f.batch);
-  const std::int64_t hidden = f.config.hidden_size;
-  std::vector<float> x(Model::rows(*pass) * hidden), next(x.size());
-  model.embed(*pass, x.data());
-  for (std::int64_t l = 0; l < f.config.num_hidden_layers; ++l) {
-    model.forward_layer(l, *pass, x.data(), next.data(), nullptr);
-    x.swap(next);
-  }
+  const std::vector<float> x = body_output(model, *pass, f.config);
   model.mtp_forward(
       *pass, x.data(), [](std::int64_t, const float*, std::int64_t) {}, &mtp_routing);
   ASSERT_EQ(mtp_routing.chosen.size(), 1u);
@@ -483,12 +470,7 @@ TEST_P(Qwen3NextRuntime, DerivedCheckpointComputesTheQwen3_5Model) {
   EXPECT_LE(max_diff, 1e-6 * max_logit);
   const auto pass = next.begin_pass(original.batch);
   const std::int64_t hidden = config.hidden_size;
-  std::vector<float> x(Model::rows(*pass) * hidden), after(x.size());
-  next.embed(*pass, x.data());
-  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
-    next.forward_layer(l, *pass, x.data(), after.data(), nullptr);
-    x.swap(after);
-  }
+  const std::vector<float> x = body_output(next, *pass, config);
   double mtp_error = 0.0;
   next.mtp_forward(*pass, x.data(), [&](std::int64_t s, const float* logits, std::int64_t) {
     mtp_error = std::max(mtp_error, relative_max_error(logits, original.json["mtp_logits"][s]));
