@@ -29,6 +29,7 @@
 #include "probe/probe_stage.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
+#include "support/unit_assignment.h"
 #include "validate/ct_checkpoint.h"
 
 namespace pq::exporter {
@@ -41,9 +42,6 @@ using formats::WeightFormat;
 const std::vector<std::string> kMenu = {"NVFP4A16",   "NVFP4", "MXFP8",        "FP8_E4M3",
                                         "INT4_W4A16", "BF16",  "MXFP6_E2M3A16"};
 
-// Picks the format of a decision unit (sibling group or lone Linear) from its position.
-using Chooser = std::function<std::string(std::size_t unit_index, const model::Linear& first)>;
-
 // Unique passthrough tensor names of the source (others plus non-candidate Linear weights).
 std::vector<std::string> passthrough_names(const model::ModelSpec& spec) {
   std::vector<std::string> names;
@@ -54,61 +52,15 @@ std::vector<std::string> passthrough_names(const model::ModelSpec& spec) {
   return names;
 }
 
-// An assignment built through the alloc library, as the allocate stage writes it. With
-// `respect_groups` false every Linear is its own unit, which the allocator never does.
-alloc::AssignmentFile make_assignment(const fs::path& model_dir, const Chooser& choose,
+// An assignment of `choose`'s formats over kMenu, as the allocate stage writes it
+// (test::unit_assignment).
+alloc::AssignmentFile make_assignment(const fs::path& model_dir, const test::UnitChooser& choose,
                                       bool respect_groups = true) {
-  const model::ModelSpec spec = model::load_model_spec(model_dir);
-  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
-  alloc::CostTable table;
-  table.model = model_dir.filename().string();
-  table.formats = kMenu;
-  for (const std::string& name : passthrough_names(spec)) {
-    table.passthrough_params += static_cast<std::uint64_t>(checkpoint.info(name).numel());
-    table.passthrough_bytes += checkpoint.info(name).nbytes();
-  }
-  alloc::Allocation allocation;
-  std::map<std::string, std::string> format_of_group;
-  std::size_t units = 0;
-  for (const model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    const Shape2D shape{linear.out_features, linear.in_features};
-    alloc::LinearCost cost{linear.name,
-                           {shape.out, shape.in},
-                           linear.group.value_or(""),
-                           static_cast<std::uint64_t>(shape.numel()),
-                           {}};
-    for (const std::string& format : kMenu) {
-      const WeightFormat& f = formats::format_by_name(format);
-      if (f.accepts(shape)) {
-        cost.costs.push_back(alloc::FormatCost{f.bytes(shape), 0.0, {}, {}, {}});
-      } else {
-        cost.costs.emplace_back();
-      }
-    }
-    std::string format;
-    if (respect_groups && linear.group && format_of_group.contains(*linear.group)) {
-      format = format_of_group.at(*linear.group);
-    } else {
-      format = choose(units++, linear);
-      if (linear.group) format_of_group[*linear.group] = format;
-    }
-    const std::size_t index = table.format_index(format);
-    allocation.format_of_linear.push_back(index);
-    allocation.bytes += cost.costs[index].value().bytes;
-    table.linears.push_back(std::move(cost));
-  }
-  allocation.budget_bytes = allocation.bytes;
-  return alloc::make_assignment_file(
-      table, allocation,
-      {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
+  return test::unit_assignment(model::load_model_spec(model_dir), io::Checkpoint::open(model_dir),
+                               kMenu, choose, respect_groups);
 }
 
-// Cycles the weight-only formats vLLM serves in 16-bit activations plus FP8/MXFP8, one per unit.
-Chooser cycle(std::vector<std::string> formats) {
-  return
-      [formats](std::size_t unit, const model::Linear&) { return formats[unit % formats.size()]; };
-}
+using test::cycle;
 
 fs::path save_assignment(const fs::path& dir, const alloc::AssignmentFile& assignment) {
   fs::create_directories(dir);

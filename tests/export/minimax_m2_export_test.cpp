@@ -23,6 +23,7 @@
 #include "model/model_spec.h"
 #include "support/sha256.h"
 #include "support/test_support.h"
+#include "support/unit_assignment.h"
 #include "validate/ct_checkpoint.h"
 
 namespace pq::exporter {
@@ -38,55 +39,13 @@ fs::path source_dir() {
 }
 
 // One format per decision unit (sibling group or lone Linear) from `choose`, charged what the
-// format stores, as the allocate stage writes it.
+// format stores, as the allocate stage writes it (test::unit_assignment).
 alloc::AssignmentFile make_assignment(const model::ModelSpec& spec,
                                       const io::Checkpoint& checkpoint,
                                       const std::function<std::string(std::size_t)>& choose) {
-  alloc::CostTable table;
-  table.model = "minimax_m2-tiny-random";
-  table.formats = kMenu;
-  std::set<std::string> quantized;
-  for (const model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    quantized.insert(linear.weight_tensor);
-    quantized.insert(*linear.scale_tensor);
-  }
-  for (const std::string& name : checkpoint.tensor_names()) {
-    if (quantized.contains(name)) continue;
-    table.passthrough_params += static_cast<std::uint64_t>(checkpoint.info(name).numel());
-    table.passthrough_bytes += checkpoint.info(name).nbytes();
-  }
-  alloc::Allocation allocation;
-  std::map<std::string, std::string> format_of_group;
-  std::size_t units = 0;
-  for (const model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    const Shape2D shape{linear.out_features, linear.in_features};
-    alloc::LinearCost cost{linear.name,
-                           {shape.out, shape.in},
-                           linear.group.value_or(""),
-                           static_cast<std::uint64_t>(shape.numel()),
-                           {}};
-    for (const std::string& format : kMenu) {
-      cost.costs.push_back(
-          alloc::FormatCost{formats::format_by_name(format).bytes(shape), 0.0, {}, {}, {}});
-    }
-    std::string format;
-    if (linear.group && format_of_group.contains(*linear.group)) {
-      format = format_of_group.at(*linear.group);
-    } else {
-      format = choose(units++);
-      if (linear.group) format_of_group[*linear.group] = format;
-    }
-    const std::size_t index = table.format_index(format);
-    allocation.format_of_linear.push_back(index);
-    allocation.bytes += cost.costs[index].value().bytes;
-    table.linears.push_back(std::move(cost));
-  }
-  allocation.budget_bytes = allocation.bytes;
-  return alloc::make_assignment_file(
-      table, allocation,
-      {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
+  return test::unit_assignment(
+      spec, checkpoint, kMenu,
+      [&](std::size_t unit, const model::Linear&) { return choose(unit); });
 }
 
 std::vector<std::uint8_t> bytes_of(const io::TensorView& view) {

@@ -29,6 +29,7 @@
 #include "runtime/model.h"
 #include "runtime/weights.h"
 #include "support/test_support.h"
+#include "support/unit_assignment.h"
 #include "validate/ct_checkpoint.h"
 #include "validate/ct_decode.h"
 #include "validate/validate.h"
@@ -49,50 +50,17 @@ fs::path source_dir() {
   return test::shared_dir() / "models" / "qwen3-dense-tiny";
 }
 
-// An assignment in the allocate stage's file format: each decision unit gets the next format.
+// An assignment in the allocate stage's file format: each decision unit gets the next format of
+// the cycle that vLLM serves for it (model::Linear::formats).
 alloc::AssignmentFile cycle_assignment(const model::ModelSpec& spec, const io::Checkpoint& source,
                                        const std::vector<std::string>& cycle) {
-  alloc::CostTable table;
-  table.model = spec.architecture;
-  table.formats = cycle;
-  std::set<std::string> counted;
-  for (const std::string& name : spec.passthrough_tensors()) {
-    if (!counted.insert(name).second) continue;
-    table.passthrough_params += static_cast<std::uint64_t>(source.info(name).numel());
-    table.passthrough_bytes += source.info(name).nbytes();
-  }
-  alloc::Allocation allocation;
-  std::map<std::string, std::size_t> format_of_group;
-  std::size_t units = 0;
-  for (const model::Linear& linear : spec.linears) {
-    if (!linear.is_candidate) continue;
-    const formats::Shape2D shape{linear.out_features, linear.in_features};
-    alloc::LinearCost cost{linear.name,
-                           {shape.out, shape.in},
-                           linear.group.value_or(""),
-                           static_cast<std::uint64_t>(shape.numel()),
-                           {}};
-    for (const std::string& format : cycle) {
-      cost.costs.push_back(
-          alloc::FormatCost{formats::format_by_name(format).bytes(shape), 0.0, {}, {}, {}});
-    }
-    std::size_t index = 0;
-    if (linear.group && format_of_group.contains(*linear.group)) {
-      index = format_of_group.at(*linear.group);
-    } else {
-      index = units++ % cycle.size();
-      // The next format of the cycle that vLLM serves for this Linear (model::Linear::formats).
-      while (!linear.allows(cycle[index])) index = (index + 1) % cycle.size();
-      if (linear.group) format_of_group[*linear.group] = index;
-    }
-    allocation.format_of_linear.push_back(index);
-    allocation.bytes += cost.costs[index]->bytes;
-    table.linears.push_back(std::move(cost));
-  }
-  allocation.budget_bytes = allocation.bytes;
-  return alloc::make_assignment_file(
-      table, allocation,
-      {.kind = "bits_per_param", .value = "16", .budget_bytes = allocation.bytes});
+  return test::unit_assignment(spec, source, cycle,
+                               [&](std::size_t unit, const model::Linear& first) {
+                                 std::size_t index = unit % cycle.size();
+                                 while (!first.allows(cycle[index]))
+                                   index = (index + 1) % cycle.size();
+                                 return cycle[index];
+                               });
 }
 
 // A plausible activation amax per Linear for the W4A4 input_global_scale.
