@@ -331,16 +331,7 @@ void Model::load_linear(Linear& linear, const std::string& name, std::int64_t ou
   linear.name = name;
   linear.out_features = out_features;
   linear.in_features = in_features;
-  if (options_.compute == ComputeType::kBF16 && options_.weight_transform == nullptr &&
-      !linear.keep_f32) {
-    // The bf16 operand straight from the source: no float32 copy of the weight is made (for a
-    // BF16 checkpoint these are its stored bits, what rounding the float32 decode would give).
-    linear.weight_bf16 = weights_.load_bf16(weight_name);
-    weights_.release(weight_name);
-  } else {
-    linear.weight = fetch(weight_name);
-    prepare_linear(linear);
-  }
+  load_weight(linear, weight_name);
   // Biases are used exactly when the checkpoint has them: Qwen2 always has q/k/v biases,
   // Llama/Qwen3 have them when attention_bias / mlp_bias are set (transformers modeling_*.py).
   const std::string bias_name = name + ".bias";
@@ -368,6 +359,19 @@ void Model::load_packed_linear(Linear& linear, const std::string& name, const st
   linear.in_features = in_features;
   linear.weight = weights_.load_rows_f32(tensor, rows);
   prepare_linear(linear);
+}
+
+void Model::load_weight(Linear& linear, const std::string& tensor) const {
+  if (options_.compute == ComputeType::kBF16 && options_.weight_transform == nullptr &&
+      !linear.keep_f32) {
+    // The bf16 operand straight from the source: no float32 copy of the weight is made (for a
+    // BF16 checkpoint these are its stored bits, what rounding the float32 decode would give).
+    linear.weight_bf16 = weights_.load_bf16(tensor);
+    weights_.release(tensor);
+  } else {
+    linear.weight = fetch(tensor);
+    prepare_linear(linear);
+  }
 }
 
 void Model::prepare_linear(Linear& linear) const {
@@ -519,13 +523,7 @@ const Model::Linear& Model::acquire_head() {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
     lm_head_->in_features = config_.hidden_size;
-    if (options_.compute == ComputeType::kBF16 && options_.weight_transform == nullptr) {
-      lm_head_->weight_bf16 = weights_.load_bf16(embedding_name());
-      weights_.release(embedding_name());
-    } else {
-      lm_head_->weight = fetch(embedding_name());
-      prepare_linear(*lm_head_);
-    }
+    load_weight(*lm_head_, embedding_name());
   } else {
     load_linear(*lm_head_, "lm_head", config_.vocab_size, config_.hidden_size,
                 /*bias_allowed=*/false);

@@ -218,6 +218,9 @@ class Model {
   void load_packed_linear(Linear& linear, const std::string& name, const std::string& tensor,
                           std::int64_t index, std::int64_t first_row, std::int64_t rows_per_matrix,
                           std::int64_t out_features, std::int64_t in_features) const;
+  // The Linear's weight from `tensor`: in bf16 mode without a weight transform its bf16 bits
+  // directly (WeightSource::load_bf16), otherwise fetched and prepared (prepare_linear).
+  void load_weight(Linear& linear, const std::string& tensor) const;
   // Applies the weight transform and, in bf16 mode, swaps the values for their bf16 rounding.
   void prepare_linear(Linear& linear) const;
   std::vector<float> fetch(const std::string& name) const;
