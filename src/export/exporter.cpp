@@ -476,6 +476,13 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   job.out = job.out.lexically_normal();
   if (!job.out.has_filename()) job.out = job.out.parent_path();
   const alloc::AssignmentFile assignment = alloc::read_assignment(job.assignment);
+  // Its formats were costed with the codecs of the target's kernels (NVFP4's scale rule).
+  const std::string_view target = formats::serving_target_name(job.serve_on);
+  PQ_CHECK(!assignment.serve_on || *assignment.serve_on == target,
+           "{}: the assignment was chosen for {} (--serve-on), not for {}; export it with "
+           "--serve-on {} or rerun cost and allocate for {}",
+           job.assignment.string(), assignment.serve_on.value_or(""), target,
+           assignment.serve_on.value_or(""), target);
   const bool lm_head_assigned =
       std::any_of(assignment.linears.begin(), assignment.linears.end(),
                   [](const alloc::AssignedLinear& l) { return l.name == "lm_head"; });
@@ -483,11 +490,12 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
       model::load_model_spec(job.model_dir, {.quantize_lm_head = lm_head_assigned});
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model_dir);
   const Plan plan = make_plan(spec, assignment, job);
-  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.render_cache);
+  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.serve_on,
+                              job.render_cache);
   // The vision tower is rounded to nearest whatever the text model's strategy: it has no
   // calibration statistics. Its renders stay out of the render cache, which holds one rounding.
   const NearestRounding nearest;
-  const LinearEncoder vision_encoder(spec, checkpoint, nearest, {});
+  const LinearEncoder vision_encoder(spec, checkpoint, nearest, {}, job.serve_on);
 
   PQ_CHECK(!job.out.empty(), "no output directory given");
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),

@@ -21,11 +21,10 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const io::Checkpoint& source,
                                              const exporter::LinearEncoder& encoder,
                                              const std::map<std::string, std::string>& format_of,
-                                             const runtime::ReferenceLogits& reference,
-                                             formats::ServingTarget target) {
+                                             const runtime::ReferenceLogits& reference) {
   // Layers stream (memory about one layer): evaluate's single pass renders, or reads from the
   // render cache, each Linear once.
-  const exporter::EncodedLinears quantized(encoder, format_of, target);
+  const exporter::EncodedLinears quantized(encoder, format_of);
   const runtime::CheckpointWeightSource weights(source);
   runtime::Model model(config, weights,
                        {.weight_transform = &quantized, .activation_quantizer = &quantized});

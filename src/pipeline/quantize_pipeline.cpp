@@ -203,6 +203,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   allocate_job.cost = cost_job.out;
   allocate_job.out = work / "alloc";
   allocate_job.target_bits = job.target_bits;
+  allocate_job.serve_on = job.serve_on;
   allocate_job.pareto = job.pareto.value_or(default_pareto_targets(job.target_bits));
   ProgressBar progress("allocate", 1);
   outcome.allocation = alloc::run_allocate(allocate_job);
@@ -247,7 +248,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The assignment's held-out quality with the exact weights export writes, measured before the
   // export so the model card can state it (validate measures the written checkpoint again).
   start = std::chrono::steady_clock::now();
-  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, work / "render");
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, job.serve_on,
+                                        work / "render");
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;
@@ -264,8 +266,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
           heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
-    outcome.measured =
-        measure_assignment(config, checkpoint, encoder, format_of, reference, job.serve_on);
+    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
   outcome.stages.push_back({"measure", seconds_since(start), false});

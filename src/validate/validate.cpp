@@ -131,6 +131,7 @@ std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gat
 ValidateReport run_validate(const ValidateJob& job) {
   PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
   const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
+  check_marlin_group_scales(checkpoint, job.serve_on);
   // The structural checks above cover every architecture the inventory knows; scoring runs the
   // model, which the runtime may not support yet (Qwen3.5/3.6).
   try {
