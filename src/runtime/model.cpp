@@ -768,37 +768,28 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
   }
 }
 
-void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
-                                     DecodeState& state) const {
-  const model::ModelConfig& c = config_;
-  const std::int64_t n = layout.rows;  // new tokens, one sequence
-  const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = c.num_key_value_heads;
-  const std::int64_t d = c.head_dim;
+namespace {
+
+// Attention of n new tokens of one sequence (positions past .. past + n - 1) over the cached keys
+// and values [past + n, kv_heads * d]: token i attends positions j <= past + i, inside the
+// sliding window if there is one (the convention of causal_attention_forward). q and out are
+// [n, heads * d].
+void attend_cached(std::int64_t n, std::int64_t past, std::int64_t heads, std::int64_t kv_heads,
+                   std::int64_t d, float scale, std::int64_t sliding_window, const float* queries,
+                   const float* keys, const float* values, float* output) {
   const std::int64_t group = heads / kv_heads;
-  const std::int64_t past = state.length;
-  project_qkv(layer, layout, t, past);
-  std::vector<float>& keys = state.keys[layer.index];
-  std::vector<float>& values = state.values[layer.index];
-  keys.insert(keys.end(), t.k.begin(), t.k.end());
-  values.insert(values.end(), t.v.begin(), t.v.end());
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  t.attn.resize(n * heads * d);
-  // New token i (position past + i) attends cached positions j <= past + i, inside the sliding
-  // window if the layer has one (the convention of causal_attention_forward).
 #pragma omp parallel for collapse(2) if (n * heads * (past + n) * d > kParallelElements)
   for (std::int64_t i = 0; i < n; ++i) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const std::int64_t position = past + i;
       const std::int64_t first =
-          layer.sliding_window > 0 ? std::max<std::int64_t>(0, position - layer.sliding_window + 1)
-                                   : 0;
-      const float* q = t.q.data() + (i * heads + h) * d;
+          sliding_window > 0 ? std::max<std::int64_t>(0, position - sliding_window + 1) : 0;
+      const float* q = queries + (i * heads + h) * d;
       const std::int64_t kv = h / group;
       std::vector<float> scores(position + 1 - first);
       float max_score = -INFINITY;
       for (std::int64_t j = first; j <= position; ++j) {
-        const float* k = keys.data() + (j * kv_heads + kv) * d;
+        const float* k = keys + (j * kv_heads + kv) * d;
         float dot = 0.0f;
         for (std::int64_t e = 0; e < d; ++e) dot += q[e] * k[e];
         scores[j - first] = dot * scale;
@@ -809,15 +800,35 @@ void Model::attention_forward_cached(const Layer& layer, const Layout& layout, L
         score = std::exp(score - max_score);
         sum += score;
       }
-      float* out = t.attn.data() + (i * heads + h) * d;
+      float* out = output + (i * heads + h) * d;
       std::fill(out, out + d, 0.0f);
       for (std::int64_t j = first; j <= position; ++j) {
         const float p = static_cast<float>(scores[j - first] / sum);
-        const float* v = values.data() + (j * kv_heads + kv) * d;
+        const float* v = values + (j * kv_heads + kv) * d;
         for (std::int64_t e = 0; e < d; ++e) out[e] += p * v[e];
       }
     }
   }
+}
+
+}  // namespace
+
+void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
+                                     DecodeState& state) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;  // new tokens, one sequence
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = c.num_key_value_heads;
+  const std::int64_t d = c.head_dim;
+  const std::int64_t past = state.length;
+  project_qkv(layer, layout, t, past);
+  std::vector<float>& keys = state.keys[layer.index];
+  std::vector<float>& values = state.values[layer.index];
+  keys.insert(keys.end(), t.k.begin(), t.k.end());
+  values.insert(values.end(), t.v.begin(), t.v.end());
+  t.attn.resize(n * heads * d);
+  attend_cached(n, past, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)),
+                layer.sliding_window, t.q.data(), keys.data(), values.data(), t.attn.data());
 }
 
 void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTape& t,
@@ -916,7 +927,7 @@ float mla_softmax_scale(const model::ModelConfig& c) {
 }  // namespace
 
 void Model::mla_forward(const Layer& layer, const Layout& layout, LayerTape& t,
-                        LinearObserver* observer) const {
+                        LinearObserver* observer, DecodeState* cache) const {
   const model::ModelConfig& c = config_;
   const model::MlaConfig& mla = *c.mla;
   const std::int64_t n = layout.rows;
@@ -976,11 +987,13 @@ void Model::mla_forward(const Layer& layer, const Layout& layout, LayerTape& t,
     std::copy_n(t.compressed_kv.data() + r * (kv_rank + rope) + kv_rank, rope,
                 k_pe.data() + r * rope);
   }
+  // When decoding (one sequence), the new tokens continue after the cached ones.
+  const std::int64_t past = cache != nullptr ? cache->length : 0;
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
     const std::int64_t off = layout.offsets[s];
     const std::int64_t len = layout.length(s);
-    layout.rope->apply_interleaved(t.q.data() + off * heads * dqk + nope, len, heads, dqk, 0);
-    layout.rope->apply_interleaved(k_pe.data() + off * rope, len, 1, rope, 0);
+    layout.rope->apply_interleaved(t.q.data() + off * heads * dqk + nope, len, heads, dqk, past);
+    layout.rope->apply_interleaved(k_pe.data() + off * rope, len, 1, rope, past);
   }
   t.k.assign(n * heads * dqk, 0.0f);
   t.v.assign(n * heads * dqk, 0.0f);
@@ -994,7 +1007,17 @@ void Model::mla_forward(const Layer& layer, const Layout& layout, LayerTape& t,
   t.attn.resize(n * heads * dqk);
   t.lse.resize(n * heads);
   const float scale = mla_softmax_scale(c);
-  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+  if (cache != nullptr) {
+    // The cache holds every head's full key and (padded) value per token; the absorbed form of
+    // §3 point 7 would hold the latent instead, with the same result.
+    std::vector<float>& keys = cache->keys[layer.index];
+    std::vector<float>& values = cache->values[layer.index];
+    keys.insert(keys.end(), t.k.begin(), t.k.end());
+    values.insert(values.end(), t.v.begin(), t.v.end());
+    attend_cached(n, past, heads, heads, dqk, scale, 0, t.q.data(), keys.data(), values.data(),
+                  t.attn.data());
+  }
+  for (std::int64_t s = 0; s < layout.sequences() && cache == nullptr; ++s) {
     const std::int64_t off = layout.offsets[s];
     const std::int64_t len = layout.length(s);
     if (len == 0) continue;
@@ -1638,9 +1661,7 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   if (layer.linear_attention) {
     gated_delta_net_forward(layer, layout, t, linear_observer, cache);
   } else if (c.mla) {
-    PQ_CHECK(cache == nullptr, "{}: cached decoding of latent attention is not implemented",
-             c.architecture);
-    mla_forward(layer, layout, t, linear_observer);
+    mla_forward(layer, layout, t, linear_observer, cache);
   } else {
     if (cache != nullptr) {
       attention_forward_cached(layer, layout, t, *cache);

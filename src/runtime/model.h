@@ -254,9 +254,10 @@ class Model {
                           const float* dattn_out, float* dh1, LinearObserver& observer) const;
   // Multi-head latent attention (DeepSeek-V3, deepseek_v3-architecture-facts.md §3) from tape.h1
   // to tape.mla_values (o_proj's input), and its backward from d(mla_values) to dh1
-  // (overwritten).
+  // (overwritten). With `cache` (one sequence, extend) it continues after the cached keys and
+  // values and appends the new ones.
   void mla_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
-                   LinearObserver* observer) const;
+                   LinearObserver* observer, DecodeState* cache = nullptr) const;
   void mla_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dvalues,
                     float* dh1, LinearObserver& observer) const;
   // The token mixer's output projection (o_proj or linear_attn.out_proj) and what it multiplies.

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -229,6 +230,36 @@ TEST(DeepSeekV3Fixture, DirectionalDerivativesMatchFiniteDifferences) {
   }
   EXPECT_EQ(probes, 10);
   std::printf("[%s] worst directional-derivative relative error %.3g\n", kModel, worst);
+}
+
+// Model::extend continues from the cached keys and values (roped k_pe in every head's key, values
+// padded as in the full pass): any chunking gives the logits of a full forward pass.
+TEST(DeepSeekV3Fixture, CachedDecodingMatchesFullForward) {
+  PQ_REQUIRE_SHARED();
+  const Fixture f(kModel);
+  const CheckpointWeightSource weights(f.checkpoint);
+  Model model(f.config, weights, {.keep_layers_resident = true});
+  const std::vector<std::int32_t>& tokens = f.batch[0].tokens;
+  const std::vector<float> full = model.logits(tokens);
+  DecodeState state;
+  std::vector<float> cached;
+  std::size_t begin = 0;
+  for (const std::size_t length : {5, 1, 1, 4, 13}) {
+    const auto logits = model.extend(state, std::span(tokens).subspan(begin, length));
+    cached.insert(cached.end(), logits.begin(), logits.end());
+    begin += length;
+  }
+  ASSERT_EQ(begin, tokens.size());
+  ASSERT_EQ(cached.size(), full.size());
+  double diff = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < full.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(cached[i] - full[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(full[i])));
+  }
+  std::printf("[%s] cached vs full logits: max difference / max logit %.3g\n", kModel,
+              diff / scale);
+  EXPECT_LE(diff / scale, 1e-5);
+  EXPECT_LE(relative_max_error(full.data(), f.json["logits"][0]), 1e-4);
 }
 
 }  // namespace
