@@ -956,7 +956,14 @@ class Fp8SourceFormat final : public WeightFormat {
   }
   bool exportable() const override { return true; }
   bool quantizes_activations() const override { return true; }
-  std::optional<std::string> rejects(Shape2D) const override { return std::nullopt; }
+  // Served as FP8_BLOCK: vLLM quantizes the activations in groups of 128 along the input
+  // (fp8_utils.py per-token-group quantization), so the input dim must be whole blocks. No
+  // published source has such a Linear (deepseek_v3-architecture-facts.md §9); tiny test
+  // checkpoints do (DeepSeek-V3's q_b_proj in 64, kv_b_proj in 32).
+  std::optional<std::string> rejects(Shape2D s) const override {
+    if (s.in % kFp8Block != 0) return fmt::format("in ({}) is not a multiple of 128", s.in);
+    return std::nullopt;
+  }
 
   std::vector<TensorSpec> tensors(Shape2D s) const override {
     return {

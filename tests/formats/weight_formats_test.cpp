@@ -393,6 +393,9 @@ TEST(WeightFormats, ShapeConstraints) {
   EXPECT_TRUE(format_by_name("INT4_W4A16").rejects({128, 4160}));  // in % 128
   EXPECT_FALSE(format_by_name("INT4_W4A16").rejects({128, 4096}));
   EXPECT_TRUE(format_by_name("FP8_BLOCK").rejects({128, 100}));
+  // Served as FP8_BLOCK: activations in groups of 128 along the input; partial row blocks are fine.
+  EXPECT_TRUE(format_by_name("FP8_SOURCE").rejects({192, 64}));
+  EXPECT_FALSE(format_by_name("FP8_SOURCE").rejects({576, 7168}));
   EXPECT_FALSE(format_by_name("FP8_E4M3").rejects({3, 7}));
 }
 

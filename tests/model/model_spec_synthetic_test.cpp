@@ -238,7 +238,8 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
-            "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: LlamaForCausalLM, "
+            "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: "
+            "DeepseekV3ForCausalLM, LlamaForCausalLM, "
             "MiniMaxM2ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
             "Qwen3MoeForCausalLM, "
             "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
@@ -546,10 +547,10 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
   EXPECT_EQ(names, (std::vector<std::string>{
-                       "LlamaForCausalLM", "MiniMaxM2ForCausalLM", "MistralForCausalLM",
-                       "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                       "Qwen3NextForCausalLM", "Qwen3_5ForConditionalGeneration",
-                       "Qwen3_5MoeForConditionalGeneration"}));
+                       "DeepseekV3ForCausalLM", "LlamaForCausalLM", "MiniMaxM2ForCausalLM",
+                       "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                       "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;
