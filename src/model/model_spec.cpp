@@ -406,6 +406,20 @@ std::vector<std::string> ModelSpec::passthrough_tensors() const {
   return names;
 }
 
+std::map<std::int64_t, std::string> ModelSpec::kv_cache_modules() const {
+  std::map<std::int64_t, std::string> modules;
+  constexpr std::string_view kQuery = ".self_attn.q_proj";
+  for (const Linear& linear : linears) {
+    if (linear.component != Component::kText || !linear.layer || linear.role != "q_proj" ||
+        !linear.name.ends_with(kQuery)) {
+      continue;
+    }
+    const std::string_view projection = ".q_proj";
+    modules.emplace(*linear.layer, linear.name.substr(0, linear.name.size() - projection.size()));
+  }
+  return modules;
+}
+
 const Linear* ModelSpec::find_linear(std::string_view name) const {
   const auto it = std::find_if(linears.begin(), linears.end(),
                                [&](const Linear& linear) { return linear.name == name; });

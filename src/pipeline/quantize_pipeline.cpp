@@ -183,6 +183,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   probe_job.batch_size = job.batch_size;
   probe_job.max_memory = job.max_memory;
   probe_job.compute = job.probe_compute;
+  probe_job.kv_cache = job.kv_cache;
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});
@@ -215,6 +216,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
   const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
+  std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales;
+  if (job.kv_cache) kv_cache_scales = exporter::kv_cache_scales_from_probe(spec, probe);
+  const runtime::Fp8KvCache kv_cache(kv_cache_scales);
   const std::unique_ptr<exporter::RoundingStrategy> rounding =
       exporter::make_rounding(job.rounding, &probe);
 
@@ -266,7 +270,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
           heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
-    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference);
+    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference,
+                                          job.kv_cache ? &kv_cache : nullptr);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
   outcome.stages.push_back({"measure", seconds_since(start), false});
@@ -284,6 +289,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.command_line = job.command_line;
   export_job.vision_format = job.vision_format;
   export_job.serve_on = job.serve_on;
+  export_job.kv_cache = kv_cache_scales;
   outcome.exported = exporter::run_export(export_job, *rounding);
   outcome.rounding = rounding->describe(format_of);
   write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");

@@ -747,13 +747,32 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
   }
 }
 
-void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+void Model::store_keys_values(const Layer& layer, const Layout& layout, LayerTape& t,
+                              LinearObserver* observer) const {
+  const std::int64_t width = config_.num_key_value_heads * config_.head_dim;
+  if (observer != nullptr) {
+    observer->on_kv_cache({.layer = layer.index,
+                           .rows = layout.rows,
+                           .width = width,
+                           .keys = t.k.data(),
+                           .values = t.v.data()});
+  }
+  if (options_.kv_cache == nullptr) return;
+  if (const KvCacheScales* scales = options_.kv_cache->scales(layer.index)) {
+    Fp8KvCache::round_trip(t.k, scales->key);
+    Fp8KvCache::round_trip(t.v, scales->value);
+  }
+}
+
+void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t,
+                              LinearObserver* observer) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
   const std::int64_t kv_heads = c.num_key_value_heads;
   const std::int64_t d = c.head_dim;
   project_qkv(layer, layout, t, 0);
+  store_keys_values(layer, layout, t, observer);
   t.attn.resize(n * heads * d);
   t.lse.resize(n * heads);
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
@@ -822,6 +841,7 @@ void Model::attention_forward_cached(const Layer& layer, const Layout& layout, L
   const std::int64_t d = c.head_dim;
   const std::int64_t past = state.length;
   project_qkv(layer, layout, t, past);
+  store_keys_values(layer, layout, t, nullptr);
   std::vector<float>& keys = state.keys[layer.index];
   std::vector<float>& values = state.values[layer.index];
   keys.insert(keys.end(), t.k.begin(), t.k.end());
@@ -1666,7 +1686,7 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
     if (cache != nullptr) {
       attention_forward_cached(layer, layout, t, *cache);
     } else {
-      attention_forward(layer, layout, t);
+      attention_forward(layer, layout, t, observer);
     }
     if (config_.attn_output_gate) {
       // out = attn * sigmoid(gate) over the whole q-head width, before o_proj (facts §5 step 5).

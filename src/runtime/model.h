@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/kv_cache.h"
 #include "runtime/observer.h"
 #include "runtime/weights.h"
 
@@ -28,6 +29,9 @@ struct RuntimeOptions {
   ComputeType compute = ComputeType::kF32;
   const WeightTransform* weight_transform = nullptr;          // optional, not owned
   const ActivationQuantizer* activation_quantizer = nullptr;  // optional, not owned
+  // vLLM's FP8 KV cache, simulated on the layers it has scales for (optional, not owned). Off by
+  // default: keys and values stay as computed, as in vLLM's default bf16 cache.
+  const Fp8KvCache* kv_cache = nullptr;
   // Keep decoded layers between passes instead of reloading them (small models, generation).
   // Off by default: each pass streams layers from the weight source one at a time.
   bool keep_layers_resident = false;
@@ -247,7 +251,13 @@ class Model {
   // q/k/v projections, Qwen3 q/k norms and RoPE (positions from first_position on).
   void project_qkv(const Layer& layer, const Layout& layout, LayerTape& tape,
                    std::int64_t first_position) const;
-  void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape) const;
+  // The observer (optional) sees the keys and values the layer caches (on_kv_cache).
+  void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                         LinearObserver* observer) const;
+  // What the KV cache holds of tape.k / tape.v: reports them to the observer (optional), then
+  // replaces them by their FP8 round trip when RuntimeOptions::kv_cache quantizes the layer.
+  void store_keys_values(const Layer& layer, const Layout& layout, LayerTape& tape,
+                         LinearObserver* observer) const;
   void attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& tape,
                                 DecodeState& state) const;
   void attention_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
