@@ -37,6 +37,7 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
   quality.perplexity = result.perplexity();
   quality.source_perplexity = reference.self().perplexity();
   quality.top1_agreement = result.top1_agreement();
+  quality.prediction_nll = result.prediction_nll;
   return quality;
 }
 
