@@ -104,6 +104,16 @@ void register_quantize(CLI::App& app) {
                      .c_str(),
                  stdout);
     }
+    if (outcome.uniform && outcome.uniform->quality) {
+      const exporter::MeasuredQuality& u = *outcome.uniform->quality;
+      std::fputs(
+          fmt::format("uniform {} ({} bytes against {}): KL {:.6f} nats, perplexity {:.4f}, "
+                      "top-1 agreement {:.4f}: not better than the mix\n",
+                      outcome.uniform->format, outcome.uniform->bytes,
+                      outcome.uniform->shipped_bytes, u.mean_kl, u.perplexity, u.top1_agreement)
+              .c_str(),
+          stdout);
+    }
     std::fputs((outcome.rounding + "\n").c_str(), stdout);
     const validate::ValidateReport& v = outcome.validated;
     std::fputs(fmt::format("validate (reloaded from disk): KL {:.6f} nats, perplexity {:.4f}, "

@@ -329,6 +329,23 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
           "| top-1 agreement with the source | {:.4f} | {:.4f} |\n\n",
           q.perplexity, kv.perplexity, q.mean_kl, kv.mean_kl, q.top1_agreement, kv.top1_agreement);
     }
+    if (job.uniform && job.uniform->quality) {
+      const UniformBaseline& u = *job.uniform;
+      card += fmt::format(
+          "Against uniform {} (the {} Linears that can take it, the others as here; the same "
+          "rounding, the same windows), which this checkpoint must not lose to:\n\n"
+          "| | uniform {} | this checkpoint |\n|---|---|---|\n"
+          "| Linear bytes | {} | {} |\n"
+          "| perplexity | {:.4f} | {:.4f} |\n"
+          "| mean KL(source \\|\\| quantized), nats per token | {:.6f} | {:.6f} |\n"
+          "| top-1 agreement with the source | {:.4f} | {:.4f} |\n\n",
+          u.format, u.linears, u.format, u.bytes, u.shipped_bytes, u.quality->perplexity,
+          q.perplexity, u.quality->mean_kl, q.mean_kl, u.quality->top1_agreement, q.top1_agreement);
+    } else if (job.uniform) {
+      card += fmt::format(
+          "Uniform {} takes {} bytes of Linears, more than this checkpoint's {}: not compared.\n\n",
+          job.uniform->format, job.uniform->bytes, job.uniform->shipped_bytes);
+    }
   } else {
     card +=
         "Not measured by this export. `prismaquant validate DIR --reference SOURCE --data TEXT` "

@@ -39,6 +39,22 @@ struct MeasuredQuality {
   double top1_agreement = 0.0;
   // With an FP8 KV cache (ExportJob::kv_cache): the same measurement with the cache simulated.
   std::optional<KvCacheQuality> fp8_kv_cache;
+  // Each prediction's NLL (runtime::EvalResult::prediction_nll), for paired comparisons; not
+  // written anywhere.
+  std::vector<double> prediction_nll;
+};
+
+// The uniform assignment a mixed one must beat (issue 15, "never worse than uniform"): every
+// Linear that can take `format` in it, the others in their shipped format, rendered like the
+// shipped assignment and measured on the same held-out windows.
+struct UniformBaseline {
+  std::string format;               // e.g. "NVFP4"
+  std::int64_t linears = 0;         // Linears the baseline puts in `format`
+  std::uint64_t bytes = 0;          // the baseline's Linear bytes
+  std::uint64_t shipped_bytes = 0;  // the shipped assignment's Linear bytes
+  // Measured when the baseline fits the shipped bytes (bytes <= shipped_bytes); a baseline
+  // that needs more bytes is no like-for-like comparison.
+  std::optional<MeasuredQuality> quality;
 };
 
 struct ExportJob {
@@ -54,6 +70,7 @@ struct ExportJob {
   // RenderCache and new ones are stored there (LinearEncoder). Empty: every Linear is rendered.
   std::filesystem::path render_cache;
   std::optional<MeasuredQuality> quality;  // for the model card
+  std::optional<UniformBaseline> uniform;  // for the model card, beside `quality`
   // The allocator's Pareto sweep for the model card; empty: pareto.csv beside the assignment.
   std::filesystem::path pareto_csv;
   std::string command_line;  // recorded in the model card

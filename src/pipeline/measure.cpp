@@ -42,6 +42,7 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
   quality.perplexity = result.perplexity();
   quality.source_perplexity = reference.self().perplexity();
   quality.top1_agreement = result.top1_agreement();
+  quality.prediction_nll = result.prediction_nll;
   if (kv_cache != nullptr) {
     const runtime::EvalResult with_kv = run(kv_cache);
     quality.fp8_kv_cache = exporter::KvCacheQuality{.mean_kl = with_kv.mean_kl(),

@@ -21,6 +21,7 @@
 #include "io/safetensors_writer.h"
 #include "model/model_spec.h"
 #include "pipeline/measure.h"
+#include "pipeline/uniform_baseline.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/model.h"
 
@@ -272,9 +273,21 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     }();
     outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference,
                                           job.kv_cache ? &kv_cache : nullptr);
+    outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
+    outcome.stages.push_back({"measure", seconds_since(start), false});
+
+    // Never worse than uniform: the same render of uniform FP4 at no more bytes, on the same
+    // windows; an assignment that loses to it is not exported.
+    if (const std::optional<std::string> format = uniform_baseline_format(menu)) {
+      start = std::chrono::steady_clock::now();
+      outcome.uniform = measure_uniform_baseline(config, checkpoint, encoder,
+                                                 alloc::read_cost_table(cost_job.out), format_of,
+                                                 reference, *format);
+      if (outcome.uniform->quality) outcome.uniform->quality->data = outcome.measured.data;
+      outcome.stages.push_back({"uniform", seconds_since(start), false});
+      require_not_worse_than_uniform(outcome.measured, *outcome.uniform);
+    }
   }
-  outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
-  outcome.stages.push_back({"measure", seconds_since(start), false});
 
   start = std::chrono::steady_clock::now();
   exporter::ExportJob export_job;
@@ -286,6 +299,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.input_amax = input_amax;
   export_job.render_cache = work / "render";
   export_job.quality = outcome.measured;
+  export_job.uniform = outcome.uniform;
   export_job.command_line = job.command_line;
   export_job.vision_format = job.vision_format;
   export_job.serve_on = job.serve_on;

@@ -70,6 +70,9 @@ struct QuantizeOutcome {
   alloc::AllocateOutcome allocation;
   std::optional<scout::ScoutOutcome> scout;  // with select == "scout"
   exporter::MeasuredQuality measured;        // before export, with the exporter's weights
+  // The uniform FP4 assignment it was measured against (uniform_baseline.h); none when the menu
+  // has no FP4 format.
+  std::optional<exporter::UniformBaseline> uniform;
   exporter::ExportSummary exported;
   std::string rounding;                // what the rounding strategy did (its model-card paragraph)
   validate::ValidateReport validated;  // the written checkpoint, reloaded as a consumer does

@@ -34,6 +34,7 @@ void score_window(std::span<const std::int32_t> tokens, const float* logits, std
     const float* z = logits + t * vocab;
     log_softmax(z, vocab, log_q);
     result.nll_sum -= log_q[tokens[t + 1]];
+    result.prediction_nll.push_back(-log_q[tokens[t + 1]]);
     if (reference_logits != nullptr) {
       const float* zr = reference_logits + t * vocab;
       log_softmax(zr, vocab, log_p);

@@ -19,6 +19,9 @@ struct EvalResult {
   std::int64_t windows = 0;
   std::int64_t predictions = 0;  // each window of T tokens scores its T - 1 next-token predictions
   double nll_sum = 0.0;          // natural log
+  // Each prediction's NLL in the order they are scored, which is the same for the same windows,
+  // so two models' lists pair prediction by prediction (a paired comparison of their losses).
+  std::vector<double> prediction_nll;
   // With a reference model: sum over predictions of KL(reference || model) in nats, and how many
   // predictions had the same arg-max token.
   double kl_sum = 0.0;

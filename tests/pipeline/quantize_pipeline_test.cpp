@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 #include "common/file_util.h"
 #include "export/gptq.h"
 #include "export/linear_encoder.h"
+#include "pipeline/uniform_baseline.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
 #include "validate/ct_checkpoint.h"
@@ -38,7 +40,8 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   job.eval_windows = 2;
   job.eval_seqlen = 128;
   const QuantizeOutcome outcome = run_quantize(job);
-  ASSERT_EQ(outcome.stages.size(), 6u);
+  ASSERT_EQ(outcome.stages.size(),
+            7u);  // probe, cost, allocate, measure, uniform, export, validate
   EXPECT_FALSE(outcome.stages[0].reused);
   EXPECT_FALSE(outcome.stages[1].reused);
 
@@ -85,6 +88,22 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   const std::string card = read_text_file(dir / "out/README.md");
   EXPECT_NE(card.find(fmt::format("{:.6f}", measured.mean_kl)), std::string::npos) << card;
   EXPECT_NE(card.find("Pareto"), std::string::npos);
+  // Measured against uniform NVFP4 at no more bytes, which it does not lose to; the card shows
+  // both.
+  ASSERT_TRUE(outcome.uniform.has_value());
+  EXPECT_EQ(outcome.uniform->format, "NVFP4");
+  EXPECT_LE(outcome.uniform->bytes, outcome.uniform->shipped_bytes);
+  EXPECT_EQ(outcome.uniform->shipped_bytes, assignment.at("totals").at("quantizable_bytes"));
+  ASSERT_TRUE(outcome.uniform->quality.has_value());
+  EXPECT_LE(measured.mean_kl, outcome.uniform->quality->mean_kl);
+  EXPECT_LE(perplexity_z_score(measured, *outcome.uniform->quality), kPerplexityZLimit);
+  std::printf("%s: KL %.6f (uniform %.6f), perplexity %.4f (uniform %.4f, source %.4f)\n",
+              GetParam().c_str(), measured.mean_kl, outcome.uniform->quality->mean_kl,
+              measured.perplexity, outcome.uniform->quality->perplexity,
+              measured.source_perplexity);
+  EXPECT_NE(card.find("Against uniform NVFP4"), std::string::npos) << card;
+  EXPECT_NE(card.find(fmt::format("{:.6f}", outcome.uniform->quality->mean_kl)), std::string::npos)
+      << card;
   // validate reloads the written checkpoint with its own decoder and measures the same figures
   // as the pre-export measurement, bit for bit.
   const validate::ValidateReport& validated = outcome.validated;

@@ -1,0 +1,88 @@
+#include "pipeline/uniform_baseline.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/error.h"
+#include "pipeline/measure.h"
+
+namespace pq::pipeline {
+
+std::optional<std::string> uniform_baseline_format(const std::vector<std::string>& menu) {
+  for (const char* format : {"NVFP4", "NVFP4A16"}) {
+    if (std::find(menu.begin(), menu.end(), format) != menu.end()) return std::string(format);
+  }
+  return std::nullopt;
+}
+
+exporter::UniformBaseline measure_uniform_baseline(
+    const model::ModelConfig& config, const io::Checkpoint& source,
+    const exporter::LinearEncoder& encoder, const alloc::CostTable& table,
+    const std::map<std::string, std::string>& shipped, const runtime::ReferenceLogits& reference,
+    std::string_view format) {
+  exporter::UniformBaseline baseline;
+  baseline.format = std::string(format);
+  std::map<std::string, std::string> uniform;
+  for (const alloc::LinearCost& row : table.linears) {
+    const auto it = shipped.find(row.name);
+    PQ_CHECK(it != shipped.end(), "the assignment has no format for Linear '{}' of the cost table",
+             row.name);
+    const auto cost_of = [&](const std::string& name) -> const std::optional<alloc::FormatCost>& {
+      return row.costs.at(table.format_index(name));
+    };
+    const std::optional<alloc::FormatCost>& chosen = cost_of(it->second);
+    PQ_CHECK(chosen.has_value(),
+             "Linear '{}' is assigned {}, which the cost table does not offer it", row.name,
+             it->second);
+    baseline.shipped_bytes += chosen->bytes;
+    const bool offered = std::find(table.formats.begin(), table.formats.end(), baseline.format) !=
+                             table.formats.end() &&
+                         cost_of(baseline.format).has_value();
+    const std::string& format_name = offered ? baseline.format : it->second;
+    uniform[row.name] = format_name;
+    baseline.bytes += cost_of(format_name)->bytes;
+    baseline.linears += offered ? 1 : 0;
+  }
+  if (baseline.bytes <= baseline.shipped_bytes) {
+    baseline.quality = measure_assignment(config, source, encoder, uniform, reference);
+  }
+  return baseline;
+}
+
+double perplexity_z_score(const exporter::MeasuredQuality& shipped,
+                          const exporter::MeasuredQuality& baseline) {
+  const std::vector<double>& a = shipped.prediction_nll;
+  const std::vector<double>& b = baseline.prediction_nll;
+  PQ_CHECK(a.size() == b.size() && a.size() >= 2,
+           "paired perplexity comparison needs the same predictions (got {} and {})", a.size(),
+           b.size());
+  const double n = static_cast<double>(a.size());
+  double mean = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) mean += a[i] - b[i];
+  mean /= n;
+  double squares = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) squares += (a[i] - b[i] - mean) * (a[i] - b[i] - mean);
+  const double standard_error = std::sqrt(squares / (n - 1.0) / n);
+  if (standard_error == 0.0) return mean > 0.0 ? HUGE_VAL : 0.0;
+  return mean / standard_error;
+}
+
+void require_not_worse_than_uniform(const exporter::MeasuredQuality& shipped,
+                                    const exporter::UniformBaseline& baseline) {
+  if (!baseline.quality) return;
+  const exporter::MeasuredQuality& uniform = *baseline.quality;
+  const double z = perplexity_z_score(shipped, uniform);
+  if (shipped.mean_kl <= uniform.mean_kl && z <= kPerplexityZLimit) return;
+  fail(
+      "not exported: the chosen assignment ({} bytes of Linears) has held-out KL {:.6f} and "
+      "perplexity {:.4f}, worse than uniform {} ({} Linears, {} bytes) with KL {:.6f} and "
+      "perplexity {:.4f} on the same {} windows of {} tokens (perplexity z = {:.2f}); try another "
+      "--target-bits, --formats or --select scout",
+      baseline.shipped_bytes, shipped.mean_kl, shipped.perplexity, baseline.format,
+      baseline.linears, baseline.bytes, uniform.mean_kl, uniform.perplexity, uniform.windows,
+      uniform.seqlen, z);
+}
+
+}  // namespace pq::pipeline
