@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <bit>
@@ -18,6 +19,7 @@
 
 #include "common/error.h"
 #include "cost/cost_stage.h"
+#include "export/local_hessian.h"
 #include "probe/input_key.h"
 #include "probe/probe_stage.h"
 
@@ -448,6 +450,7 @@ nlohmann::json to_json(const RoundingReport& report) {
                       {"ratio", optional_number(report.ratio())},
                       {"groups_rescaled", report.groups_rescaled}};
   if (!report.fallback.empty()) j["fallback"] = report.fallback;
+  if (!report.candidates.empty()) j["candidates"] = report.candidates;
   return j;
 }
 
@@ -466,6 +469,9 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j) {
     report.nearest_output_mse = optional_number("nearest_output_mse");
     report.output_mse = optional_number("output_mse");
     report.groups_rescaled = j.at("groups_rescaled").get<std::int64_t>();
+    if (j.contains("candidates")) {
+      report.candidates = j.at("candidates").get<std::map<std::string, double>>();
+    }
     return report;
   } catch (const nlohmann::json::exception& e) {
     fail("not a GPTQ rounding report: {}", e.what());
@@ -483,21 +489,37 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options,
   PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
   PQ_CHECK(options_.min_tokens >= 1, "GPTQ minimum token count {} is not positive",
            options_.min_tokens);
+  PQ_CHECK(options_.gptq || options_.local_hessian,
+           "GPTQ rounding with neither GPTQ nor Local-Hessian renders to try");
+  PQ_CHECK(options_.local_hessian_e4m3_bracket >= 0 && options_.local_hessian_e8m0_bracket >= 0,
+           "Local-Hessian brackets {} and {} are not non-negative",
+           options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
   PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
                options_.sweep_lo <= options_.sweep_hi,
            "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
            options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
 }
 
+std::string_view GptqRounding::name() const {
+  if (!options_.local_hessian) return "gptq";
+  return options_.gptq ? "gptq+local-hessian" : "local-hessian";
+}
+
 std::string GptqRounding::fingerprint() const {
-  // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ.
+  // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ. GPTQ alone keeps
+  // the fingerprint it had before Local-Hessian existed, so existing render caches stay valid.
+  std::string renders;
+  if (options_.local_hessian) {
+    renders = fmt::format(" gptq={} local_hessian=e4m3:{},e8m0:{}", options_.gptq,
+                          options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
+  }
   return fmt::format(
       "gptq/1 damp={:016x} block={} min_tokens={} act_order={} sweep={} candidates={} "
-      "lo={:08x} hi={:08x} statistics={}",
+      "lo={:08x} hi={:08x}{} statistics={}",
       std::bit_cast<std::uint64_t>(options_.damp), options_.block_size, options_.min_tokens,
       options_.act_order, options_.scale_sweep, options_.sweep_candidates,
       std::bit_cast<std::uint32_t>(options_.sweep_lo),
-      std::bit_cast<std::uint32_t>(options_.sweep_hi), statistics_fingerprint_);
+      std::bit_cast<std::uint32_t>(options_.sweep_hi), renders, statistics_fingerprint_);
 }
 
 const std::optional<HessianFactor>& GptqRounding::factor(const CalibrationStatistics& stats,
@@ -577,37 +599,65 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     return nearest;
   }
   PQ_CHECK(formats::max_abs_bits(job.weight) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
-  const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
-  if (!factor) {
-    report.fallback = "the damped Hessian is not positive definite or not finite";
-    warn(job.linear.name, report.fallback);
-    report.output_mse = report.nearest_output_mse;
-    record(report);
-    return nearest;
+
+  // Every render tried; the stored weight is the one with the lowest calibration output error,
+  // round-to-nearest unless one is strictly lower.
+  std::optional<formats::EncodedWeight> best;
+  double best_mse = *report.nearest_output_mse;
+  std::vector<std::string> tried;
+  const auto offer = [&](const GroupedWeight& grouped, const std::string& method) {
+    const double mse = grouped.output_error /
+                       (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
+    report.candidates[method] = mse;
+    tried.push_back(method);
+    if (mse >= best_mse) return;
+    best_mse = mse;
+    best = job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
+    report.method = method;
+    report.groups_rescaled = grouped.groups_rescaled;
+  };
+  std::vector<std::string> skipped;
+  if (options_.gptq) {
+    const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
+    if (factor) {
+      offer(gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_),
+            options_.scale_sweep ? "gptq+sweep" : "gptq");
+    } else {
+      skipped.emplace_back("the damped Hessian is not positive definite or not finite");
+      warn(job.linear.name, skipped.back());
+    }
   }
-  const GroupedWeight grouped =
-      gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_);
-  formats::EncodedWeight encoded =
-      job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
-  const double gptq_mse = grouped.output_error /
-                          (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
+  if (options_.local_hessian) {
+    const LocalHessianOptions local{.damp = options_.damp,
+                                    .e4m3_bracket = options_.local_hessian_e4m3_bracket,
+                                    .e8m0_bracket = options_.local_hessian_e8m0_bracket};
+    if (!local_hessian_applies(*layout)) {
+      skipped.emplace_back("Local-Hessian renders NVFP4 and MX group scales only");
+    } else if (const std::optional<GroupedWeight> grouped =
+                   local_hessian_round(job.weight, job.shape, *layout, *stats, local)) {
+      offer(*grouped, "local-hessian");
+    } else {
+      skipped.emplace_back("the Hessian is not finite");
+    }
+  }
+  report.output_mse = best_mse;
+  if (best) {
+    record(report);
+    return std::move(*best);
+  }
   // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
-  // damping); the stored weight is whichever of the two does better on the calibration set.
-  if (gptq_mse >= *report.nearest_output_mse) {
-    report.fallback = "GPTQ did not lower the calibration output error";
-    report.output_mse = report.nearest_output_mse;
-    record(report);
-    return nearest;
+  // damping); Local-Hessian keeps every group's nearest scale unless it lowers the group's error.
+  for (const std::string& method : tried) {
+    skipped.push_back(fmt::format("{} did not lower the calibration output error",
+                                  method == "gptq+sweep" || method == "gptq" ? "GPTQ" : method));
   }
-  report.output_mse = gptq_mse;
-  report.groups_rescaled = grouped.groups_rescaled;
-  report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
+  report.fallback = fmt::format("{}", fmt::join(skipped, "; "));
   record(report);
-  return encoded;
+  return nearest;
 }
 
 std::string GptqRounding::describe(const std::map<std::string, std::string>& format_of) const {
-  std::int64_t rounded = 0;
+  std::map<std::string, std::int64_t> methods;
   std::int64_t ratios = 0;
   double log_ratio_sum = 0.0;
   std::map<std::string, std::int64_t> fallbacks;
@@ -616,7 +666,7 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
     if (it == report_index_.end()) continue;
     const RoundingReport& report = reports_[it->second];
     if (report.fallback.empty()) {
-      ++rounded;
+      ++methods[report.method];
     } else {
       ++fallbacks[report.fallback];
     }
@@ -625,15 +675,37 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
       ++ratios;
     }
   }
-  std::string text = fmt::format(
-      "GPTQ (damping {}, blocks of {} columns{}){} rounded {} Linears with the calibration "
-      "Hessians.",
-      options_.damp, options_.block_size, options_.act_order ? ", activation order" : "",
-      options_.scale_sweep
-          ? fmt::format(" with a per-group scale sweep ({} candidates in [{}, {}] x)",
-                        options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi)
-          : "",
-      rounded);
+  std::vector<std::string> renders;
+  if (options_.gptq) {
+    renders.push_back(fmt::format(
+        "GPTQ (damping {}, blocks of {} columns{}){}", options_.damp, options_.block_size,
+        options_.act_order ? ", activation order" : "",
+        options_.scale_sweep
+            ? fmt::format(" with a per-group scale sweep ({} candidates in [{}, {}] x)",
+                          options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi)
+            : ""));
+  }
+  if (options_.local_hessian) {
+    renders.emplace_back(
+        "Local-Hessian group scales (NVFP4 and MX: per group the scale minimising the error "
+        "under the group's block of the calibration Hessian)");
+  }
+  std::string text;
+  if (renders.size() == 1) {
+    std::int64_t rounded = 0;
+    for (const auto& [method, count] : methods) rounded += count;
+    text = fmt::format("{} rounded {} Linears with the calibration Hessians.", renders.front(),
+                       rounded);
+  } else {
+    std::vector<std::string> counts;
+    for (const auto& [method, count] : methods)
+      counts.push_back(fmt::format("{} {}", count, method));
+    text = fmt::format(
+        "Each Linear stores whichever of {} and round-to-nearest has the lowest output error on "
+        "the calibration Hessian: {}.",
+        fmt::join(renders, " and "),
+        counts.empty() ? "none" : fmt::format("{}", fmt::join(counts, ", ")));
+  }
   for (const auto& [why, count] : fallbacks) {
     text += fmt::format(" {} rounded to nearest: {}.", count, why);
   }
@@ -658,11 +730,16 @@ nlohmann::json GptqRounding::report(const std::map<std::string, std::string>& fo
 std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
                                                 const probe::ProbeResult* probe) {
   if (name == "nearest") return std::make_unique<NearestRounding>();
-  PQ_CHECK(name == "gptq", "unknown rounding '{}' (known: gptq, nearest)", name);
+  GptqOptions options;
+  options.gptq = name == "gptq" || name == "gptq+local-hessian";
+  options.local_hessian = name == "local-hessian" || name == "gptq+local-hessian";
+  PQ_CHECK(options.gptq || options.local_hessian,
+           "unknown rounding '{}' (known: gptq, local-hessian, gptq+local-hessian, nearest)", name);
   PQ_CHECK(probe != nullptr,
-           "GPTQ rounding needs the calibration Hessians of a probe (give the probe directory, or "
-           "use nearest rounding)");
-  return std::make_unique<GptqRounding>(statistics_from_probe(*probe), GptqOptions{},
+           "{} rounding needs the calibration Hessians of a probe (give the probe directory, or "
+           "use nearest rounding)",
+           name);
+  return std::make_unique<GptqRounding>(statistics_from_probe(*probe), options,
                                         probe->fingerprint());
 }
 
