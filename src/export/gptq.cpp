@@ -81,12 +81,14 @@ struct Units {
 // Chooses the scales of column group g from its values as they are now, column c of the group
 // at cols[c * out .. c * out + out). Per scale unit: the nearest-rounding scale of the unit's
 // amax, or with the sweep the candidate scale around that amax whose rounding of these values
-// has the lowest sum_j E[x_j^2] (v_j - q_j)^2, kept only when strictly lower than the nearest
-// scale's. Sets every (row, g) entry; returns how many units the sweep changed.
+// has the lowest sum_j E[x_j^2] (v_j - q_j)^2 (with `block`, the group's [group_size,
+// group_size] block B of the damped Hessian: the lowest d^T B d summed over the unit's rows),
+// kept only when strictly lower than the nearest scale's. Sets every (row, g) entry; returns how
+// many units the sweep changed.
 std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
                                  std::int64_t group_size, std::int64_t g, const double* cols,
-                                 std::span<const float> moment, const GptqOptions& options,
-                                 std::span<GroupScale> scales) {
+                                 std::span<const float> moment, std::span<const double> block,
+                                 const GptqOptions& options, std::span<GroupScale> scales) {
   // The group as rows of group_size values, the layout quantize_rows takes.
   std::vector<float> values(static_cast<std::size_t>(out * group_size));
   for (std::int64_t c = 0; c < group_size; ++c) {
@@ -127,10 +129,16 @@ std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, st
                                      .dequantized = dequantized});
       std::fill(objective.begin(), objective.end(), 0.0);
       for (std::int64_t r = 0; r < out; ++r) {
+        const std::span<const float> v(values.data() + r * group_size, group_size);
+        const std::span<const float> q(dequantized.data() + r * group_size, group_size);
         double sum = 0.0;
-        for (std::int64_t c = 0; c < group_size; ++c) {
-          const double d = double{values[r * group_size + c]} - dequantized[r * group_size + c];
-          sum += moment[c] * d * d;
+        if (!block.empty()) {
+          sum = local_hessian_objective(v, q, block);
+        } else {
+          for (std::int64_t c = 0; c < group_size; ++c) {
+            const double d = double{v[c]} - q[c];
+            sum += moment[c] * d * d;
+          }
         }
         objective[r / units.scale_rows] += sum;
       }
@@ -209,6 +217,30 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
   for (std::size_t p = 0; p < n; ++p) {
     for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w0[r * n + order[p]];
   }
+  // The sweep's block of the damped Hessian for group g (empty: the diagonal objective). The
+  // damping is the factor's (added_diagonal, in processing order: the original order without
+  // act_order).
+  std::vector<double> sweep_blocks;
+  if (options.scale_sweep && options.sweep_local_hessian && !options.act_order &&
+      group_size <= 64) {
+    const std::int64_t g2 = group_size * group_size;
+    sweep_blocks.resize(static_cast<std::size_t>(units.groups * g2));
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      for (std::int64_t a = 0; a < group_size; ++a) {
+        const std::int64_t ja = g * group_size + a;
+        for (std::int64_t b = 0; b < group_size; ++b) {
+          const std::int64_t jb = g * group_size + b;
+          sweep_blocks[g * g2 + a * group_size + b] =
+              stats.hessian[ja * in + jb] + (a == b ? factor.added_diagonal[ja] : 0.0);
+        }
+      }
+    }
+  }
+  const auto sweep_block = [&](std::int64_t g) -> std::span<const double> {
+    if (sweep_blocks.empty()) return {};
+    const auto g2 = static_cast<std::size_t>(group_size * group_size);
+    return {sweep_blocks.data() + g * g2, g2};
+  };
   // With act_order every group's scale comes from the original weights before the pass (static
   // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
   if (options.act_order) {
@@ -219,7 +251,8 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
     for (std::int64_t g = 0; g < units.groups; ++g) {
       block.groups_rescaled += choose_group_scales(
           codec, units, rows, group_size, g, original.data() + g * group_size * m,
-          stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+          stats.act_second_moment.subspan(g * group_size, group_size), sweep_block(g), options,
+          scales);
     }
   }
 
@@ -236,9 +269,10 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
       const std::int64_t g = j / group_size;
       double* column = wt.data() + p * m;
       if (!options.act_order && j % group_size == 0) {
-        block.groups_rescaled += choose_group_scales(
-            codec, units, rows, group_size, g, column,
-            stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+        block.groups_rescaled +=
+            choose_group_scales(codec, units, rows, group_size, g, column,
+                                stats.act_second_moment.subspan(g * group_size, group_size),
+                                sweep_block(g), options, scales);
         steps_group = -1;
       }
       if (g != steps_group) {
@@ -509,9 +543,11 @@ std::string GptqRounding::fingerprint() const {
   // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ. GPTQ alone keeps
   // the fingerprint it had before Local-Hessian existed, so existing render caches stay valid.
   std::string renders;
+  if (options_.sweep_local_hessian) renders = " sweep_objective=local_hessian";
   if (options_.local_hessian) {
-    renders = fmt::format(" gptq={} local_hessian=e4m3:{},e8m0:{}", options_.gptq,
-                          options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
+    renders +=
+        fmt::format(" gptq={} local_hessian=e4m3:{},e8m0:{}", options_.gptq,
+                    options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
   }
   return fmt::format(
       "gptq/1 damp={:016x} block={} min_tokens={} act_order={} sweep={} candidates={} "
@@ -621,7 +657,9 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
     if (factor) {
       offer(gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_),
-            options_.scale_sweep ? "gptq+sweep" : "gptq");
+            !options_.scale_sweep          ? "gptq"
+            : options_.sweep_local_hessian ? "gptq+local-hessian-sweep"
+                                           : "gptq+sweep");
     } else {
       skipped.emplace_back("the damped Hessian is not positive definite or not finite");
       warn(job.linear.name, skipped.back());
@@ -649,7 +687,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   // damping); Local-Hessian keeps every group's nearest scale unless it lowers the group's error.
   for (const std::string& method : tried) {
     skipped.push_back(fmt::format("{} did not lower the calibration output error",
-                                  method == "gptq+sweep" || method == "gptq" ? "GPTQ" : method));
+                                  method.starts_with("gptq") ? "GPTQ" : method));
   }
   report.fallback = fmt::format("{}", fmt::join(skipped, "; "));
   record(report);
@@ -681,8 +719,10 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
         "GPTQ (damping {}, blocks of {} columns{}){}", options_.damp, options_.block_size,
         options_.act_order ? ", activation order" : "",
         options_.scale_sweep
-            ? fmt::format(" with a per-group scale sweep ({} candidates in [{}, {}] x)",
-                          options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi)
+            ? fmt::format(
+                  " with a per-group scale sweep ({} candidates in [{}, {}] x{})",
+                  options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi,
+                  options_.sweep_local_hessian ? ", judged on the group's Hessian block" : "")
             : ""));
   }
   if (options_.local_hessian) {

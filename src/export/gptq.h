@@ -69,6 +69,11 @@ struct GptqOptions {
   // strictly lower sum_j E[x_j^2] (v_j - q_j)^2 than the nearest-rounding scale's (the upstream
   // sweep's objective, method-facts.md §7; docs/export.md says why it is not run after GPTQ).
   bool scale_sweep = true;
+  // The sweep's objective is instead d^T B d with B the group's diagonal block of the damped
+  // Hessian (Local-Hessian's objective, local_hessian.h) over the values v as updated so far.
+  // Applies to groups of at most 64 columns (NVFP4, MX) without act_order; others keep the
+  // diagonal objective.
+  bool sweep_local_hessian = false;
   int sweep_candidates = 32;
   float sweep_lo = 0.5f;
   float sweep_hi = 1.5f;

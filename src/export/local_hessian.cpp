@@ -137,6 +137,12 @@ std::optional<GroupedWeight> local_hessian_round(std::span<const float> w, Shape
             best = candidate;
             best_codes.swap(codes);
           }
+          // Candidates ascend: once every code rounds to zero, every larger scale gives the same
+          // all-zero group, which cannot be strictly lower.
+          if (std::all_of(dequantized.begin(), dequantized.end(),
+                          [](float v) { return v == 0.0f; })) {
+            break;
+          }
         }
       }
       rescaled[r] += best == nearest ? 0 : 1;

@@ -1059,6 +1059,7 @@ TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
         {"local-hessian +-8",
          GptqOptions{.gptq = false, .local_hessian = true, .local_hessian_e4m3_bracket = 8}},
         {"gptq+local-hessian", GptqOptions{.local_hessian = true}},
+        {"gptq, local-hessian sweep", GptqOptions{.sweep_local_hessian = true}},
     };
     for (const char* format_name : {"NVFP4A16", "MXFP4A16", "MXFP8A16"}) {
       const WeightFormat& format = formats::format_by_name(format_name);
@@ -1105,7 +1106,7 @@ TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
         const scout::KlMeasurement kl = evaluator.measure(&quantized, nullptr);
         std::string chosen;
         for (const auto& [method, count] : methods) chosen += fmt::format(" {} {}", count, method);
-        std::printf("%s %-8s %-18s held-out output MSE / RTN %.4f over %zu Linears, KL %.6f;%s\n",
+        std::printf("%s %-8s %-25s held-out output MSE / RTN %.4f over %zu Linears, KL %.6f;%s\n",
                     model_name, format_name, strategy.name, geometric_mean(heldout_ratios),
                     heldout_ratios.size(), kl.kl, chosen.c_str());
       }
