@@ -992,6 +992,22 @@ TEST(GptqRounding, OffersLocalHessianBesideGptq) {
                          {.gptq = false, .local_hessian = true, .local_hessian_e4m3_bracket = 8})
                 .fingerprint());
   EXPECT_THROW(GptqRounding(provider, {.gptq = false}), Error);
+  // By name, as --rounding gives it: the Local-Hessian strategies need a probe's Hessians too.
+  for (const char* name : {"gptq", "local-hessian", "gptq+local-hessian"}) {
+    try {
+      make_rounding(name, nullptr);
+      ADD_FAILURE() << name << " without a probe";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(make_rounding("nearest", nullptr)->name(), "nearest");
+  try {
+    make_rounding("local_hessian", nullptr);
+    ADD_FAILURE() << "an unknown name";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gptq+local-hessian"), std::string::npos) << e.what();
+  }
 
   const model::Linear linear = test_linear("model.layers.0.self_attn.k_proj", kShape);
   for (const char* name : {"NVFP4A16", "MXFP4A16", "INT4_W4A16"}) {
