@@ -3,6 +3,7 @@
 // Gptq/<format>/<out>/<in>/<sweep> is gptq_round (Cholesky inverse, lazy-batch pass, optional
 // scale sweep) plus encode_groups. The Hessian comes from 4096 correlated synthetic tokens.
 // Shapes: qwen3-dense-tiny's down_proj (256 x 768) and square 2048 and 4096 weights.
+// LocalHessian/<format>/<out>/<in>/<bracket> is local_hessian_round plus encode_groups.
 
 #include <benchmark/benchmark.h>
 #include <cblas.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "export/gptq.h"
+#include "export/local_hessian.h"
 #include "formats/weight_format.h"
 
 namespace {
@@ -96,7 +98,36 @@ void Gptq(benchmark::State& state, const char* name) {
   state.SetItemsProcessed(state.iterations() * shape.numel());
 }
 
+// Local-Hessian scales (local_hessian_round, with its output-error GEMM) plus encode_groups; the
+// third argument is the E4M3 bracket (0: every byte).
+void LocalHessian(benchmark::State& state, const char* name) {
+  const WeightFormat& format = pq::formats::format_by_name(name);
+  const Shape2D shape{state.range(0), state.range(1)};
+  const Problem& p = problem(shape);
+  const auto options = options_for(p);
+  const auto layout = *format.group_layout(shape, options);
+  const pq::exporter::CalibrationStatistics stats{p.hessian, p.tokens, p.moment, {}};
+  for (auto _ : state) {
+    const auto grouped = pq::exporter::local_hessian_round(
+        p.weight, shape, layout, stats, {.e4m3_bracket = static_cast<int>(state.range(2))});
+    benchmark::DoNotOptimize(format.encode_groups(grouped->codes, grouped->scales, shape, options));
+  }
+  state.SetItemsProcessed(state.iterations() * shape.numel());
+}
+
 void register_all() {
+  for (const char* name : {"NVFP4A16", "MXFP4A16"}) {
+    for (const auto& [out, in] : {std::pair<std::int64_t, std::int64_t>{256, 768}, {2048, 2048}}) {
+      for (const int bracket : {0, 8}) {
+        if (bracket == 8 && std::string_view(name) != "NVFP4A16") continue;
+        benchmark::RegisterBenchmark((std::string("LocalHessian/") + name).c_str(), LocalHessian,
+                                     name)
+            ->Args({out, in, bracket})
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(1);
+      }
+    }
+  }
   for (const char* name : kFormats) {
     for (const auto& [out, in] :
          {std::pair<std::int64_t, std::int64_t>{256, 768}, {2048, 2048}, {4096, 4096}}) {

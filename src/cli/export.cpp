@@ -40,8 +40,10 @@ void register_export(CLI::App& app) {
       "Store every vision-tower Linear in this format, rounded to nearest (default: kept as "
       "stored, BF16)");
   cmd->add_option("--rounding", *rounding_name,
-                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe) or "
-                  "nearest (round to nearest)")
+                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe), "
+                  "local-hessian (NVFP4/MX group scales minimising the error under each group's "
+                  "block of those Hessians; needs --probe), gptq+local-hessian (per Linear the "
+                  "lower calibration error of the two) or nearest (round to nearest)")
       ->default_val(*rounding_name);
   add_serve_on_option(cmd, job->serve_on);
   auto kv_cache = std::make_shared<bool>(false);
@@ -49,9 +51,10 @@ void register_export(CLI::App& app) {
                       "kv_cache_scheme and per-layer k_scale / v_scale from the key/value amax "
                       "of a probe run with --kv-cache fp8; needs --probe");
   cmd->callback([job, probe_dir, rounding_name, kv_cache] {
-    PQ_CHECK(*rounding_name != "gptq" || !probe_dir->empty(),
-             "export: --rounding gptq (the default) needs the probe's Hessians: give --probe "
-             "WORK/probe, or --rounding nearest");
+    PQ_CHECK(*rounding_name == "nearest" || !probe_dir->empty(),
+             "export: --rounding {} needs the probe's Hessians: give --probe WORK/probe, or "
+             "--rounding nearest",
+             *rounding_name);
     PQ_CHECK(!*kv_cache || !probe_dir->empty(),
              "export: --kv-cache fp8 takes its scales from the probe: give --probe WORK/probe");
     std::optional<probe::ProbeResult> probe;

@@ -51,7 +51,9 @@ void register_quantize(CLI::App& app) {
       "Store every vision-tower Linear in this format, rounded to nearest (default: kept as "
       "stored, BF16)");
   cmd->add_option("--rounding", job->rounding,
-                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians) or nearest")
+                  "gptq (GPTQ + per-group scale sweep with the probe's Hessians), local-hessian "
+                  "(NVFP4/MX group scales under each group's block of those Hessians), "
+                  "gptq+local-hessian (per Linear the lower calibration error) or nearest")
       ->default_val(job->rounding);
   cmd->add_option("--eval-windows", job->eval_windows, "Held-out windows evaluated")
       ->default_val(job->eval_windows)

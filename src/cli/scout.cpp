@@ -69,9 +69,9 @@ void register_scout(CLI::App& app) {
       ->default_val(job->uniform_baseline);
   cmd->add_option("--rounding", *rounding,
                   "How Linears are encoded, as export will: gptq (GPTQ + scale sweep on the "
-                  "Hessians of WORK/probe) or nearest")
+                  "Hessians of WORK/probe), local-hessian, gptq+local-hessian or nearest")
       ->default_val(*rounding)
-      ->check(CLI::IsMember({"nearest", "gptq"}));
+      ->check(CLI::IsMember({"nearest", "gptq", "local-hessian", "gptq+local-hessian"}));
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
                 "lm_head is a candidate (the cost table must have it)");
   add_serve_on_option(cmd, job->serve_on);

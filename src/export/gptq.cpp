@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <bit>
@@ -18,6 +19,7 @@
 
 #include "common/error.h"
 #include "cost/cost_stage.h"
+#include "export/local_hessian.h"
 #include "probe/input_key.h"
 #include "probe/probe_stage.h"
 
@@ -79,12 +81,14 @@ struct Units {
 // Chooses the scales of column group g from its values as they are now, column c of the group
 // at cols[c * out .. c * out + out). Per scale unit: the nearest-rounding scale of the unit's
 // amax, or with the sweep the candidate scale around that amax whose rounding of these values
-// has the lowest sum_j E[x_j^2] (v_j - q_j)^2, kept only when strictly lower than the nearest
-// scale's. Sets every (row, g) entry; returns how many units the sweep changed.
+// has the lowest sum_j E[x_j^2] (v_j - q_j)^2 (with `block`, the group's [group_size,
+// group_size] block B of the damped Hessian: the lowest d^T B d summed over the unit's rows),
+// kept only when strictly lower than the nearest scale's. Sets every (row, g) entry; returns how
+// many units the sweep changed.
 std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, std::int64_t out,
                                  std::int64_t group_size, std::int64_t g, const double* cols,
-                                 std::span<const float> moment, const GptqOptions& options,
-                                 std::span<GroupScale> scales) {
+                                 std::span<const float> moment, std::span<const double> block,
+                                 const GptqOptions& options, std::span<GroupScale> scales) {
   // The group as rows of group_size values, the layout quantize_rows takes.
   std::vector<float> values(static_cast<std::size_t>(out * group_size));
   for (std::int64_t c = 0; c < group_size; ++c) {
@@ -125,10 +129,16 @@ std::int64_t choose_group_scales(const GroupCodec& codec, const Units& units, st
                                      .dequantized = dequantized});
       std::fill(objective.begin(), objective.end(), 0.0);
       for (std::int64_t r = 0; r < out; ++r) {
+        const std::span<const float> v(values.data() + r * group_size, group_size);
+        const std::span<const float> q(dequantized.data() + r * group_size, group_size);
         double sum = 0.0;
-        for (std::int64_t c = 0; c < group_size; ++c) {
-          const double d = double{values[r * group_size + c]} - dequantized[r * group_size + c];
-          sum += moment[c] * d * d;
+        if (!block.empty()) {
+          sum = local_hessian_objective(v, q, block);
+        } else {
+          for (std::int64_t c = 0; c < group_size; ++c) {
+            const double d = double{v[c]} - q[c];
+            sum += moment[c] * d * d;
+          }
         }
         objective[r / units.scale_rows] += sum;
       }
@@ -207,6 +217,30 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
   for (std::size_t p = 0; p < n; ++p) {
     for (std::size_t r = 0; r < m; ++r) wt[p * m + r] = w0[r * n + order[p]];
   }
+  // The sweep's block of the damped Hessian for group g (empty: the diagonal objective). The
+  // damping is the factor's (added_diagonal, in processing order: the original order without
+  // act_order).
+  std::vector<double> sweep_blocks;
+  if (options.scale_sweep && options.sweep_local_hessian && !options.act_order &&
+      group_size <= 64) {
+    const std::int64_t g2 = group_size * group_size;
+    sweep_blocks.resize(static_cast<std::size_t>(units.groups * g2));
+    for (std::int64_t g = 0; g < units.groups; ++g) {
+      for (std::int64_t a = 0; a < group_size; ++a) {
+        const std::int64_t ja = g * group_size + a;
+        for (std::int64_t b = 0; b < group_size; ++b) {
+          const std::int64_t jb = g * group_size + b;
+          sweep_blocks[g * g2 + a * group_size + b] =
+              stats.hessian[ja * in + jb] + (a == b ? factor.added_diagonal[ja] : 0.0);
+        }
+      }
+    }
+  }
+  const auto sweep_block = [&](std::int64_t g) -> std::span<const double> {
+    if (sweep_blocks.empty()) return {};
+    const auto g2 = static_cast<std::size_t>(group_size * group_size);
+    return {sweep_blocks.data() + g * g2, g2};
+  };
   // With act_order every group's scale comes from the original weights before the pass (static
   // groups, reference --static-groups); otherwise when the pass reaches the group's first column.
   if (options.act_order) {
@@ -217,7 +251,8 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
     for (std::int64_t g = 0; g < units.groups; ++g) {
       block.groups_rescaled += choose_group_scales(
           codec, units, rows, group_size, g, original.data() + g * group_size * m,
-          stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+          stats.act_second_moment.subspan(g * group_size, group_size), sweep_block(g), options,
+          scales);
     }
   }
 
@@ -234,9 +269,10 @@ BlockResult gptq_round_rows(std::span<const float> w, Shape2D shape, const Group
       const std::int64_t g = j / group_size;
       double* column = wt.data() + p * m;
       if (!options.act_order && j % group_size == 0) {
-        block.groups_rescaled += choose_group_scales(
-            codec, units, rows, group_size, g, column,
-            stats.act_second_moment.subspan(g * group_size, group_size), options, scales);
+        block.groups_rescaled +=
+            choose_group_scales(codec, units, rows, group_size, g, column,
+                                stats.act_second_moment.subspan(g * group_size, group_size),
+                                sweep_block(g), options, scales);
         steps_group = -1;
       }
       if (g != steps_group) {
@@ -448,6 +484,7 @@ nlohmann::json to_json(const RoundingReport& report) {
                       {"ratio", optional_number(report.ratio())},
                       {"groups_rescaled", report.groups_rescaled}};
   if (!report.fallback.empty()) j["fallback"] = report.fallback;
+  if (!report.candidates.empty()) j["candidates"] = report.candidates;
   return j;
 }
 
@@ -466,6 +503,9 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j) {
     report.nearest_output_mse = optional_number("nearest_output_mse");
     report.output_mse = optional_number("output_mse");
     report.groups_rescaled = j.at("groups_rescaled").get<std::int64_t>();
+    if (j.contains("candidates")) {
+      report.candidates = j.at("candidates").get<std::map<std::string, double>>();
+    }
     return report;
   } catch (const nlohmann::json::exception& e) {
     fail("not a GPTQ rounding report: {}", e.what());
@@ -483,21 +523,39 @@ GptqRounding::GptqRounding(StatisticsProvider statistics, GptqOptions options,
   PQ_CHECK(options_.block_size > 0, "GPTQ block size {} is not positive", options_.block_size);
   PQ_CHECK(options_.min_tokens >= 1, "GPTQ minimum token count {} is not positive",
            options_.min_tokens);
+  PQ_CHECK(options_.gptq || options_.local_hessian,
+           "GPTQ rounding with neither GPTQ nor Local-Hessian renders to try");
+  PQ_CHECK(options_.local_hessian_e4m3_bracket >= 0 && options_.local_hessian_e8m0_bracket >= 0,
+           "Local-Hessian brackets {} and {} are not non-negative",
+           options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
   PQ_CHECK(options_.sweep_candidates >= 1 && options_.sweep_lo > 0.0f &&
                options_.sweep_lo <= options_.sweep_hi,
            "scale sweep needs at least one candidate over 0 < lo <= hi (got {} over [{}, {}])",
            options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi);
 }
 
+std::string_view GptqRounding::name() const {
+  if (!options_.local_hessian) return "gptq";
+  return options_.gptq ? "gptq+local-hessian" : "local-hessian";
+}
+
 std::string GptqRounding::fingerprint() const {
-  // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ.
+  // Floats by their bit patterns: "0.01" and "0.010000000000000002" must differ. GPTQ alone keeps
+  // the fingerprint it had before Local-Hessian existed, so existing render caches stay valid.
+  std::string renders;
+  if (options_.sweep_local_hessian) renders = " sweep_objective=local_hessian";
+  if (options_.local_hessian) {
+    renders +=
+        fmt::format(" gptq={} local_hessian=e4m3:{},e8m0:{}", options_.gptq,
+                    options_.local_hessian_e4m3_bracket, options_.local_hessian_e8m0_bracket);
+  }
   return fmt::format(
       "gptq/1 damp={:016x} block={} min_tokens={} act_order={} sweep={} candidates={} "
-      "lo={:08x} hi={:08x} statistics={}",
+      "lo={:08x} hi={:08x}{} statistics={}",
       std::bit_cast<std::uint64_t>(options_.damp), options_.block_size, options_.min_tokens,
       options_.act_order, options_.scale_sweep, options_.sweep_candidates,
       std::bit_cast<std::uint32_t>(options_.sweep_lo),
-      std::bit_cast<std::uint32_t>(options_.sweep_hi), statistics_fingerprint_);
+      std::bit_cast<std::uint32_t>(options_.sweep_hi), renders, statistics_fingerprint_);
 }
 
 const std::optional<HessianFactor>& GptqRounding::factor(const CalibrationStatistics& stats,
@@ -577,37 +635,67 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     return nearest;
   }
   PQ_CHECK(formats::max_abs_bits(job.weight) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
-  const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
-  if (!factor) {
-    report.fallback = "the damped Hessian is not positive definite or not finite";
-    warn(job.linear.name, report.fallback);
-    report.output_mse = report.nearest_output_mse;
-    record(report);
-    return nearest;
+
+  // Every render tried; the stored weight is the one with the lowest calibration output error,
+  // round-to-nearest unless one is strictly lower.
+  std::optional<formats::EncodedWeight> best;
+  double best_mse = *report.nearest_output_mse;
+  std::vector<std::string> tried;
+  const auto offer = [&](const GroupedWeight& grouped, const std::string& method) {
+    const double mse = grouped.output_error /
+                       (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
+    report.candidates[method] = mse;
+    tried.push_back(method);
+    if (mse >= best_mse) return;
+    best_mse = mse;
+    best = job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
+    report.method = method;
+    report.groups_rescaled = grouped.groups_rescaled;
+  };
+  std::vector<std::string> skipped;
+  if (options_.gptq) {
+    const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
+    if (factor) {
+      offer(gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_),
+            !options_.scale_sweep          ? "gptq"
+            : options_.sweep_local_hessian ? "gptq+local-hessian-sweep"
+                                           : "gptq+sweep");
+    } else {
+      skipped.emplace_back("the damped Hessian is not positive definite or not finite");
+      warn(job.linear.name, skipped.back());
+    }
   }
-  const GroupedWeight grouped =
-      gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_);
-  formats::EncodedWeight encoded =
-      job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
-  const double gptq_mse = grouped.output_error /
-                          (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
+  if (options_.local_hessian) {
+    const LocalHessianOptions local{.damp = options_.damp,
+                                    .e4m3_bracket = options_.local_hessian_e4m3_bracket,
+                                    .e8m0_bracket = options_.local_hessian_e8m0_bracket};
+    if (!local_hessian_applies(*layout)) {
+      skipped.emplace_back("Local-Hessian renders NVFP4 and MX group scales only");
+    } else if (const std::optional<GroupedWeight> grouped =
+                   local_hessian_round(job.weight, job.shape, *layout, *stats, local)) {
+      offer(*grouped, "local-hessian");
+    } else {
+      skipped.emplace_back("the Hessian is not finite");
+    }
+  }
+  report.output_mse = best_mse;
+  if (best) {
+    record(report);
+    return std::move(*best);
+  }
   // GPTQ minimises this very error, so losing to nearest rounding is rare (an H dominated by
-  // damping); the stored weight is whichever of the two does better on the calibration set.
-  if (gptq_mse >= *report.nearest_output_mse) {
-    report.fallback = "GPTQ did not lower the calibration output error";
-    report.output_mse = report.nearest_output_mse;
-    record(report);
-    return nearest;
+  // damping); Local-Hessian keeps every group's nearest scale unless it lowers the group's error.
+  for (const std::string& method : tried) {
+    skipped.push_back(fmt::format("{} did not lower the calibration output error",
+                                  method.starts_with("gptq") ? "GPTQ" : method));
   }
-  report.output_mse = gptq_mse;
-  report.groups_rescaled = grouped.groups_rescaled;
-  report.method = options_.scale_sweep ? "gptq+sweep" : "gptq";
+  report.fallback = fmt::format("{}", fmt::join(skipped, "; "));
   record(report);
-  return encoded;
+  return nearest;
 }
 
 std::string GptqRounding::describe(const std::map<std::string, std::string>& format_of) const {
-  std::int64_t rounded = 0;
+  std::map<std::string, std::int64_t> methods;
   std::int64_t ratios = 0;
   double log_ratio_sum = 0.0;
   std::map<std::string, std::int64_t> fallbacks;
@@ -616,7 +704,7 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
     if (it == report_index_.end()) continue;
     const RoundingReport& report = reports_[it->second];
     if (report.fallback.empty()) {
-      ++rounded;
+      ++methods[report.method];
     } else {
       ++fallbacks[report.fallback];
     }
@@ -625,15 +713,39 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
       ++ratios;
     }
   }
-  std::string text = fmt::format(
-      "GPTQ (damping {}, blocks of {} columns{}){} rounded {} Linears with the calibration "
-      "Hessians.",
-      options_.damp, options_.block_size, options_.act_order ? ", activation order" : "",
-      options_.scale_sweep
-          ? fmt::format(" with a per-group scale sweep ({} candidates in [{}, {}] x)",
-                        options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi)
-          : "",
-      rounded);
+  std::vector<std::string> renders;
+  if (options_.gptq) {
+    renders.push_back(fmt::format(
+        "GPTQ (damping {}, blocks of {} columns{}){}", options_.damp, options_.block_size,
+        options_.act_order ? ", activation order" : "",
+        options_.scale_sweep
+            ? fmt::format(
+                  " with a per-group scale sweep ({} candidates in [{}, {}] x{})",
+                  options_.sweep_candidates, options_.sweep_lo, options_.sweep_hi,
+                  options_.sweep_local_hessian ? ", judged on the group's Hessian block" : "")
+            : ""));
+  }
+  if (options_.local_hessian) {
+    renders.emplace_back(
+        "Local-Hessian group scales (NVFP4 and MX: per group the scale minimising the error "
+        "under the group's block of the calibration Hessian)");
+  }
+  std::string text;
+  if (renders.size() == 1) {
+    std::int64_t rounded = 0;
+    for (const auto& [method, count] : methods) rounded += count;
+    text = fmt::format("{} rounded {} Linears with the calibration Hessians.", renders.front(),
+                       rounded);
+  } else {
+    std::vector<std::string> counts;
+    for (const auto& [method, count] : methods)
+      counts.push_back(fmt::format("{} {}", count, method));
+    text = fmt::format(
+        "Each Linear stores whichever of {} and round-to-nearest has the lowest output error on "
+        "the calibration Hessian: {}.",
+        fmt::join(renders, " and "),
+        counts.empty() ? "none" : fmt::format("{}", fmt::join(counts, ", ")));
+  }
   for (const auto& [why, count] : fallbacks) {
     text += fmt::format(" {} rounded to nearest: {}.", count, why);
   }
@@ -658,11 +770,16 @@ nlohmann::json GptqRounding::report(const std::map<std::string, std::string>& fo
 std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
                                                 const probe::ProbeResult* probe) {
   if (name == "nearest") return std::make_unique<NearestRounding>();
-  PQ_CHECK(name == "gptq", "unknown rounding '{}' (known: gptq, nearest)", name);
+  GptqOptions options;
+  options.gptq = name == "gptq" || name == "gptq+local-hessian";
+  options.local_hessian = name == "local-hessian" || name == "gptq+local-hessian";
+  PQ_CHECK(options.gptq || options.local_hessian,
+           "unknown rounding '{}' (known: gptq, local-hessian, gptq+local-hessian, nearest)", name);
   PQ_CHECK(probe != nullptr,
-           "GPTQ rounding needs the calibration Hessians of a probe (give the probe directory, or "
-           "use nearest rounding)");
-  return std::make_unique<GptqRounding>(statistics_from_probe(*probe), GptqOptions{},
+           "{} rounding needs the calibration Hessians of a probe (give the probe directory, or "
+           "use nearest rounding)",
+           name);
+  return std::make_unique<GptqRounding>(statistics_from_probe(*probe), options,
                                         probe->fingerprint());
 }
 

@@ -42,6 +42,15 @@ using StatisticsProvider =
 StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe);
 
 struct GptqOptions {
+  // The renders GptqRounding tries besides round-to-nearest; it stores the one with the lowest
+  // calibration output error (improve-or-keep). GPTQ (with the scale sweep below when asked):
+  // every format with a group layout. Local-Hessian (local_hessian.h): NVFP4 and MX only.
+  bool gptq = true;
+  bool local_hessian = false;
+  // Local-Hessian's NVFP4 bracket (LocalHessianOptions::e4m3_bracket; 0: every E4M3 byte) and
+  // MX bracket (e8m0_bracket); its damping is `damp` above.
+  int local_hessian_e4m3_bracket = 0;
+  int local_hessian_e8m0_bracket = 2;
   // Added to diag(H) before inverting, as a fraction of mean(diag(H)) (GPTQ reference percdamp;
   // method-facts.md §7).
   double damp = 0.01;
@@ -60,6 +69,11 @@ struct GptqOptions {
   // strictly lower sum_j E[x_j^2] (v_j - q_j)^2 than the nearest-rounding scale's (the upstream
   // sweep's objective, method-facts.md §7; docs/export.md says why it is not run after GPTQ).
   bool scale_sweep = true;
+  // The sweep's objective is instead d^T B d with B the group's diagonal block of the damped
+  // Hessian (Local-Hessian's objective, local_hessian.h) over the values v as updated so far.
+  // Applies to groups of at most 64 columns (NVFP4, MX) without act_order; others keep the
+  // diagonal objective.
+  bool sweep_local_hessian = false;
   int sweep_candidates = 32;
   float sweep_lo = 0.5f;
   float sweep_hi = 1.5f;
@@ -118,14 +132,18 @@ double output_mse(std::span<const float> w, std::span<const float> quantized,
 struct RoundingReport {
   std::string linear;
   std::string format;
-  // "gptq", "gptq+sweep", or "nearest" when GPTQ could not run (see fallback).
+  // "gptq", "gptq+sweep", "local-hessian", or "nearest" when no other render ran or lowered the
+  // calibration output error (see fallback).
   std::string method;
-  std::string fallback;  // why GPTQ did not run; empty when it did
+  std::string fallback;  // why the weight is rounded to nearest; empty when it is not
   // Output errors (output_mse) of plain round-to-nearest and of the stored weight; absent
   // without statistics.
   std::optional<double> nearest_output_mse;
   std::optional<double> output_mse;
   std::int64_t groups_rescaled = 0;
+  // The calibration output error (output_mse) of every render tried besides round-to-nearest, by
+  // method, whether stored or not.
+  std::map<std::string, double> candidates;
   // output_mse / nearest_output_mse; absent without statistics or when RTN is exact.
   std::optional<double> ratio() const;
 };
@@ -134,12 +152,14 @@ nlohmann::json to_json(const RoundingReport& report);
 // The report to_json wrote (its derived ratio ignored). Throws pq::Error for anything else.
 RoundingReport rounding_report_from_json(const nlohmann::json& j);
 
-// GPTQ + scale sweep for every format with a group layout. Rounds to nearest
-// (WeightFormat::quantize) instead: formats without a layout (BF16, FP8_SOURCE); Linears without
-// statistics (or with statistics over zero tokens) and Hessians that are not finite or not
-// positive definite after damping, each with one warning line on stderr naming the Linear; and,
-// silently, Linears calibrated on fewer than options.min_tokens tokens (rarely routed experts)
-// and Linears where GPTQ's calibration output error is not lower than nearest rounding's.
+// GPTQ + scale sweep for every format with a group layout, and/or Local-Hessian scales for NVFP4
+// and MX (GptqOptions::gptq, local_hessian): of the renders tried and round-to-nearest, the one
+// with the lowest calibration output error is stored. Rounds to nearest (WeightFormat::quantize)
+// instead: formats without a layout (BF16, FP8_SOURCE); Linears without statistics (or with
+// statistics over zero tokens) and, for GPTQ, Hessians that are not finite or not positive
+// definite after damping, each with one warning line on stderr naming the Linear; and, silently,
+// Linears calibrated on fewer than options.min_tokens tokens (rarely routed experts) and Linears
+// where no render's calibration output error is lower than nearest rounding's.
 // NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
 // RoundingReport per encoded (Linear, format) (not thread-safe). The factor of the last Hessian
 // (by CalibrationStatistics::key) is kept for the next Linear: siblings, encoded one after another,
@@ -151,7 +171,8 @@ class GptqRounding final : public RoundingStrategy {
   explicit GptqRounding(StatisticsProvider statistics, GptqOptions options = {},
                         std::string statistics_fingerprint = {});
 
-  std::string_view name() const override { return "gptq"; }
+  // "gptq", "local-hessian" or "gptq+local-hessian": the renders it tries.
+  std::string_view name() const override;
   std::string fingerprint() const override;
   formats::EncodedWeight encode(const LinearToEncode& job) const override;
   nlohmann::json encoding_report(std::string_view linear, std::string_view format) const override;
@@ -185,9 +206,9 @@ class GptqRounding final : public RoundingStrategy {
   mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
 };
 
-// The rounding strategy named `name`: "gptq" (GptqRounding over the probe's statistics; needs
-// `probe`, which must outlive it; a null probe is a one-line pq::Error saying so) or "nearest".
-// pq::Error otherwise.
+// The rounding strategy named `name`: "gptq", "local-hessian" or "gptq+local-hessian"
+// (GptqRounding over the probe's statistics trying those renders; needs `probe`, which must
+// outlive it; a null probe is a one-line pq::Error saying so) or "nearest". pq::Error otherwise.
 std::unique_ptr<RoundingStrategy> make_rounding(std::string_view name,
                                                 const probe::ProbeResult* probe);
 

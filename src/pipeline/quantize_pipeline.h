@@ -42,7 +42,8 @@ struct QuantizeJob {
   // measured held-out KL among candidates at `scout_budgets`, docs/scout.md).
   std::string select = "allocate";
   std::vector<std::string> scout_budgets = {"4.5", "4.75", "5", "5.5", "6"};
-  // "gptq" (GPTQ + scale sweep with the probe's Hessians) or "nearest" (round to nearest).
+  // "gptq" (GPTQ + scale sweep with the probe's Hessians), "local-hessian", "gptq+local-hessian"
+  // (exporter::make_rounding) or "nearest" (round to nearest).
   std::string rounding = "gptq";
   std::string vision_format;  // ExportJob::vision_format
   // The GPU vLLM serves the checkpoint on (cost::CostJob::serve_on, ExportJob::serve_on).

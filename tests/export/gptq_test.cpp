@@ -14,6 +14,8 @@
 
 #include "common/error.h"
 #include "data/token_dataset.h"
+#include "export/linear_encoder.h"
+#include "export/local_hessian.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
 #include "model/model_spec.h"
@@ -21,6 +23,7 @@
 #include "probe/wikitext_excerpt.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/kernels/gemm.h"
+#include "scout/kl_evaluator.h"
 #include "support/test_support.h"
 #include "tokenizer/tokenizer.h"
 
@@ -801,6 +804,330 @@ TEST(GptqRounding, HandlesRarelyRoutedExpertsOfQwen3MoeTiny) {
       unrouted);
   EXPECT_GT(unrouted + few, 0u);
   EXPECT_GE(heldout_better * 10, heldout_measured * 9);
+}
+
+// --- Local-Hessian scales
+
+// The damped [gs, gs] diagonal block of H for column group g, as local_hessian_round builds it.
+std::vector<double> damped_block(const CalibrationStatistics& stats, std::int64_t in,
+                                 std::int64_t g, std::int64_t group_size, double damp) {
+  double diag_sum = 0.0;
+  for (std::int64_t j = 0; j < in; ++j) diag_sum += stats.hessian[j * in + j];
+  const double added = damp * diag_sum / static_cast<double>(in);
+  std::vector<double> block(group_size * group_size);
+  for (std::int64_t a = 0; a < group_size; ++a) {
+    for (std::int64_t b = 0; b < group_size; ++b) {
+      block[a * group_size + b] =
+          stats.hessian[(g * group_size + a) * in + g * group_size + b] + (a == b ? added : 0.0);
+    }
+  }
+  return block;
+}
+
+// Per group of a rendering, its local objective (local_hessian_objective with the damped block).
+std::vector<double> group_objectives(const GroupLayout& layout, std::span<const float> w,
+                                     std::span<const float> stored, Shape2D shape,
+                                     const CalibrationStatistics& stats, double damp) {
+  const std::int64_t gs = layout.group_size;
+  const std::int64_t groups = shape.in / gs;
+  std::vector<double> out(shape.out * groups);
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::vector<double> block = damped_block(stats, shape.in, g, gs, damp);
+    for (std::int64_t r = 0; r < shape.out; ++r) {
+      out[r * groups + g] = local_hessian_objective(
+          w.subspan(r * shape.in + g * gs, gs), stored.subspan(r * shape.in + g * gs, gs), block);
+    }
+  }
+  return out;
+}
+
+formats::QuantizeOptions local_hessian_options_for(const WeightFormat& format,
+                                                   std::span<const float> w,
+                                                   formats::Nvfp4Scales rule) {
+  formats::QuantizeOptions options;
+  if (format.name() == "NVFP4A16") {
+    options.nvfp4_scales = rule;
+    options.weight_global_scale =
+        formats::nvfp4_weight_global_scale(std::bit_cast<float>(formats::max_abs_bits(w)), rule);
+  }
+  return options;
+}
+
+// Real weights and calibration Hessians (qwen3-dense-tiny, layers 0 and 5): in every NVFP4 and MX
+// layout, no group's local objective is above round-to-nearest's and some are strictly below;
+// the full E4M3 search is never above the +-8 bracket; codes are round-to-nearest under the
+// chosen scales; encode_groups decodes to exactly those codes and scales; under Marlin's rule no
+// non-zero group has a subnormal scale; and the render does not depend on the run or the thread
+// count.
+TEST(LocalHessian, ImprovesOrKeepsEveryGroupOnQwen3DenseTiny) {
+  PQ_REQUIRE_SHARED();
+  const TinyModel& tiny = qwen3_dense_tiny();
+  struct Case {
+    const char* format;
+    formats::Nvfp4Scales rule;
+  };
+  for (const Case c : {Case{"NVFP4A16", formats::Nvfp4Scales::kCompressedTensors},
+                       Case{"NVFP4A16", formats::Nvfp4Scales::kMarlin},
+                       Case{"MXFP4A16", formats::Nvfp4Scales::kCompressedTensors},
+                       Case{"MXFP8A16", formats::Nvfp4Scales::kCompressedTensors}}) {
+    const WeightFormat& format = formats::format_by_name(c.format);
+    std::size_t groups = 0, lower = 0, bracket_lower = 0;
+    for (const model::Linear& linear : tiny.spec.linears) {
+      if (!linear.is_candidate || (linear.layer != 0 && linear.layer != 5)) continue;
+      SCOPED_TRACE(fmt::format("{} ({}) {}", c.format, static_cast<int>(c.rule), linear.name));
+      const std::vector<float> w = tiny.model->checkpoint().to_f32(linear.weight_tensor);
+      const Shape2D shape{linear.out_features, linear.in_features};
+      const CalibrationStatistics stats = tiny.calibration.at(linear.name).view();
+      const formats::QuantizeOptions options = local_hessian_options_for(format, w, c.rule);
+      const GroupLayout layout = layout_for(format, shape, options);
+      ASSERT_TRUE(local_hessian_applies(layout));
+      const LocalHessianOptions full;
+      const std::optional<GroupedWeight> render =
+          local_hessian_round(w, shape, layout, stats, full);
+      ASSERT_TRUE(render.has_value());
+
+      const formats::EncodedWeight encoded =
+          format.encode_groups(render->codes, render->scales, shape, options);
+      const std::vector<float> stored = format.dequantize(encoded);
+      std::vector<float> expected(w.size());
+      formats::dequantize_rows(layout.codec, render->codes, render->scales, shape.in,
+                               layout.group_size, expected);
+      ASSERT_TRUE(same_bits(stored, expected));
+      std::vector<GroupScale> scales = render->scales;
+      EXPECT_EQ(codes_for(layout, w, scales, shape), render->codes);
+      const double direct = output_mse(w, stored, shape, stats) *
+                            static_cast<double>(stats.tokens) * static_cast<double>(shape.out);
+      EXPECT_NEAR(render->output_error, direct, 1e-9 * direct);
+
+      const std::vector<float> nearest = format.dequantize(format.quantize(w, shape, options));
+      const std::vector<double> rendered =
+          group_objectives(layout, w, stored, shape, stats, full.damp);
+      const std::vector<double> rtn = group_objectives(layout, w, nearest, shape, stats, full.damp);
+      const std::vector<GroupScale> nearest_scale = nearest_scales(layout, w, shape);
+      std::int64_t changed = 0;
+      for (std::size_t i = 0; i < rendered.size(); ++i) {
+        ASSERT_LE(rendered[i], rtn[i]) << "group " << i;
+        lower += rendered[i] < rtn[i];
+        changed += render->scales[i] != nearest_scale[i] ? 1 : 0;
+      }
+      groups += rendered.size();
+      EXPECT_EQ(render->groups_rescaled, changed);
+
+      if (layout.codec.scale_spec().kind == formats::ScaleKind::kE4M3OverGlobal) {
+        const std::optional<GroupedWeight> bracket =
+            local_hessian_round(w, shape, layout, stats, {.e4m3_bracket = 8});
+        ASSERT_TRUE(bracket.has_value());
+        std::vector<float> bracket_stored(w.size());
+        formats::dequantize_rows(layout.codec, bracket->codes, bracket->scales, shape.in,
+                                 layout.group_size, bracket_stored);
+        const std::vector<double> narrow =
+            group_objectives(layout, w, bracket_stored, shape, stats, full.damp);
+        for (std::size_t i = 0; i < rendered.size(); ++i) {
+          ASSERT_LE(rendered[i], narrow[i]) << "group " << i;
+          bracket_lower += rendered[i] < narrow[i];
+        }
+        if (c.rule == formats::Nvfp4Scales::kMarlin) {
+          for (const GroupScale& s : render->scales) {
+            if (s.stored != 0) {
+              ASSERT_GE(s.stored, 0x08u);
+            }
+          }
+        }
+      }
+
+      const std::optional<GroupedWeight> again = local_hessian_round(w, shape, layout, stats, full);
+      EXPECT_EQ(again->codes, render->codes);
+      EXPECT_EQ(again->scales, render->scales);
+      const int threads = omp_get_max_threads();
+      omp_set_num_threads(threads == 1 ? 2 : 1);
+      const std::optional<GroupedWeight> other = local_hessian_round(w, shape, layout, stats, full);
+      omp_set_num_threads(threads);
+      EXPECT_EQ(other->codes, render->codes);
+      EXPECT_EQ(other->scales, render->scales);
+    }
+    std::printf(
+        "%s (%s scales): %zu of %zu groups below round-to-nearest's local error; full "
+        "E4M3 search below the +-8 bracket on %zu\n",
+        c.format, c.rule == formats::Nvfp4Scales::kMarlin ? "Marlin" : "compressed-tensors", lower,
+        groups, bracket_lower);
+    EXPECT_GT(lower, 0u);
+  }
+}
+
+TEST(LocalHessian, RendersOnlyNvfp4AndMxScales) {
+  const std::vector<float> w = synthetic_weight(kShape, 21);
+  const Calibration calibration = correlated_calibration(kShape.in, 256, 22);
+  for (const WeightFormat* format : grouped_formats(kShape)) {
+    SCOPED_TRACE(std::string(format->name()));
+    const formats::QuantizeOptions options = options_for(*format, w);
+    const GroupLayout layout = layout_for(*format, kShape, options);
+    const formats::ScaleKind kind = layout.codec.scale_spec().kind;
+    const bool expected = kind != formats::ScaleKind::kFloat;
+    EXPECT_EQ(local_hessian_applies(layout), expected);
+    EXPECT_EQ(local_hessian_round(w, kShape, layout, calibration.view()).has_value(), expected);
+  }
+}
+
+// GptqRounding with both renders: each is measured and recorded in the report's candidates, the
+// stored weight is the lowest of them and round-to-nearest, and each set of renders has its own
+// name and fingerprint (the render cache keys on it).
+TEST(GptqRounding, OffersLocalHessianBesideGptq) {
+  const std::vector<float> w = synthetic_weight(kShape, 31);
+  const Calibration calibration = correlated_calibration(kShape.in, 512, 32);
+  const StatisticsProvider provider =
+      [&](const model::Linear&) -> std::optional<CalibrationStatistics> {
+    return calibration.view();
+  };
+  GptqRounding both(provider, {.local_hessian = true});
+  GptqRounding local(provider, {.gptq = false, .local_hessian = true});
+  const GptqRounding gptq(provider);
+  EXPECT_EQ(both.name(), "gptq+local-hessian");
+  EXPECT_EQ(local.name(), "local-hessian");
+  EXPECT_EQ(gptq.name(), "gptq");
+  EXPECT_NE(both.fingerprint(), gptq.fingerprint());
+  EXPECT_NE(local.fingerprint(), gptq.fingerprint());
+  EXPECT_NE(local.fingerprint(), both.fingerprint());
+  EXPECT_NE(local.fingerprint(),
+            GptqRounding(provider,
+                         {.gptq = false, .local_hessian = true, .local_hessian_e4m3_bracket = 8})
+                .fingerprint());
+  EXPECT_THROW(GptqRounding(provider, {.gptq = false}), Error);
+  // By name, as --rounding gives it: the Local-Hessian strategies need a probe's Hessians too.
+  for (const char* name : {"gptq", "local-hessian", "gptq+local-hessian"}) {
+    try {
+      make_rounding(name, nullptr);
+      ADD_FAILURE() << name << " without a probe";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(make_rounding("nearest", nullptr)->name(), "nearest");
+  try {
+    make_rounding("local_hessian", nullptr);
+    ADD_FAILURE() << "an unknown name";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gptq+local-hessian"), std::string::npos) << e.what();
+  }
+
+  const model::Linear linear = test_linear("model.layers.0.self_attn.k_proj", kShape);
+  for (const char* name : {"NVFP4A16", "MXFP4A16", "INT4_W4A16"}) {
+    SCOPED_TRACE(name);
+    const WeightFormat& format = formats::format_by_name(name);
+    const formats::QuantizeOptions options = options_for(format, w);
+    const std::vector<float> stored =
+        format.dequantize(both.encode({linear, format, kShape, w, options}));
+    const RoundingReport& report = both.reports().back();
+    const bool scales = std::string_view(name) != "INT4_W4A16";
+    ASSERT_EQ(report.candidates.size(), scales ? 2u : 1u);
+    EXPECT_TRUE(report.candidates.contains("gptq+sweep"));
+    EXPECT_EQ(report.candidates.contains("local-hessian"), scales);
+    double lowest = *report.nearest_output_mse;
+    for (const auto& [method, mse] : report.candidates) lowest = std::min(lowest, mse);
+    EXPECT_EQ(*report.output_mse, lowest);
+    EXPECT_EQ(report.candidates.at(report.method), lowest);
+    const double direct = output_mse(w, stored, kShape, calibration.view());
+    EXPECT_NEAR(*report.output_mse, direct, 1e-6 * direct);
+    EXPECT_EQ(rounding_report_from_json(to_json(report)).candidates, report.candidates);
+
+    local.encode({linear, format, kShape, w, options});
+    const RoundingReport& alone = local.reports().back();
+    if (scales) {
+      EXPECT_EQ(alone.candidates.at("local-hessian"), report.candidates.at("local-hessian"));
+      EXPECT_LE(*alone.output_mse, *alone.nearest_output_mse);
+    } else {
+      EXPECT_EQ(alone.method, "nearest");
+      EXPECT_EQ(alone.fallback, "Local-Hessian renders NVFP4 and MX group scales only");
+    }
+  }
+}
+
+// --- Local-Hessian against GPTQ + sweep against round-to-nearest, on both tiny Qwen3 models
+// (docs/export.md): per format and strategy, the geometric mean over the Linears with statistics
+// of the held-out output MSE over RTN's, and the model's held-out KL with every candidate Linear
+// in the format. Asserted: Local-Hessian (improve-or-keep) lowers the calibration error of every
+// Linear it changes, and the strategy choosing by calibration error is never above RTN there.
+TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
+  PQ_REQUIRE_SHARED();
+  for (const char* model_name : {"qwen3-dense-tiny", "qwen3-moe-tiny"}) {
+    const TinyModel& tiny = tiny_model(model_name);
+    test::TempDir dir;
+    const std::filesystem::path model_dir = test::shared_dir() / "models" / model_name;
+    const data::TokenDataset dataset = data::TokenDataset::from_text_file(
+        test::wikitext_excerpt(dir), tokenizer::Tokenizer::load(model_dir));
+    const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+    const runtime::CheckpointWeightSource source(checkpoint);
+    const scout::KlEvaluator evaluator(model::ModelConfig::load(model_dir), source,
+                                       dataset.heldout(8, 128));
+    const StatisticsProvider provider =
+        [&](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
+      const auto it = tiny.calibration.find(linear.name);
+      if (it == tiny.calibration.end()) return std::nullopt;
+      return it->second.view();
+    };
+    struct Strategy {
+      const char* name;
+      std::optional<GptqOptions> options;  // nullopt: round to nearest
+    };
+    const Strategy strategies[] = {
+        {"nearest", std::nullopt},
+        {"gptq+sweep", GptqOptions{}},
+        {"local-hessian", GptqOptions{.gptq = false, .local_hessian = true}},
+        {"local-hessian +-8",
+         GptqOptions{.gptq = false, .local_hessian = true, .local_hessian_e4m3_bracket = 8}},
+        {"gptq+local-hessian", GptqOptions{.local_hessian = true}},
+        {"gptq, local-hessian sweep", GptqOptions{.sweep_local_hessian = true}},
+    };
+    for (const char* format_name : {"NVFP4A16", "MXFP4A16", "MXFP8A16"}) {
+      const WeightFormat& format = formats::format_by_name(format_name);
+      for (const Strategy& strategy : strategies) {
+        if (std::string_view(format_name) != "NVFP4A16" &&
+            std::string_view(strategy.name) == "local-hessian +-8") {
+          continue;
+        }
+        SCOPED_TRACE(fmt::format("{} {} {}", model_name, format_name, strategy.name));
+        std::optional<GptqRounding> rounding;
+        if (strategy.options) rounding.emplace(provider, *strategy.options);
+        QuantizedLinears quantized;
+        std::vector<double> heldout_ratios;
+        std::map<std::string, std::int64_t> methods;
+        testing::internal::CaptureStderr();  // unrouted experts' warnings
+        for (const model::Linear& linear : tiny.spec.linears) {
+          if (!linear.is_candidate) continue;
+          const std::vector<float> w = tiny.model->checkpoint().to_f32(linear.weight_tensor);
+          const Shape2D shape{linear.out_features, linear.in_features};
+          if (format.rejects(shape)) continue;
+          const formats::QuantizeOptions options = options_for(format, w);
+          const std::vector<float> nearest = format.dequantize(format.quantize(w, shape, options));
+          std::vector<float> stored = nearest;
+          if (rounding) {
+            stored = format.dequantize(rounding->encode({linear, format, shape, w, options}));
+            const RoundingReport& report = rounding->reports().back();
+            ++methods[report.method];
+            if (report.output_mse && report.nearest_output_mse) {
+              EXPECT_LE(*report.output_mse, *report.nearest_output_mse) << linear.name;
+            }
+          }
+          const auto heldout = tiny.heldout.find(linear.name);
+          const auto calibration = tiny.calibration.find(linear.name);
+          if (heldout != tiny.heldout.end() && heldout->second.tokens > 0 &&
+              calibration != tiny.calibration.end() &&
+              calibration->second.tokens >= GptqOptions{}.min_tokens) {
+            const CalibrationStatistics unseen = heldout->second.view();
+            const double rtn = output_mse(w, nearest, shape, unseen);
+            if (rtn > 0.0) heldout_ratios.push_back(output_mse(w, stored, shape, unseen) / rtn);
+          }
+          quantized.set(linear.name, std::move(stored), nullptr);
+        }
+        testing::internal::GetCapturedStderr();
+        const scout::KlMeasurement kl = evaluator.measure(&quantized, nullptr);
+        std::string chosen;
+        for (const auto& [method, count] : methods) chosen += fmt::format(" {} {}", count, method);
+        std::printf("%s %-8s %-25s held-out output MSE / RTN %.4f over %zu Linears, KL %.6f;%s\n",
+                    model_name, format_name, strategy.name, geometric_mean(heldout_ratios),
+                    heldout_ratios.size(), kl.kl, chosen.c_str());
+      }
+    }
+  }
 }
 
 }  // namespace
