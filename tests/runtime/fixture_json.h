@@ -7,6 +7,8 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -128,6 +130,31 @@ inline ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
     }
   });
   return errors;
+}
+
+// Decodes `tokens` with Model::extend in chunks of 5, 1, 1, 4 and the rest (a prefill, single
+// steps, a short chunk) and returns the largest |cached - full| logit over the largest |full|
+// one, `full` being one forward pass: any chunking must give the full pass's logits.
+inline double cached_decoding_error(Model& model, std::span<const std::int32_t> tokens) {
+  if (tokens.size() <= 11) throw std::runtime_error("cached_decoding_error: need 12 tokens");
+  const std::vector<float> full = model.logits(tokens);
+  DecodeState state;
+  std::vector<float> cached;
+  std::size_t begin = 0;
+  for (const std::size_t length :
+       {std::size_t{5}, std::size_t{1}, std::size_t{1}, std::size_t{4}, tokens.size() - 11}) {
+    const std::vector<float> logits = model.extend(state, tokens.subspan(begin, length));
+    cached.insert(cached.end(), logits.begin(), logits.end());
+    begin += length;
+  }
+  if (cached.size() != full.size()) throw std::runtime_error("cached_decoding_error: sizes differ");
+  double diff = 0.0;
+  double scale = 0.0;
+  for (std::size_t i = 0; i < full.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(cached[i] - full[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(full[i])));
+  }
+  return diff / scale;
 }
 
 }  // namespace pq::runtime
