@@ -183,6 +183,14 @@ TEST(Gemma4Spec, InventoryOfTheMoeCheckpoint) {
   EXPECT_EQ(down->weight_tensor, "model.language_model.layers.0.experts.down_proj");
   EXPECT_EQ(down->out_features, 64);
   EXPECT_EQ(down->in_features, 32);
+  // vLLM resolves the FusedMoE module "<layer>.moe.experts" under expert 0's unfused names
+  // (§10), and loads a k_eq_v layer's k_proj as v_proj too.
+  EXPECT_EQ(up->serving_name, "model.language_model.layers.2.moe.experts.5.up_proj");
+  EXPECT_EQ(down->serving_name, "model.language_model.layers.0.moe.experts.7.down_proj");
+  const Linear* k_full = spec.find_linear("model.language_model.layers.5.self_attn.k_proj");
+  ASSERT_NE(k_full, nullptr);
+  EXPECT_EQ(k_full->serving_alias, "model.language_model.layers.5.self_attn.v_proj");
+  EXPECT_FALSE(spec.find_linear("model.language_model.layers.4.self_attn.k_proj")->serving_alias);
   const Linear* router = spec.find_linear("model.language_model.layers.4.router.proj");
   ASSERT_NE(router, nullptr);
   EXPECT_FALSE(router->is_candidate);

@@ -22,6 +22,9 @@ bool full_layer(const ModelConfig& config, std::int64_t layer) {
 bool full_layer_with_v_proj(const ModelConfig& config, std::int64_t layer) {
   return full_layer(config, layer) && config.has_v_proj(layer);
 }
+bool full_layer_without_v_proj(const ModelConfig& config, std::int64_t layer) {
+  return full_layer(config, layer) && !config.has_v_proj(layer);
+}
 bool moe_layer(const ModelConfig& config, std::int64_t layer) {
   return config.is_moe_layer(layer);
 }
@@ -116,7 +119,15 @@ std::vector<LinearRule> text_linears() {
        .out_features = "full_attention_key_value_heads*global_head_dim",
        .in_features = "hidden_size",
        .group = qkv,
-       .present = full_layer},
+       .present = full_layer_with_v_proj},
+      // vLLM loads it as v_proj too: its scheme is looked up under both names (§10).
+      {.module = at("self_attn.k_proj"),
+       .role = "k_proj",
+       .out_features = "full_attention_key_value_heads*global_head_dim",
+       .in_features = "hidden_size",
+       .group = qkv,
+       .present = full_layer_without_v_proj,
+       .serving_alias = at("self_attn.v_proj")},
       {.module = at("self_attn.v_proj"),
        .role = "v_proj",
        .out_features = "num_key_value_heads*head_dim",
@@ -162,6 +173,12 @@ std::vector<LinearRule> text_linears() {
        .candidacy = Candidacy::kPassthrough,
        .present = moe_layer},
   };
+  // vLLM builds the experts as the FusedMoE module "<layer>.moe.experts" (Gemma4MoE under the
+  // prefix "moe", its FusedMoE under "experts") and loads per-expert tensors
+  // "experts.E.<proj>.*" into it after renaming them ".moe.experts.E." (gemma4.py
+  // _weight_iterator); hf_to_vllm_mapper only moves the prefix "model.language_model." (§10).
+  // compressed-tensors resolves the fused module's scheme under expert 0's unfused names, so
+  // targets name the experts "moe.experts.E.<proj>" (serving_module).
   // Experts packed as experts.gate_up_proj [E, 2I, H] (gate rows [0, I), up rows [I, 2I)) and
   // experts.down_proj [E, H, I], no ".weight" suffix (§6 step 3, §9). vLLM's loader also takes
   // per-expert 2-D tensors "experts.E.{gate,up,down}_proj.*" (§10), as the exporter writes them.
@@ -174,7 +191,8 @@ std::vector<LinearRule> text_linears() {
                    .group = experts,
                    .present = moe_layer,
                    .packed = PackedWeight{packed_gate_up, "2*moe_intermediate_size", "0"},
-                   .formats = kExpertFormats});
+                   .formats = kExpertFormats,
+                   .serving_module = at("moe.experts.{expert}.gate_proj")});
   rules.push_back(
       {.module = at("experts.{expert}.up_proj"),
        .role = "expert_up_proj",
@@ -183,7 +201,8 @@ std::vector<LinearRule> text_linears() {
        .group = experts,
        .present = moe_layer,
        .packed = PackedWeight{packed_gate_up, "2*moe_intermediate_size", "moe_intermediate_size"},
-       .formats = kExpertFormats});
+       .formats = kExpertFormats,
+       .serving_module = at("moe.experts.{expert}.up_proj")});
   rules.push_back({.module = at("experts.{expert}.down_proj"),
                    .role = "expert_down_proj",
                    .out_features = "hidden_size",
@@ -191,7 +210,8 @@ std::vector<LinearRule> text_linears() {
                    .group = experts,
                    .present = moe_layer,
                    .packed = PackedWeight{packed_down, "hidden_size", "0"},
-                   .formats = kExpertFormats});
+                   .formats = kExpertFormats,
+                   .serving_module = at("moe.experts.{expert}.down_proj")});
   return rules;
 }
 
