@@ -45,6 +45,9 @@ struct Model::Linear {
   // Multiplied in float32 in bf16 compute mode too: MiniMax-M2's router, which vLLM holds in
   // fp32 and feeds an fp32 input (minimax_m2-architecture-facts.md §4 step 1).
   bool keep_f32 = false;
+  // lm_head of Gemma 4: its outputs are soft-capped c tanh(raw / c) (final_logit_softcapping,
+  // gemma4-architecture-facts.md §2 step 4, §8); 0: none.
+  float logit_softcap = 0.0f;
 };
 
 struct Model::Mlp {
@@ -613,6 +616,7 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
 const Model::Linear& Model::acquire_head() {
   if (lm_head_) return *lm_head_;
   lm_head_ = std::make_shared<Linear>();
+  lm_head_->logit_softcap = logit_softcap_;
   if (tied_head_) {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
@@ -1939,10 +1943,15 @@ void Model::add_full_attention_rope(Layout& layout, std::int64_t positions) cons
       config_.gemma4->global_head_dim, gemma4_full_attention_inv_freq(config_), positions);
 }
 
-void Model::soft_cap_logits(std::span<float> logits) const {
-  // Gemma 4's final_logit_softcapping c: logits = c tanh(raw / c) (facts §2 step 4, §8).
-  if (logit_softcap_ <= 0.0f) return;
-  for (float& v : logits) v = logit_softcap_ * std::tanh(v / logit_softcap_);
+void Model::head_logits(const Linear& head, const float* x, std::int64_t rows, float* logits) {
+  multiply(head, x, rows, logits);
+  soft_cap(head, {logits, static_cast<std::size_t>(rows * head.out_features)});
+}
+
+void Model::soft_cap(const Linear& head, std::span<float> logits) {
+  const float cap = head.logit_softcap;
+  if (cap <= 0.0f) return;
+  for (float& v : logits) v = cap * std::tanh(v / cap);
 }
 
 void Model::for_each_logits_block(
@@ -1972,7 +1981,7 @@ void Model::for_each_logits_block(
     LayerTape tape;
     linear_forward(head, h.data(), rows, logits.data(), &tape);
     io::require_finite(logits, "lm_head's output (the logits)");
-    soft_cap_logits(logits);
+    soft_cap(head, logits);
     const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
     const float* input = linear_input(head, h.data(), tape);
     report(observer, head.name, -1, rows, hidden, vocab, input, nullptr, ranges);
@@ -2042,10 +2051,11 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
                    static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
   std::vector<float> logits(n * config_.vocab_size);
-  linear_forward(acquire_head(), h.data(), n, logits.data(), nullptr);
-  release_head();
+  const Linear& head = acquire_head();
+  linear_forward(head, h.data(), n, logits.data(), nullptr);
   io::require_finite(logits, "lm_head's output (the logits)");
-  soft_cap_logits(logits);
+  soft_cap(head, logits);
+  release_head();
   return logits;
 }
 

@@ -108,6 +108,9 @@ class Model {
   // y [rows, out] = x [rows, in] W^T (+ bias): the GEMM a pass makes for `linear` once its input
   // is quantized (the observer reports that input), bit for bit.
   static void multiply(const Linear& linear, const float* x, std::int64_t rows, float* y);
+  // The logits [rows, vocab] lm_head gives for its input rows x, as a pass scores them: the GEMM
+  // and, for Gemma 4, the final logit soft-cap.
+  static void head_logits(const Linear& head, const float* x, std::int64_t rows, float* logits);
   static std::uint64_t weight_bytes(const Linear& linear);
 
   // Called with each sequence's logits [rows = its length, vocab]; the pointer is valid only
@@ -298,8 +301,8 @@ class Model {
   std::vector<const Linear*> attention_projections(const Layer& layer) const;
   // Gemma 4: the full-attention layers' RoPE table for `positions` positions; nothing otherwise.
   void add_full_attention_rope(Layout& layout, std::int64_t positions) const;
-  // Gemma 4's final logit soft-cap, in place; nothing for other families.
-  void soft_cap_logits(std::span<float> logits) const;
+  // Gemma 4's final logit soft-cap of lm_head's outputs, in place; nothing for other families.
+  static void soft_cap(const Linear& head, std::span<float> logits);
   const Mtp& acquire_mtp();
   void release_mtp();
   // The MTP head's forward up to its layer's output (run.output), over the pass of `pass`'s

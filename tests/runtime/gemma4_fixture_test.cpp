@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/evaluate.h"
 #include "runtime/fixture_json.h"
 #include "runtime/gradient_difference.h"
 #include "runtime/model.h"
@@ -235,6 +236,31 @@ TEST(Gemma4Fixture, CachedDecodingMatchesFullForward) {
                 diff / scale);
     EXPECT_LE(diff / scale, 1e-5);
   }
+}
+
+// The reference logits that measure, scout and validate keep as lm_head's inputs and recompute
+// per block (ReferenceLogits::Keep::kHeadInputs) are the forward's, soft-cap included: the model
+// scored against itself has KL 0, agrees on every top-1 token, and its kept logits match the
+// fixture's (capped) logits.
+TEST(Gemma4Fixture, KeptReferenceLogitsAreSoftCapped) {
+  PQ_REQUIRE_SHARED();
+  const Fixture f(kDense);
+  const CheckpointWeightSource weights(f.checkpoint);
+  Model model(f.config, weights);
+  std::vector<std::vector<std::int32_t>> windows;
+  for (const Sequence& sequence : f.batch) windows.push_back(sequence.tokens);
+  const ReferenceLogits reference(model, ReferenceLogits::Keep::kHeadInputs, windows);
+  ReferenceLogits::Cursor cursor(reference);
+  double error = 0.0;
+  for (std::size_t w = 0; w < windows.size(); ++w) {
+    error = std::max(error, relative_max_error(cursor.logits(w), f.json["logits"][w]));
+  }
+  const EvalResult result = evaluate(model, reference);
+  std::printf("[%s] kept reference logits vs fixture %.3g; self KL %.3g, top-1 %.3g\n", kDense,
+              error, result.mean_kl(), result.top1_agreement());
+  EXPECT_LE(error, 1e-4);
+  EXPECT_LE(std::abs(result.mean_kl()), 1e-9);
+  EXPECT_EQ(result.top1_agreement(), 1.0);
 }
 
 // bf16 compute (GEMM inputs rounded to bf16, as vLLM serves the BF16 checkpoints) against the
