@@ -86,7 +86,7 @@ void Gptq(benchmark::State& state, const char* name) {
   const Shape2D shape{state.range(0), state.range(1)};
   const Problem& p = problem(shape);
   const auto options = options_for(p);
-  const auto layout = *format.group_layout(shape, *options.weight_global_scale);
+  const auto layout = *format.group_layout(shape, options);
   const pq::exporter::CalibrationStatistics stats{p.hessian, p.tokens, p.moment, {}};
   for (auto _ : state) {
     const auto grouped = pq::exporter::gptq_round(p.weight, shape, layout, stats,

@@ -24,6 +24,13 @@ AllocateOutcome run_allocate(const AllocateJob& job) {
            "give exactly one of --target-bits and --target-bytes");
   const LocationLock lock(job.out);
   const CostTable table = read_cost_table(job.cost);
+  if (job.serve_on) {
+    const std::string_view wanted = formats::serving_target_name(*job.serve_on);
+    PQ_CHECK(table.serve_on == wanted,
+             "{}: the cost table offers the formats vLLM loads on {}, not on {}; rerun cost with "
+             "--serve-on {}",
+             job.cost.string(), table.serve_on.value_or("an unrecorded target"), wanted, wanted);
+  }
   AllocatorOptions options;
   options.formats = job.formats;
   options.max_units = job.max_units;

@@ -8,6 +8,7 @@
 
 #include "alloc/assignment.h"
 #include "alloc/pareto.h"
+#include "formats/serving.h"
 
 namespace pq::alloc {
 
@@ -20,6 +21,9 @@ struct AllocateJob {
   std::optional<std::string> pareto;        // comma-separated bits targets
   std::vector<std::string> formats;         // restrict the choice; empty: all in the cost table
   std::uint64_t max_units = AllocatorOptions{}.max_units;
+  // The GPU generation the checkpoint is for; the cost table must have been measured for it
+  // (its meta.serve_on). Unset: whatever the table was measured for.
+  std::optional<formats::ServingTarget> serve_on;
 };
 
 struct AllocateOutcome {

@@ -86,6 +86,7 @@ AssignmentFile make_assignment_file(const CostTable& table, const Allocation& al
                                     BudgetRequest budget) {
   AssignmentFile file;
   file.model = table.model;
+  file.serve_on = table.serve_on;
   file.budget = std::move(budget);
   file.resolution = allocation.resolution;
   file.totals = summarize(table, allocation);
@@ -113,28 +114,30 @@ json assignment_to_json(const AssignmentFile& file) {
                        {"bytes", linear.bytes},
                        {"predicted_dloss", linear.predicted_dloss}});
   }
-  return {{"schema", kAssignmentSchema},
-          {"model", file.model},
-          {"budget",
-           {{"kind", file.budget.kind},
-            {"value", file.budget.value},
-            {"budget_bytes", file.budget.budget_bytes}}},
-          {"solver",
-           {{"unit_bytes", file.resolution.unit_bytes},
-            {"exact", file.resolution.exact},
-            {"max_shortfall_bytes", file.resolution.max_shortfall_bytes},
-            {"max_excess_dloss", file.resolution.max_excess_dloss},
-            {"free_items", file.resolution.free_items}}},
-          {"totals",
-           {{"quantizable_params", t.quantizable_params},
-            {"quantizable_bytes", t.quantizable_bytes},
-            {"bits_per_quantizable_param", t.bits_per_quantizable_param},
-            {"checkpoint_params", t.checkpoint_params},
-            {"checkpoint_bytes", t.checkpoint_bytes},
-            {"bits_per_checkpoint_param", t.bits_per_checkpoint_param},
-            {"predicted_dloss", t.predicted_dloss}}},
-          {"counts", std::move(counts)},
-          {"linears", std::move(linears)}};
+  json out = {{"schema", kAssignmentSchema},
+              {"model", file.model},
+              {"budget",
+               {{"kind", file.budget.kind},
+                {"value", file.budget.value},
+                {"budget_bytes", file.budget.budget_bytes}}},
+              {"solver",
+               {{"unit_bytes", file.resolution.unit_bytes},
+                {"exact", file.resolution.exact},
+                {"max_shortfall_bytes", file.resolution.max_shortfall_bytes},
+                {"max_excess_dloss", file.resolution.max_excess_dloss},
+                {"free_items", file.resolution.free_items}}},
+              {"totals",
+               {{"quantizable_params", t.quantizable_params},
+                {"quantizable_bytes", t.quantizable_bytes},
+                {"bits_per_quantizable_param", t.bits_per_quantizable_param},
+                {"checkpoint_params", t.checkpoint_params},
+                {"checkpoint_bytes", t.checkpoint_bytes},
+                {"bits_per_checkpoint_param", t.bits_per_checkpoint_param},
+                {"predicted_dloss", t.predicted_dloss}}},
+              {"counts", std::move(counts)},
+              {"linears", std::move(linears)}};
+  if (file.serve_on) out["serve_on"] = *file.serve_on;
+  return out;
 }
 
 AssignmentFile assignment_from_json(const json& j, const std::string& label) {
@@ -142,6 +145,7 @@ AssignmentFile assignment_from_json(const json& j, const std::string& label) {
            label, kAssignmentSchema);
   AssignmentFile file;
   file.model = string_field(j, "model", label);
+  if (j.contains("serve_on")) file.serve_on = string_field(j, "serve_on", label);
 
   const json& budget = field(j, "budget", label);
   const std::string budget_where = label + ": budget";

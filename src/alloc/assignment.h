@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,9 @@ struct AssignedLinear {
 // WORK/alloc/assignment.json (docs/artifacts.md): the format of every Linear and the totals.
 struct AssignmentFile {
   std::string model;
+  // The serving target of the cost table the formats were chosen from (CostTable::serve_on);
+  // export refuses to write the assignment for another one.
+  std::optional<std::string> serve_on;
   BudgetRequest budget;
   SolveResolution resolution;
   AllocationTotals totals;

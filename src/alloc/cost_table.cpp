@@ -175,6 +175,12 @@ CostTable cost_table_from_json(const json& j, const std::string& label) {
     table.formats.push_back(format.get<std::string>());
   }
 
+  if (j.contains("meta") && j["meta"].is_object() && j["meta"].contains("serve_on")) {
+    const json& serve_on = j["meta"]["serve_on"];
+    PQ_CHECK(serve_on.is_string(), "{}: \"meta.serve_on\" must be a string", label);
+    table.serve_on = serve_on.get<std::string>();
+  }
+
   const json& passthrough = required(j, "passthrough", label);
   table.passthrough_params = unsigned_field(passthrough, "params", label + ": passthrough");
   table.passthrough_bytes = unsigned_field(passthrough, "bytes", label + ": passthrough");

@@ -38,6 +38,9 @@ struct CostTable {
   // lm_head): they count towards the whole-checkpoint size and bits per parameter.
   std::uint64_t passthrough_params = 0;
   std::uint64_t passthrough_bytes = 0;
+  // meta.serve_on of a cost stage's table: the GPU generation whose loadable formats it offers
+  // (formats::serving_target_name); absent from tables written without one.
+  std::optional<std::string> serve_on;
 
   std::uint64_t quantizable_params() const;
   // Index of `name` in formats; pq::Error naming the known formats when absent.

@@ -4,6 +4,7 @@
 
 #include "alloc/allocate_stage.h"
 #include "cli/commands.h"
+#include "formats/serving.h"
 
 namespace pq::cli {
 
@@ -27,6 +28,11 @@ void register_allocate(CLI::App& app) {
                   "Most cells on the knapsack's byte axis; a budget needing more is solved on a "
                   "coarser axis (reported)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option_function<std::string>(
+      "--serve-on",
+      [job](const std::string& name) { job->serve_on = formats::parse_serving_target(name); },
+      "GPU generation the checkpoint is for (blackwell, hopper, ada, ampere); the cost table "
+      "must have been measured for it with cost --serve-on (default: the one it was)");
   cmd->callback([job] {
     const alloc::AllocateOutcome outcome = alloc::run_allocate(*job);
     std::fputs(alloc::summarize_outcome(outcome).c_str(), stdout);

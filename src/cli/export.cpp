@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "cli/invocation.h"
+#include "cli/kv_cache_option.h"
 #include "cli/serve_on_option.h"
 #include "common/error.h"
 #include "export/exporter.h"
@@ -43,15 +44,22 @@ void register_export(CLI::App& app) {
                   "nearest (round to nearest)")
       ->default_val(*rounding_name);
   add_serve_on_option(cmd, job->serve_on);
-  cmd->callback([job, probe_dir, rounding_name] {
+  auto kv_cache = std::make_shared<bool>(false);
+  add_kv_cache_option(cmd, *kv_cache,
+                      "kv_cache_scheme and per-layer k_scale / v_scale from the key/value amax "
+                      "of a probe run with --kv-cache fp8; needs --probe");
+  cmd->callback([job, probe_dir, rounding_name, kv_cache] {
     PQ_CHECK(*rounding_name != "gptq" || !probe_dir->empty(),
              "export: --rounding gptq (the default) needs the probe's Hessians: give --probe "
              "WORK/probe, or --rounding nearest");
+    PQ_CHECK(!*kv_cache || !probe_dir->empty(),
+             "export: --kv-cache fp8 takes its scales from the probe: give --probe WORK/probe");
     std::optional<probe::ProbeResult> probe;
     if (!probe_dir->empty()) {
       probe = probe::ProbeResult::read(*probe_dir);
       const model::ModelSpec spec = model::load_model_spec(job->model_dir);
       job->input_amax = exporter::input_amax_from_probe(spec, *probe);
+      if (*kv_cache) job->kv_cache = exporter::kv_cache_scales_from_probe(spec, *probe);
       // WORK/probe/ names WORK/probe: its parent is WORK.
       std::filesystem::path work = std::filesystem::path(*probe_dir).lexically_normal();
       if (!work.has_filename()) work = work.parent_path();

@@ -7,6 +7,7 @@
 #include "cli/calibration_options.h"
 #include "cli/commands.h"
 #include "cli/compute_option.h"
+#include "cli/kv_cache_option.h"
 #include "cli/memory_option.h"
 #include "probe/probe_stage.h"
 
@@ -33,6 +34,9 @@ void register_probe(CLI::App& app) {
                 "Weight every token's loss equally (default: clamp(CE_t / mean CE, 0.25, 4))");
   cmd->add_flag("--quantize-lm-head", job->spec_options.quantize_lm_head,
                 "Also measure lm_head (a candidate only on request)");
+  add_kv_cache_option(cmd, job->kv_cache,
+                      "also record each attention layer's key/value amax, from which export "
+                      "--kv-cache fp8 sets the scales");
   cmd->callback([job, no_weighting] {
     job->importance_weighting = !*no_weighting;
     const probe::ProbeOutcome outcome = probe::run_probe(*job);

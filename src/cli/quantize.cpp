@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "cli/gate_options.h"
 #include "cli/invocation.h"
+#include "cli/kv_cache_option.h"
 #include "cli/memory_option.h"
 #include "cli/serve_on_option.h"
 #include "pipeline/quantize_pipeline.h"
@@ -71,6 +72,10 @@ void register_quantize(CLI::App& app) {
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");
   add_serve_on_option(cmd, job->serve_on);
+  add_kv_cache_option(cmd, job->kv_cache,
+                      "the probe records each attention layer's key/value amax, the export "
+                      "writes kv_cache_scheme and per-layer k_scale / v_scale, and the KL is "
+                      "measured with the FP8 cache too");
   cmd->callback([job, no_weighting, objective] {
     job->importance_weighting = !*no_weighting;
     job->objective = cost::objective_by_name(*objective);
@@ -91,6 +96,14 @@ void register_quantize(CLI::App& app) {
                            q.top1_agreement)
                    .c_str(),
                stdout);
+    if (q.fp8_kv_cache) {
+      std::fputs(fmt::format("  with the FP8 KV cache: KL {:.6f} nats, perplexity {:.4f}, top-1 "
+                             "agreement {:.4f}\n",
+                             q.fp8_kv_cache->mean_kl, q.fp8_kv_cache->perplexity,
+                             q.fp8_kv_cache->top1_agreement)
+                     .c_str(),
+                 stdout);
+    }
     std::fputs((outcome.rounding + "\n").c_str(), stdout);
     const validate::ValidateReport& v = outcome.validated;
     std::fputs(fmt::format("validate (reloaded from disk): KL {:.6f} nats, perplexity {:.4f}, "
@@ -98,6 +111,14 @@ void register_quantize(CLI::App& app) {
                            v.mean_kl, v.perplexity, v.top1_agreement)
                    .c_str(),
                stdout);
+    if (v.fp8_kv_cache) {
+      std::fputs(fmt::format("  with the FP8 KV cache: KL {:.6f} nats, perplexity {:.4f}, top-1 "
+                             "agreement {:.4f}\n",
+                             v.fp8_kv_cache->mean_kl, v.fp8_kv_cache->perplexity,
+                             v.fp8_kv_cache->top1_agreement)
+                     .c_str(),
+                 stdout);
+    }
     // One line: the sample's newlines shown as \n.
     std::string sample = v.prompt + v.sample;
     for (std::size_t at = sample.find('\n'); at != std::string::npos; at = sample.find('\n', at)) {

@@ -37,6 +37,14 @@ void print_report(const validate::ValidateReport& r) {
   std::printf("top-1 agreement: %.4f (gate >= %g)\n", r.top1_agreement, r.gates.min_top1);
   std::printf("perplexity: %.4f, reference %.4f, ratio %.4f (gate <= %g)\n", r.perplexity,
               r.reference_perplexity, r.perplexity / r.reference_perplexity, r.gates.max_ppl_ratio);
+  if (r.fp8_kv_cache) {
+    const validate::ValidateReport::KvCacheFigures& kv = *r.fp8_kv_cache;
+    std::printf(
+        "with the FP8 KV cache (%lld layers, scales %.4g to %.4g): KL %.6g nats, top-1 "
+        "%.4f, perplexity %.4f (same gates)\n",
+        static_cast<long long>(kv.layers), kv.min_scale, kv.max_scale, kv.mean_kl,
+        kv.top1_agreement, kv.perplexity);
+  }
   std::printf("prompt (%s sample): %s\n", r.sample_mode.c_str(), r.prompt.c_str());
   std::printf("checkpoint: %s\n", r.sample.c_str());
   std::printf("reference:  %s\n", r.reference_sample.c_str());

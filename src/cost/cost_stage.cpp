@@ -232,9 +232,12 @@ CostOutcome run_cost(const CostJob& job) {
           }
           formats::QuantizeOptions options;
           // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
-          // scales, so every shard is quantized against the one from the largest amax.
+          // scales, so every shard is quantized against the one from the largest amax, under the
+          // scale rule of the kernel that serves it on the target (as the exporter does).
           if (stores(format, shape, "weight_global_scale")) {
-            options.weight_global_scale = formats::nvfp4_global_scale(group_amax);
+            options.nvfp4_scales = formats::nvfp4_scales(format, linear.layer_kind(), job.serve_on);
+            options.weight_global_scale =
+                formats::nvfp4_weight_global_scale(group_amax, options.nvfp4_scales);
           }
           // Weight errors do not depend on it, but the codec takes the exporter's full options.
           if (stores(format, shape, "input_global_scale")) {

@@ -318,6 +318,17 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
         "`prismaquant validate` reloads this directory and measures the same figures.\n\n",
         q.data, q.windows, q.seqlen, q.predictions, q.source_perplexity, q.perplexity, q.mean_kl,
         q.top1_agreement);
+    if (q.fp8_kv_cache) {
+      const KvCacheQuality& kv = *q.fp8_kv_cache;
+      card += fmt::format(
+          "With the FP8 KV cache (`--kv-cache-dtype fp8`, keys and values stored as E4M3 under "
+          "this checkpoint's calibrated k_scale / v_scale), measured the same way:\n\n"
+          "| | bf16 KV cache | FP8 KV cache |\n|---|---|---|\n"
+          "| perplexity | {:.4f} | {:.4f} |\n"
+          "| mean KL(source \\|\\| quantized), nats per token | {:.6f} | {:.6f} |\n"
+          "| top-1 agreement with the source | {:.4f} | {:.4f} |\n\n",
+          q.perplexity, kv.perplexity, q.mean_kl, kv.mean_kl, q.top1_agreement, kv.top1_agreement);
+    }
   } else {
     card +=
         "Not measured by this export. `prismaquant validate DIR --reference SOURCE --data TEXT` "
@@ -345,7 +356,18 @@ std::string model_card(const ExportJob& job, const model::ModelSpec& spec, const
   }
   for (const std::string_view versions : needs) card += fmt::format("- Needs {}.\n", versions);
   if (!needs.empty()) card += "\n";
-  card += fmt::format("```\nvllm serve {}\n```\n", job.out.string());
+  if (job.kv_cache.empty()) {
+    card += fmt::format("```\nvllm serve {}\n```\n", job.out.string());
+  } else {
+    std::vector<float> scales;
+    for (const auto& [layer, s] : job.kv_cache) scales.insert(scales.end(), {s.key, s.value});
+    const auto [low, high] = std::minmax_element(scales.begin(), scales.end());
+    card += fmt::format(
+        "The {} attention layers carry calibrated FP8 KV cache scales (k_scale / v_scale from "
+        "the keys and values the calibration set put in the cache, {:.4g} to {:.4g}); vLLM uses "
+        "them with an FP8 KV cache:\n\n```\nvllm serve {} --kv-cache-dtype fp8\n```\n",
+        job.kv_cache.size(), *low, *high, job.out.string());
+  }
   return card;
 }
 
@@ -393,8 +415,38 @@ class StagingDir {
 
 }  // namespace
 
+nlohmann::json fp8_kv_cache_scheme() {
+  return {{"num_bits", 8},         {"type", "float"},
+          {"symmetric", true},     {"strategy", "tensor"},
+          {"group_size", nullptr}, {"dynamic", false},
+          {"actorder", nullptr},   {"block_structure", nullptr},
+          {"observer", "minmax"},  {"observer_kwargs", nlohmann::json::object()}};
+}
+
+std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales_from_probe(
+    const model::ModelSpec& spec, const probe::ProbeResult& probe) {
+  PQ_CHECK(probe.kv_cache().has_value(),
+           "the probe did not record the KV cache: run it with --kv-cache fp8 (quantize does so "
+           "when given --kv-cache fp8)");
+  std::map<std::int64_t, const probe::ProbedKvCache*> probed;
+  for (const probe::ProbedKvCache& kv : *probe.kv_cache()) probed.emplace(kv.layer, &kv);
+  std::map<std::int64_t, runtime::KvCacheScales> scales;
+  for (const auto& [layer, module] : spec.kv_cache_modules()) {
+    const auto it = probed.find(layer);
+    PQ_CHECK(it != probed.end(), "the probe recorded no key/value amax for {}", module);
+    try {
+      scales[layer] = {runtime::fp8_kv_cache_scale(it->second->key_amax),
+                       runtime::fp8_kv_cache_scale(it->second->value_amax)};
+    } catch (const Error& e) {
+      fail("{}: {}", module, e.what());
+    }
+  }
+  return scales;
+}
+
 nlohmann::json quantization_config(const model::ModelSpec& spec,
-                                   const std::map<std::string, std::string>& format_of) {
+                                   const std::map<std::string, std::string>& format_of,
+                                   bool fp8_kv_cache) {
   std::vector<std::string> group_formats;  // in order of first use
   std::map<std::string, nlohmann::json> targets;
   nlohmann::json ignore = nlohmann::json::array();
@@ -428,7 +480,7 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
           {"quantization_status", "compressed"},
           {"config_groups", groups},
           {"ignore", ignore},
-          {"kv_cache_scheme", nullptr},
+          {"kv_cache_scheme", fp8_kv_cache ? fp8_kv_cache_scheme() : nlohmann::json(nullptr)},
           {"global_compression_ratio", nullptr},
           {"sparsity_config", nlohmann::json::object()}};
 }
@@ -478,6 +530,13 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   job.out = job.out.lexically_normal();
   if (!job.out.has_filename()) job.out = job.out.parent_path();
   const alloc::AssignmentFile assignment = alloc::read_assignment(job.assignment);
+  // Its formats were costed with the codecs of the target's kernels (NVFP4's scale rule).
+  const std::string_view target = formats::serving_target_name(job.serve_on);
+  PQ_CHECK(!assignment.serve_on || *assignment.serve_on == target,
+           "{}: the assignment was chosen for {} (--serve-on), not for {}; export it with "
+           "--serve-on {} or rerun cost and allocate for {}",
+           job.assignment.string(), assignment.serve_on.value_or(""), target,
+           assignment.serve_on.value_or(""), target);
   const bool lm_head_assigned =
       std::any_of(assignment.linears.begin(), assignment.linears.end(),
                   [](const alloc::AssignedLinear& l) { return l.name == "lm_head"; });
@@ -485,11 +544,22 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
       model::load_model_spec(job.model_dir, {.quantize_lm_head = lm_head_assigned});
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model_dir);
   const Plan plan = make_plan(spec, assignment, job);
-  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.render_cache);
+  const std::map<std::int64_t, std::string> kv_modules = spec.kv_cache_modules();
+  if (!job.kv_cache.empty()) {
+    for (const auto& [layer, module] : kv_modules) {
+      PQ_CHECK(job.kv_cache.contains(layer), "--kv-cache fp8: no KV cache scales for {}", module);
+    }
+    for (const auto& [layer, scales] : job.kv_cache) {
+      PQ_CHECK(kv_modules.contains(layer),
+               "--kv-cache fp8: scales given for layer {}, which has no KV cache", layer);
+    }
+  }
+  const LinearEncoder encoder(spec, checkpoint, rounding, job.input_amax, job.serve_on,
+                              job.render_cache);
   // The vision tower is rounded to nearest whatever the text model's strategy: it has no
   // calibration statistics. Its renders stay out of the render cache, which holds one rounding.
   const NearestRounding nearest;
-  const LinearEncoder vision_encoder(spec, checkpoint, nearest, {});
+  const LinearEncoder vision_encoder(spec, checkpoint, nearest, {}, job.serve_on);
 
   PQ_CHECK(!job.out.empty(), "no output directory given");
   PQ_CHECK(!is_within(job.out, job.model_dir) && !is_within(job.model_dir, job.out),
@@ -525,6 +595,20 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
       summary.tensor_bytes +=
           write_unit(step, spec, plan, checkpoint, vision ? vision_encoder : encoder, writer);
     }
+    // vLLM loads "<layer>.self_attn.k_scale" into the layer's Attention (maybe_remap_kv_scale_name,
+    // vllm/model_executor/model_loader/weight_utils.py: ".k_scale" -> ".attn.k_scale") through
+    // default_weight_loader, which fills its scalar float32 parameter from any one-element tensor;
+    // compressed-tensors stores them with shape [1] (initialize_attn_qparams, strategy tensor).
+    // float32 keeps the exact scale the measurement simulated.
+    for (const auto& [layer, scales] : job.kv_cache) {
+      for (const auto& [suffix, scale] :
+           {std::pair{"k_scale", scales.key}, std::pair{"v_scale", scales.value}}) {
+        writer.add(kv_modules.at(layer) + "." + suffix, io::DType::F32,
+                   std::vector<std::int64_t>{1},
+                   {reinterpret_cast<const std::uint8_t*>(&scale), sizeof(float)});
+        summary.tensor_bytes += sizeof(float);
+      }
+    }
     writer.commit();
   }
   for (const model::Linear& linear : spec.linears) {
@@ -534,7 +618,8 @@ ExportSummary run_export(const ExportJob& requested, const RoundingStrategy& rou
   }
 
   nlohmann::json config = read_json_file(job.model_dir / "config.json");
-  config["quantization_config"] = quantization_config(spec, plan.format_name_of);
+  config["quantization_config"] =
+      quantization_config(spec, plan.format_name_of, !job.kv_cache.empty());
   write_text_file_atomic(staging.path() / "config.json", config.dump(2) + "\n");
   copy_side_files(job.model_dir, staging.path());
   write_text_file_atomic(

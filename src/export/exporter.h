@@ -13,8 +13,18 @@
 #include "export/rounding.h"
 #include "formats/serving.h"
 #include "model/model_spec.h"
+#include "probe/probe_result.h"
+#include "runtime/kv_cache.h"
 
 namespace pq::exporter {
+
+// The held-out figures with vLLM's FP8 KV cache simulated (runtime::Fp8KvCache), measured next to
+// those of the default bf16 cache.
+struct KvCacheQuality {
+  double mean_kl = 0.0;  // KL(source || quantized) per prediction, nats
+  double perplexity = 0.0;
+  double top1_agreement = 0.0;
+};
 
 // Held-out quality of an assignment's weights, measured before export with the very encodings the
 // exporter writes (LinearEncoder); the model card reports it.
@@ -27,6 +37,8 @@ struct MeasuredQuality {
   double perplexity = 0.0;
   double source_perplexity = 0.0;
   double top1_agreement = 0.0;
+  // With an FP8 KV cache (ExportJob::kv_cache): the same measurement with the cache simulated.
+  std::optional<KvCacheQuality> fp8_kv_cache;
 };
 
 struct ExportJob {
@@ -53,6 +65,11 @@ struct ExportJob {
   // The GPU vLLM serves the checkpoint on: an assignment with a format vLLM does not load there
   // for that Linear's layer kind is refused before anything is written; the model card names it.
   formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
+  // `--kv-cache fp8`: the FP8 KV cache scales of every layer of ModelSpec::kv_cache_modules
+  // (kv_cache_scales_from_probe), written as `<module>.k_scale` / `.v_scale` with
+  // quantization_config.kv_cache_scheme (fp8_kv_cache_scheme). Empty: kv_cache_scheme null, no
+  // scales, and `vllm serve --kv-cache-dtype fp8` would fall back to scale 1.0.
+  std::map<std::int64_t, runtime::KvCacheScales> kv_cache;
 };
 
 struct ExportSummary {
@@ -73,7 +90,22 @@ struct ExportSummary {
 // apply_vllm_mapper: "model.language_model." -> "language_model.model.", "model.visual." ->
 // "visual."; "mtp." names are the MTP drafter's own module names).
 nlohmann::json quantization_config(const model::ModelSpec& spec,
-                                   const std::map<std::string, std::string>& format_of);
+                                   const std::map<std::string, std::string>& format_of,
+                                   bool fp8_kv_cache = false);
+
+// compressed-tensors' QuantizationArgs of an FP8 KV cache, the kv_cache_scheme llm-compressor
+// writes for one (quant_args.py fields; format-facts.md A.0): E4M3 (`num_bits` 8, `type` float),
+// one static symmetric scale per tensor (`strategy` tensor, `dynamic` false, `symmetric` true).
+// vLLM's CompressedTensorsKVCacheMethod.validate_kv_cache_scheme (compressed_tensors_kv.py)
+// accepts exactly type float with 8 bits, strategy tensor and symmetric.
+nlohmann::json fp8_kv_cache_scheme();
+
+// The FP8 KV cache scales of every layer of spec.kv_cache_modules() from the probe's key/value
+// amax (ProbeJob::kv_cache): k_scale = key amax / 448, v_scale = value amax / 448
+// (runtime::fp8_kv_cache_scale). pq::Error when the probe did not record the KV cache or misses a
+// layer.
+std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales_from_probe(
+    const model::ModelSpec& spec, const probe::ProbeResult& probe);
 
 // Removes what an export killed before its end left beside `out`: its staging directory
 // OUT.tmp-XXXXXX, and OUT.old-XXXXXX, which holds the previous checkpoint as "previous" while the

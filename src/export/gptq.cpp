@@ -543,9 +543,11 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   // NVFP4's global scale stays as given (fused siblings share it); otherwise the tensor's own,
   // which is what quantize() would use.
   formats::QuantizeOptions options = job.options;
-  const float global = options.weight_global_scale.value_or(
-      formats::nvfp4_global_scale(std::bit_cast<float>(formats::max_abs_bits(job.weight))));
-  const std::optional<GroupLayout> layout = job.format.group_layout(job.shape, global);
+  const float global = options.weight_global_scale.value_or(formats::nvfp4_weight_global_scale(
+      std::bit_cast<float>(formats::max_abs_bits(job.weight)), options.nvfp4_scales));
+  formats::QuantizeOptions layout_options = options;
+  layout_options.weight_global_scale = global;
+  const std::optional<GroupLayout> layout = job.format.group_layout(job.shape, layout_options);
   if (!layout) {
     report.fallback = "the format has no group layout";
     record(report);

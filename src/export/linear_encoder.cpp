@@ -94,12 +94,13 @@ std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
 
 LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
                              const RoundingStrategy& rounding,
-                             std::map<std::string, float> input_amax,
+                             std::map<std::string, float> input_amax, formats::ServingTarget target,
                              const std::filesystem::path& render_cache)
     : spec_(spec),
       checkpoint_(checkpoint),
       rounding_(rounding),
       input_amax_(std::move(input_amax)),
+      target_(target),
       units_(global_scale_units(spec)),
       unit_of_(spec.linears.size()),
       weight_amax_(units_.size()) {
@@ -116,7 +117,7 @@ LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint&
   }
   if (!render_cache.empty() && !rounding_.fingerprint().empty()) {
     cache_ = std::make_unique<RenderCache>(
-        render_cache, render_fingerprint(checkpoint_.directory(), rounding_, input_amax_));
+        render_cache, render_fingerprint(checkpoint_.directory(), rounding_, input_amax_, target_));
   }
 }
 
@@ -148,7 +149,10 @@ formats::QuantizeOptions LinearEncoder::options(std::size_t index,
   }
   if (!is_nvfp4(format)) return options;
   const std::size_t unit = unit_of_[index];
-  options.weight_global_scale = formats::nvfp4_global_scale(unit_weight_amax(unit));
+  // Siblings sharing the global are one vLLM module, so one kernel and one rule.
+  options.nvfp4_scales = formats::nvfp4_scales(format, spec_.linears[index].layer_kind(), target_);
+  options.weight_global_scale =
+      formats::nvfp4_weight_global_scale(unit_weight_amax(unit), options.nvfp4_scales);
   // W4A4 NVFP4: input_global_scale = 448*6/amax(calibration activations) (format-facts.md A.2).
   // Fused siblings read one input, so they share the max over members. The other formats that
   // quantize activations (MXFP4/MXFP8 W*A*, FP8) scale them dynamically and store nothing.
@@ -245,8 +249,7 @@ void QuantizedLinears::quantize(std::string_view linear, std::int64_t rows,
 }
 
 EncodedLinears::EncodedLinears(const LinearEncoder& encoder,
-                               const std::map<std::string, std::string>& format_of,
-                               formats::ServingTarget target)
+                               const std::map<std::string, std::string>& format_of)
     : encoder_(encoder) {
   const model::ModelSpec& spec = encoder.spec();
   std::map<std::string_view, std::size_t> index_of;
@@ -255,8 +258,8 @@ EncodedLinears::EncodedLinears(const LinearEncoder& encoder,
     const auto it = index_of.find(name);
     PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
     const formats::WeightFormat& format = formats::format_by_name(format_name);
-    linears_.emplace(
-        name, Entry{it->second, &format, serving_activations(encoder, it->second, format, target)});
+    linears_.emplace(name,
+                     Entry{it->second, &format, serving_activations(encoder, it->second, format)});
   }
 }
 
@@ -286,28 +289,26 @@ void EncodedLinears::quantize(std::string_view linear, std::int64_t rows, std::i
 }
 
 std::shared_ptr<const formats::ActivationQuantizer> serving_activations(
-    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format,
-    formats::ServingTarget target) {
+    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format) {
   if (!format.exportable()) return format.activation_quantizer(encoder.options(index, format));
-  const formats::ServingBehaviour& served =
-      formats::serving_behaviour(format, encoder.spec().linears[index].layer_kind(), target);
+  const formats::ServingBehaviour& served = formats::serving_behaviour(
+      format, encoder.spec().linears[index].layer_kind(), encoder.target());
   if (served.activations != formats::ActivationPath::kQuantized) return nullptr;
   const formats::WeightFormat& quantizing = formats::served_activation_format(format);
   return quantizing.activation_quantizer(encoder.options(index, quantizing));
 }
 
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format, formats::ServingTarget target) {
+                            const formats::WeightFormat& format) {
   const formats::EncodedWeight encoded = encoder.encode(index, format);
   DecodedLinear decoded;
   decoded.weight = format.dequantize(encoded);
-  decoded.activations = serving_activations(encoder, index, format, target);
+  decoded.activations = serving_activations(encoder, index, format);
   return decoded;
 }
 
 QuantizedLinears quantize_linears(const LinearEncoder& encoder,
-                                  const std::map<std::string, std::string>& format_of,
-                                  formats::ServingTarget target) {
+                                  const std::map<std::string, std::string>& format_of) {
   const model::ModelSpec& spec = encoder.spec();
   std::map<std::string_view, std::size_t> index_of;
   for (std::size_t i = 0; i < spec.linears.size(); ++i) index_of[spec.linears[i].name] = i;
@@ -316,7 +317,7 @@ QuantizedLinears quantize_linears(const LinearEncoder& encoder,
     const auto it = index_of.find(name);
     PQ_CHECK(it != index_of.end(), "Linear '{}' is not in the model", name);
     DecodedLinear decoded =
-        decode_linear(encoder, it->second, formats::format_by_name(format_name), target);
+        decode_linear(encoder, it->second, formats::format_by_name(format_name));
     quantized.set(name, std::move(decoded.weight), std::move(decoded.activations));
   }
   return quantized;

@@ -46,15 +46,18 @@ std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
 class LinearEncoder {
  public:
   // `input_amax` (Linear name -> amax) is needed only for Linears given a W4A4 NVFP4 format.
-  // With a `render_cache` root (WORK/render) and a rounding with a fingerprint, encodings of
-  // formats that round (every format with a group layout; BF16 and FP8_SOURCE only copy the
-  // source) are kept in a RenderCache there and read back instead of rendered again.
+  // `target` is the GPU the checkpoint is served on: NVFP4 follows the scale rule of the kernel
+  // vLLM runs it with there (formats::nvfp4_scales), and the decodings below simulate its
+  // activation path. With a `render_cache` root (WORK/render) and a rounding with a fingerprint,
+  // encodings of formats that round (every format with a group layout; BF16 and FP8_SOURCE only
+  // copy the source) are kept in a RenderCache there and read back instead of rendered again.
   LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint& checkpoint,
                 const RoundingStrategy& rounding, std::map<std::string, float> input_amax,
-                const std::filesystem::path& render_cache = {});
+                formats::ServingTarget target, const std::filesystem::path& render_cache = {});
 
   const model::ModelSpec& spec() const { return spec_; }
   const RoundingStrategy& rounding() const { return rounding_; }
+  formats::ServingTarget target() const { return target_; }
   // Null without a render cache.
   const RenderCache* render_cache() const { return cache_.get(); }
 
@@ -75,6 +78,7 @@ class LinearEncoder {
   const io::Checkpoint& checkpoint_;
   const RoundingStrategy& rounding_;
   std::map<std::string, float> input_amax_;
+  formats::ServingTarget target_;
   std::vector<std::vector<std::size_t>> units_;
   std::vector<std::size_t> unit_of_;                       // per Linear
   mutable std::vector<std::optional<float>> weight_amax_;  // per unit, read on first use
@@ -114,13 +118,13 @@ class QuantizedLinears final : public runtime::WeightTransform,
 
 // The Linears named in `format_of` (Linear name -> format name) replaced, as the runtime loads
 // each one, by the decoding of its LinearEncoder encoding, with the activation quantization
-// `target` runs for it (serving_activations). Unlike QuantizedLinears nothing is decoded ahead:
-// memory holds the Linear being loaded, and with the encoder's render cache each load after the
-// first reads the stored tensors. Unknown names and formats are pq::Errors at construction.
+// the encoder's target runs for it (serving_activations). Unlike QuantizedLinears nothing is
+// decoded ahead: memory holds the Linear being loaded, and with the encoder's render cache each
+// load after the first reads the stored tensors. Unknown names and formats are pq::Errors at
+// construction.
 class EncodedLinears final : public runtime::WeightTransform, public runtime::ActivationQuantizer {
  public:
-  EncodedLinears(const LinearEncoder& encoder, const std::map<std::string, std::string>& format_of,
-                 formats::ServingTarget target);
+  EncodedLinears(const LinearEncoder& encoder, const std::map<std::string, std::string>& format_of);
 
   void apply(std::string_view linear, std::int64_t out_features, std::int64_t in_features,
              std::span<float> weight) const override;
@@ -138,28 +142,27 @@ class EncodedLinears final : public runtime::WeightTransform, public runtime::Ac
   std::map<std::string, Entry, std::less<>> linears_;
 };
 
-// The activation quantization vLLM on `target` runs for spec.linears[index] stored in `format`
+// The activation quantization vLLM on the encoder's target runs for spec.linears[index] stored in
+// `format`
 // (formats/serving.h): none where it serves the format weight-only (FP4 and MXFP8 through Marlin
 // below sm100, FP8 on Ampere), the format's W-A quantization where it quantizes activations
 // (MXFP4A16 and MXFP8A16 on Blackwell included); a research-only format's own.
 std::shared_ptr<const formats::ActivationQuantizer> serving_activations(
-    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format,
-    formats::ServingTarget target);
+    const LinearEncoder& encoder, std::size_t index, const formats::WeightFormat& format);
 
 // The decoded weight of spec.linears[index] under `format` (format.dequantize of the encoding)
-// and the activation quantization `target` runs for it (serving_activations).
+// and the activation quantization the encoder's target runs for it (serving_activations).
 struct DecodedLinear {
   std::vector<float> weight;
   std::shared_ptr<const formats::ActivationQuantizer> activations;
 };
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format, formats::ServingTarget target);
+                            const formats::WeightFormat& format);
 
 // Every Linear named in `format_of` (Linear name -> format name) replaced by its decoded exporter
-// weights, with the activation quantization `target` runs. Unknown names and formats are
-// pq::Errors.
+// weights, with the activation quantization the encoder's target runs. Unknown names and formats
+// are pq::Errors.
 QuantizedLinears quantize_linears(const LinearEncoder& encoder,
-                                  const std::map<std::string, std::string>& format_of,
-                                  formats::ServingTarget target);
+                                  const std::map<std::string, std::string>& format_of);
 
 }  // namespace pq::exporter

@@ -18,7 +18,8 @@ namespace pq::exporter {
 namespace fs = std::filesystem;
 
 std::string render_fingerprint(const fs::path& model_dir, const RoundingStrategy& rounding,
-                               const std::map<std::string, float>& input_amax) {
+                               const std::map<std::string, float>& input_amax,
+                               formats::ServingTarget target) {
   PQ_CHECK(!rounding.fingerprint().empty(), "the {} rounding's encodings cannot be cached",
            rounding.name());
   probe::Fingerprint f;
@@ -26,6 +27,7 @@ std::string render_fingerprint(const fs::path& model_dir, const RoundingStrategy
   f.field("version", PQ_VERSION);
   f.checkpoint(model_dir);
   f.field("rounding", rounding.fingerprint());
+  f.field("serve_on", formats::serving_target_name(target));
   for (const auto& [linear, amax] : input_amax) f.field(linear, std::bit_cast<std::uint32_t>(amax));
   return f.hex();
 }

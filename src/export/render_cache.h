@@ -9,17 +9,20 @@
 #include <string_view>
 
 #include "export/rounding.h"
+#include "formats/serving.h"
 #include "formats/weight_format.h"
 
 namespace pq::exporter {
 
 // What identifies a render of a (Linear, format): the source checkpoint (config.json and the
 // safetensors headers, probe::Fingerprint::checkpoint), the rounding strategy's fingerprint (its
-// options and the probe's statistics), the calibration input amax of W4A4 input scales, and the
-// prismaquant version. Hex digest.
+// options and the probe's statistics), the calibration input amax of W4A4 input scales, the
+// serving target (NVFP4's scale rule depends on its kernel), and the prismaquant version. Hex
+// digest.
 std::string render_fingerprint(const std::filesystem::path& model_dir,
                                const RoundingStrategy& rounding,
-                               const std::map<std::string, float>& input_amax);
+                               const std::map<std::string, float>& input_amax,
+                               formats::ServingTarget target);
 
 // Encoded Linears kept on disk, so that each (Linear, format) is rendered (GPTQ, sweeps) once per
 // work directory and every later reader (quantize's measurement, scout, export) copies the stored

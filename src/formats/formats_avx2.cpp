@@ -318,8 +318,8 @@ class ScaleKernel {
       case ScaleKind::kE4M3OverGlobal: {
         const __m256 global = _mm256_set1_ps(spec_.global_scale);
         const __m256 unrounded = _mm256_mul_ps(global, _mm256_div_ps(amax, code_max_));
-        const __m256i code =
-            _mm256_max_epu32(e4m3_encoder_.encode(unrounded), _mm256_set1_epi32(1));
+        const __m256i code = _mm256_max_epu32(e4m3_encoder_.encode(unrounded),
+                                              _mm256_set1_epi32(spec_.min_e4m3_scale));
         *stored = _mm256_andnot_si256(zero, code);
         *step = _mm256_andnot_ps(_mm256_castsi256_ps(zero),
                                  _mm256_div_ps(e4m3_decoder_.decode(code), global));
@@ -527,6 +527,7 @@ void quantize_row_avx2(const GroupCodec& codec, const float* x, std::int64_t col
                        std::uint8_t* codes, float* dequantized) {
   const std::int64_t groups = cols / group_size;
   if (!scales_given) compute_row_scales(codec, x, groups, group_size, scales);
+  if (codes == nullptr && dequantized == nullptr) return;  // only the scales are wanted
   const bool power_of_two_steps = codec.scale_spec().kind == ScaleKind::kE8M0;
   if (codes == nullptr && codec.codes().int_bits == 0) {
     // Only dequantized values wanted: round on the grid directly, no codes.

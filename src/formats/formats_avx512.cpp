@@ -253,8 +253,8 @@ class ScaleKernel {
       case ScaleKind::kE4M3OverGlobal: {
         const __m512 global = _mm512_set1_ps(spec_.global_scale);
         const __m512 unrounded = _mm512_mul_ps(global, _mm512_div_ps(amax, code_max_));
-        const __m512i code =
-            _mm512_max_epu32(e4m3_encoder_.encode(unrounded), _mm512_set1_epi32(1));
+        const __m512i code = _mm512_max_epu32(e4m3_encoder_.encode(unrounded),
+                                              _mm512_set1_epi32(spec_.min_e4m3_scale));
         *stored = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero), code);
         *step = _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero),
                                     _mm512_div_ps(e4m3_decoder_.decode(code), global));
@@ -444,6 +444,7 @@ void quantize_row_avx512(const GroupCodec& codec, const float* x, std::int64_t c
                          std::uint8_t* codes, float* dequantized) {
   const std::int64_t groups = cols / group_size;
   if (!scales_given) compute_row_scales(codec, x, groups, group_size, scales);
+  if (codes == nullptr && dequantized == nullptr) return;  // only the scales are wanted
   const bool power_of_two_steps = codec.scale_spec().kind == ScaleKind::kE8M0;
   if (codes == nullptr && codec.codes().int_bits == 0) {
     // Only dequantized values wanted: round on the grid directly, no codes.

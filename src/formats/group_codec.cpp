@@ -71,6 +71,9 @@ GroupCodec::GroupCodec(CodeSpec codes, ScaleSpec scale) : codes_(codes), scale_(
   PQ_CHECK(scale_.kind != ScaleKind::kE4M3OverGlobal ||
                (std::isfinite(scale_.global_scale) && scale_.global_scale > 0.0f),
            "GroupCodec: global scale {} is not a positive finite number", scale_.global_scale);
+  PQ_CHECK(scale_.min_e4m3_scale >= 0x01 && scale_.min_e4m3_scale <= 0x7E,
+           "GroupCodec: smallest E4M3 group scale byte {:#04x} is not a positive finite scale",
+           scale_.min_e4m3_scale);
 }
 
 GroupScale GroupCodec::scale_for_amax(float amax) const {
@@ -78,11 +81,12 @@ GroupScale GroupCodec::scale_for_amax(float amax) const {
     case ScaleKind::kE4M3OverGlobal: {
       // compressed-tensors (quantization/utils/helpers.py calculate_qparams, tensor_group):
       // the stored E4M3 scale is global * amax / 6. A non-zero group never gets scale 0: like
-      // modelopt (qtensor/nvfp4_tensor.py, clamp to [2^-9, 448]) we keep the smallest
-      // subnormal 2^-9 so the group's values survive.
+      // modelopt (qtensor/nvfp4_tensor.py, clamp to [2^-9, 448]) we keep at least the smallest
+      // subnormal 2^-9 (or the smallest normal under Marlin's rule) so the group's values survive.
       if (amax == 0.0f) return {};
       const float unrounded = scale_.global_scale * (amax / code_max_);
-      return scale_from_stored(std::max(encode_element(ElementType::E4M3, unrounded), 1u));
+      return scale_from_stored(std::max(encode_element(ElementType::E4M3, unrounded),
+                                        std::uint32_t{scale_.min_e4m3_scale}));
     }
     case ScaleKind::kE8M0: {
       // An all-zero group takes the smallest scale; its codes are all zero whatever it is.

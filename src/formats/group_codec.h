@@ -48,6 +48,10 @@ struct ScaleSpec {
   io::DType float_dtype = io::DType::F32;        // kFloat only: F32, BF16 or F16
   MxScaleRule mx_rule = MxScaleRule::kOcpFloor;  // kE8M0 only
   float global_scale = 1.0f;                     // kE4M3OverGlobal only (the stored divisor)
+  // kE4M3OverGlobal only: the smallest stored scale byte of a group that is not all zero. 0x01 is
+  // E4M3's smallest subnormal 2^-9; 0x08 its smallest normal 2^-6, for vLLM's Marlin kernel,
+  // which reads a subnormal group scale as about zero (weight_format.h, Nvfp4Scales).
+  std::uint8_t min_e4m3_scale = 0x01;
 };
 
 // The per-group numeric core shared by the weight formats, the cost stage, GPTQ and scale

@@ -220,7 +220,8 @@ class NvFp4Format final : public WeightFormat {
              "{}: encoding given codes and scales needs the weight_global_scale they were made "
              "under",
              name());
-    const GroupCodec codec = make_codec(*options.weight_global_scale, "weight_global_scale");
+    const GroupCodec codec =
+        make_codec(*options.weight_global_scale, "weight_global_scale", options.nvfp4_scales);
     check_groups(*this, codes, scales, s, {codec, kGroup, true});
     return pack(codes, scales, s, *options.weight_global_scale, options);
   }
@@ -272,16 +273,22 @@ class NvFp4Format final : public WeightFormat {
         make_codec(*options.input_global_scale, "input_global_scale"), kGroup);
   }
 
-  std::optional<GroupLayout> group_layout(Shape2D, float global_scale) const override {
-    return GroupLayout{make_codec(global_scale, "global scale"), kGroup, true};
+  std::optional<GroupLayout> group_layout(Shape2D, const QuantizeOptions& options) const override {
+    return GroupLayout{make_codec(options.weight_global_scale.value_or(1.0f), "global scale",
+                                  options.nvfp4_scales),
+                       kGroup, true};
   }
 
  private:
-  static GroupCodec make_codec(float global, std::string_view what) {
+  static GroupCodec make_codec(float global, std::string_view what,
+                               Nvfp4Scales rule = Nvfp4Scales::kCompressedTensors) {
     PQ_CHECK(std::isfinite(global) && global > 0.0f, "NVFP4 {} {} is not positive and finite", what,
              global);
-    return GroupCodec({ElementType::E2M1, 0},
-                      {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global});
+    // kMarlin: non-zero groups keep at least E4M3's smallest normal, 2^-6 (byte 0x08).
+    const std::uint8_t min_scale = rule == Nvfp4Scales::kMarlin ? 0x08 : 0x01;
+    return GroupCodec(
+        {ElementType::E2M1, 0},
+        {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = global, .min_e4m3_scale = min_scale});
   }
 
   void check_shape(Shape2D s) const {
@@ -303,8 +310,9 @@ class NvFp4Format final : public WeightFormat {
     check_shape(s);
     const float amax = finite_amax(*this, w);
     check_input_scale(options);
-    const float global = options.weight_global_scale.value_or(nvfp4_global_scale(amax));
-    return make_codec(global, "weight_global_scale");
+    const float global =
+        options.weight_global_scale.value_or(nvfp4_weight_global_scale(amax, options.nvfp4_scales));
+    return make_codec(global, "weight_global_scale", options.nvfp4_scales);
   }
 
   // The stored tensors of checked codes and per-group scales.
@@ -446,7 +454,7 @@ class MxFormat final : public WeightFormat {
     return std::make_unique<GroupActivationQuantizer>(make_codec(), kGroup);
   }
 
-  std::optional<GroupLayout> group_layout(Shape2D, float) const override {
+  std::optional<GroupLayout> group_layout(Shape2D, const QuantizeOptions&) const override {
     return GroupLayout{make_codec(), kGroup, true};
   }
 
@@ -559,7 +567,7 @@ class Fp8Format final : public WeightFormat {
                               const QuantizeOptions&) const override {
     PQ_CHECK(s.out > 0 && s.in > 0, "{}: weight shape [{}, {}] is empty", name_, s.out, s.in);
     if (auto why = rejects(s)) fail("{}: weight [{}, {}]: {}", name_, s.out, s.in, *why);
-    const GroupLayout layout = *group_layout(s, 1.0f);
+    const GroupLayout layout = *group_layout(s, {});
     check_groups(*this, codes, scales, s, layout);
     // The stored scales: the (row, group) entry at the first row each one covers, every other
     // row it covers checked against it.
@@ -628,7 +636,7 @@ class Fp8Format final : public WeightFormat {
         codec(), granularity_ == Fp8Granularity::kBlock ? kFp8Block : 0);
   }
 
-  std::optional<GroupLayout> group_layout(Shape2D s, float) const override {
+  std::optional<GroupLayout> group_layout(Shape2D s, const QuantizeOptions&) const override {
     switch (granularity_) {
       case Fp8Granularity::kChannel:
         return GroupLayout{codec(), s.in, true, 1};
@@ -827,7 +835,7 @@ class IntFormat final : public WeightFormat {
     return scheme("pack-quantized", std::move(weights), nullptr);
   }
 
-  std::optional<GroupLayout> group_layout(Shape2D s, float) const override {
+  std::optional<GroupLayout> group_layout(Shape2D s, const QuantizeOptions&) const override {
     return GroupLayout{codec(), group(s), true};
   }
 
@@ -948,7 +956,14 @@ class Fp8SourceFormat final : public WeightFormat {
   }
   bool exportable() const override { return true; }
   bool quantizes_activations() const override { return true; }
-  std::optional<std::string> rejects(Shape2D) const override { return std::nullopt; }
+  // Served as FP8_BLOCK: vLLM quantizes the activations in groups of 128 along the input
+  // (fp8_utils.py per-token-group quantization), so the input dim must be whole blocks. No
+  // published source has such a Linear (deepseek_v3-architecture-facts.md §9); tiny test
+  // checkpoints do (DeepSeek-V3's q_b_proj in 64, kv_b_proj in 32).
+  std::optional<std::string> rejects(Shape2D s) const override {
+    if (s.in % kFp8Block != 0) return fmt::format("in ({}) is not a multiple of 128", s.in);
+    return std::nullopt;
+  }
 
   std::vector<TensorSpec> tensors(Shape2D s) const override {
     return {

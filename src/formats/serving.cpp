@@ -49,9 +49,6 @@ constexpr std::string_view kLmHeadUnconfirmed =
     "quantized lm_head: only the newest get_quant_method (docs 'latest' 2026-09-24) routes "
     "ParallelLMHead through get_scheme; the release that added it is not established and older "
     "releases leave the head unquantized, so its packed tensors do not load";
-constexpr std::string_view kFlushUnconfirmed =
-    "subnormal group-scale flush is stated by issue 12; marlin_utils_fp4.py::"
-    "nvfp4_marlin_process_scales (x2^7 into an S0E5M3 byte) does not show it";
 constexpr std::string_view kScaleDtypeVersions =
     "compressed-tensors >= 0.13 for the scale_dtype key (issue 12); vLLM: unknown";
 
@@ -59,7 +56,9 @@ constexpr std::string_view kNvfp4Marlin = "Marlin FP4 (weight-only)";
 constexpr std::string_view kNvfp4MarlinSource =
     "kernels/linear/__init__.py::_POSSIBLE_NVFP4_KERNELS (no CUTLASS/FlashInfer FP4 below "
     "sm100, Marlin next); layers/quantization/utils/marlin_utils_fp4.py::"
-    "nvfp4_marlin_process_global_scale (global scale in half/bf16)";
+    "nvfp4_marlin_process_global_scale (global scale in half/bf16), nvfp4_marlin_process_scales "
+    "(scale * 2^7 as an S0E5M3 byte); csrc/quantization/gptq_marlin/dequant.h::"
+    "dequant_fp8_scales (a scale below 2^-6 reads as 2^-112 times itself)";
 constexpr std::string_view kNvfp4A16Source =
     "compressed_tensors.py::_get_scheme_from_parts (NVFP4 weights, no input_activations -> "
     "CompressedTensorsW4A4Fp4(use_a16=True)); schemes/compressed_tensors_w4a16_nvfp4.py "
@@ -113,8 +112,7 @@ const std::array kTable = {
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
          .min_versions = kScaleDtypeVersions, .source = kNvfp4MarlinSource,
-         .note = "input_global_scale is loaded but unused: activations are not quantized",
-         .unconfirmed = kFlushUnconfirmed}},
+         .note = "input_global_scale is loaded but unused: activations are not quantized"}},
     Row{"NVFP4", kExperts, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "FlashInfer / CUTLASS NVFP4 MoE (W4A4)", .min_versions = kScaleDtypeVersions,
@@ -130,7 +128,7 @@ const std::array kTable = {
                    "CompressedTensorsW4A4Nvfp4MoEMethod; marlin_utils_fp4.py "
                    "(prepare_nvfp4_moe_weights_for_marlin)",
          .unconfirmed = "fused_moe/oracle/nvfp4.py (Marlin as the sub-sm100 backend) was not "
-                        "read; subnormal flush per issue 12"}},
+                        "read"}},
     Row{"NVFP4", kLmHead, kBlackwell,
         {.loads = true, .activations = ActivationPath::kQuantized,
          .kernel = "as Linear: FlashInfer / CUTLASS FP4 GEMM (W4A4)",
@@ -146,16 +144,14 @@ const std::array kTable = {
     Row{"NVFP4A16", kDense, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
-         .min_versions = kScaleDtypeVersions, .source = kNvfp4A16Source, .note = kNvfp4FusedNote,
-         .unconfirmed = kFlushUnconfirmed}},
+         .min_versions = kScaleDtypeVersions, .source = kNvfp4A16Source, .note = kNvfp4FusedNote}},
     Row{"NVFP4A16", kExperts, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit,
          .kernel = "Marlin NVFP4 MoE (weight-only)", .marlin = true, .global_scale_bf16 = true,
          .flushes_subnormal_scales = true, .min_versions = kScaleDtypeVersions,
          .source = "compressed_tensors_moe/compressed_tensors_moe.py::get_moe_method -> "
                    "CompressedTensorsW4A4Nvfp4MoEMethod(use_a16=True) (activation key None)",
-         .unconfirmed = "the weight-only backend of fused_moe/oracle/nvfp4.py was not read; "
-                        "subnormal flush per issue 12"}},
+         .unconfirmed = "the weight-only backend of fused_moe/oracle/nvfp4.py was not read"}},
     Row{"NVFP4A16", kLmHead, kEveryTarget,
         {.loads = true, .activations = ActivationPath::kSixteenBit, .kernel = kNvfp4Marlin,
          .marlin = true, .global_scale_bf16 = true, .flushes_subnormal_scales = true,
@@ -440,6 +436,13 @@ const ServingBehaviour& serving_behaviour(const WeightFormat& format, LayerKind 
   PQ_CHECK(found != nullptr, "internal: no serving model for {} {} on {}", format.name(),
            layer_kind_name(kind), serving_target_name(target));
   return *found;
+}
+
+Nvfp4Scales nvfp4_scales(const WeightFormat& format, LayerKind kind, ServingTarget target) {
+  if (!format.exportable()) return Nvfp4Scales::kCompressedTensors;
+  const ServingBehaviour& cell = serving_behaviour(format, kind, target);
+  return cell.loads && cell.flushes_subnormal_scales ? Nvfp4Scales::kMarlin
+                                                     : Nvfp4Scales::kCompressedTensors;
 }
 
 }  // namespace pq::formats

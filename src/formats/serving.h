@@ -77,4 +77,9 @@ const WeightFormat& served_activation_format(const WeightFormat& format);
 const ServingBehaviour& serving_behaviour(const WeightFormat& format, LayerKind kind,
                                           ServingTarget target);
 
+// The NVFP4 scale rule for `format` on `kind` on `target`: kMarlin where vLLM serves it through
+// Marlin (its cell's flushes_subnormal_scales), else kCompressedTensors (also for every format
+// without E4M3 group scales, where the rule is unused).
+Nvfp4Scales nvfp4_scales(const WeightFormat& format, LayerKind kind, ServingTarget target);
+
 }  // namespace pq::formats

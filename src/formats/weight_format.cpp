@@ -49,7 +49,7 @@ std::unique_ptr<ActivationQuantizer> WeightFormat::activation_quantizer(
   return nullptr;
 }
 
-std::optional<GroupLayout> WeightFormat::group_layout(Shape2D, float) const {
+std::optional<GroupLayout> WeightFormat::group_layout(Shape2D, const QuantizeOptions&) const {
   return std::nullopt;
 }
 
@@ -62,6 +62,14 @@ EncodedWeight WeightFormat::encode_groups(std::span<const std::uint8_t>,
 float nvfp4_global_scale(float amax) {
   const float scale = 448.0f * 6.0f / amax;
   return std::isfinite(scale) && scale > 0.0f ? scale : 1.0f;
+}
+
+float nvfp4_weight_global_scale(float amax, Nvfp4Scales rule) {
+  const float scale = nvfp4_global_scale(amax);
+  if (rule == Nvfp4Scales::kCompressedTensors) return scale;
+  int exponent = 0;
+  std::frexp(scale, &exponent);  // scale = m * 2^exponent, m in [0.5, 1)
+  return std::ldexp(1.0f, exponent - 1);
 }
 
 }  // namespace pq::formats

@@ -54,10 +54,29 @@ struct Fp8SourceWeight {
   std::span<const std::uint8_t> scale_inv;  // [ceil(out/128), ceil(in/128)]
 };
 
+// How NVFP4 chooses its scales for the kernel that will serve it.
+enum class Nvfp4Scales : std::uint8_t {
+  // compressed-tensors' rule: global 448*6/amax(W), so the largest group scale is exactly 448;
+  // a non-zero group keeps at least E4M3's smallest subnormal 2^-9.
+  kCompressedTensors,
+  // vLLM's Marlin kernel (weight-only FP4 below sm100, and NVFP4A16 everywhere) reads the global
+  // scale in BF16 and decodes a subnormal group scale as about zero: vLLM
+  // csrc/quantization/gptq_marlin/dequant.h dequant_fp8_scales<nv_bfloat162, kFE4M3fn> moves the
+  // byte's top bit (set by marlin_utils_fp4.py nvfp4_marlin_process_scales for scales >= 2^-6)
+  // onto the BF16 exponent's top bit, so a scale below 2^-6 reads as 2^-112 times its value;
+  // newer releases rescale every scale by a power of two instead (_nvfp4_compute_scale_factor),
+  // which overflows FP16 for tensors that also have scales near 448. So the global is the largest
+  // power of two <= 448*6/amax (exact in BF16 and FP16, and so is its inverse), and a non-zero
+  // group keeps at least E4M3's smallest normal 2^-6: every release decodes such scales exactly.
+  kMarlin,
+};
+
 struct QuantizeOptions {
-  // NVFP4: overrides 448*6/amax(W). Fused siblings (q/k/v, gate/up) must share one value, the one
-  // computed from their largest amax (vLLM takes the max; format-facts.md A.3).
+  // NVFP4: overrides the global scale that `nvfp4_scales` derives from amax(W). Fused siblings
+  // (q/k/v, gate/up) must share one value, the one computed from their largest amax (vLLM takes
+  // the max; format-facts.md A.3).
   std::optional<float> weight_global_scale;
+  Nvfp4Scales nvfp4_scales = Nvfp4Scales::kCompressedTensors;
   // NVFP4 W4A4: 448*6/amax(calibration activations); required, the caller owns calibration.
   std::optional<float> input_global_scale;
   // FP8_SOURCE: the source tensors, kept byte-exact; required by that format only.
@@ -139,14 +158,18 @@ class WeightFormat {
   virtual std::unique_ptr<ActivationQuantizer> activation_quantizer(
       const QuantizeOptions& options = {}) const;
 
-  // The group codec and grouping, or nullopt (BF16, FP8_SOURCE). For NVFP4 pass the tensor's
-  // global scale (default 1).
-  virtual std::optional<GroupLayout> group_layout(Shape2D shape, float global_scale = 1.0f) const;
+  // The group codec and grouping, or nullopt (BF16, FP8_SOURCE). NVFP4 reads
+  // options.weight_global_scale (default 1) and options.nvfp4_scales.
+  virtual std::optional<GroupLayout> group_layout(Shape2D shape,
+                                                  const QuantizeOptions& options = {}) const;
 };
 
 // NVFP4's per-tensor global scale as compressed-tensors computes it
 // (quantization/utils/helpers.py generate_gparam): 448 * 6 / amax, 1 when that is not finite.
 float nvfp4_global_scale(float amax);
+// The weight global scale `rule` gives for amax(W): nvfp4_global_scale, or under kMarlin the
+// largest power of two not above it.
+float nvfp4_weight_global_scale(float amax, Nvfp4Scales rule);
 
 // Every registered format, in menu order.
 const std::vector<const WeightFormat*>& all_formats();

@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <iterator>
 #include <map>
 
@@ -233,9 +234,11 @@ bool parse_fp8_block_weights(const Fields& top) {
   if (!top.has("quantization_config")) return false;
   const Fields q = top.child("quantization_config");
   if (q.optional<std::string>("quant_method").value_or("") != "fp8") return false;
+  // DeepSeek-V3 spells the element type "e4m3" (deepseek_v3-architecture-facts.md §1).
   const std::string format = q.optional<std::string>("fmt").value_or("float8_e4m3fn");
-  PQ_CHECK(format == "float8_e4m3fn", "{}: field \"{}\" is {}; only float8_e4m3fn is read",
-           q.label(), q.name("fmt"), quoted_json_string(format));
+  PQ_CHECK(format == "float8_e4m3fn" || format == "e4m3",
+           "{}: field \"{}\" is {}; only float8_e4m3fn (e4m3) is read", q.label(), q.name("fmt"),
+           quoted_json_string(format));
   const auto block = q.optional<std::vector<std::int64_t>>("weight_block_size");
   PQ_CHECK(block == std::vector<std::int64_t>({128, 128}),
            "{}: field \"{}\" must be [128, 128] (per-tensor or other block sizes are not read)",
@@ -389,6 +392,72 @@ void parse_gemma4(const Fields& top, const Fields& text, ModelConfig& c) {
   }
 }
 
+// DeepseekV3Config (deepseek_v3-architecture-facts.md §1, §3, §5, §6): n_routed_experts of width
+// moe_intermediate_size on layers l >= first_k_dense_replace with l % moe_layer_freq == 0 (vLLM's
+// rule, §1), the others dense; n_shared_experts ungated shared experts of the same width; sigmoid
+// scores with the noaux_tc selection bias and group limit; MLA; num_nextn_predict_layers MTP
+// layers after the body, built like a body layer of their index.
+void parse_deepseek_v3(const Fields& text, ModelConfig& c) {
+  c.num_experts = text.required_integer("n_routed_experts", 1, kMaxCount);
+  c.num_experts_per_tok = text.required_integer("num_experts_per_tok", 1, kMaxCount);
+  PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
+           "{}: num_experts_per_tok {} exceeds n_routed_experts {}", text.label(),
+           c.num_experts_per_tok, c.num_experts);
+  c.moe_intermediate_size = text.required_integer("moe_intermediate_size", 1, kMaxDimension);
+  c.norm_topk_prob = text.optional<bool>("norm_topk_prob").value_or(true);
+  c.shared_expert_intermediate_size =
+      text.optional_integer("n_shared_experts", 0, kMaxCount).value_or(0) * c.moe_intermediate_size;
+  const std::string scoring = text.optional<std::string>("scoring_func").value_or("sigmoid");
+  PQ_CHECK(scoring == "sigmoid", "{}: field \"{}\" is {}; DeepSeek-V3 routes with sigmoid",
+           text.label(), text.name("scoring_func"), quoted_json_string(scoring));
+  const std::string method = text.optional<std::string>("topk_method").value_or("noaux_tc");
+  PQ_CHECK(method == "noaux_tc",
+           "{}: field \"{}\" is {}; only noaux_tc (selection bias, group limit) is supported",
+           text.label(), text.name("topk_method"), quoted_json_string(method));
+  c.n_group = text.optional_integer("n_group", 1, kMaxCount).value_or(1);
+  c.topk_group = text.optional_integer("topk_group", 1, c.n_group).value_or(c.n_group);
+  PQ_CHECK(c.num_experts % c.n_group == 0, "{}: n_routed_experts {} is not a multiple of {} {}",
+           text.label(), c.num_experts, text.name("n_group"), c.n_group);
+  // A group scores by its two best experts (§5 step 3) and the kept groups must hold top_k.
+  PQ_CHECK(c.num_experts / c.n_group >= 2 &&
+               c.topk_group * (c.num_experts / c.n_group) >= c.num_experts_per_tok,
+           "{}: {} groups of {} experts, {} kept, cannot supply num_experts_per_tok {}",
+           text.label(), c.n_group, c.num_experts / c.n_group, c.topk_group, c.num_experts_per_tok);
+  c.routed_scaling_factor = text.optional<double>("routed_scaling_factor").value_or(1.0);
+  PQ_CHECK(c.routed_scaling_factor > 0.0 && std::isfinite(c.routed_scaling_factor),
+           "{}: routed_scaling_factor {} is not a positive number", text.label(),
+           c.routed_scaling_factor);
+  // HF's rope_interleave (default true) rotates the stored interleaved pairs; false would pair
+  // (i, i + d/2) on the same weights, a different model (§3.1).
+  PQ_CHECK(text.optional<bool>("rope_interleave").value_or(true),
+           "{}: field \"{}\" is false; only the interleaved rope of the published checkpoints "
+           "is supported",
+           text.label(), text.name("rope_interleave"));
+
+  MlaConfig mla;
+  mla.q_lora_rank = text.optional_integer("q_lora_rank", 1, kMaxDimension).value_or(0);
+  mla.kv_lora_rank = text.required_integer("kv_lora_rank", 1, kMaxDimension);
+  mla.qk_nope_head_dim = text.required_integer("qk_nope_head_dim", 1, kMaxDimension);
+  mla.qk_rope_head_dim = text.required_integer("qk_rope_head_dim", 2, kMaxDimension);
+  mla.v_head_dim = text.required_integer("v_head_dim", 1, kMaxDimension);
+  PQ_CHECK(mla.qk_rope_head_dim % 2 == 0, "{}: qk_rope_head_dim {} is odd", text.label(),
+           mla.qk_rope_head_dim);
+  c.mla = mla;
+  c.head_dim = mla.qk_rope_head_dim;
+  c.partial_rotary_factor = 1.0;
+
+  const std::int64_t first_dense =
+      text.optional_integer("first_k_dense_replace", 0, kMaxCount).value_or(0);
+  const std::int64_t frequency = text.optional_integer("moe_layer_freq", 1, kMaxCount).value_or(1);
+  c.mtp_num_hidden_layers =
+      text.optional_integer("num_nextn_predict_layers", 0, kMaxCount).value_or(0);
+  c.decoder_sparse_step = 1;
+  c.mlp_only_layers.clear();
+  for (std::int64_t l = 0; l < c.num_hidden_layers + c.mtp_num_hidden_layers; ++l) {
+    if (l < first_dense || l % frequency != 0) c.mlp_only_layers.push_back(l);
+  }
+}
+
 }  // namespace
 
 bool ModelConfig::is_sliding_attention_layer(std::int64_t layer) const {
@@ -537,6 +606,9 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   if (text_model_type == "minimax_m2" || c.architecture == "MiniMaxM2ForCausalLM") {
     parse_minimax_m2(text, c);
   }
+  const bool deepseek_v3 =
+      text_model_type == "deepseek_v3" || c.architecture == "DeepseekV3ForCausalLM";
+  if (deepseek_v3) parse_deepseek_v3(text, c);
   c.fp8_block_weights = parse_fp8_block_weights(top);
 
   c.layer_types = parse_layer_types(text, c.num_hidden_layers, hybrid);
@@ -549,10 +621,12 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   // Qwen3-Next configs have no mtp_num_hidden_layers; vLLM reads num_nextn_predict_layers,
   // default 1 (facts §1).
   const bool next = text_model_type == "qwen3_next";
-  c.mtp_num_hidden_layers =
-      text.optional_integer(next ? "num_nextn_predict_layers" : "mtp_num_hidden_layers", 0,
-                            kMaxCount)
-          .value_or(next ? 1 : 0);
+  if (!deepseek_v3) {
+    c.mtp_num_hidden_layers =
+        text.optional_integer(next ? "num_nextn_predict_layers" : "mtp_num_hidden_layers", 0,
+                              kMaxCount)
+            .value_or(next ? 1 : 0);
+  }
   // The Qwen3.5/3.6 wrappers hold a Qwen3-VL-style vision tower (facts §8); other multimodal
   // configs describe theirs with other fields.
   if (c.model_type == "qwen3_5" || c.model_type == "qwen3_5_moe") {

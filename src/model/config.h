@@ -75,6 +75,19 @@ struct Gemma4Config {
   double final_logit_softcapping = 0.0;  // 0: none
 };
 
+// Multi-head latent attention (deepseek_v3-architecture-facts.md §3): queries through a
+// low-rank q_a_proj / q_a_layernorm / q_b_proj (or one q_proj when q_lora_rank is null), keys and
+// values from a compressed kv_lora_rank vector expanded per head by kv_b_proj, and one
+// qk_rope_head_dim rotary key shared by all heads.
+struct MlaConfig {
+  std::int64_t q_lora_rank = 0;  // 0: q_proj [heads * qk_head_dim, hidden]
+  std::int64_t kv_lora_rank = 0;
+  std::int64_t qk_nope_head_dim = 0;
+  std::int64_t qk_rope_head_dim = 0;
+  std::int64_t v_head_dim = 0;
+  std::int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+};
+
 // The fields of a Hugging Face config.json that the inventory and the runtime use. Parsed once,
 // strictly: a missing required field or a nonsensical value is a pq::Error naming the file.
 // Multimodal configs (Qwen3.5/3.6) keep the text model's fields under "text_config"; they are
@@ -114,6 +127,13 @@ struct ModelConfig {
   std::int64_t decoder_sparse_step = 1;
   std::vector<std::int64_t> mlp_only_layers;
   std::int64_t shared_expert_intermediate_size = 0;  // Qwen3-Next, Qwen3.5/3.6-MoE; 0: none
+  // Group-limited expert choice (DeepSeek-V3, deepseek_v3-architecture-facts.md §5): the experts
+  // form n_group contiguous groups, only the topk_group groups with the largest sums of their two
+  // best biased scores compete, and the chosen weights are multiplied by routed_scaling_factor.
+  // 1, 1, 1.0: no group limit and no scaling.
+  std::int64_t n_group = 1;
+  std::int64_t topk_group = 1;
+  double routed_scaling_factor = 1.0;
   // The checkpoint stores Linear weights as block-scaled FP8 (quantization_config quant_method
   // "fp8" with weight_block_size [128, 128]: facts §1, §6).
   bool fp8_block_weights = false;
@@ -127,7 +147,12 @@ struct ModelConfig {
   // Full attention's q_proj also yields a per-head output gate: 2 * num_attention_heads *
   // head_dim rows (Qwen3-Next, Qwen3.5/3.6; facts §5).
   bool attn_output_gate = false;
-  // Decoder layers of the multi-token-prediction head, stored as "mtp.layers.N.*" (facts §7).
+  // Multi-head latent attention (DeepSeek-V3, deepseek_v3-architecture-facts.md §3) in place of
+  // q/k/v projections; head_dim is then qk_rope_head_dim, the rotated part (as transformers'
+  // DeepseekV3Config sets it).
+  std::optional<MlaConfig> mla;
+  // Decoder layers of the multi-token-prediction head, stored as "mtp.layers.N.*" (facts §7), or
+  // for DeepSeek-V3 (num_nextn_predict_layers) as "model.layers.<num_hidden_layers + N>.*".
   std::int64_t mtp_num_hidden_layers = 0;
   std::optional<VisionConfig> vision;
   std::optional<Gemma4Config> gemma4;  // set for Gemma 4 text configs

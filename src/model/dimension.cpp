@@ -23,6 +23,13 @@ std::optional<std::int64_t> config_field(const ModelConfig& config, std::string_
   if (name == "moe_intermediate_size") return config.moe_intermediate_size;
   if (name == "shared_expert_intermediate_size") return config.shared_expert_intermediate_size;
   if (name == "attn_output_gate") return config.attn_output_gate ? 1 : 0;
+  if (const auto& mla = config.mla) {
+    if (name == "q_lora_rank") return mla->q_lora_rank;
+    if (name == "kv_lora_rank") return mla->kv_lora_rank;
+    if (name == "qk_nope_head_dim") return mla->qk_nope_head_dim;
+    if (name == "qk_rope_head_dim") return mla->qk_rope_head_dim;
+    if (name == "v_head_dim") return mla->v_head_dim;
+  }
   if (const auto& linear = config.linear_attention) {
     if (name == "linear_conv_kernel_dim") return linear->conv_kernel_dim;
     if (name == "linear_key_head_dim") return linear->key_head_dim;

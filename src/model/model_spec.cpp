@@ -73,6 +73,11 @@ class SpecBuilder {
   // The rules of one component: its single tensors, its layer stack layer by layer, then its
   // Linears outside the stack (lm_head, mtp.fc, the vision merger).
   void add_component(const ArchitectureProfile& profile, Component component) {
+    // DeepSeek-V3 names its MTP layer k "model.layers.<num_hidden_layers + k>"
+    // (ArchitectureProfile::mtp_layer_offset); the Linear keeps k as its layer.
+    name_offset_ = component == Component::kMtp && !profile.mtp_layer_offset.empty()
+                       ? evaluate_dimension(profile.mtp_layer_offset, config_, label_)
+                       : 0;
     for (const TensorRule& rule : profile.tensors) {
       if (rule.component == component && !has_placeholder(rule.name, kLayerPlaceholder) &&
           rule.present(config_, kNoLayer)) {
@@ -126,8 +131,13 @@ class SpecBuilder {
     }
   }
 
+  // The layer number a pattern's "{layer}" expands to.
+  std::optional<std::int64_t> named(std::optional<std::int64_t> layer) const {
+    return layer ? std::optional(*layer + name_offset_) : std::nullopt;
+  }
+
   void add_other(const TensorRule& rule, std::optional<std::int64_t> layer) {
-    const std::string name = expand(rule.name, layer, std::nullopt);
+    const std::string name = expand(rule.name, named(layer), std::nullopt);
     std::vector<std::int64_t> shape;
     for (std::string_view dim : rule.shape) shape.push_back(dimension(dim, name));
     const TensorDesc& tensor = claim(name, shape, rule.shape);
@@ -138,16 +148,18 @@ class SpecBuilder {
   void add_linear(const LinearRule& rule, std::optional<std::int64_t> layer,
                   std::optional<std::int64_t> expert) {
     Linear linear;
-    linear.name = expand(rule.module, layer, expert);
-    linear.serving_name =
-        rule.serving_module.empty() ? linear.name : expand(rule.serving_module, layer, expert);
-    if (!rule.serving_alias.empty())
-      linear.serving_alias = expand(rule.serving_alias, layer, expert);
+    linear.name = expand(rule.module, named(layer), expert);
+    linear.serving_name = rule.serving_module.empty()
+                              ? linear.name
+                              : expand(rule.serving_module, named(layer), expert);
+    if (!rule.serving_alias.empty()) {
+      linear.serving_alias = expand(rule.serving_alias, named(layer), expert);
+    }
     linear.role = std::string(rule.role);
     // A Linear the profile packs may be stored per expert instead (LinearRule::packed).
     const bool packed = rule.packed && !by_name_.contains(linear.name + ".weight");
     linear.weight_tensor =
-        packed ? expand(rule.packed->tensor, layer, std::nullopt) : linear.name + ".weight";
+        packed ? expand(rule.packed->tensor, named(layer), std::nullopt) : linear.name + ".weight";
     linear.out_features = dimension(rule.out_features, linear.weight_tensor);
     linear.in_features = dimension(rule.in_features, linear.weight_tensor);
     const TensorDesc& weight =
@@ -190,7 +202,7 @@ class SpecBuilder {
     }
     const std::size_t index = spec_.linears.size();
     if (!rule.group.empty()) {
-      const std::string group_name = expand(rule.group, layer, expert);
+      const std::string group_name = expand(rule.group, named(layer), expert);
       auto [it, inserted] = group_index_.emplace(group_name, spec_.groups.size());
       if (inserted) spec_.groups.push_back({group_name, {}});
       spec_.groups[it->second].members.push_back(index);
@@ -298,6 +310,7 @@ class SpecBuilder {
   std::set<std::string> claimed_;
   std::unordered_map<std::string, std::size_t> group_index_;
   std::map<std::string, std::int64_t> packed_sliced_;  // packed tensor -> elements sliced so far
+  std::int64_t name_offset_ = 0;  // added to a layer's index in the names of its tensors
   ModelSpec spec_;
 };
 
@@ -394,6 +407,20 @@ std::vector<std::string> ModelSpec::passthrough_tensors() const {
     }
   }
   return names;
+}
+
+std::map<std::int64_t, std::string> ModelSpec::kv_cache_modules() const {
+  std::map<std::int64_t, std::string> modules;
+  constexpr std::string_view kQuery = ".self_attn.q_proj";
+  for (const Linear& linear : linears) {
+    if (linear.component != Component::kText || !linear.layer || linear.role != "q_proj" ||
+        !linear.name.ends_with(kQuery)) {
+      continue;
+    }
+    const std::string_view projection = ".q_proj";
+    modules.emplace(*linear.layer, linear.name.substr(0, linear.name.size() - projection.size()));
+  }
+  return modules;
 }
 
 const Linear* ModelSpec::find_linear(std::string_view name) const {

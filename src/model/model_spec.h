@@ -126,6 +126,10 @@ struct ModelSpec {
   // non-candidate Linears.
   std::vector<std::string> passthrough_tensors() const;
   const Linear* find_linear(std::string_view name) const;
+  // The text decoder layers that keep a key/value cache (self-attention layers; not Gated
+  // DeltaNet ones, nor the MTP head's), each with its attention module, e.g. 3 ->
+  // "model.layers.3.self_attn": the module whose k_scale / v_scale an FP8 KV cache stores.
+  std::map<std::int64_t, std::string> kv_cache_modules() const;
 };
 
 // Builds the inventory from a config and the checkpoint's tensor list, strictly: an unsupported

@@ -117,6 +117,10 @@ struct ArchitectureProfile {
   std::vector<std::string_view> architectures;  // config.json "architectures"[0] values
   std::vector<TensorRule> tensors;
   std::vector<LinearRule> linears;
+  // Dimension expression added to an MTP layer's index where "{layer}" expands in the names of
+  // kMtp rules: DeepSeek-V3 stores MTP layer k as "model.layers.<num_hidden_layers + k>.*"
+  // (deepseek_v3-architecture-facts.md §6). Empty: 0. Linear::layer keeps k.
+  std::string_view mtp_layer_offset = {};
 };
 
 // All registered profiles. Adding a family is one file in profiles/ plus one line in the list in

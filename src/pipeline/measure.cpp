@@ -22,14 +22,18 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const exporter::LinearEncoder& encoder,
                                              const std::map<std::string, std::string>& format_of,
                                              const runtime::ReferenceLogits& reference,
-                                             formats::ServingTarget target) {
+                                             const runtime::Fp8KvCache* kv_cache) {
   // Layers stream (memory about one layer): evaluate's single pass renders, or reads from the
   // render cache, each Linear once.
-  const exporter::EncodedLinears quantized(encoder, format_of, target);
+  const exporter::EncodedLinears quantized(encoder, format_of);
   const runtime::CheckpointWeightSource weights(source);
-  runtime::Model model(config, weights,
-                       {.weight_transform = &quantized, .activation_quantizer = &quantized});
-  const runtime::EvalResult result = runtime::evaluate(model, reference);
+  const auto run = [&](const runtime::Fp8KvCache* cache) {
+    runtime::Model model(
+        config, weights,
+        {.weight_transform = &quantized, .activation_quantizer = &quantized, .kv_cache = cache});
+    return runtime::evaluate(model, reference);
+  };
+  const runtime::EvalResult result = run(nullptr);
   exporter::MeasuredQuality quality;
   quality.windows = result.windows;
   quality.seqlen = static_cast<std::int64_t>(reference.windows().front().size());
@@ -38,6 +42,12 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
   quality.perplexity = result.perplexity();
   quality.source_perplexity = reference.self().perplexity();
   quality.top1_agreement = result.top1_agreement();
+  if (kv_cache != nullptr) {
+    const runtime::EvalResult with_kv = run(kv_cache);
+    quality.fp8_kv_cache = exporter::KvCacheQuality{.mean_kl = with_kv.mean_kl(),
+                                                    .perplexity = with_kv.perplexity(),
+                                                    .top1_agreement = with_kv.top1_agreement()};
+  }
   return quality;
 }
 

@@ -23,15 +23,17 @@ std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::pa
                                                        std::size_t seqlen);
 
 // The held-out quality of an assignment (Linear name -> format name) run with the exact weights
-// the exporter writes for it (LinearEncoder) and the activation quantization vLLM on `target`
-// runs (exporter::serving_activations), against the source model's logits, in float32. Each Linear
-// is decoded as the runtime loads it (EncodedLinears); with the encoder's render cache, layers are
-// not kept resident and each is rendered once, stored for the export.
+// the exporter writes for it (LinearEncoder) and the activation quantization vLLM on the
+// encoder's target runs (exporter::serving_activations), against the source model's logits, in
+// float32. Each Linear is decoded as the runtime loads it (EncodedLinears); with the encoder's
+// render cache, layers are not kept resident and each is rendered once, stored for the export.
+// With `kv_cache`, the figures are measured a second time with vLLM's FP8 KV cache simulated
+// (MeasuredQuality::fp8_kv_cache); the first measurement keeps the default bf16 cache.
 exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const io::Checkpoint& source,
                                              const exporter::LinearEncoder& encoder,
                                              const std::map<std::string, std::string>& format_of,
                                              const runtime::ReferenceLogits& reference,
-                                             formats::ServingTarget target);
+                                             const runtime::Fp8KvCache* kv_cache = nullptr);
 
 }  // namespace pq::pipeline

@@ -183,6 +183,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   probe_job.batch_size = job.batch_size;
   probe_job.max_memory = job.max_memory;
   probe_job.compute = job.probe_compute;
+  probe_job.kv_cache = job.kv_cache;
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});
@@ -203,6 +204,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   allocate_job.cost = cost_job.out;
   allocate_job.out = work / "alloc";
   allocate_job.target_bits = job.target_bits;
+  allocate_job.serve_on = job.serve_on;
   allocate_job.pareto = job.pareto.value_or(default_pareto_targets(job.target_bits));
   ProgressBar progress("allocate", 1);
   outcome.allocation = alloc::run_allocate(allocate_job);
@@ -214,6 +216,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
   const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
+  std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales;
+  if (job.kv_cache) kv_cache_scales = exporter::kv_cache_scales_from_probe(spec, probe);
+  const runtime::Fp8KvCache kv_cache(kv_cache_scales);
   const std::unique_ptr<exporter::RoundingStrategy> rounding =
       exporter::make_rounding(job.rounding, &probe);
 
@@ -247,7 +252,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The assignment's held-out quality with the exact weights export writes, measured before the
   // export so the model card can state it (validate measures the written checkpoint again).
   start = std::chrono::steady_clock::now();
-  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, work / "render");
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, job.serve_on,
+                                        work / "render");
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;
@@ -264,8 +270,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
           heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
           runtime::kEvalWindowsPerPass);
     }();
-    outcome.measured =
-        measure_assignment(config, checkpoint, encoder, format_of, reference, job.serve_on);
+    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference,
+                                          job.kv_cache ? &kv_cache : nullptr);
   }
   outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
   outcome.stages.push_back({"measure", seconds_since(start), false});
@@ -283,6 +289,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   export_job.command_line = job.command_line;
   export_job.vision_format = job.vision_format;
   export_job.serve_on = job.serve_on;
+  export_job.kv_cache = kv_cache_scales;
   outcome.exported = exporter::run_export(export_job, *rounding);
   outcome.rounding = rounding->describe(format_of);
   write_text_file_atomic(work / "rounding.json", rounding->report(format_of).dump(2) + "\n");

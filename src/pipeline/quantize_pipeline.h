@@ -47,6 +47,10 @@ struct QuantizeJob {
   std::string vision_format;  // ExportJob::vision_format
   // The GPU vLLM serves the checkpoint on (cost::CostJob::serve_on, ExportJob::serve_on).
   formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
+  // `--kv-cache fp8`: the probe records each attention layer's key/value amax, the export
+  // carries FP8 KV cache scales (ExportJob::kv_cache) and the measurement reports the KL with the
+  // FP8 cache next to the KL without it. Off: a bf16 cache, nothing of the above.
+  bool kv_cache = false;
   validate::Gates gates;     // validate's gates on the written checkpoint
   bool force = false;        // replace an existing `out`
   std::string command_line;  // recorded in the model card

@@ -182,6 +182,23 @@ void ProbeAccumulator::on_routing(const runtime::RoutingActivity& routing) {
   }
 }
 
+void ProbeAccumulator::on_kv_cache(const runtime::KvCacheActivity& kv) {
+  if (!record_kv_cache_) return;
+  KvCacheSums& sums = kv_cache_[kv.layer];
+  sums.layer = kv.layer;
+  sums.tokens += kv.rows;
+  const std::int64_t values = kv.rows * kv.width;
+  float key_amax = sums.key_amax;
+  float value_amax = sums.value_amax;
+#pragma omp parallel for reduction(max : key_amax, value_amax) schedule(static)
+  for (std::int64_t k = 0; k < values; ++k) {
+    key_amax = std::max(key_amax, std::abs(kv.keys[k]));
+    value_amax = std::max(value_amax, std::abs(kv.values[k]));
+  }
+  sums.key_amax = key_amax;
+  sums.value_amax = value_amax;
+}
+
 void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
   std::vector<double> fisher;
   std::vector<std::int64_t> tokens;
@@ -218,6 +235,15 @@ void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
     writer.add("route_probability_sums." + suffix, io::DType::F64,
                std::vector<std::int64_t>{experts}, as_bytes(sums.probability_sums));
   }
+  for (const auto& [layer, sums] : kv_cache_) {
+    const std::vector<float> amax = {sums.key_amax, sums.value_amax};
+    const std::vector<std::int64_t> kv_tokens = {sums.tokens};
+    const std::string suffix = std::to_string(layer);
+    writer.add("kv_cache_amax." + suffix, io::DType::F32, std::vector<std::int64_t>{2},
+               as_bytes(amax));
+    writer.add("kv_cache_tokens." + suffix, io::DType::I64, std::vector<std::int64_t>{1},
+               as_bytes(kv_tokens));
+  }
   const std::vector<std::int64_t> sequences = {sequences_};
   writer.add("sequences", io::DType::I64, std::vector<std::int64_t>{1}, as_bytes(sequences));
 }
@@ -240,18 +266,35 @@ void ProbeAccumulator::load(const io::SafetensorsFile& file) {
         read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
     input.tokens = input_tokens[i];
   }
-  routing_.clear();
-  const std::string prefix = "routing_header.";
-  for (const io::TensorInfo& info : file.tensors()) {
-    if (!info.name.starts_with(prefix)) continue;
-    const std::string suffix = info.name.substr(prefix.size());
-    // The suffix is the layer number save() wrote; std::stoll would throw std::invalid_argument
-    // (not pq::Error) for any other text and accept "7x".
+  // The suffix of "<prefix><layer>" tensors is the layer number save() wrote; std::stoll would
+  // throw std::invalid_argument (not pq::Error) for any other text and accept "7x".
+  const auto layer_of = [&](const io::TensorInfo& info, const std::string& suffix) {
     std::int64_t layer = -1;
     const auto [end, error] = std::from_chars(suffix.data(), suffix.data() + suffix.size(), layer);
     PQ_CHECK(error == std::errc() && end == suffix.data() + suffix.size() && layer >= 0,
              "{}: tensor {} does not name a layer", file.path().string(),
              quoted_json_string(info.name));
+    return layer;
+  };
+  routing_.clear();
+  kv_cache_.clear();
+  const std::string prefix = "routing_header.";
+  const std::string kv_prefix = "kv_cache_amax.";
+  for (const io::TensorInfo& info : file.tensors()) {
+    if (info.name.starts_with(kv_prefix)) {
+      const std::string suffix = info.name.substr(kv_prefix.size());
+      KvCacheSums& sums = kv_cache_[layer_of(info, suffix)];
+      sums.layer = layer_of(info, suffix);
+      const auto amax = read_tensor<float>(file, info.name, io::DType::F32, 2);
+      sums.key_amax = amax[0];
+      sums.value_amax = amax[1];
+      sums.tokens =
+          read_tensor<std::int64_t>(file, "kv_cache_tokens." + suffix, io::DType::I64, 1)[0];
+      continue;
+    }
+    if (!info.name.starts_with(prefix)) continue;
+    const std::string suffix = info.name.substr(prefix.size());
+    const std::int64_t layer = layer_of(info, suffix);
     const auto header = read_tensor<std::int64_t>(file, info.name, io::DType::I64, 2);
     const io::TensorInfo* counts = file.find("route_counts." + suffix);
     PQ_CHECK(counts != nullptr && counts->shape.size() == 1, "{}: route_counts.{} is missing",

@@ -43,6 +43,15 @@ struct RoutingSums {
   std::vector<double> probability_sums;    // [experts], summed router softmax probabilities
 };
 
+// What one attention layer put in its key/value cache over the calibration set (after the k norm
+// and RoPE, as vLLM caches them): the FP8 KV cache scales are amax / 448 (runtime::Fp8KvCache).
+struct KvCacheSums {
+  std::int64_t layer = 0;
+  std::int64_t tokens = 0;
+  float key_amax = 0.0f;
+  float value_amax = 0.0f;
+};
+
 // Observes backward passes and accumulates, for every candidate Linear of the spec, the empirical
 // Fisher trace numerator (per sequence, not of the batch gradient: method-facts.md §2 shows the
 // upstream probe squares the summed batch gradient instead) and, per distinct input (input_key),
@@ -65,6 +74,12 @@ class ProbeAccumulator final : public runtime::LinearObserver {
 
   void on_linear(const runtime::LinearActivity& activity) override;
   void on_routing(const runtime::RoutingActivity& routing) override;
+  void on_kv_cache(const runtime::KvCacheActivity& kv) override;
+
+  // Also records each attention layer's key/value amax (KvCacheSums), saved with the other sums.
+  // Off by default, so a probe without --kv-cache writes exactly what it wrote before.
+  void record_kv_cache() { record_kv_cache_ = true; }
+  const std::map<std::int64_t, KvCacheSums>& kv_cache() const { return kv_cache_; }
 
   std::int64_t sequences() const { return sequences_; }
   const std::vector<LinearSums>& linears() const { return linears_; }
@@ -84,6 +99,8 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   std::vector<InputSums> inputs_;
   std::map<std::string, std::size_t, std::less<>> input_index_;
   std::map<std::int64_t, RoutingSums> routing_;
+  bool record_kv_cache_ = false;
+  std::map<std::int64_t, KvCacheSums> kv_cache_;
   std::int64_t sequences_ = 0;
   // Per batch: which Linear accumulates each input's Hessian (the first to report it).
   std::map<std::size_t, std::size_t> input_owner_;

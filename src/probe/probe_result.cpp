@@ -134,6 +134,23 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
                routing.mean_probability.size());
       result.routing_.push_back(std::move(routing));
     }
+    if (j.contains("kv_cache")) {
+      result.kv_cache_.emplace();
+      for (const json& k : array_field(j, "kv_cache", "probe.json")) {
+        ProbedKvCache kv;
+        kv.layer = integer(field(k, "layer", "a kv_cache entry"), "kv_cache layer", 0, kMaxCount);
+        const std::string where = fmt::format("kv_cache layer {}", kv.layer);
+        PQ_CHECK(result.kv_cache_->empty() || result.kv_cache_->back().layer < kv.layer,
+                 "{} is out of order or listed twice", where);
+        kv.tokens = integer(field(k, "tokens", where), where + " tokens", 0, kMaxCount);
+        kv.key_amax = static_cast<float>(non_negative(
+            field(k, "key_amax", where), where + " key_amax", std::numeric_limits<float>::max()));
+        kv.value_amax =
+            static_cast<float>(non_negative(field(k, "value_amax", where), where + " value_amax",
+                                            std::numeric_limits<float>::max()));
+        result.kv_cache_->push_back(kv);
+      }
+    }
   } catch (const Error& e) {
     fail("{}: {}", json_path.string(), e.what());
   }

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -36,6 +37,16 @@ struct ProbedRouting {
   std::vector<double> mean_probability;
 };
 
+// One attention layer's key/value cache over the calibration set (a probe run with --kv-cache):
+// the largest |key| (after the k norm and RoPE) and |value| it cached. Layer num_hidden_layers is
+// the MTP head's.
+struct ProbedKvCache {
+  std::int64_t layer = 0;
+  std::int64_t tokens = 0;
+  float key_amax = 0.0f;
+  float value_amax = 0.0f;
+};
+
 // A finished probe, read back: probe.json in memory, its parts' safetensors files mapped.
 class ProbeResult {
  public:
@@ -50,6 +61,9 @@ class ProbeResult {
   std::int64_t sequences() const { return sequences_; }
   const std::vector<ProbedLinear>& linears() const { return linears_; }
   const std::vector<ProbedRouting>& routing() const { return routing_; }
+  // Absent unless the probe recorded the KV cache (ProbeJob::kv_cache); then one per attention
+  // layer, by layer.
+  const std::optional<std::vector<ProbedKvCache>>& kv_cache() const { return kv_cache_; }
   // pq::Error naming the Linear when the probe did not measure it.
   const ProbedLinear& linear(std::string_view name) const;
   // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
@@ -72,6 +86,7 @@ class ProbeResult {
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;
   std::map<std::string, float, std::less<>> input_amax_;
   std::vector<ProbedRouting> routing_;
+  std::optional<std::vector<ProbedKvCache>> kv_cache_;
   std::vector<std::unique_ptr<io::SafetensorsFile>> tensors_;
   std::map<std::string, std::size_t, std::less<>> tensor_file_;  // tensor -> index in tensors_
 };

@@ -253,6 +253,7 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   std::map<std::string, nlohmann::json> linear_json;
   std::map<std::string, nlohmann::json> input_json;
   nlohmann::json moe = nlohmann::json::array();
+  nlohmann::json kv_cache = nlohmann::json::array();
   nlohmann::json files = nlohmann::json::array();
   for (const Part& part : parts) {
     const std::filesystem::path path = part_file(job.out, part);
@@ -293,6 +294,12 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
                      {"route_counts", routing.route_counts},
                      {"mean_probability", mean_probability}});
     }
+    for (const auto& [layer, kv] : sums.kv_cache()) {
+      kv_cache.push_back({{"layer", layer},
+                          {"tokens", kv.tokens},
+                          {"key_amax", kv.key_amax},
+                          {"value_amax", kv.value_amax}});
+    }
   }
   nlohmann::json linears = nlohmann::json::array();
   nlohmann::json inputs = nlohmann::json::array();
@@ -304,23 +311,26 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
     if (listed_inputs.insert(key).second) inputs.push_back(input_json.at(key));
     linears.push_back(found->second);
   }
-  const nlohmann::json doc = {{"schema", kProbeSchema},
-                              {"model", model_label(job.model)},
-                              {"fingerprint", fingerprint},
-                              {"calibration",
-                               {{"data", job.data.string()},
-                                {"token_ids", job.token_ids},
-                                {"sequences", sequences},
-                                {"seqlen", job.seqlen},
-                                {"seed", job.seed},
-                                {"importance_weighting", job.importance_weighting},
-                                {"batch_size", job.batch_size},
-                                {"compute", runtime::compute_type_name(job.compute)}}},
-                              {"losses", losses},
-                              {"files", std::move(files)},
-                              {"linears", std::move(linears)},
-                              {"inputs", std::move(inputs)},
-                              {"moe", std::move(moe)}};
+  nlohmann::json doc = {{"schema", kProbeSchema},
+                        {"model", model_label(job.model)},
+                        {"fingerprint", fingerprint},
+                        {"calibration",
+                         {{"data", job.data.string()},
+                          {"token_ids", job.token_ids},
+                          {"sequences", sequences},
+                          {"seqlen", job.seqlen},
+                          {"seed", job.seed},
+                          {"importance_weighting", job.importance_weighting},
+                          {"batch_size", job.batch_size},
+                          {"compute", runtime::compute_type_name(job.compute)}}},
+                        {"losses", losses},
+                        {"files", std::move(files)},
+                        {"linears", std::move(linears)},
+                        {"inputs", std::move(inputs)},
+                        {"moe", std::move(moe)}};
+  // Only a probe asked for it (--kv-cache) records the KV cache; the others' probe.json is as it
+  // was before the key existed.
+  if (job.kv_cache) doc["kv_cache"] = std::move(kv_cache);
   // probe.json last: its presence (with this fingerprint) marks the probe as complete.
   write_text_file_atomic(job.out / kProbeJsonFile, doc.dump(1) + "\n");
 }
@@ -373,6 +383,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   f.field("compute", runtime::compute_type_name(job.compute));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   if (job.quantized) f.field("quantized", job.quantized->tag);
+  if (job.kv_cache) f.field("kv_cache", "fp8");
   return f.hex();
 }
 
@@ -466,6 +477,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       return p.layer == where.layer && p.mtp == where.mtp;
     });
     ProbeAccumulator sums = part_accumulator(spec, where, job.compute);
+    if (job.kv_cache) sums.record_kv_cache();
     sums.begin_batch();
     run(sums);
     sums.end_batch(seq_count);

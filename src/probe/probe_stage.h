@@ -52,6 +52,10 @@ struct ProbeJob {
   std::optional<std::size_t> stop_after_steps;
   // Unset: probe the source model.
   std::optional<QuantizedRun> quantized;
+  // Also record every attention layer's key/value amax (after the k norm and RoPE, what the KV
+  // cache holds), from which export sets the FP8 KV cache scales (`--kv-cache fp8`). Off: the
+  // artifacts and the fingerprint are those of a probe without it.
+  bool kv_cache = false;
 };
 
 struct ProbeOutcome {

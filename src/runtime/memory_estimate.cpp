@@ -40,12 +40,16 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
                                 std::int64_t micro_batch_rows, std::int64_t logits_block_rows,
                                 std::int64_t boundaries, ComputeType compute) {
   const std::int64_t hidden = c.hidden_size;
-  // The widest layer's attention (Gemma 4's full layers have their own head_dim and KV heads).
-  std::int64_t q_width = c.num_attention_heads * c.head_dim;
-  std::int64_t kv_width = c.num_key_value_heads * c.head_dim;
-  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    q_width = std::max(q_width, c.num_attention_heads * c.attention_head_dim(l));
-    kv_width = std::max(kv_width, c.attention_key_value_heads(l) * c.attention_head_dim(l));
+  // MLA (deepseek_v3-architecture-facts.md §3) multiplies q, k and v of qk_head_dim per head (v
+  // padded) in every head; Gemma 4's full layers have their own head_dim and KV heads, so the
+  // widest layer's attention counts there.
+  std::int64_t q_width = c.num_attention_heads * (c.mla ? c.mla->qk_head_dim() : c.head_dim);
+  std::int64_t kv_width = c.mla ? q_width : c.num_key_value_heads * c.head_dim;
+  if (c.gemma4) {
+    for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      q_width = std::max(q_width, c.num_attention_heads * c.attention_head_dim(l));
+      kv_width = std::max(kv_width, c.attention_key_value_heads(l) * c.attention_head_dim(l));
+    }
   }
   const std::int64_t weight_bytes = compute == ComputeType::kBF16 ? 2 : 4;
   const bool moe = c.num_experts > 0;
@@ -69,6 +73,15 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
   // With an output gate q_proj has twice the rows (query and gate per head).
   const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
   std::int64_t mixer_params = (q_rows + q_width + 2 * kv_width) * hidden;
+  if (c.mla) {
+    // q_a/q_b (or q_proj), kv_a_proj_with_mqa, kv_b_proj and o_proj.
+    const model::MlaConfig& m = *c.mla;
+    const std::int64_t heads = c.num_attention_heads;
+    mixer_params = (m.q_lora_rank > 0 ? m.q_lora_rank * (hidden + q_width) : q_width * hidden) +
+                   (m.kv_lora_rank + m.qk_rope_head_dim) * hidden +
+                   m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim) +
+                   hidden * heads * m.v_head_dim;
+  }
   // While a Linear is decoded its float32 values exist beside the layer's stored copy.
   std::int64_t largest_linear =
       moe ? c.moe_intermediate_size * hidden : std::max(c.intermediate_size, q_width) * hidden;
@@ -78,6 +91,14 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
   // gate's input, gated value and gradient and q_proj's packed output.
   std::int64_t mixer_tape_floats =
       4 * q_width + 6 * kv_width + c.num_attention_heads + (c.attn_output_gate ? 4 * q_width : 0);
+  if (c.mla) {
+    // The latents before and after their norms and their gradients, kv_b_proj's output and
+    // gradient, o_proj's input and gradient.
+    const model::MlaConfig& m = *c.mla;
+    const std::int64_t heads = c.num_attention_heads;
+    mixer_tape_floats += 4 * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) +
+                         2 * heads * (m.qk_nope_head_dim + m.v_head_dim) + 2 * heads * m.v_head_dim;
+  }
   // Scratch of the delta rule's backward for one micro-batch (gated_delta_rule.h), per thread.
   std::int64_t gdn_scratch_floats = 0;
   std::int64_t gdn_tape_floats = 0;

@@ -70,6 +70,11 @@ struct Model::Layer {
   // Norm weights as multiplied: 1 + w for the hybrid families' zero-centred norms (facts §3.1).
   std::vector<float> input_norm, post_attention_norm, q_norm, k_norm;
   Linear q_proj, k_proj, v_proj, o_proj;  // attention layers
+  // Multi-head latent attention (DeepSeek-V3, deepseek_v3-architecture-facts.md §3): q_a_proj,
+  // q_a_layernorm and q_b_proj (or q_proj alone without q_lora_rank), kv_a_proj_with_mqa,
+  // kv_a_layernorm and kv_b_proj, in place of k_proj and v_proj; o_proj as above.
+  Linear q_a_proj, q_b_proj, kv_a_proj, kv_b_proj;
+  std::vector<float> q_a_norm, kv_a_norm;
   // The token mixer of "linear_attention" layers (facts §4.1), in place of q/k/v/o_proj.
   struct GatedDeltaNet {
     // Qwen3-Next fuses q/k/v/z into in_proj_qkvz and b/a into in_proj_ba, interleaved per key-head
@@ -151,8 +156,14 @@ struct Model::LayerTape {
   std::vector<float> decay_input;      // Gated DeltaNet: a + dt_bias [rows, Hv]
   std::vector<float> g, beta;          // Gated DeltaNet: log decay and sigmoid(b) [rows, Hv]
   std::vector<float> gated_norm_rstd;  // Gated DeltaNet: [rows * Hv]
-  std::vector<float> x2;               // residual stream after attention
-  std::vector<float> h2, rstd2;        // post_attention_layernorm output and 1/rms
+  // MLA (facts §3): the normed query and kv latents (q_b_proj's and kv_b_proj's inputs),
+  // kv_a_proj_with_mqa's output [rows, kv_lora_rank + rope] and the heads' values o_proj
+  // multiplies [rows, H * v_head_dim]. q_proj / k_proj hold the latents before their norms and
+  // q_rstd / k_rstd their 1/rms; q, k, v are [rows, H, qk_head_dim] (v zero past v_head_dim, as
+  // HF pads it for flash attention, §3 point 8) and attn the attention output in that layout.
+  std::vector<float> q_latent, kv_latent, compressed_kv, mla_values;
+  std::vector<float> x2;         // residual stream after attention
+  std::vector<float> h2, rstd2;  // post_attention_layernorm output and 1/rms
   using MlpTape = Model::MlpTape;
   MlpTape mlp;
   std::vector<MlpTape> experts;
@@ -205,6 +216,12 @@ struct ArchitectureTraits {
   // and weighted by their unbiased scores, renormalised (MiniMax-M2, facts §4). Otherwise
   // softmax scores, chosen and weighted as they are.
   bool sigmoid_router = false;
+  // The shared experts are DeepSeek-V3's "mlp.shared_experts", added ungated
+  // (deepseek_v3-architecture-facts.md §4), instead of Qwen's "mlp.shared_expert" scaled by
+  // sigmoid(shared_expert_gate x).
+  bool ungated_shared_experts = false;
+  // The router's selection bias under the MoE block (sigmoid routers).
+  std::string_view selection_bias = "e_score_correction_bias";
   // The MoE block's module under the layer, and its experts' gate, up and down projections.
   std::string_view moe_block = "mlp.";
   std::array<std::string_view, 3> expert_projections = {"gate_proj", "up_proj", "down_proj"};
@@ -246,6 +263,14 @@ constexpr ArchitectureTraits kArchitectures[] = {
      .sigmoid_router = true,
      .moe_block = "block_sparse_moe.",
      .expert_projections = {"w1", "w3", "w2"}},
+    // DeepSeek-V3 / V3.1 / R1: MLA (ModelConfig::mla), a sigmoid router with its selection bias
+    // under mlp.gate and the group limit, ungated shared experts (deepseek_v3-architecture-facts.md
+    // §3-§5).
+    {.name = "DeepseekV3ForCausalLM",
+     .moe = true,
+     .sigmoid_router = true,
+     .ungated_shared_experts = true,
+     .selection_bias = "gate.e_score_correction_bias"},
     // Gemma 4 31B / 26B-A4B: text model under model.language_model (§9), experts packed as
     // experts.gate_up_proj / experts.down_proj beside the layer's MLP, router router.proj (§6),
     // top-k renormalised (§6 step 2).
@@ -301,6 +326,30 @@ void report(LinearObserver* observer, const std::string& name, std::int64_t laye
   observer->on_linear(activity);
 }
 
+// DeepSeek-V3's group limit (deepseek_v3-architecture-facts.md §5 steps 3-4): the experts form
+// n_group contiguous groups, each scored by the sum of its two largest choice values; the
+// experts outside the topk_group best groups get -inf (DeepSeek's and vLLM's fill) so that top-k
+// never picks them. Equal group scores keep the lower group first.
+void limit_to_best_groups(const model::ModelConfig& c, std::vector<float>& choice) {
+  const std::int64_t size = static_cast<std::int64_t>(choice.size()) / c.n_group;
+  std::vector<float> score(c.n_group);
+  for (std::int64_t g = 0; g < c.n_group; ++g) {
+    const auto begin = choice.begin() + g * size;
+    std::vector<float> members(begin, begin + size);
+    std::partial_sort(members.begin(), members.begin() + 2, members.end(), std::greater<>());
+    score[g] = members[0] + members[1];
+  }
+  std::vector<std::int64_t> groups(c.n_group);
+  std::iota(groups.begin(), groups.end(), 0);
+  std::partial_sort(groups.begin(), groups.begin() + c.topk_group, groups.end(),
+                    [&](std::int64_t a, std::int64_t b) {
+                      return score[a] > score[b] || (score[a] == score[b] && a < b);
+                    });
+  for (std::int64_t i = c.topk_group; i < c.n_group; ++i) {
+    std::fill_n(choice.begin() + groups[i] * size, size, -INFINITY);
+  }
+}
+
 }  // namespace
 
 void require_runtime_support(const model::ModelConfig& config) {
@@ -336,6 +385,8 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
   renormalize_top_k_ = config_.norm_topk_prob || traits.always_renormalize;
   qk_norm_over_all_heads_ = traits.qk_norm_over_all_heads;
   sigmoid_router_ = traits.sigmoid_router;
+  ungated_shared_experts_ = traits.ungated_shared_experts;
+  selection_bias_ = traits.selection_bias;
   moe_block_ = traits.moe_block;
   expert_projections_ = traits.expert_projections;
   text_prefix_ = traits.text_prefix;
@@ -521,6 +572,25 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
     gdn->dt_bias = load_vector(p + "dt_bias", la.num_value_heads);
     gdn->norm = load_vector(p + "norm.weight", la.value_head_dim);
     layer->linear_attention = std::move(gdn);
+  } else if (c.mla) {
+    // MLA (deepseek_v3-architecture-facts.md §3): no biases (attention_bias false, §2 point 5).
+    const model::MlaConfig& mla = *c.mla;
+    const std::string p = prefix + "self_attn.";
+    const std::int64_t q_rows = c.num_attention_heads * mla.qk_head_dim();
+    if (mla.q_lora_rank > 0) {
+      load_linear(layer->q_a_proj, p + "q_a_proj", mla.q_lora_rank, hidden, false);
+      layer->q_a_norm = load_norm(p + "q_a_layernorm.weight", mla.q_lora_rank);
+      load_linear(layer->q_b_proj, p + "q_b_proj", q_rows, mla.q_lora_rank, false);
+    } else {
+      load_linear(layer->q_proj, p + "q_proj", q_rows, hidden, false);
+    }
+    load_linear(layer->kv_a_proj, p + "kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim,
+                hidden, false);
+    layer->kv_a_norm = load_norm(p + "kv_a_layernorm.weight", mla.kv_lora_rank);
+    load_linear(layer->kv_b_proj, p + "kv_b_proj",
+                c.num_attention_heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank,
+                false);
+    load_linear(layer->o_proj, p + "o_proj", hidden, c.num_attention_heads * mla.v_head_dim, false);
   } else {
     // With an output gate q_proj yields query and gate per head (facts §5 step 1).
     const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
@@ -570,7 +640,7 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
           load_norm(prefix + "post_feedforward_layernorm_2.weight", hidden);
     }
     if (sigmoid_router_) {
-      layer->router_selection_bias = load_vector(moe + "e_score_correction_bias", c.num_experts);
+      layer->router_selection_bias = load_vector(moe + std::string(selection_bias_), c.num_experts);
     }
     layer->experts.resize(c.num_experts);
     const std::int64_t inter = c.moe_intermediate_size;
@@ -598,7 +668,11 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
                        expert_projections_);
       }
     }
-    if (c.shared_expert_intermediate_size > 0) {
+    if (c.shared_expert_intermediate_size > 0 && ungated_shared_experts_) {
+      layer->has_shared_expert = true;
+      load_mlp(layer->shared_expert, prefix + "mlp.shared_experts.",
+               c.shared_expert_intermediate_size);
+    } else if (c.shared_expert_intermediate_size > 0) {
       layer->has_shared_expert = true;
       load_mlp(layer->shared_expert, prefix + "mlp.shared_expert.",
                c.shared_expert_intermediate_size);
@@ -795,13 +869,32 @@ std::vector<const Model::Linear*> Model::attention_projections(const Layer& laye
   return {&layer.q_proj, &layer.k_proj, &layer.v_proj};
 }
 
-void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t) const {
+void Model::store_keys_values(const Layer& layer, const Layout& layout, LayerTape& t,
+                              LinearObserver* observer) const {
+  const std::int64_t width = layer.kv_heads * layer.head_dim;
+  if (observer != nullptr) {
+    observer->on_kv_cache({.layer = layer.index,
+                           .rows = layout.rows,
+                           .width = width,
+                           .keys = t.k.data(),
+                           .values = t.v.data()});
+  }
+  if (options_.kv_cache == nullptr) return;
+  if (const KvCacheScales* scales = options_.kv_cache->scales(layer.index)) {
+    Fp8KvCache::round_trip(t.k, scales->key);
+    Fp8KvCache::round_trip(t.v, scales->value);
+  }
+}
+
+void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTape& t,
+                              LinearObserver* observer) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
   const std::int64_t kv_heads = layer.kv_heads;
   const std::int64_t d = layer.head_dim;
   project_qkv(layer, layout, t, 0);
+  store_keys_values(layer, layout, t, observer);
   t.attn.resize(n * heads * d);
   t.lse.resize(n * heads);
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
@@ -816,37 +909,28 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
   }
 }
 
-void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
-                                     DecodeState& state) const {
-  const model::ModelConfig& c = config_;
-  const std::int64_t n = layout.rows;  // new tokens, one sequence
-  const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = layer.kv_heads;
-  const std::int64_t d = layer.head_dim;
+namespace {
+
+// Attention of n new tokens of one sequence (positions past .. past + n - 1) over the cached keys
+// and values [past + n, kv_heads * d]: token i attends positions j <= past + i, inside the
+// sliding window if there is one (the convention of causal_attention_forward). q and out are
+// [n, heads * d].
+void attend_cached(std::int64_t n, std::int64_t past, std::int64_t heads, std::int64_t kv_heads,
+                   std::int64_t d, float scale, std::int64_t sliding_window, const float* queries,
+                   const float* keys, const float* values, float* output) {
   const std::int64_t group = heads / kv_heads;
-  const std::int64_t past = state.length;
-  project_qkv(layer, layout, t, past);
-  std::vector<float>& keys = state.keys[layer.index];
-  std::vector<float>& values = state.values[layer.index];
-  keys.insert(keys.end(), t.k.begin(), t.k.end());
-  values.insert(values.end(), t.v.begin(), t.v.end());
-  const float scale = layer.attention_scale;
-  t.attn.resize(n * heads * d);
-  // New token i (position past + i) attends cached positions j <= past + i, inside the sliding
-  // window if the layer has one (the convention of causal_attention_forward).
 #pragma omp parallel for collapse(2) if (n * heads * (past + n) * d > kParallelElements)
   for (std::int64_t i = 0; i < n; ++i) {
     for (std::int64_t h = 0; h < heads; ++h) {
       const std::int64_t position = past + i;
       const std::int64_t first =
-          layer.sliding_window > 0 ? std::max<std::int64_t>(0, position - layer.sliding_window + 1)
-                                   : 0;
-      const float* q = t.q.data() + (i * heads + h) * d;
+          sliding_window > 0 ? std::max<std::int64_t>(0, position - sliding_window + 1) : 0;
+      const float* q = queries + (i * heads + h) * d;
       const std::int64_t kv = h / group;
       std::vector<float> scores(position + 1 - first);
       float max_score = -INFINITY;
       for (std::int64_t j = first; j <= position; ++j) {
-        const float* k = keys.data() + (j * kv_heads + kv) * d;
+        const float* k = keys + (j * kv_heads + kv) * d;
         float dot = 0.0f;
         for (std::int64_t e = 0; e < d; ++e) dot += q[e] * k[e];
         scores[j - first] = dot * scale;
@@ -857,15 +941,36 @@ void Model::attention_forward_cached(const Layer& layer, const Layout& layout, L
         score = std::exp(score - max_score);
         sum += score;
       }
-      float* out = t.attn.data() + (i * heads + h) * d;
+      float* out = output + (i * heads + h) * d;
       std::fill(out, out + d, 0.0f);
       for (std::int64_t j = first; j <= position; ++j) {
         const float p = static_cast<float>(scores[j - first] / sum);
-        const float* v = values.data() + (j * kv_heads + kv) * d;
+        const float* v = values + (j * kv_heads + kv) * d;
         for (std::int64_t e = 0; e < d; ++e) out[e] += p * v[e];
       }
     }
   }
+}
+
+}  // namespace
+
+void Model::attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& t,
+                                     DecodeState& state) const {
+  const model::ModelConfig& c = config_;
+  const std::int64_t n = layout.rows;  // new tokens, one sequence
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t kv_heads = layer.kv_heads;
+  const std::int64_t d = layer.head_dim;
+  const std::int64_t past = state.length;
+  project_qkv(layer, layout, t, past);
+  store_keys_values(layer, layout, t, nullptr);
+  std::vector<float>& keys = state.keys[layer.index];
+  std::vector<float>& values = state.values[layer.index];
+  keys.insert(keys.end(), t.k.begin(), t.k.end());
+  values.insert(values.end(), t.v.begin(), t.v.end());
+  t.attn.resize(n * heads * d);
+  attend_cached(n, past, heads, kv_heads, d, layer.attention_scale, layer.sliding_window,
+                t.q.data(), keys.data(), values.data(), t.attn.data());
 }
 
 void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTape& t,
@@ -949,6 +1054,213 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
   }
 }
 
+// ---- Multi-head latent attention ----------------------------------------------------------
+
+namespace {
+
+// 1/sqrt(qk_head_dim), times mscale^2 with mscale = 0.1 mscale_all_dim ln(factor) + 1 when the
+// rope is scaled with a non-zero mscale_all_dim and factor > 1 (transformers'
+// DeepseekV3Attention with yarn_get_mscale; vLLM and DeepSeek agree for V3:
+// deepseek_v3-architecture-facts.md §3 point 6).
+float mla_softmax_scale(const model::ModelConfig& c) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(c.mla->qk_head_dim()));
+  const model::RopeScaling& s = c.rope_scaling;
+  const double all_dim = s.mscale_all_dim.value_or(0.0);
+  if (s.type != "default" && all_dim != 0.0 && s.factor > 1.0) {
+    const double mscale = 0.1 * all_dim * std::log(s.factor) + 1.0;
+    scale *= mscale * mscale;
+  }
+  return static_cast<float>(scale);
+}
+
+}  // namespace
+
+void Model::mla_forward(const Layer& layer, const Layout& layout, LayerTape& t,
+                        LinearObserver* observer, DecodeState* cache) const {
+  const model::ModelConfig& c = config_;
+  const model::MlaConfig& mla = *c.mla;
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = c.hidden_size;
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t nope = mla.qk_nope_head_dim;
+  const std::int64_t rope = mla.qk_rope_head_dim;
+  const std::int64_t dv = mla.v_head_dim;
+  const std::int64_t dqk = mla.qk_head_dim();
+  const std::int64_t kv_rank = mla.kv_lora_rank;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+
+  // q = q_b_proj(RMSNorm(q_a_proj(x))) or q_proj(x), [n, H, nope + rope] (§3 step 1).
+  t.q.resize(n * heads * dqk);
+  if (mla.q_lora_rank > 0) {
+    const std::int64_t q_rank = mla.q_lora_rank;
+    t.q_proj.resize(n * q_rank);
+    t.q_latent.resize(n * q_rank);
+    t.q_rstd.resize(n);
+    linear_forward(layer.q_a_proj, t.h1.data(), n, t.q_proj.data(), &t);
+    rms_norm_forward(t.q_proj.data(), layer.q_a_norm.data(), n, q_rank, eps, t.q_latent.data(),
+                     t.q_rstd.data());
+    linear_forward(layer.q_b_proj, t.q_latent.data(), n, t.q.data(), &t);
+    report(observer, layer.q_a_proj.name, layer.index, n, hidden, q_rank,
+           linear_input(layer.q_a_proj, t.h1.data(), t), nullptr, layout.ranges);
+    report(observer, layer.q_b_proj.name, layer.index, n, q_rank, heads * dqk,
+           linear_input(layer.q_b_proj, t.q_latent.data(), t), nullptr, layout.ranges);
+  } else {
+    linear_forward(layer.q_proj, t.h1.data(), n, t.q.data(), &t);
+    report(observer, layer.q_proj.name, layer.index, n, hidden, heads * dqk,
+           linear_input(layer.q_proj, t.h1.data(), t), nullptr, layout.ranges);
+  }
+  // [c_kv | k_pe] = kv_a_proj_with_mqa(x); kv = kv_b_proj(RMSNorm(c_kv)) per head [k_nope | v]
+  // (steps 2-3).
+  t.compressed_kv.resize(n * (kv_rank + rope));
+  linear_forward(layer.kv_a_proj, t.h1.data(), n, t.compressed_kv.data(), &t);
+  report(observer, layer.kv_a_proj.name, layer.index, n, hidden, kv_rank + rope,
+         linear_input(layer.kv_a_proj, t.h1.data(), t), nullptr, layout.ranges);
+  t.k_proj.resize(n * kv_rank);
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::copy_n(t.compressed_kv.data() + r * (kv_rank + rope), kv_rank,
+                t.k_proj.data() + r * kv_rank);
+  }
+  t.kv_latent.resize(n * kv_rank);
+  t.k_rstd.resize(n);
+  rms_norm_forward(t.k_proj.data(), layer.kv_a_norm.data(), n, kv_rank, eps, t.kv_latent.data(),
+                   t.k_rstd.data());
+  std::vector<float> kv(n * heads * (nope + dv));
+  linear_forward(layer.kv_b_proj, t.kv_latent.data(), n, kv.data(), &t);
+  report(observer, layer.kv_b_proj.name, layer.index, n, kv_rank, heads * (nope + dv),
+         linear_input(layer.kv_b_proj, t.kv_latent.data(), t), nullptr, layout.ranges);
+
+  // RoPE on the last `rope` dims of every q head and on the shared k_pe, interleaved pairs on the
+  // stored layout (step 4, §3.1); k_pe joins every head's key (MQA).
+  std::vector<float> k_pe(n * rope);
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::copy_n(t.compressed_kv.data() + r * (kv_rank + rope) + kv_rank, rope,
+                k_pe.data() + r * rope);
+  }
+  // When decoding (one sequence), the new tokens continue after the cached ones.
+  const std::int64_t past = cache != nullptr ? cache->length : 0;
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    layout.rope->apply_interleaved(t.q.data() + off * heads * dqk + nope, len, heads, dqk, past);
+    layout.rope->apply_interleaved(k_pe.data() + off * rope, len, 1, rope, past);
+  }
+  t.k.assign(n * heads * dqk, 0.0f);
+  t.v.assign(n * heads * dqk, 0.0f);
+  for (std::int64_t rh = 0; rh < n * heads; ++rh) {
+    const float* src = kv.data() + rh * (nope + dv);
+    std::copy_n(src, nope, t.k.data() + rh * dqk);
+    std::copy_n(k_pe.data() + (rh / heads) * rope, rope, t.k.data() + rh * dqk + nope);
+    std::copy_n(src + nope, dv, t.v.data() + rh * dqk);
+  }
+  // Causal softmax attention with the YaRN-scaled softmax scale (steps 5-6).
+  t.attn.resize(n * heads * dqk);
+  t.lse.resize(n * heads);
+  const float scale = mla_softmax_scale(c);
+  if (cache != nullptr) {
+    // The cache holds every head's full key and (padded) value per token; the absorbed form of
+    // §3 point 7 would hold the latent instead, with the same result.
+    std::vector<float>& keys = cache->keys[layer.index];
+    std::vector<float>& values = cache->values[layer.index];
+    keys.insert(keys.end(), t.k.begin(), t.k.end());
+    values.insert(values.end(), t.v.begin(), t.v.end());
+    attend_cached(n, past, heads, heads, dqk, scale, 0, t.q.data(), keys.data(), values.data(),
+                  t.attn.data());
+  }
+  for (std::int64_t s = 0; s < layout.sequences() && cache == nullptr; ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    if (len == 0) continue;
+    const AttentionShape shape{len, heads, heads, dqk, scale, 0};
+    causal_attention_forward(shape, t.q.data() + off * heads * dqk, t.k.data() + off * heads * dqk,
+                             t.v.data() + off * heads * dqk, t.attn.data() + off * heads * dqk,
+                             t.lse.data() + off * heads);
+  }
+  t.mla_values.resize(n * heads * dv);
+  for (std::int64_t rh = 0; rh < n * heads; ++rh) {
+    std::copy_n(t.attn.data() + rh * dqk, dv, t.mla_values.data() + rh * dv);
+  }
+}
+
+void Model::mla_backward(const Layer& layer, const Layout& layout, LayerTape& t,
+                         const float* dvalues, float* dh1, LinearObserver& observer) const {
+  const model::ModelConfig& c = config_;
+  const model::MlaConfig& mla = *c.mla;
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = c.hidden_size;
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t nope = mla.qk_nope_head_dim;
+  const std::int64_t rope = mla.qk_rope_head_dim;
+  const std::int64_t dv = mla.v_head_dim;
+  const std::int64_t dqk = mla.qk_head_dim();
+  const std::int64_t kv_rank = mla.kv_lora_rank;
+
+  std::vector<float> dattn(n * heads * dqk, 0.0f);
+  for (std::int64_t rh = 0; rh < n * heads; ++rh) {
+    std::copy_n(dvalues + rh * dv, dv, dattn.data() + rh * dqk);
+  }
+  std::vector<float> dq(t.q.size()), dk(t.k.size()), dvv(t.v.size());
+  const float scale = mla_softmax_scale(c);
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    if (len == 0) continue;
+    const AttentionShape shape{len, heads, heads, dqk, scale, 0};
+    const std::int64_t base = off * heads * dqk;
+    causal_attention_backward(shape, t.q.data() + base, t.k.data() + base, t.v.data() + base,
+                              t.attn.data() + base, t.lse.data() + off * heads, dattn.data() + base,
+                              dq.data() + base, dk.data() + base, dvv.data() + base);
+  }
+  // k_pe is shared by the heads: its gradient is the sum of theirs (§3.1); the rotations go back
+  // by the negative angle.
+  std::vector<float> dkv(n * heads * (nope + dv));
+  std::vector<float> dcompressed(n * (kv_rank + rope), 0.0f);
+  for (std::int64_t r = 0; r < n; ++r) {
+    float* dk_pe = dcompressed.data() + r * (kv_rank + rope) + kv_rank;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const std::int64_t rh = r * heads + h;
+      std::copy_n(dk.data() + rh * dqk, nope, dkv.data() + rh * (nope + dv));
+      std::copy_n(dvv.data() + rh * dqk, dv, dkv.data() + rh * (nope + dv) + nope);
+      add_inplace(dk_pe, dk.data() + rh * dqk + nope, rope);
+    }
+  }
+  for (std::int64_t s = 0; s < layout.sequences(); ++s) {
+    const std::int64_t off = layout.offsets[s];
+    const std::int64_t len = layout.length(s);
+    layout.rope->apply_interleaved_backward(dq.data() + off * heads * dqk + nope, len, heads, dqk,
+                                            0);
+    layout.rope->apply_interleaved_backward(dcompressed.data() + off * (kv_rank + rope) + kv_rank,
+                                            len, 1, kv_rank + rope, 0);
+  }
+  report(&observer, layer.kv_b_proj.name, layer.index, n, kv_rank, heads * (nope + dv),
+         linear_input(layer.kv_b_proj, t.kv_latent.data(), t), dkv.data(), layout.ranges);
+  std::vector<float> dlatent(n * kv_rank), dc(n * kv_rank);
+  linear_backward_input(layer.kv_b_proj, dkv.data(), n, dlatent.data(), false);
+  rms_norm_backward(t.k_proj.data(), layer.kv_a_norm.data(), t.k_rstd.data(), dlatent.data(), n,
+                    kv_rank, dc.data(), false);
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::copy_n(dc.data() + r * kv_rank, kv_rank, dcompressed.data() + r * (kv_rank + rope));
+  }
+  report(&observer, layer.kv_a_proj.name, layer.index, n, hidden, kv_rank + rope,
+         linear_input(layer.kv_a_proj, t.h1.data(), t), dcompressed.data(), layout.ranges);
+  linear_backward_input(layer.kv_a_proj, dcompressed.data(), n, dh1, false);
+  if (mla.q_lora_rank > 0) {
+    const std::int64_t q_rank = mla.q_lora_rank;
+    report(&observer, layer.q_b_proj.name, layer.index, n, q_rank, heads * dqk,
+           linear_input(layer.q_b_proj, t.q_latent.data(), t), dq.data(), layout.ranges);
+    std::vector<float> dq_latent(n * q_rank), dq_a(n * q_rank);
+    linear_backward_input(layer.q_b_proj, dq.data(), n, dq_latent.data(), false);
+    rms_norm_backward(t.q_proj.data(), layer.q_a_norm.data(), t.q_rstd.data(), dq_latent.data(), n,
+                      q_rank, dq_a.data(), false);
+    report(&observer, layer.q_a_proj.name, layer.index, n, hidden, q_rank,
+           linear_input(layer.q_a_proj, t.h1.data(), t), dq_a.data(), layout.ranges);
+    linear_backward_input(layer.q_a_proj, dq_a.data(), n, dh1, true);
+  } else {
+    report(&observer, layer.q_proj.name, layer.index, n, hidden, heads * dqk,
+           linear_input(layer.q_proj, t.h1.data(), t), dq.data(), layout.ranges);
+    linear_backward_input(layer.q_proj, dq.data(), n, dh1, true);
+  }
+}
+
 // ---- Gated DeltaNet -----------------------------------------------------------------------
 
 const Model::Linear& Model::mixer_output(const Layer& layer) const {
@@ -956,6 +1268,7 @@ const Model::Linear& Model::mixer_output(const Layer& layer) const {
 }
 
 const float* Model::mixer_output_input(const Layer& layer, const LayerTape& t) const {
+  if (config_.mla) return t.mla_values.data();
   return layer.linear_attention || config_.attn_output_gate ? t.gated.data() : t.attn.data();
 }
 
@@ -1316,6 +1629,7 @@ void Model::moe_forward(const Layer& layer, const Layout& layout, LayerTape& t,
         choice[e] = p[e];
       }
     }
+    if (c.n_group > 1) limit_to_best_groups(c, choice);
     std::vector<std::int32_t> order(experts);
     std::iota(order.begin(), order.end(), 0);
     // Highest choice first; equal choices keep the lower expert index first.
@@ -1325,10 +1639,13 @@ void Model::moe_forward(const Layer& layer, const Layout& layout, LayerTape& t,
         [q](std::int32_t a, std::int32_t b) { return q[a] > q[b] || (q[a] == q[b] && a < b); });
     double chosen_sum = 0.0;
     for (std::int64_t j = 0; j < top_k; ++j) chosen_sum += p[order[j]];
+    // DeepSeek-V3 scales the (renormalised) weights by routed_scaling_factor (facts §5 step 5);
+    // 1 elsewhere.
+    const double scale = c.routed_scaling_factor;
     for (std::int64_t j = 0; j < top_k; ++j) {
       t.chosen[r * top_k + j] = order[j];
-      t.routing_weights[r * top_k + j] =
-          renormalize_top_k_ ? static_cast<float>(p[order[j]] / chosen_sum) : p[order[j]];
+      const double weight = renormalize_top_k_ ? p[order[j]] / chosen_sum : p[order[j]];
+      t.routing_weights[r * top_k + j] = static_cast<float>(scale * weight);
     }
   }
   if (!layer.per_expert_scale.empty()) {
@@ -1367,7 +1684,13 @@ void Model::moe_forward(const Layer& layer, const Layout& layout, LayerTape& t,
       for (std::int64_t h = 0; h < hidden; ++h) dst[h] += w * src[h];
     }
   }
-  if (layer.has_shared_expert) {
+  if (layer.has_shared_expert && ungated_shared_experts_) {
+    // out += SharedMLP(x) (deepseek_v3-architecture-facts.md §4).
+    LayerTape::MlpTape& m = t.shared_expert;
+    m.out.resize(n * hidden);
+    run_mlp(layer.shared_expert, m, t.h2.data(), n, m.out.data(), layout.ranges);
+    add_inplace(out, m.out.data(), n * hidden);
+  } else if (layer.has_shared_expert) {
     // out += sigmoid(shared_expert_gate x) * SharedMLP(x), a scalar per token (facts §6.2).
     MlpTape& m = t.shared_expert;
     m.out.resize(n * hidden);
@@ -1450,10 +1773,12 @@ void Model::moe_backward(const Layer& layer, const Layout& layout, LayerTape& t,
 
   // Through the (optionally renormalized) top-k selection and the softmax (or sigmoid) to the
   // router logits.
-  // With S = sum of the chosen probabilities and w_j = p_j / S:
-  // dL/dp_j = (g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise; then
-  // dL/dlogit = p * (dL/dp - sum(p * dL/dp)).
+  // With S = sum of the chosen probabilities and w_j = rho p_j / S (rho = routed_scaling_factor,
+  // 1 but for DeepSeek-V3): dL/dp_j = (rho g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise
+  // (rho g_j unnormalised); then dL/dlogit = p * (dL/dp - sum(p * dL/dp)). The group limit only
+  // selects and carries no gradient (facts §5).
   // Gemma 4: w = w_renormalised * per_expert_scale, so dL/dw_renormalised = dL/dw * scale.
+  const double scale = c.routed_scaling_factor;
   const bool scaled = !layer.per_expert_scale.empty();
   if (scaled) {
     for (std::int64_t i = 0; i < n * top_k; ++i) {
@@ -1473,7 +1798,7 @@ void Model::moe_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     }
     for (std::int64_t j = 0; j < top_k; ++j) {
       const double g = dweights[r * top_k + j];
-      dp[t.chosen[r * top_k + j]] = renormalize_top_k_ ? (g - gw) / chosen_sum : g;
+      dp[t.chosen[r * top_k + j]] = renormalize_top_k_ ? (scale * g - gw) / chosen_sum : scale * g;
     }
     if (sigmoid_router_) {
       // p = sigmoid(logit) element by element; the selection bias carries no gradient (facts §4).
@@ -1493,7 +1818,10 @@ void Model::moe_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   linear_backward_input(layer.router, dlogits.data(), n, drouter_input,
                         /*accumulate=*/drouter_input == dexpert_input);
 
-  if (layer.has_shared_expert) {
+  if (layer.has_shared_expert && ungated_shared_experts_) {
+    run_mlp_backward(layer.shared_expert, t.shared_expert, t.h2.data(), n, dout, dh2, true,
+                     layout.ranges);
+  } else if (layer.has_shared_expert) {
     // out += s * y with s = sigmoid(gate logit): dy = s dout, dlogit = <dout, y> s (1 - s).
     MlpTape& m = t.shared_expert;
     std::vector<float> dy(n * hidden), dlogit(n);
@@ -1534,11 +1862,13 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   rms_norm_forward(x, layer.input_norm.data(), n, hidden, eps, t.h1.data(), t.rstd1.data());
   if (layer.linear_attention) {
     gated_delta_net_forward(layer, layout, t, linear_observer, cache);
+  } else if (c.mla) {
+    mla_forward(layer, layout, t, linear_observer, cache);
   } else {
     if (cache != nullptr) {
       attention_forward_cached(layer, layout, t, *cache);
     } else {
-      attention_forward(layer, layout, t);
+      attention_forward(layer, layout, t, observer);
     }
     if (config_.attn_output_gate) {
       // out = attn * sigmoid(gate) over the whole q-head width, before o_proj (facts §5 step 5).
@@ -1583,6 +1913,13 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   // x2 = x + o_proj(attn(norm(x))): dx = dx2 + norm_backward(attention_backward(dx2)).
   if (layer.linear_attention) {
     gated_delta_net_backward(layer, layout, t, dx, dh.data(), observer);
+  } else if (config_.mla) {
+    const std::int64_t width = layer.o_proj.in_features;
+    report(&observer, layer.o_proj.name, layer.index, n, width, hidden,
+           linear_input(layer.o_proj, t.mla_values.data(), t), dx, layout.ranges);
+    std::vector<float> dvalues(n * width);
+    linear_backward_input(layer.o_proj, dx, n, dvalues.data(), false);
+    mla_backward(layer, layout, t, dvalues.data(), dh.data(), observer);
   } else {
     attention_backward(layer, layout, t, dx, dh.data(), observer);
   }
@@ -1622,7 +1959,7 @@ void Model::gemma4_layer_forward(const Layer& layer, const Layout& layout, const
   if (cache != nullptr) {
     attention_forward_cached(layer, layout, t, *cache);
   } else {
-    attention_forward(layer, layout, t);
+    attention_forward(layer, layout, t, observer);
   }
   for (const Linear* p : attention_projections(layer)) {
     report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
@@ -1752,6 +2089,11 @@ struct Model::Mtp {
   Linear fc;  // [hidden, 2 hidden]: columns [0, H) take the embedding, [H, 2H) the hidden state
   std::vector<float> embedding_norm, hidden_norm, norm;  // zero-centred, as multiplied
   std::unique_ptr<Layer> layer;
+  // DeepSeek-V3's MTP layer stores its own copies of the embedding and of lm_head
+  // (model.layers.N.embed_tokens, shared_head.head), which vLLM loads and runs
+  // (deepseek_v3-architecture-facts.md §6); Qwen3.5's head reads the body's.
+  std::string embedding;
+  std::unique_ptr<Linear> head;  // null: lm_head
 };
 
 // One MTP pass: the batch it scores (each sequence without its first token: row t's embedding
@@ -1815,7 +2157,8 @@ std::int64_t Model::rows(const Pass& pass) {
   return pass.whole.rows;
 }
 
-void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout, float* x) const {
+void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout,
+                         const std::string& name, float* x) const {
   const std::int64_t hidden = config_.hidden_size;
   std::vector<std::int64_t> ids;
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
@@ -1833,7 +2176,6 @@ void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout, 
   std::vector<std::int64_t> unique = ids;
   std::sort(unique.begin(), unique.end());
   unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
-  const std::string name = embedding_name();
   const std::vector<float> rows = weights_.load_rows_f32(name, unique);
   weights_.release(name);
   for (std::size_t r = 0; r < ids.size(); ++r) {
@@ -1853,7 +2195,7 @@ void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout, 
 }
 
 void Model::embed(const Pass& pass, float* x) const {
-  embed_tokens(pass.batch, pass.whole, x);
+  embed_tokens(pass.batch, pass.whole, embedding_name(), x);
 }
 
 void Model::require_finite_activations(std::int64_t layer, std::string_view what,
@@ -1955,13 +2297,14 @@ void Model::soft_cap(const Linear& head, std::span<float> logits) {
 }
 
 void Model::for_each_logits_block(
-    const Pass& pass, const float* x, const float* norm, LinearObserver* observer,
+    const Pass& pass, const float* x, const float* norm, const Linear* own_head,
+    LinearObserver* observer,
     const std::function<void(std::int64_t first, std::int64_t last, const float* input,
                              const float* rstd, float* logits)>& block) {
   const Layout& layout = pass.whole;
   const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
-  const Linear& head = acquire_head();
+  const Linear& head = own_head != nullptr ? *own_head : acquire_head();
   // Blocks within each micro-batch, so a pass of several micro-batches multiplies the rows that
   // separate passes over them would.
   std::vector<std::pair<std::int64_t, std::int64_t>> blocks;
@@ -1987,7 +2330,7 @@ void Model::for_each_logits_block(
     report(observer, head.name, -1, rows, hidden, vocab, input, nullptr, ranges);
     block(first, last, input, rstd.data(), logits.data());
   }
-  release_head();
+  if (own_head == nullptr) release_head();
 }
 
 void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
@@ -1997,7 +2340,7 @@ void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consu
   const std::int64_t vocab = config_.vocab_size;
   const std::vector<float> x = final_hidden(*pass, observer);
   for_each_logits_block(
-      *pass, x.data(), final_norm_.data(), observer,
+      *pass, x.data(), final_norm_.data(), nullptr, observer,
       [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
         const std::int64_t begin = layout.offsets[first];
         for (std::int64_t s = first; s < last; ++s) {
@@ -2037,7 +2380,7 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   add_full_attention_rope(layout, state.length + n);
   const std::int64_t hidden = config_.hidden_size;
   std::vector<float> x(n * hidden), next(n * hidden);
-  embed_tokens({&sequence, 1}, layout, x.data());
+  embed_tokens({&sequence, 1}, layout, embedding_name(), x.data());
   for (std::int64_t l = 0; l < layers; ++l) {
     const Layer& layer = acquire_layer(l);
     LayerTape tape;
@@ -2061,17 +2404,18 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
 
 double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
                             const LossWeighting& weighting) {
-  return score_logits(pass, x, final_norm_, dx, observer, weighting);
+  return score_logits(pass, x, final_norm_, nullptr, dx, observer, weighting);
 }
 
 double Model::score_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
-                           float* dx, LinearObserver* observer, const LossWeighting& weighting) {
+                           const Linear* own_head, float* dx, LinearObserver* observer,
+                           const LossWeighting& weighting) {
   const Layout& layout = pass.whole;
   const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
   double loss = 0.0;
   for_each_logits_block(
-      pass, x, norm.data(), nullptr,
+      pass, x, norm.data(), own_head, nullptr,
       [&](std::int64_t first, std::int64_t last, const float* input, const float* rstd,
           float* logits) {
         const std::int64_t begin = layout.offsets[first];
@@ -2096,17 +2440,19 @@ double Model::score_logits(const Pass& pass, const float* x, const std::vector<f
             weights[offset + t] = given.empty() ? 1.0f : given[t];
           }
         }
-        // The soft-capped logits c tanh(raw / c) are what the loss scores.
+        // The soft-capped logits c tanh(raw / c) are what the loss scores (Gemma 4's lm_head;
+        // no other head, DeepSeek-V3's MTP shared_head.head included, has a cap).
+        const Linear& head = own_head != nullptr ? *own_head : *lm_head_;
+        const float cap = head.logit_softcap;
         std::vector<float> capped;
-        if (logit_softcap_ > 0.0f) capped.assign(logits, logits + rows * vocab);
+        if (cap > 0.0f) capped.assign(logits, logits + rows * vocab);
         loss += cross_entropy_forward_backward(logits, targets.data(), weights.data(), rows, vocab);
         if (dx == nullptr) return;
         // d raw = d capped (1 - tanh^2(raw / c)), tanh(raw / c) = capped / c (facts §8).
         for (std::size_t i = 0; i < capped.size(); ++i) {
-          const float tanh = capped[i] / logit_softcap_;
+          const float tanh = capped[i] / cap;
           logits[i] *= 1.0f - tanh * tanh;
         }
-        const Linear& head = *lm_head_;
         const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
         report(observer, head.name, -1, rows, hidden, vocab, input, logits, ranges);
         std::vector<float> dh(rows * hidden);
@@ -2126,11 +2472,27 @@ const Model::Mtp& Model::acquire_mtp() {
   if (mtp_) return *mtp_;
   const std::int64_t hidden = config_.hidden_size;
   auto mtp = std::make_unique<Mtp>();
-  load_linear(mtp->fc, "mtp.fc", hidden, 2 * hidden, false);
-  mtp->embedding_norm = load_norm("mtp.pre_fc_norm_embedding.weight", hidden);
-  mtp->hidden_norm = load_norm("mtp.pre_fc_norm_hidden.weight", hidden);
-  mtp->norm = load_norm("mtp.norm.weight", hidden);
-  mtp->layer = load_decoder_layer(config_.num_hidden_layers, "mtp.layers.0.", false);
+  if (config_.mla) {
+    // DeepSeek-V3: model.layers.<num_hidden_layers> holds eh_proj, enorm, hnorm, a decoder layer
+    // built like a body layer of that index, shared_head.norm / head and the embedding copy (§6).
+    const std::string p = fmt::format("{}layers.{}.", text_prefix_, config_.num_hidden_layers);
+    load_linear(mtp->fc, p + "eh_proj", hidden, 2 * hidden, false);
+    mtp->embedding_norm = load_norm(p + "enorm.weight", hidden);
+    mtp->hidden_norm = load_norm(p + "hnorm.weight", hidden);
+    mtp->norm = load_norm(p + "shared_head.norm.weight", hidden);
+    mtp->layer = load_decoder_layer(config_.num_hidden_layers, p, false);
+    mtp->embedding = p + "embed_tokens.weight";
+    check_matrix(mtp->embedding, config_.vocab_size, hidden);
+    mtp->head = std::make_unique<Linear>();
+    load_linear(*mtp->head, p + "shared_head.head", config_.vocab_size, hidden, false);
+  } else {
+    load_linear(mtp->fc, "mtp.fc", hidden, 2 * hidden, false);
+    mtp->embedding_norm = load_norm("mtp.pre_fc_norm_embedding.weight", hidden);
+    mtp->hidden_norm = load_norm("mtp.pre_fc_norm_hidden.weight", hidden);
+    mtp->norm = load_norm("mtp.norm.weight", hidden);
+    mtp->layer = load_decoder_layer(config_.num_hidden_layers, "mtp.layers.0.", false);
+    mtp->embedding = embedding_name();
+  }
   PQ_CHECK(!mtp->layer->linear_attention, "mtp.layers.0 must be a full-attention layer");
   mtp_ = std::move(mtp);
   return *mtp_;
@@ -2167,7 +2529,7 @@ void Model::mtp_prepare(const Pass& pass, const float* x, LinearObserver* observ
                 h.data() + layout.offsets[s] * hidden);
   }
   rms_norm_forward(h.data(), final_norm_.data(), n, hidden, eps, normed.data(), rstd.data());
-  embed(*run.pass, e.data());
+  embed_tokens(run.pass->batch, run.pass->whole, mtp.embedding, e.data());
   // fc input [pre_fc_norm_embedding(e) | pre_fc_norm_hidden(h)], embedding first (§7).
   std::vector<float> e_normed(n * hidden), h_normed(n * hidden);
   rms_norm_forward(e.data(), mtp.embedding_norm.data(), n, hidden, eps, e_normed.data(),
@@ -2201,7 +2563,7 @@ void Model::mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& 
   const Layout& layout = run.pass->whole;
   const std::int64_t vocab = config_.vocab_size;
   for_each_logits_block(
-      *run.pass, run.output.data(), mtp_->norm.data(), nullptr,
+      *run.pass, run.output.data(), mtp_->norm.data(), mtp_->head.get(), nullptr,
       [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
         const std::int64_t begin = layout.offsets[first];
         for (std::int64_t s = first; s < last; ++s) {
@@ -2220,8 +2582,8 @@ double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& obs
   const std::int64_t n = layout.rows;
   const Mtp& mtp = *mtp_;
   std::vector<float> dx(n * hidden);
-  const double loss =
-      score_logits(*run.pass, run.output.data(), mtp.norm, dx.data(), nullptr, weighting);
+  const double loss = score_logits(*run.pass, run.output.data(), mtp.norm, mtp.head.get(),
+                                   dx.data(), nullptr, weighting);
   for (const Pass::Micro& m : run.pass->micro) {
     const std::int64_t base = layout.offsets[m.first] * hidden;
     LayerTape tape;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/kv_cache.h"
 #include "runtime/observer.h"
 #include "runtime/weights.h"
 
@@ -30,6 +31,9 @@ struct RuntimeOptions {
   ComputeType compute = ComputeType::kF32;
   const WeightTransform* weight_transform = nullptr;          // optional, not owned
   const ActivationQuantizer* activation_quantizer = nullptr;  // optional, not owned
+  // vLLM's FP8 KV cache, simulated on the layers it has scales for (optional, not owned). Off by
+  // default: keys and values stay as computed, as in vLLM's default bf16 cache.
+  const Fp8KvCache* kv_cache = nullptr;
   // Keep decoded layers between passes instead of reloading them (small models, generation).
   // Off by default: each pass streams layers from the weight source one at a time.
   bool keep_layers_resident = false;
@@ -75,10 +79,10 @@ void require_runtime_support(const model::ModelConfig& config);
 
 // A decoder-only causal LM in Hugging Face layout: LlamaForCausalLM, MistralForCausalLM,
 // Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MiniMaxM2ForCausalLM,
-// Qwen3NextForCausalLM, and the text model of Qwen3_5ForConditionalGeneration and
-// Qwen3_5MoeForConditionalGeneration (the hybrid families: Gated DeltaNet and gated attention
-// layers, docs/runtime.md). Decoder layers and lm_head
-// are loaded from the weight source when a pass reaches them and dropped afterwards (unless
+// DeepseekV3ForCausalLM, Qwen3NextForCausalLM, and the text model of
+// Qwen3_5ForConditionalGeneration and Qwen3_5MoeForConditionalGeneration (the hybrid families:
+// Gated DeltaNet and gated attention layers, docs/runtime.md). Decoder layers and lm_head are
+// loaded from the weight source when a pass reaches them and dropped afterwards (unless
 // keep_layers_resident); the embedding is read row by row for the tokens a batch holds, so
 // resident memory is about one layer whatever the model size. Passes are single-threaded at this
 // level; GEMMs and row loops use OpenMP inside.
@@ -167,7 +171,9 @@ class Model {
   void backward_layer(std::int64_t layer, const Pass& pass, const float* x, float* dx,
                       LinearObserver& observer);
 
-  // ---- Multi-token prediction head (Qwen3.5/3.6 "mtp.*", facts §7) ----
+  // ---- Multi-token prediction head (Qwen3.5/3.6 "mtp.*", facts §7; DeepSeek-V3's
+  // model.layers.<num_hidden_layers> with eh_proj, enorm / hnorm and its own embedding and
+  // shared_head copies, deepseek_v3-architecture-facts.md §6) ----
   // Row t of a sequence takes the body's final hidden state h_t (the final norm of the last
   // layer's output) and the embedding of token t + 1, runs fc over [norm(embedding) | norm(h_t)],
   // the head's full-attention decoder layer at position t (causal over the sequence's MTP rows)
@@ -205,7 +211,9 @@ class Model {
   struct MtpRun;
 
   Layout make_layout(std::span<const Sequence> batch) const;
-  void embed_tokens(std::span<const Sequence> batch, const Layout& layout, float* x) const;
+  // The rows of embedding tensor `name` for the batch's tokens.
+  void embed_tokens(std::span<const Sequence> batch, const Layout& layout, const std::string& name,
+                    float* x) const;
   std::unique_ptr<Layer> load_layer(std::int64_t index) const;
   // A decoder layer whose tensors are named `prefix`*: a body layer, or the MTP head's
   // ("mtp.layers.0.", always full attention, experts stored one tensor each: facts §6.3, §7).
@@ -250,11 +258,25 @@ class Model {
   // q/k/v projections, Qwen3 q/k norms and RoPE (positions from first_position on).
   void project_qkv(const Layer& layer, const Layout& layout, LayerTape& tape,
                    std::int64_t first_position) const;
-  void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape) const;
+  // The observer (optional) sees the keys and values the layer caches (on_kv_cache).
+  void attention_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                         LinearObserver* observer) const;
+  // What the KV cache holds of tape.k / tape.v: reports them to the observer (optional), then
+  // replaces them by their FP8 round trip when RuntimeOptions::kv_cache quantizes the layer.
+  void store_keys_values(const Layer& layer, const Layout& layout, LayerTape& tape,
+                         LinearObserver* observer) const;
   void attention_forward_cached(const Layer& layer, const Layout& layout, LayerTape& tape,
                                 DecodeState& state) const;
   void attention_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
                           const float* dattn_out, float* dh1, LinearObserver& observer) const;
+  // Multi-head latent attention (DeepSeek-V3, deepseek_v3-architecture-facts.md §3) from tape.h1
+  // to tape.mla_values (o_proj's input), and its backward from d(mla_values) to dh1
+  // (overwritten). With `cache` (one sequence, extend) it continues after the cached keys and
+  // values and appends the new ones.
+  void mla_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                   LinearObserver* observer, DecodeState* cache = nullptr) const;
+  void mla_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dvalues,
+                    float* dh1, LinearObserver& observer) const;
   // The token mixer's output projection (o_proj or linear_attn.out_proj) and what it multiplies.
   const Linear& mixer_output(const Layer& layer) const;
   const float* mixer_output_input(const Layer& layer, const LayerTape& tape) const;
@@ -310,14 +332,18 @@ class Model {
   void mtp_prepare(const Pass& pass, const float* x, LinearObserver* observer, MtpRun& run);
   const Linear& acquire_head();
   void release_head();
-  // head_backward with the norm `norm` before lm_head (the final norm, or the MTP head's).
-  double score_logits(const Pass& pass, const float* x, const std::vector<float>& norm, float* dx,
-                      LinearObserver* observer, const LossWeighting& weighting);
+  // head_backward with the norm `norm` before lm_head (the final norm, or the MTP head's), or
+  // before `own_head` when not null (DeepSeek-V3's MTP shared_head.head).
+  double score_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
+                      const Linear* own_head, float* dx, LinearObserver* observer,
+                      const LossWeighting& weighting);
   // Final norm and lm_head over blocks of whole sequences (logits_block_rows): calls `block`
   // with the block's first sequence, its sequences' end, lm_head's input rows (normed, after any
   // activation quantizer), the rows' 1/rms and the logits; reports lm_head to the observer.
+  // `own_head`, when not null, replaces lm_head.
   void for_each_logits_block(
-      const Pass& pass, const float* x, const float* norm, LinearObserver* observer,
+      const Pass& pass, const float* x, const float* norm, const Linear* own_head,
+      LinearObserver* observer,
       const std::function<void(std::int64_t first, std::int64_t last, const float* input,
                                const float* rstd, float* logits)>& block);
   // x = the last layer's output for the batch (every layer run forward, each loaded once).
@@ -336,6 +362,10 @@ class Model {
   // experts named block_sparse_moe / w1, w3, w2.
   bool qk_norm_over_all_heads_ = false;
   bool sigmoid_router_ = false;
+  // DeepSeek-V3 (deepseek_v3-architecture-facts.md §4, §5): ungated "mlp.shared_experts" and the
+  // selection bias under mlp.gate.
+  bool ungated_shared_experts_ = false;
+  std::string_view selection_bias_;
   std::string moe_block_;                               // "mlp." or "block_sparse_moe."
   std::array<std::string_view, 3> expert_projections_;  // gate, up, down
   std::string text_prefix_;                             // "model." or "model.language_model."

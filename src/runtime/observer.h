@@ -48,6 +48,17 @@ struct RoutingActivity {
   std::span<const RowRange> sequences;
 };
 
+// What one attention layer stores in its key/value cache for every row of the batch: keys after the
+// k norm and RoPE and values, [rows, num_key_value_heads * head_dim] each, before any KV cache
+// quantizer (RuntimeOptions::kv_cache). The probe takes the FP8 KV cache scales from their amax.
+struct KvCacheActivity {
+  std::int64_t layer = 0;
+  std::int64_t rows = 0;
+  std::int64_t width = 0;  // num_key_value_heads * head_dim
+  const float* keys = nullptr;
+  const float* values = nullptr;
+};
+
 // Receives activations and gradients as the runtime produces them. Calls come from one thread;
 // the pointers are valid only during the call.
 class LinearObserver {
@@ -55,6 +66,7 @@ class LinearObserver {
   virtual ~LinearObserver() = default;
   virtual void on_linear(const LinearActivity& activity) = 0;
   virtual void on_routing(const RoutingActivity& routing) {}
+  virtual void on_kv_cache(const KvCacheActivity& kv) {}
 };
 
 // Accumulates dL/dW = sum over calls of dY^T X for every Linear of a backward pass (float32

@@ -202,6 +202,38 @@ void RopeTable::rotate(float* x, std::int64_t rows, std::int64_t heads, std::int
   }
 }
 
+void RopeTable::rotate_pairs(float* x, std::int64_t rows, std::int64_t heads, std::int64_t stride,
+                             std::int64_t first_position, float sin_sign) const {
+  const std::int64_t half = rotary_dim_ / 2;
+  // out_2i = x_2i cos - x_2i+1 sin;  out_2i+1 = x_2i sin + x_2i+1 cos (DeepSeek's complex
+  // multiply of view_as_complex pairs, vLLM's rotate_gptj: facts §3.1).
+#pragma omp parallel for if (rows * heads * rotary_dim_ > kParallelElements)
+  for (std::int64_t t = 0; t < rows; ++t) {
+    const float* cs = cos_.data() + (first_position + t) * half;
+    const float* sn = sin_.data() + (first_position + t) * half;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * stride;
+      for (std::int64_t i = 0; i < half; ++i) {
+        const float a = v[2 * i];
+        const float b = v[2 * i + 1];
+        const float s = sin_sign * sn[i];
+        v[2 * i] = a * cs[i] - b * s;
+        v[2 * i + 1] = a * s + b * cs[i];
+      }
+    }
+  }
+}
+
+void RopeTable::apply_interleaved(float* x, std::int64_t rows, std::int64_t heads,
+                                  std::int64_t stride, std::int64_t first_position) const {
+  rotate_pairs(x, rows, heads, stride, first_position, 1.0f);
+}
+
+void RopeTable::apply_interleaved_backward(float* dx, std::int64_t rows, std::int64_t heads,
+                                           std::int64_t stride, std::int64_t first_position) const {
+  rotate_pairs(dx, rows, heads, stride, first_position, -1.0f);
+}
+
 void RopeTable::apply(float* x, std::int64_t rows, std::int64_t heads,
                       std::int64_t first_position) const {
   rotate(x, rows, heads, first_position, 1.0f);

@@ -47,10 +47,20 @@ class RopeTable {
   // The transpose of apply (its gradient): rotates by the negative angle.
   void apply_backward(float* dx, std::int64_t rows, std::int64_t heads,
                       std::int64_t first_position) const;
+  // The interleaved (GPT-J) layout of DeepSeek-V3's rope dims (deepseek_v3-architecture-facts.md
+  // §3.1): pair (2i, 2i + 1) rotates by position x frequency i. x points at the first rotary
+  // dimension of row 0's head 0; head h of row t starts at x + (t * heads + h) * stride and holds
+  // rotary_dim dims.
+  void apply_interleaved(float* x, std::int64_t rows, std::int64_t heads, std::int64_t stride,
+                         std::int64_t first_position) const;
+  void apply_interleaved_backward(float* dx, std::int64_t rows, std::int64_t heads,
+                                  std::int64_t stride, std::int64_t first_position) const;
 
  private:
   void rotate(float* x, std::int64_t rows, std::int64_t heads, std::int64_t first_position,
               float sin_sign) const;
+  void rotate_pairs(float* x, std::int64_t rows, std::int64_t heads, std::int64_t stride,
+                    std::int64_t first_position, float sin_sign) const;
 
   std::int64_t positions_ = 0;
   std::int64_t head_dim_ = 0;

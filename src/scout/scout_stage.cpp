@@ -214,7 +214,7 @@ Scout::Scout(const ScoutJob& job)
   // Renders go to WORK/render, where quantize's measurement and export find them.
   encoder_ = std::make_unique<exporter::LinearEncoder>(
       spec_, checkpoint_, job.rounding != nullptr ? *job.rounding : nearest_, input_amax_,
-      job.work / "render");
+      job.serve_on, job.work / "render");
 
   const data::TokenDataset dataset = data::load_token_dataset(
       job.data, job.token_ids, job.model, static_cast<std::int32_t>(config_.vocab_size));
@@ -230,8 +230,7 @@ exporter::QuantizedLinears Scout::quantized_linears(
     const formats::WeightFormat& format =
         formats::format_by_name(table_.formats[format_of_linear[i]]);
     if (!cached) {
-      exporter::DecodedLinear decoded =
-          exporter::decode_linear(encoder, spec_index_[i], format, job_.serve_on);
+      exporter::DecodedLinear decoded = exporter::decode_linear(encoder, spec_index_[i], format);
       quantized.set(table_.linears[i].name, std::move(decoded.weight),
                     std::move(decoded.activations));
       continue;
@@ -240,7 +239,7 @@ exporter::QuantizedLinears Scout::quantized_linears(
     if (it == decoded_.end()) {
       it = decoded_
                .emplace(std::make_pair(i, format_of_linear[i]),
-                        exporter::decode_linear(encoder, spec_index_[i], format, job_.serve_on))
+                        exporter::decode_linear(encoder, spec_index_[i], format))
                .first;
     }
     quantized.set(table_.linears[i].name, it->second.weight, it->second.activations);
@@ -701,7 +700,7 @@ ScoutOutcome Scout::run() {
     PQ_CHECK(fits, "scout: the uniform baseline {} does not fit every Linear",
              job_.uniform_baseline);
     // Plain rounding, whatever the job's rounding: the baseline is naive uniform quantization.
-    const exporter::LinearEncoder plain(spec_, checkpoint_, nearest_, input_amax_);
+    const exporter::LinearEncoder plain(spec_, checkpoint_, nearest_, input_amax_, job_.serve_on);
     outcome.uniform = measure_assignment(uniform, plain, false);
     outcome.uniform_bits = bits_of(bytes, params_);
     const std::optional<double> match = bits_to_reach(frontier, outcome.uniform->kl);

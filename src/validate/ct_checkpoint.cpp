@@ -280,6 +280,10 @@ float read_f32_scalar(const io::Checkpoint& checkpoint, const std::string& name)
   return value;
 }
 
+bool is_kv_cache_scale(const std::string& module, const std::string& suffix) {
+  return module.ends_with(".self_attn") && (suffix == "k_scale" || suffix == "v_scale");
+}
+
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
@@ -434,6 +438,20 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   } catch (const Error& e) {
     fail("{}/config.json: {}", label, e.what());
   }
+  // kv_cache_scheme: null, or the FP8 one vLLM loads (CompressedTensorsKVCacheMethod.
+  // validate_kv_cache_scheme, compressed_tensors_kv.py: type float, 8 bits, strategy tensor,
+  // symmetric), with static scales stored per layer (dynamic false).
+  const bool fp8_kv_cache = qc.contains("kv_cache_scheme") && !qc["kv_cache_scheme"].is_null();
+  if (fp8_kv_cache) {
+    const std::string where = label + "/config.json: kv_cache_scheme";
+    const QuantArgs kv = parse_args(qc["kv_cache_scheme"], where);
+    PQ_CHECK(kv.type == QuantType::kFloat && kv.num_bits == 8 && kv.strategy == Strategy::kTensor &&
+                 kv.symmetric && !kv.dynamic,
+             "{} is not an FP8 cache with static per-tensor symmetric scales (type float, num_bits "
+             "8, strategy tensor, symmetric true, dynamic false), the one vLLM loads and this "
+             "reader checks",
+             where);
+  }
   std::vector<std::string> ignore;
   if (qc.contains("ignore") && !qc["ignore"].is_null()) {
     PQ_CHECK(qc["ignore"].is_array(), "{}/config.json: ignore is not a list", label);
@@ -466,9 +484,16 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
   for (const auto& [module, suffixes] : suffixes_of) {
     if (!quant_tensors_of(module).empty()) quantized_modules.insert(module);
   }
+  // The KV cache scales belong to the attention module (vLLM's Attention under it), not to the
+  // model's inventory; they are checked below, against kv_cache_scheme.
+  std::map<std::string, std::set<std::string>> kv_cache_scales_of;
   for (const std::string& name : ct.tensors_.tensor_names()) {
     const auto [module, suffix] = split_name(name);
     if (quantized_modules.contains(module) && (suffix == "weight" || is_quant_suffix(suffix))) {
+      continue;
+    }
+    if (is_kv_cache_scale(module, suffix)) {
+      kv_cache_scales_of[module].insert(suffix);
       continue;
     }
     const io::TensorInfo& info = ct.tensors_.info(name);
@@ -519,6 +544,49 @@ CompressedTensorsCheckpoint CompressedTensorsCheckpoint::open(const fs::path& di
     PQ_CHECK(ct.find_linear(module) != nullptr,
              "{}: tensor {}.{} quantizes {}, which is not a Linear of the model", label, module,
              quant_tensors_of(module).front(), module);
+  }
+
+  // KV cache scales: one k_scale and one v_scale per KV-cache layer exactly when kv_cache_scheme
+  // is set. vLLM reads any one-element tensor (default_weight_loader fills its scalar float32);
+  // compressed-tensors stores shape [1] in the model's dtype (initialize_attn_qparams).
+  const std::map<std::int64_t, std::string> kv_modules = ct.spec_.kv_cache_modules();
+  std::set<std::string> kv_module_names;
+  for (const auto& [layer, module] : kv_modules) kv_module_names.insert(module);
+  for (const auto& [module, suffixes] : kv_cache_scales_of) {
+    PQ_CHECK(fp8_kv_cache, "{}: tensor {}.{} is a KV cache scale but kv_cache_scheme is null",
+             label, module, *suffixes.begin());
+    PQ_CHECK(kv_module_names.contains(module),
+             "{}: tensor {}.{} is a KV cache scale of a module that has no KV cache", label, module,
+             *suffixes.begin());
+  }
+  if (fp8_kv_cache) {
+    for (const auto& [layer, module] : kv_modules) {
+      const auto scale = [&](const char* suffix) {
+        const std::string name = module + "." + suffix;
+        PQ_CHECK(ct.tensors_.contains(name),
+                 "{}: kv_cache_scheme is set but tensor {} is missing (vLLM would fall back to "
+                 "scale 1.0)",
+                 label, name);
+        const io::TensorInfo& info = ct.tensors_.info(name);
+        PQ_CHECK((info.dtype == io::DType::F32 || info.dtype == io::DType::BF16) &&
+                     (info.shape.empty() || info.shape == std::vector<std::int64_t>{1}),
+                 "{}: tensor {} is {} {}, expected one F32 or BF16 value", label, name,
+                 io::dtype_name(info.dtype), shape_text(info.shape));
+        float value = 0.0f;
+        if (info.dtype == io::DType::F32) {
+          value = read_f32_scalar(ct.tensors_, name);
+        } else {
+          std::uint16_t bits = 0;
+          std::memcpy(&bits, ct.tensors_.view(name).bytes.data(), sizeof bits);
+          const std::uint32_t widened = static_cast<std::uint32_t>(bits) << 16;
+          std::memcpy(&value, &widened, sizeof value);
+        }
+        PQ_CHECK(std::isfinite(value) && value > 0.0f,
+                 "{}: tensor {} is {}, not a positive finite scale", label, name, value);
+        return value;
+      };
+      ct.kv_cache_scales_[layer] = {scale("k_scale"), scale("v_scale")};
+    }
   }
 
   // A scheme per Linear (compressed-tensors utils/match.py, vLLM find_matched_target): ignore

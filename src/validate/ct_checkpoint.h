@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model_spec.h"
+#include "runtime/kv_cache.h"
 
 namespace pq::validate {
 
@@ -113,6 +114,12 @@ class CompressedTensorsCheckpoint {
   const model::Linear* find_linear(std::string_view module) const;
   // The scheme of a Linear (by module name), or null when it is ignored (kept as ".weight").
   const Scheme* scheme_of(std::string_view module) const;
+  // With an FP8 kv_cache_scheme: each KV-cache layer's (ModelSpec::kv_cache_modules) k_scale and
+  // v_scale as stored, which vLLM's `--kv-cache-dtype fp8` divides keys and values by. Empty when
+  // kv_cache_scheme is null.
+  const std::map<std::int64_t, runtime::KvCacheScales>& kv_cache_scales() const {
+    return kv_cache_scales_;
+  }
 
  private:
   CompressedTensorsCheckpoint(std::filesystem::path directory, io::Checkpoint tensors);
@@ -125,6 +132,7 @@ class CompressedTensorsCheckpoint {
   std::vector<Scheme> schemes_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;  // name -> spec_.linears index
   std::vector<int> scheme_index_;                                 // per spec_.linears; -1: ignored
+  std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales_;
 };
 
 }  // namespace pq::validate

@@ -305,6 +305,35 @@ ActivationKind served_activations(const Scheme& scheme, const model::Linear& lin
 
 }  // namespace
 
+void check_marlin_group_scales(const CompressedTensorsCheckpoint& checkpoint,
+                               formats::ServingTarget target) {
+  for (const model::Linear& linear : checkpoint.spec().linears) {
+    const Scheme* scheme = checkpoint.scheme_of(linear.name);
+    if (scheme == nullptr || scheme->layout != Layout::kNvfp4) continue;
+    const formats::WeightFormat& format = formats::format_by_name(format_of_scheme(*scheme));
+    if (formats::nvfp4_scales(format, linear.layer_kind(), target) !=
+        formats::Nvfp4Scales::kMarlin) {
+      continue;
+    }
+    const std::string name = linear.name + ".weight_scale";
+    const io::TensorView view = checkpoint.tensors().view(name);
+    for (std::size_t i = 0; i < view.bytes.size(); ++i) {
+      // E4M3 bytes 0x01-0x07 are the positive subnormals 2^-9 .. 7 * 2^-9.
+      const std::uint8_t magnitude = view.bytes[i] & 0x7F;
+      if (magnitude == 0 || magnitude >= 0x08) continue;
+      const std::int64_t groups = linear.in_features / 16;
+      fail(
+          "{}: {}: NVFP4 group scale [{}, {}] is the E4M3 subnormal {}, which vLLM's Marlin "
+          "kernel on {} reads as about zero; export for --serve-on {} keeps group scales normal",
+          checkpoint.directory().string(), linear.name, static_cast<std::int64_t>(i) / groups,
+          static_cast<std::int64_t>(i) % groups,
+          formats::decode_element(formats::ElementType::E4M3, magnitude),
+          formats::serving_target_name(target), formats::serving_target_name(target));
+    }
+    checkpoint.tensors().release(name);
+  }
+}
+
 CheckpointActivationQuantizer::CheckpointActivationQuantizer(
     const CompressedTensorsCheckpoint& checkpoint, formats::ServingTarget target) {
   using formats::ElementType;

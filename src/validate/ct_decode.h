@@ -61,6 +61,14 @@ class DecodedCheckpointWeightSource final : public runtime::WeightSource {
   const CompressedTensorsCheckpoint& checkpoint_;
 };
 
+// Throws pq::Error naming the first NVFP4 module that vLLM on `target` runs through Marlin
+// (formats::nvfp4_scales) with a non-zero group scale below E4M3's smallest normal 2^-6: Marlin
+// reads such a scale as about zero, so the served weights are not the stored ones
+// (formats::Nvfp4Scales). prismaquant's exports for that target never have one. Reads only the
+// weight_scale tensors.
+void check_marlin_group_scales(const CompressedTensorsCheckpoint& checkpoint,
+                               formats::ServingTarget target);
+
 // What a serving kernel on `target` does to the inputs of each quantized Linear that vLLM runs
 // with quantized activations there (formats/serving.h, looked up by the prismaquant format the
 // scheme is: none where vLLM serves the scheme weight-only, e.g. FP4 through Marlin below sm100;

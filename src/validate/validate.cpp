@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -71,30 +72,42 @@ std::vector<std::int32_t> teacher_forced_predictions(runtime::Model& model,
 }  // namespace
 
 nlohmann::json ValidateReport::to_json() const {
-  return {{"checkpoint", checkpoint},
-          {"reference", reference},
-          {"format", format},
-          {"linears_by_format", linears_by_format},
-          {"serve_on", serve_on},
-          {"activation_quantized_linears", activation_quantized_linears},
-          {"seqlen", seqlen},
-          {"windows", windows},
-          {"predictions", predictions},
-          {"mean_kl_nats", mean_kl},
-          {"top1_agreement", top1_agreement},
-          {"perplexity", perplexity},
-          {"reference_perplexity", reference_perplexity},
-          {"perplexity_ratio", perplexity / reference_perplexity},
-          {"prompt", prompt},
-          {"sample_mode", sample_mode},
-          {"sample", sample},
-          {"reference_sample", reference_sample},
-          {"gates",
-           {{"max_kl", gates.max_kl},
-            {"min_top1", gates.min_top1},
-            {"max_ppl_ratio", gates.max_ppl_ratio}}},
-          {"passed", passed()},
-          {"failures", failures}};
+  nlohmann::json j = {{"checkpoint", checkpoint},
+                      {"reference", reference},
+                      {"format", format},
+                      {"linears_by_format", linears_by_format},
+                      {"serve_on", serve_on},
+                      {"activation_quantized_linears", activation_quantized_linears},
+                      {"seqlen", seqlen},
+                      {"windows", windows},
+                      {"predictions", predictions},
+                      {"mean_kl_nats", mean_kl},
+                      {"top1_agreement", top1_agreement},
+                      {"perplexity", perplexity},
+                      {"reference_perplexity", reference_perplexity},
+                      {"perplexity_ratio", perplexity / reference_perplexity},
+                      {"prompt", prompt},
+                      {"sample_mode", sample_mode},
+                      {"sample", sample},
+                      {"reference_sample", reference_sample},
+                      {"gates",
+                       {{"max_kl", gates.max_kl},
+                        {"min_top1", gates.min_top1},
+                        {"max_ppl_ratio", gates.max_ppl_ratio}}},
+                      {"passed", passed()},
+                      {"failures", failures}};
+  // Only a checkpoint with an FP8 KV cache has the key: the others' report is as before.
+  if (fp8_kv_cache) {
+    const KvCacheFigures& kv = *fp8_kv_cache;
+    j["fp8_kv_cache"] = {{"layers", kv.layers},
+                         {"min_scale", kv.min_scale},
+                         {"max_scale", kv.max_scale},
+                         {"mean_kl_nats", kv.mean_kl},
+                         {"top1_agreement", kv.top1_agreement},
+                         {"perplexity", kv.perplexity},
+                         {"perplexity_ratio", kv.perplexity / reference_perplexity}};
+  }
+  return j;
 }
 
 std::vector<std::vector<std::int32_t>> heldout_windows(const data::TokenDataset& dataset,
@@ -131,6 +144,7 @@ std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gat
 ValidateReport run_validate(const ValidateJob& job) {
   PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
   const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
+  check_marlin_group_scales(checkpoint, job.serve_on);
   // The structural checks above cover every architecture the inventory knows; scoring runs the
   // model, which the runtime may not support yet (Qwen3.5/3.6).
   try {
@@ -224,8 +238,33 @@ ValidateReport run_validate(const ValidateJob& job) {
   report.perplexity = compared.perplexity();
   report.reference_perplexity = reference_logits->self().perplexity();
   report.sample = sample_text(text_of, sample(model));
-
   report.failures = gate_failures(report, job.gates);
+
+  if (!checkpoint.kv_cache_scales().empty()) {
+    const runtime::Fp8KvCache kv_cache(checkpoint.kv_cache_scales());
+    runtime::RuntimeOptions kv_options = model_options;
+    kv_options.kv_cache = &kv_cache;
+    runtime::Model kv_model(checkpoint.config(), decoded, kv_options);
+    const runtime::EvalResult with_kv = runtime::evaluate(kv_model, *reference_logits);
+    ValidateReport::KvCacheFigures kv;
+    kv.layers = static_cast<std::int64_t>(kv_cache.layers().size());
+    kv.min_scale = std::numeric_limits<float>::infinity();
+    for (const auto& [layer, scales] : kv_cache.layers()) {
+      kv.min_scale = std::min({kv.min_scale, scales.key, scales.value});
+      kv.max_scale = std::max({kv.max_scale, scales.key, scales.value});
+    }
+    kv.mean_kl = with_kv.mean_kl();
+    kv.top1_agreement = with_kv.top1_agreement();
+    kv.perplexity = with_kv.perplexity();
+    report.fp8_kv_cache = kv;
+    ValidateReport as_served = report;
+    as_served.mean_kl = kv.mean_kl;
+    as_served.top1_agreement = kv.top1_agreement;
+    as_served.perplexity = kv.perplexity;
+    for (const std::string& failure : gate_failures(as_served, job.gates)) {
+      report.failures.push_back("with the FP8 KV cache: " + failure);
+    }
+  }
   return report;
 }
 

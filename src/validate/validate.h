@@ -60,6 +60,19 @@ struct ValidateReport {
   double perplexity = 0.0;
   double reference_perplexity = 0.0;
 
+  // A checkpoint with an FP8 kv_cache_scheme: the figures again with vLLM's FP8 KV cache
+  // (`--kv-cache-dtype fp8`) simulated under the stored k_scale / v_scale (runtime::Fp8KvCache).
+  // The figures above are those of the default bf16 cache.
+  struct KvCacheFigures {
+    std::int64_t layers = 0;  // attention layers with scales
+    float min_scale = 0.0f;   // over every k_scale and v_scale
+    float max_scale = 0.0f;
+    double mean_kl = 0.0;
+    double top1_agreement = 0.0;
+    double perplexity = 0.0;
+  };
+  std::optional<KvCacheFigures> fp8_kv_cache;
+
   std::string prompt;  // decoded prompt text
   // "greedy": the checkpoint's greedy continuation of the prompt (models that stay resident).
   // "teacher-forced": its arg-max prediction at each position of the prompt's held-out
@@ -69,7 +82,8 @@ struct ValidateReport {
   std::string reference_sample;
 
   Gates gates;
-  std::vector<std::string> failures;  // one line per failed gate; empty: passed
+  // One line per failed gate (of the FP8 KV cache figures too, when measured); empty: passed.
+  std::vector<std::string> failures;
 
   bool passed() const { return failures.empty(); }
   nlohmann::json to_json() const;

@@ -173,6 +173,41 @@ TEST(AllocateStageTest, Qwen3MoeTinyExpertsShareAFormatUnderAByteTarget) {
   EXPECT_GE(formats_used, 2u);
 }
 
+// allocate --serve-on T takes only a cost table measured for T (meta.serve_on), and the
+// assignment carries the target on to export.
+TEST(AllocateStageTest, ServeOnMustMatchTheCostTablesTarget) {
+  PQ_REQUIRE_SHARED();
+  const auto checkpoint = io::Checkpoint::open(pq::test::shared_dir() / "models/qwen3-dense-tiny");
+  pq::test::TempDir work;
+  std::filesystem::create_directories(work / "cost");
+  nlohmann::json doc = cost_table_to_json(cost_table_for(checkpoint, "qwen3-dense-tiny"));
+  write_text_file_atomic(work / "cost" / "cost.json", doc.dump());
+  AllocateJob job;
+  job.cost = work / "cost";
+  job.out = work / "alloc";
+  job.target_bits = "5";
+  job.serve_on = formats::ServingTarget::kHopper;
+  // A table without meta.serve_on (not written by the cost stage) names no target.
+  try {
+    run_allocate(job);
+    FAIL() << "a table without a target was taken for hopper";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("offers the formats vLLM loads on an unrecorded target, "
+                                         "not on hopper; rerun cost with --serve-on hopper"),
+              std::string::npos)
+        << e.what();
+  }
+  doc["meta"] = {{"serve_on", "blackwell"}};
+  write_text_file_atomic(work / "cost" / "cost.json", doc.dump());
+  EXPECT_THROW(run_allocate(job), Error);
+  job.serve_on = formats::ServingTarget::kBlackwell;
+  EXPECT_EQ(run_allocate(job).assignment.serve_on, "blackwell");
+  EXPECT_EQ(read_assignment(job.out / "assignment.json").serve_on, "blackwell");
+  // Unset: whatever the table was measured for.
+  job.serve_on.reset();
+  EXPECT_EQ(run_allocate(job).assignment.serve_on, "blackwell");
+}
+
 TEST(AllocateStageTest, ErrorsNameTheProblem) {
   PQ_REQUIRE_SHARED();
   const auto checkpoint = io::Checkpoint::open(pq::test::shared_dir() / "models/qwen3-dense-tiny");

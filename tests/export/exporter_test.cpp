@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <regex>
@@ -38,6 +39,7 @@ namespace {
 namespace fs = std::filesystem;
 using formats::Shape2D;
 using formats::WeightFormat;
+constexpr formats::ServingTarget kBlackwell = formats::ServingTarget::kBlackwell;
 
 const std::vector<std::string> kMenu = {"NVFP4A16",   "NVFP4", "MXFP8",        "FP8_E4M3",
                                         "INT4_W4A16", "BF16",  "MXFP6_E2M3A16"};
@@ -104,7 +106,8 @@ float source_amax(const io::Checkpoint& source, const model::Linear& linear) {
 // Everything the exported checkpoint must satisfy, checked against the source and assignment.
 void verify_export(const fs::path& model_dir, const fs::path& out,
                    const alloc::AssignmentFile& assignment,
-                   const std::map<std::string, float>& input_amax = {}) {
+                   const std::map<std::string, float>& input_amax = {},
+                   formats::ServingTarget target = kBlackwell) {
   const model::ModelSpec spec = model::load_model_spec(model_dir);
   const io::Checkpoint source = io::Checkpoint::open(model_dir);
   const io::Checkpoint exported = io::Checkpoint::open(out);
@@ -155,7 +158,10 @@ void verify_export(const fs::path& model_dir, const fs::path& out,
           in_amax = std::max(in_amax, input_amax.at(spec.linears[member].name));
         }
       }
-      options.weight_global_scale = formats::nvfp4_global_scale(amax);
+      // The scale rule of the kernel vLLM on the target serves it with (Marlin for NVFP4A16
+      // everywhere, for NVFP4 below sm100).
+      options.nvfp4_scales = formats::nvfp4_scales(format, linear.layer_kind(), target);
+      options.weight_global_scale = formats::nvfp4_weight_global_scale(amax, options.nvfp4_scales);
       const std::vector<float> stored_scale = exported.to_f32(linear.name + ".weight_global_scale");
       EXPECT_EQ(stored_scale.at(0), *options.weight_global_scale) << linear.name;
       if (charged.format == "NVFP4") {
@@ -269,6 +275,41 @@ TEST(Export, DenseMixOfFormatsRoundTrips) {
   EXPECT_NE(fs::status(work / "out").permissions() & fs::perms::others_read, fs::perms::none);
 }
 
+// For Hopper, NVFP4 (W4A4) is served by Marlin: power-of-two global scales and no subnormal group
+// scale, where the Blackwell export of the same assignment keeps compressed-tensors' scales.
+TEST(Export, Nvfp4ForHopperFollowsMarlinsScaleRule) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir work;
+  const fs::path source = model("qwen3-dense-tiny");
+  const alloc::AssignmentFile assignment = make_assignment(source, cycle({"NVFP4", "BF16"}));
+  std::map<std::string, float> amax;
+  for (const alloc::AssignedLinear& linear : assignment.linears) amax[linear.name] = 2.0f;
+  const fs::path path = save_assignment(work / "alloc", assignment);
+  for (const formats::ServingTarget target : {kBlackwell, formats::ServingTarget::kHopper}) {
+    const std::string name(formats::serving_target_name(target));
+    ExportJob job = job_for(source, path, work / name);
+    job.input_amax = amax;
+    job.serve_on = target;
+    run_export(job);
+    verify_export(source, work / name, assignment, amax, target);
+    const io::Checkpoint exported = io::Checkpoint::open(work / name);
+    int power_of_two = 0;
+    int globals = 0;
+    for (const std::string& tensor : exported.tensor_names()) {
+      if (!tensor.ends_with(".weight_global_scale")) continue;
+      ++globals;
+      int exponent = 0;
+      power_of_two += std::frexp(exported.to_f32(tensor).at(0), &exponent) == 0.5f ? 1 : 0;
+    }
+    ASSERT_GT(globals, 0);
+    if (target == kBlackwell) {
+      EXPECT_LT(power_of_two, globals) << "448*6/amax is rarely a power of two";
+    } else {
+      EXPECT_EQ(power_of_two, globals);
+    }
+  }
+}
+
 TEST(Export, MoeExpertsShareGlobalScalePerExpert) {
   PQ_REQUIRE_SHARED();
   test::TempDir work;
@@ -368,7 +409,12 @@ TEST(Export, HostileAssignmentsLeaveNothing) {
   job.assignment = save_assignment(work / "split", split);
   expect_export_error(job, "sibling group model.layers.0.self_attn.qkv_proj mixes formats");
 
-  expect_only(work.path(), {"unknown", "bad-format", "mxfp6", "split"});
+  // Chosen for another GPU (its costs used another NVFP4 scale rule).
+  job.assignment =
+      tampered(work / "hopper", assignment, [](nlohmann::json& j) { j["serve_on"] = "hopper"; });
+  expect_export_error(job, "the assignment was chosen for hopper (--serve-on), not for blackwell");
+
+  expect_only(work.path(), {"unknown", "bad-format", "mxfp6", "split", "hopper"});
 
   // A parent that does not exist yet is created, like `mkdir -p`.
   job.assignment = save_assignment(work / "alloc", assignment);
@@ -616,7 +662,7 @@ TEST(RenderCache, HitsForTheSameFingerprintAndMissesWhenItChanges) {
     return GptqRounding(statistics_from_probe(probe), {.damp = damp}, probe.fingerprint());
   };
   const GptqRounding cold_rounding = gptq(0.01);
-  const LinearEncoder cold(spec, checkpoint, cold_rounding, amax, root);
+  const LinearEncoder cold(spec, checkpoint, cold_rounding, amax, kBlackwell, root);
   ASSERT_NE(cold.render_cache(), nullptr);
   std::vector<formats::EncodedWeight> rendered;
   for (const std::size_t i : linears) rendered.push_back(cold.encode(i, nvfp4));
@@ -628,7 +674,7 @@ TEST(RenderCache, HitsForTheSameFingerprintAndMissesWhenItChanges) {
                          "model.layers.0.self_attn.k_proj.NVFP4A16.safetensors"));
 
   const GptqRounding warm_rounding = gptq(0.01);
-  const LinearEncoder warm(spec, checkpoint, warm_rounding, amax, root);
+  const LinearEncoder warm(spec, checkpoint, warm_rounding, amax, kBlackwell, root);
   EXPECT_EQ(warm.render_cache()->directory(), cold.render_cache()->directory());
   for (std::size_t k = 0; k < linears.size(); ++k) {
     const formats::EncodedWeight again = warm.encode(linears[k], nvfp4);
@@ -652,7 +698,7 @@ TEST(RenderCache, HitsForTheSameFingerprintAndMissesWhenItChanges) {
 
   // Another damping: a new fingerprint; its renders replace the stale ones on disk.
   const GptqRounding damped_rounding = gptq(0.02);
-  const LinearEncoder damped(spec, checkpoint, damped_rounding, amax, root);
+  const LinearEncoder damped(spec, checkpoint, damped_rounding, amax, kBlackwell, root);
   EXPECT_NE(damped.render_cache()->fingerprint(), cold.render_cache()->fingerprint());
   EXPECT_FALSE(fs::exists(cold.render_cache()->directory()));
   damped.encode(1, nvfp4);
@@ -662,14 +708,17 @@ TEST(RenderCache, HitsForTheSameFingerprintAndMissesWhenItChanges) {
   // Other calibration amax (W4A4 input scales): another fingerprint too.
   std::map<std::string, float> other_amax = amax;
   other_amax.begin()->second *= 2.0f;
-  EXPECT_NE(render_fingerprint(source, damped_rounding, other_amax),
+  EXPECT_NE(render_fingerprint(source, damped_rounding, other_amax, kBlackwell),
+            damped.render_cache()->fingerprint());
+  // Another serving target (NVFP4's scale rule follows its kernel): another fingerprint too.
+  EXPECT_NE(render_fingerprint(source, damped_rounding, amax, formats::ServingTarget::kHopper),
             damped.render_cache()->fingerprint());
 
   // An entry that does not parse is a miss, rendered and stored again.
   const fs::path entry =
       damped.render_cache()->directory() / "model.layers.0.self_attn.k_proj.NVFP4A16.safetensors";
   write_text_file_atomic(entry, "not safetensors");
-  const LinearEncoder repaired(spec, checkpoint, damped_rounding, amax, root);
+  const LinearEncoder repaired(spec, checkpoint, damped_rounding, amax, kBlackwell, root);
   repaired.encode(1, nvfp4);
   EXPECT_EQ(repaired.render_cache()->hits(), 0);
   EXPECT_EQ(repaired.render_cache()->stores(), 1);

@@ -101,7 +101,7 @@ formats::QuantizeOptions options_for(const WeightFormat& format, std::span<const
 
 GroupLayout layout_for(const WeightFormat& format, Shape2D shape,
                        const formats::QuantizeOptions& options) {
-  return *format.group_layout(shape, options.weight_global_scale.value_or(1.0f));
+  return *format.group_layout(shape, options);
 }
 
 // The per-(row, group) scales quantize() chooses: each unit's amax through scale_for_amax.

@@ -53,6 +53,41 @@ TEST(GroupCodec, Nvfp4ScaleIsGlobalTimesAmaxOverSixRoundedToE4M3) {
   EXPECT_EQ(nvfp4(10.0f).scale_for_amax(1e6f).stored, 0x7Eu);
 }
 
+TEST(GroupCodec, Nvfp4MinimumScaleKeepsNonZeroGroupsAtTheGivenByte) {
+  // Marlin's rule: a non-zero group's scale is at least E4M3's smallest normal 2^-6 (byte 0x08);
+  // larger scales are unchanged, and an all-zero group still gets scale 0.
+  const GroupCodec ct = nvfp4(896.0f);
+  const GroupCodec marlin(
+      {ElementType::E2M1, 0},
+      {.kind = ScaleKind::kE4M3OverGlobal, .global_scale = 896.0f, .min_e4m3_scale = 0x08});
+  for (const float amax : {1e-30f, 1e-5f, 3e-5f, 0.9f * 6.0f / 896.0f * std::ldexp(1.0f, -6)}) {
+    EXPECT_LT(ct.scale_for_amax(amax).stored, 0x08u) << amax;
+    EXPECT_EQ(marlin.scale_for_amax(amax).stored, 0x08u) << amax;
+    EXPECT_EQ(marlin.scale_for_amax(amax).step, std::ldexp(1.0f, -6) / 896.0f) << amax;
+  }
+  for (const float amax : {0.02f, 1.0f, 3.0f}) {
+    EXPECT_EQ(marlin.scale_for_amax(amax), ct.scale_for_amax(amax)) << amax;
+  }
+  EXPECT_EQ(marlin.scale_for_amax(0.0f), GroupScale{});
+  // The row kernels (AVX-512, AVX2, scalar under PQ_FORCE_SCALAR) apply the same floor.
+  std::vector<float> w(64, 0.0f);
+  for (int i = 0; i < 16; ++i) {
+    w[i] = 3.0f * static_cast<float>(i - 8) / 8.0f;  // amax 3
+    w[16 + i] = 1e-5f * static_cast<float>(i % 3);   // tiny, non-zero
+    w[48 + i] = 0.5f * static_cast<float>(i % 5);    // amax 2
+  }
+  std::vector<GroupScale> scales(4);
+  quantize_rows(marlin, {.weights = w, .cols = 64, .group_size = 16, .scales = scales});
+  EXPECT_EQ(scales[0], marlin.scale_for_amax(3.0f));
+  EXPECT_EQ(scales[1].stored, 0x08u);
+  EXPECT_EQ(scales[2], GroupScale{});
+  EXPECT_EQ(scales[3], marlin.scale_for_amax(2.0f));
+  EXPECT_THROW(GroupCodec({ElementType::E2M1, 0}, {.kind = ScaleKind::kE4M3OverGlobal,
+                                                   .global_scale = 1.0f,
+                                                   .min_e4m3_scale = 0x7F}),
+               Error);
+}
+
 TEST(GroupCodec, E8M0ScaleRules) {
   // OCP floor: X = 2^(floor(log2 amax) - 2) for FP4 (emax 2), - 8 for E4M3.
   EXPECT_EQ(mx(ElementType::E2M1).scale_for_amax(6.0f).stored, 127u);  // 2^(2-2)

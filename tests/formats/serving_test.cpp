@@ -81,7 +81,19 @@ TEST(ServingModel, Fp4BelowBlackwellIsMarlinWeightOnly) {
   const ServingBehaviour& nvfp4 = cell("NVFP4", LayerKind::kLinear, ServingTarget::kHopper);
   EXPECT_TRUE(nvfp4.global_scale_bf16);
   EXPECT_TRUE(nvfp4.flushes_subnormal_scales);
-  EXPECT_FALSE(nvfp4.confirmed()) << "the subnormal flush is the issue's claim, not the source's";
+  EXPECT_TRUE(nvfp4.confirmed()) << nvfp4.unconfirmed;
+  // Marlin's scale rule follows the cell: NVFP4 W4A4 only below sm100, NVFP4A16 everywhere.
+  const WeightFormat& w4a4 = format_by_name("NVFP4");
+  const WeightFormat& a16 = format_by_name("NVFP4A16");
+  EXPECT_EQ(nvfp4_scales(w4a4, LayerKind::kLinear, ServingTarget::kHopper), Nvfp4Scales::kMarlin);
+  EXPECT_EQ(nvfp4_scales(w4a4, LayerKind::kMoeExperts, ServingTarget::kAmpere),
+            Nvfp4Scales::kMarlin);
+  EXPECT_EQ(nvfp4_scales(w4a4, LayerKind::kLinear, ServingTarget::kBlackwell),
+            Nvfp4Scales::kCompressedTensors);
+  EXPECT_EQ(nvfp4_scales(a16, LayerKind::kFusedLinear, ServingTarget::kBlackwell),
+            Nvfp4Scales::kMarlin);
+  EXPECT_EQ(nvfp4_scales(format_by_name("MXFP4"), LayerKind::kLinear, ServingTarget::kHopper),
+            Nvfp4Scales::kCompressedTensors);
   // MXFP4 has E8M0 scales and no global scale: neither Marlin scale caveat applies.
   const ServingBehaviour& mxfp4 = cell("MXFP4", LayerKind::kLinear, ServingTarget::kHopper);
   EXPECT_FALSE(mxfp4.global_scale_bf16);

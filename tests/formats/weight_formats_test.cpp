@@ -173,6 +173,33 @@ TEST(WeightFormatsGolden, Nvfp4) {
   EXPECT_EQ(f.dequantize(e), expected);
 }
 
+TEST(WeightFormatsGolden, Nvfp4UnderMarlinHasAPowerOfTwoGlobalAndNormalScales) {
+  // amax 5: compressed-tensors' global is 448*6/5 = 537.6; Marlin's the power of two below it,
+  // 512, exact in BF16 like its inverse. A group 2^-20 below the largest keeps scale 2^-6.
+  EXPECT_EQ(nvfp4_weight_global_scale(5.0f, Nvfp4Scales::kCompressedTensors), 537.6f);
+  EXPECT_EQ(nvfp4_weight_global_scale(5.0f, Nvfp4Scales::kMarlin), 512.0f);
+  EXPECT_EQ(nvfp4_weight_global_scale(6.0f, Nvfp4Scales::kMarlin), 256.0f);  // 448 -> 256
+  EXPECT_EQ(nvfp4_weight_global_scale(0.0f, Nvfp4Scales::kMarlin), 1.0f);
+  std::vector<float> w(32, 0.0f);
+  for (int i = 0; i < 16; ++i) {
+    w[i] = 5.0f * static_cast<float>(i - 8) / 8.0f;
+    w[16 + i] = std::ldexp(5.0f, -20) * static_cast<float>(i % 2);
+  }
+  const Shape2D s{2, 16};
+  const WeightFormat& f = format_by_name("NVFP4A16");
+  const EncodedWeight plain = f.quantize(w, s);
+  const EncodedWeight marlin = f.quantize(w, s, {.nvfp4_scales = Nvfp4Scales::kMarlin});
+  EXPECT_EQ(plain.tensor("weight_global_scale").bytes, f32_le(537.6f));
+  EXPECT_EQ(marlin.tensor("weight_global_scale").bytes, f32_le(512.0f));
+  EXPECT_LT(plain.tensor("weight_scale").bytes[1], 0x08);
+  EXPECT_EQ(marlin.tensor("weight_scale").bytes[1], 0x08);
+  // The largest group: 512 * 5/6 = 426.7 rounds to E4M3 416; its values keep their codes.
+  EXPECT_EQ(decode_element(ElementType::E4M3, marlin.tensor("weight_scale").bytes[0]), 416.0f);
+  std::vector<float> fake(w.size());
+  f.fake_quantize(w, s, fake, {.nvfp4_scales = Nvfp4Scales::kMarlin});
+  EXPECT_EQ(fake, f.dequantize(marlin));
+}
+
 TEST(WeightFormatsGolden, Nvfp4W4A4WritesInputGlobalScaleAndNeedsIt) {
   const WeightFormat& f = format_by_name("NVFP4");
   const std::vector<float> w(16, 1.0f);
@@ -366,6 +393,9 @@ TEST(WeightFormats, ShapeConstraints) {
   EXPECT_TRUE(format_by_name("INT4_W4A16").rejects({128, 4160}));  // in % 128
   EXPECT_FALSE(format_by_name("INT4_W4A16").rejects({128, 4096}));
   EXPECT_TRUE(format_by_name("FP8_BLOCK").rejects({128, 100}));
+  // Served as FP8_BLOCK: activations in groups of 128 along the input; partial row blocks are fine.
+  EXPECT_TRUE(format_by_name("FP8_SOURCE").rejects({192, 64}));
+  EXPECT_FALSE(format_by_name("FP8_SOURCE").rejects({576, 7168}));
   EXPECT_FALSE(format_by_name("FP8_E4M3").rejects({3, 7}));
 }
 

@@ -239,7 +239,7 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: "
-            "Gemma4ForConditionalGeneration, LlamaForCausalLM, "
+            "DeepseekV3ForCausalLM, Gemma4ForConditionalGeneration, LlamaForCausalLM, "
             "MiniMaxM2ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
             "Qwen3MoeForCausalLM, "
             "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
@@ -546,11 +546,12 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
-  EXPECT_EQ(names, (std::vector<std::string>{
-                       "Gemma4ForConditionalGeneration", "LlamaForCausalLM", "MiniMaxM2ForCausalLM",
-                       "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                       "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{
+                "DeepseekV3ForCausalLM", "Gemma4ForConditionalGeneration", "LlamaForCausalLM",
+                "MiniMaxM2ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+                "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;

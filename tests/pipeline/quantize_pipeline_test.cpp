@@ -101,13 +101,13 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
     const probe::ProbeResult probe = probe::ProbeResult::read(dir / "out.work/probe");
     const auto rounding = exporter::make_rounding("gptq", &probe);
     const exporter::LinearEncoder encoder(spec, source, *rounding,
-                                          exporter::input_amax_from_probe(spec, probe));
+                                          exporter::input_amax_from_probe(spec, probe),
+                                          formats::ServingTarget::kBlackwell);
     std::map<std::string, std::string> format_of;
     for (const auto& linear : assignment.at("linears")) {
       format_of[linear.at("name").get<std::string>()] = linear.at("format").get<std::string>();
     }
-    const exporter::QuantizedLinears evaluated =
-        exporter::quantize_linears(encoder, format_of, formats::ServingTarget::kBlackwell);
+    const exporter::QuantizedLinears evaluated = exporter::quantize_linears(encoder, format_of);
     const auto written = validate::CompressedTensorsCheckpoint::open(dir / "out");
     for (const auto& [name, format] : format_of) {
       if (format == "BF16") continue;

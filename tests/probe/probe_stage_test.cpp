@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/file_util.h"
+#include "probe/probe_result.h"
 #include "probe/wikitext_excerpt.h"
 #include "support/test_support.h"
 
@@ -100,6 +101,48 @@ TEST(ProbeStage, ResumesAfterAStopWithTheSameResult) {
   const ProbeOutcome rerun = run_probe(changed);
   EXPECT_FALSE(rerun.reused);
   EXPECT_EQ(rerun.resumed_from, 0u);
+}
+
+// --kv-cache fp8 records every attention layer's key/value amax in its part and in probe.json,
+// changes the fingerprint (a pass without it is never resumed as one with it) and survives a stop
+// in the backward steps, where it is recorded; without it neither file mentions the KV cache.
+TEST(ProbeStage, KvCacheAmaxRecordedOnRequestAndResumed) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  ProbeJob plain = small_job(dir, "plain");
+  ProbeJob job = small_job(dir, "kv");
+  job.kv_cache = true;
+  EXPECT_NE(probe_fingerprint(job), probe_fingerprint(plain));
+  ASSERT_TRUE(run_probe(job).complete);
+  const auto expected = directory_bytes(dir / "kv");
+  const auto probe = nlohmann::json::parse(expected.at("probe.json"));
+  ASSERT_EQ(probe.at("kv_cache").size(), 8u);  // qwen3-dense-tiny: 8 attention layers
+  for (std::size_t layer = 0; layer < 8; ++layer) {
+    const auto& kv = probe.at("kv_cache")[layer];
+    EXPECT_EQ(kv.at("layer").get<std::size_t>(), layer);
+    EXPECT_EQ(kv.at("tokens").get<std::int64_t>(), 3 * 64);
+    EXPECT_GT(kv.at("key_amax").get<double>(), 0.0);
+    EXPECT_GT(kv.at("value_amax").get<double>(), 0.0);
+  }
+  const ProbeResult read = ProbeResult::read(dir / "kv");
+  ASSERT_TRUE(read.kv_cache().has_value());
+  EXPECT_EQ(read.kv_cache()->size(), 8u);
+
+  ProbeJob interrupted = small_job(dir, "kv-resumed");
+  interrupted.kv_cache = true;
+  interrupted.stop_after_steps = 12;
+  run_probe(interrupted);
+  interrupted.stop_after_steps.reset();
+  EXPECT_EQ(run_probe(interrupted).resumed_from, 12u);
+  EXPECT_EQ(directory_bytes(dir / "kv-resumed"), expected);
+
+  ASSERT_TRUE(run_probe(plain).complete);
+  const auto without = directory_bytes(dir / "plain");
+  EXPECT_FALSE(nlohmann::json::parse(without.at("probe.json")).contains("kv_cache"));
+  for (const auto& [name, bytes] : without) {
+    EXPECT_EQ(bytes.find("kv_cache"), std::string::npos) << name;
+  }
+  EXPECT_FALSE(ProbeResult::read(dir / "plain").kv_cache().has_value());
 }
 
 // A probe of a model with an MTP head, stopped at the head step (where the MTP loss runs and its

@@ -73,8 +73,9 @@ std::map<std::string, float> input_amax(const model::ModelSpec& spec) {
 }
 
 // Exports `model_dir` with the cycle of formats into `out`; returns the assignment.
-alloc::AssignmentFile export_cycle(const fs::path& model_dir, const std::vector<std::string>& cycle,
-                                   const fs::path& work, const fs::path& out) {
+alloc::AssignmentFile export_cycle(
+    const fs::path& model_dir, const std::vector<std::string>& cycle, const fs::path& work,
+    const fs::path& out, formats::ServingTarget target = formats::ServingTarget::kBlackwell) {
   const model::ModelSpec spec = model::load_model_spec(model_dir);
   const io::Checkpoint source = io::Checkpoint::open(model_dir);
   alloc::AssignmentFile assignment = cycle_assignment(spec, source, cycle);
@@ -85,6 +86,7 @@ alloc::AssignmentFile export_cycle(const fs::path& model_dir, const std::vector<
   job.assignment = work / "assignment.json";
   job.out = out;
   job.input_amax = input_amax(spec);
+  job.serve_on = target;
   exporter::run_export(job);
   return assignment;
 }
@@ -101,8 +103,9 @@ bool shares_global_scale(const model::Linear& a, const model::Linear& b) {
   return a.expert == b.expert && w13(a) && w13(b);
 }
 
-// Every Linear of the exported checkpoint, decoded by the reader, equals the formats library's
-// fake quantization of the source weight (BF16 and unassigned Linears: the source values).
+// Every Linear of the exported checkpoint (exported for Blackwell), decoded by the reader, equals
+// the formats library's fake quantization of the source weight (BF16 and unassigned Linears: the
+// source values).
 void expect_decodes_like_formats_library(const fs::path& exported, const fs::path& model_dir,
                                          const alloc::AssignmentFile& assignment,
                                          std::size_t expected_formats) {
@@ -134,7 +137,9 @@ void expect_decodes_like_formats_library(const fs::path& exported, const fs::pat
         for (const float v : exporter::read_source_weight(source, other))
           amax = std::max(amax, std::fabs(v));
       }
-      options.weight_global_scale = formats::nvfp4_global_scale(amax);
+      options.nvfp4_scales =
+          formats::nvfp4_scales(format, linear.layer_kind(), formats::ServingTarget::kBlackwell);
+      options.weight_global_scale = formats::nvfp4_weight_global_scale(amax, options.nvfp4_scales);
       if (it->second == "NVFP4") {
         // Required by the W4A4 format, unused by its weight arithmetic.
         options.input_global_scale = decoded.load_f32(linear.name + ".input_global_scale").at(0);
@@ -416,12 +421,12 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   // The quantize pipeline measures an assignment before export by fake-quantizing the source
   // (exporter::LinearEncoder, the formats library). The checkpoint decoded here, independently,
   // must give the same logits, hence the same KL, perplexity and top-1, bit for bit, on every
-  // serving target: both sides quantize the activations of exactly the Linears vLLM runs with
-  // quantized activations there.
+  // serving target it was exported for: both sides quantize the activations of exactly the
+  // Linears vLLM runs with quantized activations there, and NVFP4 follows Marlin's scale rule
+  // where Marlin serves it.
   const model::ModelSpec spec = model::load_model_spec(source_dir());
   const io::Checkpoint source = io::Checkpoint::open(source_dir());
   const exporter::NearestRounding rounding;
-  const exporter::LinearEncoder encoder(spec, source, rounding, input_amax(spec));
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& a : assignment_->linears) format_of[a.name] = a.format;
   const runtime::CheckpointWeightSource source_weights(source);
@@ -433,9 +438,13 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   std::map<formats::ServingTarget, double> kl;
   for (const formats::ServingTarget target : formats::all_serving_targets()) {
     const std::string name(formats::serving_target_name(target));
+    const exporter::LinearEncoder encoder(spec, source, rounding, input_amax(spec), target);
     const exporter::MeasuredQuality measured = pipeline::measure_assignment(
-        model::ModelConfig::load(source_dir()), source, encoder, format_of, reference, target);
+        model::ModelConfig::load(source_dir()), source, encoder, format_of, reference);
+    const fs::path exported_for = *dir_ / ("exported-" + name);
+    export_cycle(source_dir(), kCycle, *dir_ / ("work-" + name), exported_for, target);
     ValidateJob job = validate_exported(1);
+    job.checkpoint = exported_for;
     job.serve_on = target;
     const ValidateReport report = run_validate(job);
     EXPECT_EQ(report.serve_on, name);
@@ -460,7 +469,8 @@ TEST_F(ExportedCheckpoint, ReproducesThePreExportMeasurementExactly) {
   }
   // Ampere runs every scheme of the cycle weight-only (Marlin): its KL is that of the decoded
   // weights with 16-bit activations. Blackwell quantizes the FP4, MX and FP8 activations.
-  const CompressedTensorsCheckpoint ct = CompressedTensorsCheckpoint::open(exported());
+  const CompressedTensorsCheckpoint ct =
+      CompressedTensorsCheckpoint::open(*dir_ / "exported-ampere");
   const DecodedCheckpointWeightSource decoded(ct);
   runtime::Model weight_only(ct.config(), decoded, {});
   EXPECT_EQ(runtime::evaluate(weight_only, reference).mean_kl(),
@@ -599,6 +609,44 @@ TEST_F(ExportedCheckpoint, RefusesSiblingsWithDifferentGlobalScales) {
   EXPECT_NE(open_error(dir).find(kV0 + ".weight_global_scale"), std::string::npos)
       << open_error(dir);
   EXPECT_NE(open_error(dir).find("vLLM fuses them"), std::string::npos) << open_error(dir);
+}
+
+TEST_F(ExportedCheckpoint, RefusesSubnormalNvfp4ScalesWhereMarlinServesThem) {
+  // The error of validate on `target`, or "" when the scale check passes.
+  const auto marlin_error = [](const fs::path& dir, formats::ServingTarget target) {
+    try {
+      check_marlin_group_scales(CompressedTensorsCheckpoint::open(dir), target);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  // The Blackwell export has none (the tiny model's groups are all within E4M3's normal range).
+  for (const formats::ServingTarget target : formats::all_serving_targets()) {
+    EXPECT_EQ(marlin_error(exported(), target), "");
+  }
+  // q_proj (NVFP4, W4A4) with one subnormal group scale: CUTLASS on Blackwell decodes it,
+  // Marlin on Hopper reads it as about zero.
+  const auto subnormal = [](const std::string& module) {
+    return [module](std::vector<OwnedTensor>& tensors) {
+      find(tensors, module + ".weight_scale").bytes[5] = 0x03;
+    };
+  };
+  const fs::path w4a4 = variant("subnormal-w4a4", subnormal(kQ0));
+  EXPECT_EQ(marlin_error(w4a4, formats::ServingTarget::kBlackwell), "");
+  const std::string hopper = marlin_error(w4a4, formats::ServingTarget::kHopper);
+  EXPECT_NE(hopper.find(kQ0 + ": NVFP4 group scale [0, 5] is the E4M3 subnormal 0.005859375"),
+            std::string::npos)
+      << hopper;
+  EXPECT_NE(hopper.find("Marlin kernel on hopper"), std::string::npos) << hopper;
+  // o_proj (NVFP4A16) runs through Marlin on every target, Blackwell included.
+  const fs::path a16 = variant("subnormal-a16", subnormal(kO0));
+  EXPECT_NE(marlin_error(a16, formats::ServingTarget::kBlackwell).find(kO0), std::string::npos);
+  // run_validate refuses before it loads a model.
+  ValidateJob job = validate_exported(1);
+  job.checkpoint = w4a4;
+  job.serve_on = formats::ServingTarget::kHopper;
+  EXPECT_THROW(run_validate(job), Error);
 }
 
 TEST_F(ExportedCheckpoint, RefusesSiblingsWithDifferentSchemes) {
