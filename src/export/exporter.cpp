@@ -472,10 +472,12 @@ nlohmann::json quantization_config(const model::ModelSpec& spec,
     // vLLM matches targets and ignore against its own module names (LinearRule::serving_module).
     if (it == format_of.end() || it->second == "BF16") {
       ignore.push_back(linear.serving_name);
+      if (linear.serving_alias) ignore.push_back(*linear.serving_alias);
       continue;
     }
     if (!targets.contains(it->second)) group_formats.push_back(it->second);
     targets[it->second].push_back(linear.serving_name);
+    if (linear.serving_alias) targets[it->second].push_back(*linear.serving_alias);
   }
   nlohmann::json groups = nlohmann::json::object();
   std::set<std::string> storage_formats;

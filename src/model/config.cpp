@@ -275,6 +275,123 @@ void parse_minimax_m2(const Fields& text, ModelConfig& c) {
   c.partial_rotary_factor = static_cast<double>(rotary_dim) / static_cast<double>(c.head_dim);
 }
 
+// Gemma4TextConfig (gemma4-architecture-facts.md §1, §1.3, §4, §6, §7): per-layer-type attention
+// geometry and RoPE, GeGLU ("hidden_activation"), a MoE block beside the dense MLP when
+// enable_moe_block is set, and the final logit soft-cap. The on-device variants' per-layer
+// embeddings, KV sharing, double-wide MLP and audio tower (§4.4, §7) are refused until a checkpoint
+// of them can be checked.
+void parse_gemma4(const Fields& top, const Fields& text, ModelConfig& c) {
+  const std::string& label = text.label();
+  Gemma4Config g;
+  c.hidden_act = text.optional<std::string>("hidden_activation").value_or("gelu_pytorch_tanh");
+  PQ_CHECK(text.optional_integer("hidden_size_per_layer_input", 0, kMaxDimension).value_or(0) == 0,
+           "{}: field \"{}\" is set; Gemma 4 per-layer embeddings (E2B/E4B) are not supported",
+           label, text.name("hidden_size_per_layer_input"));
+  PQ_CHECK(text.optional_integer("num_kv_shared_layers", 0, kMaxCount).value_or(0) == 0,
+           "{}: field \"{}\" is set; Gemma 4 KV sharing (E2B/E4B) is not supported", label,
+           text.name("num_kv_shared_layers"));
+  PQ_CHECK(!text.optional<bool>("use_double_wide_mlp").value_or(false),
+           "{}: field \"{}\" is set; Gemma 4's double-wide MLP (E2B) is not supported", label,
+           text.name("use_double_wide_mlp"));
+  PQ_CHECK(!top.has("audio_config"),
+           "{}: field \"audio_config\" is set; the Gemma 4 audio tower "
+           "(E2B/E4B) is not supported",
+           label);
+  // Layers default to sliding except every sixth; the last is always full (§1.3).
+  if (c.layer_types.empty()) {
+    for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
+      c.layer_types.push_back((i + 1) % 6 == 0 ? LayerType::kFullAttention
+                                               : LayerType::kSlidingAttention);
+    }
+  }
+  c.layer_types.back() = LayerType::kFullAttention;
+  for (std::size_t i = 0; i < c.layer_types.size(); ++i) {
+    PQ_CHECK(c.layer_types[i] != LayerType::kLinearAttention,
+             "{}: field \"{}\" has linear_attention at index {}; Gemma 4 layers are "
+             "sliding_attention or full_attention",
+             label, text.name("layer_types"), i);
+  }
+  // Newer config classes move global_head_dim and num_global_key_value_heads into
+  // per_layer_config, keyed by full layer index (§1.3): read them from the first full layer.
+  std::optional<std::int64_t> global_head_dim =
+      text.optional_integer("global_head_dim", 1, kMaxDimension);
+  std::optional<std::int64_t> global_kv_heads =
+      text.optional_integer("num_global_key_value_heads", 1, kMaxCount);
+  if (text.has("per_layer_config")) {
+    const Fields per_layer = text.child("per_layer_config");
+    for (std::size_t i = 0; i < c.layer_types.size(); ++i) {
+      const std::string key = std::to_string(i);
+      if (c.layer_types[i] != LayerType::kFullAttention || !per_layer.has(key.c_str())) continue;
+      const Fields layer = per_layer.child(key.c_str());
+      global_head_dim =
+          global_head_dim ? global_head_dim : layer.optional_integer("head_dim", 1, kMaxDimension);
+      global_kv_heads = global_kv_heads
+                            ? global_kv_heads
+                            : layer.optional_integer("num_key_value_heads", 1, kMaxCount);
+      break;
+    }
+  }
+  g.global_head_dim = global_head_dim.value_or(g.global_head_dim);
+  g.attention_k_eq_v = text.optional<bool>("attention_k_eq_v").value_or(false);
+  g.full_key_value_heads =
+      g.attention_k_eq_v ? global_kv_heads.value_or(c.num_key_value_heads) : c.num_key_value_heads;
+  PQ_CHECK(c.num_attention_heads % g.full_key_value_heads == 0,
+           "{}: num_attention_heads {} is not a multiple of the full layers' {} KV heads", label,
+           c.num_attention_heads, g.full_key_value_heads);
+  const Fields full = text.child("rope_parameters").child("full_attention");
+  const std::string full_type = full.optional<std::string>("rope_type").value_or("default");
+  PQ_CHECK(full_type == "proportional" || full_type == "default", "{}: unsupported {} type {}",
+           label, full.name("rope_type"), quoted_json_string(full_type));
+  g.full_rope_theta = full.optional<double>("rope_theta").value_or(g.full_rope_theta);
+  g.full_partial_rotary_factor = full_type == "proportional"
+                                     ? full.optional<double>("partial_rotary_factor").value_or(1.0)
+                                     : 1.0;
+  PQ_CHECK(g.full_rope_theta > 0.0 && g.full_partial_rotary_factor > 0.0 &&
+               g.full_partial_rotary_factor <= 1.0,
+           "{}: {} has rope_theta {} and partial_rotary_factor {}", label, full.own_name(),
+           g.full_rope_theta, g.full_partial_rotary_factor);
+  g.final_logit_softcapping = text.optional<double>("final_logit_softcapping").value_or(0.0);
+  PQ_CHECK(g.final_logit_softcapping >= 0.0, "{}: {} {} is negative", label,
+           text.name("final_logit_softcapping"), g.final_logit_softcapping);
+  if (text.optional<bool>("enable_moe_block").value_or(false)) {
+    // The MoE block on every layer, beside the dense MLP (§6); the real config's
+    // expert_intermediate_size is read as vLLM reads it (§1.3).
+    c.num_experts = text.required_integer("num_experts", 1, kMaxCount);
+    c.num_experts_per_tok = text.required_integer("top_k_experts", 1, c.num_experts);
+    const auto width = text.optional_integer("moe_intermediate_size", 1, kMaxDimension);
+    c.moe_intermediate_size =
+        width ? *width : text.required_integer("expert_intermediate_size", 1, kMaxDimension);
+    c.norm_topk_prob = true;
+  }
+  PQ_CHECK(c.intermediate_size > 0, "{}: missing required field \"{}\"", label,
+           text.name("intermediate_size"));
+  c.gemma4 = g;
+  if (top.has("vision_config")) {
+    // The tower is passed through (§9); what names and shapes its tensors. Its patch embedder
+    // is a Linear over patch_size^2 RGB pixels (§9).
+    const Fields v = top.child("vision_config");
+    PQ_CHECK(!v.optional<bool>("use_clipped_linears").value_or(false),
+             "{}: field \"{}\" is set; the clipped-linear vision towers (E2B/E4B) are not "
+             "supported",
+             label, v.name("use_clipped_linears"));
+    VisionConfig vision;
+    vision.depth = v.required_integer("num_hidden_layers", 1, kMaxCount);
+    vision.hidden_size = v.required_integer("hidden_size", 1, kMaxDimension);
+    vision.intermediate_size = v.required_integer("intermediate_size", 1, kMaxDimension);
+    vision.out_hidden_size = c.hidden_size;
+    vision.in_channels = 3;
+    vision.patch_size = v.required_integer("patch_size", 1, kMaxCount);
+    vision.num_position_embeddings =
+        v.required_integer("position_embedding_size", 1, kMaxPositions);
+    vision.head_dim = v.required_integer("head_dim", 1, kMaxDimension);
+    vision.num_attention_heads = v.required_integer("num_attention_heads", 1, kMaxCount);
+    vision.num_key_value_heads = v.optional_integer("num_key_value_heads", 1, kMaxCount)
+                                     .value_or(vision.num_attention_heads);
+    vision.standardize = v.optional<bool>("standardize").value_or(false);
+    c.vision = vision;
+  }
+}
+
 // DeepseekV3Config (deepseek_v3-architecture-facts.md §1, §3, §5, §6): n_routed_experts of width
 // moe_intermediate_size on layers l >= first_k_dense_replace with l % moe_layer_freq == 0 (vLLM's
 // rule, §1), the others dense; n_shared_experts ungated shared experts of the same width; sigmoid
@@ -343,6 +460,24 @@ void parse_deepseek_v3(const Fields& text, ModelConfig& c) {
 
 }  // namespace
 
+bool ModelConfig::is_sliding_attention_layer(std::int64_t layer) const {
+  return layer >= 0 && layer < std::ssize(layer_types) &&
+         layer_types[static_cast<std::size_t>(layer)] == LayerType::kSlidingAttention;
+}
+
+std::int64_t ModelConfig::attention_head_dim(std::int64_t layer) const {
+  return gemma4 && !is_sliding_attention_layer(layer) ? gemma4->global_head_dim : head_dim;
+}
+
+std::int64_t ModelConfig::attention_key_value_heads(std::int64_t layer) const {
+  return gemma4 && !is_sliding_attention_layer(layer) ? gemma4->full_key_value_heads
+                                                      : num_key_value_heads;
+}
+
+bool ModelConfig::has_v_proj(std::int64_t layer) const {
+  return !(gemma4 && gemma4->attention_k_eq_v && !is_sliding_attention_layer(layer));
+}
+
 bool ModelConfig::is_moe_layer(std::int64_t layer) const {
   if (num_experts <= 0) return false;
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) {
@@ -395,7 +530,14 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
            label, c.rms_norm_eps);
   std::optional<double> rope_theta;
   std::optional<double> partial_rotary_factor;
-  if (text.has("rope_parameters")) {
+  const bool gemma4 = text_model_type == "gemma4_text";
+  if (gemma4) {
+    // One parameter set per layer type (facts §1): the sliding layers' is the model's RoPE, the
+    // full layers' is read by parse_gemma4.
+    const Fields rope = text.child("rope_parameters").child("sliding_attention");
+    c.rope_scaling = parse_rope_scaling(rope);
+    rope_theta = rope.optional<double>("rope_theta");
+  } else if (text.has("rope_parameters")) {
     PQ_CHECK(!text.has("rope_scaling"), "{}: both \"{}\" and \"{}\" are given", label,
              text.name("rope_parameters"), text.name("rope_scaling"));
     const Fields rope = text.child("rope_parameters");
@@ -444,7 +586,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   } else if (auto eos = text.optional_integer("eos_token_id", 0, kMaxVocabulary - 1)) {
     c.eos_token_ids = {*eos};
   }
-  c.num_experts = text.optional_integer("num_experts", 0, kMaxCount).value_or(0);
+  c.num_experts = gemma4 ? 0 : text.optional_integer("num_experts", 0, kMaxCount).value_or(0);
   if (c.num_experts > 0) {
     c.num_experts_per_tok = text.required_integer("num_experts_per_tok", 1, kMaxCount);
     PQ_CHECK(c.num_experts_per_tok <= c.num_experts,
@@ -470,6 +612,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& label) {
   c.fp8_block_weights = parse_fp8_block_weights(top);
 
   c.layer_types = parse_layer_types(text, c.num_hidden_layers, hybrid);
+  if (gemma4) parse_gemma4(top, text, c);
   if (std::find(c.layer_types.begin(), c.layer_types.end(), LayerType::kLinearAttention) !=
       c.layer_types.end()) {
     c.linear_attention = parse_linear_attention(text);

@@ -39,8 +39,8 @@ struct LinearAttentionConfig {
   std::int64_t num_value_heads = 32;
 };
 
-// The vision tower of Qwen3.5/3.6 ("vision_config"): what names and shapes its tensors
-// (qwen3_5-architecture-facts.md §8).
+// The vision tower of Qwen3.5/3.6 or Gemma 4 ("vision_config"): what names and shapes its tensors
+// (qwen3_5-architecture-facts.md §8, gemma4-architecture-facts.md §9).
 struct VisionConfig {
   std::int64_t depth = 0;  // transformer blocks
   std::int64_t hidden_size = 0;
@@ -51,6 +51,28 @@ struct VisionConfig {
   std::int64_t temporal_patch_size = 0;
   std::int64_t spatial_merge_size = 0;  // the merger joins merge x merge patches
   std::int64_t num_position_embeddings = 0;
+  // Gemma 4's tower (gemma4-architecture-facts.md §1.1, §9): attention geometry, and whether it
+  // stores std_bias / std_scale.
+  std::int64_t head_dim = 0;
+  std::int64_t num_attention_heads = 0;
+  std::int64_t num_key_value_heads = 0;
+  bool standardize = false;
+};
+
+// What Gemma 4 text configs ("gemma4_text") add to the fields above
+// (../shared/docs/gemma4-architecture-facts.md §1, §4, §8). Sliding layers use head_dim,
+// num_key_value_heads and rope_theta / rope_scaling; full layers have their own head width, KV
+// heads and "proportional" RoPE.
+struct Gemma4Config {
+  std::int64_t global_head_dim = 512;  // full layers' head width (class default 512, §1)
+  // Full layers' KV heads: num_global_key_value_heads with attention_k_eq_v, else
+  // num_key_value_heads (§4.1).
+  std::int64_t full_key_value_heads = 0;
+  bool attention_k_eq_v = false;  // full layers have no v_proj; V is v_norm(k_proj x) (§4.2)
+  double full_rope_theta = 1e6;
+  // Share of the global head's half-width with non-zero frequencies (§4.3).
+  double full_partial_rotary_factor = 1.0;
+  double final_logit_softcapping = 0.0;  // 0: none
 };
 
 // Multi-head latent attention (deepseek_v3-architecture-facts.md §3): queries through a
@@ -133,6 +155,7 @@ struct ModelConfig {
   // for DeepSeek-V3 (num_nextn_predict_layers) as "model.layers.<num_hidden_layers + N>.*".
   std::int64_t mtp_num_hidden_layers = 0;
   std::optional<VisionConfig> vision;
+  std::optional<Gemma4Config> gemma4;  // set for Gemma 4 text configs
 
   nlohmann::json raw;  // the whole config.json, for fields a profile needs beyond these
 
@@ -141,6 +164,13 @@ struct ModelConfig {
   // (layer + 1) % decoder_sparse_step == 0).
   bool is_moe_layer(std::int64_t layer) const;
   bool is_linear_attention_layer(std::int64_t layer) const;
+  bool is_sliding_attention_layer(std::int64_t layer) const;
+  // Gemma 4's per-layer attention geometry: the full layers' head_dim and KV heads differ from the
+  // sliding ones (§4.1); other families use head_dim and num_key_value_heads throughout.
+  std::int64_t attention_head_dim(std::int64_t layer) const;
+  std::int64_t attention_key_value_heads(std::int64_t layer) const;
+  // Whether the layer stores v_proj (not on Gemma 4's attention_k_eq_v full layers).
+  bool has_v_proj(std::int64_t layer) const;
 
   static ModelConfig from_json(const nlohmann::json& json, const std::string& label);
   static ModelConfig load(const std::filesystem::path& model_dir);

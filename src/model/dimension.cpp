@@ -37,6 +37,10 @@ std::optional<std::int64_t> config_field(const ModelConfig& config, std::string_
     if (name == "linear_num_key_heads") return linear->num_key_heads;
     if (name == "linear_num_value_heads") return linear->num_value_heads;
   }
+  if (const auto& gemma4 = config.gemma4) {
+    if (name == "global_head_dim") return gemma4->global_head_dim;
+    if (name == "full_attention_key_value_heads") return gemma4->full_key_value_heads;
+  }
   if (const auto& vision = config.vision) {
     if (name == "vision_config.hidden_size") return vision->hidden_size;
     if (name == "vision_config.intermediate_size") return vision->intermediate_size;
@@ -46,6 +50,9 @@ std::optional<std::int64_t> config_field(const ModelConfig& config, std::string_
     if (name == "vision_config.temporal_patch_size") return vision->temporal_patch_size;
     if (name == "vision_config.spatial_merge_size") return vision->spatial_merge_size;
     if (name == "vision_config.num_position_embeddings") return vision->num_position_embeddings;
+    if (name == "vision_config.head_dim") return vision->head_dim;
+    if (name == "vision_config.num_attention_heads") return vision->num_attention_heads;
+    if (name == "vision_config.num_key_value_heads") return vision->num_key_value_heads;
   }
   const std::string key(name);
   if (config.raw.is_object() && config.raw.contains(key) && config.raw[key].is_number_integer()) {

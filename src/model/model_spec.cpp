@@ -152,6 +152,9 @@ class SpecBuilder {
     linear.serving_name = rule.serving_module.empty()
                               ? linear.name
                               : expand(rule.serving_module, named(layer), expert);
+    if (!rule.serving_alias.empty()) {
+      linear.serving_alias = expand(rule.serving_alias, named(layer), expert);
+    }
     linear.role = std::string(rule.role);
     // A Linear the profile packs may be stored per expert instead (LinearRule::packed).
     const bool packed = rule.packed && !by_name_.contains(linear.name + ".weight");

@@ -44,6 +44,8 @@ struct Linear {
   // The name vLLM's quantization config targets and ignore list must use (LinearRule::
   // serving_module); equal to `name` for every family but MiniMax-M2's experts.
   std::string serving_name;
+  // LinearRule::serving_alias expanded: another name vLLM looks this Linear's scheme up under.
+  std::optional<std::string> serving_alias;
   std::string role;                  // profile role, e.g. "q_proj", "expert_up_proj", "router"
   std::string weight_tensor;         // checkpoint tensor holding the weight
   std::optional<TensorSlice> slice;  // set when weight_tensor holds more than this Linear

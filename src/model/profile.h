@@ -96,6 +96,11 @@ struct LinearRule {
   // is looked up as "mlp.experts.E.gate_proj", minimax_m2-architecture-facts.md §8.2, §8.4).
   // Empty: `module`. Tensors keep the checkpoint's names either way.
   std::string_view serving_module = {};
+  // A second module name vLLM resolves this Linear's scheme under, where its loader also loads
+  // the weight into another module: Gemma 4's k_proj on attention_k_eq_v layers is loaded as
+  // v_proj too (vllm/model_executor/models/gemma4.py load_weights, gemma4-architecture-facts.md
+  // §10), so the fused qkv_proj's v shard must find the same scheme (or be ignored with it).
+  std::string_view serving_alias = {};
 };
 
 // A tensor that is not part of a Linear (embeddings, norms, conv kernels); kept as stored.

@@ -36,11 +36,11 @@ std::int64_t component_layers(const ModelConfig& config, Component component) {
 }
 
 std::span<const ArchitectureProfile* const> all_profiles() {
-  static const std::array<const ArchitectureProfile*, 10> profiles = {
+  static const std::array<const ArchitectureProfile*, 11> profiles = {
       &profiles::llama(),       &profiles::mistral(),    &profiles::qwen2(),
       &profiles::qwen3(),       &profiles::qwen3_moe(),  &profiles::qwen3_5(),
       &profiles::qwen3_5_moe(), &profiles::qwen3_next(), &profiles::minimax_m2(),
-      &profiles::deepseek_v3(),
+      &profiles::deepseek_v3(), &profiles::gemma4(),
   };
   return profiles;
 }

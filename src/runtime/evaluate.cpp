@@ -196,7 +196,7 @@ const float* ReferenceLogits::Cursor::logits(std::size_t w) {
   const std::int64_t row = block.window_rows[w - block.first_window];
   if (b != block_) {
     logits_.resize(block.rows * reference_.vocab_);
-    Model::multiply(*reference_.head_, block.hidden.data(), block.rows, logits_.data());
+    Model::head_logits(*reference_.head_, block.hidden.data(), block.rows, logits_.data());
     block_ = b;
   }
   return logits_.data() + row * reference_.vocab_;

@@ -41,23 +41,35 @@ PassMemory estimate_pass_memory(const model::ModelConfig& c, std::int64_t rows,
                                 std::int64_t boundaries, ComputeType compute) {
   const std::int64_t hidden = c.hidden_size;
   // MLA (deepseek_v3-architecture-facts.md §3) multiplies q, k and v of qk_head_dim per head (v
-  // padded) in every head.
-  const std::int64_t q_width = c.num_attention_heads * (c.mla ? c.mla->qk_head_dim() : c.head_dim);
-  const std::int64_t kv_width = c.mla ? q_width : c.num_key_value_heads * c.head_dim;
+  // padded) in every head; Gemma 4's full layers have their own head_dim and KV heads, so the
+  // widest layer's attention counts there.
+  std::int64_t q_width = c.num_attention_heads * (c.mla ? c.mla->qk_head_dim() : c.head_dim);
+  std::int64_t kv_width = c.mla ? q_width : c.num_key_value_heads * c.head_dim;
+  if (c.gemma4) {
+    for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      q_width = std::max(q_width, c.num_attention_heads * c.attention_head_dim(l));
+      kv_width = std::max(kv_width, c.attention_key_value_heads(l) * c.attention_head_dim(l));
+    }
+  }
   const std::int64_t weight_bytes = compute == ComputeType::kBF16 ? 2 : 4;
   const bool moe = c.num_experts > 0;
   // The MLP's widths per token: a dense layer's intermediate, or the routed experts' (top-k
   // rows each, with their gathered input and output rows).
   // A shared expert (facts §6.2) adds its intermediate, output row and gate per token.
   const std::int64_t shared = c.shared_expert_intermediate_size;
-  const std::int64_t mlp_width =
-      moe ? c.num_experts_per_tok * (c.moe_intermediate_size + 2 * hidden) + c.num_experts +
-                (shared > 0 ? shared + hidden + 1 : 0)
-          : c.intermediate_size;
-  const std::int64_t mlp_params = moe ? c.num_experts * 3 * c.moe_intermediate_size * hidden +
-                                            c.num_experts * hidden +
-                                            (shared > 0 ? 3 * shared * hidden + hidden : 0)
-                                      : 3 * c.intermediate_size * hidden;
+  std::int64_t mlp_width = moe ? c.num_experts_per_tok * (c.moe_intermediate_size + 2 * hidden) +
+                                     c.num_experts + (shared > 0 ? shared + hidden + 1 : 0)
+                               : c.intermediate_size;
+  std::int64_t mlp_params = moe ? c.num_experts * 3 * c.moe_intermediate_size * hidden +
+                                      c.num_experts * hidden +
+                                      (shared > 0 ? 3 * shared * hidden + hidden : 0)
+                                : 3 * c.intermediate_size * hidden;
+  // Gemma 4's MoE layers keep their dense MLP beside the experts, and its layer keeps about ten
+  // normed [rows, hidden] inputs and outputs for the backward (G4 §2, §6).
+  if (c.gemma4) {
+    mlp_width += (moe ? c.intermediate_size : 0) + 10 * hidden;
+    if (moe) mlp_params += 3 * c.intermediate_size * hidden;
+  }
   // With an output gate q_proj has twice the rows (query and gate per head).
   const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
   std::int64_t mixer_params = (q_rows + q_width + 2 * kv_width) * hidden;

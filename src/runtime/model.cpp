@@ -45,11 +45,28 @@ struct Model::Linear {
   // Multiplied in float32 in bf16 compute mode too: MiniMax-M2's router, which vLLM holds in
   // fp32 and feeds an fp32 input (minimax_m2-architecture-facts.md §4 step 1).
   bool keep_f32 = false;
+  // lm_head of Gemma 4: its outputs are soft-capped c tanh(raw / c) (final_logit_softcapping,
+  // gemma4-architecture-facts.md §2 step 4, §8); 0: none.
+  float logit_softcap = 0.0f;
+};
+
+struct Model::Mlp {
+  Linear gate_proj, up_proj, down_proj;
 };
 
 struct Model::Layer {
   std::int64_t index = 0;
   std::int64_t sliding_window = 0;  // 0: full causal attention
+  // Attention geometry of this layer (Gemma 4's full layers differ from its sliding ones,
+  // gemma4-architecture-facts.md §4.1); elsewhere head_dim and num_key_value_heads.
+  std::int64_t head_dim = 0;
+  std::int64_t kv_heads = 0;
+  float attention_scale = 1.0f;      // 1/sqrt(head_dim), or 1 (Gemma 4, §4.2 step 4)
+  bool full_attention_rope = false;  // Gemma 4's full layers: Layout::full_attention_rope
+  // Gemma 4 (§4.2): V = v_norm(v_proj x), a scale-free RMSNorm (these are its ones); on
+  // attention_k_eq_v layers there is no v_proj and V = v_norm(k_proj x).
+  std::vector<float> v_norm;
+  bool values_from_keys = false;
   // Norm weights as multiplied: 1 + w for the hybrid families' zero-centred norms (facts §3.1).
   std::vector<float> input_norm, post_attention_norm, q_norm, k_norm;
   Linear q_proj, k_proj, v_proj, o_proj;  // attention layers
@@ -78,10 +95,7 @@ struct Model::Layer {
   };
   std::unique_ptr<GatedDeltaNet> linear_attention;  // null on attention layers
   bool moe = false;
-  struct Mlp {
-    Linear gate_proj, up_proj, down_proj;
-  };
-  Mlp mlp;        // dense layers
+  Mlp mlp;        // dense layers (Gemma 4: every layer)
   Linear router;  // MoE: mlp.gate (MiniMax-M2: block_sparse_moe.gate)
   // MiniMax-M2's e_score_correction_bias [E]: added to the router scores to choose experts only.
   std::vector<float> router_selection_bias;
@@ -91,6 +105,13 @@ struct Model::Layer {
   bool has_shared_expert = false;
   Mlp shared_expert;
   Linear shared_expert_gate;
+  // Gemma 4 (§2, §3, §6): sandwich norms around the MLP, the MoE block's own norms (the
+  // experts' input _2, the dense branch's output _1, the experts' output _2), the router's input
+  // norm weight router.scale * hidden^-1/2, the experts' per_expert_scale, and layer_scalar.
+  std::vector<float> pre_feedforward_norm, post_feedforward_norm;
+  std::vector<float> pre_feedforward_norm_2, post_feedforward_norm_1, post_feedforward_norm_2;
+  std::vector<float> router_input_norm, per_expert_scale;
+  float layer_scalar = 1.0f;
 };
 
 // Where each sequence's rows sit in the concatenated [rows, hidden] activations.
@@ -101,9 +122,20 @@ struct Model::Layout {
   std::int64_t rows = 0;
   std::int64_t max_length = 0;
   std::shared_ptr<const RopeTable> rope;
+  // Gemma 4's full-attention layers rotate by their own table (rope.h,
+  // gemma4_full_attention_inv_freq); null elsewhere.
+  std::shared_ptr<const RopeTable> full_attention_rope;
 
   std::int64_t sequences() const { return static_cast<std::int64_t>(ranges.size()); }
   std::int64_t length(std::int64_t s) const { return offsets[s + 1] - offsets[s]; }
+};
+
+// One gated MLP's intermediates.
+struct Model::MlpTape {
+  std::vector<float> input, gate, up, act, out;  // input/out: gathered rows (MoE experts)
+  std::vector<std::int64_t> rows;                // MoE: token rows routed here, ascending
+  std::vector<std::int64_t> slots;               // MoE: which of the top-k choices it was
+  std::vector<RowRange> ranges;
 };
 
 // Intermediate values of one layer's forward, kept for its backward.
@@ -113,6 +145,7 @@ struct Model::LayerTape {
   std::vector<float> q_proj, k_proj;  // q/k projections before the per-head norm (Qwen3)
   std::vector<float> q_rstd, k_rstd;  // per (row, head)
   std::vector<float> q, k, v;         // what attention multiplied (normed, rotated)
+  std::vector<float> v_proj, v_rstd;  // Gemma 4: V before its scale-free norm, and 1/rms
   std::vector<float> attn, lse;       // attention output [rows, H*D] and lse [H, T] per seq
   // Gated attention (facts §5): the sigmoid gate's input and attn * sigmoid(gate), o_proj's
   // input. Gated DeltaNet (§4.2): in_proj_z's output and the gated norm's output (out_proj's
@@ -131,12 +164,7 @@ struct Model::LayerTape {
   std::vector<float> q_latent, kv_latent, compressed_kv, mla_values;
   std::vector<float> x2;         // residual stream after attention
   std::vector<float> h2, rstd2;  // post_attention_layernorm output and 1/rms
-  struct MlpTape {
-    std::vector<float> input, gate, up, act, out;  // input/out: gathered rows (MoE experts)
-    std::vector<std::int64_t> rows;                // MoE: token rows routed here, ascending
-    std::vector<std::int64_t> slots;               // MoE: which of the top-k choices it was
-    std::vector<RowRange> ranges;
-  };
+  using MlpTape = Model::MlpTape;
   MlpTape mlp;
   std::vector<MlpTape> experts;
   MlpTape shared_expert;                   // out: the shared expert's output rows
@@ -144,6 +172,16 @@ struct Model::LayerTape {
   std::vector<float> router_probs;         // [rows, E]
   std::vector<std::int32_t> chosen;        // [rows, k]
   std::vector<float> routing_weights;      // [rows, k]
+  // Gemma 4: the renormalised top-k weights before per_expert_scale [rows, k].
+  std::vector<float> renormalized_weights;
+  // Gemma 4's layer (gemma4_layer_forward): o_proj's output, the dense MLP's output, the routed
+  // experts' sum, the FFN's sum f, the experts' and the router's inputs, each with its 1/rms;
+  // u is the residual stream before layer_scalar.
+  struct NormedInput {
+    std::vector<float> values, rstd;
+  };
+  NormedInput attn_out, dense_out, routed, ffn, experts_in, router_in;
+  std::vector<float> u;
   // Inputs rewritten by the activation quantizer, per Linear.
   std::map<const Linear*, std::vector<float>> quantized_inputs;
 };
@@ -187,6 +225,10 @@ struct ArchitectureTraits {
   // The MoE block's module under the layer, and its experts' gate, up and down projections.
   std::string_view moe_block = "mlp.";
   std::array<std::string_view, 3> expert_projections = {"gate_proj", "up_proj", "down_proj"};
+  std::string_view router = "gate";  // the router's module under moe_block
+  // Gemma 4 (gemma4-architecture-facts.md): the decoder layer of gemma4_layer_forward, GeGLU,
+  // embeddings scaled by sqrt(hidden), per-layer-type attention, the final logit soft-cap.
+  bool gemma4 = false;
 };
 
 constexpr ArchitectureTraits kArchitectures[] = {
@@ -229,6 +271,18 @@ constexpr ArchitectureTraits kArchitectures[] = {
      .sigmoid_router = true,
      .ungated_shared_experts = true,
      .selection_bias = "gate.e_score_correction_bias"},
+    // Gemma 4 31B / 26B-A4B: text model under model.language_model (§9), experts packed as
+    // experts.gate_up_proj / experts.down_proj beside the layer's MLP, router router.proj (§6),
+    // top-k renormalised (§6 step 2).
+    {.name = "Gemma4ForConditionalGeneration",
+     .text_prefix = "model.language_model.",
+     .qk_norm = true,
+     .moe = true,
+     .always_renormalize = true,
+     .packed_experts = true,
+     .moe_block = "",
+     .router = "router.proj",
+     .gemma4 = true},
 };
 
 const ArchitectureTraits* find_architecture(std::string_view arch) {
@@ -311,13 +365,20 @@ Model::Model(model::ModelConfig config, const WeightSource& weights, RuntimeOpti
     : config_(std::move(config)), weights_(weights), options_(options) {
   require_runtime_support(config_);
   const std::string& arch = config_.architecture;
-  PQ_CHECK(config_.hidden_act == "silu", "{}: hidden_act {} is not supported (only silu)", arch,
-           quoted_json_string(config_.hidden_act));
+  const ArchitectureTraits& traits = *find_architecture(arch);
+  // Gemma 4's GeGLU uses the tanh-approximated GELU (§5); vLLM requires exactly that (V-G).
+  const std::string_view activation = traits.gemma4 ? "gelu_pytorch_tanh" : "silu";
+  PQ_CHECK(config_.hidden_act == activation, "{}: hidden_act {} is not supported (only {})", arch,
+           quoted_json_string(config_.hidden_act), activation);
+  PQ_CHECK(!traits.gemma4 || config_.gemma4.has_value(),
+           "{}: text_config model_type must be gemma4_text", arch);
   PQ_CHECK(config_.num_experts == 0 || find_architecture(arch)->moe,
            "{}: num_experts is set but the architecture has no MoE support", arch);
   PQ_CHECK(options_.logits_block_rows > 0, "logits_block_rows must be positive");
-  const ArchitectureTraits& traits = *find_architecture(arch);
   qk_norm_ = traits.qk_norm;
+  gemma4_ = traits.gemma4;
+  router_name_ = traits.router;
+  if (gemma4_) logit_softcap_ = static_cast<float>(config_.gemma4->final_logit_softcapping);
   zero_centred_norms_ = traits.zero_centred_norms;
   packed_experts_ = traits.packed_experts;
   fused_gdn_projections_ = traits.fused_gdn_projections;
@@ -449,10 +510,26 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
   auto layer = std::make_unique<Layer>();
   layer->index = index;
   const std::int64_t hidden = c.hidden_size;
-  const std::int64_t q_width = c.num_attention_heads * c.head_dim;
-  const std::int64_t kv_width = c.num_key_value_heads * c.head_dim;
+  layer->head_dim = c.attention_head_dim(index);
+  layer->kv_heads = c.attention_key_value_heads(index);
+  layer->attention_scale = 1.0f / std::sqrt(static_cast<float>(layer->head_dim));
+  const std::int64_t q_width = c.num_attention_heads * layer->head_dim;
+  const std::int64_t kv_width = layer->kv_heads * layer->head_dim;
 
-  if (c.sliding_window.has_value() && *c.sliding_window > 0) {
+  if (gemma4_) {
+    // Sliding layers attend to the query and the sliding_window - 1 keys before it, full layers
+    // to all; scores are not scaled (q/k norms set the scale); full layers rotate by the
+    // proportional RoPE (facts §4.2, §4.3). The MLP is sandwiched by its own norms (§2).
+    const bool sliding = c.is_sliding_attention_layer(index);
+    layer->sliding_window = sliding ? c.sliding_window.value_or(0) : 0;
+    layer->attention_scale = 1.0f;
+    layer->full_attention_rope = !sliding;
+    layer->v_norm.assign(layer->head_dim, 1.0f);
+    layer->values_from_keys = !c.has_v_proj(index);
+    layer->pre_feedforward_norm = load_norm(prefix + "pre_feedforward_layernorm.weight", hidden);
+    layer->post_feedforward_norm = load_norm(prefix + "post_feedforward_layernorm.weight", hidden);
+    layer->layer_scalar = load_vector(prefix + "layer_scalar", 1)[0];
+  } else if (c.sliding_window.has_value() && *c.sliding_window > 0) {
     // Qwen2/Qwen3 slide only from layer max_window_layers on (transformers
     // configuration_qwen2.py layer_types); Mistral slides on every layer.
     const bool qwen = c.architecture.rfind("Qwen", 0) == 0;
@@ -519,46 +596,64 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
     const std::int64_t q_rows = c.attn_output_gate ? 2 * q_width : q_width;
     load_linear(layer->q_proj, prefix + "self_attn.q_proj", q_rows, hidden, true);
     load_linear(layer->k_proj, prefix + "self_attn.k_proj", kv_width, hidden, true);
-    load_linear(layer->v_proj, prefix + "self_attn.v_proj", kv_width, hidden, true);
+    if (!layer->values_from_keys) {
+      load_linear(layer->v_proj, prefix + "self_attn.v_proj", kv_width, hidden, true);
+    } else {
+      PQ_CHECK(!weights_.contains(prefix + "self_attn.v_proj.weight"),
+               "{}self_attn.v_proj.weight: unexpected on an attention_k_eq_v full layer", prefix);
+    }
     load_linear(layer->o_proj, prefix + "self_attn.o_proj", hidden, q_width, true);
     if (qk_norm_) {
       layer->q_norm = load_norm(prefix + "self_attn.q_norm.weight",
-                                qk_norm_over_all_heads_ ? q_width : c.head_dim);
+                                qk_norm_over_all_heads_ ? q_width : layer->head_dim);
       layer->k_norm = load_norm(prefix + "self_attn.k_norm.weight",
-                                qk_norm_over_all_heads_ ? kv_width : c.head_dim);
+                                qk_norm_over_all_heads_ ? kv_width : layer->head_dim);
     }
   }
-  const auto load_named_mlp = [&](Layer::Mlp& mlp, const std::string& mlp_prefix,
+  const auto load_named_mlp = [&](Mlp& mlp, const std::string& mlp_prefix,
                                   std::int64_t intermediate,
                                   const std::array<std::string_view, 3>& names) {
     load_linear(mlp.gate_proj, mlp_prefix + std::string(names[0]), intermediate, hidden, true);
     load_linear(mlp.up_proj, mlp_prefix + std::string(names[1]), intermediate, hidden, true);
     load_linear(mlp.down_proj, mlp_prefix + std::string(names[2]), hidden, intermediate, true);
   };
-  const auto load_mlp = [&](Layer::Mlp& mlp, const std::string& mlp_prefix,
-                            std::int64_t intermediate) {
+  const auto load_mlp = [&](Mlp& mlp, const std::string& mlp_prefix, std::int64_t intermediate) {
     load_named_mlp(mlp, mlp_prefix, intermediate, {"gate_proj", "up_proj", "down_proj"});
   };
   layer->moe = c.is_moe_layer(index);
   if (layer->moe) {
     const std::string moe = prefix + moe_block_;
     layer->router.keep_f32 = sigmoid_router_;
-    load_linear(layer->router, moe + "gate", c.num_experts, hidden, false);
+    load_linear(layer->router, moe + router_name_, c.num_experts, hidden, false);
+    if (gemma4_) {
+      // The router sees rms(h) * router.scale * hidden^-1/2, the experts
+      // pre_feedforward_layernorm_2(h); their weights are scaled by per_expert_scale (§6).
+      layer->router_input_norm = load_vector(prefix + "router.scale", hidden);
+      const float inverse_root = 1.0f / std::sqrt(static_cast<float>(hidden));
+      for (float& w : layer->router_input_norm) w *= inverse_root;
+      layer->per_expert_scale = load_vector(prefix + "router.per_expert_scale", c.num_experts);
+      layer->pre_feedforward_norm_2 =
+          load_norm(prefix + "pre_feedforward_layernorm_2.weight", hidden);
+      layer->post_feedforward_norm_1 =
+          load_norm(prefix + "post_feedforward_layernorm_1.weight", hidden);
+      layer->post_feedforward_norm_2 =
+          load_norm(prefix + "post_feedforward_layernorm_2.weight", hidden);
+    }
     if (sigmoid_router_) {
       layer->router_selection_bias = load_vector(moe + std::string(selection_bias_), c.num_experts);
     }
     layer->experts.resize(c.num_experts);
     const std::int64_t inter = c.moe_intermediate_size;
-    const std::string gate_up = prefix + "mlp.experts.gate_up_proj";
-    const std::string down = prefix + "mlp.experts.down_proj";
+    const std::string gate_up = moe + "experts.gate_up_proj";
+    const std::string down = moe + "experts.down_proj";
     // A source of a packed family may still name its experts one by one: an exported checkpoint
     // and the decoded weights that measure and validate run hold per-expert Linears.
     if (packed_experts && weights_.contains(gate_up)) {
       // Expert e's Linears are slices of matrix e: gate rows [0, I) and up rows [I, 2I) of
       // gate_up_proj, all of down_proj (facts §6.3); each slice is decoded on its own.
       for (std::int64_t e = 0; e < c.num_experts; ++e) {
-        Layer::Mlp& mlp = layer->experts[e];
-        const std::string name = fmt::format("{}mlp.experts.{}.", prefix, e);
+        Mlp& mlp = layer->experts[e];
+        const std::string name = fmt::format("{}experts.{}.", moe, e);
         load_packed_linear(mlp.gate_proj, name + "gate_proj", gate_up, e, 0, 2 * inter, inter,
                            hidden);
         load_packed_linear(mlp.up_proj, name + "up_proj", gate_up, e, inter, 2 * inter, inter,
@@ -583,7 +678,9 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
                c.shared_expert_intermediate_size);
       load_linear(layer->shared_expert_gate, prefix + "mlp.shared_expert_gate", 1, hidden, false);
     }
-  } else {
+  }
+  if (!layer->moe || gemma4_) {
+    // Gemma 4's MoE layers keep their dense MLP beside the experts (§6).
     PQ_CHECK(c.intermediate_size > 0, "config.json: intermediate_size is missing");
     load_mlp(layer->mlp, prefix + "mlp.", c.intermediate_size);
   }
@@ -593,6 +690,7 @@ std::unique_ptr<Model::Layer> Model::load_decoder_layer(std::int64_t index,
 const Model::Linear& Model::acquire_head() {
   if (lm_head_) return *lm_head_;
   lm_head_ = std::make_shared<Linear>();
+  lm_head_->logit_softcap = logit_softcap_;
   if (tied_head_) {
     lm_head_->name = "lm_head";
     lm_head_->out_features = config_.vocab_size;
@@ -701,8 +799,8 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = c.num_key_value_heads;
-  const std::int64_t d = c.head_dim;
+  const std::int64_t kv_heads = layer.kv_heads;
+  const std::int64_t d = layer.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
   // Rows each token's q (k) projection is normalised in: one per head, or one for all heads.
   const std::int64_t q_norm_groups = qk_norm_over_all_heads_ ? 1 : heads;
@@ -738,18 +836,42 @@ void Model::project_qkv(const Layer& layer, const Layout& layout, LayerTape& t,
     linear_forward(layer.q_proj, t.h1.data(), n, t.q.data(), &t);
     linear_forward(layer.k_proj, t.h1.data(), n, t.k.data(), &t);
   }
-  linear_forward(layer.v_proj, t.h1.data(), n, t.v.data(), &t);
+  if (!layer.v_norm.empty()) {
+    // Gemma 4: V is the scale-free RMSNorm of v_proj's output, or of k_proj's on k_eq_v layers
+    // (the raw projection, before k_norm and RoPE; facts §4.2 steps 2-3).
+    if (layer.values_from_keys) {
+      t.v_proj = t.k_proj;
+    } else {
+      t.v_proj.resize(t.v.size());
+      linear_forward(layer.v_proj, t.h1.data(), n, t.v_proj.data(), &t);
+    }
+    t.v_rstd.resize(n * kv_heads);
+    rms_norm_forward(t.v_proj.data(), layer.v_norm.data(), n * kv_heads, d, eps, t.v.data(),
+                     t.v_rstd.data());
+  } else {
+    linear_forward(layer.v_proj, t.h1.data(), n, t.v.data(), &t);
+  }
+  const RopeTable& rope = rope_of(layer, layout);
   for (std::int64_t s = 0; s < layout.sequences(); ++s) {
     const std::int64_t off = layout.offsets[s];
     const std::int64_t len = layout.length(s);
-    layout.rope->apply(t.q.data() + off * heads * d, len, heads, first_position);
-    layout.rope->apply(t.k.data() + off * kv_heads * d, len, kv_heads, first_position);
+    rope.apply(t.q.data() + off * heads * d, len, heads, first_position);
+    rope.apply(t.k.data() + off * kv_heads * d, len, kv_heads, first_position);
   }
+}
+
+const RopeTable& Model::rope_of(const Layer& layer, const Layout& layout) const {
+  return layer.full_attention_rope ? *layout.full_attention_rope : *layout.rope;
+}
+
+std::vector<const Model::Linear*> Model::attention_projections(const Layer& layer) const {
+  if (layer.values_from_keys) return {&layer.q_proj, &layer.k_proj};
+  return {&layer.q_proj, &layer.k_proj, &layer.v_proj};
 }
 
 void Model::store_keys_values(const Layer& layer, const Layout& layout, LayerTape& t,
                               LinearObserver* observer) const {
-  const std::int64_t width = config_.num_key_value_heads * config_.head_dim;
+  const std::int64_t width = layer.kv_heads * layer.head_dim;
   if (observer != nullptr) {
     observer->on_kv_cache({.layer = layer.index,
                            .rows = layout.rows,
@@ -769,8 +891,8 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = c.num_key_value_heads;
-  const std::int64_t d = c.head_dim;
+  const std::int64_t kv_heads = layer.kv_heads;
+  const std::int64_t d = layer.head_dim;
   project_qkv(layer, layout, t, 0);
   store_keys_values(layer, layout, t, observer);
   t.attn.resize(n * heads * d);
@@ -780,7 +902,7 @@ void Model::attention_forward(const Layer& layer, const Layout& layout, LayerTap
     const std::int64_t len = layout.length(s);
     if (len == 0) continue;
     const AttentionShape shape{
-        len, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)), layer.sliding_window};
+        len, heads, kv_heads, d, layer.attention_scale, layer.sliding_window};
     causal_attention_forward(shape, t.q.data() + off * heads * d, t.k.data() + off * kv_heads * d,
                              t.v.data() + off * kv_heads * d, t.attn.data() + off * heads * d,
                              t.lse.data() + off * heads);
@@ -837,8 +959,8 @@ void Model::attention_forward_cached(const Layer& layer, const Layout& layout, L
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;  // new tokens, one sequence
   const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = c.num_key_value_heads;
-  const std::int64_t d = c.head_dim;
+  const std::int64_t kv_heads = layer.kv_heads;
+  const std::int64_t d = layer.head_dim;
   const std::int64_t past = state.length;
   project_qkv(layer, layout, t, past);
   store_keys_values(layer, layout, t, nullptr);
@@ -847,8 +969,8 @@ void Model::attention_forward_cached(const Layer& layer, const Layout& layout, L
   keys.insert(keys.end(), t.k.begin(), t.k.end());
   values.insert(values.end(), t.v.begin(), t.v.end());
   t.attn.resize(n * heads * d);
-  attend_cached(n, past, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)),
-                layer.sliding_window, t.q.data(), keys.data(), values.data(), t.attn.data());
+  attend_cached(n, past, heads, kv_heads, d, layer.attention_scale, layer.sliding_window,
+                t.q.data(), keys.data(), values.data(), t.attn.data());
 }
 
 void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTape& t,
@@ -856,8 +978,8 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t heads = c.num_attention_heads;
-  const std::int64_t kv_heads = c.num_key_value_heads;
-  const std::int64_t d = c.head_dim;
+  const std::int64_t kv_heads = layer.kv_heads;
+  const std::int64_t d = layer.head_dim;
   const std::int64_t hidden = c.hidden_size;
 
   // o_proj: dY = d(attention output of the layer), X = attention values (gated).
@@ -882,14 +1004,22 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     const std::int64_t len = layout.length(s);
     if (len == 0) continue;
     const AttentionShape shape{
-        len, heads, kv_heads, d, 1.0f / std::sqrt(static_cast<float>(d)), layer.sliding_window};
+        len, heads, kv_heads, d, layer.attention_scale, layer.sliding_window};
     causal_attention_backward(shape, t.q.data() + off * heads * d, t.k.data() + off * kv_heads * d,
                               t.v.data() + off * kv_heads * d, t.attn.data() + off * heads * d,
                               t.lse.data() + off * heads, dattn.data() + off * heads * d,
                               dq.data() + off * heads * d, dk.data() + off * kv_heads * d,
                               dv.data() + off * kv_heads * d);
-    layout.rope->apply_backward(dq.data() + off * heads * d, len, heads, 0);
-    layout.rope->apply_backward(dk.data() + off * kv_heads * d, len, kv_heads, 0);
+    rope_of(layer, layout).apply_backward(dq.data() + off * heads * d, len, heads, 0);
+    rope_of(layer, layout).apply_backward(dk.data() + off * kv_heads * d, len, kv_heads, 0);
+  }
+  if (!layer.v_norm.empty()) {
+    // Back through the scale-free v_norm to v_proj's output, or on k_eq_v layers into k_proj's
+    // (added below, after k_norm's backward).
+    std::vector<float> dv_proj(dv.size());
+    rms_norm_backward(t.v_proj.data(), layer.v_norm.data(), t.v_rstd.data(), dv.data(),
+                      n * kv_heads, d, dv_proj.data(), false);
+    dv.swap(dv_proj);
   }
   if (qk_norm_) {
     // dq, dk now hold gradients of the normalized values; take them back through the norms.
@@ -903,6 +1033,8 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     dq.swap(dq_proj);
     dk.swap(dk_proj);
   }
+  if (layer.values_from_keys)
+    add_inplace(dk.data(), dv.data(), static_cast<std::int64_t>(dk.size()));
   if (c.attn_output_gate) {
     // q_proj's output gradient, query and gate interleaved per head as its rows are.
     std::vector<float> packed(2 * dq.size());
@@ -912,16 +1044,13 @@ void Model::attention_backward(const Layer& layer, const Layout& layout, LayerTa
     }
     dq.swap(packed);
   }
-  const struct {
-    const Linear& linear;
-    const std::vector<float>& grad;
-  } projections[] = {{layer.q_proj, dq}, {layer.k_proj, dk}, {layer.v_proj, dv}};
-  bool first = true;
-  for (const auto& p : projections) {
-    report(&observer, p.linear.name, layer.index, n, hidden, p.linear.out_features,
-           linear_input(p.linear, t.h1.data(), t), p.grad.data(), layout.ranges);
-    linear_backward_input(p.linear, p.grad.data(), n, dh1, !first);
-    first = false;
+  const std::vector<const Linear*> projections = attention_projections(layer);
+  const std::vector<float>* grads[] = {&dq, &dk, &dv};
+  for (std::size_t i = 0; i < projections.size(); ++i) {
+    const Linear& p = *projections[i];
+    report(&observer, p.name, layer.index, n, hidden, p.out_features,
+           linear_input(p, t.h1.data(), t), grads[i]->data(), layout.ranges);
+    linear_backward_input(p, grads[i]->data(), n, dh1, i > 0);
   }
 }
 
@@ -1396,36 +1525,76 @@ void Model::gated_delta_net_backward(const Layer& layer, const Layout& layout, L
 
 // ---- MLP and MoE --------------------------------------------------------------------------
 
+void Model::gated_mlp_forward(const Layer& layer, const Mlp& mlp, LayerTape& t, MlpTape& m,
+                              const float* input, std::int64_t rows, float* result,
+                              std::span<const RowRange> ranges, LinearObserver* observer) const {
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t inter = mlp.gate_proj.out_features;
+  m.gate.resize(rows * inter);
+  m.up.resize(rows * inter);
+  m.act.resize(rows * inter);
+  linear_forward(mlp.gate_proj, input, rows, m.gate.data(), &t);
+  linear_forward(mlp.up_proj, input, rows, m.up.data(), &t);
+  if (gemma4_) {
+    geglu_forward(m.gate.data(), m.up.data(), rows * inter, m.act.data());
+  } else {
+    swiglu_forward(m.gate.data(), m.up.data(), rows * inter, m.act.data());
+  }
+  linear_forward(mlp.down_proj, m.act.data(), rows, result, &t);
+  report(observer, mlp.gate_proj.name, layer.index, rows, hidden, inter,
+         linear_input(mlp.gate_proj, input, t), nullptr, ranges);
+  report(observer, mlp.up_proj.name, layer.index, rows, hidden, inter,
+         linear_input(mlp.up_proj, input, t), nullptr, ranges);
+  report(observer, mlp.down_proj.name, layer.index, rows, inter, hidden,
+         linear_input(mlp.down_proj, m.act.data(), t), nullptr, ranges);
+}
+
+void Model::gated_mlp_backward(const Layer& layer, const Mlp& mlp, LayerTape& t, MlpTape& m,
+                               const float* input, std::int64_t rows, const float* dy,
+                               float* dinput, bool accumulate, std::span<const RowRange> ranges,
+                               LinearObserver& observer) const {
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t inter = mlp.gate_proj.out_features;
+  report(&observer, mlp.down_proj.name, layer.index, rows, inter, hidden,
+         linear_input(mlp.down_proj, m.act.data(), t), dy, ranges);
+  std::vector<float> dact(rows * inter);
+  linear_backward_input(mlp.down_proj, dy, rows, dact.data(), false);
+  std::vector<float> dgate(rows * inter), dup(rows * inter);
+  if (gemma4_) {
+    geglu_backward(m.gate.data(), m.up.data(), dact.data(), rows * inter, dgate.data(), dup.data());
+  } else {
+    swiglu_backward(m.gate.data(), m.up.data(), dact.data(), rows * inter, dgate.data(),
+                    dup.data());
+  }
+  report(&observer, mlp.gate_proj.name, layer.index, rows, hidden, inter,
+         linear_input(mlp.gate_proj, input, t), dgate.data(), ranges);
+  report(&observer, mlp.up_proj.name, layer.index, rows, hidden, inter,
+         linear_input(mlp.up_proj, input, t), dup.data(), ranges);
+  linear_backward_input(mlp.gate_proj, dgate.data(), rows, dinput, accumulate);
+  linear_backward_input(mlp.up_proj, dup.data(), rows, dinput, true);
+}
+
 void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, float* out,
+                        LinearObserver* observer, bool report_linears) const {
+  if (!layer.moe) {
+    gated_mlp_forward(layer, layer.mlp, t, t.mlp, t.h2.data(), layout.rows, out, layout.ranges,
+                      report_linears ? observer : nullptr);
+    return;
+  }
+  moe_forward(layer, layout, t, t.h2.data(), t.h2.data(), out, observer, report_linears);
+}
+
+void Model::moe_forward(const Layer& layer, const Layout& layout, LayerTape& t,
+                        const float* router_input, const float* expert_input, float* out,
                         LinearObserver* observer, bool report_linears) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t hidden = c.hidden_size;
   LinearObserver* linear_observer = report_linears ? observer : nullptr;
-
-  // Runs gate/up/act/down on `rows` rows of `input`, writing `rows x hidden` to `result`.
-  const auto run_mlp = [&](const Layer::Mlp& mlp, LayerTape::MlpTape& m, const float* input,
-                           std::int64_t rows, float* result, std::span<const RowRange> ranges) {
-    const std::int64_t inter = mlp.gate_proj.out_features;
-    m.gate.resize(rows * inter);
-    m.up.resize(rows * inter);
-    m.act.resize(rows * inter);
-    linear_forward(mlp.gate_proj, input, rows, m.gate.data(), &t);
-    linear_forward(mlp.up_proj, input, rows, m.up.data(), &t);
-    swiglu_forward(m.gate.data(), m.up.data(), rows * inter, m.act.data());
-    linear_forward(mlp.down_proj, m.act.data(), rows, result, &t);
-    report(linear_observer, mlp.gate_proj.name, layer.index, rows, hidden, inter,
-           linear_input(mlp.gate_proj, input, t), nullptr, ranges);
-    report(linear_observer, mlp.up_proj.name, layer.index, rows, hidden, inter,
-           linear_input(mlp.up_proj, input, t), nullptr, ranges);
-    report(linear_observer, mlp.down_proj.name, layer.index, rows, inter, hidden,
-           linear_input(mlp.down_proj, m.act.data(), t), nullptr, ranges);
+  const auto run_mlp = [&](const Mlp& mlp, MlpTape& m, const float* input, std::int64_t rows,
+                           float* result, std::span<const RowRange> ranges) {
+    gated_mlp_forward(layer, mlp, t, m, input, rows, result, ranges, linear_observer);
   };
-
-  if (!layer.moe) {
-    run_mlp(layer.mlp, t.mlp, t.h2.data(), n, out, layout.ranges);
-    return;
-  }
 
   // Qwen3MoeSparseMoeBlock (transformers models/qwen3_moe/modeling_qwen3_moe.py): softmax of
   // the router logits in float32, top-k, optional renormalization of the k weights, then the
@@ -1434,9 +1603,9 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
   const std::int64_t experts = c.num_experts;
   const std::int64_t top_k = c.num_experts_per_tok;
   t.router_probs.resize(n * experts);
-  linear_forward(layer.router, t.h2.data(), n, t.router_probs.data(), &t);
+  linear_forward(layer.router, router_input, n, t.router_probs.data(), &t);
   report(linear_observer, layer.router.name, layer.index, n, hidden, experts,
-         linear_input(layer.router, t.h2.data(), t), nullptr, layout.ranges);
+         linear_input(layer.router, router_input, t), nullptr, layout.ranges);
   t.chosen.resize(n * top_k);
   t.routing_weights.resize(n * top_k);
 #pragma omp parallel for if (n * experts > kParallelElements)
@@ -1479,25 +1648,32 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
       t.routing_weights[r * top_k + j] = static_cast<float>(scale * weight);
     }
   }
+  if (!layer.per_expert_scale.empty()) {
+    // Gemma 4 scales each renormalised weight by its expert's per_expert_scale (facts §6 step 2).
+    t.renormalized_weights = t.routing_weights;
+    for (std::int64_t i = 0; i < n * top_k; ++i) {
+      t.routing_weights[i] *= layer.per_expert_scale[t.chosen[i]];
+    }
+  }
 
   std::fill(out, out + n * hidden, 0.0f);
   t.experts.assign(experts, {});
   std::vector<std::int64_t> counts(experts, 0);
   for (std::int64_t r = 0; r < n; ++r) {
     for (std::int64_t j = 0; j < top_k; ++j) {
-      LayerTape::MlpTape& m = t.experts[t.chosen[r * top_k + j]];
+      MlpTape& m = t.experts[t.chosen[r * top_k + j]];
       m.rows.push_back(r);
       m.slots.push_back(j);
     }
   }
   for (std::int64_t e = 0; e < experts; ++e) {
-    LayerTape::MlpTape& m = t.experts[e];
+    MlpTape& m = t.experts[e];
     const std::int64_t rows = static_cast<std::int64_t>(m.rows.size());
     counts[e] = rows;
     m.ranges = ranges_of_rows(m.rows, layout.sequence_of_row);
     m.input.resize(rows * hidden);
     for (std::int64_t i = 0; i < rows; ++i) {
-      std::copy_n(t.h2.data() + m.rows[i] * hidden, hidden, m.input.data() + i * hidden);
+      std::copy_n(expert_input + m.rows[i] * hidden, hidden, m.input.data() + i * hidden);
     }
     m.out.resize(rows * hidden);
     run_mlp(layer.experts[e], m, m.input.data(), rows, m.out.data(), m.ranges);
@@ -1516,7 +1692,7 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
     add_inplace(out, m.out.data(), n * hidden);
   } else if (layer.has_shared_expert) {
     // out += sigmoid(shared_expert_gate x) * SharedMLP(x), a scalar per token (facts §6.2).
-    LayerTape::MlpTape& m = t.shared_expert;
+    MlpTape& m = t.shared_expert;
     m.out.resize(n * hidden);
     run_mlp(layer.shared_expert, m, t.h2.data(), n, m.out.data(), layout.ranges);
     t.shared_expert_scale.resize(n);
@@ -1548,41 +1724,34 @@ void Model::mlp_forward(const Layer& layer, const Layout& layout, LayerTape& t, 
 
 void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t, const float* dout,
                          float* dh2, LinearObserver& observer) const {
+  if (!layer.moe) {
+    gated_mlp_backward(layer, layer.mlp, t, t.mlp, t.h2.data(), layout.rows, dout, dh2, false,
+                       layout.ranges, observer);
+    return;
+  }
+  moe_backward(layer, layout, t, t.h2.data(), dout, dh2, dh2, observer);
+}
+
+void Model::moe_backward(const Layer& layer, const Layout& layout, LayerTape& t,
+                         const float* router_input, const float* dout, float* drouter_input,
+                         float* dexpert_input, LinearObserver& observer) const {
   const model::ModelConfig& c = config_;
   const std::int64_t n = layout.rows;
   const std::int64_t hidden = c.hidden_size;
-
-  // Backward of one SwiGLU MLP on `rows` rows: dy [rows, hidden] -> d(input), written or added.
-  const auto run_mlp_backward =
-      [&](const Layer::Mlp& mlp, LayerTape::MlpTape& m, const float* input, std::int64_t rows,
-          const float* dy, float* dinput, bool accumulate, std::span<const RowRange> ranges) {
-        const std::int64_t inter = mlp.gate_proj.out_features;
-        report(&observer, mlp.down_proj.name, layer.index, rows, inter, hidden,
-               linear_input(mlp.down_proj, m.act.data(), t), dy, ranges);
-        std::vector<float> dact(rows * inter);
-        linear_backward_input(mlp.down_proj, dy, rows, dact.data(), false);
-        std::vector<float> dgate(rows * inter), dup(rows * inter);
-        swiglu_backward(m.gate.data(), m.up.data(), dact.data(), rows * inter, dgate.data(),
-                        dup.data());
-        report(&observer, mlp.gate_proj.name, layer.index, rows, hidden, inter,
-               linear_input(mlp.gate_proj, input, t), dgate.data(), ranges);
-        report(&observer, mlp.up_proj.name, layer.index, rows, hidden, inter,
-               linear_input(mlp.up_proj, input, t), dup.data(), ranges);
-        linear_backward_input(mlp.gate_proj, dgate.data(), rows, dinput, accumulate);
-        linear_backward_input(mlp.up_proj, dup.data(), rows, dinput, true);
-      };
-
-  if (!layer.moe) {
-    run_mlp_backward(layer.mlp, t.mlp, t.h2.data(), n, dout, dh2, false, layout.ranges);
-    return;
-  }
+  // Backward of one gated MLP on `rows` rows: dy [rows, hidden] -> d(input), written or added.
+  const auto run_mlp_backward = [&](const Mlp& mlp, MlpTape& m, const float* input,
+                                    std::int64_t rows, const float* dy, float* dinput,
+                                    bool accumulate, std::span<const RowRange> ranges) {
+    gated_mlp_backward(layer, mlp, t, m, input, rows, dy, dinput, accumulate, ranges, observer);
+  };
+  float* dh2 = dexpert_input;
 
   const std::int64_t experts = c.num_experts;
   const std::int64_t top_k = c.num_experts_per_tok;
   std::fill(dh2, dh2 + n * hidden, 0.0f);
   std::vector<float> dweights(n * top_k, 0.0f);  // dLoss / d(routing weight)
   for (std::int64_t e = 0; e < experts; ++e) {
-    LayerTape::MlpTape& m = t.experts[e];
+    MlpTape& m = t.experts[e];
     const std::int64_t rows = static_cast<std::int64_t>(m.rows.size());
     std::vector<float> dy(rows * hidden), dinput(rows * hidden);
     for (std::int64_t i = 0; i < rows; ++i) {
@@ -1608,7 +1777,15 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
   // 1 but for DeepSeek-V3): dL/dp_j = (rho g_j - sum_i g_i w_i) / S for chosen j, 0 otherwise
   // (rho g_j unnormalised); then dL/dlogit = p * (dL/dp - sum(p * dL/dp)). The group limit only
   // selects and carries no gradient (facts §5).
+  // Gemma 4: w = w_renormalised * per_expert_scale, so dL/dw_renormalised = dL/dw * scale.
   const double scale = c.routed_scaling_factor;
+  const bool scaled = !layer.per_expert_scale.empty();
+  if (scaled) {
+    for (std::int64_t i = 0; i < n * top_k; ++i) {
+      dweights[i] *= layer.per_expert_scale[t.chosen[i]];
+    }
+  }
+  const std::vector<float>& renormalized = scaled ? t.renormalized_weights : t.routing_weights;
   std::vector<float> dlogits(n * experts);
 #pragma omp parallel for if (n * experts > kParallelElements)
   for (std::int64_t r = 0; r < n; ++r) {
@@ -1617,7 +1794,7 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     double chosen_sum = 0.0, gw = 0.0;
     for (std::int64_t j = 0; j < top_k; ++j) {
       chosen_sum += p[t.chosen[r * top_k + j]];
-      gw += static_cast<double>(dweights[r * top_k + j]) * t.routing_weights[r * top_k + j];
+      gw += static_cast<double>(dweights[r * top_k + j]) * renormalized[r * top_k + j];
     }
     for (std::int64_t j = 0; j < top_k; ++j) {
       const double g = dweights[r * top_k + j];
@@ -1637,15 +1814,16 @@ void Model::mlp_backward(const Layer& layer, const Layout& layout, LayerTape& t,
     }
   }
   report(&observer, layer.router.name, layer.index, n, hidden, experts,
-         linear_input(layer.router, t.h2.data(), t), dlogits.data(), layout.ranges);
-  linear_backward_input(layer.router, dlogits.data(), n, dh2, true);
+         linear_input(layer.router, router_input, t), dlogits.data(), layout.ranges);
+  linear_backward_input(layer.router, dlogits.data(), n, drouter_input,
+                        /*accumulate=*/drouter_input == dexpert_input);
 
   if (layer.has_shared_expert && ungated_shared_experts_) {
     run_mlp_backward(layer.shared_expert, t.shared_expert, t.h2.data(), n, dout, dh2, true,
                      layout.ranges);
   } else if (layer.has_shared_expert) {
     // out += s * y with s = sigmoid(gate logit): dy = s dout, dlogit = <dout, y> s (1 - s).
-    LayerTape::MlpTape& m = t.shared_expert;
+    MlpTape& m = t.shared_expert;
     std::vector<float> dy(n * hidden), dlogit(n);
     for (std::int64_t r = 0; r < n; ++r) {
       const float s = t.shared_expert_scale[r];
@@ -1673,6 +1851,10 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
   const std::int64_t hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
   LinearObserver* linear_observer = report_linears ? observer : nullptr;
+  if (gemma4_) {
+    gemma4_layer_forward(layer, layout, x, out, t, observer, report_linears, cache);
+    return;
+  }
 
   t.x = x;
   t.h1.resize(n * hidden);
@@ -1693,7 +1875,7 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
       t.gated.resize(t.attn.size());
       for (std::size_t i = 0; i < t.attn.size(); ++i) t.gated[i] = t.attn[i] * logistic(t.gate[i]);
     }
-    for (const Linear* p : {&layer.q_proj, &layer.k_proj, &layer.v_proj}) {
+    for (const Linear* p : attention_projections(layer)) {
       report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
              linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
     }
@@ -1717,6 +1899,10 @@ void Model::layer_forward(const Layer& layer, const Layout& layout, const float*
 void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& t, float* dx,
                            LinearObserver& observer) const {
   // On entry dx holds dL/d(layer output); on exit dL/d(layer input).
+  if (gemma4_) {
+    gemma4_layer_backward(layer, layout, t, dx, observer);
+    return;
+  }
   const std::int64_t n = layout.rows;
   const std::int64_t hidden = config_.hidden_size;
   // out = x2 + mlp(norm(x2)): dx2 = dout + norm_backward(mlp_backward(dout)).
@@ -1739,6 +1925,119 @@ void Model::layer_backward(const Layer& layer, const Layout& layout, LayerTape& 
   }
   rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx,
                     /*accumulate=*/true);
+}
+
+// ---- Gemma 4 decoder layer ---------------------------------------------------------------
+
+// Gemma4TextDecoderLayer (gemma4-architecture-facts.md §2 step 3, §6):
+//   h = x + post_attention_norm(o_proj(attention(input_norm(x))))
+//   f = mlp(pre_feedforward_norm(h))                                         (dense)
+//   f = post_ffn_norm_1(mlp(pre_ffn_norm(h))) + post_ffn_norm_2(experts(pre_ffn_norm_2(h);
+//       router(rms(h) * router.scale * hidden^-1/2)))                        (MoE)
+//   out = layer_scalar * (h + post_feedforward_norm(f))
+void Model::gemma4_layer_forward(const Layer& layer, const Layout& layout, const float* x,
+                                 float* out, LayerTape& t, LinearObserver* observer,
+                                 bool report_linears, DecodeState* cache) const {
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = config_.hidden_size;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  LinearObserver* linear_observer = report_linears ? observer : nullptr;
+  std::vector<float> y(n * hidden);
+  // y = rms_w(x), keeping x and 1/rms for the backward.
+  const auto normed = [&](const float* in, const std::vector<float>& weight, std::int64_t rows,
+                          std::int64_t width, float epsilon, LayerTape::NormedInput& saved,
+                          float* result) {
+    saved.values.assign(in, in + rows * width);
+    saved.rstd.resize(rows);
+    rms_norm_forward(in, weight.data(), rows, width, epsilon, result, saved.rstd.data());
+  };
+
+  t.x = x;
+  t.h1.resize(n * hidden);
+  t.rstd1.resize(n);
+  rms_norm_forward(x, layer.input_norm.data(), n, hidden, eps, t.h1.data(), t.rstd1.data());
+  if (cache != nullptr) {
+    attention_forward_cached(layer, layout, t, *cache);
+  } else {
+    attention_forward(layer, layout, t, observer);
+  }
+  for (const Linear* p : attention_projections(layer)) {
+    report(linear_observer, p->name, layer.index, n, hidden, p->out_features,
+           linear_input(*p, t.h1.data(), t), nullptr, layout.ranges);
+  }
+  std::vector<float> attn_out(n * hidden);
+  linear_forward(layer.o_proj, t.attn.data(), n, attn_out.data(), &t);
+  report(linear_observer, layer.o_proj.name, layer.index, n, layer.o_proj.in_features, hidden,
+         linear_input(layer.o_proj, t.attn.data(), t), nullptr, layout.ranges);
+  t.x2.resize(n * hidden);
+  normed(attn_out.data(), layer.post_attention_norm, n, hidden, eps, t.attn_out, t.x2.data());
+  add_inplace(t.x2.data(), x, n * hidden);
+
+  t.h2.resize(n * hidden);
+  t.rstd2.resize(n);
+  rms_norm_forward(t.x2.data(), layer.pre_feedforward_norm.data(), n, hidden, eps, t.h2.data(),
+                   t.rstd2.data());
+  std::vector<float> dense(n * hidden), ffn(n * hidden);
+  gated_mlp_forward(layer, layer.mlp, t, t.mlp, t.h2.data(), n, dense.data(), layout.ranges,
+                    linear_observer);
+  if (layer.moe) {
+    normed(dense.data(), layer.post_feedforward_norm_1, n, hidden, eps, t.dense_out, ffn.data());
+    std::vector<float> experts_in(n * hidden), router_in(n * hidden), routed(n * hidden);
+    normed(t.x2.data(), layer.pre_feedforward_norm_2, n, hidden, eps, t.experts_in,
+           experts_in.data());
+    normed(t.x2.data(), layer.router_input_norm, n, hidden, eps, t.router_in, router_in.data());
+    // The normed inputs themselves are what the router and the experts multiply.
+    t.experts_in.values = std::move(experts_in);
+    t.router_in.values = std::move(router_in);
+    moe_forward(layer, layout, t, t.router_in.values.data(), t.experts_in.values.data(),
+                routed.data(), observer, report_linears);
+    normed(routed.data(), layer.post_feedforward_norm_2, n, hidden, eps, t.routed, y.data());
+    add_inplace(ffn.data(), y.data(), n * hidden);
+  } else {
+    ffn.swap(dense);
+  }
+  normed(ffn.data(), layer.post_feedforward_norm, n, hidden, eps, t.ffn, y.data());
+  t.u = t.x2;
+  add_inplace(t.u.data(), y.data(), n * hidden);
+  for (std::int64_t i = 0; i < n * hidden; ++i) out[i] = layer.layer_scalar * t.u[i];
+}
+
+void Model::gemma4_layer_backward(const Layer& layer, const Layout& layout, LayerTape& t, float* dx,
+                                  LinearObserver& observer) const {
+  const std::int64_t n = layout.rows;
+  const std::int64_t hidden = config_.hidden_size;
+  // dx2 gathers dL/dh from the residual path and every norm that reads h.
+  std::vector<float> dx2(n * hidden), dffn(n * hidden);
+  for (std::int64_t i = 0; i < n * hidden; ++i) dx2[i] = layer.layer_scalar * dx[i];
+  rms_norm_backward(t.ffn.values.data(), layer.post_feedforward_norm.data(), t.ffn.rstd.data(),
+                    dx2.data(), n, hidden, dffn.data(), false);
+  std::vector<float> ddense(n * hidden);
+  if (layer.moe) {
+    rms_norm_backward(t.dense_out.values.data(), layer.post_feedforward_norm_1.data(),
+                      t.dense_out.rstd.data(), dffn.data(), n, hidden, ddense.data(), false);
+    std::vector<float> drouted(n * hidden), drouter_in(n * hidden), dexperts_in(n * hidden);
+    rms_norm_backward(t.routed.values.data(), layer.post_feedforward_norm_2.data(),
+                      t.routed.rstd.data(), dffn.data(), n, hidden, drouted.data(), false);
+    moe_backward(layer, layout, t, t.router_in.values.data(), drouted.data(), drouter_in.data(),
+                 dexperts_in.data(), observer);
+    rms_norm_backward(t.x2.data(), layer.router_input_norm.data(), t.router_in.rstd.data(),
+                      drouter_in.data(), n, hidden, dx2.data(), true);
+    rms_norm_backward(t.x2.data(), layer.pre_feedforward_norm_2.data(), t.experts_in.rstd.data(),
+                      dexperts_in.data(), n, hidden, dx2.data(), true);
+  } else {
+    ddense.swap(dffn);
+  }
+  std::vector<float> dh(n * hidden);
+  gated_mlp_backward(layer, layer.mlp, t, t.mlp, t.h2.data(), n, ddense.data(), dh.data(), false,
+                     layout.ranges, observer);
+  rms_norm_backward(t.x2.data(), layer.pre_feedforward_norm.data(), t.rstd2.data(), dh.data(), n,
+                    hidden, dx2.data(), true);
+  std::vector<float> dattn_out(n * hidden);
+  rms_norm_backward(t.attn_out.values.data(), layer.post_attention_norm.data(),
+                    t.attn_out.rstd.data(), dx2.data(), n, hidden, dattn_out.data(), false);
+  attention_backward(layer, layout, t, dattn_out.data(), dh.data(), observer);
+  std::copy(dx2.begin(), dx2.end(), dx);
+  rms_norm_backward(t.x, layer.input_norm.data(), t.rstd1.data(), dh.data(), n, hidden, dx, true);
 }
 
 // ---- Passes -------------------------------------------------------------------------------
@@ -1838,6 +2137,7 @@ std::shared_ptr<const Model::Pass> Model::begin_pass(std::span<const Sequence> b
     }
     // One table for the whole batch: "dynamic" RoPE depends on the batch's longest sequence.
     layout.rope = whole.rope;
+    layout.full_attention_rope = whole.full_attention_rope;
     pass->micro.push_back({first, last, std::move(layout)});
   }
   std::int64_t largest_micro_batch = 0;
@@ -1881,6 +2181,16 @@ void Model::embed_tokens(std::span<const Sequence> batch, const Layout& layout,
   for (std::size_t r = 0; r < ids.size(); ++r) {
     const auto at = std::lower_bound(unique.begin(), unique.end(), ids[r]) - unique.begin();
     std::copy_n(rows.data() + at * hidden, hidden, x + static_cast<std::int64_t>(r) * hidden);
+  }
+  if (gemma4_) {
+    // Gemma 4 scales the embedding by sqrt(hidden) rounded to the weights' dtype, bf16, as both
+    // transformers and vLLM's "normalizer" buffer do (gemma4-architecture-facts.md §2 step 1,
+    // §12 point 7: 73.5 for the 31B's sqrt(5376)).
+    const float root = std::sqrt(static_cast<float>(hidden));
+    std::uint16_t bits = 0;
+    convert_f32_to_bf16({&root, 1}, {&bits, 1});
+    const float scale = io::bf16_bits_to_f32(bits);
+    for (std::size_t i = 0; i < ids.size() * hidden; ++i) x[i] *= scale;
   }
 }
 
@@ -1965,7 +2275,25 @@ Model::Layout Model::make_layout(std::span<const Sequence> batch) const {
   // "dynamic" RoPE scaling depends on the longest sequence, as in transformers'
   // dynamic_rope_update (seq_len = largest position + 1).
   layout.rope = std::make_shared<RopeTable>(config_, std::max<std::int64_t>(layout.max_length, 1));
+  add_full_attention_rope(layout, std::max<std::int64_t>(layout.max_length, 1));
   return layout;
+}
+
+void Model::add_full_attention_rope(Layout& layout, std::int64_t positions) const {
+  if (!gemma4_) return;
+  layout.full_attention_rope = std::make_shared<RopeTable>(
+      config_.gemma4->global_head_dim, gemma4_full_attention_inv_freq(config_), positions);
+}
+
+void Model::head_logits(const Linear& head, const float* x, std::int64_t rows, float* logits) {
+  multiply(head, x, rows, logits);
+  soft_cap(head, {logits, static_cast<std::size_t>(rows * head.out_features)});
+}
+
+void Model::soft_cap(const Linear& head, std::span<float> logits) {
+  const float cap = head.logit_softcap;
+  if (cap <= 0.0f) return;
+  for (float& v : logits) v = cap * std::tanh(v / cap);
 }
 
 void Model::for_each_logits_block(
@@ -1996,6 +2324,7 @@ void Model::for_each_logits_block(
     LayerTape tape;
     linear_forward(head, h.data(), rows, logits.data(), &tape);
     io::require_finite(logits, "lm_head's output (the logits)");
+    soft_cap(head, logits);
     const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
     const float* input = linear_input(head, h.data(), tape);
     report(observer, head.name, -1, rows, hidden, vocab, input, nullptr, ranges);
@@ -2048,6 +2377,7 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   Layout layout = make_layout({&sequence, 1});
   const std::int64_t n = layout.rows;
   layout.rope = std::make_shared<RopeTable>(config_, state.length + n);
+  add_full_attention_rope(layout, state.length + n);
   const std::int64_t hidden = config_.hidden_size;
   std::vector<float> x(n * hidden), next(n * hidden);
   embed_tokens({&sequence, 1}, layout, embedding_name(), x.data());
@@ -2064,9 +2394,11 @@ std::vector<float> Model::extend(DecodeState& state, std::span<const std::int32_
   rms_norm_forward(x.data(), final_norm_.data(), n, hidden,
                    static_cast<float>(config_.rms_norm_eps), h.data(), rstd.data());
   std::vector<float> logits(n * config_.vocab_size);
-  linear_forward(acquire_head(), h.data(), n, logits.data(), nullptr);
-  release_head();
+  const Linear& head = acquire_head();
+  linear_forward(head, h.data(), n, logits.data(), nullptr);
   io::require_finite(logits, "lm_head's output (the logits)");
+  soft_cap(head, logits);
+  release_head();
   return logits;
 }
 
@@ -2108,9 +2440,19 @@ double Model::score_logits(const Pass& pass, const float* x, const std::vector<f
             weights[offset + t] = given.empty() ? 1.0f : given[t];
           }
         }
+        // The soft-capped logits c tanh(raw / c) are what the loss scores (Gemma 4's lm_head;
+        // no other head, DeepSeek-V3's MTP shared_head.head included, has a cap).
+        const Linear& head = own_head != nullptr ? *own_head : *lm_head_;
+        const float cap = head.logit_softcap;
+        std::vector<float> capped;
+        if (cap > 0.0f) capped.assign(logits, logits + rows * vocab);
         loss += cross_entropy_forward_backward(logits, targets.data(), weights.data(), rows, vocab);
         if (dx == nullptr) return;
-        const Linear& head = own_head != nullptr ? *own_head : *lm_head_;
+        // d raw = d capped (1 - tanh^2(raw / c)), tanh(raw / c) = capped / c (facts §8).
+        for (std::size_t i = 0; i < capped.size(); ++i) {
+          const float tanh = capped[i] / cap;
+          logits[i] *= 1.0f - tanh * tanh;
+        }
         const std::vector<RowRange> ranges = block_ranges(layout.ranges, first, last);
         report(observer, head.name, -1, rows, hidden, vocab, input, logits, ranges);
         std::vector<float> dh(rows * hidden);

@@ -15,6 +15,8 @@
 
 namespace pq::runtime {
 
+class RopeTable;
+
 // What the GEMMs multiply: float32, or bfloat16 inputs (weights and activations rounded to
 // nearest even) with float32 accumulation and output. Norms, softmax, RoPE and attention always
 // run in float32.
@@ -110,6 +112,9 @@ class Model {
   // y [rows, out] = x [rows, in] W^T (+ bias): the GEMM a pass makes for `linear` once its input
   // is quantized (the observer reports that input), bit for bit.
   static void multiply(const Linear& linear, const float* x, std::int64_t rows, float* y);
+  // The logits [rows, vocab] lm_head gives for its input rows x, as a pass scores them: the GEMM
+  // and, for Gemma 4, the final logit soft-cap.
+  static void head_logits(const Linear& head, const float* x, std::int64_t rows, float* logits);
   static std::uint64_t weight_bytes(const Linear& linear);
 
   // Called with each sequence's logits [rows = its length, vocab]; the pointer is valid only
@@ -200,6 +205,8 @@ class Model {
   struct Layer;
   struct Layout;
   struct LayerTape;
+  struct Mlp;
+  struct MlpTape;
   struct Mtp;
   struct MtpRun;
 
@@ -285,6 +292,39 @@ class Model {
                    LinearObserver* observer, bool report_linears) const;
   void mlp_backward(const Layer& layer, const Layout& layout, LayerTape& tape, const float* dout,
                     float* dh2, LinearObserver& observer) const;
+  // One gated MLP (SwiGLU, or GeGLU for Gemma 4) on `rows` rows of `input`, writing
+  // [rows, hidden] to `result`; the observer (optional) sees its Linears. Its backward turns dy
+  // into d(input), written or added.
+  void gated_mlp_forward(const Layer& layer, const Mlp& mlp, LayerTape& tape, MlpTape& m,
+                         const float* input, std::int64_t rows, float* result,
+                         std::span<const RowRange> ranges, LinearObserver* observer) const;
+  void gated_mlp_backward(const Layer& layer, const Mlp& mlp, LayerTape& tape, MlpTape& m,
+                          const float* input, std::int64_t rows, const float* dy, float* dinput,
+                          bool accumulate, std::span<const RowRange> ranges,
+                          LinearObserver& observer) const;
+  // The sparse MoE block: the router multiplies router_input, the experts expert_input (the
+  // same rows except in Gemma 4, §6). Its backward writes d(expert_input) and adds the router's
+  // input gradient to d(router_input), or writes it there when the two are different buffers.
+  void moe_forward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                   const float* router_input, const float* expert_input, float* out,
+                   LinearObserver* observer, bool report_linears) const;
+  void moe_backward(const Layer& layer, const Layout& layout, LayerTape& tape,
+                    const float* router_input, const float* dout, float* drouter_input,
+                    float* dexpert_input, LinearObserver& observer) const;
+  // Gemma 4's decoder layer (gemma4-architecture-facts.md §2 step 3) and its backward.
+  void gemma4_layer_forward(const Layer& layer, const Layout& layout, const float* x, float* out,
+                            LayerTape& tape, LinearObserver* observer, bool report_linears,
+                            DecodeState* cache) const;
+  void gemma4_layer_backward(const Layer& layer, const Layout& layout, LayerTape& tape, float* dx,
+                             LinearObserver& observer) const;
+  // The RoPE table a layer rotates by, and its q/k/v projections (without a v_proj on Gemma 4's
+  // k_eq_v layers).
+  const RopeTable& rope_of(const Layer& layer, const Layout& layout) const;
+  std::vector<const Linear*> attention_projections(const Layer& layer) const;
+  // Gemma 4: the full-attention layers' RoPE table for `positions` positions; nothing otherwise.
+  void add_full_attention_rope(Layout& layout, std::int64_t positions) const;
+  // Gemma 4's final logit soft-cap of lm_head's outputs, in place; nothing for other families.
+  static void soft_cap(const Linear& head, std::span<float> logits);
   const Mtp& acquire_mtp();
   void release_mtp();
   // The MTP head's forward up to its layer's output (run.output), over the pass of `pass`'s
@@ -329,6 +369,9 @@ class Model {
   std::string moe_block_;                               // "mlp." or "block_sparse_moe."
   std::array<std::string_view, 3> expert_projections_;  // gate, up, down
   std::string text_prefix_;                             // "model." or "model.language_model."
+  std::string router_name_;                             // "gate" or "router.proj"
+  bool gemma4_ = false;
+  float logit_softcap_ = 0.0f;  // 0: none
   std::vector<float> final_norm_;
   bool tied_head_ = false;           // lm_head's weight is the embedding's
   std::shared_ptr<Linear> lm_head_;  // while a pass uses it (or resident)

@@ -49,12 +49,15 @@ struct RoutingActivity {
 };
 
 // What one attention layer stores in its key/value cache for every row of the batch: keys after the
-// k norm and RoPE and values, [rows, num_key_value_heads * head_dim] each, before any KV cache
-// quantizer (RuntimeOptions::kv_cache). The probe takes the FP8 KV cache scales from their amax.
+// k norm and RoPE and values (after Gemma 4's v norm), [rows, KV heads * head_dim] each, before any
+// KV cache quantizer (RuntimeOptions::kv_cache). The probe takes the FP8 KV cache scales from their
+// amax.
 struct KvCacheActivity {
   std::int64_t layer = 0;
   std::int64_t rows = 0;
-  std::int64_t width = 0;  // num_key_value_heads * head_dim
+  // The layer's KV heads * head_dim: num_key_value_heads * head_dim, or on Gemma 4 that of the
+  // layer's type (ModelConfig::attention_key_value_heads, attention_head_dim).
+  std::int64_t width = 0;
   const float* keys = nullptr;
   const float* values = nullptr;
 };

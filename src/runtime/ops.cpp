@@ -61,6 +61,42 @@ void swiglu_backward(const float* gate, const float* up, const float* dact, std:
   }
 }
 
+namespace {
+
+// gelu_pytorch_tanh and its derivative ½(1 + t) + ½ g (1 − t²) √(2/π) (1 + 3·0.044715 g²),
+// t = tanh(√(2/π)(g + 0.044715 g³)) (gemma4-architecture-facts.md §5).
+constexpr double kGeluCubic = 0.044715;
+const double kSqrtTwoOverPi = std::sqrt(2.0 / 3.14159265358979323846);
+
+float gelu_tanh(float g) {
+  const double x = g;
+  return static_cast<float>(0.5 * x *
+                            (1.0 + std::tanh(kSqrtTwoOverPi * (x + kGeluCubic * x * x * x))));
+}
+
+float gelu_tanh_derivative(float g) {
+  const double x = g;
+  const double t = std::tanh(kSqrtTwoOverPi * (x + kGeluCubic * x * x * x));
+  return static_cast<float>(0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * kSqrtTwoOverPi *
+                                                  (1.0 + 3.0 * kGeluCubic * x * x));
+}
+
+}  // namespace
+
+void geglu_forward(const float* gate, const float* up, std::int64_t n, float* act) {
+#pragma omp parallel for if (n > kParallelElements)
+  for (std::int64_t i = 0; i < n; ++i) act[i] = gelu_tanh(gate[i]) * up[i];
+}
+
+void geglu_backward(const float* gate, const float* up, const float* dact, std::int64_t n,
+                    float* dgate, float* dup) {
+#pragma omp parallel for if (n > kParallelElements)
+  for (std::int64_t i = 0; i < n; ++i) {
+    dgate[i] = dact[i] * up[i] * gelu_tanh_derivative(gate[i]);
+    dup[i] = dact[i] * gelu_tanh(gate[i]);
+  }
+}
+
 void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t width) {
 #pragma omp parallel for if (rows * width > kParallelElements)
   for (std::int64_t r = 0; r < rows; ++r) {

@@ -27,6 +27,14 @@ void swiglu_forward(const float* gate, const float* up, std::int64_t n, float* a
 void swiglu_backward(const float* gate, const float* up, const float* dact, std::int64_t n,
                      float* dgate, float* dup);
 
+// GeGLU with the tanh-approximated GELU (transformers ACT2FN["gelu_pytorch_tanh"], Gemma 4's
+// hidden_activation; gemma4-architecture-facts.md §5): act = gelu(gate) * up,
+// gelu(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+void geglu_forward(const float* gate, const float* up, std::int64_t n, float* act);
+// From d(act): dgate = dact * up * gelu'(gate), dup = dact * gelu(gate).
+void geglu_backward(const float* gate, const float* up, const float* dact, std::int64_t n,
+                    float* dgate, float* dup);
+
 // y[r, :] += bias for every row.
 void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t width);
 // y += x elementwise.

@@ -139,6 +139,32 @@ RopeFrequencies rope_frequencies(const model::ModelConfig& c, std::int64_t seq_l
   return r;
 }
 
+std::vector<double> gemma4_full_attention_inv_freq(const model::ModelConfig& config) {
+  const model::Gemma4Config& g = *config.gemma4;
+  const std::int64_t dim = g.global_head_dim;
+  PQ_CHECK(dim % 2 == 0, "global_head_dim {} is odd", dim);
+  const auto rotated =
+      static_cast<std::int64_t>(g.full_partial_rotary_factor * static_cast<double>(dim) / 2.0);
+  std::vector<double> inv_freq = default_inv_freq(g.full_rope_theta, dim);
+  for (std::int64_t i = rotated; i < dim / 2; ++i) inv_freq[i] = 0.0;
+  return inv_freq;
+}
+
+RopeTable::RopeTable(std::int64_t head_dim, const std::vector<double>& inv_freq,
+                     std::int64_t positions)
+    : positions_(positions), head_dim_(head_dim), rotary_dim_(head_dim) {
+  const std::int64_t half = head_dim / 2;
+  cos_.resize(positions * half);
+  sin_.resize(positions * half);
+  for (std::int64_t p = 0; p < positions; ++p) {
+    for (std::int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(p) * inv_freq[i];
+      cos_[p * half + i] = static_cast<float>(std::cos(angle));
+      sin_[p * half + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
 RopeTable::RopeTable(const model::ModelConfig& config, std::int64_t positions)
     : positions_(positions), head_dim_(config.head_dim), rotary_dim_(rotary_dim(config)) {
   const RopeFrequencies freqs = rope_frequencies(config, positions);

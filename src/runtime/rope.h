@@ -25,10 +25,20 @@ std::int64_t rotary_dim(const model::ModelConfig& config);
 // than max_position_embeddings (modeling_rope_utils.py _compute_dynamic_ntk_parameters).
 RopeFrequencies rope_frequencies(const model::ModelConfig& config, std::int64_t seq_len);
 
+// Gemma 4's full-attention RoPE (rope_type "proportional", transformers modeling_rope_utils.py
+// _compute_proportional_rope_parameters; gemma4-architecture-facts.md §4.3): over the whole
+// global_head_dim D, frequency i < int(partial_rotary_factor * D / 2) is theta^(-2i / D) (the
+// denominator is D, not the rotated width) and the others are 0, so dims [0, n) pair with
+// [D/2, D/2 + n) and the rest pass through. "default" is the same with factor 1.
+std::vector<double> gemma4_full_attention_inv_freq(const model::ModelConfig& config);
+
 // cos and sin of position x frequency for positions 0..positions-1.
 class RopeTable {
  public:
   RopeTable(const model::ModelConfig& config, std::int64_t positions);
+  // Rotate-half over the whole head with these frequencies ([head_dim / 2]; zeros leave their
+  // pairs unrotated).
+  RopeTable(std::int64_t head_dim, const std::vector<double>& inv_freq, std::int64_t positions);
 
   std::int64_t positions() const { return positions_; }
   std::int64_t head_dim() const { return head_dim_; }

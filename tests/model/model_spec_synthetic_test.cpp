@@ -239,7 +239,7 @@ TEST(ModelSpecSynthetic, Qwen3MoeMixesDenseAndSparseLayers) {
 TEST(ModelSpecSynthetic, RejectsUnsupportedArchitecture) {
   EXPECT_EQ(error_of(parse(tiny_config("GPT2LMHeadModel")), llama_tensors(true)),
             "ckpt: unsupported architecture \"GPT2LMHeadModel\"; supported: "
-            "DeepseekV3ForCausalLM, LlamaForCausalLM, "
+            "DeepseekV3ForCausalLM, Gemma4ForConditionalGeneration, LlamaForCausalLM, "
             "MiniMaxM2ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
             "Qwen3MoeForCausalLM, "
             "Qwen3NextForCausalLM, Qwen3_5ForConditionalGeneration, "
@@ -546,17 +546,18 @@ TEST(Dimension, RejectsUnknownFieldsAndMalformedExpressions) {
 
 TEST(Profiles, EveryArchitectureIsRegisteredOnce) {
   const auto names = supported_architectures();
-  EXPECT_EQ(names, (std::vector<std::string>{
-                       "DeepseekV3ForCausalLM", "LlamaForCausalLM", "MiniMaxM2ForCausalLM",
-                       "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                       "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{
+                "DeepseekV3ForCausalLM", "Gemma4ForConditionalGeneration", "LlamaForCausalLM",
+                "MiniMaxM2ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+                "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}));
   for (const std::string& name : names) {
     const ArchitectureProfile* profile = find_profile(name);
     ASSERT_NE(profile, nullptr) << name;
     EXPECT_FALSE(profile->linears.empty()) << name;
   }
-  EXPECT_EQ(find_profile("Gemma4ForConditionalGeneration"), nullptr);
+  EXPECT_EQ(find_profile("GPT2LMHeadModel"), nullptr);
 }
 
 }  // namespace

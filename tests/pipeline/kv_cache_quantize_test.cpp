@@ -1,7 +1,7 @@
 // quantize --kv-cache fp8 end to end: the probe records what each attention layer caches, the
 // export carries compressed-tensors' kv_cache_scheme and a k_scale / v_scale per attention layer
-// (none on Gated DeltaNet layers), the model card reports the KL with the FP8 cache next to the KL
-// without it, and validate reproduces both from the files.
+// (none on Gated DeltaNet layers; on both of Gemma 4's layer types), the model card reports the KL
+// with the FP8 cache next to the KL without it, and validate reproduces both from the files.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -42,9 +42,11 @@ TEST_P(KvCacheQuantize, Fp8KvCacheScalesFromTheProbeAndBothKlsReproducedByValida
   QuantizeJob job;
   job.model = test::shared_dir() / "models" / GetParam();
   const model::ModelConfig config = model::ModelConfig::load(job.model);
-  // The hybrid tiny checkpoints have no tokenizer: token ids, as the hybrid tests give them.
+  // The hybrid and Gemma 4 tiny checkpoints have no tokenizer: token ids, as their own tests give
+  // them.
   const bool hybrid = GetParam().starts_with("qwen3_5");
-  if (hybrid) {
+  const bool token_ids = hybrid || GetParam().starts_with("gemma4");
+  if (token_ids) {
     job.data = test::write_token_ids(dir / "ids.txt", config.vocab_size, 4000);
     job.token_ids = true;
   } else {
@@ -52,11 +54,18 @@ TEST_P(KvCacheQuantize, Fp8KvCacheScalesFromTheProbeAndBothKlsReproducedByValida
   }
   job.out = dir / "out";
   job.nsamples = 4;
-  job.seqlen = hybrid ? 64 : 128;
+  job.seqlen = token_ids ? 64 : 128;
   job.target_bits = "4.75";
   job.eval_windows = 2;
-  job.eval_seqlen = hybrid ? 64 : 128;
+  job.eval_seqlen = token_ids ? 64 : 128;
   job.kv_cache = true;
+  if (config.gemma4) {
+    // Random weights: what is asserted is that validate reproduces both measured KLs, not that
+    // they pass the gates of a served model (as in Gemma4Quantize).
+    job.gates.max_kl = 5.0;
+    job.gates.min_top1 = 0.0;
+    job.gates.max_ppl_ratio = 100.0;
+  }
   const QuantizeOutcome outcome = run_quantize(job);
 
   // Every attention layer, and only those, has a k_scale and v_scale: amax / 448 of what the
@@ -134,7 +143,7 @@ TEST_P(KvCacheQuantize, Fp8KvCacheScalesFromTheProbeAndBothKlsReproducedByValida
 
 INSTANTIATE_TEST_SUITE_P(SharedModels, KvCacheQuantize,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny",
-                                           "qwen3_5-tiny-random"),
+                                           "qwen3_5-tiny-random", "gemma4-tiny-random"),
                          [](const auto& info) {
                            std::string name = info.param;
                            std::replace(name.begin(), name.end(), '-', '_');

@@ -16,5 +16,6 @@ const ArchitectureProfile& qwen3_5_moe();
 const ArchitectureProfile& qwen3_next();
 const ArchitectureProfile& minimax_m2();
 const ArchitectureProfile& deepseek_v3();
+const ArchitectureProfile& gemma4();
 
 }  // namespace pq::model::profiles
