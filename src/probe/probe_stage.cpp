@@ -392,6 +392,12 @@ ProbeOutcome run_probe(const ProbeJob& job) {
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   runtime::require_runtime_support(config);
+  // vLLM caches MLA's compressed latent and shared rope key (deepseek_v3-architecture-facts.md
+  // §3), not per-head keys and values, so there is no k_scale / v_scale pair to calibrate.
+  PQ_CHECK(!job.kv_cache || !config.mla,
+           "probe: --kv-cache fp8 calibrates per-head keys and values; {} uses multi-head latent "
+           "attention, whose cached latent is not supported",
+           job.model.string());
   data::require_dataset(job.data, job.token_ids, job.model);
   const LocationLock lock(job.out);
   ProbeOutcome outcome;

@@ -44,5 +44,21 @@ TEST(DeepSeekV3Cli, EvalAndGenerateRunFromTheFp8Weights) {
   EXPECT_EQ(generate.exit_code, 0) << generate.err;
 }
 
+// The FP8 KV cache calibrates per-head keys and values; MLA caches a latent: refused in one line
+// before anything is written.
+TEST(DeepSeekV3Cli, Fp8KvCacheIsRefusedForLatentAttention) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  std::ofstream(dir / "ids.txt") << "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n";
+  const RunResult probe = run_prismaquant(
+      "probe " + quoted(checkpoint()) + " --token-ids " + quoted(dir / "ids.txt") + " --out " +
+      quoted(dir / "probe") + " --nsamples 1 --seqlen 8 --kv-cache fp8");
+  EXPECT_NE(probe.exit_code, 0);
+  EXPECT_NE(probe.err.find("multi-head latent attention, whose cached latent is not supported"),
+            std::string::npos)
+      << probe.err;
+  EXPECT_FALSE(std::filesystem::exists(dir / "probe"));
+}
+
 }  // namespace
 }  // namespace pq
