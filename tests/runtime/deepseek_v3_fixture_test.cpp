@@ -59,25 +59,6 @@ TEST(DeepSeekV3Fixture, Fp32LogitsAndResidualsMatchFloat64Reference) {
   EXPECT_LE(e.residuals, 1e-4);
 }
 
-// Records every MoE layer's routing, in token order.
-class RoutingRecorder final : public LinearObserver {
- public:
-  struct Layer {
-    std::vector<float> scores;
-    std::vector<std::int32_t> experts;
-    std::vector<float> weights;
-  };
-  void on_linear(const LinearActivity&) override {}
-  void on_routing(const RoutingActivity& r) override {
-    Layer& layer = layers[r.layer];
-    layer.scores.insert(layer.scores.end(), r.probabilities,
-                        r.probabilities + r.tokens * r.num_experts);
-    layer.experts.insert(layer.experts.end(), r.experts, r.experts + r.tokens * r.top_k);
-    layer.weights.insert(layer.weights.end(), r.weights, r.weights + r.tokens * r.top_k);
-  }
-  std::map<std::int64_t, Layer> layers;
-};
-
 struct RoutingErrors {
   std::int64_t decisions = 0;
   double weights = 0.0;
@@ -106,8 +87,8 @@ void compare_routing(const RoutingRecorder::Layer& layer, const model::ModelConf
         ++errors.decisions;
       }
       for (std::int64_t e = 0; e < experts; ++e) {
-        errors.scores = std::max(
-            errors.scores, std::abs(layer.scores[row * experts + e] - scores[t][e].get<double>()));
+        errors.scores = std::max(errors.scores, std::abs(layer.probabilities[row * experts + e] -
+                                                         scores[t][e].get<double>()));
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <stdexcept>
@@ -131,6 +132,26 @@ inline ForwardErrors forward_errors(const Fixture& f, ComputeType compute) {
   });
   return errors;
 }
+
+// Records every MoE layer's routing of a forward pass, in token order: the router's
+// probabilities (or scores) over all experts, the chosen experts and their weights.
+class RoutingRecorder final : public LinearObserver {
+ public:
+  struct Layer {
+    std::vector<float> probabilities;
+    std::vector<std::int32_t> experts;
+    std::vector<float> weights;
+  };
+  void on_linear(const LinearActivity&) override {}
+  void on_routing(const RoutingActivity& r) override {
+    Layer& layer = layers[r.layer];
+    layer.probabilities.insert(layer.probabilities.end(), r.probabilities,
+                               r.probabilities + r.tokens * r.num_experts);
+    layer.experts.insert(layer.experts.end(), r.experts, r.experts + r.tokens * r.top_k);
+    layer.weights.insert(layer.weights.end(), r.weights, r.weights + r.tokens * r.top_k);
+  }
+  std::map<std::int64_t, Layer> layers;
+};
 
 // Decodes `tokens` with Model::extend in chunks of 5, 1, 1, 4 and the rest (a prefill, single
 // steps, a short chunk) and returns the largest |cached - full| logit over the largest |full|

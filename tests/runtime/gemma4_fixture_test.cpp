@@ -47,25 +47,6 @@ TEST(Gemma4Fixture, MoeFp32LogitsAndResidualsMatchFloat64Reference) {
   expect_forward_matches(kMoe);
 }
 
-// Records every MoE layer's routing of a forward pass, in token order.
-class RoutingRecorder final : public LinearObserver {
- public:
-  struct Layer {
-    std::vector<float> probabilities;
-    std::vector<std::int32_t> experts;
-    std::vector<float> weights;
-  };
-  void on_linear(const LinearActivity&) override {}
-  void on_routing(const RoutingActivity& r) override {
-    Layer& layer = layers[r.layer];
-    layer.probabilities.insert(layer.probabilities.end(), r.probabilities,
-                               r.probabilities + r.tokens * r.num_experts);
-    layer.experts.insert(layer.experts.end(), r.experts, r.experts + r.tokens * r.top_k);
-    layer.weights.insert(layer.weights.end(), r.weights, r.weights + r.tokens * r.top_k);
-  }
-  std::map<std::int64_t, Layer> layers;
-};
-
 // The router sees rms(h) * router.scale * hidden^-1/2 of the raw residual, softmax over all
 // experts; the top-k weights are renormalised, then scaled by per_expert_scale (facts §6). The
 // fixture keeps every k-th/(k+1)-th logit gap >= 0.03, so the chosen sets must be identical; the
@@ -216,25 +197,9 @@ TEST(Gemma4Fixture, CachedDecodingMatchesFullForward) {
     const Fixture f(name);
     const CheckpointWeightSource weights(f.checkpoint);
     Model model(f.config, weights, {.keep_layers_resident = true});
-    const std::vector<std::int32_t>& tokens = f.batch[1].tokens;
-    const std::vector<float> full = model.logits(tokens);
-    DecodeState state;
-    std::vector<float> cached;
-    std::size_t begin = 0;
-    for (const std::size_t length : {5, 1, 1, 4, 13}) {
-      const auto logits = model.extend(state, std::span(tokens).subspan(begin, length));
-      cached.insert(cached.end(), logits.begin(), logits.end());
-      begin += length;
-    }
-    ASSERT_EQ(cached.size(), full.size());
-    double diff = 0.0, scale = 0.0;
-    for (std::size_t i = 0; i < full.size(); ++i) {
-      diff = std::max(diff, static_cast<double>(std::abs(cached[i] - full[i])));
-      scale = std::max(scale, static_cast<double>(std::abs(full[i])));
-    }
-    std::printf("[%s] cached vs full logits: max difference / max logit %.3g\n", name,
-                diff / scale);
-    EXPECT_LE(diff / scale, 1e-5);
+    const double error = cached_decoding_error(model, f.batch[1].tokens);
+    std::printf("[%s] cached vs full logits: max difference / max logit %.3g\n", name, error);
+    EXPECT_LE(error, 1e-5);
   }
 }
 

@@ -165,20 +165,6 @@ TEST(Qwen3_5Fixture, CachedDecodingMatchesFullForward) {
   }
 }
 
-// Records every routing decision of a forward pass, per layer in token order.
-class RoutingRecorder final : public LinearObserver {
- public:
-  void on_linear(const LinearActivity&) override {}
-  void on_routing(const RoutingActivity& r) override {
-    auto& experts = chosen[r.layer];
-    experts.insert(experts.end(), r.experts, r.experts + r.tokens * r.top_k);
-    auto& w = weights[r.layer];
-    w.insert(w.end(), r.weights, r.weights + r.tokens * r.top_k);
-  }
-  std::map<std::int64_t, std::vector<std::int32_t>> chosen;
-  std::map<std::int64_t, std::vector<float>> weights;
-};
-
 // The fixture's smallest gap between the k-th and (k+1)-th router logit is 0.05, far above fp32
 // error: every decision must match, in order.
 TEST(Qwen3_5Fixture, Fp32RoutingEqualsReference) {
@@ -198,10 +184,10 @@ TEST(Qwen3_5Fixture, Fp32RoutingEqualsReference) {
       const auto& w = f.json["routing"]["topk_weights"][s][l];
       for (std::size_t t = 0; t < ids.size(); ++t, ++row) {
         for (std::int64_t j = 0; j < k; ++j) {
-          EXPECT_EQ(routing.chosen[l][row * k + j], ids[t][j].get<std::int32_t>())
+          EXPECT_EQ(routing.layers[l].experts[row * k + j], ids[t][j].get<std::int32_t>())
               << "layer " << l << " sequence " << s << " token " << t;
-          weight_error = std::max(
-              weight_error, std::abs(routing.weights[l][row * k + j] - w[t][j].get<double>()));
+          weight_error = std::max(weight_error, std::abs(routing.layers[l].weights[row * k + j] -
+                                                         w[t][j].get<double>()));
         }
       }
     }
@@ -213,17 +199,18 @@ TEST(Qwen3_5Fixture, Fp32RoutingEqualsReference) {
   const std::vector<float> x = body_output(model, *pass, f.config);
   model.mtp_forward(
       *pass, x.data(), [](std::int64_t, const float*, std::int64_t) {}, &mtp_routing);
-  ASSERT_EQ(mtp_routing.chosen.size(), 1u);
+  ASSERT_EQ(mtp_routing.layers.size(), 1u);
   std::int64_t row = 0;
   for (std::size_t s = 0; s < f.batch.size(); ++s) {
     const auto& ids = f.json["mtp_routing"]["topk_ids"][s];
     const auto& w = f.json["mtp_routing"]["topk_weights"][s];
     for (std::size_t t = 0; t < ids.size(); ++t, ++row) {
       for (std::int64_t j = 0; j < k; ++j) {
-        EXPECT_EQ(mtp_routing.chosen[mtp_layer][row * k + j], ids[t][j].get<std::int32_t>())
+        EXPECT_EQ(mtp_routing.layers[mtp_layer].experts[row * k + j], ids[t][j].get<std::int32_t>())
             << "MTP sequence " << s << " row " << t;
-        weight_error = std::max(weight_error, std::abs(mtp_routing.weights[mtp_layer][row * k + j] -
-                                                       w[t][j].get<double>()));
+        weight_error = std::max(
+            weight_error,
+            std::abs(mtp_routing.layers[mtp_layer].weights[row * k + j] - w[t][j].get<double>()));
       }
     }
   }
