@@ -72,7 +72,13 @@ void register_quantize(CLI::App& app) {
           std::string(runtime::compute_type_name(job->probe_compute)) + ")");
   add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
-  cmd->add_option("--objective", *objective, "fisher or activation-fisher")->default_val("fisher");
+  cmd->add_option("--objective", *objective,
+                  "The cost's predicted_dloss: fisher, activation-fisher or kl-fisher (the KL "
+                  "change of the exported weights from random probes of the logit Fisher)")
+      ->default_val("fisher");
+  cmd->add_option("--kl-probes", job->kl_probes, "kl-fisher: random probes K")
+      ->default_val(job->kl_probes)
+      ->check(CLI::PositiveNumber);
   add_serve_on_option(cmd, job->serve_on);
   add_kv_cache_option(cmd, job->kv_cache,
                       "the probe records each attention layer's key/value amax, the export "

@@ -164,4 +164,24 @@ bool is_within(const std::filesystem::path& inner, const std::filesystem::path& 
   return bi == b.end();
 }
 
+void write_f32_file(const std::filesystem::path& path, std::span<const float> values) {
+  AtomicFileWriter file(path);
+  file.write(values.data(), values.size_bytes());
+  file.commit();
+}
+
+MappedFile map_f32_file(const std::filesystem::path& path, std::size_t count) {
+  MappedFile file(path);
+  PQ_CHECK(file.size() == count * sizeof(float), "{}: {} bytes, expected {}", path.string(),
+           file.size(), count * sizeof(float));
+  return file;
+}
+
+std::vector<float> read_f32_file(const std::filesystem::path& path, std::size_t count) {
+  const MappedFile file = map_f32_file(path, count);
+  std::vector<float> values(count);
+  std::memcpy(values.data(), file.data(), file.size());
+  return values;
+}
+
 }  // namespace pq

@@ -6,6 +6,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace pq {
 
@@ -64,6 +65,12 @@ class AtomicFileWriter {
 };
 
 void write_text_file_atomic(const std::filesystem::path& path, std::string_view text);
+
+// Raw float32 arrays on disk (a layer-major pass's boundary activations): written atomically,
+// and read back mapped or copied; a file of another size than `count` floats is a pq::Error.
+void write_f32_file(const std::filesystem::path& path, std::span<const float> values);
+MappedFile map_f32_file(const std::filesystem::path& path, std::size_t count);
+std::vector<float> read_f32_file(const std::filesystem::path& path, std::size_t count);
 
 // Whether `inner` is `outer` or lies below it, after resolving links and "..", for paths that may
 // not exist yet.

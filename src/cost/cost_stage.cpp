@@ -77,16 +77,78 @@ std::optional<std::string> stored_fingerprint(const std::filesystem::path& path)
   }
 }
 
+// Whether the cost table offers `format` to the Linear: its shape and role admit it and, for an
+// exportable format, vLLM serves it for the Linear's layer kind on the target.
+bool offered(const formats::WeightFormat& format, const model::Linear& linear,
+             formats::ServingTarget serve_on) {
+  const formats::Shape2D shape{linear.out_features, linear.in_features};
+  if (!format.accepts(shape) || !linear.allows(format.name())) return false;
+  return !format.exportable() || formats::serves(format, linear.layer_kind(), serve_on);
+}
+
+// `weight` of the Linear rounded to nearest in `format` with the exporter's options: the NVFP4
+// global scale of `group_amax` (format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the
+// max of their global scales) under the scale rule of the kernel that serves it on the target,
+// W4A4's input scale from the calibration amax, FP8_SOURCE's own source bytes.
+void fake_quantize_nearest(const formats::WeightFormat& format, const model::Linear& linear,
+                           const io::Checkpoint& checkpoint, std::span<const float> weight,
+                           float group_amax, float input_amax, formats::ServingTarget serve_on,
+                           std::vector<float>& quantized) {
+  const formats::Shape2D shape{linear.out_features, linear.in_features};
+  formats::QuantizeOptions options;
+  if (stores(format, shape, "weight_global_scale")) {
+    options.nvfp4_scales = formats::nvfp4_scales(format, linear.layer_kind(), serve_on);
+    options.weight_global_scale =
+        formats::nvfp4_weight_global_scale(group_amax, options.nvfp4_scales);
+  }
+  // Weight errors do not depend on it, but the codec takes the exporter's full options.
+  if (stores(format, shape, "input_global_scale")) {
+    options.input_global_scale = formats::nvfp4_global_scale(input_amax);
+  }
+  // FP8_SOURCE's weights are the source's own bytes: its codec reads them, not `weight` (their
+  // dequantization, which it reproduces exactly).
+  std::optional<formats::Fp8SourceWeight> fp8_source;
+  if (format.name() == "FP8_SOURCE") {
+    fp8_source = fp8_source_weight(checkpoint, linear);
+    options.fp8_source = &*fp8_source;
+  }
+  quantized.resize(weight.size());
+  format.fake_quantize(weight, shape, quantized, options);
+}
+
+// The KL-Fisher pass of a cost job: its calibration and probes, with the job's model, spec
+// options, format slots and renders.
+KlFisherJob kl_fisher_job(const CostJob& job) {
+  KlFisherJob pass = *job.kl_fisher;
+  pass.model = job.model;
+  pass.spec_options = job.spec_options;
+  pass.slots = job.formats.size();
+  pass.pass_dir = job.out / "kl-pass";
+  pass.perturbations_tag = job.renders != nullptr ? job.renders->fingerprint() : "";
+  for (const std::string& format : job.formats) pass.perturbations_tag += "," + format;
+  pass.perturbations_tag += fmt::format(",{}", formats::serving_target_name(job.serve_on));
+  return pass;
+}
+
 }  // namespace
 
 Objective objective_by_name(std::string_view name) {
   if (name == "fisher") return Objective::kFisher;
   if (name == "activation-fisher") return Objective::kActivationFisher;
-  fail("unknown cost objective \"{}\" (known: fisher, activation-fisher)", name);
+  if (name == "kl-fisher") return Objective::kKlFisher;
+  fail("unknown cost objective \"{}\" (known: fisher, activation-fisher, kl-fisher)", name);
 }
 
 std::string_view objective_name(Objective objective) {
-  return objective == Objective::kFisher ? "fisher" : "activation-fisher";
+  switch (objective) {
+    case Objective::kFisher:
+      return "fisher";
+    case Objective::kActivationFisher:
+      return "activation-fisher";
+    case Objective::kKlFisher:
+      return "kl-fisher";
+  }
+  return "fisher";
 }
 
 QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
@@ -139,6 +201,10 @@ std::string cost_fingerprint(const CostJob& job, const std::string& probe_finger
   f.field("objective", objective_name(job.objective));
   f.field("serve_on", formats::serving_target_name(job.serve_on));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
+  if (job.renders != nullptr) f.field("renders", job.renders->fingerprint());
+  if (job.objective == Objective::kKlFisher && job.kl_fisher) {
+    f.field("kl_fisher", kl_fisher_fingerprint(kl_fisher_job(job)));
+  }
   return f.hex();
 }
 
@@ -193,9 +259,41 @@ CostOutcome run_cost(const CostJob& job) {
     table.linears.push_back(std::move(row));
   }
 
+  // The KL-Fisher pass: every offered (Linear, format)'s exported weights, folded a layer at a
+  // time against the probes' backward passes.
+  std::optional<KlFisherResult> kl;
+  if (job.objective == Objective::kKlFisher) {
+    PQ_CHECK(job.kl_fisher && job.renders != nullptr,
+             "cost: --objective kl-fisher needs calibration data (--data) and the exporter's "
+             "renders");
+    kl = run_kl_fisher(kl_fisher_job(job), [&](std::span<const std::size_t> linears) {
+      std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
+      for (const std::size_t i : linears) {
+        const model::Linear& linear = spec.linears[i];
+        const std::vector<float> weight = load_weight(checkpoint, linear);
+        std::vector<std::optional<Perturbation>>& slots = perturbations[i];
+        slots.resize(menu.size());
+        for (std::size_t f = 0; f < menu.size(); ++f) {
+          if (!offered(*menu[f], linear, job.serve_on)) continue;
+          RenderedLinear rendered = job.renders->render(i, *menu[f]);
+          Perturbation p;
+          p.delta = std::move(rendered.weight);
+          for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
+          if (rendered.activations != nullptr) {
+            p.activations = std::move(rendered.activations);
+            p.weight = weight;
+          }
+          slots[f] = std::move(p);
+        }
+      }
+      return perturbations;
+    });
+  }
+
   ProgressBar progress("cost", input_order.size());
   std::exception_ptr failure;
-#pragma omp parallel for schedule(dynamic, 1)
+  // Renders go through the exporter's encoder and its render cache, one at a time.
+#pragma omp parallel for schedule(dynamic, 1) if (job.renders == nullptr)
   for (std::size_t g = 0; g < input_order.size(); ++g) {
     try {
       throw_if_interrupted();
@@ -226,36 +324,27 @@ CostOutcome run_cost(const CostJob& job) {
         std::vector<float> quantized(weights[m].size());
         for (std::size_t f = 0; f < menu.size(); ++f) {
           const formats::WeightFormat& format = *menu[f];
-          if (!format.accepts(shape) || !linear.allows(format.name())) continue;
-          if (format.exportable() && !formats::serves(format, linear.layer_kind(), job.serve_on)) {
-            continue;
+          if (!offered(format, linear, job.serve_on)) continue;
+          if (job.renders != nullptr) {
+            quantized = job.renders->render(members[m], format).weight;
+          } else {
+            fake_quantize_nearest(format, linear, checkpoint, weights[m], group_amax,
+                                  probed.input_amax(key), job.serve_on, quantized);
           }
-          formats::QuantizeOptions options;
-          // format-facts.md A.3 (2): vLLM serves fused NVFP4 shards with the max of their global
-          // scales, so every shard is quantized against the one from the largest amax, under the
-          // scale rule of the kernel that serves it on the target (as the exporter does).
-          if (stores(format, shape, "weight_global_scale")) {
-            options.nvfp4_scales = formats::nvfp4_scales(format, linear.layer_kind(), job.serve_on);
-            options.weight_global_scale =
-                formats::nvfp4_weight_global_scale(group_amax, options.nvfp4_scales);
-          }
-          // Weight errors do not depend on it, but the codec takes the exporter's full options.
-          if (stores(format, shape, "input_global_scale")) {
-            options.input_global_scale = formats::nvfp4_global_scale(probed.input_amax(key));
-          }
-          // FP8_SOURCE's weights are the source's own bytes: its codec reads them, not
-          // weights[m] (their dequantization, which it reproduces exactly).
-          std::optional<formats::Fp8SourceWeight> fp8_source;
-          if (format.name() == "FP8_SOURCE") {
-            fp8_source = fp8_source_weight(checkpoint, linear);
-            options.fp8_source = &*fp8_source;
-          }
-          format.fake_quantize(weights[m], shape, quantized, options);
           const QuantizationErrors e = measure_errors(weights[m], quantized, shape, stats);
           alloc::FormatCost cost;
           cost.bytes = format.bytes(shape);
-          cost.predicted_dloss =
-              job.objective == Objective::kFisher ? e.dloss_fisher : e.dloss_activation;
+          switch (job.objective) {
+            case Objective::kFisher:
+              cost.predicted_dloss = e.dloss_fisher;
+              break;
+            case Objective::kActivationFisher:
+              cost.predicted_dloss = e.dloss_activation;
+              break;
+            case Objective::kKlFisher:
+              cost.predicted_dloss = kl->estimate(linear.name, f).value_or(0.0);
+              break;
+          }
           cost.weight_mse = e.weight_mse;
           cost.act_weighted_mse = e.act_weighted_mse;
           cost.output_mse = e.output_mse;

@@ -2,12 +2,15 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "alloc/cost_table.h"
+#include "cost/kl_fisher.h"
 #include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "model/model_spec.h"
@@ -22,6 +25,10 @@ enum class Objective {
   // dL = 1/2 * FisherTrace * sum_ij dW_ij^2 E[x_j^2] / (out * sum_j E[x_j^2]): the trace spread
   // over input channels in proportion to their activation energy, evenly over output rows.
   kActivationFisher,
+  // dL = the KL-Fisher estimate of the mean KL(source || quantized) per prediction when the Linear
+  // alone takes the format, from K random probes of the logit Fisher folded against the weights
+  // as export writes them (kl_fisher.h; needs CostJob::renders and CostJob::kl_fisher).
+  kKlFisher,
 };
 
 Objective objective_by_name(std::string_view name);
@@ -48,6 +55,23 @@ struct LinearStatistics {
 QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
                                   formats::Shape2D shape, const LinearStatistics& stats);
 
+// The weights export writes, for the cost stage to measure instead of round-to-nearest: the
+// decoded weight of one (Linear, format) and the activation quantizer vLLM runs for it there
+// (null: weight-only). Implemented over the exporter's encoder (exporter::EncoderRenders).
+struct RenderedLinear {
+  std::vector<float> weight;  // [out, in]
+  std::shared_ptr<const formats::ActivationQuantizer> activations;
+};
+class RenderSource {
+ public:
+  virtual ~RenderSource() = default;
+  // Identifies the renders (rounding, its statistics, the serving target): part of cost.json's
+  // fingerprint.
+  virtual std::string fingerprint() const = 0;
+  // spec.linears[index] stored in `format`. Not called concurrently.
+  virtual RenderedLinear render(std::size_t index, const formats::WeightFormat& format) const = 0;
+};
+
 // What `prismaquant cost` was asked to do.
 struct CostJob {
   std::filesystem::path model;  // HF checkpoint directory
@@ -59,6 +83,13 @@ struct CostJob {
   // The GPU vLLM serves the checkpoint on: a Linear is offered only the formats vLLM loads there
   // for its layer kind (formats::serves; research-only formats are measured as asked).
   formats::ServingTarget serve_on = formats::ServingTarget::kBlackwell;
+  // The exporter's renders: every error column then measures the weights export writes (GPTQ and
+  // the scale choice included). Null: round to nearest with the format's codec, which is what
+  // export writes with --rounding nearest.
+  const RenderSource* renders = nullptr;
+  // With Objective::kKlFisher: the calibration and probes of the KL-Fisher pass (its model, spec
+  // options, format slots and pass directory, out/kl-pass, are the cost job's).
+  std::optional<KlFisherJob> kl_fisher;
 };
 
 struct CostOutcome {

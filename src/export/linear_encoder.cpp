@@ -121,6 +121,10 @@ LinearEncoder::LinearEncoder(const model::ModelSpec& spec, const io::Checkpoint&
   }
 }
 
+std::string LinearEncoder::fingerprint() const {
+  return render_fingerprint(checkpoint_.directory(), rounding_, input_amax_, target_);
+}
+
 float LinearEncoder::unit_weight_amax(std::size_t unit) const {
   if (!weight_amax_[unit]) {
     float amax = 0.0f;
@@ -321,6 +325,12 @@ QuantizedLinears quantize_linears(const LinearEncoder& encoder,
     quantized.set(name, std::move(decoded.weight), std::move(decoded.activations));
   }
   return quantized;
+}
+
+cost::RenderedLinear EncoderRenders::render(std::size_t index,
+                                            const formats::WeightFormat& format) const {
+  DecodedLinear decoded = decode_linear(encoder_, index, format);
+  return {std::move(decoded.weight), std::move(decoded.activations)};
 }
 
 }  // namespace pq::exporter

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cost/cost_stage.h"
 #include "export/render_cache.h"
 #include "export/rounding.h"
 #include "formats/serving.h"
@@ -60,6 +61,9 @@ class LinearEncoder {
   formats::ServingTarget target() const { return target_; }
   // Null without a render cache.
   const RenderCache* render_cache() const { return cache_.get(); }
+  // The render fingerprint (render_fingerprint) of this encoder's checkpoint, rounding, input
+  // amax and target.
+  std::string fingerprint() const;
 
   // What spec.linears[index] is encoded with under `format`, its fused siblings assumed to get the
   // same format (the exporter refuses anything else). Throws pq::Error naming the Linear when a
@@ -114,6 +118,20 @@ class QuantizedLinears final : public runtime::WeightTransform,
     std::shared_ptr<const formats::ActivationQuantizer> activations;
   };
   std::map<std::string, Entry, std::less<>> linears_;
+};
+
+// The encoder's weights as the cost stage's renders (cost::CostJob::renders): what it measures is
+// what export writes, and with the encoder's render cache each (Linear, format) the cost stage
+// renders is read back, not rendered again, by measure, scout and export.
+class EncoderRenders final : public cost::RenderSource {
+ public:
+  explicit EncoderRenders(const LinearEncoder& encoder) : encoder_(encoder) {}
+  std::string fingerprint() const override { return encoder_.fingerprint(); }
+  cost::RenderedLinear render(std::size_t index,
+                              const formats::WeightFormat& format) const override;
+
+ private:
+  const LinearEncoder& encoder_;
 };
 
 // The Linears named in `format_of` (Linear name -> format name) replaced, as the runtime loads

@@ -189,6 +189,21 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});
 
+  const model::ModelSpec spec = model::load_model_spec(job.model);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
+  const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
+  std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales;
+  if (job.kv_cache) kv_cache_scales = exporter::kv_cache_scales_from_probe(spec, probe);
+  const runtime::Fp8KvCache kv_cache(kv_cache_scales);
+  const std::unique_ptr<exporter::RoundingStrategy> rounding =
+      exporter::make_rounding(job.rounding, &probe);
+  // Every (Linear, format) export may write is rendered once, into WORK/render, by whichever
+  // stage needs it first (the KL-Fisher cost, scout or the measurement), and read back after.
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, job.serve_on,
+                                        work / "render");
+  const exporter::EncoderRenders renders(encoder);
+
   start = std::chrono::steady_clock::now();
   cost::CostJob cost_job;
   cost_job.model = job.model;
@@ -197,6 +212,21 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   cost_job.formats = menu;
   cost_job.objective = job.objective;
   cost_job.serve_on = job.serve_on;
+  if (job.objective == cost::Objective::kKlFisher) {
+    // The KL-Fisher cost measures the weights export writes, on the probe's calibration sample.
+    cost_job.renders = &renders;
+    cost::KlFisherJob kl;
+    kl.data = job.data;
+    kl.token_ids = job.token_ids;
+    kl.nsamples = job.nsamples;
+    kl.seqlen = job.seqlen;
+    kl.seed = job.seed;
+    kl.probes = job.kl_probes;
+    kl.batch_size = job.batch_size;
+    kl.compute = job.probe_compute;
+    kl.max_memory = job.max_memory;
+    cost_job.kl_fisher = kl;
+  }
   const cost::CostOutcome costed = cost::run_cost(cost_job);
   outcome.stages.push_back({"cost", seconds_since(start), costed.reused});
 
@@ -212,16 +242,6 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   progress.advance();
   progress.finish();
   outcome.stages.push_back({"allocate", seconds_since(start), false});
-
-  const model::ModelSpec spec = model::load_model_spec(job.model);
-  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
-  const probe::ProbeResult probe = probe::ProbeResult::read(probe_job.out);
-  const std::map<std::string, float> input_amax = exporter::input_amax_from_probe(spec, probe);
-  std::map<std::int64_t, runtime::KvCacheScales> kv_cache_scales;
-  if (job.kv_cache) kv_cache_scales = exporter::kv_cache_scales_from_probe(spec, probe);
-  const runtime::Fp8KvCache kv_cache(kv_cache_scales);
-  const std::unique_ptr<exporter::RoundingStrategy> rounding =
-      exporter::make_rounding(job.rounding, &probe);
 
   std::filesystem::path assignment_path = work / "alloc" / "assignment.json";
   const alloc::AssignmentFile* shipped = &outcome.allocation.assignment;
@@ -253,8 +273,6 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The assignment's held-out quality with the exact weights export writes, measured before the
   // export so the model card can state it (validate measures the written checkpoint again).
   start = std::chrono::steady_clock::now();
-  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding, input_amax, job.serve_on,
-                                        work / "render");
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;

@@ -35,6 +35,8 @@ struct QuantizeJob {
   std::int64_t max_memory = 0;  // bytes; 0: 80% of available memory (ProbeJob::max_memory)
   runtime::ComputeType probe_compute = probe::ProbeJob{}.compute;  // ProbeJob::compute
   cost::Objective objective = cost::Objective::kFisher;
+  // With Objective::kKlFisher: the KL-Fisher pass's probes (cost::KlFisherJob::probes).
+  std::size_t kl_probes = cost::KlFisherJob{}.probes;
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
   std::size_t eval_windows = 16;
   std::size_t eval_seqlen = 512;

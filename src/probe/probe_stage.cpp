@@ -215,27 +215,6 @@ void require_disk(const std::filesystem::path& pass_dir, std::int64_t needed) {
            static_cast<double>(available) / 1e9);
 }
 
-// Raw float32 [rows, hidden] activations of a pass boundary.
-void write_f32(const std::filesystem::path& path, std::span<const float> values) {
-  AtomicFileWriter file(path);
-  file.write(values.data(), values.size_bytes());
-  file.commit();
-}
-
-MappedFile map_f32(const std::filesystem::path& path, std::size_t count) {
-  MappedFile file(path);
-  PQ_CHECK(file.size() == count * sizeof(float), "{}: {} bytes, expected {}", path.string(),
-           file.size(), count * sizeof(float));
-  return file;
-}
-
-std::vector<float> read_f32(const std::filesystem::path& path, std::size_t count) {
-  const MappedFile file = map_f32(path, count);
-  std::vector<float> values(count);
-  std::memcpy(values.data(), file.data(), file.size());
-  return values;
-}
-
 // A layer's input for one step: mapped from its file (page cache, which the kernel can drop, not
 // anonymous memory) or, for layer 0, the embedding computed in memory.
 struct Boundary {
@@ -460,7 +439,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   const auto boundary = [&](std::int64_t b) {
     Boundary x;
     if (b > 0) {
-      x.file = map_f32(x_path(b), values);
+      x.file = map_f32_file(x_path(b), values);
     } else {
       x.computed.resize(values);
       model.embed(*pass, x.computed.data());
@@ -500,7 +479,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       const Boundary x = boundary(s);
       std::vector<float> out(values);
       model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
-      write_f32(x_path(s + 1), out);
+      write_f32_file(x_path(s + 1), out);
       finish_step(step);
     } else if (s == layers) {
       const Boundary x = boundary(layers);
@@ -527,17 +506,17 @@ ProbeOutcome run_probe(const ProbeJob& job) {
         });
       }
       write_text_file_atomic(pass_dir / kLossesJson, losses.dump() + "\n");
-      write_f32(dx_path(layers), dx);
+      write_f32_file(dx_path(layers), dx);
       finish_step(step);
       std::filesystem::remove(x_path(layers), error);
     } else {
       const std::int64_t layer = 2 * layers - s;
       const Boundary x = boundary(layer);
-      std::vector<float> dx = read_f32(dx_path(layer + 1), values);
+      std::vector<float> dx = read_f32_file(dx_path(layer + 1), values);
       observe_part(Part{{}, layer}, [&](ProbeAccumulator& sums) {
         model.backward_layer(layer, *pass, x.data(), dx.data(), sums);
       });
-      if (layer > 0) write_f32(dx_path(layer), dx);
+      if (layer > 0) write_f32_file(dx_path(layer), dx);
       finish_step(step);
       std::filesystem::remove(dx_path(layer + 1), error);
       std::filesystem::remove(x_path(layer), error);

@@ -2407,17 +2407,30 @@ double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearO
   return score_logits(pass, x, final_norm_, nullptr, dx, observer, weighting);
 }
 
+double Model::head_backward_logits(const Pass& pass, const float* x, float* dx,
+                                   LinearObserver* observer, const LogitGradient& gradient) {
+  const Layout& layout = pass.whole;
+  const std::int64_t vocab = config_.vocab_size;
+  return backprop_logits(pass, x, final_norm_, nullptr, dx, observer,
+                         [&](std::int64_t first, std::int64_t last, float* logits) {
+                           double loss = 0.0;
+                           const std::int64_t begin = layout.offsets[first];
+                           for (std::int64_t s = first; s < last; ++s) {
+                             loss += gradient(s, logits + (layout.offsets[s] - begin) * vocab,
+                                              layout.length(s));
+                           }
+                           return loss;
+                         });
+}
+
 double Model::score_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
                            const Linear* own_head, float* dx, LinearObserver* observer,
                            const LossWeighting& weighting) {
   const Layout& layout = pass.whole;
-  const std::int64_t hidden = config_.hidden_size;
   const std::int64_t vocab = config_.vocab_size;
-  double loss = 0.0;
-  for_each_logits_block(
-      pass, x, norm.data(), own_head, nullptr,
-      [&](std::int64_t first, std::int64_t last, const float* input, const float* rstd,
-          float* logits) {
+  return backprop_logits(
+      pass, x, norm, own_head, dx, observer,
+      [&](std::int64_t first, std::int64_t last, float* logits) {
         const std::int64_t begin = layout.offsets[first];
         const std::int64_t rows = layout.offsets[last] - begin;
         // Position t of a sequence predicts token t + 1; its last position predicts nothing.
@@ -2440,13 +2453,31 @@ double Model::score_logits(const Pass& pass, const float* x, const std::vector<f
             weights[offset + t] = given.empty() ? 1.0f : given[t];
           }
         }
+        return cross_entropy_forward_backward(logits, targets.data(), weights.data(), rows, vocab);
+      });
+}
+
+double Model::backprop_logits(
+    const Pass& pass, const float* x, const std::vector<float>& norm, const Linear* own_head,
+    float* dx, LinearObserver* observer,
+    const std::function<double(std::int64_t first, std::int64_t last, float* logits)>& loss_of) {
+  const Layout& layout = pass.whole;
+  const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t vocab = config_.vocab_size;
+  double loss = 0.0;
+  for_each_logits_block(
+      pass, x, norm.data(), own_head, nullptr,
+      [&](std::int64_t first, std::int64_t last, const float* input, const float* rstd,
+          float* logits) {
+        const std::int64_t begin = layout.offsets[first];
+        const std::int64_t rows = layout.offsets[last] - begin;
         // The soft-capped logits c tanh(raw / c) are what the loss scores (Gemma 4's lm_head;
         // no other head, DeepSeek-V3's MTP shared_head.head included, has a cap).
         const Linear& head = own_head != nullptr ? *own_head : *lm_head_;
         const float cap = head.logit_softcap;
         std::vector<float> capped;
         if (cap > 0.0f) capped.assign(logits, logits + rows * vocab);
-        loss += cross_entropy_forward_backward(logits, targets.data(), weights.data(), rows, vocab);
+        loss += loss_of(first, last, logits);
         if (dx == nullptr) return;
         // d raw = d capped (1 - tanh^2(raw / c)), tanh(raw / c) = capped / c (facts §8).
         for (std::size_t i = 0; i < capped.size(); ++i) {

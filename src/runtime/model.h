@@ -55,6 +55,12 @@ struct RuntimeOptions {
 using LossWeighting = std::function<std::vector<float>(std::int64_t sequence, const float* logits,
                                                        std::int64_t rows)>;
 
+// A loss of one sequence's logits [rows = its length, vocab] (soft-capped where the head caps
+// them): replaces the logits in place by the loss's gradient with respect to them and returns the
+// loss (the KL-Fisher probes, cost/kl_fisher.h).
+using LogitGradient =
+    std::function<double(std::int64_t sequence, float* logits, std::int64_t rows)>;
+
 // One token sequence of a batch. Position ids restart at 0 for every sequence.
 struct Sequence {
   std::vector<std::int32_t> tokens;
@@ -166,6 +172,10 @@ class Model {
   // sequence's loss weights come from its logits instead of Sequence::loss_weights.
   double head_backward(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
                        const LossWeighting& weighting = {});
+  // The same with any loss of the logits: `gradient` replaces one sequence's logits by the
+  // gradient of its loss with respect to them and returns the loss.
+  double head_backward_logits(const Pass& pass, const float* x, float* dx, LinearObserver* observer,
+                              const LogitGradient& gradient);
   // Recomputes the layer from its input x, reports its Linears' inputs and output gradients and
   // its routing to the observer, and turns dx from dLoss/d(output) into dLoss/d(input).
   void backward_layer(std::int64_t layer, const Pass& pass, const float* x, float* dx,
@@ -337,6 +347,13 @@ class Model {
   double score_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
                       const Linear* own_head, float* dx, LinearObserver* observer,
                       const LossWeighting& weighting);
+  // The norm and head of score_logits, with `loss_of` turning the logits of sequences
+  // [first, last) in place into the gradient of its loss with respect to them (soft-capped
+  // logits, where the head caps them) and returning that loss; then back to dx.
+  double backprop_logits(
+      const Pass& pass, const float* x, const std::vector<float>& norm, const Linear* own_head,
+      float* dx, LinearObserver* observer,
+      const std::function<double(std::int64_t first, std::int64_t last, float* logits)>& loss_of);
   // Final norm and lm_head over blocks of whole sequences (logits_block_rows): calls `block`
   // with the block's first sequence, its sequences' end, lm_head's input rows (normed, after any
   // activation quantizer), the rows' 1/rms and the logits; reports lm_head to the observer.

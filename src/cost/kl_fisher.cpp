@@ -1,0 +1,385 @@
+#include "cost/kl_fisher.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/file_util.h"
+#include "common/interrupt.h"
+#include "common/json_reader.h"
+#include "common/progress.h"
+#include "data/splitmix64.h"
+#include "data/token_dataset.h"
+#include "model/config.h"
+#include "probe/fingerprint.h"
+#include "runtime/kernels/gemm.h"
+#include "runtime/memory_estimate.h"
+#include "runtime/weights.h"
+
+namespace pq::cost {
+
+namespace {
+
+constexpr const char* kStateJson = "state.json";
+
+// The probe's Rademacher vector at one prediction depends only on (probe seed, probe, sequence,
+// position), so a resumed or differently batched pass draws the same signs.
+std::uint64_t sign_seed(std::uint64_t probe_seed, std::size_t probe, std::int64_t sequence,
+                        std::int64_t position) {
+  data::SplitMix64 mix(probe_seed);
+  std::uint64_t seed = mix.next() ^ (static_cast<std::uint64_t>(probe) * 0x9E3779B97F4A7C15ULL);
+  seed = data::SplitMix64(seed).next() ^ static_cast<std::uint64_t>(sequence);
+  seed = data::SplitMix64(seed).next() ^ static_cast<std::uint64_t>(position);
+  return data::SplitMix64(seed).next();
+}
+
+// Replaces one sequence's logits [rows, vocab] by probe k's logit gradient: at each prediction
+// (every position but the last, as evaluation scores them) L r = sqrt(p) * r - p (sqrt(p) . r)
+// with p the softmax of the row; the last position's row is zero.
+void probe_logit_gradient(float* logits, std::int64_t rows, std::int64_t vocab,
+                          std::uint64_t probe_seed, std::size_t probe, std::int64_t sequence) {
+  std::vector<double> p(static_cast<std::size_t>(vocab));
+  std::vector<double> signs(static_cast<std::size_t>(vocab));
+  for (std::int64_t t = 0; t < rows; ++t) {
+    float* row = logits + t * vocab;
+    if (t + 1 == rows) {
+      std::fill(row, row + vocab, 0.0f);
+      continue;
+    }
+    const float peak = *std::max_element(row, row + vocab);
+    double total = 0.0;
+    for (std::int64_t v = 0; v < vocab; ++v) {
+      p[v] = std::exp(static_cast<double>(row[v]) - peak);
+      total += p[v];
+    }
+    data::SplitMix64 random(sign_seed(probe_seed, probe, sequence, t));
+    std::uint64_t bits = 0;
+    double projection = 0.0;  // sqrt(p) . r
+    for (std::int64_t v = 0; v < vocab; ++v) {
+      if (v % 64 == 0) bits = random.next();
+      p[v] /= total;
+      signs[v] = ((bits >> (v % 64)) & 1u) != 0 ? 1.0 : -1.0;
+      projection += std::sqrt(p[v]) * signs[v];
+    }
+    for (std::int64_t v = 0; v < vocab; ++v) {
+      row[v] = static_cast<float>(std::sqrt(p[v]) * signs[v] - p[v] * projection);
+    }
+  }
+}
+
+// Folds one probe's backward pass against the perturbations of the Linears it covers: per
+// Linear, slot and calibration sequence s, a = sum_{t in s} dy_t . e_t with e_t the output error
+// (dW x_t, or Q(x_t) W_q^T - x_t W^T under an activation quantizer), and sums[slot] += a^2.
+class PerturbationFold final : public runtime::LinearObserver {
+ public:
+  explicit PerturbationFold(
+      const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears)
+      : linears_(linears) {
+    for (const auto& [name, slots] : linears_) sums_[name].assign(slots->size(), 0.0);
+  }
+
+  void on_linear(const runtime::LinearActivity& activity) override {
+    const auto found = linears_.find(std::string(activity.name));
+    if (found == linears_.end() || activity.rows == 0) return;
+    PQ_CHECK(activity.output_grad != nullptr, "{}: reported without gradients", activity.name);
+    const std::vector<std::optional<Perturbation>>& slots = *found->second;
+    std::vector<double>& sums = sums_.at(found->first);
+    const std::int64_t out = activity.out_features;
+    const std::int64_t in = activity.in_features;
+    const auto ranges = activity.sequences;
+    std::vector<bool> done(ranges.size(), false);
+    for (std::size_t r = 0; r < ranges.size(); ++r) {
+      if (done[r]) continue;
+      // One sequence's rows, gathered: a MoE expert sees them in several ranges.
+      std::vector<float> dy;
+      std::vector<float> x;
+      for (std::size_t q = r; q < ranges.size(); ++q) {
+        if (done[q] || ranges[q].sequence != ranges[r].sequence) continue;
+        done[q] = true;
+        dy.insert(dy.end(), activity.output_grad + ranges[q].begin * out,
+                  activity.output_grad + ranges[q].end * out);
+        x.insert(x.end(), activity.input + ranges[q].begin * in,
+                 activity.input + ranges[q].end * in);
+      }
+      const auto rows = static_cast<std::int64_t>(x.size()) / in;
+      if (rows == 0) continue;
+      std::vector<float> gradient;  // G_s = dY_s^T X_s, shared by the weight-only slots
+      for (std::size_t f = 0; f < slots.size(); ++f) {
+        if (!slots[f]) continue;
+        const Perturbation& perturbation = *slots[f];
+        double a = 0.0;
+        if (perturbation.activations == nullptr) {
+          if (gradient.empty()) {
+            gradient.resize(static_cast<std::size_t>(out * in));
+            runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows,
+                              1.0f, dy.data(), out, x.data(), in, 0.0f, gradient.data(), in);
+          }
+          for (std::int64_t i = 0; i < out * in; ++i) {
+            a += static_cast<double>(gradient[i]) * perturbation.delta[i];
+          }
+        } else {
+          a = activation_fold(perturbation, dy, x, rows, out, in);
+        }
+        sums[f] += a * a;
+      }
+    }
+  }
+
+  const std::map<std::string, std::vector<double>>& sums() const { return sums_; }
+
+ private:
+  // sum over the rows of dy . (Q(x) W_q^T - x W^T), W_q = W + dW.
+  static double activation_fold(const Perturbation& perturbation, const std::vector<float>& dy,
+                                const std::vector<float>& x, std::int64_t rows, std::int64_t out,
+                                std::int64_t in) {
+    std::vector<float> quantized_x(x.size());
+    perturbation.activations->fake_quantize(x, in, quantized_x);
+    std::vector<float> quantized_w(perturbation.weight.size());
+    for (std::size_t i = 0; i < quantized_w.size(); ++i) {
+      quantized_w[i] = perturbation.weight[i] + perturbation.delta[i];
+    }
+    std::vector<float> error(static_cast<std::size_t>(rows * out));
+    runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, 1.0f,
+                      quantized_x.data(), in, quantized_w.data(), in, 0.0f, error.data(), out);
+    runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, -1.0f,
+                      x.data(), in, perturbation.weight.data(), in, 1.0f, error.data(), out);
+    double a = 0.0;
+    for (std::size_t i = 0; i < error.size(); ++i) a += static_cast<double>(dy[i]) * error[i];
+    return a;
+  }
+
+  const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears_;
+  std::map<std::string, std::vector<double>> sums_;
+};
+
+std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
+                            std::size_t steps_total) {
+  try {
+    const auto j = read_json_file(pass_dir / kStateJson);
+    if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
+    const nlohmann::json& done = j.at("steps_done");
+    if (!done.is_number_unsigned() || done.get<std::uint64_t>() > steps_total) return 0;
+    return static_cast<std::size_t>(done.get<std::uint64_t>());
+  } catch (const std::exception&) {
+    return 0;  // absent, damaged or foreign: start over
+  }
+}
+
+}  // namespace
+
+std::string kl_fisher_fingerprint(const KlFisherJob& job) {
+  probe::Fingerprint f;
+  f.field("stage", "kl-fisher/1");
+  f.checkpoint(job.model);
+  if (job.token_ids) {
+    f.field("token_ids", 1);
+  } else {
+    f.file_content(job.model / "tokenizer.json");
+  }
+  f.file_content(job.data);
+  f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
+  f.field("probes", job.probes).field("probe_seed", job.probe_seed);
+  f.field("batch_size", job.batch_size);
+  f.field("compute", runtime::compute_type_name(job.compute));
+  f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
+  f.field("perturbations", job.perturbations_tag);
+  return f.hex();
+}
+
+std::optional<double> KlFisherResult::estimate(const std::string& linear, std::size_t slot) const {
+  const auto found = per_probe.find(linear);
+  if (found == per_probe.end() || slot >= found->second.size() || found->second[slot].empty()) {
+    return std::nullopt;
+  }
+  const std::vector<double>& values = found->second[slot];
+  double sum = 0.0;
+  for (const double v : values) sum += v;
+  return sum / static_cast<double>(values.size());
+}
+
+double KlFisherResult::standard_error(const std::string& linear, std::size_t slot) const {
+  const std::optional<double> mean = estimate(linear, slot);
+  if (!mean) return 0.0;
+  const std::vector<double>& values = per_probe.at(linear)[slot];
+  if (values.size() < 2) return 0.0;
+  double squares = 0.0;
+  for (const double v : values) squares += (v - *mean) * (v - *mean);
+  const auto k = static_cast<double>(values.size());
+  return std::sqrt(squares / (k - 1.0) / k);
+}
+
+KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& perturbations) {
+  PQ_CHECK(job.probes > 0 && job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
+           "kl-fisher: --kl-probes, --nsamples and --batch-size must be positive and --seqlen at "
+           "least 2");
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  runtime::require_runtime_support(config);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
+  std::map<std::int64_t, std::vector<std::size_t>> layer_linears;  // -1: the head (lm_head)
+  for (std::size_t i = 0; i < spec.linears.size(); ++i) {
+    const model::Linear& linear = spec.linears[i];
+    if (!linear.is_candidate || linear.component == model::Component::kVision) continue;
+    PQ_CHECK(linear.component != model::Component::kMtp,
+             "kl-fisher: {} is a multi-token-prediction Linear, whose cost the next-token KL does "
+             "not measure; use --objective fisher for this model",
+             linear.name);
+    layer_linears[linear.layer.value_or(-1)].push_back(i);
+  }
+  data::require_dataset(job.data, job.token_ids, job.model);
+  const data::TokenDataset dataset = data::load_token_dataset(
+      job.data, job.token_ids, job.model, static_cast<std::int32_t>(config.vocab_size));
+  std::vector<runtime::Sequence> sequences;
+  for (auto& tokens : dataset.calibration(job.nsamples, job.seqlen, job.seed)) {
+    sequences.push_back({std::move(tokens), {}});
+  }
+
+  runtime::RuntimeOptions options;
+  options.micro_batch_rows = static_cast<std::int64_t>(job.batch_size * job.seqlen);
+  options.max_memory = job.max_memory;
+  options.compute = job.compute;
+  runtime::PassMemory memory = runtime::estimate_pass_memory(
+      config, static_cast<std::int64_t>(job.nsamples * job.seqlen), options.micro_batch_rows,
+      options.logits_block_rows, /*boundaries=*/2, options.compute);
+  // A layer's perturbations: each candidate's weight error per slot and its source weight.
+  for (const auto& [layer, members] : layer_linears) {
+    std::int64_t bytes = 0;
+    for (const std::size_t i : members) {
+      bytes += spec.linears[i].numel() * 4 * static_cast<std::int64_t>(job.slots + 1);
+    }
+    memory.statistics = std::max(memory.statistics, bytes);
+  }
+  runtime::require_memory("the KL-Fisher pass", memory, runtime::memory_limit(job.max_memory));
+
+  const std::string fingerprint = kl_fisher_fingerprint(job);
+  const std::int64_t layers = config.num_hidden_layers;
+  const auto steps_total = static_cast<std::size_t>(2 * layers + 1);
+  const std::size_t resumed_from = read_steps_done(job.pass_dir, fingerprint, steps_total);
+  std::error_code error;
+  if (resumed_from == 0) std::filesystem::remove_all(job.pass_dir, error);
+  std::filesystem::create_directories(job.pass_dir, error);
+  PQ_CHECK(!error, "{}: cannot create the pass directory: {}", job.pass_dir.string(),
+           error.message());
+
+  const runtime::CheckpointWeightSource weights(checkpoint);
+  runtime::Model model(config, weights, options);
+  const auto pass = model.begin_pass(sequences);
+  const auto values = static_cast<std::size_t>(runtime::Model::rows(*pass) * config.hidden_size);
+  const auto x_path = [&](std::int64_t b) { return job.pass_dir / fmt::format("x.{}.f32", b); };
+  const auto dx_path = [&](std::size_t k, std::int64_t b) {
+    return job.pass_dir / fmt::format("dx.{}.{}.f32", k, b);
+  };
+  const auto part_path = [&](std::int64_t layer) {
+    return job.pass_dir / fmt::format("kl.{}.json", layer);
+  };
+  const auto input_of = [&](std::int64_t b) {
+    if (b > 0) return read_f32_file(x_path(b), values);
+    std::vector<float> x(values);
+    model.embed(*pass, x.data());
+    return x;
+  };
+  // Runs the K probes' backward through one part (a decoder layer, or the head: -1), folding
+  // each against the part's perturbations, and writes its sums.
+  const auto fold_part =
+      [&](std::int64_t layer,
+          const std::function<void(std::size_t k, runtime::LinearObserver&)>& backward) {
+        const auto found = layer_linears.find(layer);
+        const std::vector<std::size_t> members =
+            found == layer_linears.end() ? std::vector<std::size_t>{} : found->second;
+        const auto rendered = perturbations(members);
+        std::map<std::string, const std::vector<std::optional<Perturbation>>*> by_name;
+        for (const auto& [index, slots] : rendered) by_name[spec.linears[index].name] = &slots;
+        nlohmann::json part = nlohmann::json::object();
+        for (const auto& [name, slots] : by_name) {
+          part[name] = nlohmann::json::array();
+          for (const auto& slot : *slots) {
+            part[name].push_back(slot ? nlohmann::json::array() : nlohmann::json(nullptr));
+          }
+        }
+        for (std::size_t k = 0; k < job.probes; ++k) {
+          PerturbationFold fold(by_name);
+          backward(k, fold);
+          for (const auto& [name, sums] : fold.sums()) {
+            for (std::size_t f = 0; f < sums.size(); ++f) {
+              if (!part[name][f].is_null()) part[name][f].push_back(sums[f]);
+            }
+          }
+        }
+        write_text_file_atomic(part_path(layer), part.dump() + "\n");
+      };
+  const auto finish_step = [&](std::size_t step) {
+    write_text_file_atomic(
+        job.pass_dir / kStateJson,
+        nlohmann::json{{"fingerprint", fingerprint}, {"steps_done", step + 1}}.dump() + "\n");
+  };
+
+  ProgressBar progress("kl-fisher", steps_total);
+  progress.advance(resumed_from);
+  for (std::size_t step = resumed_from; step < steps_total; ++step) {
+    throw_if_interrupted();
+    const auto s = static_cast<std::int64_t>(step);
+    if (s < layers) {
+      const std::vector<float> x = input_of(s);
+      std::vector<float> out(values);
+      model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
+      write_f32_file(x_path(s + 1), out);
+    } else if (s == layers) {
+      const std::vector<float> x = input_of(layers);
+      fold_part(-1, [&](std::size_t k, runtime::LinearObserver& fold) {
+        std::vector<float> dx(values);
+        model.head_backward_logits(*pass, x.data(), dx.data(), &fold,
+                                   [&](std::int64_t sequence, float* logits, std::int64_t rows) {
+                                     probe_logit_gradient(logits, rows, config.vocab_size,
+                                                          job.probe_seed, k, sequence);
+                                     return 0.0;
+                                   });
+        write_f32_file(dx_path(k, layers), dx);
+      });
+      std::filesystem::remove(x_path(layers), error);
+    } else {
+      const std::int64_t layer = 2 * layers - s;
+      const std::vector<float> x = input_of(layer);
+      fold_part(layer, [&](std::size_t k, runtime::LinearObserver& fold) {
+        std::vector<float> dx = read_f32_file(dx_path(k, layer + 1), values);
+        model.backward_layer(layer, *pass, x.data(), dx.data(), fold);
+        if (layer > 0) write_f32_file(dx_path(k, layer), dx);
+      });
+      for (std::size_t k = 0; k < job.probes; ++k) {
+        std::filesystem::remove(dx_path(k, layer + 1), error);
+      }
+      std::filesystem::remove(x_path(layer), error);
+    }
+    finish_step(step);
+    progress.advance();
+  }
+
+  KlFisherResult result;
+  result.probes = job.probes;
+  for (const runtime::Sequence& sequence : sequences) {
+    result.predictions += static_cast<std::int64_t>(sequence.tokens.size()) - 1;
+  }
+  const double scale = 0.5 / static_cast<double>(result.predictions);
+  for (std::int64_t layer = -1; layer < layers; ++layer) {
+    if (layer_linears.find(layer) == layer_linears.end()) continue;
+    const nlohmann::json part = read_json_file(part_path(layer));
+    for (const auto& [name, slots] : part.items()) {
+      std::vector<std::vector<double>>& out = result.per_probe[name];
+      for (const nlohmann::json& slot : slots) {
+        std::vector<double> probe_values;
+        if (!slot.is_null()) {
+          for (const nlohmann::json& v : slot) probe_values.push_back(scale * v.get<double>());
+        }
+        out.push_back(std::move(probe_values));
+      }
+    }
+  }
+  std::filesystem::remove_all(job.pass_dir, error);
+  progress.finish(fmt::format("{} probes over {} sequences x {} tokens", job.probes,
+                              sequences.size(), job.seqlen));
+  return result;
+}
+
+}  // namespace pq::cost

@@ -1,0 +1,87 @@
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "formats/weight_format.h"
+#include "model/model_spec.h"
+#include "runtime/model.h"
+
+namespace pq::cost {
+
+// What one (Linear, format) changes in the Linear's output: the weight error dW = W_q - W of the
+// weights as export writes them and, for a format whose activations vLLM quantizes, that
+// quantizer with the source weight W, so the output error is Q(X) W_q^T - X W^T (issue 15: the
+// activation term dX W^T + dX dW^T beside X dW^T).
+struct Perturbation {
+  std::vector<float> delta;  // [out, in]
+  std::shared_ptr<const formats::ActivationQuantizer> activations;
+  std::vector<float> weight;  // [out, in], only with `activations`
+};
+
+// The perturbations of some candidate Linears (spec indices), each Linear's list one entry per
+// format slot of the cost table (empty where the slot does not apply).
+using PerturbationsOf =
+    std::function<std::map<std::size_t, std::vector<std::optional<Perturbation>>>(
+        std::span<const std::size_t> linears)>;
+
+// What the KL-Fisher pass runs over.
+struct KlFisherJob {
+  std::filesystem::path model;
+  std::filesystem::path data;
+  bool token_ids = false;
+  std::size_t nsamples = 32;
+  std::size_t seqlen = 1024;
+  std::uint64_t seed = 42;  // the calibration sample (the probe's, by default)
+  std::size_t probes = 4;   // K
+  std::uint64_t probe_seed = 1;
+  std::size_t batch_size = 4;
+  runtime::ComputeType compute = runtime::ComputeType::kBF16;
+  std::int64_t max_memory = 0;
+  model::SpecOptions spec_options;
+  // Layer-boundary activations and finished steps, removed when the pass completes; a rerun with
+  // the same fingerprint resumes after the last finished step.
+  std::filesystem::path pass_dir;
+  // Identifies the perturbations (the renders' fingerprint and the format menu).
+  std::string perturbations_tag;
+  std::size_t slots = 0;  // formats in the menu
+};
+
+// Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,
+// perturbations_tag).
+std::string kl_fisher_fingerprint(const KlFisherJob& job);
+
+// Per candidate Linear and format slot, the K probes' sums (1/2) sum_s <g_{k,s}, dW>^2 divided
+// by the number of predictions, each an unbiased estimate of the second-order change in the mean
+// KL(teacher || student) per prediction when that Linear alone is perturbed.
+struct KlFisherResult {
+  std::int64_t predictions = 0;
+  std::size_t probes = 0;
+  std::map<std::string, std::vector<std::vector<double>>> per_probe;  // name -> slot -> [K]
+
+  // The mean over the probes (the estimate); nullopt where the slot did not apply.
+  std::optional<double> estimate(const std::string& linear, std::size_t slot) const;
+  // Its standard error, sd(probe values) / sqrt(K) (0 with one probe).
+  double standard_error(const std::string& linear, std::size_t slot) const;
+};
+
+// The Fisher of the KL of the model's next-token distributions against themselves, probed (issue
+// 15): with p the model's softmax at a prediction, F_z = diag(p) - p p^T = L L^T with
+// L = diag(sqrt p) - p sqrt(p)^T; for each probe k and prediction t a Rademacher vector r_{k,t}
+// gives the logit gradient L r_{k,t}, so the weight gradient g_k of a sequence satisfies
+// E[g_k g_k^T] = J^T F_z J and E[<g_k, dW>^2] = dW^T F dW. Each probe's backward pass is folded,
+// layer by layer while the layer is resident, against every perturbation of its Linears:
+// <g_{k,s}, dW> = sum_{t in s} dy_{k,t} . (dW x_t), so nothing of size K x parameters is kept.
+// Layer-major and resumable like the probe (forward, head, backward per layer, boundaries on disk
+// in job.pass_dir). Models whose candidates include a multi-token-prediction head are refused.
+KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& perturbations);
+
+}  // namespace pq::cost
