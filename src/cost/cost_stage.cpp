@@ -288,6 +288,7 @@ CostOutcome run_cost(const CostJob& job) {
       }
       return perturbations;
     });
+    PQ_CHECK(kl->complete, "cost: the KL-Fisher pass stopped before its end");
   }
 
   ProgressBar progress("cost", input_order.size());

@@ -319,6 +319,10 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   ProgressBar progress("kl-fisher", steps_total);
   progress.advance(resumed_from);
   for (std::size_t step = resumed_from; step < steps_total; ++step) {
+    if (job.stop_after_steps && step - resumed_from >= *job.stop_after_steps) {
+      progress.finish(fmt::format("stopped after step {} of {}", step, steps_total));
+      return {};
+    }
     throw_if_interrupted();
     const auto s = static_cast<std::int64_t>(step);
     if (s < layers) {
@@ -357,6 +361,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   }
 
   KlFisherResult result;
+  result.complete = true;
   result.probes = job.probes;
   for (const runtime::Sequence& sequence : sequences) {
     result.predictions += static_cast<std::int64_t>(sequence.tokens.size()) - 1;

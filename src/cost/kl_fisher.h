@@ -53,6 +53,8 @@ struct KlFisherJob {
   // Identifies the perturbations (the renders' fingerprint and the format menu).
   std::string perturbations_tag;
   std::size_t slots = 0;  // formats in the menu
+  // Run at most this many steps and keep the pass for a later run; unset: run to completion.
+  std::optional<std::size_t> stop_after_steps;
 };
 
 // Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,
@@ -63,6 +65,7 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job);
 // by the number of predictions, each an unbiased estimate of the second-order change in the mean
 // KL(teacher || student) per prediction when that Linear alone is perturbed.
 struct KlFisherResult {
+  bool complete = false;  // false: stopped after KlFisherJob::stop_after_steps, nothing below
   std::int64_t predictions = 0;
   std::size_t probes = 0;
   std::map<std::string, std::vector<std::vector<double>>> per_probe;  // name -> slot -> [K]

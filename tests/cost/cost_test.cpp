@@ -12,6 +12,8 @@
 #include "common/error.h"
 #include "common/file_util.h"
 #include "cost/cost_stage.h"
+#include "export/gptq.h"
+#include "export/linear_encoder.h"
 #include "formats/serving.h"
 #include "formats/weight_format.h"
 #include "io/safetensors.h"
@@ -184,6 +186,102 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
   EXPECT_TRUE(run_cost(job).reused);
   job.formats = {"NVFP4", "BF16"};
   EXPECT_FALSE(run_cost(job).reused);
+}
+
+// --objective kl-fisher: predicted_dloss is the KL-Fisher estimate of the exporter's renders, and
+// the other columns measure those renders too (GPTQ here, not round to nearest); nothing costs
+// for BF16, every quantized format costs something, and the renders are stored for export.
+TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
+  probe::ProbeJob probe_job;
+  probe_job.model = model_dir;
+  probe_job.data = test::wikitext_excerpt(dir);
+  probe_job.out = dir / "probe";
+  probe_job.nsamples = 2;
+  probe_job.seqlen = 64;
+  probe_job.batch_size = 2;
+  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  const probe::ProbeResult probed = probe::ProbeResult::read(dir / "probe");
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+  const auto rounding = exporter::make_rounding("gptq", &probed);
+  const exporter::LinearEncoder encoder(spec, checkpoint, *rounding,
+                                        exporter::input_amax_from_probe(spec, probed),
+                                        formats::ServingTarget::kBlackwell, dir / "render");
+  const exporter::EncoderRenders renders(encoder);
+
+  CostJob job;
+  job.model = model_dir;
+  job.probe = dir / "probe";
+  job.out = dir / "cost";
+  job.formats = {"NVFP4", "MXFP8", "BF16"};
+  job.objective = Objective::kKlFisher;
+  job.renders = &renders;
+  KlFisherJob kl;
+  kl.data = probe_job.data;
+  kl.nsamples = 2;
+  kl.seqlen = 64;
+  kl.probes = 2;
+  job.kl_fisher = kl;
+  run_cost(job);
+  const alloc::CostTable table = alloc::read_cost_table(dir / "cost");
+  ASSERT_EQ(table.linears.size(), 56u);
+  EXPECT_FALSE(std::filesystem::exists(dir / "cost" / "kl-pass"));
+  EXPECT_GT(encoder.render_cache()->stores(), 0);
+  std::size_t mxfp8_below_nvfp4 = 0;
+  for (const alloc::LinearCost& row : table.linears) {
+    EXPECT_EQ(row.costs[2]->predicted_dloss, 0.0) << row.name;
+    EXPECT_GT(row.costs[0]->predicted_dloss, 0.0) << row.name;
+    EXPECT_GT(row.costs[1]->predicted_dloss, 0.0) << row.name;
+    if (row.costs[1]->predicted_dloss < row.costs[0]->predicted_dloss) ++mxfp8_below_nvfp4;
+  }
+  // 8-bit weights and activations change the output less than 4-bit ones nearly everywhere.
+  EXPECT_GE(mxfp8_below_nvfp4, 50u);
+  // The weight error column is the GPTQ render's, not round to nearest's.
+  const auto row = std::find_if(table.linears.begin(), table.linears.end(), [](const auto& l) {
+    return l.name == "model.layers.3.mlp.up_proj";
+  });
+  ASSERT_NE(row, table.linears.end());
+  const auto index = static_cast<std::size_t>(
+      std::find_if(spec.linears.begin(), spec.linears.end(),
+                   [](const auto& l) { return l.name == "model.layers.3.mlp.up_proj"; }) -
+      spec.linears.begin());
+  const std::vector<float> w = exporter::read_source_weight(checkpoint, spec.linears[index]);
+  const std::vector<float> gptq = renders.render(index, formats::format_by_name("NVFP4")).weight;
+  double squares = 0.0;
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const float d = gptq[i] - w[i];  // as measure_errors forms it
+    squares += static_cast<double>(d) * d;
+  }
+  EXPECT_DOUBLE_EQ(*row->costs[0]->weight_mse, squares / static_cast<double>(w.size()));
+  // The objective and the renders are part of the fingerprint.
+  EXPECT_TRUE(run_cost(job).reused);
+  job.kl_fisher->probes = 3;
+  EXPECT_FALSE(run_cost(job).reused);
+}
+
+// Without calibration data or renders the objective is refused in one line.
+TEST(CostStage, KlFisherObjectiveNeedsDataAndRenders) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
+  probe::ProbeJob probe_job;
+  probe_job.model = model_dir;
+  probe_job.data = test::wikitext_excerpt(dir);
+  probe_job.out = dir / "probe";
+  probe_job.nsamples = 1;
+  probe_job.seqlen = 16;
+  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  CostJob job;
+  job.model = model_dir;
+  job.probe = dir / "probe";
+  job.out = dir / "cost";
+  job.formats = {"NVFP4", "BF16"};
+  job.objective = Objective::kKlFisher;
+  EXPECT_THAT([&] { run_cost(job); },
+              testing::ThrowsMessage<Error>(testing::HasSubstr("kl-fisher needs calibration")));
 }
 
 // A probe of another checkpoint can name the same Linears with other widths (here layer 0's

@@ -183,5 +183,47 @@ TEST(KlFisher, ActivationPathWithoutQuantizationEqualsTheWeightPath) {
   EXPECT_NEAR(result.estimate(kPerturbed, 1).value(), weight_path, 1e-3 * weight_path);
 }
 
+// A pass stopped between steps resumes from its last finished step, and ends with exactly the
+// values of an uninterrupted pass (the probes' signs depend only on the seed, probe, sequence and
+// position).
+TEST(KlFisher, ResumesToTheValuesOfAnUninterruptedPass) {
+  if (!test::have_shared()) GTEST_SKIP() << "../shared is not available";
+  const test::TempDir tmp;
+  KlFisherJob job = tiny_job(tmp, 2);
+  job.nsamples = 2;
+  job.seqlen = 32;
+  const model::ModelSpec spec = model::load_model_spec(job.model);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+  const PerturbedLinear p = random_perturbation(spec, checkpoint);
+  std::size_t rendered = 0;
+  const PerturbationsOf perturbations = [&](std::span<const std::size_t> linears) {
+    std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+    for (const std::size_t i : linears) {
+      ++rendered;
+      out[i].resize(1);
+      // Every Linear of the same shape as kPerturbed takes its perturbation.
+      if (spec.linears[i].numel() == spec.linears[p.index].numel()) {
+        out[i][0] = Perturbation{p.delta, nullptr, {}};
+      }
+    }
+    return out;
+  };
+  const KlFisherResult whole = run_kl_fisher(job, perturbations);
+  ASSERT_TRUE(whole.complete);
+  const std::size_t rendered_whole = rendered;
+
+  job.stop_after_steps = 12;  // the forward of 8 layers, the head and 3 backward layers
+  rendered = 0;
+  EXPECT_FALSE(run_kl_fisher(job, perturbations).complete);
+  EXPECT_TRUE(std::filesystem::exists(job.pass_dir / "state.json"));
+  job.stop_after_steps.reset();
+  const KlFisherResult resumed = run_kl_fisher(job, perturbations);
+  ASSERT_TRUE(resumed.complete);
+  // Each part is rendered once in all: the resumed run starts after the finished steps.
+  EXPECT_EQ(rendered, rendered_whole);
+  EXPECT_EQ(resumed.per_probe, whole.per_probe);
+  EXPECT_EQ(whole.per_probe.count(kPerturbed), 1u);
+}
+
 }  // namespace
 }  // namespace pq::cost
