@@ -193,6 +193,43 @@ TEST(QuantizePipelineScout, ShipsTheScoutChoiceWithTheKlScoutMeasured) {
             shipped.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
 }
 
+// --objective kl-fisher end to end: every offered quantized (Linear, format) is one entry of
+// WORK/render (the cost stage renders them all; measure, the uniform baseline and export find
+// theirs there); validate reproduces the measurement; bits charged == bytes on disk.
+TEST(QuantizePipelineKlFisher, RendersEveryOfferedFormatOnceAndShipsWhatItMeasured) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  QuantizeJob job;
+  job.model = test::shared_dir() / "models" / "qwen3-moe-tiny";
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "out";
+  job.nsamples = 4;
+  job.seqlen = 128;
+  job.eval_windows = 2;
+  job.eval_seqlen = 128;
+  job.objective = cost::Objective::kKlFisher;
+  job.kl_probes = 2;
+  const QuantizeOutcome outcome = run_quantize(job);
+  const auto cost = nlohmann::json::parse(read_text_file(dir / "out.work/cost/cost.json"));
+  EXPECT_EQ(cost.at("meta").at("objective"), "kl-fisher");
+  // Every offered quantized (Linear, format) of the cost table is one render on disk.
+  std::size_t offered = 0;
+  for (const auto& linear : cost.at("linears")) {
+    for (const auto& [format, entry] : linear.at("costs").items()) offered += format != "BF16";
+  }
+  std::size_t renders = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir / "out.work/render")) {
+    renders += entry.is_regular_file();
+  }
+  EXPECT_EQ(renders, offered);
+  EXPECT_TRUE(outcome.validated.passed());
+  EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
+  const auto assignment =
+      nlohmann::json::parse(read_text_file(dir / "out.work/alloc/assignment.json"));
+  EXPECT_EQ(outcome.exported.tensor_bytes,
+            assignment.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
+}
+
 INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"));
 
