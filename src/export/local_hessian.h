@@ -26,7 +26,8 @@ struct LocalHessianOptions {
 bool local_hessian_applies(const formats::GroupLayout& layout);
 
 // The objective the render minimises for one group: d^T B d with d = dequantized - x over the
-// group's elements and B its [n, n] block of the (damped) Hessian, row-major.
+// group's elements and B its [n, n] block of the (damped) Hessian, row-major and symmetric (a
+// SIMD path reads its columns as rows; both give the same bits).
 double local_hessian_objective(std::span<const float> x, std::span<const float> dequantized,
                                std::span<const double> block);
 
