@@ -1,4 +1,4 @@
-// pq_objectives: compares cost objectives by what they ship (issue 15, docs/objectives.md). For
+// pq_objectives: compares cost objectives by what they ship (issue 15, docs/probe-artifacts.md "Which objective"). For
 // one model, calibration and format menu it probes once, builds one cost table per objective,
 // allocates each at every budget, and measures the shipped assignments' held-out KL with the
 // exporter's weights (one rounding for all, so only the choice differs). Then, from one base
@@ -252,6 +252,10 @@ int main(int argc, char** argv) {
 
     // Single-group flips from the first objective's base assignment: every sibling group (or
     // lone Linear) moved to the next format of the menu that all its members can take.
+    if (max_flips == 0) {
+      if (!json_path.empty()) write_text_file_atomic(json_path, report.dump(1) + "\n");
+      return 0;
+    }
     const alloc::AssignmentFile& flip_base = base.at(objectives.front());
     const std::map<std::string, std::string> before = formats_of(flip_base);
     const double base_kl = measure(before);

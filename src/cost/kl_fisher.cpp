@@ -174,12 +174,7 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   probe::Fingerprint f;
   f.field("stage", "kl-fisher/1");
   f.checkpoint(job.model);
-  if (job.token_ids) {
-    f.field("token_ids", 1);
-  } else {
-    f.file_content(job.model / "tokenizer.json");
-  }
-  f.file_content(job.data);
+  f.calibration_data(job.model, job.data, job.token_ids);
   f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
   f.field("probes", job.probes).field("probe_seed", job.probe_seed);
   f.field("batch_size", job.batch_size);

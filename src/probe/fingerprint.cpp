@@ -42,6 +42,16 @@ Fingerprint& Fingerprint::file_content(const std::filesystem::path& path) {
   return field(path.filename().string(), std::string_view(data, file.size()));
 }
 
+Fingerprint& Fingerprint::calibration_data(const std::filesystem::path& model_dir,
+                                           const std::filesystem::path& data, bool token_ids) {
+  if (token_ids) {
+    field("token_ids", 1);
+  } else {
+    file_content(model_dir / "tokenizer.json");
+  }
+  return file_content(data);
+}
+
 Fingerprint& Fingerprint::checkpoint(const std::filesystem::path& model_dir) {
   file_content(model_dir / "config.json");
   std::vector<std::filesystem::path> shards;

@@ -22,6 +22,10 @@ class Fingerprint {
   // A checkpoint's identity without reading its weights: config.json, and for every safetensors
   // file its size and its header (names, dtypes, shapes, offsets).
   Fingerprint& checkpoint(const std::filesystem::path& model_dir);
+  // Calibration data as the runtime reads it: token ids as they are, text with the checkpoint's
+  // tokenizer.json that turns it into tokens; then the data file's content.
+  Fingerprint& calibration_data(const std::filesystem::path& model_dir,
+                                const std::filesystem::path& data, bool token_ids);
   std::string hex() const;
 
  private:

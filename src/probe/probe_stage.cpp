@@ -349,13 +349,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   Fingerprint f;
   f.field("stage", "probe/3");
   f.checkpoint(job.model);
-  // Token ids are read as they are; text depends on the tokenizer that turns it into tokens.
-  if (job.token_ids) {
-    f.field("token_ids", 1);
-  } else {
-    f.file_content(job.model / "tokenizer.json");
-  }
-  f.file_content(job.data);
+  f.calibration_data(job.model, job.data, job.token_ids);
   f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
   f.field("importance_weighting", job.importance_weighting ? 1 : 0);
   f.field("batch_size", job.batch_size);

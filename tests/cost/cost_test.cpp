@@ -26,6 +26,21 @@
 namespace pq::cost {
 namespace {
 
+// Probes model_dir into dir/probe on nsamples x seqlen tokens of the WikiText excerpt, two
+// sequences per micro-batch.
+probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::path& model_dir,
+                              std::size_t nsamples, std::size_t seqlen) {
+  probe::ProbeJob job;
+  job.model = model_dir;
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "probe";
+  job.nsamples = nsamples;
+  job.seqlen = seqlen;
+  job.batch_size = 2;
+  EXPECT_TRUE(probe::run_probe(job).complete);
+  return job;
+}
+
 // Every column against a direct computation from the activations themselves: the output error
 // as the mean of (X dW^T)^2 over tokens and output channels, which the stage gets from the
 // Hessian alone.
@@ -97,14 +112,7 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
-  probe::ProbeJob probe_job;
-  probe_job.model = model_dir;
-  probe_job.data = test::wikitext_excerpt(dir);
-  probe_job.out = dir / "probe";
-  probe_job.nsamples = 2;
-  probe_job.seqlen = 64;
-  probe_job.batch_size = 2;
-  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  probe_excerpt(dir, model_dir, 2, 64);
 
   CostJob job;
   job.model = model_dir;
@@ -195,14 +203,7 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
-  probe::ProbeJob probe_job;
-  probe_job.model = model_dir;
-  probe_job.data = test::wikitext_excerpt(dir);
-  probe_job.out = dir / "probe";
-  probe_job.nsamples = 2;
-  probe_job.seqlen = 64;
-  probe_job.batch_size = 2;
-  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  const probe::ProbeJob probe_job = probe_excerpt(dir, model_dir, 2, 64);
   const probe::ProbeResult probed = probe::ProbeResult::read(dir / "probe");
   const model::ModelSpec spec = model::load_model_spec(model_dir);
   const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
@@ -267,13 +268,7 @@ TEST(CostStage, KlFisherObjectiveNeedsDataAndRenders) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
-  probe::ProbeJob probe_job;
-  probe_job.model = model_dir;
-  probe_job.data = test::wikitext_excerpt(dir);
-  probe_job.out = dir / "probe";
-  probe_job.nsamples = 1;
-  probe_job.seqlen = 16;
-  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  probe_excerpt(dir, model_dir, 1, 16);
   CostJob job;
   job.model = model_dir;
   job.probe = dir / "probe";
@@ -294,13 +289,7 @@ TEST(CostStage, OffersOnlyWhatVllmLoadsOnTheTarget) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-moe-tiny";
-  probe::ProbeJob probe_job;
-  probe_job.model = model_dir;
-  probe_job.data = test::wikitext_excerpt(dir);
-  probe_job.out = dir / "probe";
-  probe_job.nsamples = 2;
-  probe_job.seqlen = 32;
-  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  probe_excerpt(dir, model_dir, 2, 32);
   std::vector<std::string> menu;
   for (const formats::WeightFormat* format : formats::all_formats()) {
     if (format->exportable()) menu.emplace_back(format->name());
@@ -328,8 +317,12 @@ TEST(CostStage, OffersOnlyWhatVllmLoadsOnTheTarget) {
                              linear.allows(menu[f]) &&
                              formats::serves(format, linear.layer_kind(), target);
         EXPECT_EQ(row.costs[f].has_value(), offered) << name << " " << row.name << " " << menu[f];
-        if (menu[f] == "FP8_E4M3A16") EXPECT_EQ(offered, !linear.expert) << row.name;
-        if (menu[f] == "FP8_SOURCE") EXPECT_FALSE(offered) << row.name;
+        if (menu[f] == "FP8_E4M3A16") {
+          EXPECT_EQ(offered, !linear.expert) << row.name;
+        }
+        if (menu[f] == "FP8_SOURCE") {
+          EXPECT_FALSE(offered) << row.name;
+        }
       }
     }
     EXPECT_GT(experts, 0u);
@@ -340,14 +333,7 @@ TEST(CostStage, RefusesAProbeMeasuredAtOtherWidths) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
-  probe::ProbeJob probe_job;
-  probe_job.model = model_dir;
-  probe_job.data = test::wikitext_excerpt(dir);
-  probe_job.out = dir / "probe";
-  probe_job.nsamples = 2;
-  probe_job.seqlen = 64;
-  probe_job.batch_size = 2;
-  ASSERT_TRUE(probe::run_probe(probe_job).complete);
+  probe_excerpt(dir, model_dir, 2, 64);
 
   const std::string key = "model.layers.0.self_attn.qkv_proj";
   const std::int64_t width = 128;
