@@ -184,6 +184,15 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   return f.hex();
 }
 
+void require_kl_fisher_support(const model::ModelSpec& spec) {
+  for (const model::Linear& linear : spec.linears) {
+    PQ_CHECK(!linear.is_candidate || linear.component != model::Component::kMtp,
+             "kl-fisher: {} is a multi-token-prediction Linear, whose cost the next-token KL does "
+             "not measure; use --objective fisher for this model",
+             linear.name);
+  }
+}
+
 std::optional<double> KlFisherResult::estimate(const std::string& linear, std::size_t slot) const {
   const auto found = per_probe.find(linear);
   if (found == per_probe.end() || slot >= found->second.size() || found->second[slot].empty()) {
@@ -214,14 +223,11 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   runtime::require_runtime_support(config);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
+  require_kl_fisher_support(spec);
   std::map<std::int64_t, std::vector<std::size_t>> layer_linears;  // -1: the head (lm_head)
   for (std::size_t i = 0; i < spec.linears.size(); ++i) {
     const model::Linear& linear = spec.linears[i];
     if (!linear.is_candidate || linear.component == model::Component::kVision) continue;
-    PQ_CHECK(linear.component != model::Component::kMtp,
-             "kl-fisher: {} is a multi-token-prediction Linear, whose cost the next-token KL does "
-             "not measure; use --objective fisher for this model",
-             linear.name);
     layer_linears[linear.layer.value_or(-1)].push_back(i);
   }
   data::require_dataset(job.data, job.token_ids, job.model);

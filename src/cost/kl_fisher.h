@@ -57,6 +57,10 @@ struct KlFisherJob {
   std::optional<std::size_t> stop_after_steps;
 };
 
+// pq::Error, in one line, when the spec's candidates include a multi-token-prediction head's
+// Linears, whose cost the next-token KL does not measure.
+void require_kl_fisher_support(const model::ModelSpec& spec);
+
 // Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,
 // perturbations_tag).
 std::string kl_fisher_fingerprint(const KlFisherJob& job);

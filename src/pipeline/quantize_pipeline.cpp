@@ -159,6 +159,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   if (fp8_source && std::find(menu.begin(), menu.end(), "FP8_SOURCE") == menu.end()) {
     menu.push_back("FP8_SOURCE");
   }
+  if (job.objective == cost::Objective::kKlFisher) cost::require_kl_fisher_support(source_spec);
   data::require_dataset(job.data, job.token_ids, job.model);
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.

@@ -239,8 +239,8 @@ TEST(QuantizePipeline, RefusesWhatItCannotFinishBeforeProbing) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const std::filesystem::path model = test::shared_dir() / "models" / "qwen3-dense-tiny";
-  const auto error_of = [&](QuantizeJob job) {
-    job.model = model;
+  const auto error_of = [&](QuantizeJob job, const std::filesystem::path& source = {}) {
+    job.model = source.empty() ? model : source;
     job.data = dir / "never-read.txt";
     try {
       run_quantize(job);
@@ -267,6 +267,13 @@ TEST(QuantizePipeline, RefusesWhatItCannotFinishBeforeProbing) {
   work_in_source.out = dir / "out";
   work_in_source.work = model;
   EXPECT_NE(error_of(work_in_source).find("work directory"), std::string::npos);
+  // The KL-Fisher cost does not measure a multi-token-prediction head.
+  QuantizeJob mtp;
+  mtp.out = dir / "out";
+  mtp.objective = cost::Objective::kKlFisher;
+  const std::string mtp_error =
+      error_of(mtp, test::shared_dir() / "models" / "qwen3_5-tiny-random");
+  EXPECT_NE(mtp_error.find("multi-token-prediction Linear"), std::string::npos) << mtp_error;
   EXPECT_FALSE(std::filesystem::exists(dir / "out.work"));
   EXPECT_FALSE(std::filesystem::exists(model / "probe"));
   EXPECT_FALSE(std::filesystem::exists(model / "quantized"));
