@@ -19,7 +19,7 @@ namespace pq::cli {
 void register_quantize(CLI::App& app) {
   auto job = std::make_shared<pipeline::QuantizeJob>();
   auto no_weighting = std::make_shared<bool>(false);
-  auto objective = std::make_shared<std::string>("fisher");
+  auto objective = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
       "quantize",
       "Quantize MODEL end to end: probe -> cost -> allocate -> measure -> export. DIR receives the "
@@ -73,9 +73,9 @@ void register_quantize(CLI::App& app) {
   add_gate_options(cmd, job->gates);
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective,
-                  "The cost's predicted_dloss: fisher, activation-fisher or kl-fisher (the KL "
-                  "change of the exported weights from random probes of the logit Fisher)")
-      ->default_val("fisher");
+                  "The cost's predicted_dloss: kl-fisher (the KL change of the exported weights "
+                  "from random probes of the logit Fisher; the default, fisher for a model with "
+                  "a multi-token-prediction head), fisher or activation-fisher");
   cmd->add_option("--kl-probes", job->kl_probes, "kl-fisher: random probes K")
       ->default_val(job->kl_probes)
       ->check(CLI::PositiveNumber);
@@ -86,7 +86,7 @@ void register_quantize(CLI::App& app) {
                       "measured with the FP8 cache too");
   cmd->callback([job, no_weighting, objective] {
     job->importance_weighting = !*no_weighting;
-    job->objective = cost::objective_by_name(*objective);
+    if (!objective->empty()) job->objective = cost::objective_by_name(*objective);
     job->command_line = invocation();
     const pipeline::QuantizeOutcome outcome = pipeline::run_quantize(*job);
     for (const pipeline::StageReport& stage : outcome.stages) {

@@ -341,7 +341,10 @@ std::vector<std::size_t> Scout::run_l2(const alloc::BitsTarget& target,
     cost_job.probe = probe_job.out;
     cost_job.out = pass_dir / "cost";
     cost_job.formats = table_.formats;
-    cost_job.objective = objective_;
+    // The KL-Fisher cost probes the source model's own KL; at the quantized fixed point the
+    // sensitivities are re-estimated with the Fisher trace.
+    cost_job.objective =
+        objective_ == cost::Objective::kKlFisher ? cost::Objective::kFisher : objective_;
     cost_job.spec_options = job_.spec_options;
     cost_job.serve_on = job_.serve_on;
     alloc::CostTable table = cost::run_cost(cost_job).table;
