@@ -307,9 +307,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     // windows; an assignment that loses to it is not exported.
     if (const std::optional<std::string> format = uniform_baseline_format(menu)) {
       start = std::chrono::steady_clock::now();
-      outcome.uniform = measure_uniform_baseline(config, checkpoint, encoder,
-                                                 alloc::read_cost_table(cost_job.out), format_of,
-                                                 reference, *format);
+      outcome.uniform = measure_uniform_baseline(config, checkpoint, encoder, costed.table,
+                                                 format_of, reference, *format);
       if (outcome.uniform->quality) outcome.uniform->quality->data = outcome.measured.data;
       outcome.stages.push_back({"uniform", seconds_since(start), false});
       require_not_worse_than_uniform(outcome.measured, *outcome.uniform);

@@ -25,24 +25,23 @@ exporter::UniformBaseline measure_uniform_baseline(
   exporter::UniformBaseline baseline;
   baseline.format = std::string(format);
   std::map<std::string, std::string> uniform;
+  // The baseline format's column, looked up once (past the end: the table lacks it).
+  const auto baseline_slot = static_cast<std::size_t>(
+      std::find(table.formats.begin(), table.formats.end(), baseline.format) -
+      table.formats.begin());
   for (const alloc::LinearCost& row : table.linears) {
     const auto it = shipped.find(row.name);
     PQ_CHECK(it != shipped.end(), "the assignment has no format for Linear '{}' of the cost table",
              row.name);
-    const auto cost_of = [&](const std::string& name) -> const std::optional<alloc::FormatCost>& {
-      return row.costs.at(table.format_index(name));
-    };
-    const std::optional<alloc::FormatCost>& chosen = cost_of(it->second);
+    const std::optional<alloc::FormatCost>& chosen = row.costs.at(table.format_index(it->second));
     PQ_CHECK(chosen.has_value(),
              "Linear '{}' is assigned {}, which the cost table does not offer it", row.name,
              it->second);
     baseline.shipped_bytes += chosen->bytes;
-    const bool offered = std::find(table.formats.begin(), table.formats.end(), baseline.format) !=
-                             table.formats.end() &&
-                         cost_of(baseline.format).has_value();
-    const std::string& format_name = offered ? baseline.format : it->second;
-    uniform[row.name] = format_name;
-    baseline.bytes += cost_of(format_name)->bytes;
+    const bool offered =
+        baseline_slot < table.formats.size() && row.costs.at(baseline_slot).has_value();
+    uniform[row.name] = offered ? baseline.format : it->second;
+    baseline.bytes += offered ? row.costs.at(baseline_slot)->bytes : chosen->bytes;
     baseline.linears += offered ? 1 : 0;
   }
   if (baseline.bytes <= baseline.shipped_bytes) {
