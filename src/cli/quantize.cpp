@@ -31,7 +31,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--formats", job->formats,
                   "Format menu (FP8_SOURCE is added for a source with block-scaled FP8 weights)")
       ->delimiter(',')
-      ->default_val(std::vector<std::string>{"NVFP4", "MXFP8", "BF16"});
+      ->default_val(pipeline::QuantizeJob{}.formats);
   cmd->add_option("--target-bits", job->target_bits, "Bits per quantizable parameter")
       ->default_val(job->target_bits);
   add_data_options(cmd, *job,

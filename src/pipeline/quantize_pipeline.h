@@ -23,8 +23,10 @@ struct QuantizeJob {
   std::optional<std::filesystem::path> work;
   std::filesystem::path data;  // calibration text; its held-out tail is the evaluation text
   bool token_ids = false;      // `data` holds whitespace-separated token ids, not text
-  // The format menu; FP8_SOURCE joins it when the source stores block-scaled FP8 Linears.
-  std::vector<std::string> formats = {"NVFP4", "MXFP8", "BF16"};
+  // The format menu; FP8_SOURCE joins it when the source stores block-scaled FP8 Linears. The
+  // default is the best measured one at the default target (docs/probe-artifacts.md, "Which
+  // menu"): NVFP4, FP8 per channel with dynamic per-token activations, BF16.
+  std::vector<std::string> formats = {"NVFP4", "FP8_E4M3", "BF16"};
   std::string target_bits = "4.75";
   std::optional<std::string> pareto;  // default: a ladder from 4 to 8 bits plus the target
   std::size_t nsamples = 32;
