@@ -23,6 +23,20 @@ namespace {
 
 class QuantizePipeline : public ::testing::TestWithParam<std::string> {};
 
+// quantize of a shared model into dir/out on a small calibration (4 x 128 tokens of the WikiText
+// excerpt) and held-out set (2 x 128), at the default 4.75 bits.
+QuantizeJob small_job(const test::TempDir& dir, const std::string& model) {
+  QuantizeJob job;
+  job.model = test::shared_dir() / "models" / model;
+  job.data = test::wikitext_excerpt(dir);
+  job.out = dir / "out";
+  job.nsamples = 4;
+  job.seqlen = 128;
+  job.eval_windows = 2;
+  job.eval_seqlen = 128;
+  return job;
+}
+
 // probe -> cost -> allocate on a real checkpoint with a small calibration (4 x 128 tokens of
 // wikitext): the assignment reaches 4.75 bits per quantizable parameter within 0.05 by exact
 // bytes, every sibling group has one format, pareto.svg names every target, and a second run
@@ -30,15 +44,7 @@ class QuantizePipeline : public ::testing::TestWithParam<std::string> {};
 TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  QuantizeJob job;
-  job.model = test::shared_dir() / "models" / GetParam();
-  job.data = test::wikitext_excerpt(dir);
-  job.out = dir / "out";
-  job.nsamples = 4;
-  job.seqlen = 128;
-  job.target_bits = "4.75";
-  job.eval_windows = 2;
-  job.eval_seqlen = 128;
+  QuantizeJob job = small_job(dir, GetParam());
   const QuantizeOutcome outcome = run_quantize(job);
   ASSERT_EQ(outcome.stages.size(),
             7u);  // probe, cost, allocate, measure, uniform, export, validate
@@ -170,14 +176,7 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
 TEST(QuantizePipelineScout, ShipsTheScoutChoiceWithTheKlScoutMeasured) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  QuantizeJob job;
-  job.model = test::shared_dir() / "models" / "qwen3-dense-tiny";
-  job.data = test::wikitext_excerpt(dir);
-  job.out = dir / "out";
-  job.nsamples = 4;
-  job.seqlen = 128;
-  job.eval_windows = 2;
-  job.eval_seqlen = 128;
+  QuantizeJob job = small_job(dir, "qwen3-dense-tiny");
   job.select = "scout";
   job.scout_budgets = {"4.75", "5.5"};
   const QuantizeOutcome outcome = run_quantize(job);
@@ -199,14 +198,7 @@ TEST(QuantizePipelineScout, ShipsTheScoutChoiceWithTheKlScoutMeasured) {
 TEST(QuantizePipelineKlFisher, RendersEveryOfferedFormatOnceAndShipsWhatItMeasured) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  QuantizeJob job;
-  job.model = test::shared_dir() / "models" / "qwen3-moe-tiny";
-  job.data = test::wikitext_excerpt(dir);
-  job.out = dir / "out";
-  job.nsamples = 4;
-  job.seqlen = 128;
-  job.eval_windows = 2;
-  job.eval_seqlen = 128;
+  QuantizeJob job = small_job(dir, "qwen3-moe-tiny");
   job.objective = cost::Objective::kKlFisher;
   job.kl_probes = 2;
   const QuantizeOutcome outcome = run_quantize(job);
