@@ -1,9 +1,9 @@
-// pq_objectives: compares cost objectives by what they ship (issue 15, docs/probe-artifacts.md "Which objective"). For
-// one model, calibration and format menu it probes once, builds one cost table per objective,
-// allocates each at every budget, and measures the shipped assignments' held-out KL with the
-// exporter's weights (one rounding for all, so only the choice differs). Then, from one base
-// assignment, it flips single sibling groups to another format and ranks each objective's
-// predicted change against the measured change (Spearman).
+// pq_objectives: compares cost objectives by what they ship (issue 15, docs/probe-artifacts.md
+// "Which objective"). For one model, calibration and format menu it probes once, builds one cost
+// table per objective, allocates each at every budget, and measures the shipped assignments'
+// held-out KL with the exporter's weights (one rounding for all, so only the choice differs). Then,
+// from one base assignment, it flips single sibling groups to another format and ranks each
+// objective's predicted change against the measured change (Spearman).
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
@@ -134,7 +134,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> objectives = {"fisher", "kl-fisher"};
   std::vector<std::string> budgets = {"4.5", "4.75"};
   std::string base_budget = "4.75", rounding_name = "gptq";
-  std::size_t nsamples = 32, seqlen = 1024, eval_windows = 16, eval_seqlen = 512, kl_probes = 4;
+  std::size_t nsamples = 32, seqlen = 1024, eval_windows = 16, eval_seqlen = 512,
+              kl_probes = pq::cost::KlFisherJob{}.probes;
   std::size_t max_flips = 32;
   app.add_option("--model", model_dir)->required();
   app.add_option("--data", data);
