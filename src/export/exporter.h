@@ -42,6 +42,8 @@ struct MeasuredQuality {
   // Each prediction's NLL (runtime::EvalResult::prediction_nll), for paired comparisons; not
   // written anywhere.
   std::vector<double> prediction_nll;
+  // The same for the source model on the same windows.
+  std::vector<double> source_prediction_nll;
 };
 
 // The uniform assignment a mixed one must beat (issue 15, "never worse than uniform"): every

@@ -43,6 +43,7 @@ exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
   quality.source_perplexity = reference.self().perplexity();
   quality.top1_agreement = result.top1_agreement();
   quality.prediction_nll = result.prediction_nll;
+  quality.source_prediction_nll = reference.self().prediction_nll;
   if (kv_cache != nullptr) {
     const runtime::EvalResult with_kv = run(kv_cache);
     quality.fp8_kv_cache = exporter::KvCacheQuality{.mean_kl = with_kv.mean_kl(),

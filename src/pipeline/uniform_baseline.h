@@ -44,9 +44,11 @@ double perplexity_z_score(const exporter::MeasuredQuality& shipped,
 inline constexpr double kPerplexityZLimit = 2.0;
 
 // Throws pq::Error (one line, both measurements) when `shipped` is worse than the measured
-// baseline: higher held-out KL, or perplexity higher by more than kPerplexityZLimit standard
-// errors. quantize refuses to export such an assignment. A baseline that was not measured (it
-// needs more bytes) is no objection.
+// baseline: higher held-out KL, or per-prediction NLLs further from the source's than the
+// baseline's, mean |NLL - NLL_source| higher by more than kPerplexityZLimit standard errors
+// (perplexity_z_score of those deviations, paired per prediction). quantize
+// refuses to export such an assignment. A baseline that was not measured (it needs more bytes) is
+// no objection.
 void require_not_worse_than_uniform(const exporter::MeasuredQuality& shipped,
                                     const exporter::UniformBaseline& baseline);
 

@@ -1,5 +1,6 @@
 #include "pipeline/uniform_baseline.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -43,6 +44,35 @@ TEST(UniformBaseline, PerplexityZScoreIsPairedByPrediction) {
   EXPECT_LT(perplexity_z_score(a, b), kPerplexityZLimit);
   b.prediction_nll.pop_back();
   EXPECT_THROW(perplexity_z_score(a, b), Error);
+}
+
+// Perplexity is judged as fidelity to the source: per prediction, how far the NLL moved from
+// the source's, not the aggregate, which a flatter distribution can lower on text the model fits
+// badly.
+TEST(UniformBaseline, PerplexityIsJudgedByHowFarEachPredictionMovedFromTheSource) {
+  const auto quality = [](double kl, std::vector<double> nll, std::vector<double> source) {
+    exporter::MeasuredQuality q;
+    q.mean_kl = kl;
+    q.prediction_nll = std::move(nll);
+    q.source_prediction_nll = std::move(source);
+    return q;
+  };
+  const std::vector<double> source = {2.0, 3.0, 2.0, 3.0, 2.0, 3.0};
+  exporter::UniformBaseline baseline;
+  // Uniform moves every prediction by 0.3 to 0.5 (its perplexity about the source's); the mix
+  // by 0.1 (its perplexity above the source's): shipped.
+  baseline.quality = quality(0.04, {1.6, 3.3, 1.7, 3.4, 1.6, 3.3}, source);
+  EXPECT_NO_THROW(require_not_worse_than_uniform(
+      quality(0.01, {2.1, 3.1, 2.1, 3.1, 2.1, 3.1}, source), baseline));
+  // The mix moves them further than uniform: refused, though its KL is lower.
+  EXPECT_THAT(
+      [&] {
+        require_not_worse_than_uniform(quality(0.01, {1.2, 3.9, 1.3, 3.8, 1.2, 3.9}, source),
+                                       baseline);
+      },
+      testing::ThrowsMessage<Error>(testing::HasSubstr("further from the source's")));
+  // Predictions not paired with the source's are an error, not a verdict.
+  EXPECT_THROW(require_not_worse_than_uniform(quality(0.01, {2.1, 3.1}, source), baseline), Error);
 }
 
 // A crafted assignment that must be refused: MXFP4 (E8M0 scales in groups of 32) on most of
