@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -31,40 +30,11 @@
 #include "probe/probe_stage.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
+#include "scout/frontier.h"
 
 namespace {
 
 using namespace pq;
-
-// Average ranks (ties share their mean rank).
-std::vector<double> ranks(const std::vector<double>& values) {
-  std::vector<std::size_t> order(values.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](auto a, auto b) { return values[a] < values[b]; });
-  std::vector<double> rank(values.size());
-  for (std::size_t i = 0; i < order.size();) {
-    std::size_t j = i;
-    while (j + 1 < order.size() && values[order[j + 1]] == values[order[i]]) ++j;
-    for (std::size_t q = i; q <= j; ++q) rank[order[q]] = 0.5 * static_cast<double>(i + j);
-    i = j + 1;
-  }
-  return rank;
-}
-
-// Spearman's rank correlation: Pearson's of the ranks.
-double spearman(const std::vector<double>& a, const std::vector<double>& b) {
-  const std::vector<double> ra = ranks(a), rb = ranks(b);
-  const double n = static_cast<double>(a.size());
-  const double ma = std::accumulate(ra.begin(), ra.end(), 0.0) / n;
-  const double mb = std::accumulate(rb.begin(), rb.end(), 0.0) / n;
-  double sab = 0.0, saa = 0.0, sbb = 0.0;
-  for (std::size_t i = 0; i < ra.size(); ++i) {
-    sab += (ra[i] - ma) * (rb[i] - mb);
-    saa += (ra[i] - ma) * (ra[i] - ma);
-    sbb += (rb[i] - mb) * (rb[i] - mb);
-  }
-  return saa > 0.0 && sbb > 0.0 ? sab / std::sqrt(saa * sbb) : 0.0;
-}
 
 // Name -> format of an assignment.
 std::map<std::string, std::string> formats_of(const alloc::AssignmentFile& assignment) {
@@ -304,7 +274,7 @@ int main(int argc, char** argv) {
                flips, objectives.front(), base_budget, base_kl);
     fmt::print("| objective | Spearman (predicted vs measured KL change) |\n|---|---|\n");
     for (const std::string& objective : objectives) {
-      const double rho = spearman(predicted[objective], measured);
+      const double rho = scout::spearman(predicted[objective], measured).value_or(0.0);
       fmt::print("| {} | {:.3f} |\n", objective, rho);
       report["spearman"][objective] = rho;
     }

@@ -15,6 +15,7 @@
 #include "data/token_dataset.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
+#include "probe/probe_stage.h"
 #include "runtime/kernels/gemm.h"
 #include "runtime/memory_estimate.h"
 #include "runtime/weights.h"
@@ -22,8 +23,6 @@
 namespace pq::cost {
 
 namespace {
-
-constexpr const char* kStateJson = "state.json";
 
 // The probe's Rademacher vector at one prediction depends only on (probe seed, probe, sequence,
 // position), so a resumed or differently batched pass draws the same signs.
@@ -155,19 +154,6 @@ class PerturbationFold final : public runtime::LinearObserver {
   std::map<std::string, std::vector<double>> sums_;
 };
 
-std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
-                            std::size_t steps_total) {
-  try {
-    const auto j = read_json_file(pass_dir / kStateJson);
-    if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
-    const nlohmann::json& done = j.at("steps_done");
-    if (!done.is_number_unsigned() || done.get<std::uint64_t>() > steps_total) return 0;
-    return static_cast<std::size_t>(done.get<std::uint64_t>());
-  } catch (const std::exception&) {
-    return 0;  // absent, damaged or foreign: start over
-  }
-}
-
 }  // namespace
 
 std::string kl_fisher_fingerprint(const KlFisherJob& job) {
@@ -258,7 +244,8 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   const std::string fingerprint = kl_fisher_fingerprint(job);
   const std::int64_t layers = config.num_hidden_layers;
   const auto steps_total = static_cast<std::size_t>(2 * layers + 1);
-  const std::size_t resumed_from = read_steps_done(job.pass_dir, fingerprint, steps_total);
+  const std::size_t resumed_from =
+      probe::read_pass_steps_done(job.pass_dir, fingerprint, steps_total);
   std::error_code error;
   if (resumed_from == 0) std::filesystem::remove_all(job.pass_dir, error);
   std::filesystem::create_directories(job.pass_dir, error);
@@ -311,11 +298,6 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
         }
         write_text_file_atomic(part_path(layer), part.dump() + "\n");
       };
-  const auto finish_step = [&](std::size_t step) {
-    write_text_file_atomic(
-        job.pass_dir / kStateJson,
-        nlohmann::json{{"fingerprint", fingerprint}, {"steps_done", step + 1}}.dump() + "\n");
-  };
 
   ProgressBar progress("kl-fisher", steps_total);
   progress.advance(resumed_from);
@@ -357,7 +339,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
       }
       std::filesystem::remove(x_path(layer), error);
     }
-    finish_step(step);
+    probe::write_pass_steps_done(job.pass_dir, fingerprint, step + 1);
     progress.advance();
   }
 

@@ -314,11 +314,13 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   write_text_file_atomic(job.out / kProbeJsonFile, doc.dump(1) + "\n");
 }
 
+}  // namespace
+
 // Where a pass stands: every step before steps_done is finished and its files are written. A
 // state whose count is not a step count of this pass (forged or damaged: 100 of 17, -1) is
 // discarded with a warning, never trusted.
-std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
-                            std::size_t steps_total) {
+std::size_t read_pass_steps_done(const std::filesystem::path& pass_dir,
+                                 const std::string& fingerprint, std::size_t steps_total) {
   const std::filesystem::path path = pass_dir / kStateJson;
   try {
     const auto j = read_json_file(path);
@@ -337,7 +339,12 @@ std::size_t read_steps_done(const std::filesystem::path& pass_dir, const std::st
   }
 }
 
-}  // namespace
+void write_pass_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
+                           std::size_t steps_done) {
+  write_text_file_atomic(
+      pass_dir / kStateJson,
+      nlohmann::json{{"fingerprint", fingerprint}, {"steps_done", steps_done}}.dump() + "\n");
+}
 
 std::string model_label(const std::filesystem::path& model_dir) {
   std::filesystem::path normal = model_dir.lexically_normal();
@@ -387,7 +394,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   std::error_code error;
   std::filesystem::create_directories(job.out, error);
   PQ_CHECK(!error, "{}: cannot create the output directory: {}", job.out.string(), error.message());
-  outcome.resumed_from = read_steps_done(pass_dir, outcome.fingerprint, outcome.steps_total);
+  outcome.resumed_from = read_pass_steps_done(pass_dir, outcome.fingerprint, outcome.steps_total);
   if (outcome.resumed_from == 0) std::filesystem::remove_all(pass_dir, error);
   std::filesystem::create_directories(pass_dir, error);
   PQ_CHECK(!error, "{}: cannot create the pass directory: {}", pass_dir.string(), error.message());
@@ -441,10 +448,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
     return x;
   };
   const auto finish_step = [&](std::size_t step) {
-    write_text_file_atomic(
-        pass_dir / kStateJson,
-        nlohmann::json{{"fingerprint", outcome.fingerprint}, {"steps_done", step + 1}}.dump() +
-            "\n");
+    write_pass_steps_done(pass_dir, outcome.fingerprint, step + 1);
   };
   const auto seq_count = static_cast<std::int64_t>(sequences.size());
   // Runs one backward pass under the accumulator of a part (a body layer's, the MTP head's, or
