@@ -37,6 +37,10 @@ void register_probe(CLI::App& app) {
   add_kv_cache_option(cmd, job->kv_cache,
                       "also record each attention layer's key/value amax, from which export "
                       "--kv-cache fp8 sets the scales");
+  cmd->add_flag("--holdout-hessian", job->holdout_hessian,
+                "Also sum each input's Hessian over the last eighth of the calibration sequences "
+                "alone: GPTQ rounding then fits its renders without those rows and picks per "
+                "Linear the one with the lowest output error on them");
   cmd->callback([job, no_weighting] {
     job->importance_weighting = !*no_weighting;
     const probe::ProbeOutcome outcome = probe::run_probe(*job);

@@ -53,11 +53,22 @@ ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec,
     if (input_index_.find(key) == input_index_.end()) {
       input_index_.emplace(key, inputs_.size());
       const auto in = static_cast<std::size_t>(linear.in_features);
-      inputs_.push_back({key, linear.in_features, std::vector<float>(in * in, 0.0f), 0});
+      inputs_.push_back({.key = key,
+                         .in_features = linear.in_features,
+                         .hessian = std::vector<float>(in * in, 0.0f)});
     }
   }
   batch_rows_linear_.assign(linears_.size(), 0);
   batch_rows_input_.assign(inputs_.size(), 0);
+}
+
+void ProbeAccumulator::record_holdout(std::int64_t first_sequence) {
+  PQ_CHECK(first_sequence >= 0, "the first held-out sequence {} is negative", first_sequence);
+  holdout_from_ = first_sequence;
+  for (InputSums& input : inputs_) {
+    input.holdout_hessian.assign(input.hessian.size(), 0.0f);
+    input.holdout_tokens = 0;
+  }
 }
 
 const InputSums& ProbeAccumulator::input(const std::string& key) const {
@@ -82,6 +93,10 @@ void ProbeAccumulator::end_batch(std::int64_t sequences) {
   }
   for (InputSums& input : inputs_) {
     runtime::mirror_upper_triangle(input.in_features, input.hessian.data(), input.in_features);
+    if (records_holdout()) {
+      runtime::mirror_upper_triangle(input.in_features, input.holdout_hessian.data(),
+                                     input.in_features);
+    }
   }
   sequences_ += sequences;
 }
@@ -156,6 +171,15 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
                           in);
   input.tokens += activity.rows;
   batch_rows_input_[input_index] += activity.rows;
+  if (records_holdout()) {
+    for (const runtime::RowRange& range : ranges) {
+      const std::int64_t rows = range.end - range.begin;
+      if (range.sequence < holdout_from_ || rows == 0) continue;
+      runtime::gram_upper_f32(in, rows, 1.0f, activity.input + range.begin * in, in, 1.0f,
+                              input.holdout_hessian.data(), in);
+      input.holdout_tokens += rows;
+    }
+  }
   const std::int64_t values = activity.rows * in;
   float amax = input.amax;
 #pragma omp parallel for reduction(max : amax) schedule(static)
@@ -221,6 +245,18 @@ void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
   writer.add("input_tokens", io::DType::I64,
              std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
              as_bytes(input_tokens));
+  if (records_holdout()) {
+    std::vector<std::int64_t> holdout_tokens;
+    for (const InputSums& input : inputs_) {
+      writer.add("holdout_hessian." + input.key, io::DType::F32,
+                 std::vector<std::int64_t>{input.in_features, input.in_features},
+                 as_bytes(input.holdout_hessian));
+      holdout_tokens.push_back(input.holdout_tokens);
+    }
+    writer.add("holdout_tokens", io::DType::I64,
+               std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
+               as_bytes(holdout_tokens));
+  }
   writer.add("input_amax", io::DType::F32,
              std::vector<std::int64_t>{static_cast<std::int64_t>(inputs_.size())},
              as_bytes(input_amax));
@@ -265,6 +301,16 @@ void ProbeAccumulator::load(const io::SafetensorsFile& file) {
     input.hessian =
         read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
     input.tokens = input_tokens[i];
+  }
+  if (records_holdout()) {
+    const auto holdout_tokens =
+        read_tensor<std::int64_t>(file, "holdout_tokens", io::DType::I64, inputs_.size());
+    for (std::size_t i = 0; i < inputs_.size(); ++i) {
+      InputSums& input = inputs_[i];
+      input.holdout_hessian = read_tensor<float>(file, "holdout_hessian." + input.key,
+                                                 io::DType::F32, input.hessian.size());
+      input.holdout_tokens = holdout_tokens[i];
+    }
   }
   // The suffix of "<prefix><layer>" tensors is the layer number save() wrote; std::stoll would
   // throw std::invalid_argument (not pq::Error) for any other text and accept "7x".

@@ -31,6 +31,10 @@ struct InputSums {
   std::int64_t in_features = 0;
   std::vector<float> hessian;  // X^T X, [in, in]
   std::int64_t tokens = 0;
+  // X^T X over the held-out sequences' rows only (ProbeAccumulator::record_holdout), which
+  // `hessian` includes; empty unless recorded.
+  std::vector<float> holdout_hessian{};
+  std::int64_t holdout_tokens = 0;
   float amax = 0.0f;  // max |x|: NVFP4 W4A4's input_global_scale is 448*6/amax
 };
 
@@ -81,6 +85,12 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   void record_kv_cache() { record_kv_cache_ = true; }
   const std::map<std::int64_t, KvCacheSums>& kv_cache() const { return kv_cache_; }
 
+  // Also sums each input's X^T X over the rows of sequences numbered `first_sequence` and later
+  // (the held-out calibration rows, ProbeJob::holdout_hessian) into InputSums::holdout_hessian,
+  // saved with the other sums. Off by default, so other probes write what they wrote before.
+  void record_holdout(std::int64_t first_sequence);
+  bool records_holdout() const { return holdout_from_ >= 0; }
+
   std::int64_t sequences() const { return sequences_; }
   const std::vector<LinearSums>& linears() const { return linears_; }
   const std::vector<InputSums>& inputs() const { return inputs_; }
@@ -101,6 +111,7 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   std::map<std::int64_t, RoutingSums> routing_;
   bool record_kv_cache_ = false;
   std::map<std::int64_t, KvCacheSums> kv_cache_;
+  std::int64_t holdout_from_ = -1;  // the first held-out sequence; -1: none recorded
   std::int64_t sequences_ = 0;
   // Per batch: which Linear accumulates each input's Hessian (the first to report it).
   std::map<std::size_t, std::size_t> input_owner_;

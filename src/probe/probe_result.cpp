@@ -116,6 +116,13 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
       result.input_amax_.emplace(
           key, static_cast<float>(non_negative(field(i, "amax", where), where + " amax",
                                                std::numeric_limits<float>::max())));
+      if (i.contains("holdout_tokens")) {
+        const std::int64_t held =
+            integer(field(i, "holdout_tokens", where), where + " holdout_tokens", 0, kMaxCount);
+        PQ_CHECK(held <= result.input_tokens_.at(key), "{}: {} held-out tokens of {}", where, held,
+                 result.input_tokens_.at(key));
+        result.holdout_tokens_.emplace(key, held);
+      }
     }
     for (const json& m : array_field(j, "moe", "probe.json")) {
       ProbedRouting routing;
@@ -157,7 +164,8 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
   for (const std::string& name : files) {
     auto file = std::make_unique<io::SafetensorsFile>(probe_dir / name);
     for (const io::TensorInfo& info : file->tensors()) {
-      if (info.name.starts_with("hessian.") || info.name.starts_with("act_second_moment.")) {
+      if (info.name.starts_with("hessian.") || info.name.starts_with("holdout_hessian.") ||
+          info.name.starts_with("act_second_moment.")) {
         PQ_CHECK(result.tensor_file_.emplace(info.name, result.tensors_.size()).second,
                  "{}: tensor {} is in two of the probe's files", json_path.string(),
                  quoted_json_string(info.name));
@@ -173,6 +181,11 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
                  result.act_second_moment(linear.input_key).size() == in,
              "{}: the statistics of input {} do not match {}'s input width {}", json_path.string(),
              quoted_json_string(linear.input_key), quoted_json_string(linear.name), in);
+    PQ_CHECK(!result.holdout_tokens_.contains(linear.input_key) ||
+                 result.holdout_hessian(linear.input_key).size() == in * in,
+             "{}: the held-out Hessian of input {} does not match {}'s input width {}",
+             json_path.string(), quoted_json_string(linear.input_key),
+             quoted_json_string(linear.name), in);
     PQ_CHECK(result.input_tokens_.contains(linear.input_key),
              "{}: input {} of {} is not in \"inputs\"", json_path.string(),
              quoted_json_string(linear.input_key), quoted_json_string(linear.name));
@@ -205,6 +218,16 @@ std::span<const float> ProbeResult::f32_tensor(const std::string& name) const {
 
 std::span<const float> ProbeResult::hessian(std::string_view input_key) const {
   return f32_tensor("hessian." + std::string(input_key));
+}
+
+std::span<const float> ProbeResult::holdout_hessian(std::string_view input_key) const {
+  if (!holdout_tokens_.contains(input_key)) return {};
+  return f32_tensor("holdout_hessian." + std::string(input_key));
+}
+
+std::int64_t ProbeResult::holdout_tokens(std::string_view input_key) const {
+  const auto it = holdout_tokens_.find(input_key);
+  return it == holdout_tokens_.end() ? 0 : it->second;
 }
 
 std::span<const float> ProbeResult::act_second_moment(std::string_view input_key) const {

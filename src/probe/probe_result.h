@@ -69,6 +69,10 @@ class ProbeResult {
   // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
   std::span<const float> hessian(std::string_view input_key) const;
   std::int64_t input_tokens(std::string_view input_key) const;
+  // The Hessian and token count of the input's held-out rows alone (a probe with
+  // ProbeJob::holdout_hessian; hessian() includes them): an empty span and 0 otherwise.
+  std::span<const float> holdout_hessian(std::string_view input_key) const;
+  std::int64_t holdout_tokens(std::string_view input_key) const;
   // max |x| over the input's tokens.
   float input_amax(std::string_view input_key) const;
   // E[x_j^2] over the input's tokens, [in].
@@ -84,6 +88,7 @@ class ProbeResult {
   std::vector<ProbedLinear> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;
+  std::map<std::string, std::int64_t, std::less<>> holdout_tokens_;  // inputs that have them
   std::map<std::string, float, std::less<>> input_amax_;
   std::vector<ProbedRouting> routing_;
   std::optional<std::vector<ProbedKvCache>> kv_cache_;

@@ -142,10 +142,17 @@ std::filesystem::path part_file(const std::filesystem::path& dir, const Part& pa
   return dir / fmt::format("probe.{}.safetensors", part.name);
 }
 
+// The accumulator of a part for `job`: it records what the job asks for besides the sums every
+// probe has (the KV cache, the held-out Hessians), so write_part and write_summary see them.
 ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part,
-                                  runtime::ComputeType compute) {
-  return ProbeAccumulator(
-      spec, [&](const model::Linear& linear) { return part.holds(linear); }, compute);
+                                  const ProbeJob& job) {
+  ProbeAccumulator sums(
+      spec, [&](const model::Linear& linear) { return part.holds(linear); }, job.compute);
+  if (job.kv_cache) sums.record_kv_cache();
+  if (job.holdout_hessian) {
+    sums.record_holdout(static_cast<std::int64_t>(job.nsamples) - holdout_sequences(job.nsamples));
+  }
+  return sums;
 }
 
 // A part's file: the accumulator's sums (ProbeAccumulator::save) and each input's second moments.
@@ -164,7 +171,8 @@ void write_part(const std::filesystem::path& path, const ProbeAccumulator& sums)
 
 // What the probe's observer holds at once: the largest layer's Hessians (one per distinct input)
 // and the per-sequence gradient scratch of its largest Linear.
-std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
+// The held-out Hessians (ProbeJob::holdout_hessian) double the Hessians' share.
+std::int64_t layer_statistics_bytes(const model::ModelSpec& spec, bool holdout) {
   std::map<std::pair<model::Component, std::optional<std::int64_t>>,
            std::map<std::string, std::int64_t>>
       inputs;
@@ -172,7 +180,7 @@ std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
     inputs[{linear.component, linear.layer}][input_key(linear)] =
-        linear.in_features * linear.in_features * 4;
+        linear.in_features * linear.in_features * (holdout ? 8 : 4);
     largest = std::max(largest, linear.numel() * 4);
   }
   std::int64_t peak = 0;
@@ -185,11 +193,11 @@ std::int64_t layer_statistics_bytes(const model::ModelSpec& spec) {
 }
 
 // The part files of the whole model: every distinct input's Hessian.
-std::int64_t all_statistics_bytes(const model::ModelSpec& spec) {
+std::int64_t all_statistics_bytes(const model::ModelSpec& spec, bool holdout) {
   std::map<std::string, std::int64_t> inputs;
   for (const model::Linear& linear : spec.linears) {
     if (linear.is_candidate)
-      inputs[input_key(linear)] = linear.in_features * linear.in_features * 4;
+      inputs[input_key(linear)] = linear.in_features * linear.in_features * (holdout ? 8 : 4);
   }
   std::int64_t bytes = 0;
   for (const auto& [key, size] : inputs) bytes += size;
@@ -237,16 +245,18 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   for (const Part& part : parts) {
     const std::filesystem::path path = part_file(job.out, part);
     files.push_back(path.filename().string());
-    ProbeAccumulator sums = part_accumulator(spec, part, job.compute);
+    ProbeAccumulator sums = part_accumulator(spec, part, job);
     const io::SafetensorsFile file(path);
     sums.load(file);
     std::map<std::string, Summary> moments;
     for (const InputSums& input : sums.inputs()) {
       moments.emplace(input.key, summarize(second_moment(input)));
-      input_json.emplace(input.key, nlohmann::json{{"key", input.key},
-                                                   {"in_features", input.in_features},
-                                                   {"tokens", input.tokens},
-                                                   {"amax", input.amax}});
+      nlohmann::json entry = {{"key", input.key},
+                              {"in_features", input.in_features},
+                              {"tokens", input.tokens},
+                              {"amax", input.amax}};
+      if (sums.records_holdout()) entry["holdout_tokens"] = input.holdout_tokens;
+      input_json.emplace(input.key, std::move(entry));
     }
     for (const LinearSums& linear : sums.linears()) {
       const Summary& act = moments.at(linear.input_key);
@@ -310,6 +320,9 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   // Only a probe asked for it (--kv-cache) records the KV cache; the others' probe.json is as it
   // was before the key existed.
   if (job.kv_cache) doc["kv_cache"] = std::move(kv_cache);
+  if (job.holdout_hessian) {
+    doc["calibration"]["holdout_sequences"] = holdout_sequences(job.nsamples);
+  }
   // probe.json last: its presence (with this fingerprint) marks the probe as complete.
   write_text_file_atomic(job.out / kProbeJsonFile, doc.dump(1) + "\n");
 }
@@ -352,6 +365,11 @@ std::string model_label(const std::filesystem::path& model_dir) {
   return normal.filename().string();
 }
 
+std::int64_t holdout_sequences(std::size_t nsamples) {
+  if (nsamples < 2) return 0;
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(nsamples / 8));
+}
+
 std::string probe_fingerprint(const ProbeJob& job) {
   Fingerprint f;
   f.field("stage", "probe/3");
@@ -364,12 +382,17 @@ std::string probe_fingerprint(const ProbeJob& job) {
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   if (job.quantized) f.field("quantized", job.quantized->tag);
   if (job.kv_cache) f.field("kv_cache", "fp8");
+  if (job.holdout_hessian) f.field("holdout_hessian", holdout_sequences(job.nsamples));
   return f.hex();
 }
 
 ProbeOutcome run_probe(const ProbeJob& job) {
   PQ_CHECK(job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
            "probe: --nsamples and --batch-size must be positive and --seqlen at least 2");
+  PQ_CHECK(!job.holdout_hessian || job.nsamples >= 2,
+           "probe: --holdout-hessian holds out calibration sequences and needs at least 2 "
+           "(--nsamples {})",
+           job.nsamples);
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   runtime::require_runtime_support(config);
   // vLLM caches MLA's compressed latent and shared rope key (deepseek_v3-architecture-facts.md
@@ -416,12 +439,12 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       config, static_cast<std::int64_t>(job.nsamples * job.seqlen),
       runtime_options.micro_batch_rows, runtime_options.logits_block_rows, /*boundaries=*/2,
       runtime_options.compute);
-  memory.statistics = layer_statistics_bytes(spec);
+  memory.statistics = layer_statistics_bytes(spec, job.holdout_hessian);
   runtime::require_memory("the probe", memory, runtime::memory_limit(job.max_memory));
   require_disk(pass_dir, static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples *
                                                    job.seqlen * config.hidden_size) *
                                  4 +
-                             all_statistics_bytes(spec));
+                             all_statistics_bytes(spec, job.holdout_hessian));
 
   const runtime::CheckpointWeightSource weights(checkpoint);
   if (job.quantized) {
@@ -459,8 +482,7 @@ ProbeOutcome run_probe(const ProbeJob& job) {
     const auto part = std::find_if(parts.begin(), parts.end(), [&](const Part& p) {
       return p.layer == where.layer && p.mtp == where.mtp;
     });
-    ProbeAccumulator sums = part_accumulator(spec, where, job.compute);
-    if (job.kv_cache) sums.record_kv_cache();
+    ProbeAccumulator sums = part_accumulator(spec, where, job);
     sums.begin_batch();
     run(sums);
     sums.end_batch(seq_count);

@@ -56,6 +56,12 @@ struct ProbeJob {
   // cache holds), from which export sets the FP8 KV cache scales (`--kv-cache fp8`). Off: the
   // artifacts and the fingerprint are those of a probe without it.
   bool kv_cache = false;
+  // Also sum, per distinct input, the Hessian of the last holdout_sequences(nsamples) calibration
+  // sequences alone (probe.<part>.safetensors "holdout_hessian.<key>"). GPTQ rounding then fits
+  // its renders without those rows and chooses among them by the output error on them
+  // (exporter::GptqRounding). Off: the artifacts and the fingerprint are those of a probe without
+  // it.
+  bool holdout_hessian = false;
 };
 
 struct ProbeOutcome {
@@ -71,6 +77,11 @@ struct ProbeOutcome {
 // safetensors headers), tokenizer.json (for text data), the calibration file's content and every
 // option.
 std::string probe_fingerprint(const ProbeJob& job);
+
+// How many of `nsamples` calibration sequences a probe with ProbeJob::holdout_hessian holds out:
+// one in eight, at least one, none of fewer than two. The calibration windows are drawn at random
+// (data::TokenDataset::calibration), so the last ones are as good a sample as any.
+std::int64_t holdout_sequences(std::size_t nsamples);
 
 // Runs the probe (docs/probe-artifacts.md): one layer-major pass over every calibration sequence,
 // each layer read once forward and once backward, with the layer-boundary activations in

@@ -243,6 +243,103 @@ TEST(ProbeAccumulator, MoeExpertsCountOnlyRoutedTokens) {
   EXPECT_NEAR(trace, expected, 1e-4 * expected);
 }
 
+// With record_holdout(s), each input's holdout Hessian is X^T X over the rows of sequences s and
+// later alone (the full Hessian keeps every row), the held-out rows of a MoE expert are those of
+// the held-out sequences routed to it, and save/load keeps both.
+TEST(ProbeAccumulator, HoldoutHessianSumsOnlyTheHeldOutSequences) {
+  TinyModel tiny =
+      runtime::synthetic::make_tiny_model(runtime::synthetic::tiny_config("Qwen3ForCausalLM"), 11);
+  const model::ModelSpec spec = spec_of(tiny);
+  runtime::Model model(tiny.config, tiny.weights);
+  const auto batch = random_batch(tiny.config.vocab_size, {8, 5, 12}, 9);
+
+  ProbeAccumulator plain(spec);
+  plain.begin_batch();
+  model.backward(batch, plain);
+  plain.end_batch(3);
+  ProbeAccumulator sums(spec);
+  sums.record_holdout(1);
+  InputRecorder recorder;
+  Tee tee(sums, recorder);
+  sums.begin_batch();
+  model.backward(batch, tee);
+  sums.end_batch(3);
+
+  ASSERT_EQ(sums.inputs().size(), plain.inputs().size());
+  for (std::size_t i = 0; i < sums.inputs().size(); ++i) {
+    EXPECT_EQ(sums.inputs()[i].hessian, plain.inputs()[i].hessian) << sums.inputs()[i].key;
+    EXPECT_EQ(sums.inputs()[i].holdout_tokens, 5 + 12) << sums.inputs()[i].key;
+    EXPECT_TRUE(plain.inputs()[i].holdout_hessian.empty());
+  }
+  // Rows of sequences 1 and 2: rows 8 to 24 of every dense Linear's input.
+  const auto* q = spec.find_linear("model.layers.1.self_attn.q_proj");
+  const auto* down = spec.find_linear("model.layers.0.mlp.down_proj");
+  ASSERT_TRUE(q && down);
+  for (const model::Linear* linear : {q, down}) {
+    const InputSums& input = sums.input(input_key(*linear));
+    const std::vector<float>& x = recorder.inputs.at(linear->name);
+    const std::int64_t in = linear->in_features;
+    ASSERT_EQ(static_cast<std::int64_t>(x.size()), 25 * in);
+    for (std::int64_t a = 0; a < in; ++a) {
+      for (std::int64_t b = 0; b < in; ++b) {
+        double expected = 0.0;
+        for (std::int64_t r = 8; r < 25; ++r) {
+          expected += static_cast<double>(x[r * in + a]) * x[r * in + b];
+        }
+        ASSERT_NEAR(input.holdout_hessian[a * in + b], expected, 1e-4 * (1.0 + std::abs(expected)))
+            << linear->name << " H[" << a << "," << b << "]";
+      }
+    }
+  }
+
+  test::TempDir dir;
+  const auto path = dir / "part.safetensors";
+  {
+    io::SafetensorsWriter writer(path);
+    sums.save(writer);
+    writer.commit();
+  }
+  ProbeAccumulator loaded(spec);
+  loaded.record_holdout(1);
+  loaded.load(io::SafetensorsFile(path));
+  for (std::size_t i = 0; i < sums.inputs().size(); ++i) {
+    EXPECT_EQ(loaded.inputs()[i].holdout_hessian, sums.inputs()[i].holdout_hessian);
+    EXPECT_EQ(loaded.inputs()[i].holdout_tokens, sums.inputs()[i].holdout_tokens);
+  }
+  // A checkpoint without held-out sums is no checkpoint of a probe with them.
+  const auto plain_path = dir / "plain.safetensors";
+  {
+    io::SafetensorsWriter writer(plain_path);
+    plain.save(writer);
+    writer.commit();
+  }
+  EXPECT_THROW(loaded.load(io::SafetensorsFile(plain_path)), Error);
+}
+
+TEST(ProbeAccumulator, HoldoutRowsOfMoeExpertsAreTheirRoutedHeldOutTokens) {
+  TinyModel tiny = runtime::synthetic::make_tiny_model(
+      runtime::synthetic::tiny_config("Qwen3MoeForCausalLM"), 13);
+  const model::ModelSpec spec = spec_of(tiny);
+  runtime::Model model(tiny.config, tiny.weights);
+  const auto batch = random_batch(tiny.config.vocab_size, {10, 7, 9}, 4);
+  ProbeAccumulator sums(spec);
+  sums.record_holdout(2);
+  sums.begin_batch();
+  model.backward(batch, sums);
+  sums.end_batch(3);
+  for (std::int64_t layer = 0; layer < tiny.config.num_hidden_layers; ++layer) {
+    std::int64_t held = 0;
+    for (std::int64_t e = 0; e < tiny.config.num_experts; ++e) {
+      const InputSums& input =
+          sums.input(fmt::format("model.layers.{}.mlp.experts.{}.gate_up_proj", layer, e));
+      EXPECT_LE(input.holdout_tokens, input.tokens);
+      held += input.holdout_tokens;
+    }
+    // Every token of sequence 2 goes to top_k experts.
+    EXPECT_EQ(held, 9 * tiny.config.num_experts_per_tok) << "layer " << layer;
+  }
+}
+
 // A part file read back by a resumed probe names its MoE layers in tensor names
 // ("routing_header.3"); a name whose suffix is no layer number once escaped as
 // std::invalid_argument from std::stoll instead of a pq::Error.

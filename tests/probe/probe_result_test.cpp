@@ -147,6 +147,35 @@ TEST_F(ProbeResultFiles, StatisticsMatchTheLinearsThatReadThem) {
   expect_error(write(doc), "is not a file name");
 }
 
+// A probe with held-out Hessians lists their rows per input; the reader hands them out only where
+// listed, never more rows than the input's, always of the input's width.
+TEST_F(ProbeResultFiles, HoldoutHessiansAreListedAndOfTheInputsWidth) {
+  const auto write_holdout = [&](const Json& doc, std::size_t holdout) {
+    write_text_file_atomic(
+        dir_ / "probe.layer-0000.safetensors",
+        f32_file({{std::string("hessian.") + kKey, std::vector<float>(16, 1.0f)},
+                  {std::string("holdout_hessian.") + kKey, std::vector<float>(holdout, 0.5f)},
+                  {std::string("act_second_moment.") + kKey, std::vector<float>(4, 0.25f)}},
+                 0));
+    write_text_file_atomic(dir_ / "probe.json", doc.dump());
+    return dir_.path();
+  };
+  Json doc = probe_json();
+  EXPECT_TRUE(ProbeResult::read(write_holdout(doc, 16)).holdout_hessian(kKey).empty());
+  EXPECT_EQ(ProbeResult::read(write_holdout(doc, 16)).holdout_tokens(kKey), 0);
+  doc["inputs"][0]["holdout_tokens"] = 8;
+  const ProbeResult probe = ProbeResult::read(write_holdout(doc, 16));
+  EXPECT_EQ(probe.holdout_tokens(kKey), 8);
+  ASSERT_EQ(probe.holdout_hessian(kKey).size(), 16u);
+  EXPECT_EQ(probe.holdout_hessian(kKey)[5], 0.5f);
+  expect_error(write_holdout(doc, 9), "the held-out Hessian of input");
+  expect_error(write(doc), "no tensor \"holdout_hessian.");
+  doc["inputs"][0]["holdout_tokens"] = 33;
+  expect_error(write_holdout(doc, 16), "33 held-out tokens of 32");
+  doc["inputs"][0]["holdout_tokens"] = -1;
+  expect_error(write_holdout(doc, 16), "holdout_tokens is -1, outside");
+}
+
 // The floats are used in place in the mapped file, so they must be aligned: a header padded to a
 // length that is no multiple of 4 put them at odd addresses (undefined behaviour on every read).
 TEST_F(ProbeResultFiles, RefusesMisalignedTensors) {

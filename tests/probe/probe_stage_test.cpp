@@ -145,6 +145,72 @@ TEST(ProbeStage, KvCacheAmaxRecordedOnRequestAndResumed) {
   EXPECT_FALSE(ProbeResult::read(dir / "plain").kv_cache().has_value());
 }
 
+// --holdout-hessian adds each input's Hessian over the last of 3 sequences (64 tokens) to its part
+// and probe.json, changes the fingerprint, leaves every other sum bit for bit as a probe without
+// it writes them, and resumes like any probe; without it nothing mentions held-out rows.
+TEST(ProbeStage, HoldoutHessianRecordedOnRequestAndResumed) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  ProbeJob plain = small_job(dir, "plain");
+  ProbeJob job = small_job(dir, "holdout");
+  job.holdout_hessian = true;
+  EXPECT_EQ(holdout_sequences(3), 1);
+  EXPECT_EQ(holdout_sequences(32), 4);
+  EXPECT_EQ(holdout_sequences(1), 0);
+  EXPECT_NE(probe_fingerprint(job), probe_fingerprint(plain));
+  ASSERT_TRUE(run_probe(job).complete);
+  ASSERT_TRUE(run_probe(plain).complete);
+  const auto expected = directory_bytes(dir / "holdout");
+  const auto without = directory_bytes(dir / "plain");
+  for (const auto& [name, bytes] : without) {
+    EXPECT_EQ(bytes.find("holdout"), std::string::npos) << name;
+  }
+  const auto doc = nlohmann::json::parse(expected.at("probe.json"));
+  EXPECT_EQ(doc.at("calibration").at("holdout_sequences").get<std::int64_t>(), 1);
+
+  const ProbeResult held = ProbeResult::read(dir / "holdout");
+  const ProbeResult all = ProbeResult::read(dir / "plain");
+  ASSERT_EQ(held.linears().size(), all.linears().size());
+  for (std::size_t i = 0; i < held.linears().size(); ++i) {
+    const ProbedLinear& linear = held.linears()[i];
+    EXPECT_EQ(linear.fisher_trace, all.linears()[i].fisher_trace) << linear.name;
+    const std::span<const float> h = held.hessian(linear.input_key);
+    const std::span<const float> expected_h = all.hessian(linear.input_key);
+    EXPECT_TRUE(std::equal(h.begin(), h.end(), expected_h.begin(), expected_h.end()))
+        << linear.name;
+    EXPECT_EQ(held.holdout_tokens(linear.input_key), 64) << linear.name;
+    EXPECT_EQ(all.holdout_tokens(linear.input_key), 0);
+    EXPECT_TRUE(all.holdout_hessian(linear.input_key).empty());
+    // One sequence's X^T X: a sum of squares on the diagonal within the whole sum's, and about a
+    // third of it (the windows are alike).
+    const std::span<const float> hold = held.holdout_hessian(linear.input_key);
+    const auto in = static_cast<std::size_t>(linear.in_features);
+    ASSERT_EQ(hold.size(), in * in);
+    double trace = 0.0, held_trace = 0.0;
+    for (std::size_t j = 0; j < in; ++j) {
+      EXPECT_GE(hold[j * in + j], 0.0f);
+      EXPECT_LE(hold[j * in + j], h[j * in + j] * (1.0f + 1e-6f));
+      trace += h[j * in + j];
+      held_trace += hold[j * in + j];
+    }
+    EXPECT_GT(held_trace, 0.1 * trace) << linear.name;
+    EXPECT_LT(held_trace, 0.7 * trace) << linear.name;
+  }
+
+  ProbeJob interrupted = small_job(dir, "holdout-resumed");
+  interrupted.holdout_hessian = true;
+  interrupted.stop_after_steps = 12;
+  run_probe(interrupted);
+  interrupted.stop_after_steps.reset();
+  EXPECT_EQ(run_probe(interrupted).resumed_from, 12u);
+  EXPECT_EQ(directory_bytes(dir / "holdout-resumed"), expected);
+
+  ProbeJob one = small_job(dir, "one");
+  one.nsamples = 1;
+  one.holdout_hessian = true;
+  EXPECT_THROW(run_probe(one), Error);
+}
+
 // A probe of a model with an MTP head, stopped at the head step (where the MTP loss runs and its
 // part is written) or around it, resumes to exactly the uninterrupted result.
 TEST(ProbeStage, ResumesAroundTheMtpHead) {
