@@ -89,7 +89,8 @@ void Gptq(benchmark::State& state, const char* name) {
   const Problem& p = problem(shape);
   const auto options = options_for(p);
   const auto layout = *format.group_layout(shape, options);
-  const pq::exporter::CalibrationStatistics stats{p.hessian, p.tokens, p.moment, {}};
+  const pq::exporter::CalibrationStatistics stats{
+      .hessian = p.hessian, .tokens = p.tokens, .act_second_moment = p.moment};
   for (auto _ : state) {
     const auto grouped = pq::exporter::gptq_round(p.weight, shape, layout, stats,
                                                   {.scale_sweep = state.range(2) != 0});
@@ -106,7 +107,8 @@ void LocalHessian(benchmark::State& state, const char* name) {
   const Problem& p = problem(shape);
   const auto options = options_for(p);
   const auto layout = *format.group_layout(shape, options);
-  const pq::exporter::CalibrationStatistics stats{p.hessian, p.tokens, p.moment, {}};
+  const pq::exporter::CalibrationStatistics stats{
+      .hessian = p.hessian, .tokens = p.tokens, .act_second_moment = p.moment};
   for (auto _ : state) {
     const auto grouped = pq::exporter::local_hessian_round(
         p.weight, shape, layout, stats, {.e4m3_bracket = static_cast<int>(state.range(2))});

@@ -43,7 +43,8 @@ void register_export(CLI::App& app) {
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians; needs --probe), "
                   "local-hessian (NVFP4/MX group scales minimising the error under each group's "
                   "block of those Hessians; needs --probe), gptq+local-hessian (per Linear the "
-                  "lower calibration error of the two) or nearest (round to nearest)")
+                  "lower output error of the two: on the held-out rows of a probe run with "
+                  "--holdout-hessian, else on the calibration rows) or nearest (round to nearest)")
       ->default_val(*rounding_name);
   add_serve_on_option(cmd, job->serve_on);
   auto kv_cache = std::make_shared<bool>(false);

@@ -53,7 +53,8 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--rounding", job->rounding,
                   "gptq (GPTQ + per-group scale sweep with the probe's Hessians), local-hessian "
                   "(NVFP4/MX group scales under each group's block of those Hessians), "
-                  "gptq+local-hessian (per Linear the lower calibration error) or nearest")
+                  "gptq+local-hessian (per Linear the lower output error on held-out calibration "
+                  "rows, renders fitted without them) or nearest")
       ->default_val(job->rounding);
   cmd->add_option("--eval-windows", job->eval_windows, "Held-out windows evaluated")
       ->default_val(job->eval_windows)

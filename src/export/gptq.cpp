@@ -332,8 +332,9 @@ StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe) {
         std::any_of(probe.linears().begin(), probe.linears().end(),
                     [&](const probe::ProbedLinear& p) { return p.input_key == key; });
     if (!measured) return std::nullopt;
-    return CalibrationStatistics{probe.hessian(key), probe.input_tokens(key),
-                                 probe.act_second_moment(key), key};
+    return CalibrationStatistics{probe.hessian(key),           probe.input_tokens(key),
+                                 probe.act_second_moment(key), key,
+                                 probe.holdout_hessian(key),   probe.holdout_tokens(key)};
   };
 }
 
@@ -485,6 +486,10 @@ nlohmann::json to_json(const RoundingReport& report) {
                       {"groups_rescaled", report.groups_rescaled}};
   if (!report.fallback.empty()) j["fallback"] = report.fallback;
   if (!report.candidates.empty()) j["candidates"] = report.candidates;
+  if (report.holdout_tokens > 0) {
+    j["holdout_tokens"] = report.holdout_tokens;
+    j["holdout_candidates"] = report.holdout_candidates;
+  }
   return j;
 }
 
@@ -505,6 +510,10 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j) {
     report.groups_rescaled = j.at("groups_rescaled").get<std::int64_t>();
     if (j.contains("candidates")) {
       report.candidates = j.at("candidates").get<std::map<std::string, double>>();
+    }
+    report.holdout_tokens = j.value("holdout_tokens", std::int64_t{0});
+    if (j.contains("holdout_candidates")) {
+      report.holdout_candidates = j.at("holdout_candidates").get<std::map<std::string, double>>();
     }
     return report;
   } catch (const nlohmann::json::exception& e) {
@@ -559,16 +568,68 @@ std::string GptqRounding::fingerprint() const {
 }
 
 const std::optional<HessianFactor>& GptqRounding::factor(const CalibrationStatistics& stats,
-                                                         std::int64_t in) const {
-  if (stats.key.empty() || stats.key != factor_key_ || in != factor_in_) {
-    factor_key_.clear();
-    factor_.reset();  // before the next one: memory holds one factor at a time
-    factor_ = factor_hessian(stats, in, options_);
-    factor_key_ = stats.key;
-    factor_in_ = in;
-    ++factorizations_;
+                                                         std::int64_t in, std::size_t keep) const {
+  if (!stats.key.empty()) {
+    for (const KeptFactor& kept : factors_) {
+      if (kept.key == stats.key && kept.in == in) return kept.factor;
+    }
   }
-  return factor_;
+  // Free the oldest before factoring the next: memory holds at most `keep` factors.
+  while (!factors_.empty() && factors_.size() >= keep) factors_.erase(factors_.begin());
+  factors_.push_back({stats.key, in, factor_hessian(stats, in, options_)});
+  ++factorizations_;
+  return factors_.back().factor;
+}
+
+CalibrationStatistics GptqRounding::fitting_statistics(const CalibrationStatistics& stats) const {
+  const std::string key = stats.key.empty() ? std::string() : stats.key + "/fitting";
+  const std::size_t n = stats.act_second_moment.size();
+  if (key.empty() || key != fitting_key_ || fitting_moment_.size() != n) {
+    fitting_key_.clear();
+    fitting_hessian_.resize(stats.hessian.size());
+    for (std::size_t k = 0; k < stats.hessian.size(); ++k) {
+      fitting_hessian_[k] = stats.hessian[k] - stats.holdout_hessian[k];
+    }
+    const auto tokens = static_cast<float>(stats.tokens - stats.holdout_tokens);
+    fitting_moment_.resize(n);
+    for (std::size_t j = 0; j < n; ++j) fitting_moment_[j] = fitting_hessian_[j * n + j] / tokens;
+    fitting_key_ = key;
+  }
+  return CalibrationStatistics{.hessian = fitting_hessian_,
+                               .tokens = stats.tokens - stats.holdout_tokens,
+                               .act_second_moment = fitting_moment_,
+                               .key = key};
+}
+
+std::string GptqRounding::method_name(Render render) const {
+  if (render == Render::kLocalHessian) return "local-hessian";
+  if (!options_.scale_sweep) return "gptq";
+  return options_.sweep_local_hessian ? "gptq+local-hessian-sweep" : "gptq+sweep";
+}
+
+std::optional<GroupedWeight> GptqRounding::render(Render render, const LinearToEncode& job,
+                                                  const formats::GroupLayout& layout,
+                                                  const CalibrationStatistics& stats,
+                                                  std::size_t keep,
+                                                  std::vector<std::string>& skipped) const {
+  if (render == Render::kGptq) {
+    const std::optional<HessianFactor>& factor = this->factor(stats, job.shape.in, keep);
+    if (factor) return gptq_round(job.weight, job.shape, layout, stats, *factor, options_);
+    skipped.emplace_back("the damped Hessian is not positive definite or not finite");
+    warn(job.linear.name, skipped.back());
+    return std::nullopt;
+  }
+  if (!local_hessian_applies(layout)) {
+    skipped.emplace_back("Local-Hessian renders NVFP4 and MX group scales only");
+    return std::nullopt;
+  }
+  const LocalHessianOptions local{.damp = options_.damp,
+                                  .e4m3_bracket = options_.local_hessian_e4m3_bracket,
+                                  .e8m0_bracket = options_.local_hessian_e8m0_bracket};
+  std::optional<GroupedWeight> grouped =
+      local_hessian_round(job.weight, job.shape, layout, stats, local);
+  if (!grouped) skipped.emplace_back("the Hessian is not finite");
+  return grouped;
 }
 
 nlohmann::json GptqRounding::encoding_report(std::string_view linear,
@@ -636,47 +697,78 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
   }
   PQ_CHECK(formats::max_abs_bits(job.weight) < 0x7F800000u, "GPTQ: the weight holds Inf or NaN");
 
+  std::vector<Render> renders;
+  if (options_.gptq) renders.push_back(Render::kGptq);
+  if (options_.local_hessian) renders.push_back(Render::kLocalHessian);
+  std::vector<std::string> skipped;
+  const auto calibration_mse = [&](const GroupedWeight& grouped, const CalibrationStatistics& s) {
+    return grouped.output_error /
+           (static_cast<double>(s.tokens) * static_cast<double>(job.shape.out));
+  };
+
+  PQ_CHECK(stats->holdout_tokens == 0 || (stats->holdout_hessian.size() == stats->hessian.size() &&
+                                          stats->holdout_tokens <= stats->tokens),
+           "{}: held-out statistics of {} values over {} rows do not fit {} values over {}",
+           job.linear.name, stats->holdout_hessian.size(), stats->holdout_tokens,
+           stats->hessian.size(), stats->tokens);
+  if (stats->holdout_tokens > 0 && stats->tokens - stats->holdout_tokens >= options_.min_tokens) {
+    // Choose on the held-out rows what was fitted without them, then render the winner on all.
+    report.holdout_tokens = stats->holdout_tokens;
+    const CalibrationStatistics holdout{.hessian = stats->holdout_hessian,
+                                        .tokens = stats->holdout_tokens,
+                                        .act_second_moment = stats->act_second_moment};
+    const CalibrationStatistics fitting = fitting_statistics(*stats);
+    double best_holdout =
+        output_mse(job.weight, job.format.dequantize(nearest), job.shape, holdout);
+    report.holdout_candidates["nearest"] = best_holdout;
+    std::optional<Render> winner;
+    for (const Render r : renders) {
+      const std::optional<GroupedWeight> grouped = render(r, job, *layout, fitting, 2, skipped);
+      if (!grouped) continue;
+      const formats::EncodedWeight encoded =
+          job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
+      const double mse = output_mse(job.weight, job.format.dequantize(encoded), job.shape, holdout);
+      report.holdout_candidates[method_name(r)] = mse;
+      if (mse < best_holdout) {
+        best_holdout = mse;
+        winner = r;
+      }
+    }
+    if (winner) {
+      if (std::optional<GroupedWeight> grouped =
+              render(*winner, job, *layout, *stats, 2, skipped)) {
+        report.method = method_name(*winner);
+        report.output_mse = report.candidates[report.method] = calibration_mse(*grouped, *stats);
+        report.groups_rescaled = grouped->groups_rescaled;
+        record(report);
+        return job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
+      }
+    } else {
+      skipped.emplace_back("no render fitted without the held-out rows lowered their output error");
+    }
+    report.output_mse = report.nearest_output_mse;
+    report.fallback = fmt::format("{}", fmt::join(skipped, "; "));
+    record(report);
+    return nearest;
+  }
+
   // Every render tried; the stored weight is the one with the lowest calibration output error,
   // round-to-nearest unless one is strictly lower.
   std::optional<formats::EncodedWeight> best;
   double best_mse = *report.nearest_output_mse;
   std::vector<std::string> tried;
-  const auto offer = [&](const GroupedWeight& grouped, const std::string& method) {
-    const double mse = grouped.output_error /
-                       (static_cast<double>(stats->tokens) * static_cast<double>(job.shape.out));
+  for (const Render r : renders) {
+    const std::optional<GroupedWeight> grouped = render(r, job, *layout, *stats, 1, skipped);
+    if (!grouped) continue;
+    const std::string method = method_name(r);
+    const double mse = calibration_mse(*grouped, *stats);
     report.candidates[method] = mse;
     tried.push_back(method);
-    if (mse >= best_mse) return;
+    if (mse >= best_mse) continue;
     best_mse = mse;
-    best = job.format.encode_groups(grouped.codes, grouped.scales, job.shape, options);
+    best = job.format.encode_groups(grouped->codes, grouped->scales, job.shape, options);
     report.method = method;
-    report.groups_rescaled = grouped.groups_rescaled;
-  };
-  std::vector<std::string> skipped;
-  if (options_.gptq) {
-    const std::optional<HessianFactor>& factor = this->factor(*stats, job.shape.in);
-    if (factor) {
-      offer(gptq_round(job.weight, job.shape, *layout, *stats, *factor, options_),
-            !options_.scale_sweep          ? "gptq"
-            : options_.sweep_local_hessian ? "gptq+local-hessian-sweep"
-                                           : "gptq+sweep");
-    } else {
-      skipped.emplace_back("the damped Hessian is not positive definite or not finite");
-      warn(job.linear.name, skipped.back());
-    }
-  }
-  if (options_.local_hessian) {
-    const LocalHessianOptions local{.damp = options_.damp,
-                                    .e4m3_bracket = options_.local_hessian_e4m3_bracket,
-                                    .e8m0_bracket = options_.local_hessian_e8m0_bracket};
-    if (!local_hessian_applies(*layout)) {
-      skipped.emplace_back("Local-Hessian renders NVFP4 and MX group scales only");
-    } else if (const std::optional<GroupedWeight> grouped =
-                   local_hessian_round(job.weight, job.shape, *layout, *stats, local)) {
-      offer(*grouped, "local-hessian");
-    } else {
-      skipped.emplace_back("the Hessian is not finite");
-    }
+    report.groups_rescaled = grouped->groups_rescaled;
   }
   report.output_mse = best_mse;
   if (best) {
@@ -699,10 +791,12 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
   std::int64_t ratios = 0;
   double log_ratio_sum = 0.0;
   std::map<std::string, std::int64_t> fallbacks;
+  std::int64_t held_out = 0;
   for (const auto& [linear, format] : format_of) {
     const auto it = report_index_.find({linear, format});
     if (it == report_index_.end()) continue;
     const RoundingReport& report = reports_[it->second];
+    if (report.holdout_tokens > 0) ++held_out;
     if (report.fallback.empty()) {
       ++methods[report.method];
     } else {
@@ -736,14 +830,24 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
     for (const auto& [method, count] : methods) rounded += count;
     text = fmt::format("{} rounded {} Linears with the calibration Hessians.", renders.front(),
                        rounded);
+    if (held_out > 0) {
+      text += fmt::format(
+          " {} Linears kept it over round-to-nearest only if, fitted without the held-out "
+          "calibration rows, it had the lower output error on them.",
+          held_out);
+    }
   } else {
     std::vector<std::string> counts;
     for (const auto& [method, count] : methods)
       counts.push_back(fmt::format("{} {}", count, method));
     text = fmt::format(
         "Each Linear stores whichever of {} and round-to-nearest has the lowest output error on "
-        "the calibration Hessian: {}.",
+        "{}: {}.",
         fmt::join(renders, " and "),
+        held_out == 0 ? "the calibration Hessian"
+                      : fmt::format("held-out calibration rows ({} Linears; the renders fitted "
+                                    "without them, the winner rendered again on every row)",
+                                    held_out),
         counts.empty() ? "none" : fmt::format("{}", fmt::join(counts, ", ")));
   }
   for (const auto& [why, count] : fallbacks) {

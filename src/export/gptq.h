@@ -29,7 +29,11 @@ struct CalibrationStatistics {
   std::span<const float> act_second_moment;  // [in]: E[x_j^2]
   // Names the Hessian (probe::input_key): Linears whose statistics carry the same non-empty key
   // read the same input, so GptqRounding factors that Hessian once for all of them.
-  std::string key;
+  std::string key{};
+  // The Hessian [in, in] and row count of held-out calibration rows, which `hessian` and `tokens`
+  // include (probe::ProbeJob::holdout_hessian); empty and 0 when the probe held none out.
+  std::span<const float> holdout_hessian{};
+  std::int64_t holdout_tokens = 0;
 };
 
 // The statistics of a Linear, or nullopt when calibration did not see its input.
@@ -43,8 +47,9 @@ StatisticsProvider statistics_from_probe(const probe::ProbeResult& probe);
 
 struct GptqOptions {
   // The renders GptqRounding tries besides round-to-nearest; it stores the one with the lowest
-  // calibration output error (improve-or-keep). GPTQ (with the scale sweep below when asked):
-  // every format with a group layout. Local-Hessian (local_hessian.h): NVFP4 and MX only.
+  // output error (improve-or-keep): on the held-out rows when the statistics have them, else on
+  // the calibration rows. GPTQ (with the scale sweep below when asked): every format with a group
+  // layout. Local-Hessian (local_hessian.h): NVFP4 and MX only.
   bool gptq = true;
   bool local_hessian = false;
   // Local-Hessian's NVFP4 bracket (LocalHessianOptions::e4m3_bracket; 0: every E4M3 byte) and
@@ -142,8 +147,13 @@ struct RoundingReport {
   std::optional<double> output_mse;
   std::int64_t groups_rescaled = 0;
   // The calibration output error (output_mse) of every render tried besides round-to-nearest, by
-  // method, whether stored or not.
+  // method, whether stored or not; with held-out rows, of the stored render only.
   std::map<std::string, double> candidates;
+  // With held-out rows (CalibrationStatistics::holdout_tokens): how many, and the output error on
+  // them of round-to-nearest ("nearest") and of every render fitted without them, by method; the
+  // lowest chose `method`, which was then rendered again on every calibration row.
+  std::int64_t holdout_tokens = 0;
+  std::map<std::string, double> holdout_candidates;
   // output_mse / nearest_output_mse; absent without statistics or when RTN is exact.
   std::optional<double> ratio() const;
 };
@@ -154,7 +164,11 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j);
 
 // GPTQ + scale sweep for every format with a group layout, and/or Local-Hessian scales for NVFP4
 // and MX (GptqOptions::gptq, local_hessian): of the renders tried and round-to-nearest, the one
-// with the lowest calibration output error is stored. Rounds to nearest (WeightFormat::quantize)
+// with the lowest calibration output error is stored. When the statistics hold out rows (and the
+// others number at least min_tokens), the choice is made on them instead: every render is fitted
+// to the other rows (H minus the held-out Hessian), the one with the lowest output error on the
+// held-out rows wins unless round-to-nearest's is as low, and the winner is rendered again on all
+// rows, which is what is stored. Rounds to nearest (WeightFormat::quantize)
 // instead: formats without a layout (BF16, FP8_SOURCE); Linears without statistics (or with
 // statistics over zero tokens) and, for GPTQ, Hessians that are not finite or not positive
 // definite after damping, each with one warning line on stderr naming the Linear; and, silently,
@@ -163,7 +177,8 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j);
 // NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
 // RoundingReport per encoded (Linear, format) (not thread-safe). The factor of the last Hessian
 // (by CalibrationStatistics::key) is kept for the next Linear: siblings, encoded one after another,
-// share it, and memory holds one factor at a time.
+// share it, and memory holds one factor at a time (two, and the fitting rows' Hessian, with
+// held-out rows).
 class GptqRounding final : public RoundingStrategy {
  public:
   // `statistics_fingerprint` identifies what the provider returns (the probe's fingerprint); it
@@ -190,17 +205,37 @@ class GptqRounding final : public RoundingStrategy {
   std::int64_t factorizations() const { return factorizations_; }
 
  private:
+  struct KeptFactor {
+    std::string key;
+    std::int64_t in = 0;
+    std::optional<HessianFactor> factor;
+  };
+  // The renders of GptqOptions, of which a Linear's rounding tries every one that applies.
+  enum class Render { kGptq, kLocalHessian };
+
   void record(RoundingReport report) const;
-  // The factor of stats' Hessian: the kept one when its key matches, else a new one (kept).
-  const std::optional<HessianFactor>& factor(const CalibrationStatistics& stats,
-                                             std::int64_t in) const;
+  // The factor of stats' Hessian: a kept one when its key matches, else a new one, kept in place
+  // of the oldest (at most `keep` are kept; an empty key is never reused).
+  const std::optional<HessianFactor>& factor(const CalibrationStatistics& stats, std::int64_t in,
+                                             std::size_t keep) const;
+  // Statistics of the rows stats does not hold out: H - H_holdout, tokens - holdout_tokens, and
+  // E[x_j^2] as diag(H - H_holdout) / tokens; kept for the next Linear of the same key.
+  CalibrationStatistics fitting_statistics(const CalibrationStatistics& stats) const;
+  // The method name of `render` as RoundingReport::method gives it.
+  std::string method_name(Render render) const;
+  // `render` of the job's weight fitted to `stats`, or nullopt (with the reason added to
+  // `skipped`) when it does not apply or its Hessian is unusable.
+  std::optional<GroupedWeight> render(Render render, const LinearToEncode& job,
+                                      const formats::GroupLayout& layout,
+                                      const CalibrationStatistics& stats, std::size_t keep,
+                                      std::vector<std::string>& skipped) const;
 
   StatisticsProvider statistics_;
   GptqOptions options_;
   std::string statistics_fingerprint_;
-  mutable std::string factor_key_;  // empty: none kept
-  mutable std::int64_t factor_in_ = 0;
-  mutable std::optional<HessianFactor> factor_;
+  mutable std::vector<KeptFactor> factors_;  // oldest first
+  mutable std::string fitting_key_;          // fitting_statistics' kept Hessian: its key
+  mutable std::vector<float> fitting_hessian_, fitting_moment_;
   mutable std::int64_t factorizations_ = 0;
   mutable std::vector<RoundingReport> reports_;
   mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;

@@ -194,6 +194,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   probe_job.max_memory = job.max_memory;
   probe_job.compute = job.probe_compute;
   probe_job.kv_cache = job.kv_cache;
+  // Choosing between GPTQ and Local-Hessian per Linear is judged on rows neither was fitted to
+  // (exporter::GptqRounding), so that choice needs the probe's held-out Hessians.
+  probe_job.holdout_hessian = job.rounding == "gptq+local-hessian";
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});

@@ -40,7 +40,9 @@ struct Calibration {
   std::vector<float> hessian;
   std::vector<float> moment;
   std::int64_t tokens = 0;
-  CalibrationStatistics view() const { return {hessian, tokens, moment, {}}; }
+  CalibrationStatistics view() const {
+    return {.hessian = hessian, .tokens = tokens, .act_second_moment = moment};
+  }
 };
 
 Calibration from_activations(std::span<const float> x, std::int64_t tokens, std::int64_t in) {
@@ -61,7 +63,8 @@ Calibration from_activations(std::span<const float> x, std::int64_t tokens, std:
 
 // Inputs with correlated channels of unequal energy: x = z A with A = diag(scale) + low-rank
 // mixing, so neighbouring errors can compensate each other (what GPTQ exploits).
-Calibration correlated_calibration(std::int64_t in, std::int64_t tokens, std::uint32_t seed) {
+std::vector<float> correlated_activations(std::int64_t in, std::int64_t tokens,
+                                          std::uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   constexpr std::int64_t kRank = 8;
@@ -78,7 +81,11 @@ Calibration correlated_calibration(std::int64_t in, std::int64_t tokens, std::ui
       x[t * in + j] = v;
     }
   }
-  return from_activations(x, tokens, in);
+  return x;
+}
+
+Calibration correlated_calibration(std::int64_t in, std::int64_t tokens, std::uint32_t seed) {
+  return from_activations(correlated_activations(in, tokens, seed), tokens, in);
 }
 
 // Gaussian weights with one 8x outlier per row, as real Linears have outliers.
@@ -643,6 +650,9 @@ struct TinyModel {
   model::ModelSpec spec;
   std::unique_ptr<runtime::CheckpointModel> model;
   std::map<std::string, Calibration> calibration;
+  // The last calibration sequence's statistics alone, the held-out rows of a probe with
+  // --holdout-hessian over these 4 sequences (probe::holdout_sequences).
+  std::map<std::string, Calibration> calibration_holdout;
   std::map<std::string, Calibration> heldout;
 };
 
@@ -657,7 +667,9 @@ const TinyModel& tiny_model(const std::string& name) {
   TinyModel& t = models[name];
   t.spec = model::load_model_spec(model_dir);
   t.model = std::make_unique<runtime::CheckpointModel>(model_dir);
-  t.calibration = collect_statistics(t.model->model(), dataset.calibration(4, 128, 42));
+  const std::vector<std::vector<std::int32_t>> sequences = dataset.calibration(4, 128, 42);
+  t.calibration = collect_statistics(t.model->model(), sequences);
+  t.calibration_holdout = collect_statistics(t.model->model(), {sequences.back()});
   t.heldout = collect_statistics(t.model->model(), dataset.heldout(4, 128));
   return t;
 }
@@ -1070,6 +1082,122 @@ TEST(GptqRounding, OffersLocalHessianBesideGptq) {
   }
 }
 
+// Calibration statistics of `fitting` and `holdout` rows together, with the held-out rows'
+// Hessian recorded apart (as a probe with --holdout-hessian gives them).
+struct SplitCalibration {
+  Calibration all;
+  Calibration holdout;
+  CalibrationStatistics view() const {
+    CalibrationStatistics stats = all.view();
+    stats.key = "split";
+    stats.holdout_hessian = holdout.hessian;
+    stats.holdout_tokens = holdout.tokens;
+    return stats;
+  }
+};
+
+SplitCalibration split_calibration(const Calibration& fitting, const Calibration& holdout) {
+  SplitCalibration split{fitting, holdout};
+  const auto in = static_cast<std::int64_t>(fitting.moment.size());
+  split.all.tokens += holdout.tokens;
+  for (std::size_t k = 0; k < split.all.hessian.size(); ++k) {
+    split.all.hessian[k] += holdout.hessian[k];
+  }
+  for (std::int64_t j = 0; j < in; ++j) {
+    split.all.moment[j] = split.all.hessian[j * in + j] / static_cast<float>(split.all.tokens);
+  }
+  return split;
+}
+
+// Inputs that span only `rank` directions (no per-channel noise): GPTQ fitted to them moves the
+// error into the directions they never excite.
+Calibration low_rank_calibration(std::int64_t in, std::int64_t tokens, std::int64_t rank,
+                                 std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> mixing(rank * in);
+  for (float& v : mixing) v = normal(rng);
+  std::vector<float> x(tokens * in, 0.0f);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t k = 0; k < rank; ++k) {
+      const float latent = normal(rng);
+      for (std::int64_t j = 0; j < in; ++j) x[t * in + j] += latent * mixing[k * in + j];
+    }
+  }
+  return from_activations(x, tokens, in);
+}
+
+// With held-out rows, every render is fitted without them and judged on them: the stored method
+// is the lowest held-out error (round-to-nearest unless one is strictly lower), and the stored
+// weight is that method rendered again on all rows, i.e. what the same render stores from the
+// statistics without a held-out split.
+TEST(GptqRounding, ChoosesOnHeldOutRowsAndStoresTheWinnerRenderedOnAllRows) {
+  const std::vector<float> w = synthetic_weight(kShape, 41);
+  const model::Linear linear = test_linear("model.layers.0.self_attn.k_proj", kShape);
+  const WeightFormat& nvfp4 = formats::format_by_name("NVFP4A16");
+  const formats::QuantizeOptions options = options_for(nvfp4, w);
+  const auto provider_of = [](CalibrationStatistics stats) -> StatisticsProvider {
+    return [stats](const model::Linear&) -> std::optional<CalibrationStatistics> { return stats; };
+  };
+
+  // Fitting and held-out rows from one draw: GPTQ generalises and wins on the held-out rows.
+  const std::vector<float> x = correlated_activations(kShape.in, 1024, 42);
+  const auto held_rows = std::span(x).subspan(896 * kShape.in);
+  const Calibration rows = from_activations(held_rows, 128, kShape.in);
+  const SplitCalibration alike = split_calibration(from_activations(x, 896, kShape.in), rows);
+  GptqRounding both(provider_of(alike.view()), {.local_hessian = true});
+  const std::vector<float> stored =
+      nvfp4.dequantize(both.encode({linear, nvfp4, kShape, w, options}));
+  const RoundingReport report = both.reports().back();
+  EXPECT_EQ(report.holdout_tokens, 128);
+  ASSERT_EQ(report.holdout_candidates.size(), 3u);
+  double lowest = report.holdout_candidates.at("nearest");
+  std::string argmin = "nearest";
+  for (const auto& [method, mse] : report.holdout_candidates) {
+    if (mse < lowest) {
+      lowest = mse;
+      argmin = method;
+    }
+  }
+  EXPECT_EQ(report.method, argmin);
+  EXPECT_EQ(report.method, "gptq+sweep");
+  EXPECT_LT(report.holdout_candidates.at("gptq+sweep"),
+            0.5 * report.holdout_candidates.at("nearest"));
+  // Each render judged on the held-out rows is the one fitted without them.
+  const CalibrationStatistics holdout_only = rows.view();
+  const std::vector<float> gptq_all = nvfp4.dequantize(
+      GptqRounding(provider_of(alike.all.view())).encode({linear, nvfp4, kShape, w, options}));
+  EXPECT_EQ(stored, gptq_all);
+  EXPECT_NEAR(*report.output_mse, output_mse(w, stored, kShape, alike.all.view()),
+              1e-6 * *report.output_mse);
+  EXPECT_NE(report.holdout_candidates.at("gptq+sweep"),
+            output_mse(w, gptq_all, kShape, holdout_only));
+  // Two factorizations (fitting rows, all rows), then shared by a sibling of the same input.
+  EXPECT_EQ(both.factorizations(), 2);
+  both.encode({test_linear("model.layers.0.self_attn.v_proj", kShape), nvfp4, kShape, w, options});
+  EXPECT_EQ(both.factorizations(), 2);
+  const RoundingReport again = rounding_report_from_json(to_json(report));
+  EXPECT_EQ(again.holdout_tokens, report.holdout_tokens);
+  EXPECT_EQ(again.holdout_candidates, report.holdout_candidates);
+  EXPECT_NE(both.describe({{linear.name, "NVFP4A16"}}).find("held-out"), std::string::npos);
+
+  // Fitting rows along one direction, held-out rows in all: GPTQ's fit does not carry over, and
+  // the held-out choice keeps round-to-nearest where the calibration error would pick GPTQ.
+  const SplitCalibration skewed = split_calibration(low_rank_calibration(kShape.in, 448, 1, 44),
+                                                    from_activations(held_rows, 128, kShape.in));
+  GptqRounding gptq(provider_of(skewed.view()));
+  const std::vector<float> kept =
+      nvfp4.dequantize(gptq.encode({linear, nvfp4, kShape, w, options}));
+  const RoundingReport& guarded = gptq.reports().back();
+  EXPECT_GT(guarded.holdout_candidates.at("gptq+sweep"), guarded.holdout_candidates.at("nearest"));
+  EXPECT_EQ(guarded.method, "nearest");
+  EXPECT_NE(guarded.fallback.find("held-out"), std::string::npos) << guarded.fallback;
+  EXPECT_EQ(kept, nvfp4.dequantize(nvfp4.quantize(w, kShape, options)));
+  GptqRounding calibration_choice(provider_of(skewed.all.view()));
+  calibration_choice.encode({linear, nvfp4, kShape, w, options});
+  EXPECT_EQ(calibration_choice.reports().back().method, "gptq+sweep");
+}
+
 // --- Local-Hessian against GPTQ + sweep against round-to-nearest, on both tiny Qwen3 models
 // (docs/export.md): per format and strategy, the geometric mean over the Linears with statistics
 // of the held-out output MSE over RTN's, and the model's held-out KL with every candidate Linear
@@ -1093,9 +1221,27 @@ TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
       if (it == tiny.calibration.end()) return std::nullopt;
       return it->second.view();
     };
+    // The same statistics with the last calibration sequence held out (SplitCalibration).
+    std::map<std::string, SplitCalibration> split;
+    for (const auto& [name, all] : tiny.calibration) {
+      const auto held = tiny.calibration_holdout.find(name);
+      split[name] = {all,
+                     held == tiny.calibration_holdout.end()
+                         ? Calibration{std::vector<float>(all.hessian.size(), 0.0f), all.moment, 0}
+                         : held->second};
+    }
+    const StatisticsProvider split_provider =
+        [&](const model::Linear& linear) -> std::optional<CalibrationStatistics> {
+      const auto it = split.find(linear.name);
+      if (it == split.end()) return std::nullopt;
+      CalibrationStatistics stats = it->second.view();
+      stats.key = linear.name;
+      return stats;
+    };
     struct Strategy {
       const char* name;
       std::optional<GptqOptions> options;  // nullopt: round to nearest
+      bool held_out = false;               // choose on the last calibration sequence
     };
     const Strategy strategies[] = {
         {"nearest", std::nullopt},
@@ -1104,6 +1250,7 @@ TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
         {"local-hessian +-8",
          GptqOptions{.gptq = false, .local_hessian = true, .local_hessian_e4m3_bracket = 8}},
         {"gptq+local-hessian", GptqOptions{.local_hessian = true}},
+        {"gptq+local-hessian, held-out", GptqOptions{.local_hessian = true}, true},
         {"gptq, local-hessian sweep", GptqOptions{.sweep_local_hessian = true}},
     };
     for (const char* format_name : {"NVFP4A16", "MXFP4A16", "MXFP8A16"}) {
@@ -1115,7 +1262,9 @@ TEST(LocalHessian, AgainstGptqAndNearestOnQwen3TinyModels) {
         }
         SCOPED_TRACE(fmt::format("{} {} {}", model_name, format_name, strategy.name));
         std::optional<GptqRounding> rounding;
-        if (strategy.options) rounding.emplace(provider, *strategy.options);
+        if (strategy.options) {
+          rounding.emplace(strategy.held_out ? split_provider : provider, *strategy.options);
+        }
         QuantizedLinears quantized;
         std::vector<double> heldout_ratios;
         std::map<std::string, std::int64_t> methods;

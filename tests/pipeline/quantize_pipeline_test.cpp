@@ -222,6 +222,45 @@ TEST(QuantizePipelineKlFisher, RendersEveryOfferedFormatOnceAndShipsWhatItMeasur
             assignment.at("totals").at("checkpoint_bytes").get<std::uint64_t>());
 }
 
+// --rounding gptq+local-hessian probes with held-out Hessians (the last of the 4 sequences) and
+// chooses every rendered Linear's method on them: rounding.json shows each Linear's held-out rows
+// and the held-out error of every render, the stored method is their minimum, and the shipped
+// checkpoint validates as measured.
+TEST(QuantizePipelineLocalHessian, ChoosesTheRenderOnTheProbesHeldOutRows) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  QuantizeJob job = small_job(dir, "qwen3-dense-tiny");
+  job.objective = cost::Objective::kFisher;
+  job.rounding = "gptq+local-hessian";
+  const QuantizeOutcome outcome = run_quantize(job);
+  const auto probe = nlohmann::json::parse(read_text_file(dir / "out.work/probe/probe.json"));
+  EXPECT_EQ(probe.at("calibration").at("holdout_sequences"), 1);
+  const auto rounding = nlohmann::json::parse(read_text_file(dir / "out.work/rounding.json"));
+  std::size_t chosen = 0;
+  for (const auto& linear : rounding.at("linears")) {
+    if (!linear.contains("holdout_candidates")) {
+      // FP8_E4M3 per channel and BF16 have no groups to render.
+      EXPECT_EQ(linear.value("fallback", ""), "the format has no group layout") << linear;
+      continue;
+    }
+    ++chosen;
+    EXPECT_EQ(linear.at("holdout_tokens"), 128) << linear.at("linear");
+    const auto& candidates = linear.at("holdout_candidates");
+    EXPECT_TRUE(candidates.contains("nearest"));
+    EXPECT_TRUE(candidates.contains("gptq+sweep"));
+    std::string best = "nearest";
+    for (const auto& [method, mse] : candidates.items()) {
+      if (mse.get<double>() < candidates.at(best).get<double>()) best = method;
+    }
+    EXPECT_EQ(linear.at("method"), best) << linear.at("linear");
+  }
+  EXPECT_GT(chosen, rounding.at("linears").size() / 2);
+  EXPECT_NE(outcome.rounding.find("held-out calibration rows"), std::string::npos)
+      << outcome.rounding;
+  EXPECT_TRUE(outcome.validated.passed());
+  EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
+}
+
 INSTANTIATE_TEST_SUITE_P(SharedModels, QuantizePipeline,
                          ::testing::Values("qwen3-dense-tiny", "qwen3-moe-tiny"));
 
