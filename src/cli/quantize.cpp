@@ -75,8 +75,8 @@ void register_quantize(CLI::App& app) {
   cmd->add_flag("--no-importance-weighting", *no_weighting, "Weight every token's loss equally");
   cmd->add_option("--objective", *objective,
                   "The cost's predicted_dloss: kl-fisher (the KL change of the exported weights "
-                  "from random probes of the logit Fisher; the default, fisher for a model with "
-                  "a multi-token-prediction head), fisher or activation-fisher");
+                  "from random probes of the logit Fisher, the default; a multi-token-prediction "
+                  "head's Linears by the KL of its own logits), fisher or activation-fisher");
   cmd->add_option("--kl-probes", job->kl_probes, "kl-fisher: random probes K")
       ->default_val(job->kl_probes)
       ->check(CLI::PositiveNumber);

@@ -170,15 +170,6 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   return f.hex();
 }
 
-void require_kl_fisher_support(const model::ModelSpec& spec) {
-  for (const model::Linear& linear : spec.linears) {
-    PQ_CHECK(!linear.is_candidate || linear.component != model::Component::kMtp,
-             "kl-fisher: {} is a multi-token-prediction Linear, whose cost the next-token KL does "
-             "not measure; use --objective fisher for this model",
-             linear.name);
-  }
-}
-
 std::optional<double> KlFisherResult::estimate(const std::string& linear, std::size_t slot) const {
   const auto found = per_probe.find(linear);
   if (found == per_probe.end() || slot >= found->second.size() || found->second[slot].empty()) {
@@ -209,13 +200,17 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   runtime::require_runtime_support(config);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const model::ModelSpec spec = model::build_model_spec(config, checkpoint, job.spec_options);
-  require_kl_fisher_support(spec);
-  std::map<std::int64_t, std::vector<std::size_t>> layer_linears;  // -1: the head (lm_head)
+  const std::int64_t layers = config.num_hidden_layers;
+  // Parts by decoder layer; -1: the head (lm_head); `layers`: the MTP head, whose Linears number
+  // their layers within it.
+  std::map<std::int64_t, std::vector<std::size_t>> layer_linears;
   for (std::size_t i = 0; i < spec.linears.size(); ++i) {
     const model::Linear& linear = spec.linears[i];
     if (!linear.is_candidate || linear.component == model::Component::kVision) continue;
-    layer_linears[linear.layer.value_or(-1)].push_back(i);
+    layer_linears[linear.component == model::Component::kMtp ? layers : linear.layer.value_or(-1)]
+        .push_back(i);
   }
+  const bool mtp = layer_linears.contains(layers);
   data::require_dataset(job.data, job.token_ids, job.model);
   const data::TokenDataset dataset = data::load_token_dataset(
       job.data, job.token_ids, job.model, static_cast<std::int32_t>(config.vocab_size));
@@ -242,7 +237,6 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   runtime::require_memory("the KL-Fisher pass", memory, runtime::memory_limit(job.max_memory));
 
   const std::string fingerprint = kl_fisher_fingerprint(job);
-  const std::int64_t layers = config.num_hidden_layers;
   const auto steps_total = static_cast<std::size_t>(2 * layers + 1);
   const std::size_t resumed_from =
       probe::read_pass_steps_done(job.pass_dir, fingerprint, steps_total);
@@ -325,6 +319,15 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
                                    });
         write_f32_file(dx_path(k, layers), dx);
       });
+      if (mtp) {
+        fold_part(layers, [&](std::size_t k, runtime::LinearObserver& fold) {
+          model.mtp_backward_logits(
+              *pass, x.data(), fold, [&](std::int64_t sequence, float* logits, std::int64_t rows) {
+                probe_logit_gradient(logits, rows, config.vocab_size, job.probe_seed, k, sequence);
+                return 0.0;
+              });
+        });
+      }
       std::filesystem::remove(x_path(layers), error);
     } else {
       const std::int64_t layer = 2 * layers - s;
@@ -347,11 +350,15 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   result.complete = true;
   result.probes = job.probes;
   for (const runtime::Sequence& sequence : sequences) {
-    result.predictions += static_cast<std::int64_t>(sequence.tokens.size()) - 1;
+    const auto length = static_cast<std::int64_t>(sequence.tokens.size());
+    result.predictions += length - 1;
+    if (mtp) result.mtp_predictions += std::max<std::int64_t>(length - 2, 0);
   }
-  const double scale = 0.5 / static_cast<double>(result.predictions);
-  for (std::int64_t layer = -1; layer < layers; ++layer) {
+  for (std::int64_t layer = -1; layer <= layers; ++layer) {
     if (layer_linears.find(layer) == layer_linears.end()) continue;
+    const std::int64_t predictions = layer == layers ? result.mtp_predictions : result.predictions;
+    PQ_CHECK(predictions > 0, "kl-fisher: no prediction to measure (--seqlen {})", job.seqlen);
+    const double scale = 0.5 / static_cast<double>(predictions);
     const nlohmann::json part = read_json_file(part_path(layer));
     for (const auto& [name, slots] : part.items()) {
       std::vector<std::vector<double>>& out = result.per_probe[name];

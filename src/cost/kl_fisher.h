@@ -60,10 +60,6 @@ struct KlFisherJob {
   std::optional<std::size_t> stop_after_steps;
 };
 
-// pq::Error, in one line, when the spec's candidates include a multi-token-prediction head's
-// Linears, whose cost the next-token KL does not measure.
-void require_kl_fisher_support(const model::ModelSpec& spec);
-
 // Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,
 // perturbations_tag).
 std::string kl_fisher_fingerprint(const KlFisherJob& job);
@@ -74,6 +70,9 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job);
 struct KlFisherResult {
   bool complete = false;  // false: stopped after KlFisherJob::stop_after_steps, nothing below
   std::int64_t predictions = 0;
+  // The MTP head's predictions (row t of a sequence predicts token t + 2: length - 2 per
+  // sequence), by which its Linears' sums are divided; 0 without an MTP candidate.
+  std::int64_t mtp_predictions = 0;
   std::size_t probes = 0;
   std::map<std::string, std::vector<std::vector<double>>> per_probe;  // name -> slot -> [K]
 
@@ -91,7 +90,10 @@ struct KlFisherResult {
 // layer by layer while the layer is resident, against every perturbation of its Linears:
 // <g_{k,s}, dW> = sum_{t in s} dy_{k,t} . (dW x_t), so nothing of size K x parameters is kept.
 // Layer-major and resumable like the probe (forward, head, backward per layer, boundaries on disk
-// in job.pass_dir). Models whose candidates include a multi-token-prediction head are refused.
+// in job.pass_dir). A multi-token-prediction head's Linears affect only the MTP head's own
+// distribution (token t + 2), so they take the Fisher of its KL instead, probed the same way at
+// the head step through Model::mtp_backward_logits; its gradient stops at the head's inputs, as
+// the probe's MTP loss does (probe_stage.h), so the body's Linears keep the next-token KL's.
 KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& perturbations);
 
 }  // namespace pq::cost

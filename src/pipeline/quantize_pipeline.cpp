@@ -124,13 +124,6 @@ std::string default_pareto_targets(const std::string& target_bits) {
   return list;
 }
 
-cost::Objective default_objective(const model::ModelSpec& spec) {
-  const bool mtp = std::any_of(spec.linears.begin(), spec.linears.end(), [](const auto& linear) {
-    return linear.is_candidate && linear.component == model::Component::kMtp;
-  });
-  return mtp ? cost::Objective::kFisher : cost::Objective::kKlFisher;
-}
-
 std::filesystem::path work_dir(const QuantizeJob& job) {
   if (job.work) return *job.work;
   std::filesystem::path out = job.out.lexically_normal();
@@ -166,8 +159,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   if (fp8_source && std::find(menu.begin(), menu.end(), "FP8_SOURCE") == menu.end()) {
     menu.push_back("FP8_SOURCE");
   }
-  const cost::Objective objective = job.objective.value_or(default_objective(source_spec));
-  if (objective == cost::Objective::kKlFisher) cost::require_kl_fisher_support(source_spec);
+  const cost::Objective objective = job.objective;
   data::require_dataset(job.data, job.token_ids, job.model);
   // One run per location: a second run on the same output or work directory fails here, before
   // any work, naming the run that holds it.

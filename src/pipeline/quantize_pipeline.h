@@ -36,8 +36,9 @@ struct QuantizeJob {
   std::size_t batch_size = 4;
   std::int64_t max_memory = 0;  // bytes; 0: 80% of available memory (ProbeJob::max_memory)
   runtime::ComputeType probe_compute = probe::ProbeJob{}.compute;  // ProbeJob::compute
-  // The cost's objective; unset: default_objective(the source's spec).
-  std::optional<cost::Objective> objective;
+  // The cost's objective: kl-fisher, which shipped lower held-out KL than fisher on the tiny
+  // models (docs/probe-artifacts.md, "Which objective").
+  cost::Objective objective = cost::Objective::kKlFisher;
   // With Objective::kKlFisher: the KL-Fisher pass's probes (cost::KlFisherJob::probes).
   std::size_t kl_probes = cost::KlFisherJob{}.probes;
   // Held-out evaluation: windows of the data's held-out split (data::TokenDataset::heldout).
@@ -92,11 +93,6 @@ struct QuantizeOutcome {
 // copies and a later run with the same inputs reuses. Throws pq::Error when a validate gate fails
 // (the checkpoint stays: it is complete, the report says what failed).
 QuantizeOutcome run_quantize(const QuantizeJob& job);
-
-// quantize's default objective: kl-fisher, which shipped lower held-out KL than fisher on the
-// tiny models (docs/probe-artifacts.md, "Which objective"), except for a model whose candidates
-// include a multi-token-prediction head, which the next-token KL does not measure: fisher.
-cost::Objective default_objective(const model::ModelSpec& spec);
 
 // The default Pareto targets for a main target: 4, 4.25, 4.5, 4.75, 5, 5.5, 6, 7, 8 and the
 // target itself.

@@ -2606,6 +2606,32 @@ void Model::mtp_forward(const Pass& pass, const float* x, const LogitsConsumer& 
 
 double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& observer,
                            const LossWeighting& weighting) {
+  return mtp_backprop(pass, x, observer, [&](const MtpRun& run, float* dx) {
+    return score_logits(*run.pass, run.output.data(), mtp_->norm, mtp_->head.get(), dx, nullptr,
+                        weighting);
+  });
+}
+
+double Model::mtp_backward_logits(const Pass& pass, const float* x, LinearObserver& observer,
+                                  const LogitGradient& gradient) {
+  const std::int64_t vocab = config_.vocab_size;
+  return mtp_backprop(pass, x, observer, [&](const MtpRun& run, float* dx) {
+    const Layout& layout = run.pass->whole;
+    return backprop_logits(*run.pass, run.output.data(), mtp_->norm, mtp_->head.get(), dx, nullptr,
+                           [&](std::int64_t first, std::int64_t last, float* logits) {
+                             double loss = 0.0;
+                             const std::int64_t begin = layout.offsets[first];
+                             for (std::int64_t s = first; s < last; ++s) {
+                               loss += gradient(s, logits + (layout.offsets[s] - begin) * vocab,
+                                                layout.length(s));
+                             }
+                             return loss;
+                           });
+  });
+}
+
+double Model::mtp_backprop(const Pass& pass, const float* x, LinearObserver& observer,
+                           const std::function<double(const MtpRun&, float* dx)>& head) {
   MtpRun run;
   mtp_prepare(pass, x, nullptr, run);
   const Layout& layout = run.pass->whole;
@@ -2613,8 +2639,7 @@ double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& obs
   const std::int64_t n = layout.rows;
   const Mtp& mtp = *mtp_;
   std::vector<float> dx(n * hidden);
-  const double loss = score_logits(*run.pass, run.output.data(), mtp.norm, mtp.head.get(),
-                                   dx.data(), nullptr, weighting);
+  const double loss = head(run, dx.data());
   for (const Pass::Micro& m : run.pass->micro) {
     const std::int64_t base = layout.offsets[m.first] * hidden;
     LayerTape tape;

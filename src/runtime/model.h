@@ -208,6 +208,11 @@ class Model {
   // the next-token loss.
   double mtp_backward(const Pass& pass, const float* x, LinearObserver& observer,
                       const LossWeighting& weighting = {});
+  // The same with any loss of the MTP logits (head_backward_logits' `gradient`, called per
+  // sequence with its length - 1 MTP rows; row t predicts token t + 2, so the last predicts
+  // nothing).
+  double mtp_backward_logits(const Pass& pass, const float* x, LinearObserver& observer,
+                             const LogitGradient& gradient);
   // Runs the body forward over the batch, then mtp_backward; returns the MTP loss.
   double mtp_loss_backward(std::span<const Sequence> batch, LinearObserver& observer);
 
@@ -340,6 +345,10 @@ class Model {
   // The MTP head's forward up to its layer's output (run.output), over the pass of `pass`'s
   // sequences without their first token.
   void mtp_prepare(const Pass& pass, const float* x, LinearObserver* observer, MtpRun& run);
+  // mtp_prepare, then `head` (the head's loss: it writes dLoss/d(run.output) to dx and returns
+  // the loss), then the backward through the MTP layer and fc, reported to the observer.
+  double mtp_backprop(const Pass& pass, const float* x, LinearObserver& observer,
+                      const std::function<double(const MtpRun& run, float* dx)>& head);
   const Linear& acquire_head();
   void release_head();
   // head_backward with the norm `norm` before lm_head (the final norm, or the MTP head's), or

@@ -67,6 +67,20 @@ TEST_P(HybridQuantize, TokenIdsEndToEndWithTheMtpHead) {
   }
   EXPECT_TRUE(mtp_measured);
   EXPECT_TRUE(fs::exists(dir / "out.work/probe/probe.mtp.safetensors"));
+  // The default kl-fisher cost measures the MTP head's Linears by the KL of its own logits: a
+  // positive predicted change for every quantized format offered to them.
+  const auto cost = nlohmann::json::parse(read_text_file(dir / "out.work/cost/cost.json"));
+  EXPECT_EQ(cost.at("meta").at("objective"), "kl-fisher");
+  std::size_t mtp_costs = 0;
+  for (const auto& linear : cost.at("linears")) {
+    if (!linear.at("name").get<std::string>().starts_with("mtp.")) continue;
+    for (const auto& [format, entry] : linear.at("costs").items()) {
+      if (format == "BF16") continue;
+      EXPECT_GT(entry.at("predicted_dloss").get<double>(), 0.0) << linear.at("name") << format;
+      ++mtp_costs;
+    }
+  }
+  EXPECT_GT(mtp_costs, 0u);
 
   EXPECT_GT(outcome.measured.mean_kl, 0.0);
   EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
