@@ -30,23 +30,6 @@ namespace pq::cost {
 
 namespace {
 
-// The Linear's weight as float32 [out, in] (block-scaled FP8 sources dequantized), cut out of a
-// packed tensor where it shares one.
-std::vector<float> load_weight(const io::Checkpoint& checkpoint, const model::Linear& linear) {
-  std::vector<float> values;
-  if (linear.slice) {
-    const std::int64_t rows_per_matrix = checkpoint.info(linear.weight_tensor).shape.at(1);
-    std::vector<std::int64_t> rows(static_cast<std::size_t>(linear.out_features));
-    std::iota(rows.begin(), rows.end(),
-              linear.slice->index * rows_per_matrix + linear.slice->row_begin);
-    values = io::decode_weight_rows(checkpoint, linear.weight_tensor, rows);
-  } else {
-    values = io::decode_weight(checkpoint, linear.weight_tensor);
-  }
-  io::require_finite(values, fmt::format("tensor {}", linear.weight_tensor));
-  return values;
-}
-
 // The source bytes FP8_SOURCE keeps, viewed in the mapped checkpoint.
 formats::Fp8SourceWeight fp8_source_weight(const io::Checkpoint& checkpoint,
                                            const model::Linear& linear) {
@@ -270,7 +253,7 @@ CostOutcome run_cost(const CostJob& job) {
       std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
       for (const std::size_t i : linears) {
         const model::Linear& linear = spec.linears[i];
-        const std::vector<float> weight = load_weight(checkpoint, linear);
+        const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
         std::vector<std::optional<Perturbation>>& slots = perturbations[i];
         slots.resize(menu.size());
         for (std::size_t f = 0; f < menu.size(); ++f) {
@@ -303,7 +286,7 @@ CostOutcome run_cost(const CostJob& job) {
       std::vector<std::vector<float>> weights;
       float group_amax = 0.0f;
       for (const std::size_t i : members) {
-        weights.push_back(load_weight(checkpoint, spec.linears[i]));
+        weights.push_back(model::read_source_weight(checkpoint, spec.linears[i]));
         group_amax = std::max(group_amax, amax(weights.back()));
       }
       LinearStatistics stats;

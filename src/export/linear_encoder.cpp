@@ -65,24 +65,6 @@ std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec&
   return units;
 }
 
-std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
-                                      const model::Linear& linear) {
-  std::vector<std::int64_t> rows(static_cast<std::size_t>(linear.out_features));
-  std::int64_t first_row = 0;
-  if (linear.slice) {
-    const std::vector<std::int64_t>& shape = checkpoint.info(linear.weight_tensor).shape;
-    PQ_CHECK(shape.size() == 3 && shape[2] == linear.in_features,
-             "{}: tensor {} is not [E, rows, {}]", linear.name, linear.weight_tensor,
-             linear.in_features);
-    first_row = linear.slice->index * shape[1] + linear.slice->row_begin;
-  }
-  std::iota(rows.begin(), rows.end(), first_row);
-  std::vector<float> weight = io::decode_weight_rows(checkpoint, linear.weight_tensor, rows);
-  io::require_finite(weight,
-                     fmt::format("tensor {} (Linear {})", linear.weight_tensor, linear.name));
-  return weight;
-}
-
 std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,
                                                    const probe::ProbeResult& probe) {
   std::map<std::string, float> amax;
@@ -130,7 +112,7 @@ float LinearEncoder::unit_weight_amax(std::size_t unit) const {
     float amax = 0.0f;
     for (const std::size_t member : units_[unit]) {
       const model::Linear& linear = spec_.linears[member];
-      amax = std::max(amax, max_abs(read_source_weight(checkpoint_, linear)));
+      amax = std::max(amax, max_abs(model::read_source_weight(checkpoint_, linear)));
     }
     weight_amax_[unit] = amax;
   }
@@ -201,7 +183,7 @@ formats::EncodedWeight LinearEncoder::render(std::size_t index,
                                              const formats::WeightFormat& format) const {
   const model::Linear& linear = spec_.linears.at(index);
   try {
-    const std::vector<float> weight = read_source_weight(checkpoint_, linear);
+    const std::vector<float> weight = model::read_source_weight(checkpoint_, linear);
     const LinearToEncode job{
         linear, format, {linear.out_features, linear.in_features}, weight, options(index, format)};
     return rounding_.encode(job);

@@ -29,12 +29,6 @@ namespace pq::exporter {
 // (method-facts.md §7, "Packed experts": each expert's global scale = max(gate, up)).
 std::vector<std::vector<std::size_t>> global_scale_units(const model::ModelSpec& spec);
 
-// The source weight of one Linear decoded to f32, [out, in] (a block-scaled FP8 source
-// dequantized); a slice of a packed 3-D tensor when the Linear shares its tensor (Qwen3.5 packed
-// experts).
-std::vector<float> read_source_weight(const io::Checkpoint& checkpoint,
-                                      const model::Linear& linear);
-
 // Max |x| of each candidate Linear's input over the probe's calibration tokens, keyed by Linear
 // name: what W4A4 NVFP4's input_global_scale is computed from.
 std::map<std::string, float> input_amax_from_probe(const model::ModelSpec& spec,

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 #include <set>
 #include <unordered_map>
 
@@ -459,6 +460,23 @@ ModelSpec load_model_spec(const std::filesystem::path& model_dir, const SpecOpti
   const ModelConfig config = ModelConfig::load(model_dir);
   const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
   return build_model_spec(config, checkpoint, options);
+}
+
+std::vector<float> read_source_weight(const io::Checkpoint& checkpoint, const Linear& linear) {
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(linear.out_features));
+  std::int64_t first_row = 0;
+  if (linear.slice) {
+    const std::vector<std::int64_t>& shape = checkpoint.info(linear.weight_tensor).shape;
+    PQ_CHECK(shape.size() == 3 && shape[2] == linear.in_features,
+             "{}: tensor {} is not [E, rows, {}]", linear.name, linear.weight_tensor,
+             linear.in_features);
+    first_row = linear.slice->index * shape[1] + linear.slice->row_begin;
+  }
+  std::iota(rows.begin(), rows.end(), first_row);
+  std::vector<float> weight = io::decode_weight_rows(checkpoint, linear.weight_tensor, rows);
+  io::require_finite(weight,
+                     fmt::format("tensor {} (Linear {})", linear.weight_tensor, linear.name));
+  return weight;
 }
 
 }  // namespace pq::model

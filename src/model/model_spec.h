@@ -146,4 +146,9 @@ ModelSpec build_model_spec(const ModelConfig& config, const io::Checkpoint& chec
 // Reads config.json and the safetensors headers of `model_dir`.
 ModelSpec load_model_spec(const std::filesystem::path& model_dir, const SpecOptions& options = {});
 
+// The source weight of one Linear decoded to f32, [out, in] (a block-scaled FP8 source
+// dequantized); a slice of a packed 3-D tensor when the Linear shares its tensor (Qwen3.5 packed
+// experts). pq::Error naming the tensor when it holds Inf or NaN.
+std::vector<float> read_source_weight(const io::Checkpoint& checkpoint, const Linear& linear);
+
 }  // namespace pq::model

@@ -249,7 +249,7 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
       std::find_if(spec.linears.begin(), spec.linears.end(),
                    [](const auto& l) { return l.name == "model.layers.3.mlp.up_proj"; }) -
       spec.linears.begin());
-  const std::vector<float> w = exporter::read_source_weight(checkpoint, spec.linears[index]);
+  const std::vector<float> w = model::read_source_weight(checkpoint, spec.linears[index]);
   const std::vector<float> gptq = renders.render(index, formats::format_by_name("NVFP4")).weight;
   double squares = 0.0;
   for (std::size_t i = 0; i < w.size(); ++i) {

@@ -49,7 +49,7 @@ PerturbedLinear random_perturbation(const model::ModelSpec& spec,
                                     const io::Checkpoint& checkpoint) {
   PerturbedLinear p;
   while (spec.linears[p.index].name != kPerturbed) ++p.index;
-  p.weight = exporter::read_source_weight(checkpoint, spec.linears[p.index]);
+  p.weight = model::read_source_weight(checkpoint, spec.linears[p.index]);
   double squares = 0.0;
   for (const float w : p.weight) squares += static_cast<double>(w) * w;
   const double rms = std::sqrt(squares / static_cast<double>(p.weight.size()));
@@ -240,7 +240,7 @@ TEST(KlFisher, MtpHeadLinearsTakeTheFisherOfTheMtpHeadsKl) {
     const model::Linear* linear = spec.find_linear(name);
     ASSERT_NE(linear, nullptr) << name;
     p.index = static_cast<std::size_t>(linear - spec.linears.data());
-    p.weight = exporter::read_source_weight(checkpoint, spec.linears[p.index]);
+    p.weight = model::read_source_weight(checkpoint, spec.linears[p.index]);
     double squares = 0.0;
     for (const float w : p.weight) squares += static_cast<double>(w) * w;
     std::mt19937 rng(7);

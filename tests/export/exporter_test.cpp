@@ -1032,7 +1032,7 @@ void expect_qwen3_5_export(const std::string& name) {
     if (linear.layer == 1 && linear.component == model::Component::kText) {
       EXPECT_EQ(out.info(linear.name + ".weight").dtype, io::DType::BF16) << linear.name;
       EXPECT_TRUE(
-          bit_identical(out.to_f32(linear.name + ".weight"), read_source_weight(in, linear)))
+          bit_identical(out.to_f32(linear.name + ".weight"), model::read_source_weight(in, linear)))
           << linear.name;
     } else {
       EXPECT_TRUE(out.contains(linear.name + ".weight_packed")) << linear.name;

@@ -117,7 +117,7 @@ void expect_decodes_like_formats_library(const fs::path& exported, const fs::pat
   for (const alloc::AssignedLinear& a : assignment.linears) format_of[a.name] = a.format;
   std::set<std::string> formats_seen;
   for (const model::Linear& linear : spec.linears) {
-    const std::vector<float> weight = exporter::read_source_weight(source, linear);
+    const std::vector<float> weight = model::read_source_weight(source, linear);
     const std::vector<float> got = decoded.load_f32(linear.name + ".weight");
     ASSERT_EQ(got.size(), weight.size()) << linear.name;
     const auto it = format_of.find(linear.name);
@@ -134,7 +134,7 @@ void expect_decodes_like_formats_library(const fs::path& exported, const fs::pat
       float amax = 0.0f;
       for (const model::Linear& other : spec.linears) {
         if (!shares_global_scale(linear, other)) continue;
-        for (const float v : exporter::read_source_weight(source, other))
+        for (const float v : model::read_source_weight(source, other))
           amax = std::max(amax, std::fabs(v));
       }
       options.nvfp4_scales =
