@@ -245,6 +245,28 @@ CostOutcome run_cost(const CostJob& job) {
   // The KL-Fisher pass: every offered (Linear, format)'s exported weights, folded a layer at a
   // time against the probes' backward passes.
   std::optional<KlFisherResult> kl;
+  // The statistics the error columns of candidate `i` are measured with.
+  const auto statistics_of = [&](std::size_t i) {
+    const model::Linear& linear = spec.linears[i];
+    const std::string key = probe::input_key(linear);
+    LinearStatistics stats;
+    stats.fisher_trace = probed.linear(linear.name).fisher_trace;
+    stats.act_second_moment = probed.act_second_moment(key);
+    stats.hessian = probed.hessian(key);
+    stats.tokens = probed.input_tokens(key);
+    // A probe of another checkpoint can name the same Linears with other widths; its statistics
+    // would be read past their end.
+    const auto in = static_cast<std::size_t>(linear.in_features);
+    PQ_CHECK(stats.act_second_moment.size() == in && stats.hessian.size() == in * in,
+             "{}: the probe measured input {} with {} features, but {} takes {} (a probe of "
+             "another model?)",
+             job.probe.string(), key, stats.act_second_moment.size(), job.model.string(), in);
+    return stats;
+  };
+  // The error columns of the renders the KL-Fisher pass decoded, by (candidate, format slot), so
+  // the table below does not decode them again (a resumed pass did not decode those of its
+  // finished steps, which the table then renders itself).
+  std::map<std::pair<std::size_t, std::size_t>, QuantizationErrors> measured;
   if (job.objective == Objective::kKlFisher) {
     PQ_CHECK(job.kl_fisher && job.renders != nullptr,
              "cost: --objective kl-fisher needs calibration data (--data) and the exporter's "
@@ -254,11 +276,14 @@ CostOutcome run_cost(const CostJob& job) {
       for (const std::size_t i : linears) {
         const model::Linear& linear = spec.linears[i];
         const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
+        const LinearStatistics stats = statistics_of(i);
         std::vector<std::optional<Perturbation>>& slots = perturbations[i];
         slots.resize(menu.size());
         for (std::size_t f = 0; f < menu.size(); ++f) {
           if (!offered(*menu[f], linear, job.serve_on)) continue;
           RenderedLinear rendered = job.renders->render(i, *menu[f]);
+          measured[{i, f}] = measure_errors(weight, rendered.weight,
+                                            {linear.out_features, linear.in_features}, stats);
           Perturbation p;
           p.delta = std::move(rendered.weight);
           for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
@@ -283,39 +308,43 @@ CostOutcome run_cost(const CostJob& job) {
       throw_if_interrupted();
       const std::string& key = input_order[g];
       const std::vector<std::size_t>& members = by_input.at(key);
-      std::vector<std::vector<float>> weights;
+      // Source weights are read only where a column is still to measure; round to nearest needs
+      // the whole group's amax (fused siblings share NVFP4's global scale).
+      std::vector<std::vector<float>> weights(members.size());
+      const auto weight_of = [&](std::size_t m) -> const std::vector<float>& {
+        if (weights[m].empty()) {
+          weights[m] = model::read_source_weight(checkpoint, spec.linears[members[m]]);
+        }
+        return weights[m];
+      };
       float group_amax = 0.0f;
-      for (const std::size_t i : members) {
-        weights.push_back(model::read_source_weight(checkpoint, spec.linears[i]));
-        group_amax = std::max(group_amax, amax(weights.back()));
+      if (job.renders == nullptr) {
+        for (std::size_t m = 0; m < members.size(); ++m) {
+          group_amax = std::max(group_amax, amax(weight_of(m)));
+        }
       }
-      LinearStatistics stats;
-      stats.act_second_moment = probed.act_second_moment(key);
-      stats.hessian = probed.hessian(key);
-      stats.tokens = probed.input_tokens(key);
-      // A probe of another checkpoint can name the same Linears with other widths; its
-      // statistics would be read past their end.
-      const auto in = static_cast<std::size_t>(spec.linears[members.front()].in_features);
-      PQ_CHECK(stats.act_second_moment.size() == in && stats.hessian.size() == in * in,
-               "{}: the probe measured input {} with {} features, but {} takes {} (a probe of "
-               "another model?)",
-               job.probe.string(), key, stats.act_second_moment.size(), job.model.string(), in);
       for (std::size_t m = 0; m < members.size(); ++m) {
         const model::Linear& linear = spec.linears[members[m]];
         const formats::Shape2D shape{linear.out_features, linear.in_features};
-        stats.fisher_trace = probed.linear(linear.name).fisher_trace;
+        const LinearStatistics stats = statistics_of(members[m]);
         alloc::LinearCost& row = table.linears[row_of.at(members[m])];
-        std::vector<float> quantized(weights[m].size());
+        std::vector<float> quantized;
         for (std::size_t f = 0; f < menu.size(); ++f) {
           const formats::WeightFormat& format = *menu[f];
           if (!offered(format, linear, job.serve_on)) continue;
-          if (job.renders != nullptr) {
-            quantized = job.renders->render(members[m], format).weight;
+          QuantizationErrors e;
+          if (const auto found = measured.find({members[m], f}); found != measured.end()) {
+            e = found->second;
           } else {
-            fake_quantize_nearest(format, linear, checkpoint, weights[m], group_amax,
-                                  probed.input_amax(key), job.serve_on, quantized);
+            if (job.renders != nullptr) {
+              quantized = job.renders->render(members[m], format).weight;
+            } else {
+              quantized.resize(weight_of(m).size());
+              fake_quantize_nearest(format, linear, checkpoint, weight_of(m), group_amax,
+                                    probed.input_amax(key), job.serve_on, quantized);
+            }
+            e = measure_errors(weight_of(m), quantized, shape, stats);
           }
-          const QuantizationErrors e = measure_errors(weights[m], quantized, shape, stats);
           alloc::FormatCost cost;
           cost.bytes = format.bytes(shape);
           switch (job.objective) {
