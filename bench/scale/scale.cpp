@@ -26,6 +26,7 @@
 
 #include "common/error.h"
 #include "data/splitmix64.h"
+#include "formats/weight_format.h"
 #include "io/safetensors_writer.h"
 #include "runtime/kernels/gemm.h"
 #include "tokenizer/tokenizer.h"
@@ -286,7 +287,10 @@ struct RunOptions {
   std::int64_t nsamples = 4, seqlen = 256, eval_windows = 4, eval_seqlen = 256;
   std::int64_t sample_tokens = 32, prompt_tokens = 16;
   std::size_t formats = 3;
-  std::string compute;  // the stages' --compute; empty: their default
+  std::size_t grouped_formats = 1;      // formats of the menu GPTQ renders (those with groups)
+  std::string compute;                  // the stages' --compute; empty: their default
+  std::string objective = "kl-fisher";  // the cost's, quantize's default
+  std::int64_t kl_probes = 1;
 };
 
 // The FLOPs a stage cannot avoid (docs/scaling.md), 0 for allocate (no tensor arithmetic).
@@ -296,8 +300,26 @@ double stage_flops(const std::string& stage, const FlopModel& f, const RunOption
     // forward + backward (3 forwards) + per-sequence dY^T X (1 forward) + X^T X per input.
     return 4.0 * f.forward(t, static_cast<double>(o.seqlen)) + f.hessian_per_token * t;
   }
-  if (stage == "cost") return static_cast<double>(o.formats) * f.weight_cubic;
-  if (stage == "export") return f.weight_cubic + f.inverse_cubic;
+  if (stage == "cost") {
+    // The error columns: dW H per Linear and format.
+    double flops = static_cast<double>(o.formats) * f.weight_cubic;
+    if (o.objective == "kl-fisher") {
+      // The KL-Fisher pass: the body's forward; per probe the head's logits and their backward
+      // (4 V h per token), the body's input gradients (a forward's worth) and every Linear's
+      // per-sequence dY^T X (2 out in per token); every grouped format's GPTQ render of every
+      // Linear (export then reads them). Layer recomputation is not counted, as in the probe.
+      const double k = static_cast<double>(o.kl_probes);
+      const double head = 2.0 * f.head_params * t;
+      const double body = f.forward(t, static_cast<double>(o.seqlen)) - head;
+      flops += body + k * (2.0 * head + body + 2.0 * (f.active_params - f.head_params) * t) +
+               static_cast<double>(o.grouped_formats) * (f.weight_cubic + f.inverse_cubic);
+    }
+    return flops;
+  }
+  if (stage == "export") {
+    // After a kl-fisher cost, export reads the renders the cost made (WORK/render): no GPTQ.
+    return o.objective == "kl-fisher" ? 0.0 : f.weight_cubic + f.inverse_cubic;
+  }
   if (stage == "validate") {
     const double e = static_cast<double>(o.eval_windows * o.eval_seqlen);
     const double sampled = static_cast<double>(o.prompt_tokens + o.sample_tokens);
@@ -419,7 +441,20 @@ std::vector<std::string> stage_command(const std::string& stage, const std::stri
                          std::to_string(o.nsamples), "--seqlen", std::to_string(o.seqlen)});
   }
   if (stage == "cost") {
-    return {cli, "cost", m, "--probe", w + "/probe", "--formats", formats, "--out", w + "/cost"};
+    std::vector<std::string> args = {cli,          "cost",        m,          "--probe",
+                                     w + "/probe", "--formats",   formats,    "--out",
+                                     w + "/cost",  "--objective", o.objective};
+    if (o.objective == "kl-fisher") {
+      // The pass runs on the probe's calibration sample.
+      for (const std::string& arg :
+           {std::string("--data"), d, std::string("--nsamples"), std::to_string(o.nsamples),
+            std::string("--seqlen"), std::to_string(o.seqlen), std::string("--kl-probes"),
+            std::to_string(o.kl_probes)}) {
+        args.push_back(arg);
+      }
+      return with_compute(std::move(args));
+    }
+    return args;
   }
   if (stage == "allocate") {
     return {cli,     "allocate",   "--cost",        w + "/cost",
@@ -472,7 +507,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   RunOptions o;
-  std::string stages = "probe,cost,allocate,export,validate", formats = "NVFP4,MXFP8,BF16",
+  std::string stages = "probe,cost,allocate,export,validate", formats = "NVFP4,FP8_E4M3,BF16",
               target_bits = "4.75", cli = PQ_SCALE_CLI, json_path;
   fs::path data = fs::path(PQ_SCALE_SHARED_DIR) / "data/wikitext-2-test.txt";
   CLI::App* run = app.add_subcommand("run", "Run prismaquant's stages on --model and report");
@@ -485,7 +520,11 @@ int main(int argc, char** argv) {
   run->add_option("--seqlen", o.seqlen, "tokens per calibration sequence")->capture_default_str();
   run->add_option("--eval-windows", o.eval_windows, "validate --max-seqs")->capture_default_str();
   run->add_option("--eval-seqlen", o.eval_seqlen, "validate --seqlen")->capture_default_str();
-  run->add_option("--formats", formats)->capture_default_str();
+  run->add_option("--formats", formats, "the menu (default: quantize's)")->capture_default_str();
+  run->add_option("--objective", o.objective, "the cost's (default: quantize's)")
+      ->capture_default_str();
+  run->add_option("--kl-probes", o.kl_probes, "kl-fisher: the cost's random probes")
+      ->capture_default_str();
   run->add_option("--compute", o.compute, "f32 or bf16, passed to the probe (default: its own)");
   run->add_option("--target-bits", target_bits)->capture_default_str();
   run->add_option("--data", data)->capture_default_str();
@@ -500,7 +539,14 @@ int main(int argc, char** argv) {
       return 0;
     }
     fs::create_directories(work / "logs");
-    o.formats = static_cast<std::size_t>(std::count(formats.begin(), formats.end(), ',') + 1);
+    o.formats = 0;
+    o.grouped_formats = 0;
+    std::stringstream menu(formats);
+    for (std::string name; std::getline(menu, name, ',');) {
+      ++o.formats;
+      const pq::formats::WeightFormat& format = pq::formats::format_by_name(name);
+      if (format.group_layout({shape.hidden, shape.hidden})) ++o.grouped_formats;
+    }
     const double rate_all = gemm_bf16_rate(4096, omp_get_max_threads());
     const double rate_core = gemm_bf16_rate(4096, 1);
     std::printf("gemm_bf16 4096^3: %.1f GFLOP/s on %d threads, %.1f GFLOP/s on one\n",
