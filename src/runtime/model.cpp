@@ -2409,9 +2409,16 @@ double Model::head_backward(const Pass& pass, const float* x, float* dx, LinearO
 
 double Model::head_backward_logits(const Pass& pass, const float* x, float* dx,
                                    LinearObserver* observer, const LogitGradient& gradient) {
+  return backprop_sequence_logits(pass, x, final_norm_, nullptr, dx, observer, gradient);
+}
+
+double Model::backprop_sequence_logits(const Pass& pass, const float* x,
+                                       const std::vector<float>& norm, const Linear* own_head,
+                                       float* dx, LinearObserver* observer,
+                                       const LogitGradient& gradient) {
   const Layout& layout = pass.whole;
   const std::int64_t vocab = config_.vocab_size;
-  return backprop_logits(pass, x, final_norm_, nullptr, dx, observer,
+  return backprop_logits(pass, x, norm, own_head, dx, observer,
                          [&](std::int64_t first, std::int64_t last, float* logits) {
                            double loss = 0.0;
                            const std::int64_t begin = layout.offsets[first];
@@ -2614,19 +2621,9 @@ double Model::mtp_backward(const Pass& pass, const float* x, LinearObserver& obs
 
 double Model::mtp_backward_logits(const Pass& pass, const float* x, LinearObserver& observer,
                                   const LogitGradient& gradient) {
-  const std::int64_t vocab = config_.vocab_size;
   return mtp_backprop(pass, x, observer, [&](const MtpRun& run, float* dx) {
-    const Layout& layout = run.pass->whole;
-    return backprop_logits(*run.pass, run.output.data(), mtp_->norm, mtp_->head.get(), dx, nullptr,
-                           [&](std::int64_t first, std::int64_t last, float* logits) {
-                             double loss = 0.0;
-                             const std::int64_t begin = layout.offsets[first];
-                             for (std::int64_t s = first; s < last; ++s) {
-                               loss += gradient(s, logits + (layout.offsets[s] - begin) * vocab,
-                                                layout.length(s));
-                             }
-                             return loss;
-                           });
+    return backprop_sequence_logits(*run.pass, run.output.data(), mtp_->norm, mtp_->head.get(), dx,
+                                    nullptr, gradient);
   });
 }
 

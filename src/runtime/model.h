@@ -363,6 +363,10 @@ class Model {
       const Pass& pass, const float* x, const std::vector<float>& norm, const Linear* own_head,
       float* dx, LinearObserver* observer,
       const std::function<double(std::int64_t first, std::int64_t last, float* logits)>& loss_of);
+  // backprop_logits with a loss given per sequence (head_backward_logits' `gradient`).
+  double backprop_sequence_logits(const Pass& pass, const float* x, const std::vector<float>& norm,
+                                  const Linear* own_head, float* dx, LinearObserver* observer,
+                                  const LogitGradient& gradient);
   // Final norm and lm_head over blocks of whole sequences (logits_block_rows): calls `block`
   // with the block's first sequence, its sequences' end, lm_head's input rows (normed, after any
   // activation quantizer), the rows' 1/rms and the logits; reports lm_head to the observer.

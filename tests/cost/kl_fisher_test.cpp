@@ -60,26 +60,44 @@ PerturbedLinear random_perturbation(const model::ModelSpec& spec,
   return p;
 }
 
-// The mean KL per prediction of the model with kPerturbed's weight W + scale * delta against the
-// source, on the job's calibration sequences (positions restart at 0, as in the pass).
-double measured_kl(const KlFisherJob& job, const PerturbedLinear& p, double scale) {
-  const model::ModelConfig config = model::ModelConfig::load(job.model);
-  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
-  const runtime::CheckpointWeightSource weights(checkpoint);
-  const data::TokenDataset dataset = data::load_token_dataset(
-      job.data, false, job.model, static_cast<std::int32_t>(config.vocab_size));
-  const auto windows = dataset.calibration(job.nsamples, job.seqlen, job.seed);
-  std::vector<float> perturbed(p.weight);
-  for (std::size_t i = 0; i < perturbed.size(); ++i) {
-    perturbed[i] += static_cast<float>(scale) * p.delta[i];
+// The source model and the model with `linear`'s weight W + scale * delta, and the job's
+// calibration windows (positions restart at 0, as in the pass).
+class PerturbedModels {
+  // Declared first: the models read them until they are destroyed.
+  io::Checkpoint checkpoint_;
+  runtime::CheckpointWeightSource weights_;
+  exporter::QuantizedLinears transform_;
+
+ public:
+  PerturbedModels(const KlFisherJob& job, const std::string& linear, const PerturbedLinear& p,
+                  double scale)
+      : checkpoint_(io::Checkpoint::open(job.model)),
+        weights_(checkpoint_),
+        config(model::ModelConfig::load(job.model)) {
+    const data::TokenDataset dataset = data::load_token_dataset(
+        job.data, job.token_ids, job.model, static_cast<std::int32_t>(config.vocab_size));
+    windows = dataset.calibration(job.nsamples, job.seqlen, job.seed);
+    std::vector<float> perturbed(p.weight);
+    for (std::size_t i = 0; i < perturbed.size(); ++i) {
+      perturbed[i] += static_cast<float>(scale) * p.delta[i];
+    }
+    transform_.set(linear, std::move(perturbed), nullptr);
+    runtime::RuntimeOptions options;
+    reference = std::make_unique<runtime::Model>(config, weights_, options);
+    options.weight_transform = &transform_;
+    model = std::make_unique<runtime::Model>(config, weights_, options);
   }
-  exporter::QuantizedLinears transform;
-  transform.set(kPerturbed, std::move(perturbed), nullptr);
-  runtime::RuntimeOptions options;
-  runtime::Model reference(config, weights, options);
-  options.weight_transform = &transform;
-  runtime::Model model(config, weights, options);
-  return runtime::evaluate(model, windows, &reference).mean_kl();
+
+  const model::ModelConfig config;
+  std::vector<std::vector<std::int32_t>> windows;
+  std::unique_ptr<runtime::Model> reference, model;
+};
+
+// The mean KL per prediction of the model with kPerturbed's weight W + scale * delta against the
+// source, on the job's calibration sequences.
+double measured_kl(const KlFisherJob& job, const PerturbedLinear& p, double scale) {
+  PerturbedModels models(job, kPerturbed, p, scale);
+  return runtime::evaluate(*models.model, models.windows, models.reference.get()).mean_kl();
 }
 
 // Copies its input: an activation "quantizer" that changes nothing.
@@ -161,25 +179,12 @@ TEST(KlFisher, EstimatesTheSecondOrderKlChangeWithVarianceShrinkingAsOneOverK) {
 // job's calibration sequences. The body is unperturbed, so both heads read the same hidden states.
 double measured_mtp_kl(const KlFisherJob& job, const std::string& linear, const PerturbedLinear& p,
                        double scale) {
-  const model::ModelConfig config = model::ModelConfig::load(job.model);
-  const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
-  const runtime::CheckpointWeightSource weights(checkpoint);
-  const data::TokenDataset dataset = data::load_token_dataset(
-      job.data, job.token_ids, job.model, static_cast<std::int32_t>(config.vocab_size));
+  PerturbedModels models(job, linear, p, scale);
+  const model::ModelConfig& config = models.config;
+  runtime::Model& reference = *models.reference;
+  runtime::Model& model = *models.model;
   std::vector<runtime::Sequence> sequences;
-  for (auto& tokens : dataset.calibration(job.nsamples, job.seqlen, job.seed)) {
-    sequences.push_back({std::move(tokens), {}});
-  }
-  std::vector<float> perturbed(p.weight);
-  for (std::size_t i = 0; i < perturbed.size(); ++i) {
-    perturbed[i] += static_cast<float>(scale) * p.delta[i];
-  }
-  exporter::QuantizedLinears transform;
-  transform.set(linear, std::move(perturbed), nullptr);
-  runtime::RuntimeOptions options;
-  runtime::Model reference(config, weights, options);
-  options.weight_transform = &transform;
-  runtime::Model model(config, weights, options);
+  for (auto& tokens : models.windows) sequences.push_back({std::move(tokens), {}});
   const auto pass = reference.begin_pass(sequences);
   const auto values = static_cast<std::size_t>(runtime::Model::rows(*pass) * config.hidden_size);
   std::vector<float> x(values), next(values);

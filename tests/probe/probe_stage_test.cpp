@@ -42,6 +42,16 @@ std::map<std::string, std::string> directory_bytes(const std::filesystem::path& 
   return files;
 }
 
+// `job` (into a directory of its own) stopped after 12 steps, in the backward pass where every
+// sum is recorded, and rerun: it resumes there and writes exactly `expected`.
+void expect_resumes_to(ProbeJob job, const std::map<std::string, std::string>& expected) {
+  job.stop_after_steps = 12;
+  run_probe(job);
+  job.stop_after_steps.reset();
+  EXPECT_EQ(run_probe(job).resumed_from, 12u);
+  EXPECT_EQ(directory_bytes(job.out), expected);
+}
+
 // A probe stopped after any step of its layer-major pass (forward, head, backward) and restarted
 // gives exactly the uninterrupted result; a finished probe is reused, and a changed option
 // invalidates both the pass and the artifacts.
@@ -130,11 +140,7 @@ TEST(ProbeStage, KvCacheAmaxRecordedOnRequestAndResumed) {
 
   ProbeJob interrupted = small_job(dir, "kv-resumed");
   interrupted.kv_cache = true;
-  interrupted.stop_after_steps = 12;
-  run_probe(interrupted);
-  interrupted.stop_after_steps.reset();
-  EXPECT_EQ(run_probe(interrupted).resumed_from, 12u);
-  EXPECT_EQ(directory_bytes(dir / "kv-resumed"), expected);
+  expect_resumes_to(interrupted, expected);
 
   ASSERT_TRUE(run_probe(plain).complete);
   const auto without = directory_bytes(dir / "plain");
@@ -199,11 +205,7 @@ TEST(ProbeStage, HoldoutHessianRecordedOnRequestAndResumed) {
 
   ProbeJob interrupted = small_job(dir, "holdout-resumed");
   interrupted.holdout_hessian = true;
-  interrupted.stop_after_steps = 12;
-  run_probe(interrupted);
-  interrupted.stop_after_steps.reset();
-  EXPECT_EQ(run_probe(interrupted).resumed_from, 12u);
-  EXPECT_EQ(directory_bytes(dir / "holdout-resumed"), expected);
+  expect_resumes_to(interrupted, expected);
 
   ProbeJob one = small_job(dir, "one");
   one.nsamples = 1;
