@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
 #include "common/json_reader.h"
@@ -204,25 +205,6 @@ std::int64_t all_statistics_bytes(const model::ModelSpec& spec, bool holdout) {
   return bytes;
 }
 
-// The pass writes every layer's boundary activations and every part before it frees any: refuse
-// to start, with the figures, when the disk cannot hold them (counting what a resumed pass has
-// already written).
-void require_disk(const std::filesystem::path& pass_dir, std::int64_t needed) {
-  std::error_code error;
-  const auto space = std::filesystem::space(pass_dir, error);
-  if (error) return;
-  std::int64_t written = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(pass_dir, error)) {
-    if (entry.is_regular_file()) written += static_cast<std::int64_t>(entry.file_size());
-  }
-  const auto available = static_cast<std::int64_t>(space.available) + written;
-  PQ_CHECK(available >= needed,
-           "{}: the probe's pass needs about {:.2f} GB of disk (boundary activations of every "
-           "layer and the Hessians) but {:.2f} GB are free",
-           pass_dir.string(), static_cast<double>(needed) / 1e9,
-           static_cast<double>(available) / 1e9);
-}
-
 // A layer's input for one step: mapped from its file (page cache, which the kernel can drop, not
 // anonymous memory) or, for layer 0, the embedding computed in memory.
 struct Boundary {
@@ -352,6 +334,17 @@ std::size_t read_pass_steps_done(const std::filesystem::path& pass_dir,
   }
 }
 
+void require_pass_disk(const std::filesystem::path& pass_dir, std::string_view what,
+                       std::int64_t needed) {
+  std::error_code error;
+  std::int64_t written = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(pass_dir, error)) {
+    if (entry.is_regular_file()) written += static_cast<std::int64_t>(entry.file_size());
+  }
+  require_disk_space(pass_dir,
+                     static_cast<std::uint64_t>(std::max<std::int64_t>(0, needed - written)), what);
+}
+
 void write_pass_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
                            std::size_t steps_done) {
   write_text_file_atomic(
@@ -441,10 +434,12 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       runtime_options.compute);
   memory.statistics = layer_statistics_bytes(spec, job.holdout_hessian);
   runtime::require_memory("the probe", memory, runtime::memory_limit(job.max_memory));
-  require_disk(pass_dir, static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples *
-                                                   job.seqlen * config.hidden_size) *
-                                 4 +
-                             all_statistics_bytes(spec, job.holdout_hessian));
+  require_pass_disk(pass_dir,
+                    "the probe's pass (boundary activations of every layer and the Hessians)",
+                    static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples * job.seqlen *
+                                              config.hidden_size) *
+                            4 +
+                        all_statistics_bytes(spec, job.holdout_hessian));
 
   const runtime::CheckpointWeightSource weights(checkpoint);
   if (job.quantized) {

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "model/model_spec.h"
 #include "probe/probe_result.h"
@@ -99,6 +100,13 @@ std::size_t read_pass_steps_done(const std::filesystem::path& pass_dir,
                                  const std::string& fingerprint, std::size_t steps_total);
 void write_pass_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
                            std::size_t steps_done);
+
+// A layer-major pass writes every layer's boundary activations before it frees any: pq::Error,
+// before the pass starts, with the figures (require_disk_space), when the disk cannot hold
+// `needed` bytes, counting what a resumed pass already wrote in pass_dir as its own. `what` says
+// what the bytes are for.
+void require_pass_disk(const std::filesystem::path& pass_dir, std::string_view what,
+                       std::int64_t needed);
 
 // The model identifier stages copy into their artifacts: the checkpoint directory's name.
 std::string model_label(const std::filesystem::path& model_dir);

@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
 #include "probe/probe_result.h"
@@ -331,6 +332,25 @@ TEST(ProbeStage, Bf16ComputeMatchesF32WithinBf16Rounding) {
   EXPECT_GT(worst_fisher, 0.0);
   EXPECT_LE(worst_fisher, 0.015);
   EXPECT_LE(worst_hessian, 0.0075);
+}
+
+// A pass that needs more disk than is free is refused before it starts, naming itself; what a
+// resumed pass already wrote in its directory counts as its own.
+TEST(ProbeStage, PassDiskCountsWhatAResumedPassWrote) {
+  test::TempDir dir;
+  const std::filesystem::path pass = dir / "pass";
+  std::filesystem::create_directories(pass);
+  const auto free_bytes = [&] { return static_cast<std::int64_t>(*available_disk_bytes(pass)); };
+  try {
+    require_pass_disk(pass, "the test pass", free_bytes() + (std::int64_t{1} << 40));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("the test pass needs about"));
+  }
+  const std::int64_t written = std::int64_t{256} << 20;
+  write_text_file_atomic(pass / "x.1.f32", std::string(static_cast<std::size_t>(written), 'x'));
+  EXPECT_NO_THROW(require_pass_disk(pass, "the test pass", free_bytes() + written / 2));
+  EXPECT_THROW(require_pass_disk(pass, "the test pass", free_bytes() + 2 * written), Error);
 }
 
 // A memory limit the pass cannot fit is refused before any step runs, with the estimate.
