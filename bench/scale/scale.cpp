@@ -297,8 +297,10 @@ struct RunOptions {
 double stage_flops(const std::string& stage, const FlopModel& f, const RunOptions& o) {
   const double t = static_cast<double>(o.nsamples * o.seqlen);
   if (stage == "probe") {
-    // forward + backward (3 forwards) + per-sequence dY^T X (1 forward) + X^T X per input.
-    return 4.0 * f.forward(t, static_cast<double>(o.seqlen)) + f.hessian_per_token * t;
+    // forward + backward (3 forwards) + per-sequence dY^T X (1 forward) + X^T X per input; before
+    // a kl-fisher cost (--no-fisher, as quantize runs it) the forward and X^T X only.
+    const double passes = o.objective == "kl-fisher" ? 1.0 : 4.0;
+    return passes * f.forward(t, static_cast<double>(o.seqlen)) + f.hessian_per_token * t;
   }
   if (stage == "cost") {
     // The error columns: dW H per Linear and format.
@@ -437,8 +439,20 @@ std::vector<std::string> stage_command(const std::string& stage, const std::stri
     return args;
   };
   if (stage == "probe") {
-    return with_compute({cli, "probe", m, "--data", d, "--out", w + "/probe", "--nsamples",
-                         std::to_string(o.nsamples), "--seqlen", std::to_string(o.seqlen)});
+    std::vector<std::string> args = {cli,
+                                     "probe",
+                                     m,
+                                     "--data",
+                                     d,
+                                     "--out",
+                                     w + "/probe",
+                                     "--nsamples",
+                                     std::to_string(o.nsamples),
+                                     "--seqlen",
+                                     std::to_string(o.seqlen)};
+    // The kl-fisher cost reads no Fisher traces; quantize skips them too.
+    if (o.objective == "kl-fisher") args.push_back("--no-fisher");
+    return with_compute(std::move(args));
   }
   if (stage == "cost") {
     std::vector<std::string> args = {cli,          "cost",        m,          "--probe",

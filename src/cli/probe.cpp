@@ -16,6 +16,7 @@ namespace pq::cli {
 void register_probe(CLI::App& app) {
   auto job = std::make_shared<probe::ProbeJob>();
   auto no_weighting = std::make_shared<bool>(false);
+  auto no_fisher = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
       "probe",
       "Measure per-Linear sensitivity on calibration data: per-sequence empirical Fisher traces, "
@@ -41,8 +42,13 @@ void register_probe(CLI::App& app) {
                 "Also sum each input's Hessian over the last eighth of the calibration sequences "
                 "alone: GPTQ rounding then fits its renders without those rows and picks per "
                 "Linear the one with the lowest output error on them");
-  cmd->callback([job, no_weighting] {
+  cmd->add_flag("--no-fisher", *no_fisher,
+                "Forward pass only: Hessians, activation statistics and routing without the "
+                "Fisher traces (enough for cost --objective kl-fisher and export; about a "
+                "quarter of the arithmetic)");
+  cmd->callback([job, no_weighting, no_fisher] {
     job->importance_weighting = !*no_weighting;
+    job->fisher = !*no_fisher;
     const probe::ProbeOutcome outcome = probe::run_probe(*job);
     std::fputs(fmt::format("probe {}: {} of {} steps{}{}, fingerprint {}\n",
                            outcome.complete ? "complete" : "stopped", outcome.steps_done,

@@ -201,6 +201,11 @@ CostOutcome run_cost(const CostJob& job) {
   runtime::require_runtime_support(config);
   const LocationLock lock(job.out);
   const probe::ProbeResult probed = probe::ProbeResult::read(job.probe);
+  PQ_CHECK(probed.has_fisher() || job.objective == Objective::kKlFisher,
+           "cost: --objective {} weighs errors by the Fisher traces, which the probe in {} did not "
+           "record (it ran with --no-fisher); rerun the probe without it, or use --objective "
+           "kl-fisher",
+           objective_name(job.objective), job.probe.string());
   CostOutcome outcome;
   outcome.fingerprint = cost_fingerprint(job, probed.fingerprint());
   const std::filesystem::path cost_path = job.out / "cost.json";

@@ -189,6 +189,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // Choosing between GPTQ and Local-Hessian per Linear is judged on rows neither was fitted to
   // (exporter::GptqRounding), so that choice needs the probe's held-out Hessians.
   probe_job.holdout_hessian = job.rounding == "gptq+local-hessian";
+  // The KL-Fisher cost takes its sensitivities from its own pass: the probe's Fisher traces would
+  // go unread, so its backward pass is skipped.
+  probe_job.fisher = objective != cost::Objective::kKlFisher;
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});

@@ -101,19 +101,12 @@ void ProbeAccumulator::end_batch(std::int64_t sequences) {
   sequences_ += sequences;
 }
 
-void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
-  const auto found = linear_index_.find(activity.name);
-  if (found == linear_index_.end() || activity.rows == 0) return;
-  const std::size_t index = found->second;
-  LinearSums& linear = linears_[index];
-  PQ_CHECK(activity.in_features == linear.in_features &&
-               activity.out_features == linear.out_features && activity.output_grad != nullptr,
-           "{}: the runtime reported a [{}, {}] Linear without gradients", linear.name,
-           activity.out_features, activity.in_features);
+// ||G_s||^2 per sequence, added to the Linear's Fisher sum: the ranges of one sequence are
+// summed before squaring.
+void ProbeAccumulator::accumulate_fisher(const runtime::LinearActivity& activity,
+                                         LinearSums& linear) {
   const std::int64_t out = linear.out_features;
   const std::int64_t in = linear.in_features;
-
-  // ||G_s||^2 per sequence: the ranges of one sequence are summed before squaring.
   gradient_.resize(static_cast<std::size_t>(out * in));
   const auto ranges = activity.sequences;
   std::vector<bool> done(ranges.size(), false);
@@ -158,6 +151,21 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
     }
     linear.fisher_sum += squares;
   }
+}
+
+void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
+  const auto found = linear_index_.find(activity.name);
+  if (found == linear_index_.end() || activity.rows == 0) return;
+  const std::size_t index = found->second;
+  LinearSums& linear = linears_[index];
+  PQ_CHECK(activity.in_features == linear.in_features &&
+               activity.out_features == linear.out_features &&
+               (activity.output_grad != nullptr || !fisher_),
+           "{}: the runtime reported a [{}, {}] Linear without gradients", linear.name,
+           activity.out_features, activity.in_features);
+  const std::int64_t in = linear.in_features;
+  const auto ranges = activity.sequences;
+  if (fisher_) accumulate_fisher(activity, linear);
   linear.tokens += activity.rows;
   batch_rows_linear_[index] += activity.rows;
 

@@ -91,6 +91,11 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   void record_holdout(std::int64_t first_sequence);
   bool records_holdout() const { return holdout_from_ >= 0; }
 
+  // Sums only what a forward pass shows (Hessians, amax, routing, KV cache): the Linears may be
+  // reported without output gradients, and the Fisher sums stay 0 (ProbeJob::fisher off).
+  void skip_fisher() { fisher_ = false; }
+  bool records_fisher() const { return fisher_; }
+
   std::int64_t sequences() const { return sequences_; }
   const std::vector<LinearSums>& linears() const { return linears_; }
   const std::vector<InputSums>& inputs() const { return inputs_; }
@@ -112,11 +117,14 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   bool record_kv_cache_ = false;
   std::map<std::int64_t, KvCacheSums> kv_cache_;
   std::int64_t holdout_from_ = -1;  // the first held-out sequence; -1: none recorded
+  bool fisher_ = true;
   std::int64_t sequences_ = 0;
   // Per batch: which Linear accumulates each input's Hessian (the first to report it).
   std::map<std::size_t, std::size_t> input_owner_;
   std::vector<std::int64_t> batch_rows_linear_;
   std::vector<std::int64_t> batch_rows_input_;
+  void accumulate_fisher(const runtime::LinearActivity& activity, LinearSums& linear);
+
   std::vector<float> gradient_;                  // scratch G_s
   std::vector<std::uint16_t> dy_bf16_, x_bf16_;  // scratch: one sequence's rows in bf16
 };

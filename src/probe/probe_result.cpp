@@ -76,9 +76,13 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
              kProbeSchema);
     result.model_ = string_field(j, "model", "probe.json");
     result.fingerprint_ = string_field(j, "fingerprint", "probe.json");
-    result.sequences_ =
-        integer(field(field(j, "calibration", "probe.json"), "sequences", "calibration"),
-                "calibration.sequences", 0, kMaxCount);
+    const json& calibration = field(j, "calibration", "probe.json");
+    result.sequences_ = integer(field(calibration, "sequences", "calibration"),
+                                "calibration.sequences", 0, kMaxCount);
+    if (calibration.contains("fisher")) {
+      PQ_CHECK(calibration["fisher"].is_boolean(), "calibration.fisher is not true or false");
+      result.has_fisher_ = calibration["fisher"].get<bool>();
+    }
     std::set<std::string> listed;
     for (const json& name : array_field(j, "files", "probe.json")) {
       PQ_CHECK(name.is_string(), "files: an entry is a {}, not a file name", name.type_name());
@@ -98,8 +102,10 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
       PQ_CHECK(shape.size() == 2, "{}: \"shape\" is not [out, in]", where);
       linear.out_features = integer(shape[0], where + " out_features", 1, kMaxOutFeatures);
       linear.in_features = integer(shape[1], where + " in_features", 1, kMaxInFeatures);
-      linear.fisher_trace = non_negative(field(l, "fisher_trace", where), where + " fisher_trace",
-                                         std::numeric_limits<double>::max());
+      if (result.has_fisher_) {
+        linear.fisher_trace = non_negative(field(l, "fisher_trace", where), where + " fisher_trace",
+                                           std::numeric_limits<double>::max());
+      }
       linear.tokens = integer(field(l, "tokens", where), where + " tokens", 0, kMaxCount);
       PQ_CHECK(result.linear_index_.emplace(linear.name, result.linears_.size()).second,
                "{} is listed twice", where);

@@ -24,7 +24,8 @@ struct ProbedLinear {
   std::string input_key;
   std::int64_t out_features = 0;
   std::int64_t in_features = 0;
-  double fisher_trace = 0.0;  // mean over calibration sequences of ||dL_s/dW||_F^2
+  double fisher_trace = 0.0;  // mean over calibration sequences of ||dL_s/dW||_F^2, or 0 when
+                              // the probe recorded none (ProbeResult::has_fisher)
   std::int64_t tokens = 0;
 };
 
@@ -59,6 +60,8 @@ class ProbeResult {
   const std::string& model() const { return model_; }
   const std::string& fingerprint() const { return fingerprint_; }
   std::int64_t sequences() const { return sequences_; }
+  // False for a probe run without the Fisher traces (ProbeJob::fisher): every fisher_trace is 0.
+  bool has_fisher() const { return has_fisher_; }
   const std::vector<ProbedLinear>& linears() const { return linears_; }
   const std::vector<ProbedRouting>& routing() const { return routing_; }
   // Absent unless the probe recorded the KV cache (ProbeJob::kv_cache); then one per attention
@@ -85,6 +88,7 @@ class ProbeResult {
   std::string model_;
   std::string fingerprint_;
   std::int64_t sequences_ = 0;
+  bool has_fisher_ = true;
   std::vector<ProbedLinear> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;

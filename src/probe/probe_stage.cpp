@@ -150,6 +150,7 @@ ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part
   ProbeAccumulator sums(
       spec, [&](const model::Linear& linear) { return part.holds(linear); }, job.compute);
   if (job.kv_cache) sums.record_kv_cache();
+  if (!job.fisher) sums.skip_fisher();
   if (job.holdout_hessian) {
     sums.record_holdout(static_cast<std::int64_t>(job.nsamples) - holdout_sequences(job.nsamples));
   }
@@ -242,16 +243,17 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
     }
     for (const LinearSums& linear : sums.linears()) {
       const Summary& act = moments.at(linear.input_key);
-      linear_json.emplace(
-          linear.name,
-          nlohmann::json{
-              {"name", linear.name},
-              {"shape", {linear.out_features, linear.in_features}},
-              {"input_key", linear.input_key},
-              {"fisher_trace",
-               sequences == 0 ? 0.0 : linear.fisher_sum / static_cast<double>(sequences)},
-              {"tokens", linear.tokens},
-              {"act_second_moment", {{"mean", act.mean}, {"min", act.min}, {"max", act.max}}}});
+      nlohmann::json entry = {
+          {"name", linear.name},
+          {"shape", {linear.out_features, linear.in_features}},
+          {"input_key", linear.input_key},
+          {"tokens", linear.tokens},
+          {"act_second_moment", {{"mean", act.mean}, {"min", act.min}, {"max", act.max}}}};
+      if (job.fisher) {
+        entry["fisher_trace"] =
+            sequences == 0 ? 0.0 : linear.fisher_sum / static_cast<double>(sequences);
+      }
+      linear_json.emplace(linear.name, std::move(entry));
     }
     for (const auto& [layer, routing] : sums.routing()) {
       std::vector<double> mean_probability;
@@ -305,6 +307,8 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   if (job.holdout_hessian) {
     doc["calibration"]["holdout_sequences"] = holdout_sequences(job.nsamples);
   }
+  // A probe without Fisher traces says so; the others' probe.json is as it was before the key.
+  if (!job.fisher) doc["calibration"]["fisher"] = false;
   // probe.json last: its presence (with this fingerprint) marks the probe as complete.
   write_text_file_atomic(job.out / kProbeJsonFile, doc.dump(1) + "\n");
 }
@@ -376,6 +380,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   if (job.quantized) f.field("quantized", job.quantized->tag);
   if (job.kv_cache) f.field("kv_cache", "fp8");
   if (job.holdout_hessian) f.field("holdout_hessian", holdout_sequences(job.nsamples));
+  if (!job.fisher) f.field("fisher", 0);
   return f.hex();
 }
 
@@ -399,8 +404,9 @@ ProbeOutcome run_probe(const ProbeJob& job) {
   ProbeOutcome outcome;
   outcome.fingerprint = probe_fingerprint(job);
   const std::int64_t layers = config.num_hidden_layers;
-  // Steps: the forward of every layer, the head, the backward of every layer.
-  outcome.steps_total = static_cast<std::size_t>(2 * layers + 1);
+  // Steps: the forward of every layer, the head, the backward of every layer; without the Fisher
+  // traces the forward and the head's inputs only.
+  outcome.steps_total = static_cast<std::size_t>(job.fisher ? 2 * layers + 1 : layers + 1);
   if (stored_fingerprint(job.out / kProbeJsonFile) == outcome.fingerprint) {
     outcome.complete = outcome.reused = true;
     outcome.steps_done = outcome.steps_total;
@@ -493,9 +499,34 @@ ProbeOutcome run_probe(const ProbeJob& job) {
     if (s < layers) {
       const Boundary x = boundary(s);
       std::vector<float> out(values);
-      model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
+      if (job.fisher) {
+        model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
+      } else {
+        // Without a backward pass the forward sees every input the layer's statistics need.
+        observe_part(Part{{}, s}, [&](ProbeAccumulator& sums) {
+          model.forward_layer(s, *pass, x.data(), out.data(), &sums);
+        });
+      }
       write_f32_file(x_path(s + 1), out);
       finish_step(step);
+      if (!job.fisher) std::filesystem::remove(x_path(s), error);
+    } else if (s == layers && !job.fisher) {
+      // The head's and the MTP head's Linears see their inputs; no loss is taken.
+      const Boundary x = boundary(layers);
+      const auto ignore_logits = [](std::int64_t, const float*, std::int64_t) {};
+      if (std::any_of(parts.begin(), parts.end(), [](const Part& p) { return p.name == "head"; })) {
+        observe_part(Part{}, [&](ProbeAccumulator& sums) {
+          model.head_forward(*pass, x.data(), ignore_logits, &sums);
+        });
+      }
+      if (model.has_mtp()) {
+        observe_part(Part{"mtp", std::nullopt, true}, [&](ProbeAccumulator& sums) {
+          model.mtp_forward(*pass, x.data(), ignore_logits, &sums);
+        });
+      }
+      write_text_file_atomic(pass_dir / kLossesJson, "{}\n");
+      finish_step(step);
+      std::filesystem::remove(x_path(layers), error);
     } else if (s == layers) {
       const Boundary x = boundary(layers);
       std::vector<float> dx(values);

@@ -63,6 +63,13 @@ struct ProbeJob {
   // (exporter::GptqRounding). Off: the artifacts and the fingerprint are those of a probe without
   // it.
   bool holdout_hessian = false;
+  // Off: no backward pass and no Fisher traces (probe.json says "fisher": false and lists none);
+  // the Hessians, activation statistics, routing and KV cache come from the forward pass alone,
+  // the same sums the backward's recomputation gives. That is all the kl-fisher cost and export
+  // read, at about a quarter of the probe's arithmetic, with one layer boundary on disk at a
+  // time instead of all of them. On: the artifacts and the fingerprint are those of a probe
+  // before the option existed.
+  bool fisher = true;
 };
 
 struct ProbeOutcome {
@@ -70,7 +77,7 @@ struct ProbeOutcome {
   bool reused = false;           // they already existed for the same fingerprint
   std::size_t resumed_from = 0;  // steps found finished in the pass directory
   std::size_t steps_done = 0;
-  std::size_t steps_total = 0;  // 2 x layers + 1
+  std::size_t steps_total = 0;  // 2 x layers + 1; layers + 1 without the Fisher traces
   std::string fingerprint;
 };
 

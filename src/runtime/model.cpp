@@ -2336,11 +2336,16 @@ void Model::for_each_logits_block(
 void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
                     LinearObserver* observer, std::int64_t sequences_per_micro_batch) {
   const auto pass = begin_pass(batch, sequences_per_micro_batch);
-  const Layout& layout = pass->whole;
-  const std::int64_t vocab = config_.vocab_size;
   const std::vector<float> x = final_hidden(*pass, observer);
+  head_forward(*pass, x.data(), consume, observer);
+}
+
+void Model::head_forward(const Pass& pass, const float* x, const LogitsConsumer& consume,
+                         LinearObserver* observer) {
+  const Layout& layout = pass.whole;
+  const std::int64_t vocab = config_.vocab_size;
   for_each_logits_block(
-      *pass, x.data(), final_norm_.data(), nullptr, observer,
+      pass, x, final_norm_.data(), nullptr, observer,
       [&](std::int64_t first, std::int64_t last, const float*, const float*, float* logits) {
         const std::int64_t begin = layout.offsets[first];
         for (std::int64_t s = first; s < last; ++s) {

@@ -167,6 +167,10 @@ class Model {
   // out = layer(x); the observer (optional) sees every Linear's input and every routing decision.
   void forward_layer(std::int64_t layer, const Pass& pass, const float* x, float* out,
                      LinearObserver* observer);
+  // Each sequence's logits from the last layer's output x (final norm, lm_head), as forward()
+  // gives them; the observer (optional) sees lm_head's input rows.
+  void head_forward(const Pass& pass, const float* x, const LogitsConsumer& consume,
+                    LinearObserver* observer = nullptr);
   // The summed weighted next-token cross-entropy from the last layer's output x (final norm,
   // lm_head); writes dx = dLoss/dx and reports lm_head to the observer. With `weighting`, each
   // sequence's loss weights come from its logits instead of Sequence::loss_weights.

@@ -27,9 +27,9 @@ namespace pq::cost {
 namespace {
 
 // Probes model_dir into dir/probe on nsamples x seqlen tokens of the WikiText excerpt, two
-// sequences per micro-batch.
+// sequences per micro-batch; without the Fisher traces unless `fisher`.
 probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::path& model_dir,
-                              std::size_t nsamples, std::size_t seqlen) {
+                              std::size_t nsamples, std::size_t seqlen, bool fisher = true) {
   probe::ProbeJob job;
   job.model = model_dir;
   job.data = test::wikitext_excerpt(dir);
@@ -37,6 +37,7 @@ probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::p
   job.nsamples = nsamples;
   job.seqlen = seqlen;
   job.batch_size = 2;
+  job.fisher = fisher;
   EXPECT_TRUE(probe::run_probe(job).complete);
   return job;
 }
@@ -198,12 +199,14 @@ TEST(CostStage, ColumnsComeFromTheRealCodec) {
 
 // --objective kl-fisher: predicted_dloss is the KL-Fisher estimate of the exporter's renders, and
 // the other columns measure those renders too (GPTQ here, not round to nearest); nothing costs
-// for BF16, every quantized format costs something, and the renders are stored for export.
+// for BF16, every quantized format costs something, and the renders are stored for export. The
+// probe ran without the Fisher traces, as quantize runs it before this cost; the Fisher
+// objectives refuse such a probe.
 TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
   const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
-  const probe::ProbeJob probe_job = probe_excerpt(dir, model_dir, 2, 64);
+  const probe::ProbeJob probe_job = probe_excerpt(dir, model_dir, 2, 64, /*fisher=*/false);
   const probe::ProbeResult probed = probe::ProbeResult::read(dir / "probe");
   const model::ModelSpec spec = model::load_model_spec(model_dir);
   const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
@@ -261,6 +264,11 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
   EXPECT_TRUE(run_cost(job).reused);
   job.kl_fisher->probes = 3;
   EXPECT_FALSE(run_cost(job).reused);
+  for (const Objective objective : {Objective::kFisher, Objective::kActivationFisher}) {
+    job.objective = objective;
+    EXPECT_THAT([&] { run_cost(job); },
+                testing::ThrowsMessage<Error>(testing::HasSubstr("ran with --no-fisher")));
+  }
 }
 
 // Without calibration data or renders the objective is refused in one line.

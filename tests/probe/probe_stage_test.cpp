@@ -251,6 +251,123 @@ TEST(ProbeStage, ResumesAroundTheMtpHead) {
   }
 }
 
+// Every sum a probe records besides the Fisher traces, from a probe with them (`with`) and one
+// without (`without`): the same tokens, routing and KV cache amax, and Hessians within float
+// rounding of the order in which micro-batches are summed.
+void expect_same_statistics(const std::filesystem::path& with,
+                            const std::filesystem::path& without) {
+  const ProbeResult a = ProbeResult::read(with);
+  const ProbeResult b = ProbeResult::read(without);
+  EXPECT_TRUE(a.has_fisher());
+  EXPECT_FALSE(b.has_fisher());
+  ASSERT_EQ(a.linears().size(), b.linears().size());
+  for (std::size_t i = 0; i < a.linears().size(); ++i) {
+    const ProbedLinear& linear = a.linears()[i];
+    EXPECT_EQ(b.linears()[i].name, linear.name);
+    EXPECT_GT(linear.fisher_trace, 0.0) << linear.name;
+    EXPECT_EQ(b.linears()[i].fisher_trace, 0.0) << linear.name;
+    EXPECT_EQ(b.linears()[i].tokens, linear.tokens) << linear.name;
+    const std::string& key = linear.input_key;
+    EXPECT_EQ(b.input_tokens(key), a.input_tokens(key)) << key;
+    EXPECT_EQ(b.holdout_tokens(key), a.holdout_tokens(key)) << key;
+    EXPECT_EQ(b.input_amax(key), a.input_amax(key)) << key;
+    for (const bool held : {false, true}) {
+      const std::span<const float> ha = held ? a.holdout_hessian(key) : a.hessian(key);
+      const std::span<const float> hb = held ? b.holdout_hessian(key) : b.hessian(key);
+      ASSERT_EQ(ha.size(), hb.size()) << key;
+      float scale = 0.0f;
+      for (const float v : ha) scale = std::max(scale, std::abs(v));
+      for (std::size_t k = 0; k < ha.size(); ++k) {
+        ASSERT_NEAR(hb[k], ha[k], 1e-5f * scale) << key << " element " << k;
+      }
+    }
+  }
+  ASSERT_EQ(a.routing().size(), b.routing().size());
+  for (std::size_t r = 0; r < a.routing().size(); ++r) {
+    EXPECT_EQ(b.routing()[r].route_counts, a.routing()[r].route_counts);
+    EXPECT_EQ(b.routing()[r].tokens, a.routing()[r].tokens);
+  }
+  ASSERT_EQ(a.kv_cache().has_value(), b.kv_cache().has_value());
+  if (a.kv_cache()) {
+    ASSERT_EQ(a.kv_cache()->size(), b.kv_cache()->size());
+    for (std::size_t l = 0; l < a.kv_cache()->size(); ++l) {
+      EXPECT_EQ((*b.kv_cache())[l].key_amax, (*a.kv_cache())[l].key_amax);
+      EXPECT_EQ((*b.kv_cache())[l].value_amax, (*a.kv_cache())[l].value_amax);
+    }
+  }
+}
+
+// Without the Fisher traces (--no-fisher) the probe is the forward pass and the head's inputs:
+// layers + 1 steps, one layer boundary on disk at a time, the statistics of the full probe (the
+// KV cache's and the held-out Hessians included), "fisher": false and no fisher_trace in
+// probe.json, its own fingerprint, and a stop anywhere resumes to the same files.
+TEST(ProbeStage, WithoutFisherTheForwardPassRecordsTheSameStatistics) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  ProbeJob with = small_job(dir, "with");
+  with.kv_cache = true;
+  with.holdout_hessian = true;
+  ProbeJob without = with;
+  without.out = dir / "without";
+  without.fisher = false;
+  EXPECT_NE(probe_fingerprint(with), probe_fingerprint(without));
+  ASSERT_TRUE(run_probe(with).complete);
+  const ProbeOutcome forward = run_probe(without);
+  ASSERT_TRUE(forward.complete);
+  EXPECT_EQ(forward.steps_total, 9u);  // 8 layers and the head
+  const auto expected = directory_bytes(dir / "without");
+  const auto doc = nlohmann::json::parse(expected.at("probe.json"));
+  EXPECT_FALSE(doc.at("calibration").at("fisher").get<bool>());
+  for (const auto& linear : doc.at("linears")) EXPECT_FALSE(linear.contains("fisher_trace"));
+  EXPECT_FALSE(nlohmann::json::parse(read_text_file(dir / "with/probe.json"))
+                   .at("calibration")
+                   .contains("fisher"));
+  expect_same_statistics(dir / "with", dir / "without");
+
+  for (const std::size_t stop : {1u, 5u, 8u}) {
+    ProbeJob interrupted = without;
+    interrupted.out = dir / fmt::format("resumed-{}", stop);
+    interrupted.stop_after_steps = stop;
+    EXPECT_FALSE(run_probe(interrupted).complete);
+    // The forward keeps only the next layer's input.
+    std::size_t boundaries = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(interrupted.out / "pass")) {
+      boundaries += entry.path().extension() == ".f32" ? 1 : 0;
+    }
+    EXPECT_EQ(boundaries, 1u) << "stopped after step " << stop;
+    interrupted.stop_after_steps.reset();
+    EXPECT_EQ(run_probe(interrupted).resumed_from, stop);
+    EXPECT_EQ(directory_bytes(interrupted.out), expected) << "stopped after step " << stop;
+  }
+}
+
+// The same on a hybrid MoE model with an MTP head and an untied lm_head asked for: routing, the
+// MTP head's inputs and lm_head's come from the forward pass and the head step.
+TEST(ProbeStage, WithoutFisherRecordsRoutingAndTheMtpHead) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  std::string ids;
+  for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
+  write_text_file_atomic(dir / "ids.txt", ids);
+  ProbeJob with;
+  with.model = test::shared_dir() / "models/qwen3_5-moe-tiny-random";
+  with.data = dir / "ids.txt";
+  with.token_ids = true;
+  with.out = dir / "with";
+  with.nsamples = 3;
+  with.seqlen = 32;
+  with.spec_options.quantize_lm_head = true;
+  ProbeJob without = with;
+  without.out = dir / "without";
+  without.fisher = false;
+  ASSERT_TRUE(run_probe(with).complete);
+  ASSERT_TRUE(run_probe(without).complete);
+  EXPECT_TRUE(std::filesystem::exists(dir / "without/probe.mtp.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "without/probe.head.safetensors"));
+  EXPECT_FALSE(ProbeResult::read(dir / "without").routing().empty());
+  expect_same_statistics(dir / "with", dir / "without");
+}
+
 // A damaged pass state is ignored. probe.json reads back: every candidate Linear with a positive
 // Fisher trace, its input's Hessian and second moments of the right width, second moments equal to
 // diag(H) / tokens.
