@@ -288,6 +288,7 @@ struct RunOptions {
   std::int64_t sample_tokens = 32, prompt_tokens = 16;
   std::size_t formats = 3;
   std::size_t grouped_formats = 1;      // formats of the menu GPTQ renders (those with groups)
+  std::size_t activation_formats = 2;   // formats of the menu that quantize activations too
   std::string compute;                  // the stages' --compute; empty: their default
   std::string objective = "kl-fisher";  // the cost's, quantize's default
   std::int64_t kl_probes = 1;
@@ -308,12 +309,15 @@ double stage_flops(const std::string& stage, const FlopModel& f, const RunOption
     if (o.objective == "kl-fisher") {
       // The KL-Fisher pass: the body's forward; per probe the head's logits and their backward
       // (4 V h per token), the body's input gradients (a forward's worth) and every Linear's
-      // per-sequence dY^T X (2 out in per token); every grouped format's GPTQ render of every
-      // Linear (export then reads them). Layer recomputation is not counted, as in the probe.
+      // per-sequence dY^T X (2 out in per token), and dY^T dX again for each format that
+      // quantizes activations; every grouped format's GPTQ render of every Linear (export then
+      // reads them). Layer recomputation is not counted, as in the probe.
       const double k = static_cast<double>(o.kl_probes);
       const double head = 2.0 * f.head_params * t;
       const double body = f.forward(t, static_cast<double>(o.seqlen)) - head;
-      flops += body + k * (2.0 * head + body + 2.0 * (f.active_params - f.head_params) * t) +
+      const double folds = 1.0 + static_cast<double>(o.activation_formats);
+      flops += body +
+               k * (2.0 * head + body + folds * 2.0 * (f.active_params - f.head_params) * t) +
                static_cast<double>(o.grouped_formats) * (f.weight_cubic + f.inverse_cubic);
     }
     return flops;
@@ -555,11 +559,16 @@ int main(int argc, char** argv) {
     fs::create_directories(work / "logs");
     o.formats = 0;
     o.grouped_formats = 0;
+    o.activation_formats = 0;
     std::stringstream menu(formats);
     for (std::string name; std::getline(menu, name, ',');) {
       ++o.formats;
       const pq::formats::WeightFormat& format = pq::formats::format_by_name(name);
       if (format.group_layout({shape.hidden, shape.hidden})) ++o.grouped_formats;
+      // Any global scale will do: the count asks only whether the format quantizes activations.
+      pq::formats::QuantizeOptions options;
+      options.input_global_scale = 1.0f;
+      if (format.activation_quantizer(options)) ++o.activation_formats;
     }
     const double rate_all = gemm_bf16_rate(4096, omp_get_max_threads());
     const double rate_core = gemm_bf16_rate(4096, 1);

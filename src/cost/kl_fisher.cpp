@@ -69,15 +69,63 @@ void probe_logit_gradient(float* logits, std::int64_t rows, std::int64_t vocab,
   }
 }
 
+// G = dY^T X [out, in] over `rows` rows, with the pass's compute type: bf16 inputs with fp32
+// accumulation (as the probe's weight gradients), or fp32.
+void weight_gradient(runtime::ComputeType compute, std::int64_t rows, std::int64_t out,
+                     std::int64_t in, const float* dy, const float* x, float* g) {
+  if (compute == runtime::ComputeType::kBF16) {
+    std::vector<std::uint16_t> dy16(static_cast<std::size_t>(rows * out));
+    std::vector<std::uint16_t> x16(static_cast<std::size_t>(rows * in));
+    runtime::convert_f32_to_bf16({dy, dy16.size()}, dy16);
+    runtime::convert_f32_to_bf16({x, x16.size()}, x16);
+    runtime::gemm_bf16(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows, 1.0f,
+                       dy16.data(), out, x16.data(), in, 0.0f, g, in);
+    return;
+  }
+  runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows, 1.0f, dy, out,
+                    x, in, 0.0f, g, in);
+}
+
+// sum_i g_i (a_i + b_i), b optional: the Frobenius products the fold reduces to, memory-bound,
+// so spread over the threads.
+double frobenius(std::span<const float> g, const float* a, const float* b = nullptr) {
+  const auto n = static_cast<std::int64_t>(g.size());
+  double sum = 0.0;
+  if (b == nullptr) {
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) sum += static_cast<double>(g[i]) * a[i];
+  } else {
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      sum += static_cast<double>(g[i]) * (static_cast<double>(a[i]) + b[i]);
+    }
+  }
+  return sum;
+}
+
 // Folds one probe's backward pass against the perturbations of the Linears it covers: per
-// Linear, slot and calibration sequence s, a = sum_{t in s} dy_t . e_t with e_t the output error
-// (dW x_t, or Q(x_t) W_q^T - x_t W^T under an activation quantizer), and sums[slot] += a^2.
+// Linear, slot and calibration sequence s, a = sum_{t in s} dy_t . e_t with e_t the output error,
+// and sums[slot] += a^2. For a weight-only format e_t = dW x_t, so a = <G_s, dW> with
+// G_s = dY_s^T X_s, one GEMM shared by every slot. Under an activation quantizer Q,
+// e_t = W_q Q(x_t) - W x_t = dW x_t + W_q dx_t with dx_t = Q(x_t) - x_t, so
+// a = <G_s, dW> + <dY_s^T dX_s, W_q>: one more GEMM per such slot, on the small dX, with no
+// difference of large products to cancel.
 class PerturbationFold final : public runtime::LinearObserver {
  public:
-  explicit PerturbationFold(
-      const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears)
-      : linears_(linears) {
-    for (const auto& [name, slots] : linears_) sums_[name].assign(slots->size(), 0.0);
+  PerturbationFold(
+      const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears,
+      runtime::ComputeType compute)
+      : linears_(linears), compute_(compute) {
+    for (const auto& [name, slots] : linears_) {
+      sums_[name].assign(slots->size(), 0.0);
+      // A slot that changes nothing (BF16 of a BF16 source) folds to 0 without arithmetic.
+      std::vector<bool>& exact = exact_[name];
+      for (const auto& slot : *slots) {
+        exact.push_back(
+            slot && slot->activations == nullptr &&
+            std::all_of(slot->delta.begin(), slot->delta.end(), [](float d) { return d == 0.0f; }));
+      }
+    }
   }
 
   void on_linear(const runtime::LinearActivity& activity) override {
@@ -85,11 +133,17 @@ class PerturbationFold final : public runtime::LinearObserver {
     if (found == linears_.end() || activity.rows == 0) return;
     PQ_CHECK(activity.output_grad != nullptr, "{}: reported without gradients", activity.name);
     const std::vector<std::optional<Perturbation>>& slots = *found->second;
+    const std::vector<bool>& exact = exact_.at(found->first);
+    bool folds = false;
+    for (std::size_t f = 0; f < slots.size(); ++f) folds = folds || (slots[f] && !exact[f]);
+    if (!folds) return;
     std::vector<double>& sums = sums_.at(found->first);
     const std::int64_t out = activity.out_features;
     const std::int64_t in = activity.in_features;
     const auto ranges = activity.sequences;
     std::vector<bool> done(ranges.size(), false);
+    std::vector<float> gradient(static_cast<std::size_t>(out * in));
+    std::vector<float> input_gradient;  // dY_s^T dX_s
     for (std::size_t r = 0; r < ranges.size(); ++r) {
       if (done[r]) continue;
       // One sequence's rows, gathered: a MoE expert sees them in several ranges.
@@ -105,22 +159,18 @@ class PerturbationFold final : public runtime::LinearObserver {
       }
       const auto rows = static_cast<std::int64_t>(x.size()) / in;
       if (rows == 0) continue;
-      std::vector<float> gradient;  // G_s = dY_s^T X_s, shared by the weight-only slots
+      weight_gradient(compute_, rows, out, in, dy.data(), x.data(), gradient.data());
       for (std::size_t f = 0; f < slots.size(); ++f) {
-        if (!slots[f]) continue;
+        if (!slots[f] || exact[f]) continue;
         const Perturbation& perturbation = *slots[f];
-        double a = 0.0;
-        if (perturbation.activations == nullptr) {
-          if (gradient.empty()) {
-            gradient.resize(static_cast<std::size_t>(out * in));
-            runtime::gemm_f32(runtime::Transpose::kYes, runtime::Transpose::kNo, out, in, rows,
-                              1.0f, dy.data(), out, x.data(), in, 0.0f, gradient.data(), in);
-          }
-          for (std::int64_t i = 0; i < out * in; ++i) {
-            a += static_cast<double>(gradient[i]) * perturbation.delta[i];
-          }
-        } else {
-          a = activation_fold(perturbation, dy, x, rows, out, in);
+        double a = frobenius(gradient, perturbation.delta.data());
+        if (perturbation.activations != nullptr) {
+          std::vector<float> dx(x.size());
+          perturbation.activations->fake_quantize(x, in, dx);
+          for (std::size_t i = 0; i < dx.size(); ++i) dx[i] -= x[i];
+          input_gradient.resize(gradient.size());
+          weight_gradient(compute_, rows, out, in, dy.data(), dx.data(), input_gradient.data());
+          a += frobenius(input_gradient, perturbation.weight.data(), perturbation.delta.data());
         }
         sums[f] += a * a;
       }
@@ -130,28 +180,10 @@ class PerturbationFold final : public runtime::LinearObserver {
   const std::map<std::string, std::vector<double>>& sums() const { return sums_; }
 
  private:
-  // sum over the rows of dy . (Q(x) W_q^T - x W^T), W_q = W + dW.
-  static double activation_fold(const Perturbation& perturbation, const std::vector<float>& dy,
-                                const std::vector<float>& x, std::int64_t rows, std::int64_t out,
-                                std::int64_t in) {
-    std::vector<float> quantized_x(x.size());
-    perturbation.activations->fake_quantize(x, in, quantized_x);
-    std::vector<float> quantized_w(perturbation.weight.size());
-    for (std::size_t i = 0; i < quantized_w.size(); ++i) {
-      quantized_w[i] = perturbation.weight[i] + perturbation.delta[i];
-    }
-    std::vector<float> error(static_cast<std::size_t>(rows * out));
-    runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, 1.0f,
-                      quantized_x.data(), in, quantized_w.data(), in, 0.0f, error.data(), out);
-    runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, -1.0f,
-                      x.data(), in, perturbation.weight.data(), in, 1.0f, error.data(), out);
-    double a = 0.0;
-    for (std::size_t i = 0; i < error.size(); ++i) a += static_cast<double>(dy[i]) * error[i];
-    return a;
-  }
-
   const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears_;
+  runtime::ComputeType compute_;
   std::map<std::string, std::vector<double>> sums_;
+  std::map<std::string, std::vector<bool>> exact_;
 };
 
 }  // namespace
@@ -289,7 +321,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
           }
         }
         for (std::size_t k = 0; k < job.probes; ++k) {
-          PerturbationFold fold(by_name);
+          PerturbationFold fold(by_name, job.compute);
           backward(k, fold);
           for (const auto& [name, sums] : fold.sums()) {
             for (std::size_t f = 0; f < sums.size(); ++f) {

@@ -100,12 +100,17 @@ double measured_kl(const KlFisherJob& job, const PerturbedLinear& p, double scal
   return runtime::evaluate(*models.model, models.windows, models.reference.get()).mean_kl();
 }
 
-// Copies its input: an activation "quantizer" that changes nothing.
-class IdentityActivations final : public formats::ActivationQuantizer {
+// Scales its input by 1 + c: an activation "quantizer" whose output error is linear in x, so a
+// Linear under it with weight error dW acts as one with weight (1 + c)(W + dW) and none.
+class ScaledActivations final : public formats::ActivationQuantizer {
  public:
+  explicit ScaledActivations(float c) : c_(c) {}
   void fake_quantize(std::span<const float> x, std::int64_t, std::span<float> out) const override {
-    std::copy(x.begin(), x.end(), out.begin());
+    for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + c_ * x[i];
   }
+
+ private:
+  float c_;
 };
 
 // The probes' estimate of 1/2 dW^T F dW against the second-order KL change measured by finite
@@ -280,9 +285,11 @@ TEST(KlFisher, MtpHeadLinearsTakeTheFisherOfTheMtpHeadsKl) {
       << "KL(e) " << kl_full << ", KL(e/2) " << kl_half << ", se " << se;
 }
 
-// With an activation quantizer that changes nothing, the activation path (Q(X) W_q^T - X W^T)
-// folds to what the weight-only path (G_s . dW) gives.
-TEST(KlFisher, ActivationPathWithoutQuantizationEqualsTheWeightPath) {
+// The activation path (output error Q(X) W_q^T - X W^T, folded as G_s . dW + dY_s^T dX_s . W_q)
+// gives what the weight-only path (G_s . dW') gives for the weight error it amounts to: with
+// Q(x) = (1 + c) x, dW' = (1 + c)(W + dW) - W; c = 0 is an activation quantizer that changes
+// nothing.
+TEST(KlFisher, ActivationPathEqualsTheWeightPathItAmountsTo) {
   if (!test::have_shared()) GTEST_SKIP() << "../shared is not available";
   const test::TempDir tmp;
   KlFisherJob job = tiny_job(tmp, 2);
@@ -292,20 +299,27 @@ TEST(KlFisher, ActivationPathWithoutQuantizationEqualsTheWeightPath) {
   const model::ModelSpec spec = model::load_model_spec(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const PerturbedLinear p = random_perturbation(spec, checkpoint);
-  const auto identity = std::make_shared<IdentityActivations>();
-  const KlFisherResult result = run_kl_fisher(job, [&](std::span<const std::size_t> linears) {
-    std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
-    for (const std::size_t i : linears) {
-      if (i != p.index) continue;
-      out[i].resize(2);
-      out[i][0] = Perturbation{p.delta, nullptr, {}};
-      out[i][1] = Perturbation{p.delta, identity, p.weight};
+  for (const float c : {0.0f, 0.02f}) {
+    std::vector<float> equivalent(p.delta.size());
+    for (std::size_t i = 0; i < equivalent.size(); ++i) {
+      equivalent[i] = (1.0f + c) * (p.weight[i] + p.delta[i]) - p.weight[i];
     }
-    return out;
-  });
-  const double weight_path = result.estimate(kPerturbed, 0).value();
-  EXPECT_GT(weight_path, 0.0);
-  EXPECT_NEAR(result.estimate(kPerturbed, 1).value(), weight_path, 1e-3 * weight_path);
+    const auto scaled = std::make_shared<ScaledActivations>(c);
+    const KlFisherResult result = run_kl_fisher(job, [&](std::span<const std::size_t> linears) {
+      std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+      for (const std::size_t i : linears) {
+        if (i != p.index) continue;
+        out[i].resize(2);
+        out[i][0] = Perturbation{equivalent, nullptr, {}};
+        out[i][1] = Perturbation{p.delta, scaled, p.weight};
+      }
+      return out;
+    });
+    const double weight_path = result.estimate(kPerturbed, 0).value();
+    EXPECT_GT(weight_path, 0.0);
+    EXPECT_NEAR(result.estimate(kPerturbed, 1).value(), weight_path, 2e-3 * weight_path)
+        << "c = " << c;
+  }
 }
 
 // A pass stopped between steps resumes from its last finished step, and ends with exactly the
