@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "common/error.h"
 #include "common/file_util.h"
@@ -105,17 +106,16 @@ double frobenius(std::span<const float> g, const float* a, const float* b = null
 
 // Folds one probe's backward pass against the perturbations of the Linears it covers: per
 // Linear, slot and calibration sequence s, a = sum_{t in s} dy_t . e_t with e_t the output error,
-// and sums[slot] += a^2. For a weight-only format e_t = dW x_t, so a = <G_s, dW> with
-// G_s = dY_s^T X_s, one GEMM shared by every slot. Under an activation quantizer Q,
-// e_t = W_q Q(x_t) - W x_t = dW x_t + W_q dx_t with dx_t = Q(x_t) - x_t, so
-// a = <G_s, dW> + <dY_s^T dX_s, W_q>: one more GEMM per such slot, on the small dX, with no
-// difference of large products to cancel.
+// and sums[slot] += a^2. For a weight-only format e_t = dW x_t; under an activation quantizer Q,
+// e_t = W_q Q(x_t) - W x_t = dW x_t + W_q dx_t with dx_t = Q(x_t) - x_t, formed from the small dx
+// so that no difference of large products cancels. Each Linear's sums take the cheaper FoldForm
+// for its rows.
 class PerturbationFold final : public runtime::LinearObserver {
  public:
   PerturbationFold(
       const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears,
-      runtime::ComputeType compute)
-      : linears_(linears), compute_(compute) {
+      runtime::ComputeType compute, FoldForm form)
+      : linears_(linears), compute_(compute), form_(form) {
     for (const auto& [name, slots] : linears_) {
       sums_[name].assign(slots->size(), 0.0);
       // A slot that changes nothing (BF16 of a BF16 source) folds to 0 without arithmetic.
@@ -134,10 +134,36 @@ class PerturbationFold final : public runtime::LinearObserver {
     PQ_CHECK(activity.output_grad != nullptr, "{}: reported without gradients", activity.name);
     const std::vector<std::optional<Perturbation>>& slots = *found->second;
     const std::vector<bool>& exact = exact_.at(found->first);
-    bool folds = false;
-    for (std::size_t f = 0; f < slots.size(); ++f) folds = folds || (slots[f] && !exact[f]);
-    if (!folds) return;
+    std::size_t weight_slots = 0;
+    std::size_t activation_slots = 0;
+    for (std::size_t f = 0; f < slots.size(); ++f) {
+      if (!slots[f] || exact[f]) continue;
+      ++(slots[f]->activations != nullptr ? activation_slots : weight_slots);
+    }
+    if (weight_slots + activation_slots == 0) return;
+    std::set<std::int64_t> sequences;
+    for (const runtime::RowRange& range : activity.sequences) sequences.insert(range.sequence);
+    const double rows_per_sequence =
+        static_cast<double>(activity.rows) / static_cast<double>(sequences.size());
+    const bool by_gradient =
+        form_ == FoldForm::kWeightGradient ||
+        (form_ == FoldForm::kAuto &&
+         fold_by_weight_gradient(rows_per_sequence, weight_slots, activation_slots));
     std::vector<double>& sums = sums_.at(found->first);
+    if (by_gradient) {
+      fold_weight_gradients(activity, slots, exact, sums);
+    } else {
+      fold_output_errors(activity, slots, exact, sums);
+    }
+  }
+
+  const std::map<std::string, std::vector<double>>& sums() const { return sums_; }
+
+ private:
+  // FoldForm::kWeightGradient: a = <G_s, dW> + <dY_s^T dX_s, W_q>, G_s = dY_s^T X_s.
+  void fold_weight_gradients(const runtime::LinearActivity& activity,
+                             const std::vector<std::optional<Perturbation>>& slots,
+                             const std::vector<bool>& exact, std::vector<double>& sums) const {
     const std::int64_t out = activity.out_features;
     const std::int64_t in = activity.in_features;
     const auto ranges = activity.sequences;
@@ -177,16 +203,64 @@ class PerturbationFold final : public runtime::LinearObserver {
     }
   }
 
-  const std::map<std::string, std::vector<double>>& sums() const { return sums_; }
+  // FoldForm::kOutputError: E = X dW^T + dX W_q^T over every row, then a_s = sum_{t in s}
+  // dy_t . e_t. The activation quantizers are row-wise (one row per token), so quantizing all
+  // rows at once is quantizing each sequence's.
+  static void fold_output_errors(const runtime::LinearActivity& activity,
+                                 const std::vector<std::optional<Perturbation>>& slots,
+                                 const std::vector<bool>& exact, std::vector<double>& sums) {
+    const std::int64_t rows = activity.rows;
+    const std::int64_t out = activity.out_features;
+    const std::int64_t in = activity.in_features;
+    const std::span<const float> x(activity.input, static_cast<std::size_t>(rows * in));
+    std::vector<float> error(static_cast<std::size_t>(rows * out));
+    for (std::size_t f = 0; f < slots.size(); ++f) {
+      if (!slots[f] || exact[f]) continue;
+      const Perturbation& perturbation = *slots[f];
+      runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, 1.0f,
+                        x.data(), in, perturbation.delta.data(), in, 0.0f, error.data(), out);
+      if (perturbation.activations != nullptr) {
+        std::vector<float> dx(x.size());
+        perturbation.activations->fake_quantize(x, in, dx);
+        for (std::size_t i = 0; i < dx.size(); ++i) dx[i] -= x[i];
+        std::vector<float> quantized(perturbation.weight.size());
+        for (std::size_t i = 0; i < quantized.size(); ++i) {
+          quantized[i] = perturbation.weight[i] + perturbation.delta[i];
+        }
+        runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kYes, rows, out, in, 1.0f,
+                          dx.data(), in, quantized.data(), in, 1.0f, error.data(), out);
+      }
+      std::map<std::int64_t, double> per_sequence;
+      for (const runtime::RowRange& range : activity.sequences) {
+        const std::size_t begin = static_cast<std::size_t>(range.begin * out);
+        const std::size_t count = static_cast<std::size_t>((range.end - range.begin) * out);
+        per_sequence[range.sequence] +=
+            frobenius({activity.output_grad + begin, count}, error.data() + begin);
+      }
+      for (const auto& [sequence, a] : per_sequence) sums[f] += a * a;
+    }
+  }
 
- private:
   const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears_;
   runtime::ComputeType compute_;
+  FoldForm form_;
   std::map<std::string, std::vector<double>> sums_;
   std::map<std::string, std::vector<bool>> exact_;
 };
 
 }  // namespace
+
+bool fold_by_weight_gradient(double rows_per_sequence, std::size_t weight_slots,
+                             std::size_t activation_slots) {
+  // FLOP-equivalents per sequence and [out, in]: a GEMM 2 r, a product written and read back
+  // 8 bytes, about 17 FLOPs each.
+  constexpr double kProductCost = 8.0 * 17.0;
+  const auto weight = static_cast<double>(weight_slots);
+  const auto activation = static_cast<double>(activation_slots);
+  const double by_gradient = (1.0 + activation) * (2.0 * rows_per_sequence + kProductCost);
+  const double by_output = (weight + 2.0 * activation) * 2.0 * rows_per_sequence;
+  return by_gradient < by_output;
+}
 
 std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   probe::Fingerprint f;
@@ -321,7 +395,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
           }
         }
         for (std::size_t k = 0; k < job.probes; ++k) {
-          PerturbationFold fold(by_name, job.compute);
+          PerturbationFold fold(by_name, job.compute, job.fold);
           backward(k, fold);
           for (const auto& [name, sums] : fold.sums()) {
             for (std::size_t f = 0; f < sums.size(); ++f) {

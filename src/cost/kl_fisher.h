@@ -33,6 +33,30 @@ using PerturbationsOf =
     std::function<std::map<std::size_t, std::vector<std::optional<Perturbation>>>(
         std::span<const std::size_t> linears)>;
 
+// Two ways to form one probe's a_s = sum_{t in s} dy_t . e_t for every sequence s of a Linear
+// (e_t its output error under a format): the same sums, by different arithmetic.
+enum class FoldForm {
+  // Per call, the cheaper for its shape (fold_by_weight_gradient).
+  kAuto,
+  // a_s = <G_s, dW> (+ <dY_s^T dX_s, W_q>) with G_s = dY_s^T X_s: one GEMM per sequence shared by
+  // every format, but an [out, in] product per sequence; for long runs of rows per sequence.
+  kWeightGradient,
+  // E = X dW^T (+ dX W_q^T) over all rows at once per format, then a_s = sum of dy_t . e_t over
+  // s's rows: no [out, in] product per sequence; for few rows per sequence (a MoE expert sees
+  // about seqlen x top_k / experts of them).
+  kOutputError,
+};
+
+// Whether the weight-gradient form is the cheaper for a Linear that sees `rows_per_sequence`
+// rows of each sequence, with `weight_slots` weight-only and `activation_slots`
+// activation-quantized formats to fold: per sequence it makes 1 + activation_slots GEMMs of
+// 2 rows out in FLOPs and writes and reads as many [out, in] products (a byte of memory traffic
+// costs about as much as 17 FLOPs here: 30 GB/s against about 500 GFLOP/s), where the
+// output-error form makes weight_slots + 2 activation_slots GEMMs of the same size and no
+// product.
+bool fold_by_weight_gradient(double rows_per_sequence, std::size_t weight_slots,
+                             std::size_t activation_slots);
+
 // What the KL-Fisher pass runs over.
 struct KlFisherJob {
   std::filesystem::path model;
@@ -58,6 +82,9 @@ struct KlFisherJob {
   std::size_t slots = 0;  // formats in the menu
   // Run at most this many steps and keep the pass for a later run; unset: run to completion.
   std::optional<std::size_t> stop_after_steps;
+  // How each Linear's sums are formed; not in the fingerprint: every form gives the same sums,
+  // to rounding (tests pin a form to compare them).
+  FoldForm fold = FoldForm::kAuto;
 };
 
 // Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,

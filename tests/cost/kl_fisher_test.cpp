@@ -322,6 +322,72 @@ TEST(KlFisher, ActivationPathEqualsTheWeightPathItAmountsTo) {
   }
 }
 
+// Both forms of the fold (per-sequence weight gradients, or output errors over all rows) give
+// the same sums for every Linear, a weight-only and an activation-quantized slot, on a dense and
+// a MoE model (whose experts see a few rows of each sequence), in fp32 to float rounding; in
+// bf16 (where only the weight-gradient form rounds its GEMM inputs) to 10% for a Linear (an
+// expert's sum over a few rows rounded to bf16 cancels) and 1% over all; kAuto takes the output
+// errors for these 64-token sequences and the weight gradients for long ones.
+TEST(KlFisher, FoldFormsGiveTheSameSums) {
+  if (!test::have_shared()) GTEST_SKIP() << "../shared is not available";
+  EXPECT_FALSE(fold_by_weight_gradient(64, 0, 2));
+  EXPECT_TRUE(fold_by_weight_gradient(1024, 0, 2));
+  EXPECT_TRUE(fold_by_weight_gradient(1024, 3, 0));
+  // One weight-only format: both forms make one GEMM, and the output errors no [out, in] product.
+  EXPECT_FALSE(fold_by_weight_gradient(1024, 1, 0));
+  EXPECT_FALSE(fold_by_weight_gradient(8, 1, 0));
+  const test::TempDir tmp;
+  const auto scaled = std::make_shared<ScaledActivations>(0.02f);
+  for (const std::string model : {"qwen3-dense-tiny", "qwen3-moe-tiny"}) {
+    for (const runtime::ComputeType compute :
+         {runtime::ComputeType::kF32, runtime::ComputeType::kBF16}) {
+      KlFisherJob job = tiny_job(tmp, 1);
+      job.model = test::shared_dir() / "models" / model;
+      job.nsamples = 2;
+      job.compute = compute;
+      job.slots = 2;
+      const model::ModelSpec spec = model::load_model_spec(job.model);
+      const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
+      const PerturbationsOf perturbations = [&](std::span<const std::size_t> linears) {
+        std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+        for (const std::size_t i : linears) {
+          const std::vector<float> weight = model::read_source_weight(checkpoint, spec.linears[i]);
+          std::mt19937 rng(static_cast<std::uint32_t>(i));
+          std::normal_distribution<float> normal(0.0f, 0.01f);
+          std::vector<float> delta(weight.size());
+          for (float& d : delta) d = normal(rng);
+          out[i].resize(2);
+          out[i][0] = Perturbation{delta, nullptr, {}};
+          out[i][1] = Perturbation{delta, scaled, weight};
+        }
+        return out;
+      };
+      job.fold = FoldForm::kWeightGradient;
+      const KlFisherResult by_gradient = run_kl_fisher(job, perturbations);
+      job.fold = FoldForm::kOutputError;
+      const KlFisherResult by_output = run_kl_fisher(job, perturbations);
+      const bool f32 = compute == runtime::ComputeType::kF32;
+      const double tolerance = f32 ? 1e-4 : 1e-1;
+      double total_gradient = 0.0, total_output = 0.0;
+      // Experts that no calibration token reached fold to 0 either way.
+      std::size_t positive = 0;
+      for (const auto& [name, slots] : by_output.per_probe) {
+        for (std::size_t f = 0; f < 2; ++f) {
+          const double expected = by_output.estimate(name, f).value();
+          EXPECT_NEAR(by_gradient.estimate(name, f).value(), expected, tolerance * expected)
+              << model << " " << name << " slot " << f;
+          positive += expected > 0.0 ? 1 : 0;
+          total_gradient += by_gradient.estimate(name, f).value();
+          total_output += expected;
+        }
+      }
+      EXPECT_NEAR(total_gradient, total_output, (f32 ? 1e-5 : 1e-2) * total_output) << model;
+      EXPECT_GE(positive, 2 * 56u) << model;
+      EXPECT_GE(positive, 2 * by_output.per_probe.size() * 9 / 10) << model;
+    }
+  }
+}
+
 // A pass stopped between steps resumes from its last finished step, and ends with exactly the
 // values of an uninterrupted pass (the probes' signs depend only on the seed, probe, sequence and
 // position).
