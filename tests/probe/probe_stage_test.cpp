@@ -30,6 +30,22 @@ ProbeJob small_job(const test::TempDir& dir, const std::string& out) {
   return job;
 }
 
+// A probe of qwen3_5-moe-tiny-random (Gated DeltaNet and full attention, routed experts, an MTP
+// head) into dir/out, on 3 x 32 token ids written to dir/ids.txt.
+ProbeJob hybrid_moe_job(const test::TempDir& dir, const std::string& out) {
+  std::string ids;
+  for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
+  write_text_file_atomic(dir / "ids.txt", ids);
+  ProbeJob job;
+  job.model = test::shared_dir() / "models/qwen3_5-moe-tiny-random";
+  job.data = dir / "ids.txt";
+  job.token_ids = true;
+  job.out = dir / out;
+  job.nsamples = 3;
+  job.seqlen = 32;
+  return job;
+}
+
 std::string file_bytes(const std::filesystem::path& path) {
   return read_text_file(path);
 }
@@ -219,20 +235,7 @@ TEST(ProbeStage, HoldoutHessianRecordedOnRequestAndResumed) {
 TEST(ProbeStage, ResumesAroundTheMtpHead) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  std::string ids;
-  for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
-  write_text_file_atomic(dir / "ids.txt", ids);
-  const auto job = [&](const std::string& out) {
-    ProbeJob job;
-    job.model = test::shared_dir() / "models/qwen3_5-moe-tiny-random";
-    job.data = dir / "ids.txt";
-    job.token_ids = true;
-    job.out = dir / out;
-    job.nsamples = 3;
-    job.seqlen = 32;
-    return job;
-  };
-  const ProbeOutcome whole = run_probe(job("whole"));
+  const ProbeOutcome whole = run_probe(hybrid_moe_job(dir, "whole"));
   ASSERT_TRUE(whole.complete);
   // 4 layers: 4 forward steps, the head (next-token and MTP losses), 4 backward steps.
   EXPECT_EQ(whole.steps_done, 9u);
@@ -240,7 +243,7 @@ TEST(ProbeStage, ResumesAroundTheMtpHead) {
   EXPECT_EQ(expected.count("probe.mtp.safetensors"), 1u);
   for (const std::size_t stop : {4u, 5u, 6u}) {
     const std::string name = fmt::format("resumed-{}", stop);
-    ProbeJob interrupted = job(name);
+    ProbeJob interrupted = hybrid_moe_job(dir, name);
     interrupted.stop_after_steps = stop;
     EXPECT_FALSE(run_probe(interrupted).complete);
     interrupted.stop_after_steps.reset();
@@ -346,16 +349,7 @@ TEST(ProbeStage, WithoutFisherTheForwardPassRecordsTheSameStatistics) {
 TEST(ProbeStage, WithoutFisherRecordsRoutingAndTheMtpHead) {
   PQ_REQUIRE_SHARED();
   test::TempDir dir;
-  std::string ids;
-  for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
-  write_text_file_atomic(dir / "ids.txt", ids);
-  ProbeJob with;
-  with.model = test::shared_dir() / "models/qwen3_5-moe-tiny-random";
-  with.data = dir / "ids.txt";
-  with.token_ids = true;
-  with.out = dir / "with";
-  with.nsamples = 3;
-  with.seqlen = 32;
+  ProbeJob with = hybrid_moe_job(dir, "with");
   with.spec_options.quantize_lm_head = true;
   ProbeJob without = with;
   without.out = dir / "without";
