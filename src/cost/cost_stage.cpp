@@ -287,8 +287,11 @@ CostOutcome run_cost(const CostJob& job) {
         for (std::size_t f = 0; f < menu.size(); ++f) {
           if (!offered(*menu[f], linear, job.serve_on)) continue;
           RenderedLinear rendered = job.renders->render(i, *menu[f]);
-          measured[{i, f}] = measure_errors(weight, rendered.weight,
-                                            {linear.out_features, linear.in_features}, stats);
+          // With several probes each backward asks again; the columns are measured once.
+          if (!measured.contains({i, f})) {
+            measured[{i, f}] = measure_errors(weight, rendered.weight,
+                                              {linear.out_features, linear.in_features}, stats);
+          }
           Perturbation p;
           p.delta = std::move(rendered.weight);
           for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];

@@ -109,31 +109,25 @@ double frobenius(std::span<const float> g, const float* a, const float* b = null
 // and sums[slot] += a^2. For a weight-only format e_t = dW x_t; under an activation quantizer Q,
 // e_t = W_q Q(x_t) - W x_t = dW x_t + W_q dx_t with dx_t = Q(x_t) - x_t, formed from the small dx
 // so that no difference of large products cancels. Each Linear's sums take the cheaper FoldForm
-// for its rows.
+// for its rows. A Linear's perturbations are made when the backward reports it and dropped when
+// the next one is reported, so memory holds one Linear's, not the layer's (a MoE layer's experts
+// are 9.7 GB in fp32 at the Qwen3-30B-A3B shape with three formats).
 class PerturbationFold final : public runtime::LinearObserver {
  public:
-  PerturbationFold(
-      const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears,
-      runtime::ComputeType compute, FoldForm form)
-      : linears_(linears), compute_(compute), form_(form) {
-    for (const auto& [name, slots] : linears_) {
-      sums_[name].assign(slots->size(), 0.0);
-      // A slot that changes nothing (BF16 of a BF16 source) folds to 0 without arithmetic.
-      std::vector<bool>& exact = exact_[name];
-      for (const auto& slot : *slots) {
-        exact.push_back(
-            slot && slot->activations == nullptr &&
-            std::all_of(slot->delta.begin(), slot->delta.end(), [](float d) { return d == 0.0f; }));
-      }
-    }
-  }
+  // `members`: the part's candidate Linears by name, as spec indices for `perturbations`.
+  PerturbationFold(const std::map<std::string, std::size_t, std::less<>>& members,
+                   const PerturbationsOf& perturbations, runtime::ComputeType compute,
+                   FoldForm form)
+      : members_(members), perturbations_(perturbations), compute_(compute), form_(form) {}
 
   void on_linear(const runtime::LinearActivity& activity) override {
-    const auto found = linears_.find(std::string(activity.name));
-    if (found == linears_.end() || activity.rows == 0) return;
+    const auto found = members_.find(activity.name);
+    if (found == members_.end() || activity.rows == 0) return;
     PQ_CHECK(activity.output_grad != nullptr, "{}: reported without gradients", activity.name);
-    const std::vector<std::optional<Perturbation>>& slots = *found->second;
-    const std::vector<bool>& exact = exact_.at(found->first);
+    // A Linear reported in several calls (lm_head, by blocks of sequences) is made once.
+    if (current_ != found->second) load(found->first, found->second);
+    const std::vector<std::optional<Perturbation>>& slots = slots_;
+    const std::vector<bool>& exact = exact_;
     std::size_t weight_slots = 0;
     std::size_t activation_slots = 0;
     for (std::size_t f = 0; f < slots.size(); ++f) {
@@ -149,17 +143,40 @@ class PerturbationFold final : public runtime::LinearObserver {
         form_ == FoldForm::kWeightGradient ||
         (form_ == FoldForm::kAuto &&
          fold_by_weight_gradient(rows_per_sequence, weight_slots, activation_slots));
-    std::vector<double>& sums = sums_.at(found->first);
+    std::vector<double> sums(slots.size(), 0.0);
     if (by_gradient) {
       fold_weight_gradients(activity, slots, exact, sums);
     } else {
       fold_output_errors(activity, slots, exact, sums);
     }
+    std::vector<std::optional<double>>& total = sums_.at(found->first);
+    for (std::size_t f = 0; f < sums.size(); ++f) {
+      if (total[f]) *total[f] += sums[f];
+    }
   }
 
-  const std::map<std::string, std::vector<double>>& sums() const { return sums_; }
+  // Per Linear the backward reported, per slot its sum, or nullopt where the slot does not apply.
+  const std::map<std::string, std::vector<std::optional<double>>>& sums() const { return sums_; }
 
  private:
+  void load(const std::string& name, std::size_t index) {
+    slots_.clear();
+    std::map<std::size_t, std::vector<std::optional<Perturbation>>> made =
+        perturbations_(std::span(&index, 1));
+    slots_ = std::move(made[index]);
+    current_ = index;
+    // A slot that changes nothing (BF16 of a BF16 source) folds to 0 without arithmetic.
+    exact_.clear();
+    std::vector<std::optional<double>> zeros;
+    for (const auto& slot : slots_) {
+      exact_.push_back(
+          slot && slot->activations == nullptr &&
+          std::all_of(slot->delta.begin(), slot->delta.end(), [](float d) { return d == 0.0f; }));
+      zeros.push_back(slot ? std::optional<double>(0.0) : std::nullopt);
+    }
+    sums_.try_emplace(name, std::move(zeros));
+  }
+
   // FoldForm::kWeightGradient: a = <G_s, dW> + <dY_s^T dX_s, W_q>, G_s = dY_s^T X_s.
   void fold_weight_gradients(const runtime::LinearActivity& activity,
                              const std::vector<std::optional<Perturbation>>& slots,
@@ -241,11 +258,14 @@ class PerturbationFold final : public runtime::LinearObserver {
     }
   }
 
-  const std::map<std::string, const std::vector<std::optional<Perturbation>>*>& linears_;
+  const std::map<std::string, std::size_t, std::less<>>& members_;
+  const PerturbationsOf& perturbations_;
   runtime::ComputeType compute_;
   FoldForm form_;
-  std::map<std::string, std::vector<double>> sums_;
-  std::map<std::string, std::vector<bool>> exact_;
+  std::optional<std::size_t> current_;  // the Linear whose perturbations are made
+  std::vector<std::optional<Perturbation>> slots_;
+  std::vector<bool> exact_;
+  std::map<std::string, std::vector<std::optional<double>>> sums_;
 };
 
 }  // namespace
@@ -332,13 +352,13 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   runtime::PassMemory memory = runtime::estimate_pass_memory(
       config, static_cast<std::int64_t>(job.nsamples * job.seqlen), options.micro_batch_rows,
       options.logits_block_rows, /*boundaries=*/2, options.compute);
-  // A layer's perturbations: each candidate's weight error per slot and its source weight.
+  // One Linear's perturbations at a time: its weight error per slot and its source weight, and
+  // the fold's two [out, in] products.
   for (const auto& [layer, members] : layer_linears) {
-    std::int64_t bytes = 0;
     for (const std::size_t i : members) {
-      bytes += spec.linears[i].numel() * 4 * static_cast<std::int64_t>(job.slots + 1);
+      memory.statistics = std::max(memory.statistics, spec.linears[i].numel() * 4 *
+                                                          static_cast<std::int64_t>(job.slots + 3));
     }
-    memory.statistics = std::max(memory.statistics, bytes);
   }
   runtime::require_memory("the KL-Fisher pass", memory, runtime::memory_limit(job.max_memory));
 
@@ -381,25 +401,25 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   const auto fold_part =
       [&](std::int64_t layer,
           const std::function<void(std::size_t k, runtime::LinearObserver&)>& backward) {
-        const auto found = layer_linears.find(layer);
-        const std::vector<std::size_t> members =
-            found == layer_linears.end() ? std::vector<std::size_t>{} : found->second;
-        const auto rendered = perturbations(members);
-        std::map<std::string, const std::vector<std::optional<Perturbation>>*> by_name;
-        for (const auto& [index, slots] : rendered) by_name[spec.linears[index].name] = &slots;
-        nlohmann::json part = nlohmann::json::object();
-        for (const auto& [name, slots] : by_name) {
-          part[name] = nlohmann::json::array();
-          for (const auto& slot : *slots) {
-            part[name].push_back(slot ? nlohmann::json::array() : nlohmann::json(nullptr));
-          }
+        std::map<std::string, std::size_t, std::less<>> members;
+        if (const auto found = layer_linears.find(layer); found != layer_linears.end()) {
+          for (const std::size_t i : found->second) members.emplace(spec.linears[i].name, i);
         }
+        // Per Linear the backward reached, per slot the probes' sums (null: the slot does not
+        // apply); a Linear no calibration row reached (an expert no token chose) has no entry.
+        nlohmann::json part = nlohmann::json::object();
         for (std::size_t k = 0; k < job.probes; ++k) {
-          PerturbationFold fold(by_name, job.compute, job.fold);
+          PerturbationFold fold(members, perturbations, job.compute, job.fold);
           backward(k, fold);
           for (const auto& [name, sums] : fold.sums()) {
+            nlohmann::json& entry = part[name];
+            if (entry.is_null()) {
+              for (const auto& sum : sums) {
+                entry.push_back(sum ? nlohmann::json::array() : nlohmann::json(nullptr));
+              }
+            }
             for (std::size_t f = 0; f < sums.size(); ++f) {
-              if (!part[name][f].is_null()) part[name][f].push_back(sums[f]);
+              if (sums[f]) entry[f].push_back(*sums[f]);
             }
           }
         }

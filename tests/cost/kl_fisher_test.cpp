@@ -349,6 +349,8 @@ TEST(KlFisher, FoldFormsGiveTheSameSums) {
       const model::ModelSpec spec = model::load_model_spec(job.model);
       const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
       const PerturbationsOf perturbations = [&](std::span<const std::size_t> linears) {
+        // The pass asks for one Linear's perturbations at a time, as the backward reaches it.
+        EXPECT_EQ(linears.size(), 1u);
         std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
         for (const std::size_t i : linears) {
           const std::vector<float> weight = model::read_source_weight(checkpoint, spec.linears[i]);
