@@ -94,7 +94,6 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   // Sums only what a forward pass shows (Hessians, amax, routing, KV cache): the Linears may be
   // reported without output gradients, and the Fisher sums stay 0 (ProbeJob::fisher off).
   void skip_fisher() { fisher_ = false; }
-  bool records_fisher() const { return fisher_; }
 
   std::int64_t sequences() const { return sequences_; }
   const std::vector<LinearSums>& linears() const { return linears_; }
@@ -108,6 +107,8 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   void load(const io::SafetensorsFile& file);
 
  private:
+  void accumulate_fisher(const runtime::LinearActivity& activity, LinearSums& linear);
+
   runtime::ComputeType compute_;
   std::vector<LinearSums> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
@@ -123,8 +124,6 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   std::map<std::size_t, std::size_t> input_owner_;
   std::vector<std::int64_t> batch_rows_linear_;
   std::vector<std::int64_t> batch_rows_input_;
-  void accumulate_fisher(const runtime::LinearActivity& activity, LinearSums& linear);
-
   std::vector<float> gradient_;                  // scratch G_s
   std::vector<std::uint16_t> dy_bf16_, x_bf16_;  // scratch: one sequence's rows in bf16
 };
