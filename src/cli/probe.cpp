@@ -17,6 +17,7 @@ void register_probe(CLI::App& app) {
   auto job = std::make_shared<probe::ProbeJob>();
   auto no_weighting = std::make_shared<bool>(false);
   auto no_fisher = std::make_shared<bool>(false);
+  auto no_hessians = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
       "probe",
       "Measure per-Linear sensitivity on calibration data: per-sequence empirical Fisher traces, "
@@ -46,9 +47,14 @@ void register_probe(CLI::App& app) {
                 "Forward pass only: Hessians, activation statistics and routing without the "
                 "Fisher traces (enough for cost --objective kl-fisher and export; about a "
                 "quarter of the arithmetic)");
-  cmd->callback([job, no_weighting, no_fisher] {
+  cmd->add_flag("--no-hessians", *no_hessians,
+                "Store no Hessian X^T X, only each input's second moments: cost --objective "
+                "kl-fisher accumulates a layer's Hessians in its own pass and renders the layer "
+                "before dropping them (a MoE's Hessians can take more disk than the model)");
+  cmd->callback([job, no_weighting, no_fisher, no_hessians] {
     job->importance_weighting = !*no_weighting;
     job->fisher = !*no_fisher;
+    job->hessians = !*no_hessians;
     const probe::ProbeOutcome outcome = probe::run_probe(*job);
     std::fputs(fmt::format("probe {}: {} of {} steps{}{}, fingerprint {}\n",
                            outcome.complete ? "complete" : "stopped", outcome.steps_done,

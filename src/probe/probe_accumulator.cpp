@@ -62,8 +62,18 @@ ProbeAccumulator::ProbeAccumulator(const model::ModelSpec& spec,
   batch_rows_input_.assign(inputs_.size(), 0);
 }
 
+void ProbeAccumulator::skip_hessians() {
+  PQ_CHECK(!records_holdout(), "held-out Hessians need the Hessians");
+  hessians_ = false;
+  for (InputSums& input : inputs_) {
+    input.hessian = {};
+    input.square_sums.assign(static_cast<std::size_t>(input.in_features), 0.0);
+  }
+}
+
 void ProbeAccumulator::record_holdout(std::int64_t first_sequence) {
   PQ_CHECK(first_sequence >= 0, "the first held-out sequence {} is negative", first_sequence);
+  PQ_CHECK(hessians_, "held-out Hessians need the Hessians");
   holdout_from_ = first_sequence;
   for (InputSums& input : inputs_) {
     input.holdout_hessian.assign(input.hessian.size(), 0.0f);
@@ -92,7 +102,9 @@ void ProbeAccumulator::end_batch(std::int64_t sequences) {
              batch_rows_input_[input]);
   }
   for (InputSums& input : inputs_) {
-    runtime::mirror_upper_triangle(input.in_features, input.hessian.data(), input.in_features);
+    if (hessians_) {
+      runtime::mirror_upper_triangle(input.in_features, input.hessian.data(), input.in_features);
+    }
     if (records_holdout()) {
       runtime::mirror_upper_triangle(input.in_features, input.holdout_hessian.data(),
                                      input.in_features);
@@ -174,9 +186,24 @@ void ProbeAccumulator::on_linear(const runtime::LinearActivity& activity) {
   const auto [owner, first] = input_owner_.emplace(input_index, index);
   if (!first && owner->second != index) return;
   InputSums& input = inputs_[input_index];
-  // Upper triangle only (half the arithmetic); end_batch() mirrors it.
-  runtime::gram_upper_f32(in, activity.rows, 1.0f, activity.input, in, 1.0f, input.hessian.data(),
-                          in);
+  if (hessians_) {
+    // Upper triangle only (half the arithmetic); end_batch() mirrors it.
+    runtime::gram_upper_f32(in, activity.rows, 1.0f, activity.input, in, 1.0f, input.hessian.data(),
+                            in);
+  } else {
+    // Blocks of columns, rows in order within each: contiguous reads, the same sums on any
+    // number of threads.
+    constexpr std::int64_t kBlock = 256;
+    double* sums = input.square_sums.data();
+#pragma omp parallel for schedule(static)
+    for (std::int64_t j0 = 0; j0 < in; j0 += kBlock) {
+      const std::int64_t j1 = std::min(in, j0 + kBlock);
+      for (std::int64_t r = 0; r < activity.rows; ++r) {
+        const float* x = activity.input + r * in;
+        for (std::int64_t j = j0; j < j1; ++j) sums[j] += static_cast<double>(x[j]) * x[j];
+      }
+    }
+  }
   input.tokens += activity.rows;
   batch_rows_input_[input_index] += activity.rows;
   if (records_holdout()) {
@@ -245,9 +272,14 @@ void ProbeAccumulator::save(io::SafetensorsWriter& writer) const {
   std::vector<float> input_amax;
   for (const InputSums& input : inputs_) {
     input_amax.push_back(input.amax);
-    writer.add("hessian." + input.key, io::DType::F32,
-               std::vector<std::int64_t>{input.in_features, input.in_features},
-               as_bytes(input.hessian));
+    if (hessians_) {
+      writer.add("hessian." + input.key, io::DType::F32,
+                 std::vector<std::int64_t>{input.in_features, input.in_features},
+                 as_bytes(input.hessian));
+    } else {
+      writer.add("square_sums." + input.key, io::DType::F64,
+                 std::vector<std::int64_t>{input.in_features}, as_bytes(input.square_sums));
+    }
     input_tokens.push_back(input.tokens);
   }
   writer.add("input_tokens", io::DType::I64,
@@ -306,8 +338,13 @@ void ProbeAccumulator::load(const io::SafetensorsFile& file) {
   for (std::size_t i = 0; i < inputs_.size(); ++i) {
     InputSums& input = inputs_[i];
     input.amax = input_amax[i];
-    input.hessian =
-        read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
+    if (hessians_) {
+      input.hessian =
+          read_tensor<float>(file, "hessian." + input.key, io::DType::F32, input.hessian.size());
+    } else {
+      input.square_sums = read_tensor<double>(file, "square_sums." + input.key, io::DType::F64,
+                                              input.square_sums.size());
+    }
     input.tokens = input_tokens[i];
   }
   if (records_holdout()) {

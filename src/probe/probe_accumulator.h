@@ -29,7 +29,9 @@ struct LinearSums {
 struct InputSums {
   std::string key;
   std::int64_t in_features = 0;
-  std::vector<float> hessian;  // X^T X, [in, in]
+  std::vector<float> hessian;  // X^T X, [in, in]; empty with ProbeAccumulator::skip_hessians
+  // sum over the rows of x_j^2, [in]: the Hessian's diagonal alone, with skip_hessians
+  std::vector<double> square_sums{};
   std::int64_t tokens = 0;
   // X^T X over the held-out sequences' rows only (ProbeAccumulator::record_holdout), which
   // `hessian` includes; empty unless recorded.
@@ -95,6 +97,14 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   // reported without output gradients, and the Fisher sums stay 0 (ProbeJob::fisher off).
   void skip_fisher() { fisher_ = false; }
 
+  // Sums each input's x_j^2 (InputSums::square_sums) instead of its Hessian X^T X: in^2 x 4
+  // bytes an input are what the Hessians of a model take on disk (121 GB for the experts of a
+  // Qwen3-30B-A3B, terabytes for a DeepSeek-V3), so a probe whose Hessians the cost's KL-Fisher
+  // pass measures itself, a layer at a time, stores none (ProbeJob::hessians). Before any
+  // accumulation; not with record_holdout.
+  void skip_hessians();
+  bool records_hessians() const { return hessians_; }
+
   std::int64_t sequences() const { return sequences_; }
   const std::vector<LinearSums>& linears() const { return linears_; }
   const std::vector<InputSums>& inputs() const { return inputs_; }
@@ -119,6 +129,7 @@ class ProbeAccumulator final : public runtime::LinearObserver {
   std::map<std::int64_t, KvCacheSums> kv_cache_;
   std::int64_t holdout_from_ = -1;  // the first held-out sequence; -1: none recorded
   bool fisher_ = true;
+  bool hessians_ = true;
   std::int64_t sequences_ = 0;
   // Per batch: which Linear accumulates each input's Hessian (the first to report it).
   std::map<std::size_t, std::size_t> input_owner_;

@@ -83,6 +83,21 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
       PQ_CHECK(calibration["fisher"].is_boolean(), "calibration.fisher is not true or false");
       result.has_fisher_ = calibration["fisher"].get<bool>();
     }
+    if (calibration.contains("hessians")) {
+      PQ_CHECK(calibration["hessians"].is_boolean(), "calibration.hessians is not true or false");
+      result.has_hessians_ = calibration["hessians"].get<bool>();
+    }
+    if (calibration.contains("seqlen")) {
+      result.seqlen_ = integer(calibration["seqlen"], "calibration.seqlen", 0, kMaxCount);
+    }
+    if (calibration.contains("seed")) {
+      PQ_CHECK(calibration["seed"].is_number_unsigned(),
+               "calibration.seed is not an unsigned integer");
+      result.seed_ = calibration["seed"].get<std::uint64_t>();
+    }
+    if (calibration.contains("compute")) {
+      result.compute_ = string_field(calibration, "compute", "calibration");
+    }
     std::set<std::string> listed;
     for (const json& name : array_field(j, "files", "probe.json")) {
       PQ_CHECK(name.is_string(), "files: an entry is a {}, not a file name", name.type_name());
@@ -183,7 +198,7 @@ ProbeResult ProbeResult::read(const std::filesystem::path& probe_dir) {
   // token count and amax.
   for (const ProbedLinear& linear : result.linears_) {
     const auto in = static_cast<std::size_t>(linear.in_features);
-    PQ_CHECK(result.hessian(linear.input_key).size() == in * in &&
+    PQ_CHECK((!result.has_hessians_ || result.hessian(linear.input_key).size() == in * in) &&
                  result.act_second_moment(linear.input_key).size() == in,
              "{}: the statistics of input {} do not match {}'s input width {}", json_path.string(),
              quoted_json_string(linear.input_key), quoted_json_string(linear.name), in);
@@ -223,6 +238,7 @@ std::span<const float> ProbeResult::f32_tensor(const std::string& name) const {
 }
 
 std::span<const float> ProbeResult::hessian(std::string_view input_key) const {
+  if (!has_hessians_) return {};
   return f32_tensor("hessian." + std::string(input_key));
 }
 

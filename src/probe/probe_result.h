@@ -53,8 +53,9 @@ class ProbeResult {
  public:
   // Reads probe_dir/probe.json and maps the files it lists. Its integers must be exact and within
   // bounds, its Linears and inputs listed once, and every Linear's input described in "inputs" with
-  // a Hessian [in, in] and second moments [in] (F32, 4-byte aligned) in the files; anything else
-  // is a pq::Error naming probe.json, so the accessors below never fail for a listed Linear.
+  // a Hessian [in, in] (unless "hessians" is false) and second moments [in] (F32, 4-byte aligned)
+  // in the files; anything else is a pq::Error naming probe.json, so the accessors below never fail
+  // for a listed Linear.
   static ProbeResult read(const std::filesystem::path& probe_dir);
 
   const std::string& model() const { return model_; }
@@ -62,6 +63,14 @@ class ProbeResult {
   std::int64_t sequences() const { return sequences_; }
   // False for a probe run without the Fisher traces (ProbeJob::fisher): every fisher_trace is 0.
   bool has_fisher() const { return has_fisher_; }
+  // False for a probe run without Hessians (ProbeJob::hessians): hessian() is empty for every
+  // input, the second moments are there.
+  bool has_hessians() const { return has_hessians_; }
+  // The calibration sample: sequences() of seqlen() tokens drawn with seed() from the data,
+  // computed in compute() ("f32", "bf16"); absent where probe.json does not say.
+  const std::optional<std::int64_t>& seqlen() const { return seqlen_; }
+  const std::optional<std::uint64_t>& seed() const { return seed_; }
+  const std::optional<std::string>& compute() const { return compute_; }
   const std::vector<ProbedLinear>& linears() const { return linears_; }
   const std::vector<ProbedRouting>& routing() const { return routing_; }
   // Absent unless the probe recorded the KV cache (ProbeJob::kv_cache); then one per attention
@@ -69,7 +78,8 @@ class ProbeResult {
   const std::optional<std::vector<ProbedKvCache>>& kv_cache() const { return kv_cache_; }
   // pq::Error naming the Linear when the probe did not measure it.
   const ProbedLinear& linear(std::string_view name) const;
-  // X^T X summed over the input's tokens, [in, in] row-major; tokens of the input.
+  // X^T X summed over the input's tokens, [in, in] row-major (empty without has_hessians());
+  // tokens of the input.
   std::span<const float> hessian(std::string_view input_key) const;
   std::int64_t input_tokens(std::string_view input_key) const;
   // The Hessian and token count of the input's held-out rows alone (a probe with
@@ -89,6 +99,10 @@ class ProbeResult {
   std::string fingerprint_;
   std::int64_t sequences_ = 0;
   bool has_fisher_ = true;
+  bool has_hessians_ = true;
+  std::optional<std::int64_t> seqlen_;
+  std::optional<std::uint64_t> seed_;
+  std::optional<std::string> compute_;
   std::vector<ProbedLinear> linears_;
   std::map<std::string, std::size_t, std::less<>> linear_index_;
   std::map<std::string, std::int64_t, std::less<>> input_tokens_;

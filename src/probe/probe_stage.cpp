@@ -89,7 +89,9 @@ std::vector<float> second_moment(const InputSums& input) {
   std::vector<float> moment(static_cast<std::size_t>(input.in_features), 0.0f);
   if (input.tokens == 0) return moment;
   for (std::int64_t j = 0; j < input.in_features; ++j) {
-    moment[j] = input.hessian[j * input.in_features + j] / static_cast<float>(input.tokens);
+    moment[j] = input.hessian.empty()
+                    ? static_cast<float>(input.square_sums[j] / static_cast<double>(input.tokens))
+                    : input.hessian[j * input.in_features + j] / static_cast<float>(input.tokens);
   }
   return moment;
 }
@@ -151,6 +153,7 @@ ProbeAccumulator part_accumulator(const model::ModelSpec& spec, const Part& part
       spec, [&](const model::Linear& linear) { return part.holds(linear); }, job.compute);
   if (job.kv_cache) sums.record_kv_cache();
   if (!job.fisher) sums.skip_fisher();
+  if (!job.hessians) sums.skip_hessians();
   if (job.holdout_hessian) {
     sums.record_holdout(static_cast<std::int64_t>(job.nsamples) - holdout_sequences(job.nsamples));
   }
@@ -171,10 +174,16 @@ void write_part(const std::filesystem::path& path, const ProbeAccumulator& sums)
   tensors.commit();
 }
 
-// What the probe's observer holds at once: the largest layer's Hessians (one per distinct input)
-// and the per-sequence gradient scratch of its largest Linear.
-// The held-out Hessians (ProbeJob::holdout_hessian) double the Hessians' share.
-std::int64_t layer_statistics_bytes(const model::ModelSpec& spec, bool holdout) {
+// What one distinct input's statistics take: its Hessian (twice with the held-out one,
+// ProbeJob::holdout_hessian), or its square sums without Hessians.
+std::int64_t input_statistics_bytes(const model::Linear& linear, const ProbeJob& job) {
+  if (!job.hessians) return linear.in_features * 8;
+  return linear.in_features * linear.in_features * (job.holdout_hessian ? 8 : 4);
+}
+
+// What the probe's observer holds at once: the largest layer's input statistics (one per
+// distinct input) and the per-sequence gradient scratch of its largest Linear.
+std::int64_t layer_statistics_bytes(const model::ModelSpec& spec, const ProbeJob& job) {
   std::map<std::pair<model::Component, std::optional<std::int64_t>>,
            std::map<std::string, std::int64_t>>
       inputs;
@@ -182,7 +191,7 @@ std::int64_t layer_statistics_bytes(const model::ModelSpec& spec, bool holdout) 
   for (const model::Linear& linear : spec.linears) {
     if (!linear.is_candidate) continue;
     inputs[{linear.component, linear.layer}][input_key(linear)] =
-        linear.in_features * linear.in_features * (holdout ? 8 : 4);
+        input_statistics_bytes(linear, job);
     largest = std::max(largest, linear.numel() * 4);
   }
   std::int64_t peak = 0;
@@ -194,12 +203,11 @@ std::int64_t layer_statistics_bytes(const model::ModelSpec& spec, bool holdout) 
   return peak + largest;
 }
 
-// The part files of the whole model: every distinct input's Hessian.
-std::int64_t all_statistics_bytes(const model::ModelSpec& spec, bool holdout) {
+// The part files of the whole model: every distinct input's statistics.
+std::int64_t all_statistics_bytes(const model::ModelSpec& spec, const ProbeJob& job) {
   std::map<std::string, std::int64_t> inputs;
   for (const model::Linear& linear : spec.linears) {
-    if (linear.is_candidate)
-      inputs[input_key(linear)] = linear.in_features * linear.in_features * (holdout ? 8 : 4);
+    if (linear.is_candidate) inputs[input_key(linear)] = input_statistics_bytes(linear, job);
   }
   std::int64_t bytes = 0;
   for (const auto& [key, size] : inputs) bytes += size;
@@ -307,8 +315,10 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
   if (job.holdout_hessian) {
     doc["calibration"]["holdout_sequences"] = holdout_sequences(job.nsamples);
   }
-  // A probe without Fisher traces says so; the others' probe.json is as it was before the key.
+  // A probe without Fisher traces or Hessians says so; the others' probe.json is as it was
+  // before the keys.
   if (!job.fisher) doc["calibration"]["fisher"] = false;
+  if (!job.hessians) doc["calibration"]["hessians"] = false;
   // probe.json last: its presence (with this fingerprint) marks the probe as complete.
   write_text_file_atomic(job.out / kProbeJsonFile, doc.dump(1) + "\n");
 }
@@ -381,6 +391,7 @@ std::string probe_fingerprint(const ProbeJob& job) {
   if (job.kv_cache) f.field("kv_cache", "fp8");
   if (job.holdout_hessian) f.field("holdout_hessian", holdout_sequences(job.nsamples));
   if (!job.fisher) f.field("fisher", 0);
+  if (!job.hessians) f.field("hessians", 0);
   return f.hex();
 }
 
@@ -391,6 +402,9 @@ ProbeOutcome run_probe(const ProbeJob& job) {
            "probe: --holdout-hessian holds out calibration sequences and needs at least 2 "
            "(--nsamples {})",
            job.nsamples);
+  PQ_CHECK(!job.holdout_hessian || job.hessians,
+           "probe: --holdout-hessian sums a Hessian of the held-out rows, and --no-hessians "
+           "stores none");
   const model::ModelConfig config = model::ModelConfig::load(job.model);
   runtime::require_runtime_support(config);
   // vLLM caches MLA's compressed latent and shared rope key (deepseek_v3-architecture-facts.md
@@ -438,14 +452,14 @@ ProbeOutcome run_probe(const ProbeJob& job) {
       config, static_cast<std::int64_t>(job.nsamples * job.seqlen),
       runtime_options.micro_batch_rows, runtime_options.logits_block_rows, /*boundaries=*/2,
       runtime_options.compute);
-  memory.statistics = layer_statistics_bytes(spec, job.holdout_hessian);
+  memory.statistics = layer_statistics_bytes(spec, job);
   runtime::require_memory("the probe", memory, runtime::memory_limit(job.max_memory));
-  require_pass_disk(pass_dir,
-                    "the probe's pass (boundary activations of every layer and the Hessians)",
-                    static_cast<std::int64_t>(config.num_hidden_layers * job.nsamples * job.seqlen *
-                                              config.hidden_size) *
-                            4 +
-                        all_statistics_bytes(spec, job.holdout_hessian));
+  // The backward needs every layer's input boundary; the forward alone keeps two at a time.
+  const std::int64_t boundaries = job.fisher ? config.num_hidden_layers : 2;
+  require_pass_disk(
+      pass_dir, "the probe's pass (boundary activations and the statistics)",
+      static_cast<std::int64_t>(boundaries * job.nsamples * job.seqlen * config.hidden_size) * 4 +
+          all_statistics_bytes(spec, job));
 
   const runtime::CheckpointWeightSource weights(checkpoint);
   if (job.quantized) {

@@ -70,6 +70,14 @@ struct ProbeJob {
   // time instead of all of them. On: the artifacts and the fingerprint are those of a probe
   // before the option existed.
   bool fisher = true;
+  // Off: no Hessian X^T X is stored, only each input's second moments (probe.json says
+  // "hessians": false). A model's Hessians take in^2 x 4 bytes per input on disk, which for a
+  // MoE is more than the model (121 GB for Qwen3-30B-A3B's experts); the kl-fisher cost, which
+  // renders every (Linear, format) a layer at a time, accumulates a layer's Hessians in its own
+  // forward over this calibration sample and drops them when the layer is rendered. The fisher
+  // and activation-fisher costs and a GPTQ export without those renders need them. On: the
+  // artifacts and the fingerprint are those of a probe before the option existed.
+  bool hessians = true;
 };
 
 struct ProbeOutcome {

@@ -362,6 +362,69 @@ TEST(ProbeStage, WithoutFisherRecordsRoutingAndTheMtpHead) {
   expect_same_statistics(dir / "with", dir / "without");
 }
 
+// Without Hessians (--no-hessians) the probe stores each input's second moments only: the same
+// as the Hessian probe's diagonal over tokens, in files a fraction of the size, with
+// "hessians": false in probe.json and a fingerprint of its own; a stop resumes to the same files.
+// Held-out Hessians cannot be asked for without Hessians.
+TEST(ProbeStage, WithoutHessiansStoresSecondMomentsOnly) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  for (const bool moe : {false, true}) {
+    const std::string name = moe ? "moe" : "dense";
+    ProbeJob with = moe ? hybrid_moe_job(dir, name + "-with") : small_job(dir, name + "-with");
+    with.fisher = false;
+    ProbeJob without = with;
+    without.out = dir / (name + "-without");
+    without.hessians = false;
+    EXPECT_NE(probe_fingerprint(with), probe_fingerprint(without));
+    ASSERT_TRUE(run_probe(with).complete);
+    ASSERT_TRUE(run_probe(without).complete);
+    const ProbeResult a = ProbeResult::read(with.out);
+    const ProbeResult b = ProbeResult::read(without.out);
+    EXPECT_TRUE(a.has_hessians());
+    EXPECT_FALSE(b.has_hessians());
+    EXPECT_FALSE(nlohmann::json::parse(read_text_file(without.out / "probe.json"))
+                     .at("calibration")
+                     .at("hessians")
+                     .get<bool>());
+    ASSERT_EQ(a.linears().size(), b.linears().size());
+    for (const ProbedLinear& linear : a.linears()) {
+      const std::string& key = linear.input_key;
+      EXPECT_TRUE(b.hessian(key).empty()) << key;
+      EXPECT_EQ(b.input_tokens(key), a.input_tokens(key)) << key;
+      EXPECT_EQ(b.input_amax(key), a.input_amax(key)) << key;
+      const std::span<const float> ma = a.act_second_moment(key);
+      const std::span<const float> mb = b.act_second_moment(key);
+      ASSERT_EQ(ma.size(), mb.size()) << key;
+      for (std::size_t j = 0; j < ma.size(); ++j) {
+        ASSERT_NEAR(mb[j], ma[j], 1e-5f * std::max(ma[j], 1e-30f)) << key << " feature " << j;
+      }
+    }
+    std::uintmax_t bytes_with = 0;
+    std::uintmax_t bytes_without = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(with.out)) {
+      bytes_with += entry.is_regular_file() ? entry.file_size() : 0;
+    }
+    for (const auto& entry : std::filesystem::directory_iterator(without.out)) {
+      bytes_without += entry.is_regular_file() ? entry.file_size() : 0;
+    }
+    EXPECT_LT(bytes_without * 10, bytes_with) << name;
+
+    ProbeJob interrupted = without;
+    interrupted.out = dir / (name + "-resumed");
+    interrupted.stop_after_steps = 2;
+    EXPECT_FALSE(run_probe(interrupted).complete);
+    interrupted.stop_after_steps.reset();
+    EXPECT_EQ(run_probe(interrupted).resumed_from, 2u);
+    EXPECT_EQ(directory_bytes(interrupted.out), directory_bytes(without.out)) << name;
+  }
+  ProbeJob holdout = small_job(dir, "holdout");
+  holdout.hessians = false;
+  holdout.holdout_hessian = true;
+  EXPECT_THAT([&] { run_probe(holdout); },
+              testing::ThrowsMessage<Error>(testing::HasSubstr("--no-hessians stores none")));
+}
+
 // A damaged pass state is ignored. probe.json reads back: every candidate Linear with a positive
 // Fisher trace, its input's Hessian and second moments of the right width, second moments equal to
 // diag(H) / tokens.
