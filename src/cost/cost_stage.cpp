@@ -100,9 +100,10 @@ void fake_quantize_nearest(const formats::WeightFormat& format, const model::Lin
 }
 
 // The KL-Fisher pass of a cost job: its calibration and probes, with the job's model, spec
-// options, format slots and renders.
-KlFisherJob kl_fisher_job(const CostJob& job) {
+// options, format slots and renders, accumulating the Hessians where the probe stored none.
+KlFisherJob kl_fisher_job(const CostJob& job, bool hessians) {
   KlFisherJob pass = *job.kl_fisher;
+  pass.hessians = hessians;
   pass.model = job.model;
   pass.spec_options = job.spec_options;
   pass.slots = job.formats.size();
@@ -111,6 +112,24 @@ KlFisherJob kl_fisher_job(const CostJob& job) {
   for (const std::string& format : job.formats) pass.perturbations_tag += "," + format;
   pass.perturbations_tag += fmt::format(",{}", formats::serving_target_name(job.serve_on));
   return pass;
+}
+
+nlohmann::json errors_to_json(const QuantizationErrors& e) {
+  return {{"weight_mse", e.weight_mse},
+          {"act_weighted_mse", e.act_weighted_mse},
+          {"output_mse", e.output_mse},
+          {"dloss_fisher", e.dloss_fisher},
+          {"dloss_activation", e.dloss_activation}};
+}
+
+QuantizationErrors errors_from_json(const nlohmann::json& j) {
+  const auto number = [&](const char* key) {
+    PQ_CHECK(j.is_object() && j.contains(key) && j[key].is_number(),
+             "the KL-Fisher pass's error columns lack {}", key);
+    return j[key].get<double>();
+  };
+  return {number("weight_mse"), number("act_weighted_mse"), number("output_mse"),
+          number("dloss_fisher"), number("dloss_activation")};
 }
 
 }  // namespace
@@ -185,8 +204,9 @@ std::string cost_fingerprint(const CostJob& job, const std::string& probe_finger
   f.field("serve_on", formats::serving_target_name(job.serve_on));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   if (job.renders != nullptr) f.field("renders", job.renders->fingerprint());
+  // Whether the pass accumulates Hessians follows from the probe, whose fingerprint is above.
   if (job.objective == Objective::kKlFisher && job.kl_fisher) {
-    f.field("kl_fisher", kl_fisher_fingerprint(kl_fisher_job(job)));
+    f.field("kl_fisher", kl_fisher_fingerprint(kl_fisher_job(job, false)));
   }
   return f.hex();
 }
@@ -206,6 +226,26 @@ CostOutcome run_cost(const CostJob& job) {
            "record (it ran with --no-fisher); rerun the probe without it, or use --objective "
            "kl-fisher",
            objective_name(job.objective), job.probe.string());
+  PQ_CHECK(probed.has_hessians() || job.objective == Objective::kKlFisher,
+           "cost: --objective {} measures output errors with the Hessians, which the probe in {} "
+           "did not store (it ran with --no-hessians); rerun the probe without it, or use "
+           "--objective kl-fisher",
+           objective_name(job.objective), job.probe.string());
+  // Without the probe's Hessians the KL-Fisher pass accumulates its own, which stand for the
+  // probe's in the renders' fingerprint: they must be over the probe's calibration sample.
+  if (!probed.has_hessians() && job.kl_fisher) {
+    const KlFisherJob& kl = *job.kl_fisher;
+    PQ_CHECK(
+        probed.sequences() == static_cast<std::int64_t>(kl.nsamples) &&
+            probed.seqlen() == static_cast<std::int64_t>(kl.seqlen) && probed.seed() == kl.seed &&
+            probed.compute() == std::string(runtime::compute_type_name(kl.compute)),
+        "cost: the probe in {} stored no Hessians, so the KL-Fisher pass measures them on "
+        "the probe's calibration sample, but it was asked for {} x {} tokens (seed {}, {}) "
+        "where the probe took {} x {} (seed {}, {})",
+        job.probe.string(), kl.nsamples, kl.seqlen, kl.seed, runtime::compute_type_name(kl.compute),
+        probed.sequences(), probed.seqlen().value_or(0), probed.seed().value_or(0),
+        probed.compute().value_or("?"));
+  }
   CostOutcome outcome;
   outcome.fingerprint = cost_fingerprint(job, probed.fingerprint());
   const std::filesystem::path cost_path = job.out / "cost.json";
@@ -262,49 +302,93 @@ CostOutcome run_cost(const CostJob& job) {
     // A probe of another checkpoint can name the same Linears with other widths; its statistics
     // would be read past their end.
     const auto in = static_cast<std::size_t>(linear.in_features);
-    PQ_CHECK(stats.act_second_moment.size() == in && stats.hessian.size() == in * in,
+    PQ_CHECK(stats.act_second_moment.size() == in &&
+                 (stats.hessian.size() == in * in || !probed.has_hessians()),
              "{}: the probe measured input {} with {} features, but {} takes {} (a probe of "
              "another model?)",
              job.probe.string(), key, stats.act_second_moment.size(), job.model.string(), in);
     return stats;
   };
-  // The error columns of the renders the KL-Fisher pass decoded, by (candidate, format slot), so
-  // the table below does not decode them again (a resumed pass did not decode those of its
-  // finished steps, which the table then renders itself).
+  // The error columns of the renders the KL-Fisher pass made, by (candidate, format slot), so the
+  // table below does not decode them again.
   std::map<std::pair<std::size_t, std::size_t>, QuantizationErrors> measured;
   if (job.objective == Objective::kKlFisher) {
     PQ_CHECK(job.kl_fisher && job.renders != nullptr,
              "cost: --objective kl-fisher needs calibration data (--data) and the exporter's "
              "renders");
-    kl = run_kl_fisher(kl_fisher_job(job), [&](std::span<const std::size_t> linears) {
-      std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
+    // Each part's Linears are rendered in every offered format after its forward, fitted to the
+    // Hessians the pass accumulated there when the probe stored none, and measured with them;
+    // the backward's perturbations then read those renders back.
+    const auto prepare = [&](std::int64_t, std::span<const std::size_t> linears,
+                             const probe::ProbeAccumulator* sums) {
+      nlohmann::json columns = nlohmann::json::object();
       for (const std::size_t i : linears) {
         const model::Linear& linear = spec.linears[i];
         const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
-        const LinearStatistics stats = statistics_of(i);
-        std::vector<std::optional<Perturbation>>& slots = perturbations[i];
-        slots.resize(menu.size());
+        LinearStatistics stats = statistics_of(i);
+        std::vector<float> moment;
+        if (sums != nullptr) {
+          const probe::InputSums& input = sums->input(probe::input_key(linear));
+          stats.hessian = input.hessian;
+          stats.tokens = input.tokens;
+          moment.assign(static_cast<std::size_t>(input.in_features), 0.0f);
+          for (std::int64_t j = 0; j < input.in_features && input.tokens > 0; ++j) {
+            moment[j] = input.hessian[j * input.in_features + j] / static_cast<float>(input.tokens);
+          }
+          stats.act_second_moment = moment;
+        }
+        nlohmann::json& slots = columns[linear.name];
         for (std::size_t f = 0; f < menu.size(); ++f) {
-          if (!offered(*menu[f], linear, job.serve_on)) continue;
-          RenderedLinear rendered = job.renders->render(i, *menu[f]);
-          // With several probes each backward asks again; the columns are measured once.
-          if (!measured.contains({i, f})) {
-            measured[{i, f}] = measure_errors(weight, rendered.weight,
-                                              {linear.out_features, linear.in_features}, stats);
+          if (!offered(*menu[f], linear, job.serve_on)) {
+            slots.push_back(nullptr);
+            continue;
           }
-          Perturbation p;
-          p.delta = std::move(rendered.weight);
-          for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
-          if (rendered.activations != nullptr) {
-            p.activations = std::move(rendered.activations);
-            p.weight = weight;
-          }
-          slots[f] = std::move(p);
+          const RenderedLinear rendered =
+              job.renders->render(i, *menu[f], sums != nullptr ? &stats : nullptr);
+          slots.push_back(errors_to_json(measure_errors(
+              weight, rendered.weight, {linear.out_features, linear.in_features}, stats)));
         }
       }
-      return perturbations;
-    });
+      return columns;
+    };
+    kl = run_kl_fisher(
+        kl_fisher_job(job, !probed.has_hessians()), prepare,
+        [&](std::span<const std::size_t> linears) {
+          std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
+          for (const std::size_t i : linears) {
+            const model::Linear& linear = spec.linears[i];
+            const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
+            std::vector<std::optional<Perturbation>>& slots = perturbations[i];
+            slots.resize(menu.size());
+            for (std::size_t f = 0; f < menu.size(); ++f) {
+              if (!offered(*menu[f], linear, job.serve_on)) continue;
+              RenderedLinear rendered = job.renders->render(i, *menu[f], nullptr);
+              Perturbation p;
+              p.delta = std::move(rendered.weight);
+              for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
+              if (rendered.activations != nullptr) {
+                p.activations = std::move(rendered.activations);
+                p.weight = weight;
+              }
+              slots[f] = std::move(p);
+            }
+          }
+          return perturbations;
+        });
     PQ_CHECK(kl->complete, "cost: the KL-Fisher pass stopped before its end");
+    std::map<std::string, std::size_t, std::less<>> index_of;
+    for (const std::size_t i : candidates) index_of.emplace(spec.linears[i].name, i);
+    for (const auto& [part, columns] : kl->prepared) {
+      for (const auto& [name, slots] : columns.items()) {
+        const auto found = index_of.find(name);
+        PQ_CHECK(found != index_of.end() && slots.is_array() && slots.size() == menu.size(),
+                 "cost: the KL-Fisher pass measured {}, which is not a candidate of {} formats",
+                 name, menu.size());
+        for (std::size_t f = 0; f < menu.size(); ++f) {
+          if (!slots[f].is_null()) measured[{found->second, f}] = errors_from_json(slots[f]);
+        }
+      }
+    }
   }
 
   ProgressBar progress("cost", input_order.size());
@@ -345,7 +429,7 @@ CostOutcome run_cost(const CostJob& job) {
             e = found->second;
           } else {
             if (job.renders != nullptr) {
-              quantized = job.renders->render(members[m], format).weight;
+              quantized = job.renders->render(members[m], format, nullptr).weight;
             } else {
               quantized.resize(weight_of(m).size());
               fake_quantize_nearest(format, linear, checkpoint, weight_of(m), group_amax,

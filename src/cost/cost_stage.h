@@ -68,8 +68,10 @@ class RenderSource {
   // Identifies the renders (rounding, its statistics, the serving target): part of cost.json's
   // fingerprint.
   virtual std::string fingerprint() const = 0;
-  // spec.linears[index] stored in `format`. Not called concurrently.
-  virtual RenderedLinear render(std::size_t index, const formats::WeightFormat& format) const = 0;
+  // spec.linears[index] stored in `format`, fitted to `statistics` when given (the KL-Fisher
+  // pass's, for a probe that stored no Hessians) instead of the probe's. Not called concurrently.
+  virtual RenderedLinear render(std::size_t index, const formats::WeightFormat& format,
+                                const LinearStatistics* statistics) const = 0;
 };
 
 // What `prismaquant cost` was asked to do.

@@ -16,6 +16,7 @@
 #include "data/token_dataset.h"
 #include "model/config.h"
 #include "probe/fingerprint.h"
+#include "probe/input_key.h"
 #include "probe/probe_stage.h"
 #include "runtime/kernels/gemm.h"
 #include "runtime/memory_estimate.h"
@@ -284,7 +285,8 @@ bool fold_by_weight_gradient(double rows_per_sequence, std::size_t weight_slots,
 
 std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   probe::Fingerprint f;
-  f.field("stage", "kl-fisher/1");
+  // 2: each part's PreparePart result is stored with its step.
+  f.field("stage", "kl-fisher/2");
   f.checkpoint(job.model);
   f.calibration_data(job.model, job.data, job.token_ids);
   f.field("nsamples", job.nsamples).field("seqlen", job.seqlen).field("seed", job.seed);
@@ -293,6 +295,7 @@ std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   f.field("compute", runtime::compute_type_name(job.compute));
   f.field("quantize_lm_head", job.spec_options.quantize_lm_head ? 1 : 0);
   f.field("perturbations", job.perturbations_tag);
+  if (job.hessians) f.field("hessians", 1);
   return f.hex();
 }
 
@@ -318,7 +321,8 @@ double KlFisherResult::standard_error(const std::string& linear, std::size_t slo
   return std::sqrt(squares / (k - 1.0) / k);
 }
 
-KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& perturbations) {
+KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
+                             const PerturbationsOf& perturbations) {
   PQ_CHECK(job.probes > 0 && job.nsamples > 0 && job.seqlen >= 2 && job.batch_size > 0,
            "kl-fisher: --kl-probes, --nsamples and --batch-size must be positive and --seqlen at "
            "least 2");
@@ -360,6 +364,22 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
                                                           static_cast<std::int64_t>(job.slots + 3));
     }
   }
+  // With the Hessians, one part's (one per distinct input), and GPTQ's factor of the largest
+  // in double beside them while the part is rendered.
+  if (job.hessians) {
+    for (const auto& [layer, members] : layer_linears) {
+      std::map<std::string, std::int64_t> inputs;
+      std::int64_t widest = 0;
+      for (const std::size_t i : members) {
+        const std::int64_t in = spec.linears[i].in_features;
+        inputs[probe::input_key(spec.linears[i])] = in * in * 4;
+        widest = std::max(widest, in);
+      }
+      std::int64_t bytes = 2 * widest * widest * 8;
+      for (const auto& [key, size] : inputs) bytes += size;
+      memory.statistics = std::max(memory.statistics, bytes);
+    }
+  }
   runtime::require_memory("the KL-Fisher pass", memory, runtime::memory_limit(job.max_memory));
 
   const std::string fingerprint = kl_fisher_fingerprint(job);
@@ -390,6 +410,35 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
   const auto part_path = [&](std::int64_t layer) {
     return job.pass_dir / fmt::format("kl.{}.json", layer);
   };
+  const auto prepared_path = [&](std::int64_t layer) {
+    return job.pass_dir / fmt::format("prepared.{}.json", layer);
+  };
+  // The part's statistics, when the pass accumulates them, from `observe` (a forward that reports
+  // the part's Linears to the observer it is given), then PreparePart's result, stored.
+  const auto prepare_part = [&](std::int64_t layer,
+                                const std::function<void(runtime::LinearObserver*)>& observe) {
+    const auto found = layer_linears.find(layer);
+    if (found == layer_linears.end()) {
+      observe(nullptr);
+      return;
+    }
+    const std::vector<std::size_t>& members = found->second;
+    std::optional<probe::ProbeAccumulator> sums;
+    if (job.hessians) {
+      std::set<std::string, std::less<>> names;
+      for (const std::size_t i : members) names.insert(spec.linears[i].name);
+      sums.emplace(
+          spec, [&](const model::Linear& linear) { return names.contains(linear.name); },
+          job.compute);
+      sums->skip_fisher();
+      sums->begin_batch();
+    }
+    observe(sums ? &*sums : nullptr);
+    if (sums) sums->end_batch(static_cast<std::int64_t>(sequences.size()));
+    const nlohmann::json done = prepare(layer, members, sums ? &*sums : nullptr);
+    write_text_file_atomic(prepared_path(layer), done.dump() + "\n");
+  };
+  const auto ignore_logits = [](std::int64_t, const float*, std::int64_t) {};
   const auto input_of = [&](std::int64_t b) {
     if (b > 0) return read_f32_file(x_path(b), values);
     std::vector<float> x(values);
@@ -438,10 +487,22 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
     if (s < layers) {
       const std::vector<float> x = input_of(s);
       std::vector<float> out(values);
-      model.forward_layer(s, *pass, x.data(), out.data(), nullptr);
+      prepare_part(s, [&](runtime::LinearObserver* observer) {
+        model.forward_layer(s, *pass, x.data(), out.data(), observer);
+      });
       write_f32_file(x_path(s + 1), out);
     } else if (s == layers) {
       const std::vector<float> x = input_of(layers);
+      // The head's and the MTP head's Linears see their inputs in a forward of their own when
+      // their Hessians are wanted; without candidates there, or without Hessians, no forward.
+      prepare_part(-1, [&](runtime::LinearObserver* observer) {
+        if (observer != nullptr) model.head_forward(*pass, x.data(), ignore_logits, observer);
+      });
+      if (mtp) {
+        prepare_part(layers, [&](runtime::LinearObserver* observer) {
+          if (observer != nullptr) model.mtp_forward(*pass, x.data(), ignore_logits, observer);
+        });
+      }
       fold_part(-1, [&](std::size_t k, runtime::LinearObserver& fold) {
         std::vector<float> dx(values);
         model.head_backward_logits(*pass, x.data(), dx.data(), &fold,
@@ -492,6 +553,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& pert
     const std::int64_t predictions = layer == layers ? result.mtp_predictions : result.predictions;
     PQ_CHECK(predictions > 0, "kl-fisher: no prediction to measure (--seqlen {})", job.seqlen);
     const double scale = 0.5 / static_cast<double>(predictions);
+    result.prepared[layer] = read_json_file(prepared_path(layer));
     const nlohmann::json part = read_json_file(part_path(layer));
     for (const auto& [name, slots] : part.items()) {
       std::vector<std::vector<double>>& out = result.per_probe[name];

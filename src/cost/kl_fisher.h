@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
@@ -13,6 +14,7 @@
 
 #include "formats/weight_format.h"
 #include "model/model_spec.h"
+#include "probe/probe_accumulator.h"
 #include "runtime/model.h"
 
 namespace pq::cost {
@@ -32,6 +34,17 @@ struct Perturbation {
 using PerturbationsOf =
     std::function<std::map<std::size_t, std::vector<std::optional<Perturbation>>>(
         std::span<const std::size_t> linears)>;
+
+// Called once for each part of the pass (a decoder layer, -1 the head, the layer count the MTP
+// head) with its candidate Linears (spec indices), after the part's forward and before any
+// backward asks for their perturbations: where the cost stage renders the part's (Linear, format)
+// pairs and measures their error columns. `statistics` holds the part's input Hessians over the
+// calibration rows when the pass accumulates them (KlFisherJob::hessians), else null. What it
+// returns is stored with the part's step (a resumed pass does not call it again for finished
+// steps) and handed back in KlFisherResult::prepared.
+using PreparePart =
+    std::function<nlohmann::json(std::int64_t part, std::span<const std::size_t> linears,
+                                 const probe::ProbeAccumulator* statistics)>;
 
 // Two ways to form one probe's a_s = sum_{t in s} dy_t . e_t for every sequence s of a Linear
 // (e_t its output error under a format): the same sums, by different arithmetic.
@@ -80,6 +93,9 @@ struct KlFisherJob {
   // Identifies the perturbations (the renders' fingerprint and the format menu).
   std::string perturbations_tag;
   std::size_t slots = 0;  // formats in the menu
+  // Accumulate each part's input Hessians in its forward for PreparePart: the probe stored none
+  // (probe::ProbeJob::hessians), so memory holds one part's instead of the disk all of them.
+  bool hessians = false;
   // Run at most this many steps and keep the pass for a later run; unset: run to completion.
   std::optional<std::size_t> stop_after_steps;
   // How each Linear's sums are formed; not in the fingerprint: every form gives the same sums,
@@ -102,6 +118,7 @@ struct KlFisherResult {
   std::int64_t mtp_predictions = 0;
   std::size_t probes = 0;
   std::map<std::string, std::vector<std::vector<double>>> per_probe;  // name -> slot -> [K]
+  std::map<std::int64_t, nlohmann::json> prepared;  // part -> what PreparePart returned
 
   // The mean over the probes (the estimate); nullopt where the slot did not apply.
   std::optional<double> estimate(const std::string& linear, std::size_t slot) const;
@@ -121,6 +138,7 @@ struct KlFisherResult {
 // distribution (token t + 2), so they take the Fisher of its KL instead, probed the same way at
 // the head step through Model::mtp_backward_logits; its gradient stops at the head's inputs, as
 // the probe's MTP loss does (probe_stage.h), so the body's Linears keep the next-token KL's.
-KlFisherResult run_kl_fisher(const KlFisherJob& job, const PerturbationsOf& perturbations);
+KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
+                             const PerturbationsOf& perturbations);
 
 }  // namespace pq::cost

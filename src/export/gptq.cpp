@@ -676,7 +676,15 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
     options.weight_global_scale = global;
   }
 
-  const std::optional<CalibrationStatistics> stats = statistics_(job.linear);
+  const std::optional<CalibrationStatistics> stats =
+      job.statistics != nullptr ? std::optional(*job.statistics) : statistics_(job.linear);
+  // A probe without Hessians (probe --no-hessians) leaves the renders to the kl-fisher cost,
+  // which makes every one its menu offers; anything else has nothing to fit.
+  PQ_CHECK(!stats || stats->tokens == 0 || !stats->hessian.empty(),
+           "{} in {}: GPTQ needs the Hessian of its input, which the probe did not store "
+           "(probe --no-hessians) and the render cache does not hold this render: run cost "
+           "--objective kl-fisher with {} in its menu first, or probe with Hessians",
+           job.linear.name, job.format.name(), job.format.name());
   if (!stats || stats->tokens == 0) {
     // A MoE expert no calibration token was routed to has statistics over zero tokens.
     report.fallback = "no calibration statistics";

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "common/error.h"
+#include "export/gptq.h"
 #include "io/dtype.h"
 #include "io/fp8_block.h"
 #include "probe/input_key.h"
@@ -158,18 +159,18 @@ formats::QuantizeOptions LinearEncoder::options(std::size_t index,
   return options;
 }
 
-formats::EncodedWeight LinearEncoder::encode(std::size_t index,
-                                             const formats::WeightFormat& format) const {
+formats::EncodedWeight LinearEncoder::encode(std::size_t index, const formats::WeightFormat& format,
+                                             const CalibrationStatistics* statistics) const {
   const model::Linear& linear = spec_.linears.at(index);
   // Formats without a group layout copy or cast the source: nothing to save by caching them.
   const bool cached =
       cache_ != nullptr && format.group_layout({linear.out_features, linear.in_features});
-  if (!cached) return render(index, format);
+  if (!cached) return render(index, format, statistics);
   if (std::optional<RenderCache::Entry> entry = cache_->load(linear.name, format.name())) {
     rounding_.restore_report(entry->report);
     return std::move(entry->encoded);
   }
-  formats::EncodedWeight encoded = render(index, format);
+  formats::EncodedWeight encoded = render(index, format, statistics);
   try {
     cache_->store(linear.name, format.name(), encoded,
                   rounding_.encoding_report(linear.name, format.name()));
@@ -179,13 +180,17 @@ formats::EncodedWeight LinearEncoder::encode(std::size_t index,
   return encoded;
 }
 
-formats::EncodedWeight LinearEncoder::render(std::size_t index,
-                                             const formats::WeightFormat& format) const {
+formats::EncodedWeight LinearEncoder::render(std::size_t index, const formats::WeightFormat& format,
+                                             const CalibrationStatistics* statistics) const {
   const model::Linear& linear = spec_.linears.at(index);
   try {
     const std::vector<float> weight = model::read_source_weight(checkpoint_, linear);
-    const LinearToEncode job{
-        linear, format, {linear.out_features, linear.in_features}, weight, options(index, format)};
+    const LinearToEncode job{linear,
+                             format,
+                             {linear.out_features, linear.in_features},
+                             weight,
+                             options(index, format),
+                             statistics};
     return rounding_.encode(job);
   } catch (const Error& e) {
     fail("{}: {}", linear.name, e.what());
@@ -285,8 +290,9 @@ std::shared_ptr<const formats::ActivationQuantizer> serving_activations(
 }
 
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format) {
-  const formats::EncodedWeight encoded = encoder.encode(index, format);
+                            const formats::WeightFormat& format,
+                            const CalibrationStatistics* statistics) {
+  const formats::EncodedWeight encoded = encoder.encode(index, format, statistics);
   DecodedLinear decoded;
   decoded.weight = format.dequantize(encoded);
   decoded.activations = serving_activations(encoder, index, format);
@@ -309,9 +315,15 @@ QuantizedLinears quantize_linears(const LinearEncoder& encoder,
   return quantized;
 }
 
-cost::RenderedLinear EncoderRenders::render(std::size_t index,
-                                            const formats::WeightFormat& format) const {
-  DecodedLinear decoded = decode_linear(encoder_, index, format);
+cost::RenderedLinear EncoderRenders::render(std::size_t index, const formats::WeightFormat& format,
+                                            const cost::LinearStatistics* statistics) const {
+  std::optional<CalibrationStatistics> given;
+  if (statistics != nullptr) {
+    given = CalibrationStatistics{statistics->hessian, statistics->tokens,
+                                  statistics->act_second_moment,
+                                  probe::input_key(encoder_.spec().linears.at(index))};
+  }
+  DecodedLinear decoded = decode_linear(encoder_, index, format, given ? &*given : nullptr);
   return {std::move(decoded.weight), std::move(decoded.activations)};
 }
 

@@ -66,11 +66,14 @@ class LinearEncoder {
 
   // The stored tensors of spec.linears[index] under `format`. Deterministic: the same call gives
   // the same bytes, whether rendered or read from the render cache. Errors name the Linear.
-  formats::EncodedWeight encode(std::size_t index, const formats::WeightFormat& format) const;
+  // `statistics`, when given, replace the rounding's own for a render (LinearToEncode).
+  formats::EncodedWeight encode(std::size_t index, const formats::WeightFormat& format,
+                                const CalibrationStatistics* statistics = nullptr) const;
 
  private:
   float unit_weight_amax(std::size_t unit) const;
-  formats::EncodedWeight render(std::size_t index, const formats::WeightFormat& format) const;
+  formats::EncodedWeight render(std::size_t index, const formats::WeightFormat& format,
+                                const CalibrationStatistics* statistics) const;
 
   const model::ModelSpec& spec_;
   const io::Checkpoint& checkpoint_;
@@ -121,8 +124,8 @@ class EncoderRenders final : public cost::RenderSource {
  public:
   explicit EncoderRenders(const LinearEncoder& encoder) : encoder_(encoder) {}
   std::string fingerprint() const override { return encoder_.fingerprint(); }
-  cost::RenderedLinear render(std::size_t index,
-                              const formats::WeightFormat& format) const override;
+  cost::RenderedLinear render(std::size_t index, const formats::WeightFormat& format,
+                              const cost::LinearStatistics* statistics) const override;
 
  private:
   const LinearEncoder& encoder_;
@@ -169,7 +172,8 @@ struct DecodedLinear {
   std::shared_ptr<const formats::ActivationQuantizer> activations;
 };
 DecodedLinear decode_linear(const LinearEncoder& encoder, std::size_t index,
-                            const formats::WeightFormat& format);
+                            const formats::WeightFormat& format,
+                            const CalibrationStatistics* statistics = nullptr);
 
 // Every Linear named in `format_of` (Linear name -> format name) replaced by its decoded exporter
 // weights, with the activation quantization the encoder's target runs. Unknown names and formats

@@ -11,6 +11,8 @@
 
 namespace pq::exporter {
 
+struct CalibrationStatistics;
+
 // One Linear ready to be encoded: its source weight decoded to f32 and the options the exporter
 // fixed for it (shared NVFP4 global scale of fused siblings, calibrated input scale).
 struct LinearToEncode {
@@ -19,6 +21,9 @@ struct LinearToEncode {
   formats::Shape2D shape;
   std::span<const float> weight;  // row-major [out, in]
   formats::QuantizeOptions options;
+  // The statistics of the Linear's input when the caller holds them (the KL-Fisher pass, which
+  // accumulates a layer's Hessians the probe did not store); null: the strategy's own.
+  const CalibrationStatistics* statistics = nullptr;
 };
 
 // How a Linear's weight becomes the stored tensors of its format. The exporter asks one strategy

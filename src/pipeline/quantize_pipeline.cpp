@@ -192,6 +192,10 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The KL-Fisher cost takes its sensitivities from its own pass: the probe's Fisher traces would
   // go unread, so its backward pass is skipped.
   probe_job.fisher = objective != cost::Objective::kKlFisher;
+  // It also renders every (Linear, format) a layer at a time from Hessians it accumulates in its
+  // own forward, so the probe stores none (a MoE's take more disk than the model), unless the
+  // rounding needs the held-out rows' Hessians only the probe sums.
+  probe_job.hessians = objective != cost::Objective::kKlFisher || probe_job.holdout_hessian;
   const probe::ProbeOutcome probed = probe::run_probe(probe_job);
   PQ_CHECK(probed.complete, "probe stopped before the end");
   outcome.stages.push_back({"probe", seconds_since(start), probed.reused});

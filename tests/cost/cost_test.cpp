@@ -29,15 +29,17 @@ namespace {
 // Probes model_dir into dir/probe on nsamples x seqlen tokens of the WikiText excerpt, two
 // sequences per micro-batch; without the Fisher traces unless `fisher`.
 probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::path& model_dir,
-                              std::size_t nsamples, std::size_t seqlen, bool fisher = true) {
+                              std::size_t nsamples, std::size_t seqlen, bool fisher = true,
+                              bool hessians = true, const std::string& out = "probe") {
   probe::ProbeJob job;
   job.model = model_dir;
   job.data = test::wikitext_excerpt(dir);
-  job.out = dir / "probe";
+  job.out = dir / out;
   job.nsamples = nsamples;
   job.seqlen = seqlen;
   job.batch_size = 2;
   job.fisher = fisher;
+  job.hessians = hessians;
   EXPECT_TRUE(probe::run_probe(job).complete);
   return job;
 }
@@ -253,7 +255,8 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
                    [](const auto& l) { return l.name == "model.layers.3.mlp.up_proj"; }) -
       spec.linears.begin());
   const std::vector<float> w = model::read_source_weight(checkpoint, spec.linears[index]);
-  const std::vector<float> gptq = renders.render(index, formats::format_by_name("NVFP4")).weight;
+  const std::vector<float> gptq =
+      renders.render(index, formats::format_by_name("NVFP4"), nullptr).weight;
   double squares = 0.0;
   for (std::size_t i = 0; i < w.size(); ++i) {
     const float d = gptq[i] - w[i];  // as measure_errors forms it
@@ -269,6 +272,102 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
     EXPECT_THAT([&] { run_cost(job); },
                 testing::ThrowsMessage<Error>(testing::HasSubstr("ran with --no-fisher")));
   }
+}
+
+// The kl-fisher cost of a probe that stored no Hessians (probe --no-hessians, as quantize runs
+// it) accumulates each layer's Hessians in its own forward over the probe's calibration sample
+// and renders from them: the same renders, byte for byte, and the same cost table as from the
+// probe's Hessians, on a dense model and on a MoE. Without the Hessians and without a render,
+// GPTQ says what to run; the Hessian objectives and another calibration sample are refused.
+TEST(CostStage, KlFisherRendersFromItsOwnHessiansWhereTheProbeStoredNone) {
+  PQ_REQUIRE_SHARED();
+  for (const char* model : {"qwen3-dense-tiny", "qwen3-moe-tiny"}) {
+    test::TempDir dir;
+    const auto model_dir = test::shared_dir() / "models" / model;
+    const model::ModelSpec spec = model::load_model_spec(model_dir);
+    const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+    std::map<bool, alloc::CostTable> tables;
+    for (const bool hessians : {true, false}) {
+      const std::string name = hessians ? "with" : "without";
+      const probe::ProbeJob probe_job =
+          probe_excerpt(dir, model_dir, 2, 64, /*fisher=*/false, hessians, name + "/probe");
+      const probe::ProbeResult probed = probe::ProbeResult::read(probe_job.out);
+      const auto rounding = exporter::make_rounding("gptq", &probed);
+      const exporter::LinearEncoder encoder(
+          spec, checkpoint, *rounding, exporter::input_amax_from_probe(spec, probed),
+          formats::ServingTarget::kBlackwell, dir / name / "render");
+      const exporter::EncoderRenders renders(encoder);
+      if (!hessians) {
+        EXPECT_THAT([&] { encoder.encode(0, formats::format_by_name("NVFP4")); },
+                    testing::ThrowsMessage<Error>(testing::HasSubstr("did not store")));
+      }
+      CostJob job;
+      job.model = model_dir;
+      job.probe = probe_job.out;
+      job.out = dir / name / "cost";
+      job.formats = {"NVFP4", "FP8_E4M3", "BF16"};
+      job.objective = Objective::kKlFisher;
+      job.renders = &renders;
+      KlFisherJob kl;
+      kl.data = probe_job.data;
+      kl.nsamples = 2;
+      kl.seqlen = 64;
+      kl.batch_size = 2;
+      job.kl_fisher = kl;
+      tables[hessians] = run_cost(job).table;
+      if (!hessians) {
+        job.kl_fisher->nsamples = 3;
+        EXPECT_THAT([&] { run_cost(job); },
+                    testing::ThrowsMessage<Error>(
+                        testing::HasSubstr("measures them on the probe's calibration sample")));
+      }
+    }
+    ASSERT_EQ(tables[true].linears.size(), tables[false].linears.size());
+    for (std::size_t r = 0; r < tables[true].linears.size(); ++r) {
+      const alloc::LinearCost& a = tables[true].linears[r];
+      const alloc::LinearCost& b = tables[false].linears[r];
+      ASSERT_EQ(a.name, b.name);
+      for (std::size_t f = 0; f < a.costs.size(); ++f) {
+        ASSERT_EQ(a.costs[f].has_value(), b.costs[f].has_value()) << a.name;
+        if (!a.costs[f]) continue;
+        EXPECT_EQ(a.costs[f]->predicted_dloss, b.costs[f]->predicted_dloss) << a.name << " " << f;
+        EXPECT_EQ(a.costs[f]->weight_mse, b.costs[f]->weight_mse) << a.name << " " << f;
+        EXPECT_EQ(a.costs[f]->act_weighted_mse, b.costs[f]->act_weighted_mse) << a.name;
+        EXPECT_EQ(a.costs[f]->output_mse, b.costs[f]->output_mse) << a.name << " " << f;
+      }
+    }
+    // One fingerprint directory each (the probes' fingerprints differ), the same tensors in it.
+    const auto only_directory = [](const std::filesystem::path& root) {
+      return std::filesystem::directory_iterator(root)->path();
+    };
+    const std::filesystem::path with_renders = only_directory(dir / "with/render");
+    const std::filesystem::path without_renders = only_directory(dir / "without/render");
+    std::size_t renders = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(with_renders)) {
+      if (entry.path().extension() != ".safetensors") continue;
+      ++renders;
+      const io::SafetensorsFile mine(entry.path());
+      const io::SafetensorsFile theirs(without_renders / entry.path().filename());
+      ASSERT_EQ(mine.tensors().size(), theirs.tensors().size()) << entry.path().filename();
+      for (const io::TensorInfo& info : mine.tensors()) {
+        const auto a = mine.view(info.name).bytes;
+        const auto b = theirs.view(info.name).bytes;
+        EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
+            << entry.path().filename() << " " << info.name;
+      }
+    }
+    EXPECT_GT(renders, 0u) << model;
+  }
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-dense-tiny";
+  probe_excerpt(dir, model_dir, 1, 16, /*fisher=*/true, /*hessians=*/false);
+  CostJob job;
+  job.model = model_dir;
+  job.probe = dir / "probe";
+  job.out = dir / "cost";
+  job.formats = {"NVFP4", "BF16"};
+  EXPECT_THAT([&] { run_cost(job); },
+              testing::ThrowsMessage<Error>(testing::HasSubstr("ran with --no-hessians")));
 }
 
 // Without calibration data or renders the objective is refused in one line.

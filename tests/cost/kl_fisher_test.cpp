@@ -21,6 +21,12 @@
 namespace pq::cost {
 namespace {
 
+// The passes below fold perturbations they make themselves: nothing to render first.
+const PreparePart kNothingToPrepare = [](std::int64_t, std::span<const std::size_t>,
+                                         const probe::ProbeAccumulator*) {
+  return nlohmann::json::object();
+};
+
 constexpr const char* kPerturbed = "model.layers.1.mlp.down_proj";
 
 // The calibration sample of a KL-Fisher job on qwen3-dense-tiny, in fp32.
@@ -124,14 +130,15 @@ TEST(KlFisher, EstimatesTheSecondOrderKlChangeWithVarianceShrinkingAsOneOverK) {
   const model::ModelSpec spec = model::load_model_spec(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   const PerturbedLinear p = random_perturbation(spec, checkpoint);
-  const KlFisherResult result = run_kl_fisher(job, [&](std::span<const std::size_t> linears) {
-    std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
-    for (const std::size_t i : linears) {
-      out[i].resize(1);
-      if (i == p.index) out[i][0] = Perturbation{p.delta, nullptr, {}};
-    }
-    return out;
-  });
+  const KlFisherResult result =
+      run_kl_fisher(job, kNothingToPrepare, [&](std::span<const std::size_t> linears) {
+        std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+        for (const std::size_t i : linears) {
+          out[i].resize(1);
+          if (i == p.index) out[i][0] = Perturbation{p.delta, nullptr, {}};
+        }
+        return out;
+      });
   EXPECT_EQ(result.predictions, 4 * 63);
   EXPECT_FALSE(std::filesystem::exists(job.pass_dir));
   const double estimate = result.estimate(kPerturbed, 0).value();
@@ -258,16 +265,17 @@ TEST(KlFisher, MtpHeadLinearsTakeTheFisherOfTheMtpHeadsKl) {
         0.0f, static_cast<float>(0.5 * std::sqrt(squares / static_cast<double>(p.weight.size()))));
     for (std::size_t i = 0; i < p.weight.size(); ++i) p.delta.push_back(normal(rng));
   }
-  const KlFisherResult result = run_kl_fisher(job, [&](std::span<const std::size_t> linears) {
-    std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
-    for (const std::size_t i : linears) {
-      out[i].resize(1);
-      for (const auto& [name, p] : perturbed) {
-        if (i == p.index) out[i][0] = Perturbation{p.delta, nullptr, {}};
-      }
-    }
-    return out;
-  });
+  const KlFisherResult result =
+      run_kl_fisher(job, kNothingToPrepare, [&](std::span<const std::size_t> linears) {
+        std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+        for (const std::size_t i : linears) {
+          out[i].resize(1);
+          for (const auto& [name, p] : perturbed) {
+            if (i == p.index) out[i][0] = Perturbation{p.delta, nullptr, {}};
+          }
+        }
+        return out;
+      });
   EXPECT_EQ(result.predictions, 4 * 63);
   EXPECT_EQ(result.mtp_predictions, 4 * 62);
   EXPECT_GT(result.estimate(body_linear, 0).value(), 0.0);
@@ -305,16 +313,17 @@ TEST(KlFisher, ActivationPathEqualsTheWeightPathItAmountsTo) {
       equivalent[i] = (1.0f + c) * (p.weight[i] + p.delta[i]) - p.weight[i];
     }
     const auto scaled = std::make_shared<ScaledActivations>(c);
-    const KlFisherResult result = run_kl_fisher(job, [&](std::span<const std::size_t> linears) {
-      std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
-      for (const std::size_t i : linears) {
-        if (i != p.index) continue;
-        out[i].resize(2);
-        out[i][0] = Perturbation{equivalent, nullptr, {}};
-        out[i][1] = Perturbation{p.delta, scaled, p.weight};
-      }
-      return out;
-    });
+    const KlFisherResult result =
+        run_kl_fisher(job, kNothingToPrepare, [&](std::span<const std::size_t> linears) {
+          std::map<std::size_t, std::vector<std::optional<Perturbation>>> out;
+          for (const std::size_t i : linears) {
+            if (i != p.index) continue;
+            out[i].resize(2);
+            out[i][0] = Perturbation{equivalent, nullptr, {}};
+            out[i][1] = Perturbation{p.delta, scaled, p.weight};
+          }
+          return out;
+        });
     const double weight_path = result.estimate(kPerturbed, 0).value();
     EXPECT_GT(weight_path, 0.0);
     EXPECT_NEAR(result.estimate(kPerturbed, 1).value(), weight_path, 2e-3 * weight_path)
@@ -365,9 +374,9 @@ TEST(KlFisher, FoldFormsGiveTheSameSums) {
         return out;
       };
       job.fold = FoldForm::kWeightGradient;
-      const KlFisherResult by_gradient = run_kl_fisher(job, perturbations);
+      const KlFisherResult by_gradient = run_kl_fisher(job, kNothingToPrepare, perturbations);
       job.fold = FoldForm::kOutputError;
-      const KlFisherResult by_output = run_kl_fisher(job, perturbations);
+      const KlFisherResult by_output = run_kl_fisher(job, kNothingToPrepare, perturbations);
       const bool f32 = compute == runtime::ComputeType::kF32;
       const double tolerance = f32 ? 1e-4 : 1e-1;
       double total_gradient = 0.0, total_output = 0.0;
@@ -415,16 +424,16 @@ TEST(KlFisher, ResumesToTheValuesOfAnUninterruptedPass) {
     }
     return out;
   };
-  const KlFisherResult whole = run_kl_fisher(job, perturbations);
+  const KlFisherResult whole = run_kl_fisher(job, kNothingToPrepare, perturbations);
   ASSERT_TRUE(whole.complete);
   const std::size_t rendered_whole = rendered;
 
   job.stop_after_steps = 12;  // the forward of 8 layers, the head and 3 backward layers
   rendered = 0;
-  EXPECT_FALSE(run_kl_fisher(job, perturbations).complete);
+  EXPECT_FALSE(run_kl_fisher(job, kNothingToPrepare, perturbations).complete);
   EXPECT_TRUE(std::filesystem::exists(job.pass_dir / "state.json"));
   job.stop_after_steps.reset();
-  const KlFisherResult resumed = run_kl_fisher(job, perturbations);
+  const KlFisherResult resumed = run_kl_fisher(job, kNothingToPrepare, perturbations);
   ASSERT_TRUE(resumed.complete);
   // Each part is rendered once in all: the resumed run starts after the finished steps.
   EXPECT_EQ(rendered, rendered_whole);

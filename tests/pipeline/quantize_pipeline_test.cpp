@@ -119,15 +119,17 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   EXPECT_EQ(validated.perplexity, measured.perplexity);
   EXPECT_EQ(validated.top1_agreement, measured.top1_agreement);
   // The weights decoded from the files (validate's decoder, independent of the exporter) are
-  // bit for bit the weights the pipeline evaluated: the same GPTQ encodings, decoded in memory.
+  // bit for bit the weights the pipeline evaluated: the GPTQ encodings the cost rendered into
+  // WORK/render from the Hessians of its own pass (the probe stored none), decoded in memory.
   {
     const model::ModelSpec spec = model::load_model_spec(job.model);
     const io::Checkpoint source = io::Checkpoint::open(job.model);
     const probe::ProbeResult probe = probe::ProbeResult::read(dir / "out.work/probe");
+    EXPECT_FALSE(probe.has_hessians());
     const auto rounding = exporter::make_rounding("gptq", &probe);
-    const exporter::LinearEncoder encoder(spec, source, *rounding,
-                                          exporter::input_amax_from_probe(spec, probe),
-                                          formats::ServingTarget::kBlackwell);
+    const exporter::LinearEncoder encoder(
+        spec, source, *rounding, exporter::input_amax_from_probe(spec, probe),
+        formats::ServingTarget::kBlackwell, dir / "out.work/render");
     std::map<std::string, std::string> format_of;
     for (const auto& linear : assignment.at("linears")) {
       format_of[linear.at("name").get<std::string>()] = linear.at("format").get<std::string>();
