@@ -26,7 +26,9 @@
 
 #include "common/error.h"
 #include "data/splitmix64.h"
+#include "formats/element.h"
 #include "formats/weight_format.h"
+#include "io/fp8_block.h"
 #include "io/safetensors_writer.h"
 #include "runtime/kernels/gemm.h"
 #include "tokenizer/tokenizer.h"
@@ -55,6 +57,8 @@ const std::vector<Shape>& shapes() {
       {"qwen3-30b-a3b", 48, 2048, 32, 4, 128, 6144, false, 128, 8, 768},
       // Not a released model: two small layers with the real vocabulary, to try the harness.
       {"qwen3-smoke", 2, 256, 4, 2, 64, 768, true},
+      // The same with 30B-A3B's MoE layout scaled down: 16 experts, top 4, width 128.
+      {"qwen3-moe-smoke", 2, 256, 4, 2, 64, 768, false, 16, 4, 128},
   };
   return kShapes;
 }
@@ -149,7 +153,56 @@ struct TensorPlan {
   std::vector<std::int64_t> shape;
   bool norm = false;
   bool vocab_rows = false;  // embedding or head: one row per token id
+  bool router = false;      // a MoE layer's mlp.gate
 };
+
+// The weight block of DeepSeek-V3-style FP8 checkpoints (io::kFp8BlockSize): Qwen's FP8 releases
+// (Qwen/Qwen3-30B-A3B-FP8 and the Qwen3.5/3.6 ones) store every decoder Linear but the router as
+// F8_E4M3 with a "<weight>_scale_inv" of one BF16 multiplier per 128 x 128 block, and keep the
+// embedding, lm_head, norms and routers in BF16 ("modules_to_not_convert"; quantization_config
+// quant_method "fp8", fmt "e4m3", activation_scheme "dynamic", weight_block_size [128, 128]).
+constexpr std::int64_t kFp8Block = pq::io::kFp8BlockSize;
+
+// `values` (a bf16 [rows, cols] weight) as E4M3 codes and BF16 block scales: each block's
+// multiplier is its amax / 448 rounded to bf16, and the codes round w / multiplier to nearest.
+struct Fp8Weight {
+  std::vector<std::uint8_t> codes;
+  std::vector<std::uint16_t> scales;  // [ceil(rows / 128), ceil(cols / 128)]
+};
+Fp8Weight fp8_block_weight(const std::vector<std::uint16_t>& values, std::int64_t rows,
+                           std::int64_t cols) {
+  const std::int64_t block_rows = (rows + kFp8Block - 1) / kFp8Block;
+  const std::int64_t block_cols = (cols + kFp8Block - 1) / kFp8Block;
+  Fp8Weight w;
+  w.codes.resize(values.size());
+  w.scales.resize(static_cast<std::size_t>(block_rows * block_cols));
+  const auto value = [&](std::int64_t i, std::int64_t j) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(values[i * cols + j]) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  };
+#pragma omp parallel for schedule(static)
+  for (std::int64_t b = 0; b < block_rows * block_cols; ++b) {
+    const std::int64_t i0 = (b / block_cols) * kFp8Block, j0 = (b % block_cols) * kFp8Block;
+    const std::int64_t i1 = std::min(rows, i0 + kFp8Block), j1 = std::min(cols, j0 + kFp8Block);
+    float amax = 0.0f;
+    for (std::int64_t i = i0; i < i1; ++i) {
+      for (std::int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::abs(value(i, j)));
+    }
+    w.scales[b] = bf16_bits(amax > 0.0f ? amax / 448.0f : 1.0f);
+    const std::uint32_t scale_bits = static_cast<std::uint32_t>(w.scales[b]) << 16;
+    float scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    for (std::int64_t i = i0; i < i1; ++i) {
+      for (std::int64_t j = j0; j < j1; ++j) {
+        w.codes[i * cols + j] = static_cast<std::uint8_t>(
+            pq::formats::encode_element(pq::formats::ElementType::E4M3, value(i, j) / scale));
+      }
+    }
+  }
+  return w;
+}
 
 // Every tensor of the checkpoint, in the order transformers' save_pretrained writes a Qwen3 model.
 std::vector<TensorPlan> tensor_plan(const Shape& s) {
@@ -172,7 +225,7 @@ std::vector<TensorPlan> tensor_plan(const Shape& s) {
       plan.push_back({prefix + "down_proj.weight", {s.hidden, inter}});
     };
     if (s.experts > 0) {
-      plan.push_back({p + "mlp.gate.weight", {s.experts, s.hidden}});
+      plan.push_back({p + "mlp.gate.weight", {s.experts, s.hidden}, false, false, true});
       for (std::int64_t e = 0; e < s.experts; ++e) {
         mlp(p + "mlp.experts." + std::to_string(e) + ".", s.moe_intermediate);
       }
@@ -186,11 +239,18 @@ std::vector<TensorPlan> tensor_plan(const Shape& s) {
 }
 
 void synthesize(const Shape& s, const fs::path& out, const fs::path& tokenizer_dir,
-                std::uint64_t seed) {
+                std::uint64_t seed, bool fp8) {
   fs::create_directories(out);
   {
+    json c = config_json(s);
+    if (fp8) {
+      c["quantization_config"] = {{"activation_scheme", "dynamic"},
+                                  {"fmt", "e4m3"},
+                                  {"quant_method", "fp8"},
+                                  {"weight_block_size", {kFp8Block, kFp8Block}}};
+    }
     std::ofstream config(out / "config.json");
-    config << config_json(s).dump(2) << "\n";
+    config << c.dump(2) << "\n";
   }
   for (const char* file : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
     fs::copy_file(tokenizer_dir / file, out / file, fs::copy_options::overwrite_existing);
@@ -206,6 +266,7 @@ void synthesize(const Shape& s, const fs::path& out, const fs::path& tokenizer_d
   pq::io::ShardedCheckpointWriter writer(out);
   const std::vector<TensorPlan> plan = tensor_plan(s);
   std::uint64_t bytes = 0;
+  std::size_t tensors = plan.size();
   for (std::size_t t = 0; t < plan.size(); ++t) {
     std::int64_t count = 1;
     for (const std::int64_t d : plan[t].shape) count *= d;
@@ -215,12 +276,25 @@ void synthesize(const Shape& s, const fs::path& out, const fs::path& tokenizer_d
     if (plan[t].vocab_rows) {
       std::fill(values.begin() + std::min(count, token_ids * s.hidden), values.end(), 0);
     }
+    if (fp8 && !plan[t].norm && !plan[t].vocab_rows && !plan[t].router) {
+      const std::int64_t rows = plan[t].shape[0], cols = plan[t].shape[1];
+      const Fp8Weight w = fp8_block_weight(values, rows, cols);
+      writer.add(plan[t].name, pq::io::DType::F8_E4M3, plan[t].shape,
+                 {w.codes.data(), w.codes.size()});
+      writer.add(pq::io::fp8_block_scale_name(plan[t].name), pq::io::DType::BF16,
+                 std::vector<std::int64_t>{(rows + kFp8Block - 1) / kFp8Block,
+                                           (cols + kFp8Block - 1) / kFp8Block},
+                 {reinterpret_cast<const std::uint8_t*>(w.scales.data()), w.scales.size() * 2});
+      bytes += w.codes.size() + w.scales.size() * 2;
+      ++tensors;
+      continue;
+    }
     writer.add(plan[t].name, pq::io::DType::BF16, plan[t].shape,
                {reinterpret_cast<const std::uint8_t*>(values.data()), values.size() * 2});
     bytes += values.size() * 2;
   }
   const std::vector<std::string> files = writer.commit();
-  std::printf("wrote %s: %zu tensors, %.2f GB in %zu files\n", out.c_str(), plan.size(),
+  std::printf("wrote %s: %zu tensors, %.2f GB in %zu files\n", out.c_str(), tensors,
               static_cast<double>(bytes) / 1e9, files.size());
 }
 
@@ -292,16 +366,28 @@ struct RunOptions {
   std::string compute;                  // the stages' --compute; empty: their default
   std::string objective = "kl-fisher";  // the cost's, quantize's default
   std::int64_t kl_probes = 1;
+  // Whether WORK/probe holds the Hessians (a probe without --no-hessians): the kl-fisher cost
+  // sums them itself otherwise. Read from probe.json before the cost runs.
+  bool probe_hessians = false;
 };
+
+// Whether the probe in `probe_dir` stored its Hessians (probe.json "calibration": "hessians").
+bool probe_stored_hessians(const std::filesystem::path& probe_dir) {
+  std::ifstream in(probe_dir / "probe.json");
+  if (!in) return false;
+  const json doc = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return doc.is_object() && doc.contains("calibration") &&
+         doc["calibration"].value("hessians", true);
+}
 
 // The FLOPs a stage cannot avoid (docs/scaling.md), 0 for allocate (no tensor arithmetic).
 double stage_flops(const std::string& stage, const FlopModel& f, const RunOptions& o) {
   const double t = static_cast<double>(o.nsamples * o.seqlen);
   if (stage == "probe") {
     // forward + backward (3 forwards) + per-sequence dY^T X (1 forward) + X^T X per input; before
-    // a kl-fisher cost (--no-fisher, as quantize runs it) the forward and X^T X only.
-    const double passes = o.objective == "kl-fisher" ? 1.0 : 4.0;
-    return passes * f.forward(t, static_cast<double>(o.seqlen)) + f.hessian_per_token * t;
+    // a kl-fisher cost (--no-fisher --no-hessians, as quantize runs it) the forward alone.
+    if (o.objective == "kl-fisher") return f.forward(t, static_cast<double>(o.seqlen));
+    return 4.0 * f.forward(t, static_cast<double>(o.seqlen)) + f.hessian_per_token * t;
   }
   if (stage == "cost") {
     // The error columns: dW H per Linear and format.
@@ -319,6 +405,8 @@ double stage_flops(const std::string& stage, const FlopModel& f, const RunOption
       flops += body +
                k * (2.0 * head + body + folds * 2.0 * (f.active_params - f.head_params) * t) +
                static_cast<double>(o.grouped_formats) * (f.weight_cubic + f.inverse_cubic);
+      // The Hessians a probe with --no-hessians left to the pass's forward.
+      if (!o.probe_hessians) flops += f.hessian_per_token * t;
     }
     return flops;
   }
@@ -454,8 +542,11 @@ std::vector<std::string> stage_command(const std::string& stage, const std::stri
                                      std::to_string(o.nsamples),
                                      "--seqlen",
                                      std::to_string(o.seqlen)};
-    // The kl-fisher cost reads no Fisher traces; quantize skips them too.
-    if (o.objective == "kl-fisher") args.push_back("--no-fisher");
+    // The kl-fisher cost reads no Fisher traces and sums the Hessians itself; quantize skips both.
+    if (o.objective == "kl-fisher") {
+      args.push_back("--no-fisher");
+      args.push_back("--no-hessians");
+    }
     return with_compute(std::move(args));
   }
   if (stage == "cost") {
@@ -517,12 +608,16 @@ int main(int argc, char** argv) {
   CLI::App* synth = app.add_subcommand("synth", "Write a random-weight checkpoint of --shape");
   synth
       ->add_option("--shape", shape_name,
-                   "qwen3-0.6b, qwen3-1.7b, qwen3-8b, qwen3-30b-a3b, qwen3-smoke")
+                   "qwen3-0.6b, qwen3-1.7b, qwen3-8b, qwen3-30b-a3b, qwen3-smoke, qwen3-moe-smoke")
       ->capture_default_str();
   synth->add_option("--out", model_dir, "checkpoint directory to create")->required();
   synth->add_option("--seed", seed)->capture_default_str();
   synth->add_option("--tokenizer-from", tokenizer_dir, "copy tokenizer files from here")
       ->capture_default_str();
+  bool fp8 = false;
+  synth->add_flag("--fp8", fp8,
+                  "store the decoder Linears but the routers as block-scaled FP8, as Qwen's FP8 "
+                  "releases do (half the disk)");
 
   RunOptions o;
   std::string stages = "probe,cost,allocate,export,validate", formats = "NVFP4,FP8_E4M3,BF16",
@@ -553,7 +648,7 @@ int main(int argc, char** argv) {
   try {
     const Shape& shape = shape_by_name(shape_name);
     if (synth->parsed()) {
-      synthesize(shape, model_dir, tokenizer_dir, seed);
+      synthesize(shape, model_dir, tokenizer_dir, seed, fp8);
       return 0;
     }
     fs::create_directories(work / "logs");
@@ -581,6 +676,8 @@ int main(int argc, char** argv) {
       StageFigures f = run_stage(
           stage, stage_command(stage, cli, model_dir, data, work, o, formats, target_bits),
           work / "logs" / (stage + ".log"));
+      if (stage == "probe" || stage == "cost")
+        o.probe_hessians = probe_stored_hessians(work / "probe");
       f.flops = stage_flops(stage, flops, o);
       figures.push_back(f);
       if (f.exit_status != 0) {
