@@ -44,6 +44,26 @@ probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::p
   return job;
 }
 
+// A kl-fisher cost job of model_dir over `probe_job`'s probe and calibration sample, writing
+// to `out`, measuring `renders`.
+CostJob kl_fisher_cost_job(const probe::ProbeJob& probe_job, const std::filesystem::path& out,
+                           std::vector<std::string> formats, const RenderSource& renders) {
+  CostJob job;
+  job.model = probe_job.model;
+  job.probe = probe_job.out;
+  job.out = out;
+  job.formats = std::move(formats);
+  job.objective = Objective::kKlFisher;
+  job.renders = &renders;
+  KlFisherJob kl;
+  kl.data = probe_job.data;
+  kl.nsamples = probe_job.nsamples;
+  kl.seqlen = probe_job.seqlen;
+  kl.batch_size = probe_job.batch_size;
+  job.kl_fisher = kl;
+  return job;
+}
+
 // Every column against a direct computation from the activations themselves: the output error
 // as the mean of (X dW^T)^2 over tokens and output channels, which the stage gets from the
 // Hessian alone.
@@ -218,19 +238,8 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
                                         formats::ServingTarget::kBlackwell, dir / "render");
   const exporter::EncoderRenders renders(encoder);
 
-  CostJob job;
-  job.model = model_dir;
-  job.probe = dir / "probe";
-  job.out = dir / "cost";
-  job.formats = {"NVFP4", "MXFP8", "BF16"};
-  job.objective = Objective::kKlFisher;
-  job.renders = &renders;
-  KlFisherJob kl;
-  kl.data = probe_job.data;
-  kl.nsamples = 2;
-  kl.seqlen = 64;
-  kl.probes = 2;
-  job.kl_fisher = kl;
+  CostJob job = kl_fisher_cost_job(probe_job, dir / "cost", {"NVFP4", "MXFP8", "BF16"}, renders);
+  job.kl_fisher->probes = 2;
   run_cost(job);
   const alloc::CostTable table = alloc::read_cost_table(dir / "cost");
   ASSERT_EQ(table.linears.size(), 56u);
@@ -301,19 +310,8 @@ TEST(CostStage, KlFisherRendersFromItsOwnHessiansWhereTheProbeStoredNone) {
         EXPECT_THAT([&] { encoder.encode(0, formats::format_by_name("NVFP4")); },
                     testing::ThrowsMessage<Error>(testing::HasSubstr("did not store")));
       }
-      CostJob job;
-      job.model = model_dir;
-      job.probe = probe_job.out;
-      job.out = dir / name / "cost";
-      job.formats = {"NVFP4", "FP8_E4M3", "BF16"};
-      job.objective = Objective::kKlFisher;
-      job.renders = &renders;
-      KlFisherJob kl;
-      kl.data = probe_job.data;
-      kl.nsamples = 2;
-      kl.seqlen = 64;
-      kl.batch_size = 2;
-      job.kl_fisher = kl;
+      CostJob job = kl_fisher_cost_job(probe_job, dir / name / "cost",
+                                       {"NVFP4", "FP8_E4M3", "BF16"}, renders);
       tables[hessians] = run_cost(job).table;
       if (!hessians) {
         job.kl_fisher->nsamples = 3;
