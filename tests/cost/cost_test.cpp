@@ -56,7 +56,9 @@ CostJob kl_fisher_cost_job(const probe::ProbeJob& probe_job, const std::filesyst
   job.objective = Objective::kKlFisher;
   job.renders = &renders;
   KlFisherJob kl;
+  job.spec_options = probe_job.spec_options;
   kl.data = probe_job.data;
+  kl.token_ids = probe_job.token_ids;
   kl.nsamples = probe_job.nsamples;
   kl.seqlen = probe_job.seqlen;
   kl.batch_size = probe_job.batch_size;
@@ -290,16 +292,39 @@ TEST(CostStage, KlFisherObjectiveMeasuresTheExportersRenders) {
 // GPTQ says what to run; the Hessian objectives and another calibration sample are refused.
 TEST(CostStage, KlFisherRendersFromItsOwnHessiansWhereTheProbeStoredNone) {
   PQ_REQUIRE_SHARED();
-  for (const char* model : {"qwen3-dense-tiny", "qwen3-moe-tiny"}) {
+  // The hybrid MoE with its MTP head and lm_head as candidates: their Linears are rendered from
+  // a forward of the head at the head step.
+  for (const char* model : {"qwen3-dense-tiny", "qwen3-moe-tiny", "qwen3_5-moe-tiny-random"}) {
     test::TempDir dir;
     const auto model_dir = test::shared_dir() / "models" / model;
-    const model::ModelSpec spec = model::load_model_spec(model_dir);
+    const bool hybrid = std::string(model) == "qwen3_5-moe-tiny-random";
+    model::SpecOptions options;
+    options.quantize_lm_head = hybrid;
+    const model::ModelSpec spec = model::load_model_spec(model_dir, options);
     const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
     std::map<bool, alloc::CostTable> tables;
     for (const bool hessians : {true, false}) {
       const std::string name = hessians ? "with" : "without";
-      const probe::ProbeJob probe_job =
-          probe_excerpt(dir, model_dir, 2, 64, /*fisher=*/false, hessians, name + "/probe");
+      probe::ProbeJob probe_job;
+      if (hybrid) {
+        // No tokenizer: token ids.
+        std::string ids;
+        for (int i = 0; i < 512; ++i) ids += std::to_string((i * 37 + 11) % 256) + ' ';
+        write_text_file_atomic(dir / "ids.txt", ids);
+        probe_job.model = model_dir;
+        probe_job.data = dir / "ids.txt";
+        probe_job.token_ids = true;
+        probe_job.out = dir / name / "probe";
+        probe_job.nsamples = 2;
+        probe_job.seqlen = 32;
+        probe_job.fisher = false;
+        probe_job.hessians = hessians;
+        probe_job.spec_options = options;
+        ASSERT_TRUE(probe::run_probe(probe_job).complete);
+      } else {
+        probe_job =
+            probe_excerpt(dir, model_dir, 2, 64, /*fisher=*/false, hessians, name + "/probe");
+      }
       const probe::ProbeResult probed = probe::ProbeResult::read(probe_job.out);
       const auto rounding = exporter::make_rounding("gptq", &probed);
       const exporter::LinearEncoder encoder(
