@@ -180,7 +180,8 @@ QuantizationErrors measure_errors(std::span<const float> w, std::span<const floa
   e.dloss_activation =
       energy > 0.0 ? 0.5 * stats.fisher_trace * weighted / (static_cast<double>(out) * energy)
                    : e.dloss_fisher;
-  if (stats.tokens > 0) {
+  // A format that keeps the source (BF16 of a BF16 checkpoint) changes nothing: no GEMM.
+  if (stats.tokens > 0 && squares > 0.0) {
     // tr(dW H dW^T) = sum_i dW_i . (H dW_i), with (dW H) as one GEMM.
     std::vector<float> product(delta.size());
     runtime::gemm_f32(runtime::Transpose::kNo, runtime::Transpose::kNo, out, in, in, 1.0f,
