@@ -153,6 +153,21 @@ std::string_view objective_name(Objective objective) {
   return "fisher";
 }
 
+std::uint64_t render_bytes(const model::ModelSpec& spec, const std::vector<std::string>& formats,
+                           formats::ServingTarget serve_on) {
+  std::uint64_t bytes = 0;
+  for (const std::string& name : formats) {
+    const formats::WeightFormat& format = formats::format_by_name(name);
+    for (const model::Linear& linear : spec.linears) {
+      const formats::Shape2D shape{linear.out_features, linear.in_features};
+      if (linear.is_candidate && offered(format, linear, serve_on) && format.group_layout(shape)) {
+        bytes += format.bytes(shape);
+      }
+    }
+  }
+  return bytes;
+}
+
 QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
                                   formats::Shape2D shape, const LinearStatistics& stats) {
   const std::int64_t out = shape.out;

@@ -51,6 +51,13 @@ struct LinearStatistics {
   std::int64_t tokens = 0;
 };
 
+// The bytes of the renders a cost with renders keeps (WORK/render): every candidate Linear in every
+// format of `formats` it is offered that has a group layout (the others copy or cast the source
+// and are not kept). About 1.6 bytes a parameter for the default menu (NVFP4 and FP8 both
+// render).
+std::uint64_t render_bytes(const model::ModelSpec& spec, const std::vector<std::string>& formats,
+                           formats::ServingTarget serve_on);
+
 // The error columns for weight `w` and its fake-quantized `quantized` ([out, in] row-major).
 QuantizationErrors measure_errors(std::span<const float> w, std::span<const float> quantized,
                                   formats::Shape2D shape, const LinearStatistics& stats);

@@ -65,9 +65,12 @@ std::uint64_t bytes_under(const std::filesystem::path& dir) {
 
 // Disk the run will fill, checked before it probes (issue 13): the checkpoint at the largest
 // budget it may ship (the candidate Linears at that many bits per parameter, every other tensor as
-// stored) with export's staging, and the rounded Linears kept in WORK/render, less what a
-// previous run already rendered there. The probe checks its own pass when it starts.
-void require_disk_for_outputs(const QuantizeJob& job, const std::filesystem::path& work) {
+// stored) with export's staging, and in the work directory the rounded Linears kept in
+// WORK/render (every offered (Linear, format) a kl-fisher cost renders, less what a previous run
+// already rendered there) and, for kl-fisher, the layer boundaries its pass keeps on disk until
+// its backward passes them. The probe and the pass check their own disk again when they start.
+void require_disk_for_outputs(const QuantizeJob& job, const std::vector<std::string>& menu,
+                              const std::filesystem::path& work) {
   const model::ModelSpec spec = model::load_model_spec(job.model);
   const io::Checkpoint checkpoint = io::Checkpoint::open(job.model);
   std::uint64_t params = 0;
@@ -94,13 +97,22 @@ void require_disk_for_outputs(const QuantizeJob& job, const std::filesystem::pat
                                          quantized;
   const std::uint64_t out_need =
       exporter::export_disk_need(checkpoint_bytes, io::ShardedWriterOptions{}.max_shard_bytes);
-  const std::uint64_t render_need = quantized - std::min(quantized, bytes_under(work / "render"));
+  std::uint64_t work_need =
+      std::max<std::uint64_t>(quantized, cost::render_bytes(spec, menu, job.serve_on));
+  work_need -= std::min(work_need, bytes_under(work / "render"));
+  if (job.objective == cost::Objective::kKlFisher) {
+    const model::ModelConfig config = model::ModelConfig::load(job.model);
+    work_need += static_cast<std::uint64_t>(config.num_hidden_layers +
+                                            2 * static_cast<std::int64_t>(job.kl_probes)) *
+                 job.nsamples * job.seqlen * static_cast<std::uint64_t>(config.hidden_size) * 4;
+  }
   if (same_filesystem(job.out, work)) {
-    require_disk_space(job.out, out_need + render_need,
-                       "quantize (the checkpoint, and its rounded Linears in the work directory)");
+    require_disk_space(job.out, out_need + work_need,
+                       "quantize (the checkpoint, and its rounded Linears and pass in the work "
+                       "directory)");
   } else {
     require_disk_space(job.out, out_need, "quantize's checkpoint");
-    require_disk_space(work, render_need, "quantize's rounded Linears (WORK/render)");
+    require_disk_space(work, work_need, "quantize's rounded Linears (WORK/render) and pass");
   }
 }
 
@@ -169,7 +181,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   PQ_CHECK(job.force || !std::filesystem::exists(job.out),
            "{} already exists (use --force to replace it)", job.out.string());
   const NewWorkDirectory new_work(work);
-  require_disk_for_outputs(job, work);
+  require_disk_for_outputs(job, menu, work);
   QuantizeOutcome outcome;
 
   auto start = std::chrono::steady_clock::now();

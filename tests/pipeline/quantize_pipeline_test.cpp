@@ -211,11 +211,18 @@ TEST(QuantizePipelineKlFisher, RendersEveryOfferedFormatOnceAndShipsWhatItMeasur
   for (const auto& linear : cost.at("linears")) {
     for (const auto& [format, entry] : linear.at("costs").items()) offered += format != "BF16";
   }
+  // Their tensors are the bytes the disk check counts for them (cost::render_bytes).
   std::size_t renders = 0;
+  std::uint64_t render_tensor_bytes = 0;
   for (const auto& entry : std::filesystem::recursive_directory_iterator(dir / "out.work/render")) {
-    renders += entry.is_regular_file();
+    if (!entry.is_regular_file()) continue;
+    ++renders;
+    const io::SafetensorsFile render(entry.path());
+    for (const io::TensorInfo& info : render.tensors()) render_tensor_bytes += info.nbytes();
   }
   EXPECT_EQ(renders, offered);
+  EXPECT_EQ(render_tensor_bytes,
+            cost::render_bytes(model::load_model_spec(job.model), job.formats, job.serve_on));
   EXPECT_TRUE(outcome.validated.passed());
   EXPECT_EQ(outcome.validated.mean_kl, outcome.measured.mean_kl);
   const auto assignment =
