@@ -28,6 +28,15 @@ std::optional<std::uint64_t> available_disk_bytes(const fs::path& location) {
   return static_cast<std::uint64_t>(space.available);
 }
 
+std::uint64_t bytes_under(const fs::path& dir) {
+  std::uint64_t bytes = 0;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    if (it->is_regular_file(ec)) bytes += it->file_size(ec);
+  }
+  return bytes;
+}
+
 bool same_filesystem(const fs::path& a, const fs::path& b) {
   struct stat sa {};
   struct stat sb {};

@@ -11,6 +11,9 @@ namespace pq {
 // it once created: that of its nearest existing ancestor. nullopt where it cannot be told.
 std::optional<std::uint64_t> available_disk_bytes(const std::filesystem::path& location);
 
+// Bytes of the regular files below `dir`, recursively; 0 where it does not exist.
+std::uint64_t bytes_under(const std::filesystem::path& dir);
+
 // Whether `a` and `b` (or the nearest existing ancestors of each) lie on one filesystem.
 bool same_filesystem(const std::filesystem::path& a, const std::filesystem::path& b);
 

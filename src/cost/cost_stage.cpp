@@ -367,30 +367,35 @@ CostOutcome run_cost(const CostJob& job) {
       }
       return columns;
     };
-    kl = run_kl_fisher(
-        kl_fisher_job(job, !probed.has_hessians()), prepare,
-        [&](std::span<const std::size_t> linears) {
-          std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
-          for (const std::size_t i : linears) {
-            const model::Linear& linear = spec.linears[i];
-            const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
-            std::vector<std::optional<Perturbation>>& slots = perturbations[i];
-            slots.resize(menu.size());
-            for (std::size_t f = 0; f < menu.size(); ++f) {
-              if (!offered(*menu[f], linear, job.serve_on)) continue;
-              RenderedLinear rendered = job.renders->render(i, *menu[f], nullptr);
-              Perturbation p;
-              p.delta = std::move(rendered.weight);
-              for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
-              if (rendered.activations != nullptr) {
-                p.activations = std::move(rendered.activations);
-                p.weight = weight;
-              }
-              slots[f] = std::move(p);
-            }
+    KlFisherJob pass = kl_fisher_job(job, !probed.has_hessians());
+    // The renders go to the work directory beside the pass: the pass's disk check counts those
+    // still to make.
+    if (const std::optional<std::uint64_t> stored = job.renders->stored_bytes()) {
+      const std::uint64_t all = render_bytes(spec, job.formats, job.serve_on);
+      pass.other_disk = static_cast<std::int64_t>(all - std::min(all, *stored));
+    }
+    kl = run_kl_fisher(pass, prepare, [&](std::span<const std::size_t> linears) {
+      std::map<std::size_t, std::vector<std::optional<Perturbation>>> perturbations;
+      for (const std::size_t i : linears) {
+        const model::Linear& linear = spec.linears[i];
+        const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
+        std::vector<std::optional<Perturbation>>& slots = perturbations[i];
+        slots.resize(menu.size());
+        for (std::size_t f = 0; f < menu.size(); ++f) {
+          if (!offered(*menu[f], linear, job.serve_on)) continue;
+          RenderedLinear rendered = job.renders->render(i, *menu[f], nullptr);
+          Perturbation p;
+          p.delta = std::move(rendered.weight);
+          for (std::size_t e = 0; e < weight.size(); ++e) p.delta[e] -= weight[e];
+          if (rendered.activations != nullptr) {
+            p.activations = std::move(rendered.activations);
+            p.weight = weight;
           }
-          return perturbations;
-        });
+          slots[f] = std::move(p);
+        }
+      }
+      return perturbations;
+    });
     PQ_CHECK(kl->complete, "cost: the KL-Fisher pass stopped before its end");
     std::map<std::string, std::size_t, std::less<>> index_of;
     for (const std::size_t i : candidates) index_of.emplace(spec.linears[i].name, i);

@@ -79,6 +79,9 @@ class RenderSource {
   // pass's, for a probe that stored no Hessians) instead of the probe's. Not called concurrently.
   virtual RenderedLinear render(std::size_t index, const formats::WeightFormat& format,
                                 const LinearStatistics* statistics) const = 0;
+  // The bytes of the renders kept on disk so far (WORK/render), or nullopt when renders are not
+  // kept: with render_bytes, what the renders still to make will add.
+  virtual std::optional<std::uint64_t> stored_bytes() const = 0;
 };
 
 // What `prismaquant cost` was asked to do.

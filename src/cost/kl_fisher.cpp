@@ -395,10 +395,11 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
   // Boundaries of every layer, and each probe's input gradients at two boundaries at a time.
   const std::int64_t boundary_bytes =
       static_cast<std::int64_t>(job.nsamples * job.seqlen) * config.hidden_size * 4;
-  probe::require_pass_disk(job.pass_dir,
-                           "the KL-Fisher pass (boundary activations of every layer and each "
-                           "probe's gradients)",
-                           boundary_bytes * (layers + 2 * static_cast<std::int64_t>(job.probes)));
+  probe::require_pass_disk(
+      job.pass_dir,
+      "the KL-Fisher pass (boundary activations of every layer, each "
+      "probe's gradients and the renders)",
+      boundary_bytes * (layers + 2 * static_cast<std::int64_t>(job.probes)) + job.other_disk);
   const runtime::CheckpointWeightSource weights(checkpoint);
   runtime::Model model(config, weights, options);
   const auto pass = model.begin_pass(sequences);

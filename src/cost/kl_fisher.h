@@ -96,6 +96,9 @@ struct KlFisherJob {
   // Accumulate each part's input Hessians in its forward for PreparePart: the probe stored none
   // (probe::ProbeJob::hessians), so memory holds one part's instead of the disk all of them.
   bool hessians = false;
+  // Bytes the caller adds on the pass directory's filesystem during the pass (the renders it
+  // makes into the work directory): the pass's disk check counts them beside its boundaries.
+  std::int64_t other_disk = 0;
   // Run at most this many steps and keep the pass for a later run; unset: run to completion.
   std::optional<std::size_t> stop_after_steps;
   // How each Linear's sums are formed; not in the fingerprint: every form gives the same sums,

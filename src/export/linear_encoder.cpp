@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "export/gptq.h"
 #include "io/dtype.h"
@@ -325,6 +326,11 @@ cost::RenderedLinear EncoderRenders::render(std::size_t index, const formats::We
   }
   DecodedLinear decoded = decode_linear(encoder_, index, format, given ? &*given : nullptr);
   return {std::move(decoded.weight), std::move(decoded.activations)};
+}
+
+std::optional<std::uint64_t> EncoderRenders::stored_bytes() const {
+  if (encoder_.render_cache() == nullptr) return std::nullopt;
+  return bytes_under(encoder_.render_cache()->directory());
 }
 
 }  // namespace pq::exporter

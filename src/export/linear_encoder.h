@@ -126,6 +126,7 @@ class EncoderRenders final : public cost::RenderSource {
   std::string fingerprint() const override { return encoder_.fingerprint(); }
   cost::RenderedLinear render(std::size_t index, const formats::WeightFormat& format,
                               const cost::LinearStatistics* statistics) const override;
+  std::optional<std::uint64_t> stored_bytes() const override;
 
  private:
   const LinearEncoder& encoder_;

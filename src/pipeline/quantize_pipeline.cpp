@@ -53,16 +53,6 @@ class NewWorkDirectory {
   bool created_;
 };
 
-std::uint64_t bytes_under(const std::filesystem::path& dir) {
-  std::uint64_t bytes = 0;
-  std::error_code ec;
-  for (std::filesystem::recursive_directory_iterator it(dir, ec), end; !ec && it != end;
-       it.increment(ec)) {
-    if (it->is_regular_file(ec)) bytes += it->file_size(ec);
-  }
-  return bytes;
-}
-
 // Disk the run will fill, checked before it probes (issue 13): the checkpoint at the largest
 // budget it may ship (the candidate Linears at that many bits per parameter, every other tensor as
 // stored) with export's staging, and in the work directory the rounded Linears kept in

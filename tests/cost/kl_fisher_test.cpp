@@ -1,5 +1,6 @@
 #include "cost/kl_fisher.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <map>
 #include <random>
 
+#include "common/error.h"
 #include "data/token_dataset.h"
 #include "export/linear_encoder.h"
 #include "io/safetensors.h"
@@ -424,21 +426,46 @@ TEST(KlFisher, ResumesToTheValuesOfAnUninterruptedPass) {
     }
     return out;
   };
-  const KlFisherResult whole = run_kl_fisher(job, kNothingToPrepare, perturbations);
+  // Each part is prepared once, after its forward, and what it returned comes back.
+  std::size_t prepared = 0;
+  const PreparePart prepare = [&](std::int64_t part, std::span<const std::size_t> linears,
+                                  const probe::ProbeAccumulator* statistics) {
+    ++prepared;
+    EXPECT_EQ(statistics, nullptr);
+    return nlohmann::json{{"part", part}, {"linears", linears.size()}};
+  };
+  const KlFisherResult whole = run_kl_fisher(job, prepare, perturbations);
   ASSERT_TRUE(whole.complete);
   const std::size_t rendered_whole = rendered;
+  EXPECT_EQ(prepared, 8u);  // the 8 layers (lm_head is no candidate)
+  ASSERT_EQ(whole.prepared.size(), 8u);
+  for (const auto& [part, returned] : whole.prepared) EXPECT_EQ(returned.at("part"), part);
 
   job.stop_after_steps = 12;  // the forward of 8 layers, the head and 3 backward layers
   rendered = 0;
-  EXPECT_FALSE(run_kl_fisher(job, kNothingToPrepare, perturbations).complete);
+  prepared = 0;
+  EXPECT_FALSE(run_kl_fisher(job, prepare, perturbations).complete);
   EXPECT_TRUE(std::filesystem::exists(job.pass_dir / "state.json"));
   job.stop_after_steps.reset();
-  const KlFisherResult resumed = run_kl_fisher(job, kNothingToPrepare, perturbations);
+  const KlFisherResult resumed = run_kl_fisher(job, prepare, perturbations);
   ASSERT_TRUE(resumed.complete);
   // Each part is rendered once in all: the resumed run starts after the finished steps.
   EXPECT_EQ(rendered, rendered_whole);
+  EXPECT_EQ(prepared, 8u);
+  EXPECT_EQ(resumed.prepared, whole.prepared);
   EXPECT_EQ(resumed.per_probe, whole.per_probe);
   EXPECT_EQ(whole.per_probe.count(kPerturbed), 1u);
+}
+
+// The pass refuses to start, in one line, when its disk cannot hold its boundaries and what the
+// caller adds beside them (the cost's renders).
+TEST(KlFisher, DiskCheckCountsWhatTheCallerAdds) {
+  if (!test::have_shared()) GTEST_SKIP() << "../shared is not available";
+  const test::TempDir tmp;
+  KlFisherJob job = tiny_job(tmp, 1);
+  job.other_disk = std::int64_t{1} << 62;
+  EXPECT_THAT([&] { run_kl_fisher(job, kNothingToPrepare, {}); },
+              testing::ThrowsMessage<Error>(testing::HasSubstr("and the renders")));
 }
 
 }  // namespace
