@@ -283,6 +283,19 @@ bool fold_by_weight_gradient(double rows_per_sequence, std::size_t weight_slots,
   return by_gradient < by_output;
 }
 
+KlFisherJob kl_fisher_job_on(const probe::ProbeJob& probe) {
+  KlFisherJob job;
+  job.data = probe.data;
+  job.token_ids = probe.token_ids;
+  job.nsamples = probe.nsamples;
+  job.seqlen = probe.seqlen;
+  job.seed = probe.seed;
+  job.batch_size = probe.batch_size;
+  job.compute = probe.compute;
+  job.max_memory = probe.max_memory;
+  return job;
+}
+
 std::string kl_fisher_fingerprint(const KlFisherJob& job) {
   probe::Fingerprint f;
   // 2: each part's PreparePart result is stored with its step.

@@ -15,6 +15,7 @@
 #include "formats/weight_format.h"
 #include "model/model_spec.h"
 #include "probe/probe_accumulator.h"
+#include "probe/probe_stage.h"
 #include "runtime/model.h"
 
 namespace pq::cost {
@@ -105,6 +106,11 @@ struct KlFisherJob {
   // to rounding (tests pin a form to compare them).
   FoldForm fold = FoldForm::kAuto;
 };
+
+// The pass over `probe`'s calibration sample (data, sequences, seed, micro-batches, compute and
+// memory limit): what a cost needs whose probe stored no Hessians, since its renders stand for
+// the probe's.
+KlFisherJob kl_fisher_job_on(const probe::ProbeJob& probe);
 
 // Digest of everything the pass's result depends on (checkpoint, calibration, probes, options,
 // perturbations_tag).

@@ -228,16 +228,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   if (objective == cost::Objective::kKlFisher) {
     // The KL-Fisher cost measures the weights export writes, on the probe's calibration sample.
     cost_job.renders = &renders;
-    cost::KlFisherJob kl;
-    kl.data = job.data;
-    kl.token_ids = job.token_ids;
-    kl.nsamples = job.nsamples;
-    kl.seqlen = job.seqlen;
-    kl.seed = job.seed;
+    cost::KlFisherJob kl = cost::kl_fisher_job_on(probe_job);
     kl.probes = job.kl_probes;
-    kl.batch_size = job.batch_size;
-    kl.compute = job.probe_compute;
-    kl.max_memory = job.max_memory;
     cost_job.kl_fisher = kl;
   }
   const cost::CostOutcome costed = cost::run_cost(cost_job);

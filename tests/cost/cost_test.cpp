@@ -55,14 +55,8 @@ CostJob kl_fisher_cost_job(const probe::ProbeJob& probe_job, const std::filesyst
   job.formats = std::move(formats);
   job.objective = Objective::kKlFisher;
   job.renders = &renders;
-  KlFisherJob kl;
   job.spec_options = probe_job.spec_options;
-  kl.data = probe_job.data;
-  kl.token_ids = probe_job.token_ids;
-  kl.nsamples = probe_job.nsamples;
-  kl.seqlen = probe_job.seqlen;
-  kl.batch_size = probe_job.batch_size;
-  job.kl_fisher = kl;
+  job.kl_fisher = kl_fisher_job_on(probe_job);
   return job;
 }
 
