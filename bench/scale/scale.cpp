@@ -586,7 +586,9 @@ std::vector<std::string> stage_command(const std::string& stage, const std::stri
             "--max-seqs",
             std::to_string(o.eval_windows),
             "--json",
-            w + "/validate.json"};
+            w + "/validate.json",
+            "--work",
+            w + "/validate"};
   }
   pq::fail("unknown stage {} (known: probe, cost, allocate, export, validate)", stage);
 }

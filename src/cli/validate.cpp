@@ -81,6 +81,9 @@ void register_validate(CLI::App& app) {
       ->capture_default_str();
   add_gate_options(cmd, job.gates);
   cmd->add_option("--json", args->json, "write the report as JSON here");
+  cmd->add_option("--work", job.work,
+                  "keep each held-out pass's layer boundaries here, so that a killed run given "
+                  "the same directory resumes after its last finished layer (removed at the end)");
   add_serve_on_option(cmd, job.serve_on);
   cmd->add_option("--prompt", args->prompt,
                   "prompt of the greedy sample (default: the start of the held-out split)");

@@ -11,6 +11,7 @@
 #include "common/file_util.h"
 #include "common/interrupt.h"
 #include "common/json_reader.h"
+#include "common/pass_state.h"
 #include "common/progress.h"
 #include "data/splitmix64.h"
 #include "data/token_dataset.h"
@@ -397,8 +398,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
 
   const std::string fingerprint = kl_fisher_fingerprint(job);
   const auto steps_total = static_cast<std::size_t>(2 * layers + 1);
-  const std::size_t resumed_from =
-      probe::read_pass_steps_done(job.pass_dir, fingerprint, steps_total);
+  const std::size_t resumed_from = read_pass_steps_done(job.pass_dir, fingerprint, steps_total);
   std::error_code error;
   if (resumed_from == 0) std::filesystem::remove_all(job.pass_dir, error);
   std::filesystem::create_directories(job.pass_dir, error);
@@ -550,7 +550,7 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
       }
       std::filesystem::remove(x_path(layer), error);
     }
-    probe::write_pass_steps_done(job.pass_dir, fingerprint, step + 1);
+    write_pass_steps_done(job.pass_dir, fingerprint, step + 1);
     progress.advance();
   }
 

@@ -341,6 +341,7 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   validate_job.max_seqs = static_cast<std::int64_t>(job.eval_windows);
   validate_job.gates = job.gates;
   validate_job.serve_on = job.serve_on;
+  validate_job.work = work / "validate";
   outcome.validated = validate::run_validate(validate_job);
   validate::write_report(work / "validate.json", outcome.validated);
   outcome.stages.push_back({"validate", seconds_since(start), false});

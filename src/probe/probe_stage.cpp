@@ -15,6 +15,7 @@
 #include "common/file_util.h"
 #include "common/json_reader.h"
 #include "common/location_lock.h"
+#include "common/pass_state.h"
 #include "common/progress.h"
 #include "data/token_dataset.h"
 #include "io/safetensors_writer.h"
@@ -31,7 +32,6 @@ namespace pq::probe {
 namespace {
 
 constexpr const char* kPassDir = "pass";
-constexpr const char* kStateJson = "state.json";
 // The losses the head step computed, kept in the pass directory until probe.json records them.
 constexpr const char* kLossesJson = "losses.json";
 
@@ -328,26 +328,6 @@ void write_summary(const ProbeJob& job, const std::string& fingerprint,
 // Where a pass stands: every step before steps_done is finished and its files are written. A
 // state whose count is not a step count of this pass (forged or damaged: 100 of 17, -1) is
 // discarded with a warning, never trusted.
-std::size_t read_pass_steps_done(const std::filesystem::path& pass_dir,
-                                 const std::string& fingerprint, std::size_t steps_total) {
-  const std::filesystem::path path = pass_dir / kStateJson;
-  try {
-    const auto j = read_json_file(path);
-    if (j.at("fingerprint").get<std::string>() != fingerprint) return 0;
-    const nlohmann::json& done = j.at("steps_done");
-    if (!done.is_number_unsigned() || done.get<std::uint64_t>() > steps_total) {
-      fmt::print(stderr,
-                 "warning: {}: steps_done {} is not a step count of this pass (0 to {}); "
-                 "starting over\n",
-                 path.string(), done.dump(), steps_total);
-      return 0;
-    }
-    return static_cast<std::size_t>(done.get<std::uint64_t>());
-  } catch (const std::exception&) {
-    return 0;  // absent, damaged or foreign: start over
-  }
-}
-
 void require_pass_disk(const std::filesystem::path& pass_dir, std::string_view what,
                        std::int64_t needed) {
   std::error_code error;
@@ -357,13 +337,6 @@ void require_pass_disk(const std::filesystem::path& pass_dir, std::string_view w
   }
   require_disk_space(pass_dir,
                      static_cast<std::uint64_t>(std::max<std::int64_t>(0, needed - written)), what);
-}
-
-void write_pass_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
-                           std::size_t steps_done) {
-  write_text_file_atomic(
-      pass_dir / kStateJson,
-      nlohmann::json{{"fingerprint", fingerprint}, {"steps_done", steps_done}}.dump() + "\n");
 }
 
 std::string model_label(const std::filesystem::path& model_dir) {

@@ -107,15 +107,6 @@ std::int64_t holdout_sequences(std::size_t nsamples);
 // run. With complete artifacts of the same fingerprint already in `out`, nothing is recomputed.
 ProbeOutcome run_probe(const ProbeJob& job);
 
-// The state file (state.json) of a resumable layer-major pass (the probe's, the KL-Fisher
-// pass's): how many steps are finished, under which fingerprint. read_pass_steps_done gives 0
-// for an absent, damaged or foreign state, and warns about a count that is not a step count of
-// the pass (0 to steps_total), which is never trusted.
-std::size_t read_pass_steps_done(const std::filesystem::path& pass_dir,
-                                 const std::string& fingerprint, std::size_t steps_total);
-void write_pass_steps_done(const std::filesystem::path& pass_dir, const std::string& fingerprint,
-                           std::size_t steps_done);
-
 // A layer-major pass writes every layer's boundary activations before it frees any: pq::Error,
 // before the pass starts, with the figures (require_disk_space), when the disk cannot hold
 // `needed` bytes, counting what a resumed pass already wrote in pass_dir as its own. `what` says

@@ -50,11 +50,12 @@ void score_window(std::span<const std::int32_t> tokens, const float* logits, std
 // Runs `model` over the windows in one layer-major pass (the model is read once) whose
 // micro-batches are `windows_per_pass` windows: the arithmetic of one forward pass per group of
 // windows. Hands each window's logits to `consume(window index, logits, rows)`; `observer`
-// (optional) sees the pass's Linears.
+// (optional) sees the pass's Linears; `resume` (optional) makes the pass resumable.
 template <typename Consumer>
 void forward_windows(Model& model, std::span<const std::vector<std::int32_t>> windows,
                      std::int64_t windows_per_pass, const Consumer& consume,
-                     LinearObserver* observer = nullptr) {
+                     LinearObserver* observer = nullptr,
+                     const ForwardCheckpoint* resume = nullptr) {
   PQ_CHECK(windows_per_pass > 0, "windows per pass must be positive");
   std::vector<Sequence> batch;
   for (const std::vector<std::int32_t>& window : windows) batch.push_back({window, {}});
@@ -63,7 +64,7 @@ void forward_windows(Model& model, std::span<const std::vector<std::int32_t>> wi
       [&](std::int64_t s, const float* logits, std::int64_t rows) {
         consume(static_cast<std::size_t>(s), logits, rows);
       },
-      observer, windows_per_pass);
+      observer, windows_per_pass, resume);
 }
 
 }  // namespace
@@ -146,7 +147,7 @@ class ReferenceLogits::HeadInputRecorder final : public LinearObserver {
 
 ReferenceLogits::ReferenceLogits(Model& reference, Keep keep,
                                  std::vector<std::vector<std::int32_t>> windows,
-                                 std::int64_t windows_per_pass)
+                                 std::int64_t windows_per_pass, const ForwardCheckpoint* resume)
     : windows_(std::move(windows)),
       vocab_(reference.config().vocab_size),
       windows_per_pass_(windows_per_pass) {
@@ -156,12 +157,12 @@ ReferenceLogits::ReferenceLogits(Model& reference, Keep keep,
   } else {
     logits_.resize(windows_.size());
   }
-  run_reference(reference);
+  run_reference(reference, resume);
 }
 
 ReferenceLogits::~ReferenceLogits() = default;
 
-void ReferenceLogits::run_reference(Model& reference) {
+void ReferenceLogits::run_reference(Model& reference, const ForwardCheckpoint* resume) {
   HeadInputRecorder recorder(blocks_);
   forward_windows(
       reference, windows_, windows_per_pass_,
@@ -169,7 +170,7 @@ void ReferenceLogits::run_reference(Model& reference) {
         score_window(windows_[w], logits, rows, nullptr, vocab_, self_);
         if (!head_) logits_[w].assign(logits, logits + rows * vocab_);
       },
-      head_ ? &recorder : nullptr);
+      head_ ? &recorder : nullptr, resume);
   self_.windows = static_cast<std::int64_t>(windows_.size());
   PQ_CHECK(self_.predictions > 0, "nothing to evaluate: no window has two tokens");
 }
@@ -202,17 +203,20 @@ const float* ReferenceLogits::Cursor::logits(std::size_t w) {
   return logits_.data() + row * reference_.vocab_;
 }
 
-EvalResult evaluate(Model& model, const ReferenceLogits& reference) {
+EvalResult evaluate(Model& model, const ReferenceLogits& reference,
+                    const ForwardCheckpoint* resume) {
   PQ_CHECK(model.config().vocab_size == reference.vocab(),
            "reference logits have vocab size {}, the model {}", reference.vocab(),
            model.config().vocab_size);
   EvalResult result;
   ReferenceLogits::Cursor cursor(reference);
-  forward_windows(model, reference.windows(), reference.windows_per_pass(),
-                  [&](std::size_t w, const float* logits, std::int64_t rows) {
-                    score_window(reference.windows()[w], logits, rows, cursor.logits(w),
-                                 reference.vocab(), result);
-                  });
+  forward_windows(
+      model, reference.windows(), reference.windows_per_pass(),
+      [&](std::size_t w, const float* logits, std::int64_t rows) {
+        score_window(reference.windows()[w], logits, rows, cursor.logits(w), reference.vocab(),
+                     result);
+      },
+      nullptr, resume);
   result.windows = static_cast<std::int64_t>(reference.windows().size());
   PQ_CHECK(result.predictions > 0, "nothing to evaluate: no window has two tokens");
   return result;

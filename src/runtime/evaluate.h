@@ -61,8 +61,10 @@ inline constexpr std::int64_t kEvalWindowsPerPass = 4;
 class ReferenceLogits {
  public:
   enum class Keep { kHeadInputs, kLogits };
+  // With `resume`, the reference's pass is resumable (Model::forward).
   ReferenceLogits(Model& reference, Keep keep, std::vector<std::vector<std::int32_t>> windows,
-                  std::int64_t windows_per_pass = kEvalWindowsPerPass);
+                  std::int64_t windows_per_pass = kEvalWindowsPerPass,
+                  const ForwardCheckpoint* resume = nullptr);
   ~ReferenceLogits();
   ReferenceLogits(const ReferenceLogits&) = delete;
   ReferenceLogits& operator=(const ReferenceLogits&) = delete;
@@ -99,7 +101,7 @@ class ReferenceLogits {
   };
   class HeadInputRecorder;
 
-  void run_reference(Model& reference);
+  void run_reference(Model& reference, const ForwardCheckpoint* resume);
   std::size_t block_of(std::size_t window) const;
 
   std::vector<std::vector<std::int32_t>> windows_;
@@ -113,8 +115,10 @@ class ReferenceLogits {
 
 // evaluate() against precomputed reference logits: the same windows, passes and per-prediction
 // arithmetic, so the result equals evaluate(model, windows, &reference_model, windows_per_pass)
-// bit for bit.
-EvalResult evaluate(Model& model, const ReferenceLogits& reference);
+// bit for bit. With `resume`, the model's pass is resumable (Model::forward); the result is the
+// same.
+EvalResult evaluate(Model& model, const ReferenceLogits& reference,
+                    const ForwardCheckpoint* resume = nullptr);
 
 // Greedy decoding: appends the arg-max token `new_tokens` times (stopping after a token in
 // `stop_tokens`), with a key/value cache (Model::extend). Returns only the new tokens; pq::Error

@@ -2240,14 +2240,18 @@ void Model::backward_layer(std::int64_t index, const Pass& pass, const float* x,
   require_finite_activations(index, "input gradient", dx, rows(pass) * hidden);
 }
 
-std::vector<float> Model::final_hidden(const Pass& pass, LinearObserver* observer) {
+std::vector<float> Model::final_hidden(const Pass& pass, LinearObserver* observer,
+                                       const ForwardCheckpoint* resume) {
   const std::int64_t n = pass.whole.rows;
   const std::int64_t hidden = config_.hidden_size;
+  const std::int64_t layers = config_.num_hidden_layers;
   std::vector<float> x(n * hidden), next(n * hidden);
-  embed(pass, x.data());
-  for (std::int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+  const std::int64_t first = resume != nullptr ? resume->restore(layers, x) : 0;
+  if (first == 0) embed(pass, x.data());
+  for (std::int64_t l = first; l < layers; ++l) {
     forward_layer(l, pass, x.data(), next.data(), observer);
     x.swap(next);
+    if (resume != nullptr) resume->save(l + 1, x);
   }
   return x;
 }
@@ -2334,9 +2338,10 @@ void Model::for_each_logits_block(
 }
 
 void Model::forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
-                    LinearObserver* observer, std::int64_t sequences_per_micro_batch) {
+                    LinearObserver* observer, std::int64_t sequences_per_micro_batch,
+                    const ForwardCheckpoint* resume) {
   const auto pass = begin_pass(batch, sequences_per_micro_batch);
-  const std::vector<float> x = final_hidden(*pass, observer);
+  const std::vector<float> x = final_hidden(*pass, observer, resume);
   head_forward(*pass, x.data(), consume, observer);
 }
 

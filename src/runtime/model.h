@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/forward_checkpoint.h"
 #include "runtime/kv_cache.h"
 #include "runtime/observer.h"
 #include "runtime/weights.h"
@@ -130,9 +131,12 @@ class Model {
 
   // Forward pass over the batch. The observer (optional) sees every Linear's input rows, with
   // output_grad == nullptr, and every MoE routing decision. sequences_per_micro_batch > 0 makes
-  // the micro-batches exactly that many consecutive sequences (see begin_pass).
+  // the micro-batches exactly that many consecutive sequences (see begin_pass). With `resume`, the
+  // pass records each layer's output there and starts after the layers a killed run finished
+  // (ForwardCheckpoint); the observer then sees only the layers this run computes.
   void forward(std::span<const Sequence> batch, const LogitsConsumer& consume,
-               LinearObserver* observer = nullptr, std::int64_t sequences_per_micro_batch = 0);
+               LinearObserver* observer = nullptr, std::int64_t sequences_per_micro_batch = 0,
+               const ForwardCheckpoint* resume = nullptr);
 
   // Logits [tokens.size(), vocab] of one sequence.
   std::vector<float> logits(std::span<const std::int32_t> tokens);
@@ -380,8 +384,10 @@ class Model {
       LinearObserver* observer,
       const std::function<void(std::int64_t first, std::int64_t last, const float* input,
                                const float* rstd, float* logits)>& block);
-  // x = the last layer's output for the batch (every layer run forward, each loaded once).
-  std::vector<float> final_hidden(const Pass& pass, LinearObserver* observer);
+  // x = the last layer's output for the batch (every layer run forward, each loaded once; with
+  // `resume`, after the layers it holds).
+  std::vector<float> final_hidden(const Pass& pass, LinearObserver* observer,
+                                  const ForwardCheckpoint* resume = nullptr);
 
   model::ModelConfig config_;
   const WeightSource& weights_;

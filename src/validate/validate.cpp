@@ -11,8 +11,10 @@
 #include <optional>
 #include <span>
 
+#include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "probe/fingerprint.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
 #include "runtime/model.h"
@@ -67,6 +69,42 @@ std::vector<std::int32_t> teacher_forced_predictions(runtime::Model& model,
     predicted.push_back(static_cast<std::int32_t>(std::max_element(row, row + vocab) - row));
   }
   return predicted;
+}
+
+// The held-out passes that keep their boundaries under ValidateJob::work, one directory each.
+constexpr const char* kPassRoles[] = {"reference", "checkpoint", "fp8-kv-cache"};
+
+// The resumable held-out pass `role` of the model in `model_dir` over `windows`
+// (ValidateJob::work), or nullopt without a work directory. Its fingerprint holds the checkpoint's
+// identity and its weight files' write times (an export over the same directory with the same
+// layout changes only the values), the serving target and every window's tokens.
+std::optional<runtime::ForwardCheckpoint> resumable_pass(
+    const ValidateJob& job, std::string_view role, const fs::path& model_dir,
+    std::span<const std::vector<std::int32_t>> windows) {
+  if (job.work.empty()) return std::nullopt;
+  probe::Fingerprint f;
+  f.field("pass", fmt::format("validate-{}/1", role));
+  f.checkpoint(model_dir);
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(model_dir)) {
+    if (entry.path().extension() == ".safetensors") files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  for (const fs::path& file : files) {
+    f.field(file.filename().string(),
+            static_cast<std::uint64_t>(fs::last_write_time(file).time_since_epoch().count()));
+  }
+  f.field("serve_on", formats::serving_target_name(job.serve_on));
+  f.field("windows_per_pass", static_cast<std::uint64_t>(runtime::kEvalWindowsPerPass));
+  for (const std::vector<std::int32_t>& window : windows) {
+    f.field("window", window.size());
+    for (const std::int32_t token : window) f.add(static_cast<std::uint64_t>(token));
+  }
+  return runtime::ForwardCheckpoint(job.work / std::string(role), f.hex());
+}
+
+const runtime::ForwardCheckpoint* pointer(const std::optional<runtime::ForwardCheckpoint>& pass) {
+  return pass ? &*pass : nullptr;
 }
 
 }  // namespace
@@ -142,6 +180,8 @@ std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gat
 }
 
 ValidateReport run_validate(const ValidateJob& job) {
+  PQ_CHECK(job.work.empty() || !fs::exists(job.work) || fs::is_directory(job.work),
+           "{}: --work is not a directory", job.work.string());
   PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
   const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
   check_marlin_group_scales(checkpoint, job.serve_on);
@@ -200,6 +240,15 @@ ValidateReport run_validate(const ValidateJob& job) {
                     std::min<std::int64_t>(
                         job.seqlen, static_cast<std::int64_t>(prompt.size()) + job.sample_tokens));
   }
+  if (!job.work.empty()) {
+    std::int64_t rows = 0;
+    for (const std::vector<std::int32_t>& window : windows) {
+      rows += static_cast<std::int64_t>(window.size());
+    }
+    require_disk_space(
+        job.work, runtime::ForwardCheckpoint::disk_bytes(rows, checkpoint.config().hidden_size),
+        "validate's layer boundaries (--work)");
+  }
   const auto& stop = checkpoint.config().eos_token_ids;
   const auto sample = [&](runtime::Model& model) {
     if (options.keep_layers_resident) {
@@ -218,9 +267,10 @@ ValidateReport run_validate(const ValidateJob& job) {
     PQ_CHECK(reference.model().config().vocab_size == checkpoint.config().vocab_size,
              "reference {} has vocab size {}, the checkpoint {}", job.reference.string(),
              reference.model().config().vocab_size, checkpoint.config().vocab_size);
+    const auto pass = resumable_pass(job, "reference", job.reference, windows);
     reference_logits = std::make_unique<runtime::ReferenceLogits>(
         reference.model(), runtime::ReferenceLogits::Keep::kHeadInputs, windows,
-        runtime::kEvalWindowsPerPass);
+        runtime::kEvalWindowsPerPass, pointer(pass));
     report.reference_sample = sample_text(text_of, sample(reference.model()));
   }
 
@@ -230,7 +280,8 @@ ValidateReport run_validate(const ValidateJob& job) {
   runtime::RuntimeOptions model_options = options;
   if (activations.size() > 0) model_options.activation_quantizer = &activations;
   runtime::Model model(checkpoint.config(), decoded, model_options);
-  const runtime::EvalResult compared = runtime::evaluate(model, *reference_logits);
+  const auto pass = resumable_pass(job, "checkpoint", job.checkpoint, windows);
+  const runtime::EvalResult compared = runtime::evaluate(model, *reference_logits, pointer(pass));
   report.windows = compared.windows;
   report.predictions = compared.predictions;
   report.mean_kl = compared.mean_kl();
@@ -245,7 +296,9 @@ ValidateReport run_validate(const ValidateJob& job) {
     runtime::RuntimeOptions kv_options = model_options;
     kv_options.kv_cache = &kv_cache;
     runtime::Model kv_model(checkpoint.config(), decoded, kv_options);
-    const runtime::EvalResult with_kv = runtime::evaluate(kv_model, *reference_logits);
+    const auto kv_pass = resumable_pass(job, "fp8-kv-cache", job.checkpoint, windows);
+    const runtime::EvalResult with_kv =
+        runtime::evaluate(kv_model, *reference_logits, pointer(kv_pass));
     ValidateReport::KvCacheFigures kv;
     kv.layers = static_cast<std::int64_t>(kv_cache.layers().size());
     kv.min_scale = std::numeric_limits<float>::infinity();
@@ -264,6 +317,12 @@ ValidateReport run_validate(const ValidateJob& job) {
     for (const std::string& failure : gate_failures(as_served, job.gates)) {
       report.failures.push_back("with the FP8 KV cache: " + failure);
     }
+  }
+  if (!job.work.empty()) {
+    // The passes' directories, then the work directory itself if that left it empty.
+    std::error_code error;
+    for (const char* role : kPassRoles) fs::remove_all(job.work / role, error);
+    fs::remove(job.work, error);
   }
   return report;
 }

@@ -42,6 +42,12 @@ struct ValidateJob {
   // with the key/value cache; larger ones stream one layer at a time (memory about one layer)
   // and sample teacher-forced, since greedy decoding would read every layer again per token.
   std::int64_t resident_f32_bytes = 1ll << 30;
+  // Where the held-out passes keep their layer boundaries (runtime::ForwardCheckpoint: one
+  // directory per pass, two boundaries of windows x seqlen x hidden floats at most), so that a
+  // killed run given the same directory resumes after the last finished layer of each pass; empty:
+  // nothing is kept. run_validate removes the passes' directories once the report is measured, and
+  // the work directory if that leaves it empty.
+  std::filesystem::path work{};
 };
 
 struct ValidateReport {

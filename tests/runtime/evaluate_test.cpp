@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "common/error.h"
 #include "io/safetensors.h"
@@ -132,6 +134,62 @@ TEST_P(FixtureModels, BoundedReferenceLogitsMatchStreamingReference) {
       EXPECT_EQ(kept.bytes(), 3u * 48u * config.vocab_size * sizeof(float));
     }
   }
+}
+
+// A pass with a ForwardCheckpoint that dies after two layers resumes at the third and gives the
+// uninterrupted pass's logits bit for bit; once every layer is done a rerun runs only the head;
+// a checkpoint of another fingerprint is cleared and the pass starts over.
+TEST_P(FixtureModels, ResumedPassEqualsUninterruptedPass) {
+  const auto ids = fixture_["ppl_token_ids"].get<std::vector<std::int32_t>>();
+  const auto windows = token_windows(ids, 48, 3);
+  std::vector<Sequence> batch;
+  for (const auto& window : windows) batch.push_back({window, {}});
+  Model model = make_model();
+  const auto logits_of = [&](LinearObserver* observer, const ForwardCheckpoint* resume) {
+    std::vector<float> all;
+    model.forward(
+        batch,
+        [&](std::int64_t, const float* z, std::int64_t rows) {
+          all.insert(all.end(), z, z + rows * model.config().vocab_size);
+        },
+        observer, 2, resume);
+    return all;
+  };
+  // The layers an observer saw (-1: the head); throws on seeing `die_at`.
+  struct LayerLog final : LinearObserver {
+    std::int64_t die_at = -2;
+    std::set<std::int64_t> layers;
+    void on_linear(const LinearActivity& activity) override {
+      if (activity.layer == die_at) throw Error("killed");
+      layers.insert(activity.layer);
+    }
+  };
+  const std::vector<float> expected = logits_of(nullptr, nullptr);
+  const test::TempDir dir;
+  const ForwardCheckpoint resume(dir.path() / "pass", "fingerprint");
+  LayerLog dying;
+  dying.die_at = 2;
+  EXPECT_THROW(logits_of(&dying, &resume), Error);
+  EXPECT_TRUE(std::filesystem::exists(dir.path() / "pass" / "x.2.f32"));
+
+  LayerLog resumed;
+  EXPECT_EQ(logits_of(&resumed, &resume), expected);
+  const std::int64_t layers = model.config().num_hidden_layers;
+  EXPECT_EQ(*resumed.layers.begin(), -1);
+  EXPECT_EQ(*std::next(resumed.layers.begin()), 2);
+  EXPECT_EQ(*resumed.layers.rbegin(), layers - 1);
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir.path() / "pass"),
+                          std::filesystem::directory_iterator()),
+            2);  // state.json and the last layer's output
+
+  LayerLog head_only;
+  EXPECT_EQ(logits_of(&head_only, &resume), expected);
+  EXPECT_EQ(head_only.layers, std::set<std::int64_t>{-1});
+
+  const ForwardCheckpoint foreign(dir.path() / "pass", "another fingerprint");
+  LayerLog again;
+  EXPECT_EQ(logits_of(&again, &foreign), expected);
+  EXPECT_EQ(again.layers.size(), static_cast<std::size_t>(layers + 1));
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3, FixtureModels,

@@ -502,6 +502,33 @@ TEST_F(ExportedCheckpoint, StreamedValidateSamplesTeacherForced) {
   EXPECT_FALSE(streamed.reference_sample.empty());
 }
 
+// With a work directory, each held-out pass keeps its layer boundaries there while it runs
+// (runtime::ForwardCheckpoint, whose resume tests/runtime covers) and the report is the same; a
+// foreign pass state found there is ignored, the passes' directories are removed at the end, and
+// files of the caller's in the directory are left alone.
+TEST_F(ExportedCheckpoint, ValidateWithAWorkDirectoryMeasuresTheSame) {
+  const ValidateReport plain = run_validate(validate_exported(8));
+  ValidateJob job = validate_exported(8);
+  job.work = *dir_ / "validate-work";
+  fs::create_directories(job.work / "checkpoint");
+  write_text_file_atomic(job.work / "checkpoint" / "state.json",
+                         R"({"fingerprint": "another pass", "steps_done": 2})");
+  write_text_file_atomic(job.work / "checkpoint" / "x.2.f32", "not a boundary");
+  write_text_file_atomic(job.work / "notes.txt", "the caller's");
+  const ValidateReport resumable = run_validate(job);
+  EXPECT_EQ(resumable.mean_kl, plain.mean_kl);
+  EXPECT_EQ(resumable.perplexity, plain.perplexity);
+  EXPECT_EQ(resumable.reference_perplexity, plain.reference_perplexity);
+  EXPECT_EQ(resumable.top1_agreement, plain.top1_agreement);
+  EXPECT_EQ(resumable.sample, plain.sample);
+  EXPECT_FALSE(fs::exists(job.work / "reference"));
+  EXPECT_FALSE(fs::exists(job.work / "checkpoint"));
+  EXPECT_TRUE(fs::exists(job.work / "notes.txt"));
+  fs::remove(job.work / "notes.txt");
+  run_validate(job);
+  EXPECT_FALSE(fs::exists(job.work));
+}
+
 TEST_F(ExportedCheckpoint, RegexAndClassTargetsResolveLikeCompressedTensors) {
   // q/k/v by one regex; o_proj of layer 0 additionally under a group targeting "Linear": the
   // exact name is more specific, so it keeps its own group.
