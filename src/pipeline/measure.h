@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "runtime/evaluate.h"
+#include "runtime/forward_checkpoint.h"
 
 namespace pq::pipeline {
 
@@ -28,12 +30,23 @@ std::vector<std::vector<std::int32_t>> heldout_windows(const std::filesystem::pa
 // float32. Each Linear is decoded as the runtime loads it (EncodedLinears); with the encoder's
 // render cache, layers are not kept resident and each is rendered once, stored for the export.
 // With `kv_cache`, the figures are measured a second time with vLLM's FP8 KV cache simulated
-// (MeasuredQuality::fp8_kv_cache); the first measurement keeps the default bf16 cache.
+// (MeasuredQuality::fp8_kv_cache); the first measurement keeps the default bf16 cache. With
+// `resume_dir`, each pass keeps its layer boundaries below it (runtime::ForwardCheckpoint, under a
+// fingerprint of the encoder, the assignment and the windows), so that a killed run measuring the
+// same again resumes after its last finished layer; the directory is the caller's to remove.
 exporter::MeasuredQuality measure_assignment(const model::ModelConfig& config,
                                              const io::Checkpoint& source,
                                              const exporter::LinearEncoder& encoder,
                                              const std::map<std::string, std::string>& format_of,
                                              const runtime::ReferenceLogits& reference,
-                                             const runtime::Fp8KvCache* kv_cache = nullptr);
+                                             const runtime::Fp8KvCache* kv_cache = nullptr,
+                                             const std::filesystem::path& resume_dir = {});
+
+// The resumable pass of the source model over `windows` that a ReferenceLogits of the quantize
+// pipeline runs (runtime::ForwardCheckpoint in `dir`), fingerprinted by the source checkpoint and
+// the windows.
+runtime::ForwardCheckpoint reference_pass(const std::filesystem::path& dir,
+                                          const std::filesystem::path& model_dir,
+                                          std::span<const std::vector<std::int32_t>> windows);
 
 }  // namespace pq::pipeline

@@ -58,7 +58,8 @@ class NewWorkDirectory {
 // stored) with export's staging, and in the work directory the rounded Linears kept in
 // WORK/render (every offered (Linear, format) a kl-fisher cost renders, less what a previous run
 // already rendered there) and, for kl-fisher, the layer boundaries its pass keeps on disk until
-// its backward passes them. The probe and the pass check their own disk again when they start.
+// its backward passes them, or the held-out passes' boundaries where those are more. The probe and
+// the pass check their own disk again when they start.
 void require_disk_for_outputs(const QuantizeJob& job, const std::vector<std::string>& menu,
                               const std::filesystem::path& work) {
   const model::ModelSpec spec = model::load_model_spec(job.model);
@@ -90,12 +91,22 @@ void require_disk_for_outputs(const QuantizeJob& job, const std::vector<std::str
   std::uint64_t work_need =
       std::max<std::uint64_t>(quantized, cost::render_bytes(spec, menu, job.serve_on));
   work_need -= std::min(work_need, bytes_under(work / "render"));
+  const model::ModelConfig config = model::ModelConfig::load(job.model);
+  const auto boundary_bytes = [&](std::uint64_t tokens) {
+    return tokens * static_cast<std::uint64_t>(config.hidden_size) * sizeof(float);
+  };
+  std::uint64_t kl_boundaries = 0;
   if (job.objective == cost::Objective::kKlFisher) {
-    const model::ModelConfig config = model::ModelConfig::load(job.model);
-    work_need += static_cast<std::uint64_t>(config.num_hidden_layers +
-                                            2 * static_cast<std::int64_t>(job.kl_probes)) *
-                 job.nsamples * job.seqlen * static_cast<std::uint64_t>(config.hidden_size) * 4;
+    kl_boundaries = static_cast<std::uint64_t>(config.num_hidden_layers +
+                                               2 * static_cast<std::int64_t>(job.kl_probes)) *
+                    boundary_bytes(job.nsamples * job.seqlen);
   }
+  // The held-out passes (the measurement's reference, assignment with and without the FP8 KV
+  // cache and uniform baseline, then validate's three) keep a boundary each until validate ends,
+  // and one more while a pass moves to its next layer; the KL-Fisher pass has removed its own by
+  // then.
+  const std::uint64_t eval_boundaries = 9 * boundary_bytes(job.eval_windows * job.eval_seqlen);
+  work_need += std::max(kl_boundaries, eval_boundaries);
   if (same_filesystem(job.out, work)) {
     require_disk_space(job.out, out_need + work_need,
                        "quantize (the checkpoint, and its rounded Linears and pass in the work "
@@ -278,6 +289,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   // The assignment's held-out quality with the exact weights export writes, measured before the
   // export so the model card can state it (validate measures the written checkpoint again).
   start = std::chrono::steady_clock::now();
+  // The measurement's passes keep their layer boundaries here until validate is done, so that a
+  // killed run resumes each where it stopped (a pass that finished runs only its head again).
+  const std::filesystem::path measure_dir = work / "measure";
   std::map<std::string, std::string> format_of;
   for (const alloc::AssignedLinear& linear : shipped->linears) {
     format_of[linear.name] = linear.format;
@@ -289,13 +303,16 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
       // Streamed, not resident, and kept as lm_head inputs rather than logits: memory stays near
       // one layer plus the head whatever the model's size.
       runtime::CheckpointModel source(job.model);
-      return runtime::ReferenceLogits(
-          source.model(), runtime::ReferenceLogits::Keep::kHeadInputs,
-          heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen),
-          runtime::kEvalWindowsPerPass);
+      auto windows =
+          heldout_windows(job.model, job.data, job.token_ids, job.eval_windows, job.eval_seqlen);
+      const runtime::ForwardCheckpoint resume =
+          reference_pass(measure_dir / "reference", job.model, windows);
+      return runtime::ReferenceLogits(source.model(), runtime::ReferenceLogits::Keep::kHeadInputs,
+                                      std::move(windows), runtime::kEvalWindowsPerPass, &resume);
     }();
-    outcome.measured = measure_assignment(config, checkpoint, encoder, format_of, reference,
-                                          job.kv_cache ? &kv_cache : nullptr);
+    outcome.measured =
+        measure_assignment(config, checkpoint, encoder, format_of, reference,
+                           job.kv_cache ? &kv_cache : nullptr, measure_dir / "assignment");
     outcome.measured.data = fmt::format("{}, held-out split", job.data.filename().string());
     outcome.stages.push_back({"measure", seconds_since(start), false});
 
@@ -303,8 +320,9 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
     // windows; an assignment that loses to it is not exported.
     if (const std::optional<std::string> format = uniform_baseline_format(menu)) {
       start = std::chrono::steady_clock::now();
-      outcome.uniform = measure_uniform_baseline(config, checkpoint, encoder, costed.table,
-                                                 format_of, reference, *format);
+      outcome.uniform =
+          measure_uniform_baseline(config, checkpoint, encoder, costed.table, format_of, reference,
+                                   *format, measure_dir / "uniform");
       if (outcome.uniform->quality) outcome.uniform->quality->data = outcome.measured.data;
       outcome.stages.push_back({"uniform", seconds_since(start), false});
       require_not_worse_than_uniform(outcome.measured, *outcome.uniform);
@@ -343,6 +361,8 @@ QuantizeOutcome run_quantize(const QuantizeJob& job) {
   validate_job.serve_on = job.serve_on;
   validate_job.work = work / "validate";
   outcome.validated = validate::run_validate(validate_job);
+  std::error_code removed;
+  std::filesystem::remove_all(measure_dir, removed);
   validate::write_report(work / "validate.json", outcome.validated);
   outcome.stages.push_back({"validate", seconds_since(start), false});
   PQ_CHECK(outcome.validated.passed(), "{}: validation failed: {} (report: {})", job.out.string(),

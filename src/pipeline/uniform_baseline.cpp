@@ -21,7 +21,7 @@ exporter::UniformBaseline measure_uniform_baseline(
     const model::ModelConfig& config, const io::Checkpoint& source,
     const exporter::LinearEncoder& encoder, const alloc::CostTable& table,
     const std::map<std::string, std::string>& shipped, const runtime::ReferenceLogits& reference,
-    std::string_view format) {
+    std::string_view format, const std::filesystem::path& resume_dir) {
   exporter::UniformBaseline baseline;
   baseline.format = std::string(format);
   std::map<std::string, std::string> uniform;
@@ -45,7 +45,8 @@ exporter::UniformBaseline measure_uniform_baseline(
     baseline.linears += offered ? 1 : 0;
   }
   if (baseline.bytes <= baseline.shipped_bytes) {
-    baseline.quality = measure_assignment(config, source, encoder, uniform, reference);
+    baseline.quality =
+        measure_assignment(config, source, encoder, uniform, reference, nullptr, resume_dir);
   }
   return baseline;
 }

@@ -22,13 +22,13 @@ std::optional<std::string> uniform_baseline_format(const std::vector<std::string
 // The uniform baseline of `shipped` (Linear name -> format name): each Linear whose cost-table
 // row offers `format` (its shape takes it and vLLM on the target loads it) in `format`, every
 // other Linear in its shipped format; bytes from the table. Measured with measure_assignment
-// (the same encoder, so the same render, and the same held-out windows) when it fits in the
-// shipped bytes.
+// (the same encoder, so the same render, and the same held-out windows; resumable with
+// `resume_dir`) when it fits in the shipped bytes.
 exporter::UniformBaseline measure_uniform_baseline(
     const model::ModelConfig& config, const io::Checkpoint& source,
     const exporter::LinearEncoder& encoder, const alloc::CostTable& table,
     const std::map<std::string, std::string>& shipped, const runtime::ReferenceLogits& reference,
-    std::string_view format);
+    std::string_view format, const std::filesystem::path& resume_dir = {});
 
 // How much higher `shipped`'s held-out perplexity is than `baseline`'s, in standard errors: the
 // mean of the per-prediction NLL differences (prediction_nll, paired: the same windows) over its

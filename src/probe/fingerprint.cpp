@@ -36,6 +36,15 @@ Fingerprint& Fingerprint::field(std::string_view key, std::uint64_t value) {
   return *this;
 }
 
+Fingerprint& Fingerprint::token_windows(std::span<const std::vector<std::int32_t>> windows) {
+  field("windows", windows.size());
+  for (const std::vector<std::int32_t>& window : windows) {
+    add(window.size());
+    for (const std::int32_t token : window) add(static_cast<std::uint64_t>(token));
+  }
+  return *this;
+}
+
 Fingerprint& Fingerprint::file_content(const std::filesystem::path& path) {
   const MappedFile file(path);
   const auto* data = reinterpret_cast<const char*>(file.data());

@@ -2,8 +2,10 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace pq::probe {
 
@@ -26,6 +28,8 @@ class Fingerprint {
   // tokenizer.json that turns it into tokens; then the data file's content.
   Fingerprint& calibration_data(const std::filesystem::path& model_dir,
                                 const std::filesystem::path& data, bool token_ids);
+  // Token windows (a held-out evaluation's): how many, and each one's length and ids.
+  Fingerprint& token_windows(std::span<const std::vector<std::int32_t>> windows);
   std::string hex() const;
 
  private:

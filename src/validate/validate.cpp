@@ -96,10 +96,7 @@ std::optional<runtime::ForwardCheckpoint> resumable_pass(
   }
   f.field("serve_on", formats::serving_target_name(job.serve_on));
   f.field("windows_per_pass", static_cast<std::uint64_t>(runtime::kEvalWindowsPerPass));
-  for (const std::vector<std::int32_t>& window : windows) {
-    f.field("window", window.size());
-    for (const std::int32_t token : window) f.add(static_cast<std::uint64_t>(token));
-  }
+  f.token_windows(windows);
   return runtime::ForwardCheckpoint(job.work / std::string(role), f.hex());
 }
 

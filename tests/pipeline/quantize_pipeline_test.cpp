@@ -82,6 +82,9 @@ TEST_P(QuantizePipeline, EndToEndAtFourPointSevenFiveBits) {
   }
   EXPECT_TRUE(std::filesystem::exists(dir / "out.work/probe/probe.json"));
   EXPECT_TRUE(std::filesystem::exists(dir / "out.work/cost/cost.json"));
+  // The held-out passes' layer boundaries are gone once validate is done.
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.work/measure"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.work/validate"));
 
   // The measured held-out quality of the exported weights is in the model card.
   const exporter::MeasuredQuality& measured = outcome.measured;

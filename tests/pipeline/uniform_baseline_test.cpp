@@ -133,6 +133,16 @@ TEST(UniformBaseline, RefusesAnAssignmentWorseThanUniformNvfp4) {
       heldout_windows(model, data, false, 2, 128), runtime::kEvalWindowsPerPass);
   const exporter::MeasuredQuality shipped =
       measure_assignment(config, checkpoint, encoder, crafted, reference);
+  // Resumable, the measurement is the same; measured again, each pass resumes from its last
+  // layer's output and runs only the head, with the same figures.
+  for (int run = 0; run < 2; ++run) {
+    const exporter::MeasuredQuality resumable =
+        measure_assignment(config, checkpoint, encoder, crafted, reference, nullptr, dir / "m");
+    EXPECT_EQ(resumable.mean_kl, shipped.mean_kl);
+    EXPECT_EQ(resumable.perplexity, shipped.perplexity);
+    EXPECT_EQ(resumable.prediction_nll, shipped.prediction_nll);
+  }
+  EXPECT_TRUE(std::filesystem::exists(dir / "m" / "bf16-kv-cache" / "state.json"));
   const exporter::UniformBaseline baseline =
       measure_uniform_baseline(config, checkpoint, encoder, table, crafted, reference, "NVFP4");
   EXPECT_EQ(baseline.bytes, nvfp4);
