@@ -2,7 +2,8 @@
 // same run (the baseline): Nearest/<format>/<out>/<in> is WeightFormat::quantize;
 // Gptq/<format>/<out>/<in>/<sweep> is gptq_round (Cholesky inverse, lazy-batch pass, optional
 // scale sweep) plus encode_groups. The Hessian comes from 4096 correlated synthetic tokens.
-// Shapes: qwen3-dense-tiny's down_proj (256 x 768) and square 2048 and 4096 weights.
+// Shapes: qwen3-dense-tiny's down_proj (256 x 768), a Qwen3-30B-A3B expert's gate/up (768 x 2048)
+// and down_proj (2048 x 768), and square 2048 and 4096 weights.
 // LocalHessian/<format>/<out>/<in>/<bracket> is local_hessian_round plus encode_groups.
 
 #include <benchmark/benchmark.h>
@@ -131,8 +132,11 @@ void register_all() {
     }
   }
   for (const char* name : kFormats) {
-    for (const auto& [out, in] :
-         {std::pair<std::int64_t, std::int64_t>{256, 768}, {2048, 2048}, {4096, 4096}}) {
+    for (const auto& [out, in] : {std::pair<std::int64_t, std::int64_t>{256, 768},
+                                  {768, 2048},
+                                  {2048, 768},
+                                  {2048, 2048},
+                                  {4096, 4096}}) {
       benchmark::RegisterBenchmark((std::string("Nearest/") + name).c_str(), Nearest, name)
           ->Args({out, in})
           ->Unit(benchmark::kMillisecond);
