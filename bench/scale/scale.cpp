@@ -47,6 +47,19 @@ struct Shape {
   bool tied;
   std::int64_t experts = 0, experts_per_token = 0, moe_intermediate = 0;
   std::int64_t vocab = 151936;
+  // Qwen3.5/3.6 hybrids (qwen3_5-architecture-facts.md; FLOP model only, `synth` writes Qwen3
+  // checkpoints): every full_attention_interval-th layer is full attention with an output gate
+  // (q_proj twice as wide), the others Gated DeltaNet with linear_key_heads x 128 keys and
+  // linear_value_heads x 128 values; a MoE adds a shared expert of this width.
+  std::int64_t full_attention_interval = 1;
+  std::int64_t linear_key_heads = 0, linear_value_heads = 0;
+  std::int64_t shared_expert_intermediate = 0;
+
+  bool hybrid() const { return full_attention_interval > 1; }
+  // Layer `layer` is Gated DeltaNet (layer_types "linear_attention").
+  bool linear_attention(std::int64_t layer) const {
+    return hybrid() && (layer + 1) % full_attention_interval != 0;
+  }
 };
 
 const std::vector<Shape>& shapes() {
@@ -59,6 +72,10 @@ const std::vector<Shape>& shapes() {
       {"qwen3-smoke", 2, 256, 4, 2, 64, 768, true},
       // The same with 30B-A3B's MoE layout scaled down: 16 experts, top 4, width 128.
       {"qwen3-moe-smoke", 2, 256, 4, 2, 64, 768, false, 16, 4, 128},
+      // Qwen3.6-27B and Qwen3.6-35B-A3B (qwen3_5-architecture-facts.md §2, sources R27 and C36;
+      // vision tower and MTP head not counted): for `estimate` only.
+      {"qwen3.6-27b", 64, 5120, 24, 4, 256, 17408, false, 0, 0, 0, 248320, 4, 16, 48},
+      {"qwen3.6-35b-a3b", 40, 2048, 16, 2, 256, 0, false, 256, 8, 512, 248320, 4, 16, 32, 512},
   };
   return kShapes;
 }
@@ -240,6 +257,8 @@ std::vector<TensorPlan> tensor_plan(const Shape& s) {
 
 void synthesize(const Shape& s, const fs::path& out, const fs::path& tokenizer_dir,
                 std::uint64_t seed, bool fp8) {
+  PQ_CHECK(!s.hybrid(), "{} is a shape for `estimate`: synth writes Qwen3 checkpoints only",
+           s.name);
   fs::create_directories(out);
   {
     json c = config_json(s);
@@ -306,13 +325,30 @@ struct LinearShape {
   bool shares_previous_input;  // k/v share q's input, up shares gate's (one Hessian each)
 };
 
-// The quantizable Linears of one decoder layer (lm_head excluded, as prismaquant's default).
-std::vector<LinearShape> layer_linears(const Shape& s) {
+// The quantizable Linears of decoder layer `layer` (lm_head excluded, as prismaquant's default).
+std::vector<LinearShape> layer_linears(const Shape& s, std::int64_t layer) {
   const std::int64_t q = s.heads * s.head_dim, kv = s.kv_heads * s.head_dim;
-  std::vector<LinearShape> l = {{q, s.hidden, 1, false},
-                                {kv, s.hidden, 1, true},
-                                {kv, s.hidden, 1, true},
-                                {s.hidden, q, 1, false}};
+  std::vector<LinearShape> l;
+  if (s.linear_attention(layer)) {
+    // Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a read the hidden state,
+    // out_proj the gated values (facts §4; head dims 128).
+    const std::int64_t keys = s.linear_key_heads * 128, values = s.linear_value_heads * 128;
+    l = {{2 * keys + values, s.hidden, 1, false},
+         {values, s.hidden, 1, true},
+         {s.linear_value_heads, s.hidden, 1, true},
+         {s.linear_value_heads, s.hidden, 1, true},
+         {s.hidden, values, 1, false}};
+  } else {
+    l = {{s.hybrid() ? 2 * q : q, s.hidden, 1, false},
+         {kv, s.hidden, 1, true},
+         {kv, s.hidden, 1, true},
+         {s.hidden, q, 1, false}};
+  }
+  if (s.shared_expert_intermediate > 0) {
+    l.push_back({s.shared_expert_intermediate, s.hidden, 1, false});
+    l.push_back({s.shared_expert_intermediate, s.hidden, 1, true});
+    l.push_back({s.hidden, s.shared_expert_intermediate, 1, false});
+  }
   if (s.experts > 0) {
     l.push_back({s.experts, s.hidden, 1, false});
     const double share = static_cast<double>(s.experts_per_token) / static_cast<double>(s.experts);
@@ -336,20 +372,29 @@ struct FlopModel {
   double weight_cubic = 0;       // sum over Linears of 2 out in^2 (dW H, GPTQ updates)
   double inverse_cubic = 0;      // sum over distinct inputs of in^3 (Cholesky + inverse)
   double attention_per_token_context = 0;  // 4 H D per layer: QK^T and AV per (token, key)
+  double all_params = 0;                   // every decoder Linear's weights, every expert's
+  std::int64_t widest_input = 0;           // the largest Hessian's order
 
+  // Gated DeltaNet's recurrence (about 6 Hv dk dv per token) and causal convolution are not
+  // counted: below 1% of the projections' 2 P per token at the Qwen3.6 shapes.
   explicit FlopModel(const Shape& s) {
     head_params = static_cast<double>(s.vocab) * s.hidden;
     active_params = head_params;
-    for (const LinearShape& l : layer_linears(s)) {
-      const double w = static_cast<double>(l.out) * l.in;
-      active_params += w * l.per_token * s.layers;
-      weight_cubic += 2.0 * w * l.in * s.layers;
-      if (!l.shares_previous_input) {
-        hessian_per_token += static_cast<double>(l.in) * l.in * l.per_token * s.layers;
-        inverse_cubic += static_cast<double>(l.in) * l.in * l.in * s.layers;
+    for (std::int64_t layer = 0; layer < s.layers; ++layer) {
+      for (const LinearShape& l : layer_linears(s, layer)) {
+        const double w = static_cast<double>(l.out) * l.in;
+        const double in = static_cast<double>(l.in);
+        active_params += w * l.per_token;
+        all_params += w;
+        weight_cubic += 2.0 * w * in;
+        if (!l.shares_previous_input) {
+          hessian_per_token += in * in * l.per_token;
+          inverse_cubic += in * in * in;
+          widest_input = std::max(widest_input, l.in);
+        }
       }
+      if (!s.linear_attention(layer)) attention_per_token_context += 4.0 * s.heads * s.head_dim;
     }
-    attention_per_token_context = 4.0 * s.heads * s.head_dim * s.layers;
   }
   // One forward over sequences of `length` tokens (causal: a token sees length/2 keys on average).
   double forward(double tokens, double length) const {
@@ -446,6 +491,55 @@ double gemm_bf16_rate(std::int64_t n, int threads) {
   }
   omp_set_num_threads(saved);
   return 2.0 * static_cast<double>(n) * n * n / best;
+}
+
+// The menu's counts that the FLOP model needs: formats, those GPTQ renders, those that quantize
+// activations.
+void count_formats(const std::string& formats, const Shape& shape, RunOptions& o) {
+  o.formats = 0;
+  o.grouped_formats = 0;
+  o.activation_formats = 0;
+  std::stringstream menu(formats);
+  for (std::string name; std::getline(menu, name, ',');) {
+    ++o.formats;
+    const pq::formats::WeightFormat& format = pq::formats::format_by_name(name);
+    if (format.group_layout({shape.hidden, shape.hidden})) ++o.grouped_formats;
+    // Any global scale will do: the count asks only whether the format quantizes activations.
+    pq::formats::QuantizeOptions options;
+    options.input_global_scale = 1.0f;
+    if (format.activation_quantizer(options)) ++o.activation_formats;
+  }
+}
+
+// `estimate`: the default job's stages by the FLOP model (docs/scaling.md), with the floors at
+// `rate` FLOP/s, and what the model's size puts on memory and disk.
+void print_estimate(const Shape& shape, const RunOptions& o, double rate) {
+  const FlopModel f(shape);
+  const double tokens = static_cast<double>(o.nsamples * o.seqlen);
+  const double renders =
+      static_cast<double>(o.grouped_formats) * (f.weight_cubic + f.inverse_cubic);
+  std::printf(
+      "%s: %.2f B decoder Linear parameters (%.2f B active per token with lm_head), %lld x %lld "
+      "calibration tokens, %lld x %lld held out, floors at %.1f GFLOP/s\n",
+      shape.name.c_str(), f.all_params / 1e9, f.active_params / 1e9,
+      static_cast<long long>(o.nsamples), static_cast<long long>(o.seqlen),
+      static_cast<long long>(o.eval_windows), static_cast<long long>(o.eval_seqlen), rate / 1e9);
+  std::printf("\n| stage | GFLOP | floor s |\n|---|---|---|\n");
+  for (const char* stage : {"probe", "cost", "export", "validate"}) {
+    const double flops = stage_flops(stage, f, o);
+    std::printf("| %s | %.0f | %.0f |\n", stage, flops / 1e9, flops / rate);
+  }
+  std::printf("| (of the cost: GPTQ renders, in f64) | %.0f | %.0f |\n", renders / 1e9,
+              renders / rate);
+  const double widest = static_cast<double>(f.widest_input);
+  std::printf(
+      "\nKL-Fisher pass boundaries on disk: %.1f GB (%lld layers x %.0f tokens x %lld x 4 "
+      "bytes); the widest Hessian (%lld inputs): %.2f GB in f32, its GPTQ factor and damped "
+      "copy %.2f GB in f64\n",
+      static_cast<double>(shape.layers) * tokens * static_cast<double>(shape.hidden) * 4 / 1e9,
+      static_cast<long long>(shape.layers), tokens, static_cast<long long>(shape.hidden),
+      static_cast<long long>(f.widest_input), widest * widest * 4 / 1e9,
+      2.0 * widest * widest * 8 / 1e9);
 }
 
 // ---- Child processes ----------------------------------------------------------------------
@@ -645,6 +739,18 @@ int main(int argc, char** argv) {
   run->add_option("--data", data)->capture_default_str();
   run->add_option("--prismaquant", cli)->capture_default_str();
   run->add_option("--json", json_path, "also write the figures as JSON here");
+  CLI::App* estimate = app.add_subcommand(
+      "estimate", "Print the FLOP model's figures for --shape without running anything");
+  double rate_gflops = 0;
+  estimate->add_option("--shape", shape_name)->capture_default_str();
+  estimate->add_option("--nsamples", o.nsamples)->capture_default_str();
+  estimate->add_option("--seqlen", o.seqlen)->capture_default_str();
+  estimate->add_option("--eval-windows", o.eval_windows)->capture_default_str();
+  estimate->add_option("--eval-seqlen", o.eval_seqlen)->capture_default_str();
+  estimate->add_option("--formats", formats)->capture_default_str();
+  estimate->add_option("--rate", rate_gflops,
+                       "GFLOP/s the floors are taken at (default: gemm_bf16 on all threads, "
+                       "measured now)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -653,20 +759,15 @@ int main(int argc, char** argv) {
       synthesize(shape, model_dir, tokenizer_dir, seed, fp8);
       return 0;
     }
-    fs::create_directories(work / "logs");
-    o.formats = 0;
-    o.grouped_formats = 0;
-    o.activation_formats = 0;
-    std::stringstream menu(formats);
-    for (std::string name; std::getline(menu, name, ',');) {
-      ++o.formats;
-      const pq::formats::WeightFormat& format = pq::formats::format_by_name(name);
-      if (format.group_layout({shape.hidden, shape.hidden})) ++o.grouped_formats;
-      // Any global scale will do: the count asks only whether the format quantizes activations.
-      pq::formats::QuantizeOptions options;
-      options.input_global_scale = 1.0f;
-      if (format.activation_quantizer(options)) ++o.activation_formats;
+    count_formats(formats, shape, o);
+    if (estimate->parsed()) {
+      print_estimate(
+          shape, o,
+          rate_gflops > 0 ? rate_gflops * 1e9 : gemm_bf16_rate(4096, omp_get_max_threads()));
+      return 0;
     }
+    PQ_CHECK(!shape.hybrid(), "{} is a shape for `estimate` only", shape.name);
+    fs::create_directories(work / "logs");
     const double rate_all = gemm_bf16_rate(4096, omp_get_max_threads());
     const double rate_core = gemm_bf16_rate(4096, 1);
     std::printf("gemm_bf16 4096^3: %.1f GFLOP/s on %d threads, %.1f GFLOP/s on one\n",
