@@ -337,8 +337,8 @@ CostOutcome run_cost(const CostJob& job) {
     // the backward's perturbations then read those renders back.
     const auto prepare = [&](std::int64_t, std::span<const std::size_t> linears,
                              const probe::ProbeAccumulator* sums) {
-      nlohmann::json columns = nlohmann::json::object();
-      for (const std::size_t i : linears) {
+      // Every offered format of Linear i, rendered and measured: its slots of error columns.
+      const auto prepare_linear = [&](std::size_t i) {
         const model::Linear& linear = spec.linears[i];
         const std::vector<float> weight = model::read_source_weight(checkpoint, linear);
         LinearStatistics stats = statistics_of(i);
@@ -353,7 +353,7 @@ CostOutcome run_cost(const CostJob& job) {
           }
           stats.act_second_moment = moment;
         }
-        nlohmann::json& slots = columns[linear.name];
+        nlohmann::json slots = nlohmann::json::array();
         for (std::size_t f = 0; f < menu.size(); ++f) {
           if (!offered(*menu[f], linear, job.serve_on)) {
             slots.push_back(nullptr);
@@ -364,7 +364,41 @@ CostOutcome run_cost(const CostJob& job) {
           slots.push_back(errors_to_json(measure_errors(
               weight, rendered.weight, {linear.out_features, linear.in_features}, stats)));
         }
+        return slots;
+      };
+      // A MoE layer's routed experts are many small Linears, each expert's reading an input of
+      // its own: experts render in parallel, an expert's Linears one after another on one thread
+      // (they share its Hessian factor) with GPTQ's row blocks serial inside. An expert's weight
+      // has too few row blocks (6 for a 768-row one) to keep many cores busy alone. Every other
+      // Linear renders alone, its row blocks on every thread.
+      nlohmann::json columns = nlohmann::json::object();
+      std::vector<std::string> expert_keys;
+      std::map<std::string, std::vector<std::size_t>> experts;
+      for (const std::size_t i : linears) {
+        const model::Linear& linear = spec.linears[i];
+        if (!linear.expert) {
+          columns[linear.name] = prepare_linear(i);
+          continue;
+        }
+        const std::string key = probe::input_key(linear);
+        if (!experts.contains(key)) expert_keys.push_back(key);
+        experts[key].push_back(i);
       }
+      std::vector<nlohmann::json> expert_columns(expert_keys.size());
+      std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1)
+      for (std::size_t e = 0; e < expert_keys.size(); ++e) {
+        try {
+          for (const std::size_t i : experts.at(expert_keys[e])) {
+            expert_columns[e][spec.linears[i].name] = prepare_linear(i);
+          }
+        } catch (...) {
+#pragma omp critical(pq_cost_prepare_failure)
+          if (!failure) failure = std::current_exception();
+        }
+      }
+      if (failure) std::rethrow_exception(failure);
+      for (nlohmann::json& expert : expert_columns) columns.update(expert);
       return columns;
     };
     KlFisherJob pass = kl_fisher_job(job, !probed.has_hessians());

@@ -1,6 +1,7 @@
 #include "cost/kl_fisher.h"
 
 #include <fmt/format.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -379,17 +380,21 @@ KlFisherResult run_kl_fisher(const KlFisherJob& job, const PreparePart& prepare,
     }
   }
   // With the Hessians, one part's (one per distinct input), and GPTQ's factor of the largest
-  // in double beside them while the part is rendered.
+  // in double beside them while the part is rendered: one for a Linear rendered alone, one per
+  // thread for a MoE layer's experts, which render in parallel (cost_stage.cpp).
   if (job.hessians) {
+    const auto threads = static_cast<std::int64_t>(omp_get_max_threads());
     for (const auto& [layer, members] : layer_linears) {
       std::map<std::string, std::int64_t> inputs;
-      std::int64_t widest = 0;
+      std::int64_t widest = 0, widest_expert = 0;
       for (const std::size_t i : members) {
         const std::int64_t in = spec.linears[i].in_features;
         inputs[probe::input_key(spec.linears[i])] = in * in * 4;
-        widest = std::max(widest, in);
+        std::int64_t& of_its_kind = spec.linears[i].expert ? widest_expert : widest;
+        of_its_kind = std::max(of_its_kind, in);
       }
-      std::int64_t bytes = 2 * widest * widest * 8;
+      std::int64_t bytes =
+          std::max(2 * widest * widest * 8, threads * 2 * widest_expert * widest_expert * 8);
       for (const auto& [key, size] : inputs) bytes += size;
       memory.statistics = std::max(memory.statistics, bytes);
     }

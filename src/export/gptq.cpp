@@ -567,37 +567,46 @@ std::string GptqRounding::fingerprint() const {
       std::bit_cast<std::uint32_t>(options_.sweep_hi), renders, statistics_fingerprint_);
 }
 
+GptqRounding::ThreadState& GptqRounding::thread_state() const {
+  const std::lock_guard lock(mutex_);
+  return states_[std::this_thread::get_id()];
+}
+
 const std::optional<HessianFactor>& GptqRounding::factor(const CalibrationStatistics& stats,
                                                          std::int64_t in, std::size_t keep) const {
+  std::vector<KeptFactor>& factors = thread_state().factors;
   if (!stats.key.empty()) {
-    for (const KeptFactor& kept : factors_) {
+    for (const KeptFactor& kept : factors) {
       if (kept.key == stats.key && kept.in == in) return kept.factor;
     }
   }
-  // Free the oldest before factoring the next: memory holds at most `keep` factors.
-  while (!factors_.empty() && factors_.size() >= keep) factors_.erase(factors_.begin());
-  factors_.push_back({stats.key, in, factor_hessian(stats, in, options_)});
+  // Free the oldest before factoring the next: memory holds at most `keep` factors per thread.
+  while (!factors.empty() && factors.size() >= keep) factors.erase(factors.begin());
+  factors.push_back({stats.key, in, factor_hessian(stats, in, options_)});
   ++factorizations_;
-  return factors_.back().factor;
+  return factors.back().factor;
 }
 
 CalibrationStatistics GptqRounding::fitting_statistics(const CalibrationStatistics& stats) const {
+  ThreadState& state = thread_state();
   const std::string key = stats.key.empty() ? std::string() : stats.key + "/fitting";
   const std::size_t n = stats.act_second_moment.size();
-  if (key.empty() || key != fitting_key_ || fitting_moment_.size() != n) {
-    fitting_key_.clear();
-    fitting_hessian_.resize(stats.hessian.size());
+  if (key.empty() || key != state.fitting_key || state.fitting_moment.size() != n) {
+    state.fitting_key.clear();
+    state.fitting_hessian.resize(stats.hessian.size());
     for (std::size_t k = 0; k < stats.hessian.size(); ++k) {
-      fitting_hessian_[k] = stats.hessian[k] - stats.holdout_hessian[k];
+      state.fitting_hessian[k] = stats.hessian[k] - stats.holdout_hessian[k];
     }
     const auto tokens = static_cast<float>(stats.tokens - stats.holdout_tokens);
-    fitting_moment_.resize(n);
-    for (std::size_t j = 0; j < n; ++j) fitting_moment_[j] = fitting_hessian_[j * n + j] / tokens;
-    fitting_key_ = key;
+    state.fitting_moment.resize(n);
+    for (std::size_t j = 0; j < n; ++j) {
+      state.fitting_moment[j] = state.fitting_hessian[j * n + j] / tokens;
+    }
+    state.fitting_key = key;
   }
-  return CalibrationStatistics{.hessian = fitting_hessian_,
+  return CalibrationStatistics{.hessian = state.fitting_hessian,
                                .tokens = stats.tokens - stats.holdout_tokens,
-                               .act_second_moment = fitting_moment_,
+                               .act_second_moment = state.fitting_moment,
                                .key = key};
 }
 
@@ -634,6 +643,7 @@ std::optional<GroupedWeight> GptqRounding::render(Render render, const LinearToE
 
 nlohmann::json GptqRounding::encoding_report(std::string_view linear,
                                              std::string_view format) const {
+  const std::lock_guard lock(mutex_);
   const auto it = report_index_.find({std::string(linear), std::string(format)});
   if (it == report_index_.end()) return nullptr;
   return to_json(reports_[it->second]);
@@ -644,6 +654,7 @@ void GptqRounding::restore_report(const nlohmann::json& entry) const {
 }
 
 void GptqRounding::record(RoundingReport report) const {
+  const std::lock_guard lock(mutex_);
   const auto [it, added] =
       report_index_.try_emplace({report.linear, report.format}, reports_.size());
   if (added) {
@@ -795,6 +806,7 @@ formats::EncodedWeight GptqRounding::encode(const LinearToEncode& job) const {
 }
 
 std::string GptqRounding::describe(const std::map<std::string, std::string>& format_of) const {
+  const std::lock_guard lock(mutex_);
   std::map<std::string, std::int64_t> methods;
   std::int64_t ratios = 0;
   double log_ratio_sum = 0.0;
@@ -871,6 +883,7 @@ std::string GptqRounding::describe(const std::map<std::string, std::string>& for
 }
 
 nlohmann::json GptqRounding::report(const std::map<std::string, std::string>& format_of) const {
+  const std::lock_guard lock(mutex_);
   nlohmann::json linears = nlohmann::json::array();
   for (const auto& [linear, format] : format_of) {
     const auto it = report_index_.find({linear, format});

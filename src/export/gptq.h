@@ -1,14 +1,17 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -175,10 +178,11 @@ RoundingReport rounding_report_from_json(const nlohmann::json& j);
 // Linears calibrated on fewer than options.min_tokens tokens (rarely routed experts) and Linears
 // where no render's calibration output error is lower than nearest rounding's.
 // NVFP4 keeps the weight_global_scale the exporter gives (fused siblings share it). Records a
-// RoundingReport per encoded (Linear, format) (not thread-safe). The factor of the last Hessian
-// (by CalibrationStatistics::key) is kept for the next Linear: siblings, encoded one after another,
-// share it, and memory holds one factor at a time (two, and the fitting rows' Hessian, with
-// held-out rows).
+// RoundingReport per encoded (Linear, format). Each thread keeps the factor of the last Hessian it
+// factored (by CalibrationStatistics::key) for its next Linear: siblings, encoded one after
+// another by one thread, share it, and memory holds one factor per encoding thread (two, and the
+// fitting rows' Hessian, with held-out rows). encode, encoding_report and restore_report may run on
+// several threads at once (the KL-Fisher pass renders a MoE layer's experts in parallel).
 class GptqRounding final : public RoundingStrategy {
  public:
   // `statistics_fingerprint` identifies what the provider returns (the probe's fingerprint); it
@@ -199,9 +203,9 @@ class GptqRounding final : public RoundingStrategy {
   nlohmann::json report(const std::map<std::string, std::string>& format_of) const override;
 
   // One report per (Linear, format) encoded, in the order first encoded; encoding a pair again
-  // (LinearEncoder measures before it exports) replaces its report.
+  // (LinearEncoder measures before it exports) replaces its report. Not while encodings run.
   const std::vector<RoundingReport>& reports() const { return reports_; }
-  // Hessians factored so far (a Hessian shared by consecutive Linears counts once).
+  // Hessians factored so far (a Hessian shared by consecutive Linears of a thread counts once).
   std::int64_t factorizations() const { return factorizations_; }
 
  private:
@@ -210,10 +214,18 @@ class GptqRounding final : public RoundingStrategy {
     std::int64_t in = 0;
     std::optional<HessianFactor> factor;
   };
+  // What one encoding thread keeps for its next Linear.
+  struct ThreadState {
+    std::vector<KeptFactor> factors;  // oldest first
+    std::string fitting_key;          // fitting_statistics' kept Hessian: its key
+    std::vector<float> fitting_hessian, fitting_moment;
+  };
   // The renders of GptqOptions, of which a Linear's rounding tries every one that applies.
   enum class Render { kGptq, kLocalHessian };
 
   void record(RoundingReport report) const;
+  // The calling thread's state (created on its first use).
+  ThreadState& thread_state() const;
   // The factor of stats' Hessian: a kept one when its key matches, else a new one, kept in place
   // of the oldest (at most `keep` are kept; an empty key is never reused).
   const std::optional<HessianFactor>& factor(const CalibrationStatistics& stats, std::int64_t in,
@@ -233,10 +245,9 @@ class GptqRounding final : public RoundingStrategy {
   StatisticsProvider statistics_;
   GptqOptions options_;
   std::string statistics_fingerprint_;
-  mutable std::vector<KeptFactor> factors_;  // oldest first
-  mutable std::string fitting_key_;          // fitting_statistics' kept Hessian: its key
-  mutable std::vector<float> fitting_hessian_, fitting_moment_;
-  mutable std::int64_t factorizations_ = 0;
+  mutable std::mutex mutex_;  // guards states_ (not the states themselves), reports_, report_index_
+  mutable std::map<std::thread::id, ThreadState> states_;
+  mutable std::atomic<std::int64_t> factorizations_ = 0;
   mutable std::vector<RoundingReport> reports_;
   mutable std::map<std::pair<std::string, std::string>, std::size_t> report_index_;
 };

@@ -110,6 +110,7 @@ std::string LinearEncoder::fingerprint() const {
 }
 
 float LinearEncoder::unit_weight_amax(std::size_t unit) const {
+  const std::lock_guard lock(weight_amax_mutex_);
   if (!weight_amax_[unit]) {
     float amax = 0.0f;
     for (const std::size_t member : units_[unit]) {

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -81,7 +82,8 @@ class LinearEncoder {
   std::map<std::string, float> input_amax_;
   formats::ServingTarget target_;
   std::vector<std::vector<std::size_t>> units_;
-  std::vector<std::size_t> unit_of_;                       // per Linear
+  std::vector<std::size_t> unit_of_;      // per Linear
+  mutable std::mutex weight_amax_mutex_;  // the amax of a unit is read once, by one thread
   mutable std::vector<std::optional<float>> weight_amax_;  // per unit, read on first use
   // Per Linear: its FP8 bytes and block scale in the mapped source, for FP8_SOURCE.
   std::vector<std::optional<formats::Fp8SourceWeight>> fp8_sources_;

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -54,8 +55,10 @@ class RenderCache {
 
   std::filesystem::path directory_;
   std::string fingerprint_;
-  mutable std::int64_t hits_ = 0;
-  mutable std::int64_t stores_ = 0;
+  // Counted from every thread that loads or stores (the KL-Fisher pass renders experts in
+  // parallel).
+  mutable std::atomic<std::int64_t> hits_ = 0;
+  mutable std::atomic<std::int64_t> stores_ = 0;
 };
 
 }  // namespace pq::exporter

@@ -28,7 +28,8 @@ struct LinearToEncode {
 
 // How a Linear's weight becomes the stored tensors of its format. The exporter asks one strategy
 // per Linear, so error-minimising strategies (GPTQ, scale sweeps) can replace plain rounding for
-// the Linears that have the statistics they need.
+// the Linears that have the statistics they need. encode, encoding_report and restore_report may
+// be called from several threads at once for different Linears.
 class RoundingStrategy {
  public:
   virtual ~RoundingStrategy() = default;

@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -385,6 +386,60 @@ TEST(CostStage, KlFisherRendersFromItsOwnHessiansWhereTheProbeStoredNone) {
   job.formats = {"NVFP4", "BF16"};
   EXPECT_THAT([&] { run_cost(job); },
               testing::ThrowsMessage<Error>(testing::HasSubstr("ran with --no-hessians")));
+}
+
+// A MoE layer's experts render in parallel in the KL-Fisher pass: with one thread and with four,
+// the same rendered tensors byte for byte and a rounding report for every render. (The GEMMs of
+// the pass and of the output errors split their sums by thread count, so the cost table and the
+// errors recorded with each render may differ in their last bits: those are not compared.)
+TEST(CostStage, KlFisherRendersExpertsInParallelAsOneThreadWould) {
+  PQ_REQUIRE_SHARED();
+  test::TempDir dir;
+  const auto model_dir = test::shared_dir() / "models/qwen3-moe-tiny";
+  const model::ModelSpec spec = model::load_model_spec(model_dir);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(model_dir);
+  const probe::ProbeJob probe_job =
+      probe_excerpt(dir, model_dir, 2, 64, /*fisher=*/false, /*hessians=*/false);
+  const probe::ProbeResult probed = probe::ProbeResult::read(probe_job.out);
+  const int saved = omp_get_max_threads();
+  std::map<int, std::size_t> reports;
+  for (const int threads : {1, 4}) {
+    omp_set_num_threads(threads);
+    const std::string name = fmt::format("threads-{}", threads);
+    const auto rounding = exporter::make_rounding("gptq", &probed);
+    const exporter::LinearEncoder encoder(
+        spec, checkpoint, *rounding, exporter::input_amax_from_probe(spec, probed),
+        formats::ServingTarget::kBlackwell, dir / name / "render");
+    const exporter::EncoderRenders renders(encoder);
+    run_cost(
+        kl_fisher_cost_job(probe_job, dir / name / "cost", {"NVFP4", "FP8_E4M3", "BF16"}, renders));
+    reports[threads] = dynamic_cast<const exporter::GptqRounding&>(*rounding).reports().size();
+  }
+  omp_set_num_threads(saved);
+  std::size_t experts = 0;
+  for (const model::Linear& linear : spec.linears) experts += linear.expert ? 1 : 0;
+  EXPECT_GT(reports[1], experts);
+  EXPECT_EQ(reports[4], reports[1]);
+  const auto only_directory = [](const std::filesystem::path& root) {
+    return std::filesystem::directory_iterator(root)->path();
+  };
+  const std::filesystem::path serial = only_directory(dir / "threads-1/render");
+  const std::filesystem::path parallel = only_directory(dir / "threads-4/render");
+  std::size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(serial)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    ++files;
+    const io::SafetensorsFile mine(entry.path());
+    const io::SafetensorsFile theirs(parallel / entry.path().filename());
+    ASSERT_EQ(mine.tensors().size(), theirs.tensors().size()) << entry.path().filename();
+    for (const io::TensorInfo& info : mine.tensors()) {
+      const auto a = mine.view(info.name).bytes;
+      const auto b = theirs.view(info.name).bytes;
+      EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
+          << entry.path().filename() << " " << info.name;
+    }
+  }
+  EXPECT_GT(files, experts);
 }
 
 // Without calibration data or renders the objective is refused in one line.
