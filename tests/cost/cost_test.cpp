@@ -45,6 +45,32 @@ probe::ProbeJob probe_excerpt(const test::TempDir& dir, const std::filesystem::p
   return job;
 }
 
+// The render caches below `a` and `b`, one fingerprint directory each, hold the same files with
+// the same tensors byte for byte (their metadata aside); returns how many render files.
+std::size_t expect_same_rendered_tensors(const std::filesystem::path& a,
+                                         const std::filesystem::path& b) {
+  const auto only_directory = [](const std::filesystem::path& root) {
+    return std::filesystem::directory_iterator(root)->path();
+  };
+  const std::filesystem::path mine_dir = only_directory(a);
+  const std::filesystem::path theirs_dir = only_directory(b);
+  std::size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(mine_dir)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    ++files;
+    const io::SafetensorsFile mine(entry.path());
+    const io::SafetensorsFile theirs(theirs_dir / entry.path().filename());
+    EXPECT_EQ(mine.tensors().size(), theirs.tensors().size()) << entry.path().filename();
+    for (const io::TensorInfo& info : mine.tensors()) {
+      const auto x = mine.view(info.name).bytes;
+      const auto y = theirs.view(info.name).bytes;
+      EXPECT_TRUE(std::equal(x.begin(), x.end(), y.begin(), y.end()))
+          << entry.path().filename() << " " << info.name;
+    }
+  }
+  return files;
+}
+
 // A kl-fisher cost job of model_dir over `probe_job`'s probe and calibration sample, writing
 // to `out`, measuring `renders`.
 CostJob kl_fisher_cost_job(const probe::ProbeJob& probe_job, const std::filesystem::path& out,
@@ -355,25 +381,8 @@ TEST(CostStage, KlFisherRendersFromItsOwnHessiansWhereTheProbeStoredNone) {
       }
     }
     // One fingerprint directory each (the probes' fingerprints differ), the same tensors in it.
-    const auto only_directory = [](const std::filesystem::path& root) {
-      return std::filesystem::directory_iterator(root)->path();
-    };
-    const std::filesystem::path with_renders = only_directory(dir / "with/render");
-    const std::filesystem::path without_renders = only_directory(dir / "without/render");
-    std::size_t renders = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(with_renders)) {
-      if (entry.path().extension() != ".safetensors") continue;
-      ++renders;
-      const io::SafetensorsFile mine(entry.path());
-      const io::SafetensorsFile theirs(without_renders / entry.path().filename());
-      ASSERT_EQ(mine.tensors().size(), theirs.tensors().size()) << entry.path().filename();
-      for (const io::TensorInfo& info : mine.tensors()) {
-        const auto a = mine.view(info.name).bytes;
-        const auto b = theirs.view(info.name).bytes;
-        EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
-            << entry.path().filename() << " " << info.name;
-      }
-    }
+    const std::size_t renders =
+        expect_same_rendered_tensors(dir / "with/render", dir / "without/render");
     EXPECT_GT(renders, 0u) << model;
   }
   test::TempDir dir;
@@ -420,25 +429,8 @@ TEST(CostStage, KlFisherRendersExpertsInParallelAsOneThreadWould) {
   for (const model::Linear& linear : spec.linears) experts += linear.expert ? 1 : 0;
   EXPECT_GT(reports[1], experts);
   EXPECT_EQ(reports[4], reports[1]);
-  const auto only_directory = [](const std::filesystem::path& root) {
-    return std::filesystem::directory_iterator(root)->path();
-  };
-  const std::filesystem::path serial = only_directory(dir / "threads-1/render");
-  const std::filesystem::path parallel = only_directory(dir / "threads-4/render");
-  std::size_t files = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(serial)) {
-    if (entry.path().extension() != ".safetensors") continue;
-    ++files;
-    const io::SafetensorsFile mine(entry.path());
-    const io::SafetensorsFile theirs(parallel / entry.path().filename());
-    ASSERT_EQ(mine.tensors().size(), theirs.tensors().size()) << entry.path().filename();
-    for (const io::TensorInfo& info : mine.tensors()) {
-      const auto a = mine.view(info.name).bytes;
-      const auto b = theirs.view(info.name).bytes;
-      EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
-          << entry.path().filename() << " " << info.name;
-    }
-  }
+  const std::size_t files =
+      expect_same_rendered_tensors(dir / "threads-1/render", dir / "threads-4/render");
   EXPECT_GT(files, experts);
 }
 
