@@ -14,6 +14,7 @@
 #include "common/disk_space.h"
 #include "common/error.h"
 #include "common/file_util.h"
+#include "common/location_lock.h"
 #include "probe/fingerprint.h"
 #include "runtime/checkpoint_model.h"
 #include "runtime/evaluate.h"
@@ -179,6 +180,9 @@ std::vector<std::string> gate_failures(const ValidateReport& r, const Gates& gat
 ValidateReport run_validate(const ValidateJob& job) {
   PQ_CHECK(job.work.empty() || !fs::exists(job.work) || fs::is_directory(job.work),
            "{}: --work is not a directory", job.work.string());
+  // A second validate on the same work directory would mix its boundaries with this one's.
+  std::optional<LocationLock> work_lock;
+  if (!job.work.empty()) work_lock.emplace(job.work);
   PQ_CHECK(job.sample_tokens >= 0, "sample length {} is negative", job.sample_tokens);
   const CompressedTensorsCheckpoint checkpoint = CompressedTensorsCheckpoint::open(job.checkpoint);
   check_marlin_group_scales(checkpoint, job.serve_on);
