@@ -48,6 +48,23 @@ TEST(DType, F8E4M3SpecialValues) {
   EXPECT_TRUE(std::isnan(f8e4m3_bits_to_f32(0xff)));
 }
 
+// decode_to_f32 gives every byte of both 8-bit formats exactly the scalar conversion's value
+// (NaN for NaN, the sign of zero kept).
+TEST(DType, DecodeToF32OfEveryFp8ByteIsTheScalarConversion) {
+  std::vector<std::uint8_t> bytes(256);
+  for (int b = 0; b < 256; ++b) bytes[b] = static_cast<std::uint8_t>(b);
+  std::vector<float> out(256);
+  for (const DType dtype : {DType::F8_E4M3, DType::F8_E5M2}) {
+    decode_to_f32(dtype, bytes, out);
+    for (int b = 0; b < 256; ++b) {
+      const float expected =
+          dtype == DType::F8_E4M3 ? f8e4m3_bits_to_f32(bytes[b]) : f8e5m2_bits_to_f32(bytes[b]);
+      EXPECT_EQ(std::bit_cast<std::uint32_t>(out[b]), std::bit_cast<std::uint32_t>(expected))
+          << dtype_name(dtype) << " byte " << b;
+    }
+  }
+}
+
 TEST(DType, F8E5M2SpecialValues) {
   EXPECT_EQ(f8e5m2_bits_to_f32(0x01), std::ldexp(1.0f, -16));
   EXPECT_EQ(f8e5m2_bits_to_f32(0x04), std::ldexp(1.0f, -14));  // smallest normal
